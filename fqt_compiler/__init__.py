@@ -1,0 +1,40 @@
+"""fqt: a torch.compile backend for fully quantized training.
+
+    import torch, fqt_compiler as fqt
+    torch.compile(model, backend="fqt")                                   # default recipe int8
+    torch.compile(model, backend="fqt", options={"recipe": "bhq5"})
+    torch.compile(model, backend=fqt.backend(recipe="psq8", strict=True))
+    print(fqt.explain(model, x, recipe="bhq8"))
+"""
+
+from __future__ import annotations
+
+# specs and recipes
+from .specs import ElementFormat, GemmKind, Granularity, QuantSpec, Rounding, Scheme, TensorRole, Transform
+from .recipes import GradInputSpecs, GradWeightSpecs, OutputSpecs, Recipe, recipe, recipes
+from .config import FQTConfig, Mode
+from .errors import FQTError, OptionsError, PassError, SpecError, UnsupportedGraphError
+
+# reference numerics
+from .reference import quantize
+from . import ops as _ops  # registers the fqt:: custom ops
+
+# backend and inspection
+from .backend import FQTBackend, backend, fqt_backend, last_compiles
+from .explain import ExplainReport, explain
+from .sites import GemmStatus
+
+__all__ = [
+    # specs and recipes
+    "QuantSpec", "ElementFormat", "Granularity", "Scheme", "Rounding", "Transform", "TensorRole", "GemmKind",
+    "Recipe", "OutputSpecs", "GradInputSpecs", "GradWeightSpecs", "recipe", "recipes",
+    "FQTConfig", "Mode",
+    # numerics
+    "quantize",
+    # backend and inspection
+    "backend", "fqt_backend", "FQTBackend", "explain", "ExplainReport", "GemmStatus", "last_compiles",
+    # errors
+    "FQTError", "SpecError", "OptionsError", "UnsupportedGraphError", "PassError",
+]
+
+del _ops

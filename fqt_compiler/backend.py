@@ -1,0 +1,123 @@
+"""The ``fqt`` torch.compile backend.
+
+Dynamo hands the backend an FX graph; AOTAutograd traces its joint forward-backward graph and
+calls our ``partition_fn``, where ``passes.run_passes`` rewrites the joint graph before the
+min-cut partitioner splits it (so the partitioner can choose to save low-bit codes for the
+backward). Graphs traced without autograd (``torch.no_grad``, eval) go through the inference
+compiler and get the forward quantization only. The partitioned graphs are then handed to
+``codegen.compile_graph``.
+
+``torch.compile(m, backend="fqt")`` finds :func:`fqt_backend` through the
+``torch_dynamo_backends`` entry point; ``options={...}`` arrive as the ``options`` keyword.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from .config import FQTConfig
+from .sites import SiteDecision
+
+__all__ = ["FQTBackend", "GraphRecord", "backend", "fqt_backend", "last_compiles"]
+
+log = logging.getLogger("fqt_compiler")
+
+# The most recent graph records of every backend instance, for inspection after a
+# torch.compile(backend="fqt") call that gave the user no handle on the backend object.
+_RECENT: collections.deque[GraphRecord] = collections.deque(maxlen=64)
+
+
+@dataclass
+class GraphRecord:
+    """What the backend did to one graph Dynamo handed it."""
+
+    graph_id: int
+    kind: str = ""  # "joint" or "inference"
+    decisions: list[SiteDecision] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)
+    graph_texts: list[tuple[str, str]] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def last_compiles() -> list[GraphRecord]:
+    """Records of the most recently compiled graphs (newest last), across backend instances."""
+    return list(_RECENT)
+
+
+class FQTBackend:
+    """A configured ``fqt`` backend: pass an instance as ``torch.compile(..., backend=...)``.
+
+    ``records`` lists one :class:`GraphRecord` per graph compiled through this instance.
+    """
+
+    def __init__(self, config: FQTConfig) -> None:
+        self.config = config
+        self.records: list[GraphRecord] = []
+
+    def __repr__(self) -> str:
+        return f"FQTBackend(recipe={self.config.recipe.name!r}, mode={self.config.mode.value!r})"
+
+    def _run_passes(self, gm: fx.GraphModule, record: GraphRecord, param_indices: frozenset[int]) -> None:
+        from passes import PassContext, run_passes
+
+        ctx = PassContext(self.config, record.graph_id, param_indices)
+        run_passes(gm, ctx)
+        record.decisions = ctx.decisions
+        record.passes = list(ctx.ran)
+        record.graph_texts = ctx.graph_texts
+        record.counters = ctx.counters
+        log.info("fqt: graph %d (%s): %d GEMM sites", record.graph_id, record.kind, len(ctx.decisions))
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
+        from codegen import compile_graph
+
+        config = self.config
+        param_indices = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
+        record = GraphRecord(graph_id=len(self.records))
+        self.records.append(record)
+        _RECENT.append(record)
+
+        def partition_fn(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
+            record.kind = "joint"
+            self._run_passes(joint, record, param_indices)
+            return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+
+        def compiler(graph: fx.GraphModule, inputs: list[Any]):
+            return compile_graph(graph, inputs, config)
+
+        def inference_compiler(graph: fx.GraphModule, inputs: list[Any]):
+            record.kind = "inference"
+            self._run_passes(graph, record, param_indices)
+            return compile_graph(graph, inputs, config)
+
+        return aot_autograd(
+            fw_compiler=compiler,
+            bw_compiler=compiler,
+            inference_compiler=inference_compiler,
+            partition_fn=partition_fn,
+        )(gm, example_inputs)
+
+
+def backend(recipe: Any = None, **options: Any) -> FQTBackend:
+    """A configured backend: ``torch.compile(model, backend=fqt.backend(recipe="bhq5"))``.
+
+    Options: ``recipe`` (name or Recipe; default ``"int8"``), ``mode`` (``"reference"``),
+    ``strict`` (raise instead of skipping a GEMM the recipe wants quantized), ``debug`` (verify
+    after every pass, keep every pass's graph text).
+    """
+    if recipe is not None:
+        options["recipe"] = recipe
+    return FQTBackend(FQTConfig.from_options(options))
+
+
+def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None):
+    """The function registered as ``backend="fqt"``; ``options`` come from torch.compile."""
+    return FQTBackend(FQTConfig.from_options(options))(gm, example_inputs)

@@ -1,0 +1,168 @@
+"""Block Householder quantizer (BHQ), QUANTIZERS.md 3.5, in O(N*D) on the tensor's device.
+
+For an N x D gradient X (rows = samples):
+
+1. row ranges m_i (plus a relative epsilon so that zero rows do not break the scale rule),
+   sorted descending (stable, so ties are deterministic);
+2. the smallest k >= 1 with k * v[N-k-1] > sum(v[:N-k]) splits rows into M = N - k leaders
+   and k small rows (for N = 2 no k satisfies the strict test; one group of 2 is used, and for
+   N = 1 the transform is the identity);
+3. small rows are dealt to leaders in sorted order, leader i taking
+   round(k * cumsum(v)[i] / sum(v[:M])) - (the same for i - 1) >= 1 of them;
+4. per group of size n: w1 = lambda1 / sqrt(n), w2 = lambda2 * q_n, s1 = w1^(-1/3),
+   s2 = (w2 / (n - 1))^(-1/3), both times sqrt(1/s1^2 + 1/s2^2) (the cube-root rule);
+5. Y = T X: scale each row by its s, then reflect within its group with
+   H = I - 2 u u^T, u = (1/sqrt(n) * ones - e_leader) / ||.||, applied as x - 2 u (u^T x);
+6. per-row quantization of Y, then X_hat = T^-1 Y_hat = diag(1/s) H Y_hat (H is symmetric).
+
+No dense N x N matrix is built and nothing leaves the device: the grouping is tensor ops
+(cumsum, searchsorted, index_add) with k kept as a 0-d tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .specs import Granularity, QuantSpec, Transform
+
+__all__ = ["BHQTransform", "bhq_transform", "bhq_fake_quantize_2d", "householder_qn"]
+
+# Relative floor on row ranges: keeps the cube-root scales finite for all-zero rows while
+# staying scale-invariant (an absolute 1e-8, as in the reference code, would swamp 1e-30 grads).
+_REL_EPS = 1e-8
+
+
+def householder_qn(n: torch.Tensor) -> torch.Tensor:
+    """max |H_ij| of the n x n Householder matrix mapping e1 to ones/sqrt(n) (n >= 2)."""
+    n = n.to(torch.float64)
+    rs = torch.sqrt(n)
+    off = 1.0 / (n - rs)
+    return torch.maximum(torch.maximum(1.0 / rs, (1.0 - off).abs()), off)
+
+
+@dataclass(frozen=True)
+class BHQTransform:
+    """T = P^-1 blockdiag(H) P diag(s) for one N x D matrix, stored in O(N) form.
+
+    ``group`` maps each row to its group id, ``u`` holds each row's entry of its group's
+    Householder vector, ``scale`` the per-row s. Apply with :meth:`apply`, invert with
+    :meth:`inverse`; :meth:`dense` builds the N x N matrix (tests and reports only).
+    """
+
+    group: torch.Tensor  # (N,) int64 group id per row
+    is_leader: torch.Tensor  # (N,) bool
+    u: torch.Tensor  # (N,) Householder vector entries
+    scale: torch.Tensor  # (N,) the cube-root-rule row scales s
+    num_groups: int
+
+    def _reflect(self, z: torch.Tensor) -> torch.Tensor:
+        proj = torch.zeros(self.num_groups, z.shape[1], dtype=z.dtype, device=z.device)
+        proj.index_add_(0, self.group, self.u.to(z.dtype)[:, None] * z)
+        return z - 2.0 * self.u.to(z.dtype)[:, None] * proj[self.group]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """T @ x: scale rows, then reflect within groups."""
+        return self._reflect(self.scale.to(x.dtype)[:, None] * x)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """T^-1 @ y = diag(1/s) H y (each H is symmetric and orthogonal)."""
+        return self._reflect(y) / self.scale.to(y.dtype)[:, None]
+
+    def dense(self) -> torch.Tensor:
+        n = self.group.numel()
+        return self.apply(torch.eye(n, dtype=torch.float64, device=self.group.device))
+
+    def group_sizes(self) -> torch.Tensor:
+        return torch.bincount(self.group, minlength=self.num_groups)
+
+
+def bhq_transform(x: torch.Tensor) -> BHQTransform:
+    """The BHQ transform of a 2-D matrix ``x`` (rows = samples), following QUANTIZERS.md 3.5."""
+    if x.dim() != 2:
+        raise ValueError(f"bhq_transform expects a 2-D matrix, got shape {tuple(x.shape)}")
+    n_rows = x.shape[0]
+    dev = x.device
+    dt = torch.float64  # O(N) bookkeeping: fp64 makes the share rounding robust
+    if n_rows == 1:
+        one = torch.ones(1, dtype=dt, device=dev)
+        return BHQTransform(
+            torch.zeros(1, dtype=torch.long, device=dev), torch.ones(1, dtype=torch.bool, device=dev), 0 * one, one, 1
+        )
+    rng = (x.amax(dim=1) - x.amin(dim=1)).to(dt)
+    rng = torch.nan_to_num(rng, nan=0.0, posinf=0.0)  # NaN rows are propagated by the quantizer
+    top = rng.max()
+    rng = rng + _REL_EPS * top + torch.where(top > 0, 0.0, 1.0)
+    v, order = torch.sort(rng, descending=True, stable=True)
+
+    # Step 2: idx = N - k - 1 for k = 1..N-1; the smallest k passing is the largest idx passing.
+    idx = torch.arange(n_rows - 1, device=dev)
+    k_of_idx = (n_rows - 1 - idx).to(dt)
+    csum = torch.cumsum(v, 0)
+    passes = k_of_idx * v[: n_rows - 1] > csum[: n_rows - 1]
+    best_idx = torch.where(passes, idx, torch.full_like(idx, -1)).max()
+    # No k passes only for N == 2 (strict ">" fails at equality): use one group of two.
+    best_idx = torch.where(best_idx >= 0, best_idx, torch.zeros_like(best_idx))
+    n_lead = best_idx + 1  # M, a 0-d tensor
+    k = n_rows - n_lead
+
+    # Step 3: cumulative shares c_i for leaders; the last one is exactly k.
+    pos = torch.arange(n_rows, device=dev)
+    is_lead_sorted = pos < n_lead
+    lead_sum = torch.where(is_lead_sorted, v, 0).sum()
+    c = torch.round(k.to(dt) * torch.cumsum(torch.where(is_lead_sorted, v, 0), 0) / lead_sum)
+    c = torch.where(pos == n_lead - 1, k.to(dt), c)
+    c = torch.where(is_lead_sorted, c, torch.full_like(c, float("inf")))
+    small_rank = (pos - n_lead).to(dt)  # rank among small rows, valid where not leader
+    owner = torch.searchsorted(c.contiguous(), small_rank.contiguous(), right=True)
+    group_sorted = torch.where(is_lead_sorted, pos, owner)
+
+    # Step 4: group sizes, lambda1 (leader range) and lambda2 (largest small row of the group).
+    size = torch.bincount(group_sorted, minlength=n_rows).to(dt)
+    c_prev = torch.cat([torch.zeros(1, dtype=dt, device=dev), c[:-1]])
+    first_small = (n_lead + c_prev).clamp(max=n_rows - 1).long()
+    lam1 = v
+    lam2 = v[first_small]
+    n_g = size.clamp(min=2)
+    w1 = lam1 / torch.sqrt(n_g)
+    w2 = lam2 * householder_qn(n_g)
+    s1 = w1.pow(-1.0 / 3.0)
+    s2 = (w2 / (n_g - 1)).pow(-1.0 / 3.0)
+    norm = torch.sqrt(1.0 / s1**2 + 1.0 / s2**2)
+    s1, s2 = s1 * norm, s2 * norm
+
+    # Per-row values in sorted order, then scattered back to the original row positions.
+    g = group_sorted
+    n_row = n_g[g]
+    rs = torch.sqrt(n_row)
+    unorm = torch.sqrt(2.0 - 2.0 / rs)
+    u_sorted = torch.where(is_lead_sorted, (1.0 / rs - 1.0) / unorm, (1.0 / rs) / unorm)
+    s_sorted = torch.where(is_lead_sorted, s1, s2[g])
+
+    def unsort(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(t)
+        out[order] = t
+        return out
+
+    return BHQTransform(unsort(g), unsort(is_lead_sorted), unsort(u_sorted), unsort(s_sorted), n_rows)
+
+
+def bhq_fake_quantize_2d(
+    m: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """BHQ quantize-dequantize of a natural 2-D matrix: T^-1 Q_row(T m)."""
+    from .reference import _quantize_grouped, dequantize_ref
+
+    t = bhq_transform(m)
+    y = t.apply(m.to(torch.float64)).to(m.dtype)
+    row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
+    codes, scale, zp, offset = _quantize_grouped(y, row_spec, noise, generator)
+    y_hat = dequantize_ref(codes, scale, zp, offset, torch.float64)
+    return t.inverse(y_hat).to(m.dtype)
+
+

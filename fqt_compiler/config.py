@@ -1,0 +1,70 @@
+"""FQTConfig: the frozen, validated configuration of one ``fqt`` backend instance."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import OptionsError, SpecError
+from .recipes import DEFAULT_RECIPE, Recipe, recipe
+
+__all__ = ["Mode", "FQTConfig"]
+
+
+class Mode(enum.Enum):
+    """How rewritten graphs execute."""
+
+    REFERENCE = "reference"  # eager, with the pure-torch reference ops (simulated quantization)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FQTConfig:
+    """Configuration of the ``fqt`` backend.
+
+    Build one with :meth:`from_options` (what ``torch.compile(..., options=...)`` and
+    :func:`fqt_compiler.backend` do) so that strings are parsed and unknown keys rejected.
+    """
+
+    recipe: Recipe
+    """Spec per operand of each of the three GEMMs."""
+    mode: Mode = Mode.REFERENCE
+    """Execution mode of the rewritten graphs."""
+    strict: bool = False
+    """Raise UnsupportedGraphError instead of skipping a GEMM the recipe wants quantized."""
+    debug: bool = False
+    """Run the invariant verifier after every pass and keep each pass's graph text."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.recipe, Recipe):
+            raise SpecError(f"FQTConfig.recipe must be a Recipe, got {type(self.recipe).__name__}")
+        if not isinstance(self.mode, Mode):
+            raise OptionsError(f"FQTConfig.mode must be a Mode, got {self.mode!r}")
+        for name in ("strict", "debug"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None = None, **kwargs: Any) -> FQTConfig:
+        """Parse user options (strings allowed for ``recipe`` and ``mode``)."""
+        merged = dict(options or {})
+        overlap = set(merged) & set(kwargs)
+        if overlap:
+            raise OptionsError(f"option(s) {sorted(overlap)} given twice")
+        merged.update(kwargs)
+        unknown = sorted(set(merged) - set(cls.option_names()))
+        if unknown:
+            raise OptionsError(f"unknown fqt option(s) {unknown}; valid options are {cls.option_names()}")
+        merged["recipe"] = recipe(merged.get("recipe", DEFAULT_RECIPE))
+        mode = merged.get("mode", Mode.REFERENCE)
+        if not isinstance(mode, Mode):
+            try:
+                mode = Mode(str(mode).lower())
+            except ValueError:
+                raise OptionsError(f"option mode={mode!r} is not valid; use one of {[m.value for m in Mode]}") from None
+        merged["mode"] = mode
+        return cls(**merged)

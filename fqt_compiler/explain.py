@@ -1,0 +1,87 @@
+"""``fqt.explain``: compile a model with the fqt backend and report what happened to every GEMM."""
+
+from __future__ import annotations
+
+import copy
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+from .backend import FQTBackend, GraphRecord
+from .config import FQTConfig
+from .sites import GemmDecision, GemmStatus, SiteDecision
+
+__all__ = ["ExplainReport", "explain"]
+
+
+def _operands(g: GemmDecision) -> str:
+    parts = []
+    for o in g.operands:
+        spec = o.spec.short() if o.spec is not None else "hp"
+        note = "" if o.source in ("quantized", "high precision") else f" ({o.source})"
+        parts.append(f"{o.role.value}: {spec}{note}")
+    return "; ".join(parts) or "-"
+
+
+@dataclass
+class ExplainReport:
+    """The per-GEMM decision table of one ``explain`` call; ``str(report)`` is the table."""
+
+    recipe: str
+    records: list[GraphRecord] = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[SiteDecision]:
+        return [d for r in self.records for d in r.decisions]
+
+    def rows(self) -> list[tuple[SiteDecision, GemmDecision]]:
+        return [(s, g) for s in self.sites for g in s.gemms]
+
+    def counts(self) -> dict[str, int]:
+        """Number of GEMMs per status (``simulated``, ``lowbit-kernel``, ``skipped``)."""
+        out = {s.value: 0 for s in GemmStatus}
+        for _, g in self.rows():
+            out[g.status.value] += 1
+        return out
+
+    def table(self) -> str:
+        headers = ["graph", "site", "module", "op", "gemm", "shape", "GFLOP", "operands", "status"]
+        body = [
+            [s.graph_id, s.site_id, s.module_path, s.op, g.kind.value, g.shape, f"{g.flops / 1e9:.3g}", _operands(g), g.label]
+            for s, g in self.rows()
+        ]
+        return tabulate(body, headers=headers, tablefmt="simple")
+
+    def __str__(self) -> str:
+        c = self.counts()
+        summary = ", ".join(f"{v} {k}" for k, v in c.items())
+        return f"fqt explain (recipe {self.recipe}): {len(self.sites)} GEMM sites, {summary}\n{self.table()}"
+
+
+def _call(model: Any, *args: Any) -> Any:
+    return model(*args)
+
+
+def explain(model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, **options: Any) -> ExplainReport:
+    """Compile ``model`` with the fqt backend, run one forward pass on ``example_inputs`` (with
+    autograd on, so the joint forward-backward graph is traced) and report every GEMM site.
+
+    The model's state (parameters, buffers such as BatchNorm statistics) and the RNG state are
+    restored afterwards; no backward pass is run.
+    """
+    if recipe is not None:
+        options["recipe"] = recipe
+    be = FQTBackend(FQTConfig.from_options(options))
+    # A fresh code object per call gives Dynamo a fresh cache: explaining many models (or one
+    # model under many recipes) never runs into the recompile limit or reuses another backend.
+    fresh = types.FunctionType(_call.__code__.replace(), _call.__globals__, "fqt_explain_call")
+    state = copy.deepcopy(model.state_dict()) if isinstance(model, torch.nn.Module) else None
+    devices = [t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        torch.compile(fresh, backend=be)(model, *example_inputs)
+    if state is not None:
+        model.load_state_dict(state)
+    return ExplainReport(recipe=be.config.recipe.name, records=list(be.records))

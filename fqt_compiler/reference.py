@@ -1,0 +1,293 @@
+"""Pure-torch reference quantizers: the numerical source of truth.
+
+Every quantizer works on a 2-D matrix in the operand's *natural* layout (rows x columns, see
+``specs.py``); :class:`Layout` says how a tensor as a GEMM consumes it maps onto that matrix.
+All arithmetic is in fp32 (fp64 for fp64 inputs); codes are stored in the spec's code dtype and
+dequantization is the affine map
+
+    x_hat = (code - zero_point) * scale + offset
+
+with ``zero_point`` an integer-valued float (so the paper's zero-on-grid weights dequantize 0 to
+exactly 0) and ``offset`` a real-valued minimum (the paper's asymmetric activations). Scales are
+*step sizes* (dequantization multipliers), so an all-zero or constant group gets ``scale = 0``
+and is reproduced exactly, with no epsilon and no division by zero.
+
+Formulas (B = 2**bits - 1, per group of elements sharing a scale):
+
+* symmetric int: scale = max|x| / qmax, code = round(x / scale) in [-qmax, qmax]
+* symmetric fp8: scale = max|x| / fp8_max, code = fp8(x / scale)
+* asymmetric:    scale = (max - min) / B, level = round((x - min) / scale) in [0, B]
+* zero-on-grid:  range widened to contain 0, qzero = floor(-min * B / (max - min)) (the paper's
+  rule, clamped so both ends stay covered), scale = max(-min / qzero, max / (B - qzero)),
+  x_hat = (level - qzero) * scale
+
+Stochastic rounding is ``floor(v + u)`` with ``u ~ U[0, 1)`` from torch's generator, which is
+unbiased (E[x_hat] = x) and reproducible under ``torch.manual_seed``. NaN or Inf in a group makes
+that group's output NaN: it is never turned into finite numbers silently.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from .specs import Granularity, QuantSpec, Rounding, Scheme, Transform
+
+__all__ = ["Layout", "quantize", "quantize_ref", "dequantize_ref", "fake_quantize_ref", "natural_2d", "scale_shape"]
+
+
+class Layout(enum.IntEnum):
+    """How a tensor maps onto its natural (rows x columns) matrix.
+
+    * ``DIM0``: rows are dim 0, everything else is flattened into columns (the paper's
+      ``x.view(N, -1)``; convolutions and the public :func:`quantize`).
+    * ``PENULTIMATE``: columns are the last dim, every other dim is flattened into rows (a matrix
+      operand as consumed, batch dims folded into rows).
+    * ``LAST``: the tensor is the transpose of its natural matrix: rows run along the last dim.
+    """
+
+    DIM0 = 0
+    PENULTIMATE = 1
+    LAST = 2
+
+
+def natural_2d(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """View (or copy) ``x`` as its natural rows x columns matrix."""
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    if x.dim() == 1 or layout is Layout.DIM0:
+        return x.reshape(x.shape[0], -1)
+    if layout is Layout.PENULTIMATE:
+        return x.reshape(-1, x.shape[-1])
+    return x.transpose(-1, -2).reshape(-1, x.shape[-2])
+
+
+def _from_natural_2d(m: torch.Tensor, like_shape: torch.Size, layout: Layout) -> torch.Tensor:
+    if len(like_shape) >= 2 and layout is Layout.LAST:
+        t_shape = (*like_shape[:-2], like_shape[-1], like_shape[-2])
+        return m.reshape(t_shape).transpose(-1, -2)
+    return m.reshape(like_shape)
+
+
+def scale_shape(shape: torch.Size | tuple[int, ...], granularity: Granularity, layout: Layout) -> tuple[int, ...]:
+    """Shape of the scale tensor, broadcastable against a tensor of ``shape`` (not for BLOCK)."""
+    shape = tuple(shape)
+    nd = len(shape)
+    if granularity is Granularity.TENSOR or nd == 0:
+        return ()
+    if nd == 1:
+        return (shape[0],) if granularity is Granularity.ROW else (1,)
+    if layout is Layout.DIM0:
+        return (shape[0],) + (1,) * (nd - 1) if granularity is Granularity.ROW else (1,) + shape[1:]
+    row_axis = nd - 2 if layout is Layout.PENULTIMATE else nd - 1
+    if granularity is Granularity.ROW:
+        # one scale per row: every dim except the column axis keeps its size
+        col_axis = nd - 1 if layout is Layout.PENULTIMATE else nd - 2
+        return tuple(1 if i == col_axis else s for i, s in enumerate(shape))
+    if granularity is Granularity.COLUMN:
+        col_axis = nd - 1 if layout is Layout.PENULTIMATE else nd - 2
+        return tuple(s if i == col_axis else 1 for i, s in enumerate(shape))
+    raise ValueError(f"scale_shape is not defined for {granularity} (row axis {row_axis})")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # fp16/bf16 are upcast: scales and rounding must not be computed in 8-bit-mantissa math.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- group statistics
+def _grouped(m: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Reshape the natural matrix so that dim -1 runs over the elements sharing one scale."""
+    g = spec.granularity
+    if g is Granularity.TENSOR:
+        return m.reshape(1, -1)
+    if g is Granularity.ROW:
+        return m
+    if g is Granularity.COLUMN:
+        return m.t()
+    # BLOCK: pad the ragged last block by repeating a row element so that padding never widens
+    # the block's range (the pad is sliced off again after quantizing).
+    n = spec.block_size
+    rows, cols = m.shape
+    pad = (-cols) % n
+    if pad:
+        m = torch.cat([m, m[:, :1].expand(rows, pad)], dim=1)
+    return m.reshape(rows, -1, n)
+
+
+def _ungrouped(g: torch.Tensor, m_shape: torch.Size, spec: QuantSpec) -> torch.Tensor:
+    gran = spec.granularity
+    if gran is Granularity.TENSOR or gran is Granularity.ROW:
+        return g.reshape(m_shape)
+    if gran is Granularity.COLUMN:
+        return g.t()
+    return g.reshape(m_shape[0], -1)[:, : m_shape[1]]
+
+
+def _round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    if spec.rounding is Rounding.NEAREST:
+        return torch.round(v)
+    if noise is None:
+        noise = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+    return torch.floor(v + noise.to(v.dtype))
+
+
+def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Round to the fp8 grid (v already scaled into [-fp8_max, fp8_max]); returns fp8 codes."""
+    dtype = spec.code_dtype
+    fmax = spec.qmax
+    v = v.clamp(-fmax, fmax)
+    nearest = v.to(dtype)
+    if spec.rounding is Rounding.NEAREST:
+        return nearest
+    # Stochastic: find the two fp8 neighbours lo <= v <= hi and pick hi with probability
+    # (v - lo) / (hi - lo). Neighbours come from stepping the magnitude bits by one.
+    near_f = nearest.to(v.dtype)
+    bits = nearest.view(torch.uint8).to(torch.int16)
+    sign = bits & 0x80
+    mag = bits & 0x7F
+    away = near_f.abs() < v.abs()  # v lies further from zero than the nearest value
+    other_mag = torch.where(away, mag + 1, (mag - 1).clamp_min(0))
+    other = (sign | other_mag).to(torch.uint8).view(dtype).to(v.dtype)
+    other = torch.where(other.isfinite(), other, near_f).clamp(-fmax, fmax)
+    lo = torch.minimum(near_f, other)
+    hi = torch.maximum(near_f, other)
+    width = hi - lo
+    if noise is None:
+        noise = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+    p_hi = torch.where(width > 0, (v - lo) / torch.where(width > 0, width, 1), 0)
+    picked = torch.where(noise.to(v.dtype) < p_hi, hi, lo)
+    picked = torch.where(v.isnan(), v, picked)
+    return picked.to(dtype)
+
+
+def _quantize_grouped(
+    g: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``g`` whose last dim runs over one scale group. Returns codes, scale, zero_point,
+    offset (the last three with a trailing size-1 dim)."""
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    if spec.scheme is Scheme.SYMMETRIC:
+        amax = g.abs().amax(dim=-1, keepdim=True)
+        scale = amax / spec.qmax
+        safe = torch.where(scale > 0, scale, 1)
+        # NaN/Inf propagate: amax is NaN/Inf, so scale and every dequantized value are too.
+        v = torch.where(scale.isfinite(), g / safe, g * scale)
+        if spec.format.is_float:
+            codes = _fp8_round(v, spec, noise, generator)
+        else:
+            q = _round(v, spec, noise, generator).clamp(-spec.qmax, spec.qmax)
+            codes = torch.nan_to_num(q).to(spec.code_dtype)
+        return codes, scale, zero.expand_as(scale), zero.expand_as(scale)
+
+    B = spec.levels
+    mn = g.amin(dim=-1, keepdim=True)
+    mx = g.amax(dim=-1, keepdim=True)
+    if spec.scheme is Scheme.ASYMMETRIC:
+        # (mx / B - mn / B) rather than (mx - mn) / B: cannot overflow for finite inputs.
+        scale = mx / B - mn / B
+        zp = zero.expand_as(scale)
+        offset = mn
+        safe = torch.where(scale > 0, scale, 1)
+        v = (g - mn) / safe
+    else:  # ZERO_ON_GRID: the range must contain 0 and 0 must be a level
+        mn = mn.clamp(max=0)
+        mx = mx.clamp(min=0)
+        span = mx / B - mn / B
+        # The paper's qzero = floor(-mn * B / (mx - mn)), kept in [1, B] when there are negatives
+        # so the stretch never divides by zero (the reference code's NaN on all-positive
+        # tensors); taking the larger of the two steps keeps both ends of the range covered.
+        qzero = torch.floor(-mn / torch.where(span > 0, span, 1))
+        qzero = torch.where(mn < 0, qzero.clamp(1, B), torch.zeros_like(qzero))
+        down = torch.where(qzero > 0, -mn / torch.where(qzero > 0, qzero, 1), 0)
+        up = torch.where(qzero < B, mx / torch.where(qzero < B, B - qzero, 1), 0)
+        scale = torch.where(span.isfinite(), torch.maximum(down, up), span)  # NaN/Inf propagate
+        zp = qzero
+        offset = zero.expand_as(scale)
+        safe = torch.where(scale > 0, scale, 1)
+        v = g / safe + qzero
+    # scale == 0: a constant group, reproduced exactly by the zero point / offset alone.
+    # scale NaN/Inf: let it through so the dequantized group is NaN/Inf, never silently finite.
+    v = torch.where(scale > 0, v, torch.where(scale.isfinite(), zp, scale))
+    q = _round(v, spec, noise, generator).clamp(0, B)
+    codes = torch.nan_to_num(q + spec.code_offset).to(spec.code_dtype)
+    return codes, scale, zp - spec.code_offset, offset
+
+
+def dequantize_ref(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(codes - zero_point) * scale + offset`` in the scale's precision, cast to ``dtype``."""
+    c = codes.to(scale.dtype)
+    return ((c - zero_point) * scale + offset).to(dtype)
+
+
+def quantize_ref(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    layout: Layout = Layout.DIM0,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (no transform, no BLOCK). Returns ``codes`` (x's shape, ``spec.code_dtype``)
+    and ``scale``, ``zero_point``, ``offset`` broadcastable against ``x`` (see :func:`scale_shape`).
+
+    ``noise`` (uniform [0, 1) in the natural grouped order) replaces the generator's draws, so a
+    kernel can be compared bit for bit given the same random bits.
+    """
+    if spec.transform is not Transform.NONE or spec.granularity is Granularity.BLOCK:
+        raise ValueError("quantize_ref returns codes only for transform='none' and non-block granularity; use fake_quantize_ref")
+    m = natural_2d(x, layout).to(_compute_dtype(x))
+    g = _grouped(m, spec)
+    codes, scale, zp, offset = _quantize_grouped(g, spec, noise, generator)
+    codes = _from_natural_2d(_ungrouped(codes, m.shape, spec), x.shape, layout)
+    s_shape = scale_shape(x.shape, spec.granularity, layout)
+
+    def shaped(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1)
+        if spec.granularity is Granularity.ROW and x.dim() >= 2 and layout is not Layout.DIM0:
+            col_axis = x.dim() - 1 if layout is Layout.PENULTIMATE else x.dim() - 2
+            natural = [s for i, s in enumerate(s_shape) if i != col_axis]
+            return t.reshape(natural).unsqueeze(col_axis)
+        return t.reshape(s_shape)
+
+    return codes, shaped(scale), shaped(zp), shaped(offset)
+
+
+def fake_quantize_ref(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    layout: Layout = Layout.DIM0,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with ``spec`` (any granularity, any transform); same dtype as x."""
+    if x.numel() == 0:
+        return x.clone()
+    m = natural_2d(x, layout).to(_compute_dtype(x))
+    if spec.transform is Transform.BLOCK_HOUSEHOLDER:
+        from .bhq import bhq_fake_quantize_2d
+
+        out = bhq_fake_quantize_2d(m, spec, noise=noise, generator=generator)
+    else:
+        g = _grouped(m, spec)
+        codes, scale, zp, offset = _quantize_grouped(g, spec, noise, generator)
+        out = _ungrouped(dequantize_ref(codes, scale, zp, offset, m.dtype), m.shape, spec)
+    return _from_natural_2d(out, x.shape, layout).to(x.dtype)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Reference quantize-dequantize of one tensor (rows = dim 0 after flattening to 2-D).
+
+    This is the public entry point of the reference quantizers; it returns a tensor of ``x``'s
+    shape and dtype whose values lie on ``spec``'s grid. With stochastic rounding the draws come
+    from ``generator`` (default: torch's global generator, so ``torch.manual_seed`` reproduces).
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    return fake_quantize_ref(x, spec, Layout.DIM0, generator=generator)

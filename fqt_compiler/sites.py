@@ -1,0 +1,85 @@
+"""What the passes record about every GEMM site: the decision table's data.
+
+A *site* is one forward GEMM (``mm``/``addmm``/``bmm``/``baddbmm``/``convolution``) together with
+the backward GEMMs that differentiate it (paired through ``node.meta["seq_nr"]``), or an
+unsupported GEMM-like node (fused attention, matrix-vector products, ...) reported as skipped.
+Every GEMM of every site ends in exactly one :class:`GemmStatus`, with a reason when skipped:
+nothing is left in high precision without a record.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .specs import GemmKind, QuantSpec, TensorRole
+
+__all__ = ["GemmStatus", "SkipKind", "OperandDecision", "GemmDecision", "SiteDecision", "QuantNodeInfo", "GemmNodeInfo"]
+
+
+class GemmStatus(enum.Enum):
+    LOWBIT_KERNEL = "lowbit-kernel"  # runs as a real low-bit GEMM (codegen stage)
+    SIMULATED = "simulated"  # quantize-dequantize, then a high-precision GEMM
+    SKIPPED = "skipped"  # high precision, with a reason
+
+
+class SkipKind(enum.Enum):
+    BY_RECIPE = "by-recipe"  # the recipe asks for high precision: deliberate, never an error
+    UNSUPPORTED = "unsupported"  # fqt cannot quantize it; strict mode raises
+
+
+@dataclass(frozen=True)
+class OperandDecision:
+    """How one operand of one GEMM is treated."""
+
+    role: TensorRole
+    spec: QuantSpec | None
+    source: str = ""  # "quantized", "reuses output quantization", "re-quantized", "high precision"
+
+
+@dataclass(frozen=True)
+class GemmDecision:
+    kind: GemmKind
+    node: str  # the fx node computing it in the joint graph
+    shape: str  # "MxKxN" (batched: "BxMxKxN"), convs: "in->out" shapes
+    flops: int
+    operands: tuple[OperandDecision, ...]
+    status: GemmStatus
+    reason: str = ""
+    skip_kind: SkipKind | None = None
+
+    @property
+    def label(self) -> str:
+        return self.status.value if self.status is not GemmStatus.SKIPPED else f"skipped ({self.reason})"
+
+
+@dataclass(frozen=True)
+class SiteDecision:
+    """Everything recorded about one GEMM site."""
+
+    site_id: int
+    graph_id: int
+    module_path: str
+    op: str
+    rule: str  # what decided it, e.g. "recipe int8"
+    gemms: tuple[GemmDecision, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class QuantNodeInfo:
+    """``node.meta["fqt"]`` of a node inserted by the passes."""
+
+    site_id: int
+    gemm: GemmKind
+    role: TensorRole
+    spec_key: str
+    what: str  # "quantize" | "dequantize" | "fake_quantize" | "replay" | "split"
+
+
+@dataclass(frozen=True)
+class GemmNodeInfo:
+    """``node.meta["fqt"]`` of a GEMM node the passes decided on."""
+
+    site_id: int
+    gemm: GemmKind
+    quantized_args: tuple[int, ...]  # positional arg indices expected to come from fqt nodes

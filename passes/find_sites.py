@@ -1,0 +1,172 @@
+"""Analysis pass: find every GEMM site in the joint graph and pair forward with backward GEMMs.
+
+Forward GEMMs are ``mm``/``addmm``/``bmm``/``baddbmm``/``convolution`` nodes outside the
+backward. A backward GEMM belongs to the forward GEMM with the same ``meta["seq_nr"]`` and
+consumes one forward operand (reached through view ops: ``t``, ``transpose``, ``view``, ...)
+and ``grad_output``. Which forward operand it consumes tells which gradient it computes: the
+GEMM consuming the weight computes ``grad_input``, the one consuming the activation computes
+``grad_weight`` (``grad_lhs`` / ``grad_rhs`` when both operands are activations).
+
+Layouts (see ``reference.Layout``): a forward lhs is consumed in its natural layout
+(``PENULTIMATE``), a forward rhs as the transpose of it (``LAST``, so a Linear weight's rows are
+its out channels); every transpose on the way into a backward GEMM flips that. ``grad_output``'s
+natural rows are the output rows: they are the contracted dim of the GEMM computing the rhs
+gradient and the outer dim of the GEMM computing the lhs gradient. Convolutions use ``DIM0``
+(rows = samples / out channels, the paper's ``view(N, -1)``).
+
+Never mutates the graph.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from fqt_compiler.reference import Layout
+from fqt_compiler.sites import SkipKind
+from fqt_compiler.specs import GemmKind, TensorRole
+
+from . import matchers as m
+from .base import BackwardGemm, FQTPass, PassContext, Site
+
+
+def _placeholder_index(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+
+
+def _is_param(node: fx.Node, ctx: PassContext, ph: dict[fx.Node, int]) -> bool:
+    """A weight is an operand that reaches a parameter placeholder through view ops."""
+    cur = node
+    for _ in range(16):
+        if cur.op == "placeholder":
+            return ph.get(cur) in ctx.param_indices
+        if cur.op != "call_function" or cur.target not in m.VIEW_OPS | {m.aten._to_copy.default}:
+            return False
+        cur = cur.args[0]
+    return False
+
+
+def _backward_kind(roles: tuple[TensorRole, TensorRole], consumed: int) -> GemmKind:
+    other = 1 - consumed  # the gradient computed is the other operand's
+    if roles[consumed] is TensorRole.WEIGHT and roles[other] is TensorRole.ACTIVATION:
+        return GemmKind.GRAD_INPUT
+    if roles[consumed] is TensorRole.ACTIVATION and roles[other] is TensorRole.WEIGHT:
+        return GemmKind.GRAD_WEIGHT
+    return GemmKind.GRAD_LHS if other == 0 else GemmKind.GRAD_RHS
+
+
+class FindSites(FQTPass):
+    name = "find_sites"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        ph = _placeholder_index(gm)
+        by_seq: dict[object, Site] = {}
+        backward_gemms: list[fx.Node] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target in m.UNSUPPORTED_GEMMS:
+                if not m.is_backward_node(node):
+                    reason = m.UNSUPPORTED_GEMMS[node.target]
+                    ctx.sites.append(
+                        Site(len(ctx.sites), node, m.op_name(node), m.module_path(node), skip=(SkipKind.UNSUPPORTED, reason))
+                    )
+                continue
+            if not (m.is_matmul(node) or m.is_conv(node) or node.target is m.CONV_BACKWARD):
+                continue
+            if m.is_backward_node(node) or node.target is m.CONV_BACKWARD:
+                backward_gemms.append(node)
+                continue
+            site = self._forward_site(node, ctx, ph)
+            ctx.sites.append(site)
+            seq = node.meta.get("seq_nr")
+            if seq is not None:
+                by_seq.setdefault(seq, site)
+        for node in backward_gemms:
+            site = by_seq.get(node.meta.get("seq_nr"))
+            if site is None or site.skip is not None:
+                ctx.sites.append(
+                    Site(
+                        len(ctx.sites),
+                        node,
+                        m.op_name(node),
+                        "-",
+                        skip=(SkipKind.UNSUPPORTED, "backward GEMM with no forward GEMM to pair with (seq_nr)"),
+                    )
+                )
+                continue
+            self._attach_backward(site, node)
+
+    def _forward_site(self, node: fx.Node, ctx: PassContext, ph: dict[fx.Node, int]) -> Site:
+        site = Site(len(ctx.sites), node, m.op_name(node), m.module_path(node))
+        val = node.meta.get("val")
+        if val is None or not val.is_floating_point():
+            site.skip = (SkipKind.UNSUPPORTED, f"non-floating-point GEMM ({getattr(val, 'dtype', 'unknown dtype')})")
+            return site
+        if m.is_conv(node):
+            site.operand_args = (0, 1)
+            site.roles = (TensorRole.ACTIVATION, TensorRole.WEIGHT)
+            site.layouts = (Layout.DIM0, Layout.DIM0)
+            return site
+        site.operand_args = m.MATMUL_OPERANDS[node.target]
+        lhs, rhs = site.forward_operands
+        roles = [TensorRole.WEIGHT if _is_param(x, ctx, ph) else TensorRole.ACTIVATION for x in (lhs, rhs)]
+        site.roles = (roles[0], roles[1])
+        site.layouts = (Layout.PENULTIMATE, Layout.LAST)
+        return site
+
+    def _attach_backward(self, site: Site, node: fx.Node) -> None:
+        if node.target is m.CONV_BACKWARD:
+            self._attach_conv_backward(site, node)
+            return
+        fwd = site.forward_operands
+        targets = set(fwd)
+        for pos in (0, 1):
+            arg_idx = m.MATMUL_OPERANDS[node.target][pos]
+            found = m.trace_to(node.args[arg_idx], targets)
+            if found is None:
+                continue
+            reached, chain, swaps = found
+            consumed = fwd.index(reached)
+            other_pos = 1 - pos
+            kind = _backward_kind(site.roles, consumed)
+            # grad_output's natural rows are the forward output's rows: the outer dim when this
+            # GEMM computes the lhs gradient (it consumes the rhs), the contracted dim otherwise.
+            rows_outer = consumed == 1
+            grad_is_lhs = other_pos == 0
+            grad_layout = Layout.PENULTIMATE if rows_outer == grad_is_lhs else Layout.LAST
+            site.backward.append(
+                BackwardGemm(
+                    node=node,
+                    kind=kind,
+                    fwd_operand=consumed,
+                    fwd_arg=arg_idx,
+                    grad_arg=m.MATMUL_OPERANDS[node.target][other_pos],
+                    chain=chain,
+                    fwd_layout=m.flip(site.layouts[consumed], swaps),
+                    grad_layout=grad_layout,
+                )
+            )
+            return
+        site.backward.append(
+            BackwardGemm(
+                node=node, kind=GemmKind.GRAD_INPUT, fwd_operand=-1, fwd_arg=-1, grad_arg=-1, chain=[],
+                fwd_layout=Layout.DIM0, grad_layout=Layout.DIM0,
+                skip=(SkipKind.UNSUPPORTED, "backward GEMM operands do not trace back to the forward operands through view ops"),
+            )
+        )
+
+    def _attach_conv_backward(self, site: Site, node: fx.Node) -> None:
+        mask = list(node.args[10])
+        fwd = site.forward_operands
+        # convolution_backward(grad_output, input, weight, ...): arg 1 is the activation, 2 the weight
+        for out_idx, (kind, consumed, arg) in enumerate(((GemmKind.GRAD_INPUT, 1, 2), (GemmKind.GRAD_WEIGHT, 0, 1))):
+            if not mask[out_idx]:
+                continue
+            found = m.trace_to(node.args[arg], {fwd[consumed]})
+            bwd = BackwardGemm(
+                node=node, kind=kind, fwd_operand=consumed, fwd_arg=arg, grad_arg=0,
+                chain=found[1] if found else [], fwd_layout=Layout.DIM0, grad_layout=Layout.DIM0, conv_output=out_idx,
+            )
+            if found is None:
+                bwd.skip = (SkipKind.UNSUPPORTED, "convolution_backward operand does not trace back to the forward operand")
+            site.backward.append(bwd)

@@ -1,0 +1,80 @@
+"""Helpers that create FX nodes with the metadata the partitioner and later passes need."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils._pytree import tree_map
+
+from fqt_compiler.errors import PassError
+
+# metadata copied from the node a new node stands in for: the partitioner reads
+# partitioner_tag / seq_nr to place nodes; reports read nn_module_stack
+_COPIED_META = ("seq_nr", "partitioner_tag", "autograd_backward", "nn_module_stack", "stack_trace")
+
+
+def _fake_mode(vals: list[Any]):
+    for v in vals:
+        mode = getattr(v, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
+
+
+def fake_eval(target: Any, args: tuple, kwargs: dict) -> Any:
+    """Run ``target`` on the ``meta['val']`` of its node arguments (fake tensors)."""
+    vals: list[Any] = []
+
+    def to_val(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            if "val" not in a.meta:
+                raise PassError(f"node {a.name} has no meta['val']; fqt passes need a traced joint graph with fake values")
+            vals.append(a.meta["val"])
+            return a.meta["val"]
+        return a
+
+    fargs = tree_map(to_val, args)
+    fkwargs = tree_map(to_val, kwargs)
+    if target is operator.getitem:
+        return fargs[0][fargs[1]]
+    mode = _fake_mode(vals)
+    if mode is None:
+        raise PassError(f"no fake mode found on the inputs of {target}")
+    with mode:
+        return target(*fargs, **fkwargs)
+
+
+def call(
+    graph: fx.Graph,
+    target: Any,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    like: fx.Node | None = None,
+    info: Any = None,
+    tag: str | None = None,
+) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` at the graph's current insertion point."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    node.meta["val"] = fake_eval(target, args, kwargs)
+    if like is not None:
+        for key in _COPIED_META:
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    if tag is not None:
+        node.meta["partitioner_tag"] = tag
+    if info is not None:
+        node.meta["fqt"] = info
+    return node
+
+
+def tuple_items(graph: fx.Graph, node: fx.Node, n: int, **kw: Any) -> list[fx.Node]:
+    return [call(graph, operator.getitem, (node, i), **kw) for i in range(n)]
+
+
+def dtype_of(node: fx.Node) -> torch.dtype:
+    return node.meta["val"].dtype

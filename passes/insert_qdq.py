@@ -1,0 +1,178 @@
+"""Mutation pass: insert fqt quantize / dequantize nodes as ``select_specs`` decided.
+
+For each site that is not skipped:
+
+* forward operands: ``fqt::quantize`` -> aten dequantization (``(code - zp) * scale + offset``,
+  cast back) before the forward GEMM; the GEMM consumes the dequantized value. Specs with
+  stochastic rounding, transforms or block scales use ``fqt::fake_quantize`` instead.
+* backward GEMMs: the view chain from the forward operand is replayed on the dequantized value
+  (reuse), optionally followed by a re-quantization; ``grad_output`` gets its own
+  ``fqt::fake_quantize`` per backward GEMM, so the two copies are independent (biprecision).
+* ``convolution_backward`` computes grad_input, grad_weight and grad_bias in one node: it is
+  split into one node per GEMM so each gets its own quantized ``grad_output``; grad_bias keeps
+  the high-precision ``grad_output`` (the paper quantizes GEMM inputs only).
+
+Policy is never decided here: every choice comes from the Site objects.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from fqt_compiler.ops import fake_quantize_op, needs_fake_quantize, quantize_op
+from fqt_compiler.reference import Layout
+from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo
+from fqt_compiler.specs import GemmKind, QuantSpec, Scheme, TensorRole
+
+
+from .base import BackwardGemm, FQTPass, PassContext, Site
+from .graph_utils import call, dtype_of, tuple_items
+
+aten = torch.ops.aten
+
+
+def emit_quantize(
+    graph: fx.Graph, x: fx.Node, spec: QuantSpec, layout: Layout, info: QuantNodeInfo, like: fx.Node, tag: str | None
+) -> fx.Node:
+    """Insert quantize-dequantize of ``x`` at the insertion point; return the dequantized node."""
+    key = spec.key()
+    kw = dict(like=like, tag=tag)
+    if needs_fake_quantize(spec):
+        return call(graph, fake_quantize_op, (x, key, int(layout)), info=info, **kw)
+    q = call(graph, quantize_op, (x, key, int(layout)), info=info, **kw)
+    codes, scale, zp, offset = tuple_items(graph, q, 4, info=info, **kw)
+    dq_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, "dequantize")
+    out = call(graph, aten._to_copy.default, (codes,), {"dtype": dtype_of(scale)}, info=dq_info, **kw)
+    # the same op sequence as reference.dequantize_ref, so graph and reference agree bit for bit
+    if spec.scheme is not Scheme.SYMMETRIC:
+        out = call(graph, aten.sub.Tensor, (out, zp), info=dq_info, **kw)
+    out = call(graph, aten.mul.Tensor, (out, scale), info=dq_info, **kw)
+    if spec.scheme is Scheme.ASYMMETRIC:
+        out = call(graph, aten.add.Tensor, (out, offset), info=dq_info, **kw)
+    if dtype_of(out) != dtype_of(x):
+        out = call(graph, aten._to_copy.default, (out,), {"dtype": dtype_of(x)}, info=dq_info, **kw)
+    return out
+
+
+def _replay(graph: fx.Graph, start: fx.Node, chain: list[fx.Node], info: QuantNodeInfo) -> fx.Node:
+    """Re-apply the view nodes of ``chain`` on ``start``."""
+    cur = start
+    for node in chain:
+        cur = call(graph, node.target, (cur, *node.args[1:]), dict(node.kwargs), like=node, info=info)
+    return cur
+
+
+class InsertQDQ(FQTPass):
+    name = "insert_qdq"
+    requires = ("find_sites", "select_specs")
+    mutates = True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        graph = gm.graph
+        for site in ctx.sites:
+            if site.skip is not None:
+                continue
+            dq = self._forward(graph, site, ctx)
+            conv_bwd: dict[fx.Node, dict[int, tuple[fx.Node, fx.Node, fx.Node]]] = {}
+            for bwd in site.backward:
+                if bwd.skip is not None:
+                    continue
+                operand, grad = self._backward_operands(graph, site, bwd, dq, ctx)
+                if bwd.conv_output is None:
+                    bwd.node.update_arg(bwd.fwd_arg, operand)
+                    bwd.node.update_arg(bwd.grad_arg, grad)
+                    quantized = tuple(
+                        i for i, s in ((bwd.fwd_arg, bwd.operand_spec), (bwd.grad_arg, bwd.grad_spec)) if s is not None
+                    )
+                    bwd.node.meta["fqt"] = GemmNodeInfo(site.site_id, bwd.kind, quantized)
+                else:
+                    conv_bwd.setdefault(bwd.node, {})[bwd.conv_output] = (grad, operand, bwd)
+            for node, parts in conv_bwd.items():
+                self._split_conv_backward(graph, site, node, parts, dq)
+        graph.eliminate_dead_code()
+        gm.recompile()
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, graph: fx.Graph, site: Site, ctx: PassContext) -> list[fx.Node | None]:
+        dq: list[fx.Node | None] = [None, None]
+        quantized = []
+        for pos in (0, 1):
+            spec = site.fwd_specs[pos]
+            if spec is None:
+                continue
+            x = site.forward_operands[pos]
+            info = QuantNodeInfo(site.site_id, GemmKind.OUTPUT, site.roles[pos], spec.key(), "quantize")
+            with graph.inserting_before(site.node):
+                dq[pos] = emit_quantize(graph, x, spec, site.layouts[pos], info, like=site.node, tag=None)
+            site.node.update_arg(site.operand_args[pos], dq[pos])
+            quantized.append(site.operand_args[pos])
+        site.node.meta["fqt"] = GemmNodeInfo(site.site_id, GemmKind.OUTPUT, tuple(quantized))
+        return dq
+
+    # ------------------------------------------------------------------ backward
+    def _backward_operands(
+        self, graph: fx.Graph, site: Site, bwd: BackwardGemm, dq: list[fx.Node | None], ctx: PassContext
+    ) -> tuple[fx.Node, fx.Node]:
+        node = bwd.node
+        operand = node.args[bwd.fwd_arg]
+        grad = node.args[bwd.grad_arg]
+        role = site.roles[bwd.fwd_operand]
+        fwd_spec = site.fwd_specs[bwd.fwd_operand]
+        tag = "is_backward"
+        with graph.inserting_before(node):
+            if bwd.operand_spec is not None:
+                if fwd_spec is not None:
+                    source = dq[bwd.fwd_operand]
+                    replay_info = QuantNodeInfo(site.site_id, bwd.kind, role, fwd_spec.key(), "replay")
+                    operand = _replay(graph, source, bwd.chain, replay_info)
+                if bwd.operand_spec != fwd_spec:
+                    info = QuantNodeInfo(site.site_id, bwd.kind, role, bwd.operand_spec.key(), "quantize")
+                    operand = emit_quantize(graph, operand, bwd.operand_spec, bwd.fwd_layout, info, like=node, tag=tag)
+            if bwd.grad_spec is not None:
+                info = QuantNodeInfo(site.site_id, bwd.kind, TensorRole.GRAD_OUTPUT, bwd.grad_spec.key(), "quantize")
+                grad = emit_quantize(graph, grad, bwd.grad_spec, bwd.grad_layout, info, like=node, tag=tag)
+        return operand, grad
+
+    def _split_conv_backward(
+        self, graph: fx.Graph, site: Site, node: fx.Node, parts: dict[int, tuple], dq: list[fx.Node | None]
+    ) -> None:
+        """Replace one convolution_backward by one node per quantized GEMM (+ grad_bias)."""
+        args = list(node.args)
+        mask = list(args[10])
+        new_outputs: dict[int, fx.Node] = {}
+        # operands used only for their shape still come from the quantized side, so the
+        # partitioner is never pushed to save a high-precision copy for them
+        shape_input = dq[0] if dq[0] is not None else args[1]
+        shape_weight = dq[1] if dq[1] is not None else args[2]
+        with graph.inserting_before(node):
+            for out_idx in (0, 1, 2):
+                if not mask[out_idx]:
+                    continue
+                new_args = list(args)
+                new_args[1], new_args[2] = shape_input, shape_weight
+                new_args[10] = [i == out_idx for i in range(3)]
+                if out_idx in parts:
+                    grad, operand, bwd = parts[out_idx]
+                    new_args[0] = grad
+                    new_args[bwd.fwd_arg] = operand
+                    quantized = tuple(i for i, s in ((bwd.fwd_arg, bwd.operand_spec), (0, bwd.grad_spec)) if s is not None)
+                    info = GemmNodeInfo(site.site_id, bwd.kind, quantized)
+                else:  # grad_bias, or a GEMM whose quantization was skipped: high precision
+                    new_args[1], new_args[2] = args[1], args[2]
+                    info = None
+                split = call(graph, node.target, tuple(new_args), dict(node.kwargs), like=node)
+                if info is not None:
+                    split.meta["fqt"] = info
+                new_outputs[out_idx] = call(graph, operator.getitem, (split, out_idx), like=node)
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(new_outputs[user.args[1]])
+                graph.erase_node(user)
+        if node.users:
+            raise AssertionError(f"convolution_backward {node.name} still has users after the split")
+        graph.erase_node(node)
+
+

@@ -1,0 +1,131 @@
+"""Analysis pass: choose the spec of every operand of every GEMM from the recipe.
+
+Forward operands get ``recipe.output.<role>``. In a backward GEMM, ``grad_output`` gets the
+recipe's spec for that GEMM (one independent quantization per backward GEMM: the paper's
+biprecision) and the forward operand it consumes is treated as follows:
+
+* the same spec as the forward: reuse the forward's quantized value (the paper's semantics:
+  the backward GEMMs see the same quantized operands as the forward, straight-through);
+* None: the backward GEMM uses the unquantized operand;
+* another spec: re-quantize the forward's quantized value in this GEMM's layout (``int8``:
+  per-in-channel weights for ``grad_input``, per-column activations for ``grad_weight``);
+* activation x activation GEMMs (``grad_lhs`` / ``grad_rhs``) always reuse the forward's.
+
+Then every GEMM is given its status: simulated, or skipped with a reason. Never mutates.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from fqt_compiler.errors import UnsupportedGraphError
+from fqt_compiler.sites import GemmDecision, GemmStatus, OperandDecision, SiteDecision, SkipKind
+from fqt_compiler.specs import GemmKind, TensorRole
+
+from . import matchers as m
+from .base import FQTPass, PassContext, Site
+
+
+def _shape_and_flops(node: fx.Node, site: Site) -> tuple[str, int]:
+    out = m.val_shape(node)
+    if site.node.target in m.CONV_OPS:
+        x, w = (m.val_shape(a) for a in site.forward_operands)
+        if out is None or w is None:
+            return "?", 0
+        per_out = 1
+        for d in w[1:]:
+            per_out *= d
+        n_out = 1
+        for d in out:
+            n_out *= d
+        try:
+            flops = int(2 * n_out * per_out)
+        except TypeError:  # symbolic sizes
+            flops = 0
+        return f"x{list(x)} w{list(w)}", flops
+    a, b = (m.val_shape(node.args[i]) for i in m.MATMUL_OPERANDS[node.target])
+    if a is None or b is None:
+        return "?", 0
+    dims = (*a, b[-1])  # (M, K, N) or (B, M, K, N)
+    try:
+        flops = 2
+        for d in dims:
+            flops *= int(d)
+    except TypeError:  # symbolic sizes
+        flops = 0
+    return "x".join(str(d) for d in dims), flops
+
+
+class SelectSpecs(FQTPass):
+    name = "select_specs"
+    requires = ("find_sites",)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        recipe = ctx.config.recipe
+        rule = f"recipe {recipe.name}"
+        for site in ctx.sites:
+            site.rule = rule
+            if site.skip is None and not recipe.quantizes_anything:
+                site.skip = (SkipKind.BY_RECIPE, f"recipe {recipe.name!r} keeps every GEMM in high precision")
+            if site.skip is None:
+                site.fwd_specs = tuple(recipe.spec(GemmKind.OUTPUT, r) for r in site.roles)  # type: ignore[assignment]
+                for bwd in site.backward:
+                    if bwd.skip is not None:
+                        continue
+                    bwd.grad_spec = recipe.spec(bwd.kind, TensorRole.GRAD_OUTPUT)
+                    fwd_spec = site.fwd_specs[bwd.fwd_operand]
+                    if bwd.kind in (GemmKind.GRAD_LHS, GemmKind.GRAD_RHS):
+                        want = fwd_spec
+                    else:
+                        want = recipe.spec(bwd.kind, site.roles[bwd.fwd_operand])
+                    bwd.operand_spec = want
+                    if want is None:
+                        bwd.operand_source = "high precision"
+                    elif want == fwd_spec:
+                        bwd.operand_source = "reuses output quantization"
+                    elif fwd_spec is None:
+                        bwd.operand_source = "quantized"
+                    else:
+                        bwd.operand_source = "re-quantized from output quantization"
+            ctx.decisions.append(self._decide(site, ctx))
+
+    def _decide(self, site: Site, ctx: PassContext) -> SiteDecision:
+        gemms = []
+        if site.skip is not None:
+            kind, reason = site.skip
+            self._maybe_raise(ctx, site, kind, reason)
+            shape, flops = _shape_and_flops(site.node, site) if (m.is_matmul(site.node) or m.is_conv(site.node)) else ("-", 0)
+            gemms.append(GemmDecision(GemmKind.OUTPUT, site.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind))
+            for bwd in site.backward:
+                gemms.append(GemmDecision(bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind))
+            return SiteDecision(site.site_id, ctx.graph_id, site.module_path, site.op, site.rule, tuple(gemms))
+        shape, flops = _shape_and_flops(site.node, site)
+        fwd_ops = tuple(
+            OperandDecision(r, s, "quantized" if s is not None else "high precision") for r, s in zip(site.roles, site.fwd_specs)
+        )
+        gemms.append(self._gemm(GemmKind.OUTPUT, site.node.name, shape, flops, fwd_ops, ctx, site))
+        for bwd in site.backward:
+            if bwd.skip is not None:
+                self._maybe_raise(ctx, site, *bwd.skip)
+                gemms.append(GemmDecision(bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, bwd.skip[1], bwd.skip[0]))
+                continue
+            ops = (
+                OperandDecision(TensorRole.GRAD_OUTPUT, bwd.grad_spec, "quantized" if bwd.grad_spec else "high precision"),
+                OperandDecision(site.roles[bwd.fwd_operand], bwd.operand_spec, bwd.operand_source),
+            )
+            gemms.append(self._gemm(bwd.kind, bwd.node.name, shape, flops, ops, ctx, site))
+        return SiteDecision(site.site_id, ctx.graph_id, site.module_path, site.op, site.rule, tuple(gemms))
+
+    def _gemm(self, kind, node, shape, flops, ops, ctx, site) -> GemmDecision:
+        if all(o.spec is None for o in ops):
+            reason = f"recipe {ctx.config.recipe.name!r} keeps {kind.value} in high precision"
+            return GemmDecision(kind, node, shape, flops, ops, GemmStatus.SKIPPED, reason, SkipKind.BY_RECIPE)
+        return GemmDecision(kind, node, shape, flops, ops, GemmStatus.SIMULATED)
+
+    @staticmethod
+    def _maybe_raise(ctx: PassContext, site: Site, kind: SkipKind, reason: str) -> None:
+        if ctx.config.strict and kind is SkipKind.UNSUPPORTED:
+            raise UnsupportedGraphError(
+                f"GEMM site {site.site_id} ({site.op} at node {site.node.name}, module {site.module_path}) cannot be quantized: "
+                f"{reason}. Pass strict=False to keep it in high precision with this reason recorded."
+            )

@@ -1,0 +1,49 @@
+"""Invariant checker, run after every pass in debug mode and once at the end of the pipeline.
+
+Invariants:
+1. the graph lints, and every call_function node has ``meta["val"]``;
+2. every GEMM argument marked quantized in ``GemmNodeInfo`` is produced by an fqt node
+   (quantize/dequantize/fake_quantize/replay) of the same site;
+3. no stochastic ``fqt::fake_quantize`` node feeds two GEMMs: each backward GEMM draws its own
+   quantization of grad_output (biprecision).
+The first violation raises PassError naming the node.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from fqt_compiler.errors import PassError
+from fqt_compiler.ops import fake_quantize_op
+from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo
+from fqt_compiler.specs import QuantSpec
+
+from . import matchers as m
+
+
+def verify_graph(gm: fx.GraphModule, after: str) -> None:
+    try:
+        gm.graph.lint()
+    except Exception as exc:  # lint raises a bare RuntimeError; give it context
+        raise PassError(f"graph fails lint after pass {after!r}: {exc}") from exc
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "val" not in node.meta:
+            raise PassError(f"after pass {after!r}: node {node.name} ({node.target}) has no meta['val']")
+        info = node.meta.get("fqt")
+        if isinstance(info, GemmNodeInfo):
+            for idx in info.quantized_args:
+                arg = node.args[idx]
+                a_info = arg.meta.get("fqt") if isinstance(arg, fx.Node) else None
+                if not (isinstance(a_info, QuantNodeInfo) and a_info.site_id == info.site_id):
+                    raise PassError(
+                        f"after pass {after!r}: GEMM {node.name} ({info.gemm.value}, site {info.site_id}) expects "
+                        f"argument {idx} quantized but it comes from {getattr(arg, 'name', arg)!r}"
+                    )
+        if node.op == "call_function" and node.target is fake_quantize_op:
+            spec = QuantSpec.from_key(node.args[1])
+            gemm_users = [u for u in node.users if m.is_matmul(u) or u.target is m.CONV_BACKWARD or m.is_conv(u)]
+            if spec.is_stochastic and len(gemm_users) > 1:
+                raise PassError(
+                    f"after pass {after!r}: stochastic quantization {node.name} feeds {len(gemm_users)} GEMMs "
+                    f"({', '.join(u.name for u in gemm_users)}); each GEMM needs an independent draw"
+                )
