@@ -21,6 +21,7 @@ import operator
 
 import torch
 from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
 
 from fqt_compiler.ops import fake_quantize_op, needs_fake_quantize, quantize_op
 from fqt_compiler.reference import Layout
@@ -55,6 +56,19 @@ def emit_quantize(
     if dtype_of(out) != dtype_of(x):
         out = call(graph, aten._to_copy.default, (out,), {"dtype": dtype_of(x)}, info=dq_info, **kw)
     return out
+
+
+def _prefer_recompute(dq: fx.Node) -> None:
+    """Ask the min-cut partitioner to recompute the dequantization in the backward.
+
+    Left alone, it sees the dequantized value feeding a backward GEMM ("materialized in
+    backward") and saves it in high precision. Tagging the cheap pointwise dequant ops the way
+    activation checkpointing does makes it save the low-bit codes and scales instead.
+    """
+    node = dq
+    while isinstance(node.meta.get("fqt"), QuantNodeInfo) and node.meta["fqt"].what == "dequantize":
+        node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+        node = node.args[0]
 
 
 def _replay(graph: fx.Graph, start: fx.Node, chain: list[fx.Node], info: QuantNodeInfo) -> fx.Node:
@@ -107,6 +121,7 @@ class InsertQDQ(FQTPass):
             info = QuantNodeInfo(site.site_id, GemmKind.OUTPUT, site.roles[pos], spec.key(), "quantize")
             with graph.inserting_before(site.node):
                 dq[pos] = emit_quantize(graph, x, spec, site.layouts[pos], info, like=site.node, tag=None)
+            _prefer_recompute(dq[pos])
             site.node.update_arg(site.operand_args[pos], dq[pos])
             quantized.append(site.operand_args[pos])
         site.node.meta["fqt"] = GemmNodeInfo(site.site_id, GemmKind.OUTPUT, tuple(quantized))

@@ -1,0 +1,43 @@
+"""The ``fqt`` command line: ``fqt demo`` (more subcommands come with later tools)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main
+
+    main(recipes=args.recipes, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, var_draws=args.var_draws)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fqt", description="fqt: fully quantized training as a torch.compile backend")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a small CNN on the digits data under the paper's recipes and compare")
+    demo.add_argument("--recipes", nargs="+", default=None, help="recipes to run (default: exact qat ptq8 psq8 bhq8 ptq4 psq4 bhq4)")
+    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--var-draws", type=int, default=16, help="backward passes used to measure gradient variance")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:  # a user-facing error: show it without a traceback wall
+        from fqt_compiler.errors import FQTError
+
+        if isinstance(exc, FQTError):
+            print(f"fqt: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
