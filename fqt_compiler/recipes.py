@@ -188,6 +188,24 @@ def _build() -> dict[str, Recipe]:
             activation=QuantSpec(granularity=Granularity.COLUMN, **sym8),
         ),
     )
+    e4m3 = dict(format="fp8_e4m3", scheme=Scheme.SYMMETRIC)
+    e5m2 = dict(format="fp8_e5m2", scheme=Scheme.SYMMETRIC, rounding=Rounding.STOCHASTIC)
+    out["fp8"] = Recipe(
+        name="fp8",
+        description="fp8 e4m3 forward operands, e5m2 stochastic gradients; row/column scales realizable by an fp8 GEMM",
+        output=OutputSpecs(
+            activation=QuantSpec(granularity=Granularity.ROW, **e4m3),
+            weight=QuantSpec(granularity=Granularity.ROW, **e4m3),
+        ),
+        grad_input=GradInputSpecs(
+            grad_output=QuantSpec(granularity=Granularity.ROW, **e5m2),
+            weight=QuantSpec(granularity=Granularity.COLUMN, **e4m3),
+        ),
+        grad_weight=GradWeightSpecs(
+            grad_output=QuantSpec(granularity=Granularity.COLUMN, **e5m2),
+            activation=QuantSpec(granularity=Granularity.COLUMN, **e4m3),
+        ),
+    )
     return out
 
 

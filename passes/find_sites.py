@@ -39,7 +39,7 @@ def _is_param(node: fx.Node, ctx: PassContext, ph: dict[fx.Node, int]) -> bool:
     for _ in range(16):
         if cur.op == "placeholder":
             return ph.get(cur) in ctx.param_indices
-        if cur.op != "call_function" or cur.target not in m.VIEW_OPS | {m.aten._to_copy.default}:
+        if cur.op != "call_function" or cur.target not in m.PARAM_PATH_OPS:
             return False
         cur = cur.args[0]
     return False

@@ -71,6 +71,16 @@ VIEW_OPS = {
 }
 
 
+# ops allowed between a parameter placeholder and a GEMM operand for that operand to count as
+# the weight (einsum and broadcasting matmuls unsqueeze/expand it; autocast casts it)
+PARAM_PATH_OPS = VIEW_OPS | {
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten._to_copy.default,
+}
+
+
 def is_matmul(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in MATMUL_OPERANDS
 

@@ -1,0 +1,101 @@
+"""Every GEMM flavour the pass must find: conv 1-D/3-D, strided, grouped, depthwise, transposed;
+``x @ W`` on 3-D inputs, ``W @ x``, einsum, baddbmm — found, paired and quantized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fqt_compiler as fqt
+from fqt_compiler.specs import GemmKind, TensorRole
+
+
+class Variants(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, stride=2, padding=1)
+        self.c3 = nn.Conv3d(2, 4, 3, padding=1, groups=2)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.ct = nn.ConvTranspose2d(4, 2, 2, stride=2)
+        self.W = nn.Parameter(torch.randn(8, 5) / 3)
+        self.L = nn.Parameter(torch.randn(3, 6) / 3)
+
+    def forward(self, a, v, img, x, r):
+        out = self.c1(a).sum() + self.c3(v).sum() + self.ct(self.dw(img)).square().mean()
+        out = out + (x @ self.W).sum()  # 3-D activation, weight on the right, no transpose
+        out = out + (self.L @ r).sum()  # weight on the left; r needs no grad
+        out = out + torch.einsum("btk,kn->btn", x, self.W).square().sum()
+        out = out + torch.baddbmm(torch.zeros(2, 3, 5), x, self.W.expand(2, 8, 5)).sum()
+        return out
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 4, 9), (2, 2, 3, 4, 4), (2, 4, 5, 5), (2, 3, 8)]
+    leaves = [torch.randn(*s, generator=g, requires_grad=True) for s in shapes]
+    return (*leaves, torch.randn(6, 2, generator=g))
+
+
+def test_variants_every_gemm_found_and_quantized():
+    model = Variants()
+    report = fqt.explain(model, *_inputs(), recipe="bhq5", debug=True)
+    counts = report.counts()
+    # 4 convs x 3 GEMMs + 3 weight matmuls x 3 + (L @ r): output + grad_weight only
+    assert counts == {"lowbit-kernel": 0, "simulated": 4 * 3 + 3 * 3 + 2, "skipped": 0}, str(report)
+    kinds = {(s.module_path, g.kind) for s, g in report.rows()}
+    assert ("ct", GemmKind.GRAD_INPUT) in kinds and ("dw", GemmKind.GRAD_WEIGHT) in kinds
+    # every matmul with a parameter operand sees it as the weight, whichever side it is on
+    for site in report.sites:
+        if site.op in ("aten.mm", "aten.bmm", "aten.baddbmm"):
+            roles = {o.role for o in site.gemms[0].operands}
+            assert TensorRole.WEIGHT in roles, site
+
+
+@pytest.mark.parametrize("recipe", ["int8", "psq4", "bhq4", "fp8"])
+def test_variants_train_step_finite(recipe):
+    model = Variants()
+    ref = Variants()
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend=fqt.backend(recipe=recipe, debug=True))
+    inputs = _inputs()
+    compiled(*inputs).backward()
+    ref_inputs = _inputs()
+    ref(*ref_inputs).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        # quantized gradients are noisy but must stay close to the exact ones
+        rel = (p.grad - q.grad).norm() / q.grad.norm()
+        assert rel < 0.5, (name, float(rel))
+    for leaf, ref_leaf in zip(inputs[:4], ref_inputs[:4]):
+        assert torch.isfinite(leaf.grad).all()
+        assert (leaf.grad - ref_leaf.grad).norm() / ref_leaf.grad.norm() < 0.5
+
+
+def test_exact_recipe_skips_by_recipe_not_unsupported():
+    model = Variants()
+    report = fqt.explain(model, *_inputs(), recipe="exact", strict=True)
+    assert report.counts()["skipped"] == 4 * 3 + 3 * 3 + 2
+    assert all("high precision" in g.reason for _, g in report.rows())
+
+
+def test_sdpa_is_reported_skipped_and_strict_raises():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            # the usual multi-head layout (batch, heads, tokens, head_dim): dispatches to the
+            # fused CPU flash-attention kernel, an opaque op the pass must report
+            q, k, v = (lin(x).view(2, 4, 2, 4).transpose(1, 2) for lin in (self.q, self.k, self.v))
+            return F.scaled_dot_product_attention(q, k, v).sum()
+
+    x = torch.randn(2, 4, 8)
+    report = fqt.explain(Attn(), x, recipe="int8")
+    skipped = [g for _, g in report.rows() if g.status is fqt.GemmStatus.SKIPPED]
+    assert skipped and all("attention" in g.reason for g in skipped)
+    assert report.counts()["simulated"] == 3 * 2  # q, k, v: output + grad_weight (x needs no grad)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="fused attention"):
+        fqt.explain(Attn(), x, recipe="int8", strict=True)
