@@ -1,48 +1,39 @@
 """The ``fqt`` custom ops inserted into graphs, with fake (meta) implementations.
 
-* ``fqt::quantize(x, spec, layout) -> (codes, scale, zero_point, offset)``: deterministic
-  (round-to-nearest) quantization to low-bit codes. The passes follow it with plain aten
-  pointwise ops for the dequantization, so the min-cut partitioner can save the low-bit codes
-  for backward instead of the high-precision activation.
-* ``fqt::fake_quantize(x, spec, layout) -> x_hat``: quantize-dequantize in one op, for
-  stochastic rounding, transforms (BHQ) and block scales. Tagged ``nondeterministic_seeded``:
-  it draws from torch's generator, so it must never be recomputed, deduplicated or CSE'd.
+* ``fqt::quantize(x, spec, layout) -> (codes, scale, zero_point, offset)``: round-to-nearest
+  quantization to low-bit codes. The passes follow it with plain aten pointwise ops for the
+  dequantization (``(codes - zero_point) * scale + offset``), so the min-cut partitioner can
+  save the low-bit codes for backward, and the codegen stage can fold the dequantization into
+  a low-bit GEMM's epilogue.
+* ``fqt::quantize_stochastic``: the same with stochastic rounding. Tagged
+  ``nondeterministic_seeded``: it draws from torch's generator, so it is never recomputed,
+  deduplicated or CSE'd (each draw must stay independent).
+* ``fqt::fake_quantize(x, spec, layout) -> x_hat``: quantize-dequantize in one op, for what has
+  no codes-plus-affine-scales form: transforms (BHQ) and block scales. Also tagged.
 
-``spec`` is :meth:`QuantSpec.key` text and ``layout`` a :class:`Layout` value. The default
-implementations delegate to ``reference.py``; the codegen stage swaps in kernels.
+``spec`` is :meth:`QuantSpec.key` text and ``layout`` a :class:`Layout` value. The
+implementations are the reference (``reference.py``); lowered graphs call the kernels of
+``codegen`` instead.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .errors import SpecError
 from .reference import Layout, fake_quantize_ref, quantize_ref, scale_shape
-from .specs import Granularity, QuantSpec, Rounding, Transform
+from .specs import Granularity, QuantSpec, Transform
 
-__all__ = ["quantize_op", "fake_quantize_op", "needs_fake_quantize"]
-
-_LIB = "fqt"
+__all__ = ["quantize_op", "quantize_stochastic_op", "fake_quantize_op", "needs_fake_quantize", "quantize_fake", "QUANTIZE_OPS"]
 
 
 def needs_fake_quantize(spec: QuantSpec) -> bool:
-    """Specs that cannot go through the codes-returning ``fqt::quantize`` op."""
-    return (
-        spec.rounding is Rounding.STOCHASTIC
-        or spec.transform is not Transform.NONE
-        or spec.granularity is Granularity.BLOCK
-    )
+    """Specs without a codes-plus-affine-scales form: they go through ``fqt::fake_quantize``."""
+    return spec.transform is not Transform.NONE or spec.granularity is Granularity.BLOCK
 
 
-@torch.library.custom_op(f"{_LIB}::quantize", mutates_args=())
-def _quantize(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    parsed = QuantSpec.from_key(spec)
-    codes, scale, zp, offset = quantize_ref(x, parsed, Layout(layout))
-    # custom ops may not return views or aliases of each other: materialise the broadcasts
-    return codes.contiguous(), scale.contiguous().clone(), zp.contiguous().clone(), offset.contiguous().clone()
-
-
-@_quantize.register_fake
-def _quantize_fake(x: torch.Tensor, spec: str, layout: int):
+def quantize_fake(x: torch.Tensor, spec: str, layout: int):
+    """Fake implementation shared by every op returning (codes, scale, zero_point, offset)."""
     parsed = QuantSpec.from_key(spec)
     s_shape = scale_shape(x.shape, parsed.granularity, Layout(layout))
     sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -50,7 +41,33 @@ def _quantize_fake(x: torch.Tensor, spec: str, layout: int):
     return codes, x.new_empty(s_shape, dtype=sdt), x.new_empty(s_shape, dtype=sdt), x.new_empty(s_shape, dtype=sdt)
 
 
-@torch.library.custom_op(f"{_LIB}::fake_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _run_quantize(x: torch.Tensor, spec: str, layout: int, stochastic: bool):
+    parsed = QuantSpec.from_key(spec)
+    if parsed.is_stochastic != stochastic:
+        op = "quantize_stochastic" if parsed.is_stochastic else "quantize"
+        raise SpecError(f"spec {spec!r} has rounding={parsed.rounding.value}; use fqt::{op}")
+    codes, scale, zp, offset = quantize_ref(x, parsed, Layout(layout))
+    # custom ops may not return views or aliases of each other: materialise the broadcasts
+    return codes.contiguous(), scale.contiguous().clone(), zp.contiguous().clone(), offset.contiguous().clone()
+
+
+@torch.library.custom_op("fqt::quantize", mutates_args=())
+def _quantize(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _run_quantize(x, spec, layout, stochastic=False)
+
+
+@torch.library.custom_op("fqt::quantize_stochastic", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _quantize_stochastic(
+    x: torch.Tensor, spec: str, layout: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _run_quantize(x, spec, layout, stochastic=True)
+
+
+_quantize.register_fake(quantize_fake)
+_quantize_stochastic.register_fake(quantize_fake)
+
+
+@torch.library.custom_op("fqt::fake_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _fake_quantize(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
     return fake_quantize_ref(x, QuantSpec.from_key(spec), Layout(layout))
 
@@ -61,4 +78,6 @@ def _fake_quantize_fake(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor
 
 
 quantize_op = torch.ops.fqt.quantize.default
+quantize_stochastic_op = torch.ops.fqt.quantize_stochastic.default
 fake_quantize_op = torch.ops.fqt.fake_quantize.default
+QUANTIZE_OPS = (quantize_op, quantize_stochastic_op)

@@ -128,8 +128,10 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------- built-ins
-_PAPER_ACTIVATION = QuantSpec(bits=8, scheme=Scheme.ASYMMETRIC, format="uint")
-_PAPER_WEIGHT = QuantSpec(bits=8, scheme=Scheme.ZERO_ON_GRID, format="uint")
+# Asymmetric codes take the 2**b levels 0..B of the paper; ``format="int"`` stores them shifted
+# into int8, so the same codes can feed a real int8 GEMM (the shift folds into the zero point).
+_PAPER_ACTIVATION = QuantSpec(bits=8, scheme=Scheme.ASYMMETRIC, format="int")
+_PAPER_WEIGHT = QuantSpec(bits=8, scheme=Scheme.ZERO_ON_GRID, format="int")
 _PAPER_OUTPUT = OutputSpecs(activation=_PAPER_ACTIVATION, weight=_PAPER_WEIGHT)
 
 
@@ -149,7 +151,7 @@ def _build() -> dict[str, Recipe]:
         "qat": _paper("qat", "8-bit per-tensor forward, full-precision backward (STE)", None, None),
     }
     for b in range(4, 9):
-        sr = dict(format="uint", bits=b, rounding=Rounding.STOCHASTIC)
+        sr = dict(format="int", bits=b, rounding=Rounding.STOCHASTIC)
         per_column = QuantSpec(scheme=Scheme.ASYMMETRIC, granularity=Granularity.COLUMN, **sr)
         out[f"ptq{b}"] = _paper(
             f"ptq{b}",

@@ -34,7 +34,10 @@ import torch
 
 from .specs import Granularity, QuantSpec, Rounding, Scheme, Transform
 
-__all__ = ["Layout", "quantize", "quantize_ref", "dequantize_ref", "fake_quantize_ref", "natural_2d", "scale_shape"]
+__all__ = [
+    "Layout", "quantize", "quantize_ref", "dequantize_ref", "fake_quantize_ref",
+    "natural_2d", "from_natural_2d", "scale_shape", "shape_scale",
+]
 
 
 class Layout(enum.IntEnum):
@@ -63,7 +66,8 @@ def natural_2d(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     return x.transpose(-1, -2).reshape(-1, x.shape[-2])
 
 
-def _from_natural_2d(m: torch.Tensor, like_shape: torch.Size, layout: Layout) -> torch.Tensor:
+def from_natural_2d(m: torch.Tensor, like_shape: torch.Size, layout: Layout) -> torch.Tensor:
+    """Inverse of :func:`natural_2d`: the natural matrix back in a tensor of ``like_shape``."""
     if len(like_shape) >= 2 and layout is Layout.LAST:
         t_shape = (*like_shape[:-2], like_shape[-1], like_shape[-2])
         return m.reshape(t_shape).transpose(-1, -2)
@@ -89,6 +93,18 @@ def scale_shape(shape: torch.Size | tuple[int, ...], granularity: Granularity, l
         col_axis = nd - 1 if layout is Layout.PENULTIMATE else nd - 2
         return tuple(s if i == col_axis else 1 for i, s in enumerate(shape))
     raise ValueError(f"scale_shape is not defined for {granularity} (row axis {row_axis})")
+
+
+def shape_scale(t: torch.Tensor, x_shape: torch.Size, granularity: Granularity, layout: Layout) -> torch.Tensor:
+    """Reshape one-per-group statistics (in grouped order) to :func:`scale_shape`."""
+    s_shape = scale_shape(x_shape, granularity, layout)
+    t = t.reshape(-1)
+    if granularity is Granularity.ROW and len(x_shape) >= 2 and layout is not Layout.DIM0:
+        # rows of a LAST layout run along the last dim: build (..., rows) then move the unit dim
+        col_axis = len(x_shape) - 1 if layout is Layout.PENULTIMATE else len(x_shape) - 2
+        natural = [s for i, s in enumerate(s_shape) if i != col_axis]
+        return t.reshape(natural).unsqueeze(col_axis)
+    return t.reshape(s_shape)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -242,18 +258,8 @@ def quantize_ref(
     m = natural_2d(x, layout).to(_compute_dtype(x))
     g = _grouped(m, spec)
     codes, scale, zp, offset = _quantize_grouped(g, spec, noise, generator)
-    codes = _from_natural_2d(_ungrouped(codes, m.shape, spec), x.shape, layout)
-    s_shape = scale_shape(x.shape, spec.granularity, layout)
-
-    def shaped(t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(-1)
-        if spec.granularity is Granularity.ROW and x.dim() >= 2 and layout is not Layout.DIM0:
-            col_axis = x.dim() - 1 if layout is Layout.PENULTIMATE else x.dim() - 2
-            natural = [s for i, s in enumerate(s_shape) if i != col_axis]
-            return t.reshape(natural).unsqueeze(col_axis)
-        return t.reshape(s_shape)
-
-    return codes, shaped(scale), shaped(zp), shaped(offset)
+    codes = from_natural_2d(_ungrouped(codes, m.shape, spec), x.shape, layout)
+    return (codes, *(shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)))
 
 
 def fake_quantize_ref(
@@ -276,7 +282,7 @@ def fake_quantize_ref(
         g = _grouped(m, spec)
         codes, scale, zp, offset = _quantize_grouped(g, spec, noise, generator)
         out = _ungrouped(dequantize_ref(codes, scale, zp, offset, m.dtype), m.shape, spec)
-    return _from_natural_2d(out, x.shape, layout).to(x.dtype)
+    return from_natural_2d(out, x.shape, layout).to(x.dtype)
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -291,3 +297,51 @@ def quantize(x: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     return fake_quantize_ref(x, spec, Layout.DIM0, generator=generator)
+
+
+def qmm_ref(
+    a_codes: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_zp: torch.Tensor | None,
+    a_offset: torch.Tensor | None,
+    b_codes: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_zp: torch.Tensor | None,
+    b_offset: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Low-bit GEMM ``A_hat @ B_hat`` computed on the codes, dequantization in the epilogue.
+
+    ``A_hat = (a_codes - a_zp) * a_scale + a_offset`` with per-tensor or per-row (M, 1)
+    statistics and ``B_hat`` likewise with per-tensor or per-column (1, N) ones: the layouts a
+    low-bit GEMM can realize. With T1 = sum_k (a - za)(b - zb), T2 = rowsum(a) - K za and
+    T3 = colsum(b) - K zb (exact integers),
+
+        out = (T1 * sa) * sb + (sa * ob) * T2 + (oa * sb) * T3 + K * oa * ob + bias
+
+    in fp32, in this order (the kernels use the same order). Integer codes accumulate exactly;
+    fp8 codes accumulate in fp32.
+    """
+    m, k = a_codes.shape
+    is_int = not a_codes.dtype.is_floating_point
+    acc_dtype = torch.float64 if is_int else torch.float32  # fp64 holds every int32 sum exactly
+    acc = a_codes.to(acc_dtype) @ b_codes.to(acc_dtype)
+    sa = a_scale.to(torch.float32).reshape(-1, 1)
+    sb = b_scale.to(torch.float32).reshape(1, -1)
+    if a_zp is None and b_zp is None and a_offset is None and b_offset is None:
+        out = (acc.to(torch.float32) * sa) * sb
+    else:
+        za = (a_zp if a_zp is not None else torch.zeros(())).to(acc_dtype).reshape(-1, 1)
+        zb = (b_zp if b_zp is not None else torch.zeros(())).to(acc_dtype).reshape(1, -1)
+        oa = (a_offset if a_offset is not None else torch.zeros(())).to(torch.float32).reshape(-1, 1)
+        ob = (b_offset if b_offset is not None else torch.zeros(())).to(torch.float32).reshape(1, -1)
+        rsa = a_codes.to(acc_dtype).sum(1, keepdim=True)
+        csb = b_codes.to(acc_dtype).sum(0, keepdim=True)
+        t1 = acc - za * csb - zb * rsa + k * za * zb
+        t2 = (rsa - k * za).to(torch.float32)
+        t3 = (csb - k * zb).to(torch.float32)
+        out = (t1.to(torch.float32) * sa) * sb + (sa * ob) * t2 + (oa * sb) * t3 + (k * oa) * ob
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)

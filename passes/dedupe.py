@@ -2,15 +2,14 @@
 
 Two deterministic ``fqt::quantize`` nodes with the same input, spec and layout (q/k/v
 projections of one normalized activation, say) compute the same codes: the later one and its
-dequantization are replaced by the earlier ones. Stochastic ``fqt::fake_quantize`` nodes are
-never merged: each draw must stay independent (Theorem 1 needs it, biprecision relies on it).
+dequantization are replaced by the earlier ones. Stochastic quantizations are never merged: each draw must stay independent (Theorem 1 needs it, biprecision relies on it).
 """
 
 from __future__ import annotations
 
 from torch import fx
 
-from fqt_compiler.ops import fake_quantize_op
+from fqt_compiler.ops import quantize_op
 from fqt_compiler.sites import QuantNodeInfo
 
 from .base import FQTPass, PassContext
@@ -32,8 +31,10 @@ class Dedupe(FQTPass):
         # quantize node is merged, its getitems and dequant ops hash equal to the survivor's.
         for node in list(gm.graph.nodes):
             info = node.meta.get("fqt")
-            if not isinstance(info, QuantNodeInfo) or node.target is fake_quantize_op:
+            if not isinstance(info, QuantNodeInfo):
                 continue
+            if info.what == "quantize" and node.target is not quantize_op:
+                continue  # stochastic or opaque quantizations: every draw stays independent
             if info.what == "replay":
                 continue  # views are free; keeping them per GEMM keeps the graph readable
             try:

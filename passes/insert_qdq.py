@@ -2,12 +2,13 @@
 
 For each site that is not skipped:
 
-* forward operands: ``fqt::quantize`` -> aten dequantization (``(code - zp) * scale + offset``,
-  cast back) before the forward GEMM; the GEMM consumes the dequantized value. Specs with
-  stochastic rounding, transforms or block scales use ``fqt::fake_quantize`` instead.
+* forward operands: ``fqt::quantize`` (``fqt::quantize_stochastic`` for stochastic rounding)
+  -> aten dequantization (``(code - zp) * scale + offset``, cast back) before the forward GEMM;
+  the GEMM consumes the dequantized value. Transforms (BHQ) and block scales use
+  ``fqt::fake_quantize`` instead.
 * backward GEMMs: the view chain from the forward operand is replayed on the dequantized value
-  (reuse), optionally followed by a re-quantization; ``grad_output`` gets its own
-  ``fqt::fake_quantize`` per backward GEMM, so the two copies are independent (biprecision).
+  (reuse), optionally followed by a re-quantization; ``grad_output`` gets its own stochastic
+  quantization per backward GEMM, so the two copies are independent (biprecision).
 * ``convolution_backward`` computes grad_input, grad_weight and grad_bias in one node: it is
   split into one node per GEMM so each gets its own quantized ``grad_output``; grad_bias keeps
   the high-precision ``grad_output`` (the paper quantizes GEMM inputs only).
@@ -23,7 +24,7 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from fqt_compiler.ops import fake_quantize_op, needs_fake_quantize, quantize_op
+from fqt_compiler.ops import fake_quantize_op, needs_fake_quantize, quantize_op, quantize_stochastic_op
 from fqt_compiler.reference import Layout
 from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo
 from fqt_compiler.specs import GemmKind, QuantSpec, Scheme, TensorRole
@@ -43,7 +44,8 @@ def emit_quantize(
     kw = dict(like=like, tag=tag)
     if needs_fake_quantize(spec):
         return call(graph, fake_quantize_op, (x, key, int(layout)), info=info, **kw)
-    q = call(graph, quantize_op, (x, key, int(layout)), info=info, **kw)
+    op = quantize_stochastic_op if spec.is_stochastic else quantize_op
+    q = call(graph, op, (x, key, int(layout)), info=info, **kw)
     codes, scale, zp, offset = tuple_items(graph, q, 4, info=info, **kw)
     dq_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, "dequantize")
     out = call(graph, aten._to_copy.default, (codes,), {"dtype": dtype_of(scale)}, info=dq_info, **kw)

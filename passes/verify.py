@@ -11,14 +11,32 @@ The first violation raises PassError naming the node.
 
 from __future__ import annotations
 
+import operator
+
 from torch import fx
 
 from fqt_compiler.errors import PassError
-from fqt_compiler.ops import fake_quantize_op
+from fqt_compiler.ops import fake_quantize_op, quantize_stochastic_op
 from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo
 from fqt_compiler.specs import QuantSpec
 
 from . import matchers as m
+
+
+def _gemms_fed_by(node: fx.Node) -> list[fx.Node]:
+    """GEMMs reached from ``node`` through getitems and the fqt dequant / replay nodes."""
+    found: list[fx.Node] = []
+    stack, seen = [node], {node}
+    while stack:
+        for user in stack.pop().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if m.is_matmul(user) or m.is_conv(user) or user.target is m.CONV_BACKWARD:
+                found.append(user)
+            elif user.target is operator.getitem or isinstance(user.meta.get("fqt"), QuantNodeInfo):
+                stack.append(user)
+    return found
 
 
 def verify_graph(gm: fx.GraphModule, after: str) -> None:
@@ -39,9 +57,9 @@ def verify_graph(gm: fx.GraphModule, after: str) -> None:
                         f"after pass {after!r}: GEMM {node.name} ({info.gemm.value}, site {info.site_id}) expects "
                         f"argument {idx} quantized but it comes from {getattr(arg, 'name', arg)!r}"
                     )
-        if node.op == "call_function" and node.target is fake_quantize_op:
+        if node.op == "call_function" and node.target in (fake_quantize_op, quantize_stochastic_op):
             spec = QuantSpec.from_key(node.args[1])
-            gemm_users = [u for u in node.users if m.is_matmul(u) or u.target is m.CONV_BACKWARD or m.is_conv(u)]
+            gemm_users = _gemms_fed_by(node)
             if spec.is_stochastic and len(gemm_users) > 1:
                 raise PassError(
                     f"after pass {after!r}: stochastic quantization {node.name} feeds {len(gemm_users)} GEMMs "

@@ -1,0 +1,165 @@
+"""Low-bit GEMM: int8 x int8 -> int32 (or fp8 x fp8 -> fp32) with the dequantization fused
+into the epilogue: per-row A scales x per-column B scales, zero-point corrections from row and
+column sums accumulated in the K loop, offsets, bias, output dtype.
+
+Reference twin: ``fqt_compiler.reference.qmm_ref`` (same arguments, same epilogue order).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["qmm", "autotune_configs"]
+
+
+def autotune_configs(device: torch.device) -> list[triton.Config]:
+    """Tile configurations: a sm_90 list on Hopper, a safe default elsewhere."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4), (64, 128, 128, 4, 4)]
+    elif device.type == "cuda":
+        shapes = [(128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+    else:  # the CPU interpreter: one small tile
+        shapes = [(32, 32, 32, 1, 1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=w)
+        for bm, bn, bk, st, w in shapes
+    ]
+
+
+@triton.jit
+def _qmm_kernel(
+    # pointers
+    a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, oa_ptr, ob_ptr, bias_ptr,
+    # sizes
+    M, N, K,
+    # strides (statistics: 0 for a per-tensor value, 1 for one per row / column)
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_sa, stride_sb,
+    # meta-parameters
+    IS_INT: tl.constexpr,  # int8 codes (exact int32 accumulation) or fp8 (fp32)
+    AFFINE: tl.constexpr,  # zero points / offsets present: accumulate row and column sums
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped ordering of the output tiles for L2 reuse (Triton matmul tutorial)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    if IS_INT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rsa = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    csb = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=(rm < M)[:, None] & (kk < K)[None, :], other=0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=(kk < K)[:, None] & (rn < N)[None, :], other=0)
+        if IS_INT:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            if AFFINE:
+                rsa += tl.sum(a.to(tl.int32), axis=1)
+                csb += tl.sum(b.to(tl.int32), axis=0)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+
+    # epilogue: the order of reference.qmm_ref
+    sa = tl.load(sa_ptr + rm * stride_sa, mask=rm < M, other=0.0)
+    sb = tl.load(sb_ptr + rn * stride_sb, mask=rn < N, other=0.0)
+    if AFFINE:
+        za = tl.load(za_ptr + rm * stride_sa, mask=rm < M, other=0.0).to(tl.int32)
+        zb = tl.load(zb_ptr + rn * stride_sb, mask=rn < N, other=0.0).to(tl.int32)
+        oa = tl.load(oa_ptr + rm * stride_sa, mask=rm < M, other=0.0)
+        ob = tl.load(ob_ptr + rn * stride_sb, mask=rn < N, other=0.0)
+        t1 = acc - za[:, None] * csb[None, :] - zb[None, :] * rsa[:, None] + K * za[:, None] * zb[None, :]
+        t2 = (rsa - K * za).to(tl.float32)
+        t3 = (csb - K * zb).to(tl.float32)
+        out = (t1.to(tl.float32) * sa[:, None]) * sb[None, :]
+        out = out + (sa[:, None] * ob[None, :]) * t2[:, None]
+        out = out + (oa[:, None] * sb[None, :]) * t3[None, :]
+        out = out + (K * oa[:, None]) * ob[None, :]
+    else:
+        out = (acc.to(tl.float32) * sa[:, None]) * sb[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_TUNED: dict[str, object] = {}
+
+
+def _kernel_for(device: torch.device):
+    key = str(device)
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(configs=autotune_configs(device), key=["M", "N", "K", "IS_INT", "AFFINE"])(_qmm_kernel)
+    return _TUNED[key]
+
+
+def _stat(t: torch.Tensor | None, n: int, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A per-tensor or per-row/column statistic as a contiguous fp32 vector and its stride."""
+    if t is None:
+        return torch.zeros(1, dtype=torch.float32, device=like.device), 0
+    t = t.to(torch.float32).reshape(-1).contiguous()
+    if t.numel() == 1:
+        return t, 0
+    if t.numel() != n:
+        raise ValueError(f"qmm: a scale/zero-point/offset has {t.numel()} values; expected 1 or {n}")
+    return t, 1
+
+
+def qmm(
+    a_codes: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_zp: torch.Tensor | None,
+    a_offset: torch.Tensor | None,
+    b_codes: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_zp: torch.Tensor | None,
+    b_offset: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Triton twin of ``reference.qmm_ref``."""
+    # check
+    if a_codes.dim() != 2 or b_codes.dim() != 2 or a_codes.shape[1] != b_codes.shape[0]:
+        raise ValueError(f"qmm: shapes {tuple(a_codes.shape)} @ {tuple(b_codes.shape)} do not form a 2-D GEMM")
+    if a_codes.dtype != b_codes.dtype or a_codes.dtype not in (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"qmm: codes must be int8 or fp8 of one dtype, got {a_codes.dtype} and {b_codes.dtype}")
+    m, k = a_codes.shape
+    n = b_codes.shape[1]
+    # allocate
+    out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
+    sa, sa_stride = _stat(a_scale, m, a_codes)
+    sb, sb_stride = _stat(b_scale, n, a_codes)
+    affine = any(t is not None for t in (a_zp, a_offset, b_zp, b_offset))
+    za, oa = _stat(a_zp, m, a_codes)[0], _stat(a_offset, m, a_codes)[0]
+    zb, ob = _stat(b_zp, n, a_codes)[0], _stat(b_offset, n, a_codes)[0]
+    # every statistic of one operand shares the scale's stride: broadcast the per-tensor ones
+    za, oa = (t.expand(m).contiguous() if sa_stride and t.numel() == 1 else t for t in (za, oa))
+    zb, ob = (t.expand(n).contiguous() if sb_stride and t.numel() == 1 else t for t in (zb, ob))
+    bias_t = bias.contiguous() if bias is not None else sa
+    if m == 0 or n == 0:
+        return out
+    # launch
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _kernel_for(a_codes.device)[grid](
+        a_codes, b_codes, out, sa, sb, za, zb, oa, ob, bias_t,
+        m, n, k,
+        a_codes.stride(0), a_codes.stride(1), b_codes.stride(0), b_codes.stride(1), out.stride(0), out.stride(1),
+        sa_stride, sb_stride,
+        IS_INT=a_codes.dtype == torch.int8, AFFINE=affine, HAS_BIAS=bias is not None,
+    )
+    return out

@@ -1,0 +1,277 @@
+"""Quantize kernels: per-tensor / per-row / per-column scales, symmetric, asymmetric (min-max)
+and zero-on-grid schemes, nearest or stochastic rounding, int codes of 2-8 bits and fp8.
+
+The math is ``fqt_compiler.reference._quantize_grouped`` step for step (same operation order,
+IEEE division through ``div_rn``, round-half-to-even), so a kernel's output equals
+``reference.quantize_ref`` bit for bit under the same random bits. Stochastic rounding draws
+``tl.rand(seed, i)`` where ``i`` is the element's index in the *grouped* order the reference
+uses (row-major over groups); :func:`uniform_noise` writes the same numbers for the reference.
+
+Columns are handled by the rows kernel on the transposed view (free: only strides change);
+per-tensor scales by a partial min/max kernel, a tiny torch reduction, and the rows kernel
+with the statistics given.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fqt_compiler.reference import Layout, from_natural_2d, natural_2d, shape_scale
+from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Scheme, Transform
+
+__all__ = ["quantize", "uniform_noise", "draw_seed"]
+
+_SCHEME_ID = {Scheme.SYMMETRIC: 0, Scheme.ASYMMETRIC: 1, Scheme.ZERO_ON_GRID: 2}
+
+
+@triton.jit
+def _rint(v):
+    # round half to even (torch.round); exact for |v| < 2**22, far beyond any code range
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _minmax_partials_kernel(
+    # pointers
+    x_ptr, out_ptr,
+    # sizes
+    R, C,
+    # strides
+    stride_xr, stride_xc,
+    # meta-parameters
+    SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per-program [amax, nan] (symmetric) or [min, max, nan] partials over BLOCK_R rows."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    amax = tl.zeros((BLOCK_R,), tl.float32)
+    mn = tl.full((BLOCK_R,), float("inf"), tl.float32)
+    mx = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    nan = tl.zeros((BLOCK_R,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        nan = tl.maximum(nan, tl.max(tl.where(x != x, 1.0, 0.0), axis=1))
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
+        mx = tl.maximum(mx, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+    if SYMMETRIC:
+        tl.store(out_ptr + pid * 2, tl.max(amax, axis=0))
+        tl.store(out_ptr + pid * 2 + 1, tl.max(nan, axis=0))
+    else:
+        tl.store(out_ptr + pid * 3, tl.min(mn, axis=0))
+        tl.store(out_ptr + pid * 3 + 1, tl.max(mx, axis=0))
+        tl.store(out_ptr + pid * 3 + 2, tl.max(nan, axis=0))
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    # pointers: input, outputs (codes, one scale / zero point / offset per row), given
+    # per-tensor statistics, the random seed
+    x_ptr, codes_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr,
+    # sizes of the (grouped) matrix: one scale per row
+    R, C,
+    # strides of the input and of the codes
+    stride_xr, stride_xc, stride_cr, stride_cc,
+    # meta-parameters
+    SCHEME: tl.constexpr,  # 0 symmetric, 1 asymmetric, 2 zero-on-grid
+    FP8: tl.constexpr,  # 0 int codes, 1 e4m3, 2 e5m2
+    STOCHASTIC: tl.constexpr,
+    STATS_GIVEN: tl.constexpr,  # per-tensor: statistics come from stats_ptr, not from the row
+    QMAX: tl.constexpr,  # symmetric grid half-width (fp8: largest finite value)
+    LEVELS: tl.constexpr,  # B = 2**bits - 1
+    CODE_OFFSET: tl.constexpr,  # stored code = level + CODE_OFFSET
+    FP8_MANT: tl.constexpr,  # fp8 mantissa bits (3 for e4m3, 2 for e5m2)
+    FP8_EMIN: tl.constexpr,  # fp8 smallest normal exponent (-6 / -14)
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+
+    # ---- pass 1: row statistics (NaN tracked separately: tl.max does not propagate it)
+    if STATS_GIVEN:
+        if SCHEME == 0:
+            amax = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr)
+            nan = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 1)
+        else:
+            mn = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr)
+            mx = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 1)
+            nan = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 2)
+    else:
+        amax = tl.zeros((BLOCK_R,), tl.float32)
+        mn = tl.full((BLOCK_R,), float("inf"), tl.float32)
+        mx = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        nan = tl.zeros((BLOCK_R,), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = rmask[:, None] & (cols < C)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+            nan = tl.maximum(nan, tl.max(tl.where(x != x, 1.0, 0.0), axis=1))
+            if SCHEME == 0:
+                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            else:
+                mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
+                mx = tl.maximum(mx, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+    is_nan = nan > 0
+
+    # ---- per-row scale / zero point / offset, in the reference's operation order
+    if SCHEME == 0:
+        amax = tl.where(is_nan, float("nan"), amax)
+        scale = tl.math.div_rn(amax, QMAX)
+        zp = tl.zeros((BLOCK_R,), tl.float32)
+        offset = tl.zeros((BLOCK_R,), tl.float32)
+    elif SCHEME == 1:
+        mn = tl.where(is_nan, float("nan"), mn)
+        mx = tl.where(is_nan, float("nan"), mx)
+        scale = tl.math.div_rn(mx, LEVELS * 1.0) - tl.math.div_rn(mn, LEVELS * 1.0)
+        zp = tl.zeros((BLOCK_R,), tl.float32)
+        offset = mn
+    else:
+        mn = tl.minimum(tl.where(is_nan, float("nan"), mn), 0.0)
+        mx = tl.maximum(tl.where(is_nan, float("nan"), mx), 0.0)
+        mn = tl.where(is_nan, float("nan"), mn)  # tl.minimum may drop NaN against 0
+        mx = tl.where(is_nan, float("nan"), mx)
+        span = tl.math.div_rn(mx, LEVELS * 1.0) - tl.math.div_rn(mn, LEVELS * 1.0)
+        qzero = tl.floor(tl.math.div_rn(-mn, tl.where(span > 0, span, 1.0)))
+        qzero = tl.where(mn < 0, tl.minimum(tl.maximum(qzero, 1.0), LEVELS * 1.0), 0.0)
+        down = tl.where(qzero > 0, tl.math.div_rn(-mn, tl.where(qzero > 0, qzero, 1.0)), 0.0)
+        up = tl.where(qzero < LEVELS, tl.math.div_rn(mx, tl.where(qzero < LEVELS, LEVELS - qzero, 1.0)), 0.0)
+        finite_span = (span == span) & (tl.abs(span) != float("inf"))
+        scale = tl.where(finite_span, tl.maximum(down, up), span)
+        zp = qzero
+        offset = tl.zeros((BLOCK_R,), tl.float32)
+    safe = tl.where(scale > 0, scale, 1.0)
+    scale_finite = (scale == scale) & (tl.abs(scale) != float("inf"))
+    tl.store(scale_ptr + rows, scale, mask=rmask)
+    tl.store(zp_ptr + rows, zp - CODE_OFFSET, mask=rmask)
+    tl.store(offset_ptr + rows, offset, mask=rmask)
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr)
+
+    # ---- pass 2: codes
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        if SCHEME == 0:
+            v = tl.where(scale_finite[:, None], tl.math.div_rn(x, safe[:, None]), x * scale[:, None])
+        elif SCHEME == 1:
+            v = tl.math.div_rn(x - mn[:, None], safe[:, None])
+            v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
+        else:
+            v = tl.math.div_rn(x, safe[:, None]) + qzero[:, None]
+            v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
+        if STOCHASTIC:
+            noise = tl.rand(seed, rows[:, None] * C + cols[None, :])
+        if FP8 != 0:
+            # Round on the fp8 grid with exact power-of-two arithmetic, then cast values that
+            # are already representable: the result does not depend on how a backend rounds
+            # its fp32 -> fp8 conversion (Triton's CPU interpreter does not round to even).
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            v = tl.where(x != x, x, v)  # keep NaN through the clamp
+            exponent = ((tl.abs(v).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+            q_exp = tl.maximum(exponent, FP8_EMIN) - FP8_MANT
+            quantum = ((q_exp + 127) << 23).to(tl.float32, bitcast=True)
+            if STOCHASTIC:
+                lo = tl.floor(v / quantum) * quantum
+                hi = tl.minimum(lo + quantum, QMAX)
+                width = hi - lo
+                p_hi = tl.where(width > 0, tl.math.div_rn(v - lo, tl.where(width > 0, width, 1.0)), 0.0)
+                grid = tl.where(noise < p_hi, hi, lo)
+            else:
+                grid = _rint(v / quantum) * quantum
+            grid = tl.where(v != v, v, grid)
+            if FP8 == 1:
+                code = grid.to(tl.float8e4nv)
+            else:
+                code = grid.to(tl.float8e5)
+        else:
+            if STOCHASTIC:
+                q = tl.floor(v + noise)
+            else:
+                q = _rint(v)
+            if SCHEME == 0:
+                q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+            else:
+                q = tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0) + CODE_OFFSET
+            code = tl.where(q != q, 0.0, q).to(codes_ptr.dtype.element_ty)
+        tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
+
+
+@triton.jit
+def _uniform_kernel(out_ptr, seed_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.rand(tl.load(seed_ptr), offs), mask=offs < N)
+
+
+def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Philox seed drawn from torch's generator, kept on the device (no host sync)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64, generator=generator).to(torch.int32)
+
+
+def uniform_noise(seed: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The U[0, 1) numbers the stochastic kernels draw for ``seed``, in grouped row-major order."""
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    n = out.numel()
+    _uniform_kernel[(triton.cdiv(n, 1024),)](out, seed, n, BLOCK=1024)
+    return out
+
+
+def quantize(
+    x: torch.Tensor, spec: QuantSpec, layout: Layout = Layout.DIM0, *, seed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``reference.quantize_ref``: codes (x's shape) and broadcastable scale,
+    zero point and offset. ``seed`` (an int32 tensor of one element) drives stochastic rounding;
+    by default it is drawn from torch's generator."""
+    # check
+    if spec.granularity is Granularity.BLOCK or spec.transform is not Transform.NONE:
+        raise ValueError(f"the quantize kernel handles tensor/row/column scales without transforms, not {spec.short()}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the quantize kernel takes fp32/fp16/bf16 inputs, got {x.dtype}")
+    # allocate: codes in the natural layout, handed back as a view in x's layout
+    m = natural_2d(x, layout)
+    codes_nat = torch.empty(m.shape, dtype=spec.code_dtype, device=x.device)
+    per_column = spec.granularity is Granularity.COLUMN
+    g, c2 = (m.t(), codes_nat.t()) if per_column else (m, codes_nat)
+    n_rows, n_cols = g.shape
+    scale = torch.empty(max(n_rows, 1), dtype=torch.float32, device=x.device)
+    zp, offset = torch.empty_like(scale), torch.empty_like(scale)
+    stochastic = spec.is_stochastic
+    if seed is None:
+        seed = draw_seed(x.device) if stochastic else torch.zeros(1, dtype=torch.int32, device=x.device)
+    sym = spec.scheme is Scheme.SYMMETRIC
+    per_tensor = spec.granularity is Granularity.TENSOR
+    stats = torch.zeros(3, dtype=torch.float32, device=x.device)
+    # launch
+    if x.numel():
+        if per_tensor:
+            n_prog = triton.cdiv(n_rows, 16)
+            partials = torch.empty(n_prog, 2 if sym else 3, dtype=torch.float32, device=x.device)
+            _minmax_partials_kernel[(n_prog,)](
+                g, partials, n_rows, n_cols, g.stride(0), g.stride(1), SYMMETRIC=sym, BLOCK_R=16, BLOCK_C=64
+            )
+            # torch reductions propagate NaN like the reference's amin/amax
+            parts = [partials[:, 0].amax()] if sym else [partials[:, 0].amin(), partials[:, 1].amax()]
+            stats = torch.stack([*parts, partials[:, -1].amax()])
+        fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
+        _quantize_rows_kernel[(triton.cdiv(n_rows, 16),)](
+            g, c2, scale, zp, offset, stats, seed,
+            n_rows, n_cols,
+            g.stride(0), g.stride(1), c2.stride(0), c2.stride(1),
+            SCHEME=_SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=stochastic, STATS_GIVEN=per_tensor,
+            QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
+            FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
+            BLOCK_R=16, BLOCK_C=64,
+        )
+    if per_tensor:  # every row stored the same per-tensor numbers
+        scale, zp, offset = scale[:1], zp[:1], offset[:1]
+    codes = from_natural_2d(codes_nat, x.shape, layout)
+    return (codes, *(shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)))

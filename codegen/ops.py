@@ -1,0 +1,90 @@
+"""Custom ops used by lowered graphs (``mode="kernels"``), each with a fake implementation.
+
+* ``fqt::qmm``: the low-bit GEMM with the dequantization fused in the epilogue. CUDA: the
+  Triton kernel of ``kernels/qmm.py``. CPU: ``torch._int_mm`` (VNNI int8, exact int32
+  accumulation) plus the same epilogue as ``reference.qmm_ref`` (bit-identical to it); fp8 on
+  CPU runs the reference (there is no fast fp8 GEMM on this CPU; the decision table says so).
+* ``fqt::quantize_kernel``: the Triton quantize kernel on CUDA, the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fqt_compiler.ops import quantize_fake
+from fqt_compiler.reference import Layout, qmm_ref, quantize_ref
+from fqt_compiler.specs import QuantSpec
+
+__all__ = ["qmm_op", "quantize_kernel_op", "qmm_cpu"]
+
+
+def qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
+    """``reference.qmm_ref`` with the int8 product on ``torch._int_mm``; same numbers."""
+    if a.dtype != torch.int8:
+        return qmm_ref(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
+    acc = torch._int_mm(a, b)
+    sa32 = sa.to(torch.float32).reshape(-1, 1)
+    sb32 = sb.to(torch.float32).reshape(1, -1)
+    if za is None and zb is None and oa is None and ob is None:
+        out = (acc.to(torch.float32) * sa32) * sb32
+    else:
+        k = a.shape[1]
+        # int64 keeps the correction terms exact; they are converted to fp32 once, as in the
+        # reference (which holds the same integers in fp64)
+        za64 = (za if za is not None else torch.zeros((), device=a.device)).to(torch.int64).reshape(-1, 1)
+        zb64 = (zb if zb is not None else torch.zeros((), device=a.device)).to(torch.int64).reshape(1, -1)
+        oa32 = (oa if oa is not None else torch.zeros((), device=a.device)).to(torch.float32).reshape(-1, 1)
+        ob32 = (ob if ob is not None else torch.zeros((), device=a.device)).to(torch.float32).reshape(1, -1)
+        rsa = a.sum(1, keepdim=True, dtype=torch.int64)
+        csb = b.sum(0, keepdim=True, dtype=torch.int64)
+        t1 = acc.to(torch.int64) - za64 * csb - zb64 * rsa + k * za64 * zb64
+        t2 = (rsa - k * za64).to(torch.float32)
+        t3 = (csb - k * zb64).to(torch.float32)
+        out = (t1.to(torch.float32) * sa32) * sb32 + (sa32 * ob32) * t2 + (oa32 * sb32) * t3 + (k * oa32) * ob32
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+@torch.library.custom_op("fqt::qmm", mutates_args=())
+def _qmm(
+    a: torch.Tensor,
+    sa: torch.Tensor,
+    za: torch.Tensor | None,
+    oa: torch.Tensor | None,
+    b: torch.Tensor,
+    sb: torch.Tensor,
+    zb: torch.Tensor | None,
+    ob: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    if a.device.type == "cuda":
+        from .kernels.qmm import qmm
+
+        return qmm(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
+    return qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
+
+
+@_qmm.register_fake
+def _qmm_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fqt::quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    parsed = QuantSpec.from_key(spec)
+    if x.device.type == "cuda" and x.dtype != torch.float64:
+        from .kernels.quantize import quantize
+
+        out = quantize(x, parsed, Layout(layout))
+    else:
+        out = quantize_ref(x, parsed, Layout(layout))
+    # custom ops may not return aliases: the broadcast statistics are materialised
+    return tuple(t.contiguous().clone() if i else t.contiguous() for i, t in enumerate(out))
+
+
+_quantize_kernel.register_fake(quantize_fake)
+
+qmm_op = torch.ops.fqt.qmm.default
+quantize_kernel_op = torch.ops.fqt.quantize_kernel.default
