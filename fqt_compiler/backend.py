@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,7 +24,8 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from .config import FQTConfig
-from .sites import SiteDecision
+from .config import Mode
+from .sites import GemmStatus, SiteDecision
 
 __all__ = ["FQTBackend", "GraphRecord", "backend", "fqt_backend", "last_compiles"]
 
@@ -45,6 +46,20 @@ class GraphRecord:
     passes: list[str] = field(default_factory=list)
     graph_texts: list[tuple[str, str]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+
+    def apply_lowering(self, lowered: list) -> None:
+        """Fold codegen's per-GEMM results (``codegen.LoweredGemm``) into the decisions."""
+        by_key = {(r.site_id, r.gemm): r for r in lowered}
+        updated = []
+        for site in self.decisions:
+            gemms = []
+            for g in site.gemms:
+                r = by_key.get((site.site_id, g.kind))
+                if r is not None and g.status is not GemmStatus.SKIPPED:
+                    g = replace(g, status=r.status, reason=r.reason, kernel=r.kernel)
+                gemms.append(g)
+            updated.append(replace(site, gemms=tuple(gemms)))
+        self.decisions = updated
 
 
 def last_compiles() -> list[GraphRecord]:
@@ -91,26 +106,35 @@ class FQTBackend:
             return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
         def compiler(graph: fx.GraphModule, inputs: list[Any]):
-            return compile_graph(graph, inputs, config)
+            fn, lowered = compile_graph(graph, inputs, config)
+            record.apply_lowering(lowered)
+            return fn
 
         def inference_compiler(graph: fx.GraphModule, inputs: list[Any]):
             record.kind = "inference"
             self._run_passes(graph, record, param_indices)
-            return compile_graph(graph, inputs, config)
+            return compiler(graph, inputs)
 
+        kwargs: dict[str, Any] = {}
+        if config.mode is Mode.KERNELS and config.inductor:
+            from torch._inductor.decomposition import select_decomp_table
+
+            kwargs["decompositions"] = select_decomp_table()  # what Inductor's lowerings expect
         return aot_autograd(
             fw_compiler=compiler,
             bw_compiler=compiler,
             inference_compiler=inference_compiler,
             partition_fn=partition_fn,
+            **kwargs,
         )(gm, example_inputs)
 
 
 def backend(recipe: Any = None, **options: Any) -> FQTBackend:
     """A configured backend: ``torch.compile(model, backend=fqt.backend(recipe="bhq5"))``.
 
-    Options: ``recipe`` (name or Recipe; default ``"int8"``), ``mode`` (``"reference"``),
-    ``strict`` (raise instead of skipping a GEMM the recipe wants quantized), ``debug`` (verify
+    Options: ``recipe`` (name or Recipe; default ``"int8"``), ``mode`` (``"kernels"``, the
+    default, or ``"reference"``), ``inductor`` (kernels mode: compile the rest of each graph
+    with Inductor, default True), ``strict`` (raise instead of skipping a GEMM the recipe wants quantized), ``debug`` (verify
     after every pass, keep every pass's graph text).
     """
     if recipe is not None:

@@ -15,6 +15,7 @@ __all__ = ["Mode", "FQTConfig"]
 class Mode(enum.Enum):
     """How rewritten graphs execute."""
 
+    KERNELS = "kernels"  # realizable GEMMs lowered to low-bit kernels; the rest by Inductor (or eager)
     REFERENCE = "reference"  # eager, with the pure-torch reference ops (simulated quantization)
 
 
@@ -28,8 +29,11 @@ class FQTConfig:
 
     recipe: Recipe
     """Spec per operand of each of the three GEMMs."""
-    mode: Mode = Mode.REFERENCE
+    mode: Mode = Mode.KERNELS
     """Execution mode of the rewritten graphs."""
+    inductor: bool = True
+    """In kernels mode, compile everything around the low-bit kernels with Inductor; False runs
+    it eagerly (fast to compile: tests, debugging)."""
     strict: bool = False
     """Raise UnsupportedGraphError instead of skipping a GEMM the recipe wants quantized."""
     debug: bool = False
@@ -40,7 +44,7 @@ class FQTConfig:
             raise SpecError(f"FQTConfig.recipe must be a Recipe, got {type(self.recipe).__name__}")
         if not isinstance(self.mode, Mode):
             raise OptionsError(f"FQTConfig.mode must be a Mode, got {self.mode!r}")
-        for name in ("strict", "debug"):
+        for name in ("strict", "debug", "inductor"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
 
@@ -60,7 +64,7 @@ class FQTConfig:
         if unknown:
             raise OptionsError(f"unknown fqt option(s) {unknown}; valid options are {cls.option_names()}")
         merged["recipe"] = recipe(merged.get("recipe", DEFAULT_RECIPE))
-        mode = merged.get("mode", Mode.REFERENCE)
+        mode = merged.get("mode", Mode.KERNELS)
         if not isinstance(mode, Mode):
             try:
                 mode = Mode(str(mode).lower())

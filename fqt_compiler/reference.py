@@ -228,7 +228,7 @@ def _quantize_grouped(
     v = torch.where(scale > 0, v, torch.where(scale.isfinite(), zp, scale))
     q = _round(v, spec, noise, generator).clamp(0, B)
     codes = torch.nan_to_num(q + spec.code_offset).to(spec.code_dtype)
-    return codes, scale, zp - spec.code_offset, offset
+    return codes, scale, zp + spec.code_offset, offset
 
 
 def dequantize_ref(

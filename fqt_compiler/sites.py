@@ -48,9 +48,15 @@ class GemmDecision:
     reason: str = ""
     skip_kind: SkipKind | None = None
 
+    kernel: str = ""  # what runs a lowbit-kernel GEMM
+
     @property
     def label(self) -> str:
-        return self.status.value if self.status is not GemmStatus.SKIPPED else f"skipped ({self.reason})"
+        if self.status is GemmStatus.SKIPPED or (self.status is GemmStatus.SIMULATED and self.reason):
+            return f"{self.status.value} ({self.reason})"
+        if self.status is GemmStatus.LOWBIT_KERNEL and self.kernel:
+            return f"{self.status.value} ({self.kernel})"
+        return self.status.value
 
 
 @dataclass(frozen=True)

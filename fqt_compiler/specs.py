@@ -198,7 +198,7 @@ class QuantSpec:
 
     @property
     def code_offset(self) -> int:
-        """Shift from the level index 0..B to the stored code (asymmetric int codes only)."""
+        """Stored code = level index (0..B) + code_offset (asymmetric int codes: -2**(bits-1))."""
         if self.format is ElementFormat.INT and self.scheme is not Scheme.SYMMETRIC:
             return -(2 ** (self.bits - 1))
         return 0

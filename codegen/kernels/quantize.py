@@ -151,7 +151,7 @@ def _quantize_rows_kernel(
     safe = tl.where(scale > 0, scale, 1.0)
     scale_finite = (scale == scale) & (tl.abs(scale) != float("inf"))
     tl.store(scale_ptr + rows, scale, mask=rmask)
-    tl.store(zp_ptr + rows, zp - CODE_OFFSET, mask=rmask)
+    tl.store(zp_ptr + rows, zp + CODE_OFFSET, mask=rmask)
     tl.store(offset_ptr + rows, offset, mask=rmask)
     if STOCHASTIC:
         seed = tl.load(seed_ptr)

@@ -1,0 +1,206 @@
+"""Lowering: turn ``dequantize -> GEMM`` chains of a partitioned graph into low-bit GEMM calls.
+
+Runs on the forward and backward graphs after partitioning (``mode="kernels"``). For every GEMM
+the passes marked (``meta["fqt"]`` is a ``GemmNodeInfo``) it matches each operand back through
+transposes / batch reshapes to the aten dequantization ``(codes - zp) * scale + offset`` of an
+``fqt::quantize`` (forward graph) or of saved codes (backward graph), checks that the layout is
+realizable -- A's statistics constant along K (per-tensor or per-row), B's constant along K
+(per-tensor or per-column) -- and replaces the GEMM by ``fqt::qmm`` on the codes with the
+dequantization in its epilogue. A GEMM that cannot be lowered stays simulated, and the reason
+is recorded; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fqt_compiler.ops import fake_quantize_op
+from fqt_compiler.sites import GemmNodeInfo, GemmStatus, QuantNodeInfo
+from fqt_compiler.specs import GemmKind, QuantSpec
+from passes.graph_utils import call
+
+from .ops import qmm_op
+
+aten = torch.ops.aten
+
+__all__ = ["LoweredGemm", "lower_gemms"]
+
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+@dataclass(frozen=True)
+class LoweredGemm:
+    """The codegen decision for one GEMM of one site."""
+
+    site_id: int
+    gemm: GemmKind
+    status: GemmStatus
+    reason: str = ""
+    kernel: str = ""
+
+
+@dataclass
+class _Operand:
+    codes: fx.Node
+    scale: fx.Node
+    zp: fx.Node | None
+    offset: fx.Node | None
+    spec: QuantSpec
+    views: list[fx.Node]  # from the dequantized value (exclusive) to the GEMM argument
+
+
+def _match_operand(arg: fx.Node) -> _Operand | str:
+    """Walk from a GEMM argument back to its dequantization; return it or the reason not."""
+    views: list[fx.Node] = []
+    cur = arg
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and (cur.target in _TRANSPOSES or cur.target in _RESHAPES):
+        info = cur.meta.get("fqt")
+        if isinstance(info, QuantNodeInfo) and info.what == "dequantize":
+            break
+        views.append(cur)
+        cur = cur.args[0]
+    info = cur.meta.get("fqt") if isinstance(cur, fx.Node) else None
+    if not isinstance(info, QuantNodeInfo):
+        return "operand kept in high precision"
+    if cur.target is fake_quantize_op:
+        return f"{info.role.value} quantized with {QuantSpec.from_key(info.spec_key).short()}: no codes-and-scales form"
+    if info.what != "dequantize":
+        return f"operand comes from an fqt {info.what} node, not a dequantization"
+    scale = zp = offset = None
+    node = cur
+    # the chain emitted by passes.insert_qdq.emit_quantize, walked backwards
+    if node.target is aten._to_copy.default and isinstance(node.args[0], fx.Node) and _is_dequant(node.args[0]):
+        node = node.args[0]  # the final cast back to the operand's dtype
+    if node.target is aten.add.Tensor:
+        offset, node = node.args[1], node.args[0]
+    if node.target is not aten.mul.Tensor:
+        return "unrecognised dequantization chain"
+    scale, node = node.args[1], node.args[0]
+    if node.target is aten.sub.Tensor:
+        zp, node = node.args[1], node.args[0]
+    if node.target is not aten._to_copy.default:
+        return "unrecognised dequantization chain"
+    spec = QuantSpec.from_key(info.spec_key)
+    return _Operand(node.args[0], scale, zp, offset, spec, list(reversed(views)))
+
+
+def _is_dequant(node: fx.Node) -> bool:
+    info = node.meta.get("fqt")
+    return isinstance(info, QuantNodeInfo) and info.what == "dequantize"
+
+
+def _shape(node: fx.Node) -> tuple:
+    return tuple(node.meta["val"].shape)
+
+
+def _replay_on_stat(graph: fx.Graph, stat: fx.Node | None, view: fx.Node, src_shape: tuple, like: fx.Node) -> fx.Node | None | str:
+    """Apply a view of the codes to a broadcastable statistic (None / scalar pass through)."""
+    if stat is None:
+        return None
+    s_shape = _shape(stat)
+    if len(s_shape) == 0 or all(d == 1 for d in s_shape) and view.target in _RESHAPES:
+        return stat
+    if view.target in _TRANSPOSES:
+        return call(graph, view.target, (stat, *view.args[1:]), dict(view.kwargs), like=like)
+    target = tuple(_shape(view))
+    if len(s_shape) != len(src_shape) or target[-1] != src_shape[-1]:
+        return "operand reshape changes its last dim"
+    if s_shape[-1] == 1:  # one value per row: rows are merged or split with the batch dims
+        new = (*target[:-1], 1)
+    elif all(d == 1 for d in s_shape[:-1]):  # one value per column
+        new = (*(1,) * (len(target) - 1), target[-1])
+    else:
+        return "statistics do not survive the operand's reshape"
+    return call(graph, aten.reshape.default, (stat, list(new)), like=like)
+
+
+def _materialize(graph: fx.Graph, op: _Operand, like: fx.Node) -> tuple[fx.Node, list[fx.Node | None]] | str:
+    codes, stats = op.codes, [op.scale, op.zp, op.offset]
+    for view in op.views:
+        src_shape = _shape(codes)
+        codes = call(graph, view.target, (codes, *view.args[1:]), dict(view.kwargs), like=like)
+        new_stats = []
+        for s in stats:
+            r = _replay_on_stat(graph, s, view, src_shape, like)
+            if isinstance(r, str):
+                return r
+            new_stats.append(r)
+        stats = new_stats
+    return codes, stats
+
+
+def _check_layout(stats: list[fx.Node | None], axis: int, role: str) -> str | None:
+    for s in stats:
+        if s is None:
+            continue
+        shape = _shape(s)
+        if len(shape) and shape[axis] != 1:
+            which = "per-column" if axis == -1 else "per-row"
+            return f"{role} scales are {which}: not constant along the contracted dim"
+    return None
+
+
+def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: torch.device) -> LoweredGemm:
+    def simulated(reason: str) -> LoweredGemm:
+        return LoweredGemm(info.site_id, info.gemm, GemmStatus.SIMULATED, reason)
+
+    if node.target not in (aten.mm.default, aten.addmm.default):
+        kind = "convolution" if node.target in (aten.convolution.default, aten.convolution_backward.default) else "batched GEMM"
+        return simulated(f"no low-bit {kind} kernel yet")
+    a_idx, b_idx = (1, 2) if node.target is aten.addmm.default else (0, 1)
+    if node.target is aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+        return simulated("addmm with alpha/beta != 1")
+    ops = []
+    for idx in (a_idx, b_idx):
+        m = _match_operand(node.args[idx])
+        if isinstance(m, str):
+            return simulated(m)
+        ops.append(m)
+    dtypes = {o.spec.code_dtype for o in ops}
+    if len(dtypes) != 1:
+        return simulated(f"operand codes differ in dtype ({', '.join(str(d) for d in dtypes)})")
+    code_dtype = dtypes.pop()
+    if code_dtype == torch.uint8:
+        return simulated("uint8 codes: use format='int' (same levels, int8 storage) for an int8 GEMM")
+    if code_dtype != torch.int8 and device.type != "cuda":
+        return simulated(f"no fast {code_dtype} GEMM on {device.type}")
+    graph = gm.graph
+    with graph.inserting_before(node):
+        mats = [_materialize(graph, o, node) for o in ops]
+        for r in mats:
+            if isinstance(r, str):
+                return simulated(r)
+        (a, sa), (b, sb) = mats
+        for stats, axis, role in ((sa, -1, "lhs"), (sb, -2, "rhs")):
+            bad = _check_layout(stats, axis, role)
+            if bad:
+                return simulated(bad)
+        bias = node.args[0] if node.target is aten.addmm.default else None
+        out_dtype = node.meta["val"].dtype
+        new = call(graph, qmm_op, (a, sa[0], sa[1], sa[2], b, sb[0], sb[1], sb[2], bias, out_dtype), like=node)
+    new.meta["fqt"] = info
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    kernel = "triton qmm" if device.type == "cuda" else "torch._int_mm + epilogue"
+    return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=kernel)
+
+
+def lower_gemms(gm: fx.GraphModule) -> list[LoweredGemm]:
+    """Lower every realizable quantized GEMM of ``gm`` in place; one record per GEMM."""
+    results = []
+    for node in list(gm.graph.nodes):
+        info = node.meta.get("fqt")
+        if node.op != "call_function" or not isinstance(info, GemmNodeInfo):
+            continue
+        device = next(
+            (a.meta["val"].device for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)),
+            torch.device("cpu"),
+        )
+        results.append(_lower_one(gm, node, info, device))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return results
