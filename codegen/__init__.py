@@ -4,8 +4,9 @@
   (quantization *simulated*: dequantize, then a high-precision GEMM).
 * ``Mode.KERNELS``: ``lower.lower_gemms`` replaces every realizable quantized GEMM by a
   low-bit kernel (``fqt::qmm``: Triton on CUDA, ``torch._int_mm`` on CPU); stochastic and
-  nearest quantizations on CUDA run the Triton quantize kernel; the rest of the graph is
-  compiled by Inductor (``inductor=True``) or run eagerly.
+  nearest quantizations are inlined as the reference's aten ops so Inductor fuses them
+  (``inline.py``); the rest of the graph is compiled by Inductor (``inductor=True``) or run
+  eagerly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from fqt_compiler.config import FQTConfig, Mode
 
 from . import ops as _ops  # registers fqt::qmm and fqt::quantize_kernel
+from .inline import inline_qmm_ops, inline_quantize_ops
 from .lower import LoweredGemm, lower_gemms
 
 __all__ = ["compile_graph", "LoweredGemm", "lower_gemms"]
@@ -32,5 +34,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig) -
         if config.inductor:
             from torch._inductor.compile_fx import compile_fx_inner
 
+            from torch._inductor.fx_passes.replace_random import replace_random_passes
+            from torch._inductor.virtualized import V
+
+            inline_quantize_ops(gm)
+            inline_qmm_ops(gm)
+            # Inductor's compile_fx runs this before partitioning; our graphs skip that path
+            fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes if hasattr(n.meta.get("val"), "fake_mode"))
+            with V.set_fake_mode(fake_mode):
+                replace_random_passes(gm)
             return compile_fx_inner(gm, example_inputs), lowered
     return make_boxed_func(gm.forward), lowered

@@ -25,6 +25,7 @@ from passes.graph_utils import call
 from .ops import qmm_op
 
 aten = torch.ops.aten
+_CONVERT = torch.ops.prims.convert_element_type.default
 
 __all__ = ["LoweredGemm", "lower_gemms"]
 
@@ -73,7 +74,7 @@ def _match_operand(arg: fx.Node) -> _Operand | str:
     scale = zp = offset = None
     node = cur
     # the chain emitted by passes.insert_qdq.emit_quantize, walked backwards
-    if node.target is aten._to_copy.default and isinstance(node.args[0], fx.Node) and _is_dequant(node.args[0]):
+    if node.target is _CONVERT and isinstance(node.args[0], fx.Node) and _is_dequant(node.args[0]):
         node = node.args[0]  # the final cast back to the operand's dtype
     if node.target is aten.add.Tensor:
         offset, node = node.args[1], node.args[0]
@@ -82,7 +83,7 @@ def _match_operand(arg: fx.Node) -> _Operand | str:
     scale, node = node.args[1], node.args[0]
     if node.target is aten.sub.Tensor:
         zp, node = node.args[1], node.args[0]
-    if node.target is not aten._to_copy.default:
+    if node.target is not _CONVERT:
         return "unrecognised dequantization chain"
     spec = QuantSpec.from_key(info.spec_key)
     return _Operand(node.args[0], scale, zp, offset, spec, list(reversed(views)))

@@ -67,7 +67,8 @@ def _call(model: Any, *args: Any) -> Any:
 
 def explain(model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, **options: Any) -> ExplainReport:
     """Compile ``model`` with the fqt backend, run one forward pass on ``example_inputs`` (with
-    autograd on, so the joint forward-backward graph is traced) and report every GEMM site.
+    autograd on, so the joint forward-backward graph is traced and the backward compiled) and
+    report every GEMM site.
 
     The model's state (parameters, buffers such as BatchNorm statistics) and the RNG state are
     restored afterwards; no backward pass is run.
@@ -80,8 +81,13 @@ def explain(model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, **
     fresh = types.FunctionType(_call.__code__.replace(), _call.__globals__, "fqt_explain_call")
     state = copy.deepcopy(model.state_dict()) if isinstance(model, torch.nn.Module) else None
     devices = [t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"]
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        torch.compile(fresh, backend=be)(model, *example_inputs)
+    # compile the backward at once (it is otherwise compiled at the first backward call), so
+    # the report has the codegen decisions of the backward GEMMs too
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch._functorch.config.patch(
+        force_non_lazy_backward_lowering=True
+    ):
+        # static shapes: the report shows the shapes of these inputs, not Dynamo's symbols
+        torch.compile(fresh, backend=be, dynamic=False)(model, *example_inputs)
     if state is not None:
         model.load_state_dict(state)
     return ExplainReport(recipe=be.config.recipe.name, records=list(be.records))

@@ -141,11 +141,19 @@ def _ungrouped(g: torch.Tensor, m_shape: torch.Size, spec: QuantSpec) -> torch.T
     return g.reshape(m_shape[0], -1)[:, : m_shape[1]]
 
 
+def _uniform(v: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # no generator argument unless one is given: traced graphs then carry plain aten.rand,
+    # which Inductor can replace by its own random stream
+    if generator is None:
+        return torch.rand(v.shape, device=v.device, dtype=v.dtype)
+    return torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+
+
 def _round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
     if spec.rounding is Rounding.NEAREST:
         return torch.round(v)
     if noise is None:
-        noise = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+        noise = _uniform(v, generator)
     return torch.floor(v + noise.to(v.dtype))
 
 
@@ -171,7 +179,7 @@ def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, gen
     hi = torch.maximum(near_f, other)
     width = hi - lo
     if noise is None:
-        noise = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+        noise = _uniform(v, generator)
     p_hi = torch.where(width > 0, (v - lo) / torch.where(width > 0, width, 1), 0)
     picked = torch.where(noise.to(v.dtype) < p_hi, hi, lo)
     picked = torch.where(v.isnan(), v, picked)

@@ -80,6 +80,10 @@ class QuantNodeInfo:
     role: TensorRole
     spec_key: str
     what: str  # "quantize" | "dequantize" | "fake_quantize" | "replay" | "split"
+    shared_with: frozenset[int] = frozenset()  # further sites using this node after dedupe
+
+    def serves(self, site_id: int) -> bool:
+        return site_id == self.site_id or site_id in self.shared_with
 
 
 @dataclass(frozen=True)

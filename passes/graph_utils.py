@@ -24,8 +24,10 @@ def _fake_mode(vals: list[Any]):
     return None
 
 
-def fake_eval(target: Any, args: tuple, kwargs: dict) -> Any:
-    """Run ``target`` on the ``meta['val']`` of its node arguments (fake tensors)."""
+def fake_eval(target: Any, args: tuple, kwargs: dict, fake_mode: Any = None) -> Any:
+    """Run ``target`` on the ``meta['val']`` of its node arguments (fake tensors).
+
+    ``fake_mode`` is used when no argument carries one (factory ops such as ``aten.full``)."""
     vals: list[Any] = []
 
     def to_val(a: Any) -> Any:
@@ -40,7 +42,7 @@ def fake_eval(target: Any, args: tuple, kwargs: dict) -> Any:
     fkwargs = tree_map(to_val, kwargs)
     if target is operator.getitem:
         return fargs[0][fargs[1]]
-    mode = _fake_mode(vals)
+    mode = _fake_mode(vals) or fake_mode
     if mode is None:
         raise PassError(f"no fake mode found on the inputs of {target}")
     with mode:
@@ -56,11 +58,12 @@ def call(
     like: fx.Node | None = None,
     info: Any = None,
     tag: str | None = None,
+    fake_mode: Any = None,
 ) -> fx.Node:
     """Insert ``target(*args, **kwargs)`` at the graph's current insertion point."""
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
-    node.meta["val"] = fake_eval(target, args, kwargs)
+    node.meta["val"] = fake_eval(target, args, kwargs, fake_mode)
     if like is not None:
         for key in _COPIED_META:
             if key in like.meta:

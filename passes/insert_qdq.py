@@ -34,6 +34,7 @@ from .base import BackwardGemm, FQTPass, PassContext, Site
 from .graph_utils import call, dtype_of, tuple_items
 
 aten = torch.ops.aten
+convert = torch.ops.prims.convert_element_type.default
 
 
 def emit_quantize(
@@ -48,7 +49,9 @@ def emit_quantize(
     q = call(graph, op, (x, key, int(layout)), info=info, **kw)
     codes, scale, zp, offset = tuple_items(graph, q, 4, info=info, **kw)
     dq_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, "dequantize")
-    out = call(graph, aten._to_copy.default, (codes,), {"dtype": dtype_of(scale)}, info=dq_info, **kw)
+    # casts are prims.convert_element_type, the form Inductor's decompositions produce and its
+    # lowerings expect (aten._to_copy would be a second, conflicting path to the same op)
+    out = call(graph, convert, (codes, dtype_of(scale)), info=dq_info, **kw)
     # the same op sequence as reference.dequantize_ref, so graph and reference agree bit for bit
     if spec.scheme is not Scheme.SYMMETRIC:
         out = call(graph, aten.sub.Tensor, (out, zp), info=dq_info, **kw)
@@ -56,7 +59,7 @@ def emit_quantize(
     if spec.scheme is Scheme.ASYMMETRIC:
         out = call(graph, aten.add.Tensor, (out, offset), info=dq_info, **kw)
     if dtype_of(out) != dtype_of(x):
-        out = call(graph, aten._to_copy.default, (out,), {"dtype": dtype_of(x)}, info=dq_info, **kw)
+        out = call(graph, convert, (out, dtype_of(x)), info=dq_info, **kw)
     return out
 
 

@@ -52,7 +52,7 @@ def verify_graph(gm: fx.GraphModule, after: str) -> None:
             for idx in info.quantized_args:
                 arg = node.args[idx]
                 a_info = arg.meta.get("fqt") if isinstance(arg, fx.Node) else None
-                if not (isinstance(a_info, QuantNodeInfo) and a_info.site_id == info.site_id):
+                if not (isinstance(a_info, QuantNodeInfo) and a_info.serves(info.site_id)):
                     raise PassError(
                         f"after pass {after!r}: GEMM {node.name} ({info.gemm.value}, site {info.site_id}) expects "
                         f"argument {idx} quantized but it comes from {getattr(arg, 'name', arg)!r}"

@@ -1,0 +1,114 @@
+"""Inline reference implementations into a graph as aten ops, for Inductor to fuse.
+
+On CPU, Inductor turns the reference quantizer's dozen pointwise ops and reductions into a
+couple of vectorized C++ loops, and fuses the low-bit GEMM's dequantization epilogue with the
+ops around it: an order of magnitude faster than running them eagerly. The numbers are the
+reference's (the same function is traced), except that stochastic rounding draws from
+Inductor's random stream instead of the eager generator (same distribution).
+
+Only static shapes are inlined; a node with symbolic sizes stays an opaque call.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+from fqt_compiler.ops import QUANTIZE_OPS
+from fqt_compiler.reference import Layout, quantize_ref
+from fqt_compiler.specs import QuantSpec
+from passes.graph_utils import call
+
+from .ops import qmm_cpu, qmm_op
+
+__all__ = ["inline_quantize_ops", "inline_qmm_ops"]
+
+
+def _static(val: object) -> bool:
+    if not isinstance(val, torch.Tensor):
+        return True
+    return all(isinstance(d, int) for d in (*val.shape, *val.stride()))
+
+
+def _example(val: object) -> object:
+    if not isinstance(val, torch.Tensor):
+        return val
+    return torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=val.device)
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, fn: Callable, args: tuple) -> None:
+    """Trace ``fn(*args)`` (node args replaced by examples) and splice it in place of ``node``."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    tensor_args = [a for a in args if isinstance(a, fx.Node)]
+    examples = [_example(a.meta["val"]) for a in tensor_args]
+
+    def traced(*tensors):
+        it = iter(tensors)
+        return fn(*(next(it) if isinstance(a, fx.Node) else a for a in args))
+
+    # a private tracing context: make_fx would otherwise adopt the ambient compile's fake mode
+    # and its shape environment, and trace with symbolic sizes
+    with torch._guards.tracing(None):
+        sub = make_fx(traced, decomposition_table=select_decomp_table(), tracing_mode="fake")(*examples)
+    fake_mode = next(a.meta["val"].fake_mode for a in tensor_args)
+    env: dict[fx.Node, object] = {}
+    placeholders = iter(tensor_args)
+    outputs = None
+    with gm.graph.inserting_before(node):
+        for s in sub.graph.nodes:
+            if s.op == "placeholder":
+                env[s] = next(placeholders)
+            elif s.op == "output":
+                outputs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, s.args[0])
+            else:
+                a = tree_map(lambda x: env[x] if isinstance(x, fx.Node) else x, s.args)
+                k = tree_map(lambda x: env[x] if isinstance(x, fx.Node) else x, s.kwargs)
+                env[s] = call(gm.graph, s.target, a, k, like=node, info=node.meta.get("fqt"), fake_mode=fake_mode)
+    if isinstance(outputs, (tuple, list)):
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise AssertionError(f"{node.name} has a non-getitem user {user.name}")
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(outputs)
+    gm.graph.erase_node(node)
+
+
+def _all_static(node: fx.Node) -> bool:
+    flat, _ = tree_flatten((node.args, node.kwargs))
+    return all(_static(a.meta.get("val")) for a in flat if isinstance(a, fx.Node))
+
+
+def inline_quantize_ops(gm: fx.GraphModule) -> int:
+    """Replace every static-shape ``fqt::quantize[_stochastic]`` node by its traced reference."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in QUANTIZE_OPS and _all_static(node):
+            x, key, layout = node.args
+            spec, lay = QuantSpec.from_key(key), Layout(layout)
+            _inline(gm, node, lambda t: quantize_ref(t, spec, lay), (x,))
+            count += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return count
+
+
+def inline_qmm_ops(gm: fx.GraphModule) -> int:
+    """Replace every static-shape CPU ``fqt::qmm`` by ``torch._int_mm`` plus its aten epilogue."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is qmm_op and _all_static(node):
+            if node.meta["val"].device.type != "cpu" or node.args[0].meta["val"].dtype != torch.int8:
+                continue
+            _inline(gm, node, qmm_cpu, tuple(node.args))
+            count += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return count
