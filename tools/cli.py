@@ -1,4 +1,4 @@
-"""The ``fqt`` command line: ``fqt demo`` (more subcommands come with later tools)."""
+"""The ``fqt`` command line: ``fqt demo``, ``fqt bench``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else None
+    text = run(args.sections, args.device, args.reps, args.recipes, shapes)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fqt", description="fqt: fully quantized training as a torch.compile backend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,7 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--var-draws", type=int, default=16, help="backward passes used to measure gradient variance")
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="benchmarks of BENCHMARKS.md: ratios against a same-run baseline")
+    bench.add_argument("--sections", nargs="+", default=["layer", "gemm", "memory"], choices=["layer", "gemm", "memory"])
+    bench.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    bench.add_argument("--reps", type=int, default=7)
+    bench.add_argument("--recipes", nargs="+", default=["int8"])
+    bench.add_argument("--shapes", nargs="+", default=None, help="MxKxN shapes (default: the BENCHMARKS.md list for the device)")
+    bench.add_argument("--output", default=None, help="also write the markdown here")
+    bench.set_defaults(func=_bench)
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

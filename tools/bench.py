@@ -1,0 +1,244 @@
+"""``fqt bench``: the benchmark protocol of BENCHMARKS.md.
+
+Every number is a ratio measured in one process against a baseline timed right beside the
+candidate (interleaved repetitions, median of several). Sections:
+
+* ``layer``: LayerNorm(no affine) -> Linear(no bias) -> Sigmoid, forward + backward with a
+  given grad_output, both sides under torch.compile; candidate ``backend="fqt"`` per recipe,
+  baseline fp32 (CPU) / bf16 (GPU) with the default Inductor backend;
+* ``gemm``: the low-bit GEMM alone against the high-precision GEMM and ``torch._int_mm``;
+* ``quantize``: the quantize kernel's bytes moved per second against a same-run copy;
+* ``memory``: bytes saved for backward by the quantized layer against the baseline.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+import fqt_compiler as fqt
+
+CPU_SHAPES = [(512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (2048, 768, 3072)]
+GPU_SHAPES = [
+    (m, k, n)
+    for m in (8192, 16384)
+    for k, n in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (1024, 4096), (1280, 5120), (1600, 6400), (768, 50304))
+] + [(8192, 4096, 14336), (8192, 14336, 4096), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192)]
+
+
+class Layer(nn.Module):
+    """The per-layer benchmark module of BENCHMARKS.md."""
+
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(k, elementwise_affine=False)
+        self.linear = nn.Linear(k, n, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.linear(self.norm(x)))
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {_triton_version()}"
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:  # pragma: no cover
+        return "absent"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(fns: list[Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each function, timed in interleaved rounds (fair on a noisy machine)."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                f()
+                end.record()
+                torch.cuda.synchronize(device)
+                times[i].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                f()
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+@dataclass
+class LayerResult:
+    shape: tuple[int, int, int]
+    recipe: str
+    speedup: float
+    baseline_ms: float
+    candidate_ms: float
+    lowbit_gemms: int
+
+
+def bench_layer(shape, recipes, device, reps, dtype) -> list[LayerResult]:
+    m, k, n = shape
+    torch.manual_seed(0)
+    base = Layer(k, n).to(device=device, dtype=dtype)
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(m, n, device=device, dtype=dtype)
+
+    def step(model):
+        def run():
+            x.grad = None
+            for p in model.parameters():
+                p.grad = None
+            model(x).backward(grad)
+
+        return run
+
+    torch._dynamo.reset()
+    baseline = step(torch.compile(base))
+    results = []
+    for name in recipes:
+        cand_model = Layer(k, n).to(device=device, dtype=dtype)
+        cand_model.load_state_dict(base.state_dict())
+        be = fqt.backend(recipe=name)
+        candidate = step(torch.compile(cand_model, backend=be))
+        t_base, t_cand = interleaved_medians([baseline, candidate], device, reps)
+        lowbit = sum(g.status is fqt.GemmStatus.LOWBIT_KERNEL for r in be.records for s in r.decisions for g in s.gemms)
+        results.append(LayerResult(shape, name, t_base / t_cand, t_base * 1e3, t_cand * 1e3, lowbit))
+    return results
+
+
+_LOW_BIT = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(all bytes autograd saves for backward, bytes of the saved activation feeding the GEMM).
+
+    The GEMM input is the (M, K) LayerNorm output: in high precision the one saved (M, K)
+    tensor that is neither the layer input nor a parameter; quantized, the saved low-bit codes
+    of that shape plus their scales (tensors with a unit dim, or scalars)."""
+    m, k = x.shape
+    own = {x.data_ptr(), *(p.data_ptr() for p in model.parameters())}
+    total = gemm_input = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total, gemm_input
+        size = t.numel() * t.element_size()
+        total += size
+        if t.data_ptr() in own:
+            return t
+        if tuple(t.shape) in ((m, k), (k, m)) and (t.dtype in _LOW_BIT or t.dtype == x.dtype):
+            gemm_input += size
+        elif t.dtype == torch.float32 and (t.dim() == 0 or 1 in t.shape) and t.numel() in (1, m, k):
+            gemm_input += size  # scales / zero points of the saved codes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total, gemm_input
+
+
+def bench_memory(shape, recipe, device) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Saved bytes (total, GEMM input) of the bf16 baseline and of fqt."""
+    m, k, n = shape
+    torch._dynamo.reset()
+    base = Layer(k, n).to(device=device, dtype=torch.bfloat16)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+    b = saved_bytes(base_c := torch.compile(base), x)
+    del base_c
+    cand = Layer(k, n).to(device=device, dtype=torch.bfloat16)
+    c = saved_bytes(torch.compile(cand, backend=fqt.backend(recipe=recipe)), x)
+    return b, c
+
+
+def bench_gemm(shape, device, reps) -> dict[str, float]:
+    """Seconds of the fp32/bf16 GEMM, torch._int_mm and fqt's int8 GEMM with its epilogue."""
+    from codegen.ops import qmm_op
+
+    torch._dynamo.reset()
+    m, k, n = shape
+    hp = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a = torch.randn(m, k, device=device, dtype=hp)
+    b = torch.randn(k, n, device=device, dtype=hp)
+    qa = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
+    qb = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8).t()
+    sa = torch.rand(m, 1, device=device)
+    sb = torch.rand(1, n, device=device)
+    if device.type == "cpu":
+        # what kernels mode runs on CPU: torch._int_mm with the epilogue fused by Inductor
+        from codegen.ops import qmm_cpu
+
+        fused = torch.compile(qmm_cpu)
+
+        def low_bit():
+            return fused(qa, sa, None, None, qb, sb, None, None, None, hp)
+    else:
+
+        def low_bit():
+            return qmm_op(qa, sa, None, None, qb, sb, None, None, None, hp)
+
+    fns = [lambda: a @ b, lambda: torch._int_mm(qa, qb), low_bit]
+    t_hp, t_int, t_q = interleaved_medians(fns, device, reps)
+    flops = 2 * m * k * n
+    return {"hp": t_hp, "int_mm": t_int, "fqt": t_q, "tflops_fqt": flops / t_q / 1e12, "tflops_hp": flops / t_hp / 1e12}
+
+
+def run(sections: list[str], device_name: str, reps: int, recipes: list[str], shapes: list[tuple[int, int, int]] | None) -> str:
+    device = torch.device(device_name)
+    shapes = shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = [f"# fqt bench\n\ndevice: {device_description(device)}\n"]
+    if "layer" in sections:
+        rows = []
+        for shape in shapes:
+            for r in bench_layer(shape, recipes, device, reps, dtype):
+                rows.append([f"{r.shape[0]}x{r.shape[1]}->{r.shape[2]}", r.recipe, f"{r.speedup:.2f}x", f"{r.baseline_ms:.1f}", f"{r.candidate_ms:.1f}", r.lowbit_gemms])
+                print(f"  layer {rows[-1]}", flush=True)
+        base = "fp32" if device.type == "cpu" else "bf16"
+        out.append(f"## Per layer, fwd+bwd, vs {base} torch.compile (median of {reps} interleaved)\n")
+        out.append(tabulate(rows, headers=["M x K -> N", "recipe", "speedup", f"{base} ms", "fqt ms", "low-bit GEMMs"], tablefmt="github"))
+    if "gemm" in sections:
+        rows = []
+        for shape in shapes:
+            g = bench_gemm(shape, device, reps)
+            rows.append([f"{shape[0]}x{shape[1]}x{shape[2]}", f"{g['hp'] / g['fqt']:.2f}x", f"{g['int_mm'] / g['fqt']:.2f}", f"{g['tflops_fqt']:.3g}", f"{g['tflops_hp']:.3g}"])
+            print(f"  gemm {rows[-1]}", flush=True)
+        out.append("\n## GEMM alone: fqt int8 (with epilogue) vs the high-precision GEMM and torch._int_mm\n")
+        out.append(tabulate(rows, headers=["M x K x N", "vs hp GEMM", "int_mm time / fqt time", "fqt TFLOPS", "hp TFLOPS"], tablefmt="github"))
+    if "memory" in sections:
+        rows = []
+        # distinct M, K, N: the saved GEMM input is then told apart from other saved tensors
+        for shape in [s for s in shapes if len(set(s)) == 3] or [(2048, 768, 3072)]:
+            for name in recipes:
+                (b_all, b_in), (c_all, c_in) = bench_memory(shape, name, device)
+                rows.append([f"{shape[0]}x{shape[1]}->{shape[2]}", name, b_in, c_in, f"{c_in / b_in:.2f}", f"{c_all / b_all:.2f}"])
+                print(f"  memory {rows[-1]}", flush=True)
+        out.append("\n## Bytes saved for backward, fqt vs bf16 torch.compile\n")
+        out.append(
+            tabulate(
+                rows,
+                headers=["shape", "recipe", "bf16 GEMM-input bytes", "fqt GEMM-input bytes", "GEMM-input ratio", "all saved, ratio"],
+                tablefmt="github",
+            )
+        )
+    return "\n".join(out) + "\n"
