@@ -39,7 +39,9 @@ def householder_qn(n: torch.Tensor) -> torch.Tensor:
     n = n.to(torch.float64)
     rs = torch.sqrt(n)
     off = 1.0 / (n - rs)
-    return torch.maximum(torch.maximum(1.0 / rs, (1.0 - off).abs()), off)
+    first_and_diag = torch.maximum(1.0 / rs, (1.0 - off).abs())
+    # the off-diagonal entries -1/(n - sqrt(n)) of the small-row block exist only for n > 2
+    return torch.where(n > 2, torch.maximum(first_and_diag, off), first_and_diag)
 
 
 @dataclass(frozen=True)

@@ -241,17 +241,22 @@ class QuantSpec:
 
 @lru_cache(maxsize=None)
 def _parse_key(key: str) -> QuantSpec:
-    try:
-        fmt, scheme, gran, rounding, transform = key.split("/")
-    except ValueError:
-        raise SpecError(f"malformed spec key {key!r}; expected 'format/scheme/granularity/rounding/transform'") from None
+    usage = f"malformed spec key {key!r}; expected 'format/scheme/granularity/rounding/transform', e.g. 'int8/sym/row/nearest/none'"
+    parts = key.split("/") if isinstance(key, str) else []
+    if len(parts) != 5:
+        raise SpecError(usage)
+    fmt, scheme, gran, rounding, transform = parts
     if fmt.startswith("fp8"):
         format_, bits = fmt, 8
     else:
         digits = fmt.lstrip("uint")
+        if not digits.isdigit():
+            raise SpecError(f"{usage}: format {fmt!r} needs a bit width such as 'int8' or 'uint4'")
         format_, bits = fmt[: len(fmt) - len(digits)], int(digits)
     block = None
     if gran.startswith("block"):
+        if not gran[len("block"):].isdigit():
+            raise SpecError(f"{usage}: block granularity needs a size such as 'block32'")
         block, gran = int(gran[len("block"):]), "block"
     return QuantSpec(
         format=format_, bits=bits, granularity=gran, block_size=block, scheme=scheme, rounding=rounding, transform=transform
