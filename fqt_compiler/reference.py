@@ -161,7 +161,8 @@ def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, gen
     """Round to the fp8 grid (v already scaled into [-fp8_max, fp8_max]); returns fp8 codes."""
     dtype = spec.code_dtype
     fmax = spec.qmax
-    v = v.clamp(-fmax, fmax)
+    # one canonical (positive) NaN code, whatever the sign bit of the NaN that reached here
+    v = torch.where(v.isnan(), float("nan"), v.clamp(-fmax, fmax))
     nearest = v.to(dtype)
     if spec.rounding is Rounding.NEAREST:
         return nearest

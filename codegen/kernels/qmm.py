@@ -63,8 +63,14 @@ def _qmm_kernel(
     csb = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=(rm < M)[:, None] & (kk < K)[None, :], other=0)
-        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=(kk < K)[:, None] & (rn < N)[None, :], other=0)
+        a_mask = (rm < M)[:, None] & (kk < K)[None, :]
+        b_mask = (kk < K)[:, None] & (rn < N)[None, :]
+        if IS_INT:
+            a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0)
+            b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_mask, other=0)
+        else:  # fp8: the padding value must be a float for the fp8 cast
+            a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
+            b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_mask, other=0.0)
         if IS_INT:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             if AFFINE:

@@ -188,21 +188,27 @@ def _quantize_rows_kernel(
                 grid = tl.where(noise < p_hi, hi, lo)
             else:
                 grid = _rint(v / quantum) * quantum
-            grid = tl.where(v != v, v, grid)
             if FP8 == 1:
-                code = grid.to(tl.float8e4nv)
+                bits = grid.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
             else:
-                code = grid.to(tl.float8e5)
+                bits = grid.to(tl.float8e5).to(tl.uint8, bitcast=True)
+            # NaN as the exact bit pattern torch writes (0x7F), not whatever a conversion makes
+            bits = tl.where(v != v, 0x7F, bits).to(tl.uint8)
+            if FP8 == 1:
+                code = bits.to(tl.float8e4nv, bitcast=True)
+            else:
+                code = bits.to(tl.float8e5, bitcast=True)
         else:
             if STOCHASTIC:
                 q = tl.floor(v + noise)
             else:
                 q = _rint(v)
+            q_nan = q != q  # before the clamp: min/max may drop NaN
             if SCHEME == 0:
                 q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
             else:
                 q = tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0) + CODE_OFFSET
-            code = tl.where(q != q, 0.0, q).to(codes_ptr.dtype.element_ty)
+            code = tl.where(q_nan, 0.0, q).to(codes_ptr.dtype.element_ty)
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
 
 

@@ -1,0 +1,90 @@
+"""The Triton quantize kernel equals reference.quantize_ref bit for bit (CPU: interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codegen.kernels.quantize import quantize, uniform_noise
+from fqt_compiler.reference import Layout, natural_2d, quantize_ref
+from fqt_compiler.specs import QuantSpec
+from tests.conftest import DEVICE
+
+SPECS = [
+    QuantSpec(format="int", scheme="sym", granularity="row"),
+    QuantSpec(format="int", scheme="sym", granularity="tensor", rounding="stochastic"),
+    QuantSpec(format="int", scheme="asym", granularity="column", bits=4, rounding="stochastic"),
+    QuantSpec(format="int", scheme="zog", granularity="tensor"),
+    QuantSpec(format="int", scheme="asym", granularity="row", bits=2),
+    QuantSpec(format="uint", scheme="zog", granularity="column", bits=5, rounding="stochastic"),
+    QuantSpec(format="fp8_e4m3", granularity="row"),
+    QuantSpec(format="fp8_e4m3", granularity="column", rounding="stochastic"),
+    QuantSpec(format="fp8_e5m2", granularity="tensor", rounding="stochastic"),
+]
+# shapes not multiples of the 16 x 64 tiles, N = 1, batched 3-D operands in both layouts
+CASES = [((5, 70), Layout.DIM0), ((1, 9), Layout.PENULTIMATE), ((2, 3, 17), Layout.PENULTIMATE), ((2, 17, 3), Layout.LAST), ((33, 1), Layout.LAST)]
+
+
+def _grouped_shape(m: torch.Tensor, spec: QuantSpec) -> tuple[int, int]:
+    if spec.granularity.value == "tensor":
+        return (1, m.numel())
+    return tuple(m.shape) if spec.granularity.value == "row" else (m.shape[1], m.shape[0])
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+
+
+def assert_same(kernel_out, ref_out):
+    """Bitwise equal; NaN statistics must be NaN on both sides (torch.equal says NaN != NaN)."""
+    for k, r, name in zip(kernel_out, ref_out, ("codes", "scale", "zero_point", "offset")):
+        assert k.shape == r.shape, name
+        assert k.dtype == r.dtype, name
+        k, r = k.cpu(), r.cpu()
+        if k.dtype.is_floating_point and k.element_size() > 1:
+            assert torch.equal(k.isnan(), r.isnan()), name
+            k, r = torch.nan_to_num(k, nan=0.0), torch.nan_to_num(r, nan=0.0)
+        assert torch.equal(_bits(k), _bits(r)), name
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short().replace(" ", "-"))
+@pytest.mark.parametrize("shape,layout", CASES, ids=lambda c: str(c))
+def test_quantize_kernel_matches_reference(spec, shape, layout):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3).to(DEVICE)
+    x.view(-1)[0] = 40.0  # one large value: clamping and scale paths
+    seed = torch.tensor([321], dtype=torch.int32, device=DEVICE)
+    noise = uniform_noise(seed, _grouped_shape(natural_2d(x, layout), spec), x.device) if spec.is_stochastic else None
+    assert_same(quantize(x, spec, layout, seed=seed), quantize_ref(x, spec, layout, noise=noise))
+
+
+@pytest.mark.parametrize("fill", [0.0, 1e-30, 1e30, float("nan")], ids=["zeros", "tiny", "huge", "nan"])
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3], SPECS[4], SPECS[6]], ids=lambda s: s.short().replace(" ", "-"))
+def test_quantize_kernel_edge_values(spec, fill):
+    x = torch.full((3, 20), fill, device=DEVICE)
+    x[1] = torch.linspace(-2, 2, 20)  # one ordinary row next to the special ones
+    seed = torch.tensor([7], dtype=torch.int32, device=DEVICE)
+    assert_same(quantize(x, spec, Layout.DIM0, seed=seed), quantize_ref(x, spec, Layout.DIM0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_kernel_half_inputs(dtype):
+    x = torch.randn(9, 13, device=DEVICE).to(dtype)
+    spec = QuantSpec(scheme="asym", granularity="row")
+    assert_same(quantize(x, spec, Layout.DIM0), quantize_ref(x, spec, Layout.DIM0))
+
+
+def test_uniform_noise_is_reproducible_and_uniform():
+    seed = torch.tensor([99], dtype=torch.int32, device=DEVICE)
+    a = uniform_noise(seed, (64, 64), torch.device(DEVICE))
+    assert torch.equal(a, uniform_noise(seed, (64, 64), torch.device(DEVICE)))
+    assert 0.45 < a.mean().item() < 0.55 and a.min() >= 0 and a.max() < 1
+    other = uniform_noise(torch.tensor([100], dtype=torch.int32, device=DEVICE), (64, 64), torch.device(DEVICE))
+    assert not torch.equal(a, other)
+
+
+def test_quantize_kernel_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="transforms"):
+        quantize(torch.randn(4, 4), QuantSpec(scheme="asym", granularity="row", transform="bhq"))
+    with pytest.raises(TypeError, match="fp32/fp16/bf16"):
+        quantize(torch.randn(4, 4, dtype=torch.float64), QuantSpec())
