@@ -156,6 +156,7 @@ def bhq_fake_quantize_2d(
     *,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BHQ quantize-dequantize of a natural 2-D matrix: T^-1 Q_row(T m)."""
     from .reference import _quantize_grouped, dequantize_ref
@@ -163,7 +164,7 @@ def bhq_fake_quantize_2d(
     t = bhq_transform(m)
     y = t.apply(m.to(torch.float64)).to(m.dtype)
     row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
-    codes, scale, zp, offset = _quantize_grouped(y, row_spec, noise, generator)
+    codes, scale, zp, offset = _quantize_grouped(y, row_spec, noise, generator, seed)
     y_hat = dequantize_ref(codes, scale, zp, offset, torch.float64)
     return t.inverse(y_hat).to(m.dtype)
 

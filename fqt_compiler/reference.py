@@ -21,8 +21,10 @@ Formulas (B = 2**bits - 1, per group of elements sharing a scale):
   rule, clamped so both ends stay covered), scale = max(-min / qzero, max / (B - qzero)),
   x_hat = (level - qzero) * scale
 
-Stochastic rounding is ``floor(v + u)`` with ``u ~ U[0, 1)`` from torch's generator, which is
-unbiased (E[x_hat] = x) and reproducible under ``torch.manual_seed``. NaN or Inf in a group makes
+Stochastic rounding is ``floor(v + u)`` with ``u ~ U[0, 1)`` (24-bit uniforms from a
+counter-based hash of a seed drawn from torch's generator, see :func:`hash_uniform`), which is
+unbiased (E[x_hat] = x up to the 2**-24 resolution of u) and reproducible under
+``torch.manual_seed``. NaN or Inf in a group makes
 that group's output NaN: it is never turned into finite numbers silently.
 """
 
@@ -36,7 +38,7 @@ from .specs import Granularity, QuantSpec, Rounding, Scheme, Transform
 
 __all__ = [
     "Layout", "quantize", "quantize_ref", "dequantize_ref", "fake_quantize_ref",
-    "natural_2d", "from_natural_2d", "scale_shape", "shape_scale",
+    "natural_2d", "from_natural_2d", "scale_shape", "shape_scale", "draw_seed", "hash_uniform", "qmm_ref",
 ]
 
 
@@ -141,12 +143,41 @@ def _ungrouped(g: torch.Tensor, m_shape: torch.Size, spec: QuantSpec) -> torch.T
     return g.reshape(m_shape[0], -1)[:, : m_shape[1]]
 
 
+# Stochastic rounding noise: a counter-based hash of (seed, element index), Mueller's 32-bit
+# integer finaliser, giving 24-bit uniforms like torch.rand. The same integer arithmetic runs in
+# the reference, in the Triton kernels and in Inductor-generated code, so all three round
+# identically given one seed; the seed itself is drawn from torch's generator, so
+# torch.manual_seed reproduces a run. (int64 arithmetic with 32-bit masks: no product ever
+# exceeds 2**63, so no backend meets signed overflow.)
+_GOLDEN = 0x9E3779B9
+_MIX = 0x45D9F3B
+_MASK32 = 0xFFFFFFFF
+
+
+def draw_seed(device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A stochastic-rounding seed from torch's generator: a 1-element int64 tensor on
+    ``device`` (drawn there, so no host synchronisation)."""
+    if generator is None:  # no generator argument: traced graphs then carry plain aten.randint
+        return torch.randint(0, 2**31 - 1, (1,), device=device)
+    return torch.randint(0, 2**31 - 1, (1,), device=device, generator=generator)
+
+
+def hash_uniform(seed: torch.Tensor, shape: tuple[int, ...] | torch.Size, device: torch.device | str) -> torch.Tensor:
+    """U[0, 1) noise for every element of ``shape`` (row-major index), as fp32 multiples of 2**-24."""
+    n = 1
+    for d in shape:
+        n *= d
+    h = (torch.arange(n, device=device, dtype=torch.int64).reshape(shape) + seed.to(torch.int64) * _GOLDEN) & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * _MIX) & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * _MIX) & _MASK32
+    h = h ^ (h >> 16)
+    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
 def _uniform(v: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    # no generator argument unless one is given: traced graphs then carry plain aten.rand,
-    # which Inductor can replace by its own random stream
-    if generator is None:
-        return torch.rand(v.shape, device=v.device, dtype=v.dtype)
-    return torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+    return hash_uniform(draw_seed(v.device, generator), v.shape, v.device)
 
 
 def _round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -188,10 +219,16 @@ def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, gen
 
 
 def _quantize_grouped(
-    g: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, generator: torch.Generator | None
+    g: torch.Tensor,
+    spec: QuantSpec,
+    noise: torch.Tensor | None,
+    generator: torch.Generator | None,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``g`` whose last dim runs over one scale group. Returns codes, scale, zero_point,
     offset (the last three with a trailing size-1 dim)."""
+    if spec.is_stochastic and noise is None:
+        noise = hash_uniform(seed if seed is not None else draw_seed(g.device, generator), g.shape, g.device)
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     if spec.scheme is Scheme.SYMMETRIC:
         amax = g.abs().amax(dim=-1, keepdim=True)
@@ -255,18 +292,20 @@ def quantize_ref(
     *,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (no transform, no BLOCK). Returns ``codes`` (x's shape, ``spec.code_dtype``)
     and ``scale``, ``zero_point``, ``offset`` broadcastable against ``x`` (see :func:`scale_shape`).
 
-    ``noise`` (uniform [0, 1) in the natural grouped order) replaces the generator's draws, so a
-    kernel can be compared bit for bit given the same random bits.
+    Stochastic rounding draws :func:`hash_uniform` noise from ``seed`` (default: a seed drawn
+    from ``generator`` / torch's generator); ``noise`` (uniform [0, 1) in the grouped order:
+    row-major over the scale groups) replaces it outright.
     """
     if spec.transform is not Transform.NONE or spec.granularity is Granularity.BLOCK:
         raise ValueError("quantize_ref returns codes only for transform='none' and non-block granularity; use fake_quantize_ref")
     m = natural_2d(x, layout).to(_compute_dtype(x))
     g = _grouped(m, spec)
-    codes, scale, zp, offset = _quantize_grouped(g, spec, noise, generator)
+    codes, scale, zp, offset = _quantize_grouped(g, spec, noise, generator, seed)
     codes = from_natural_2d(_ungrouped(codes, m.shape, spec), x.shape, layout)
     return (codes, *(shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)))
 
@@ -278,6 +317,7 @@ def fake_quantize_ref(
     *,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` with ``spec`` (any granularity, any transform); same dtype as x."""
     if x.numel() == 0:
@@ -286,10 +326,10 @@ def fake_quantize_ref(
     if spec.transform is Transform.BLOCK_HOUSEHOLDER:
         from .bhq import bhq_fake_quantize_2d
 
-        out = bhq_fake_quantize_2d(m, spec, noise=noise, generator=generator)
+        out = bhq_fake_quantize_2d(m, spec, noise=noise, generator=generator, seed=seed)
     else:
         g = _grouped(m, spec)
-        codes, scale, zp, offset = _quantize_grouped(g, spec, noise, generator)
+        codes, scale, zp, offset = _quantize_grouped(g, spec, noise, generator, seed)
         out = _ungrouped(dequantize_ref(codes, scale, zp, offset, m.dtype), m.shape, spec)
     return from_natural_2d(out, x.shape, layout).to(x.dtype)
 

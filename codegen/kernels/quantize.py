@@ -3,9 +3,9 @@ and zero-on-grid schemes, nearest or stochastic rounding, int codes of 2-8 bits 
 
 The math is ``fqt_compiler.reference._quantize_grouped`` step for step (same operation order,
 IEEE division through ``div_rn``, round-half-to-even), so a kernel's output equals
-``reference.quantize_ref`` bit for bit under the same random bits. Stochastic rounding draws
-``tl.rand(seed, i)`` where ``i`` is the element's index in the *grouped* order the reference
-uses (row-major over groups); :func:`uniform_noise` writes the same numbers for the reference.
+``reference.quantize_ref`` bit for bit given the same seed. Stochastic rounding hashes
+``(seed, i)`` where ``i`` is the element's index in the *grouped* order the reference uses
+(row-major over the scale groups), exactly as ``reference.hash_uniform`` does.
 
 Columns are handled by the rows kernel on the transposed view (free: only strides change);
 per-tensor scales by a partial min/max kernel, a tiny torch reduction, and the rows kernel
@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fqt_compiler.reference import Layout, from_natural_2d, natural_2d, shape_scale
+from fqt_compiler.reference import Layout, draw_seed, from_natural_2d, natural_2d, shape_scale
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Scheme, Transform
 
-__all__ = ["quantize", "uniform_noise", "draw_seed"]
+__all__ = ["quantize"]
 
 _SCHEME_ID = {Scheme.SYMMETRIC: 0, Scheme.ASYMMETRIC: 1, Scheme.ZERO_ON_GRID: 2}
 
@@ -33,6 +33,18 @@ def _rint(v):
     tie = (r - v) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _hash_uniform(seed, idx):
+    # reference.hash_uniform, operation for operation (int64 with 32-bit masks)
+    h = (idx.to(tl.int64) + seed * 0x9E3779B9) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x45D9F3B) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x45D9F3B) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
 @triton.jit
@@ -154,7 +166,7 @@ def _quantize_rows_kernel(
     tl.store(zp_ptr + rows, zp + CODE_OFFSET, mask=rmask)
     tl.store(offset_ptr + rows, offset, mask=rmask)
     if STOCHASTIC:
-        seed = tl.load(seed_ptr)
+        seed = tl.load(seed_ptr).to(tl.int64)
 
     # ---- pass 2: codes
     for c0 in range(0, C, BLOCK_C):
@@ -170,7 +182,7 @@ def _quantize_rows_kernel(
             v = tl.math.div_rn(x, safe[:, None]) + qzero[:, None]
             v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
         if STOCHASTIC:
-            noise = tl.rand(seed, rows[:, None] * C + cols[None, :])
+            noise = _hash_uniform(seed, rows[:, None].to(tl.int64) * C + cols[None, :])
         if FP8 != 0:
             # Round on the fp8 grid with exact power-of-two arithmetic, then cast values that
             # are already representable: the result does not depend on how a backend rounds
@@ -212,30 +224,11 @@ def _quantize_rows_kernel(
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
 
 
-@triton.jit
-def _uniform_kernel(out_ptr, seed_ptr, N, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, tl.rand(tl.load(seed_ptr), offs), mask=offs < N)
-
-
-def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A Philox seed drawn from torch's generator, kept on the device (no host sync)."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64, generator=generator).to(torch.int32)
-
-
-def uniform_noise(seed: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The U[0, 1) numbers the stochastic kernels draw for ``seed``, in grouped row-major order."""
-    out = torch.empty(shape, dtype=torch.float32, device=device)
-    n = out.numel()
-    _uniform_kernel[(triton.cdiv(n, 1024),)](out, seed, n, BLOCK=1024)
-    return out
-
-
 def quantize(
     x: torch.Tensor, spec: QuantSpec, layout: Layout = Layout.DIM0, *, seed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``reference.quantize_ref``: codes (x's shape) and broadcastable scale,
-    zero point and offset. ``seed`` (an int32 tensor of one element) drives stochastic rounding;
+    zero point and offset. ``seed`` (an int64 tensor of one element) drives stochastic rounding;
     by default it is drawn from torch's generator."""
     # check
     if spec.granularity is Granularity.BLOCK or spec.transform is not Transform.NONE:
@@ -252,7 +245,7 @@ def quantize(
     zp, offset = torch.empty_like(scale), torch.empty_like(scale)
     stochastic = spec.is_stochastic
     if seed is None:
-        seed = draw_seed(x.device) if stochastic else torch.zeros(1, dtype=torch.int32, device=x.device)
+        seed = draw_seed(x.device) if stochastic else torch.zeros(1, dtype=torch.int64, device=x.device)
     sym = spec.scheme is Scheme.SYMMETRIC
     per_tensor = spec.granularity is Granularity.TENSOR
     stats = torch.zeros(3, dtype=torch.float32, device=x.device)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen.kernels.quantize import quantize, uniform_noise
-from fqt_compiler.reference import Layout, natural_2d, quantize_ref
+from codegen.kernels.quantize import quantize
+from fqt_compiler.reference import Layout, hash_uniform, quantize_ref
 from fqt_compiler.specs import QuantSpec
 from tests.conftest import DEVICE
 
@@ -23,12 +23,6 @@ SPECS = [
 ]
 # shapes not multiples of the 16 x 64 tiles, N = 1, batched 3-D operands in both layouts
 CASES = [((5, 70), Layout.DIM0), ((1, 9), Layout.PENULTIMATE), ((2, 3, 17), Layout.PENULTIMATE), ((2, 17, 3), Layout.LAST), ((33, 1), Layout.LAST)]
-
-
-def _grouped_shape(m: torch.Tensor, spec: QuantSpec) -> tuple[int, int]:
-    if spec.granularity.value == "tensor":
-        return (1, m.numel())
-    return tuple(m.shape) if spec.granularity.value == "row" else (m.shape[1], m.shape[0])
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -53,9 +47,8 @@ def test_quantize_kernel_matches_reference(spec, shape, layout):
     torch.manual_seed(0)
     x = (torch.randn(shape) * 3).to(DEVICE)
     x.view(-1)[0] = 40.0  # one large value: clamping and scale paths
-    seed = torch.tensor([321], dtype=torch.int32, device=DEVICE)
-    noise = uniform_noise(seed, _grouped_shape(natural_2d(x, layout), spec), x.device) if spec.is_stochastic else None
-    assert_same(quantize(x, spec, layout, seed=seed), quantize_ref(x, spec, layout, noise=noise))
+    seed = torch.tensor([321], dtype=torch.int64, device=DEVICE)
+    assert_same(quantize(x, spec, layout, seed=seed), quantize_ref(x, spec, layout, seed=seed))
 
 
 @pytest.mark.parametrize("fill", [0.0, 1e-30, 1e30, float("nan")], ids=["zeros", "tiny", "huge", "nan"])
@@ -63,7 +56,7 @@ def test_quantize_kernel_matches_reference(spec, shape, layout):
 def test_quantize_kernel_edge_values(spec, fill):
     x = torch.full((3, 20), fill, device=DEVICE)
     x[1] = torch.linspace(-2, 2, 20)  # one ordinary row next to the special ones
-    seed = torch.tensor([7], dtype=torch.int32, device=DEVICE)
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
     assert_same(quantize(x, spec, Layout.DIM0, seed=seed), quantize_ref(x, spec, Layout.DIM0))
 
 
@@ -74,13 +67,20 @@ def test_quantize_kernel_half_inputs(dtype):
     assert_same(quantize(x, spec, Layout.DIM0), quantize_ref(x, spec, Layout.DIM0))
 
 
-def test_uniform_noise_is_reproducible_and_uniform():
-    seed = torch.tensor([99], dtype=torch.int32, device=DEVICE)
-    a = uniform_noise(seed, (64, 64), torch.device(DEVICE))
-    assert torch.equal(a, uniform_noise(seed, (64, 64), torch.device(DEVICE)))
-    assert 0.45 < a.mean().item() < 0.55 and a.min() >= 0 and a.max() < 1
-    other = uniform_noise(torch.tensor([100], dtype=torch.int32, device=DEVICE), (64, 64), torch.device(DEVICE))
-    assert not torch.equal(a, other)
+def test_hash_uniform_is_reproducible_uniform_and_seed_dependent():
+    seed = torch.tensor([99], device=DEVICE)
+    a = hash_uniform(seed, (256, 256), DEVICE)
+    assert torch.equal(a, hash_uniform(seed, (256, 256), DEVICE))
+    assert a.min() >= 0 and a.max() < 1
+    # moments of U[0, 1): mean 1/2, variance 1/12; and 16 equal-width bins are evenly filled
+    assert abs(a.mean().item() - 0.5) < 0.005 and abs(a.var().item() - 1 / 12) < 0.002
+    counts = torch.histc(a.cpu(), bins=16, min=0, max=1)
+    assert (counts / a.numel() - 1 / 16).abs().max() < 0.004
+    # neighbouring elements, and the same element under two seeds, are uncorrelated
+    flat = a.flatten().double()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
+    b = hash_uniform(torch.tensor([100], device=DEVICE), (256, 256), DEVICE)
+    assert abs(torch.corrcoef(torch.stack([flat, b.flatten().double()]))[0, 1].item()) < 0.01
 
 
 def test_quantize_kernel_rejects_what_it_cannot_do():
