@@ -9,7 +9,9 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main
 
-    main(recipes=args.recipes, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, var_draws=args.var_draws)
+    main(
+        recipes=args.recipes, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, var_draws=args.var_draws, mode=args.mode
+    )
     return 0
 
 
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--var-draws", type=int, default=16, help="backward passes used to measure gradient variance")
+    demo.add_argument("--mode", default="reference", choices=["reference", "kernels"], help="execution mode (default: reference)")
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="benchmarks of BENCHMARKS.md: ratios against a same-run baseline")
     bench.add_argument("--sections", nargs="+", default=["layer", "gemm", "memory"], choices=["layer", "gemm", "memory"])
