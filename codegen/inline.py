@@ -19,7 +19,8 @@ from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fqt_compiler.ops import QUANTIZE_OPS
+from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
+from fqt_compiler.ops import QUANTIZE_OPS, bhq_inverse_op, bhq_quantize_op
 from fqt_compiler.reference import Layout, quantize_ref
 from fqt_compiler.specs import QuantSpec
 from passes.graph_utils import call
@@ -87,13 +88,20 @@ def _all_static(node: fx.Node) -> bool:
 
 
 def inline_quantize_ops(gm: fx.GraphModule) -> int:
-    """Replace every static-shape ``fqt::quantize[_stochastic]`` node by its traced reference."""
+    """Replace every static-shape quantize / BHQ node by its traced reference."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in QUANTIZE_OPS and _all_static(node):
+        if node.op != "call_function" or not _all_static(node):
+            continue
+        if node.target in QUANTIZE_OPS or node.target is bhq_quantize_op:
             x, key, layout = node.args
             spec, lay = QuantSpec.from_key(key), Layout(layout)
-            _inline(gm, node, lambda t: quantize_ref(t, spec, lay), (x,))
+            ref = quantize_ref if node.target in QUANTIZE_OPS else bhq_quantize_ref
+            _inline(gm, node, lambda t, ref=ref, spec=spec, lay=lay: ref(t, spec, lay), (x,))
+            count += 1
+        elif node.target is bhq_inverse_op:
+            y, group, u, s, layout = node.args
+            _inline(gm, node, lambda *t, lay=Layout(layout): bhq_inverse_ref(*t, lay), (y, group, u, s))
             count += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fqt_compiler.ops import fake_quantize_op
+from fqt_compiler.ops import bhq_inverse_op, fake_quantize_op
+from fqt_compiler.reference import Layout
 from fqt_compiler.sites import GemmNodeInfo, GemmStatus, QuantNodeInfo
 from fqt_compiler.specs import GemmKind, QuantSpec
 from passes.graph_utils import call
@@ -52,6 +53,7 @@ class _Operand:
     offset: fx.Node | None
     spec: QuantSpec
     views: list[fx.Node]  # from the dequantized value (exclusive) to the GEMM argument
+    transform: fx.Node | None = None  # the fqt::bhq_inverse applied after the dequantization
 
 
 def _match_operand(arg: fx.Node) -> _Operand | str:
@@ -69,13 +71,15 @@ def _match_operand(arg: fx.Node) -> _Operand | str:
         return "operand kept in high precision"
     if cur.target is fake_quantize_op:
         return f"{info.role.value} quantized with {QuantSpec.from_key(info.spec_key).short()}: no codes-and-scales form"
-    if info.what != "dequantize":
+    if info.what not in ("dequantize", "transform"):
         return f"operand comes from an fqt {info.what} node, not a dequantization"
-    scale = zp = offset = None
+    scale = zp = offset = transform = None
     node = cur
     # the chain emitted by passes.insert_qdq.emit_quantize, walked backwards
     if node.target is _CONVERT and isinstance(node.args[0], fx.Node) and _is_dequant(node.args[0]):
         node = node.args[0]  # the final cast back to the operand's dtype
+    if node.target is bhq_inverse_op:
+        transform, node = node, node.args[0]
     if node.target is aten.add.Tensor:
         offset, node = node.args[1], node.args[0]
     if node.target is not aten.mul.Tensor:
@@ -86,7 +90,7 @@ def _match_operand(arg: fx.Node) -> _Operand | str:
     if node.target is not _CONVERT:
         return "unrecognised dequantization chain"
     spec = QuantSpec.from_key(info.spec_key)
-    return _Operand(node.args[0], scale, zp, offset, spec, list(reversed(views)))
+    return _Operand(node.args[0], scale, zp, offset, spec, list(reversed(views)), transform)
 
 
 def _is_dequant(node: fx.Node) -> bool:
@@ -169,6 +173,11 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
         return simulated("uint8 codes: use format='int' (same levels, int8 storage) for an int8 GEMM")
     if code_dtype != torch.int8 and device.type != "cuda":
         return simulated(f"no fast {code_dtype} GEMM on {device.type}")
+    a_op, b_op = ops
+    if b_op.transform is not None:
+        return simulated("BHQ transform on the right operand: T^-1 does not commute with the GEMM there")
+    if a_op.transform is not None and (a_op.views or a_op.transform.args[4] != int(Layout.PENULTIMATE)):
+        return simulated("BHQ rows are not the rows of the GEMM's left operand")
     graph = gm.graph
     with graph.inserting_before(node):
         mats = [_materialize(graph, o, node) for o in ops]
@@ -182,11 +191,25 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
                 return simulated(bad)
         bias = node.args[0] if node.target is aten.addmm.default else None
         out_dtype = node.meta["val"].dtype
-        new = call(graph, qmm_op, (a, sa[0], sa[1], sa[2], b, sb[0], sb[1], sb[2], bias, out_dtype), like=node)
+        if a_op.transform is None:
+            new = call(graph, qmm_op, (a, sa[0], sa[1], sa[2], b, sb[0], sb[1], sb[2], bias, out_dtype), like=node)
+        else:
+            # BHQ: the GEMM runs on the codes of T dY; T^-1 acts on rows, so it commutes with
+            # the right multiplication and is applied to the GEMM's output rows (O(M N)), then
+            # the bias. DESIGN.md: "GEMM on Q(T dY), then apply T^-1 to the output rows".
+            group, u, s_ = a_op.transform.args[1:4]
+            acc = call(graph, qmm_op, (a, sa[0], sa[1], sa[2], b, sb[0], sb[1], sb[2], None, torch.float32), like=node)
+            new = call(graph, bhq_inverse_op, (acc, group, u, s_, int(Layout.PENULTIMATE)), like=node)
+            if bias is not None:
+                new = call(graph, aten.add.Tensor, (new, bias), like=node)
+            if out_dtype != torch.float32:
+                new = call(graph, _CONVERT, (new, out_dtype), like=node)
     new.meta["fqt"] = info
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     kernel = "triton qmm" if device.type == "cuda" else "torch._int_mm + epilogue"
+    if a_op.transform is not None:
+        kernel += ", then T^-1 on the output rows"
     return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=kernel)
 
 

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .reference import Layout, _quantize_grouped, dequantize_ref, from_natural_2d, natural_2d, shape_scale
 from .specs import Granularity, QuantSpec, Transform
 
-__all__ = ["BHQTransform", "bhq_transform", "bhq_fake_quantize_2d", "householder_qn"]
+__all__ = ["BHQTransform", "bhq_transform", "bhq_quantize_ref", "bhq_inverse_ref", "bhq_fake_quantize_2d", "householder_qn"]
 
 # Relative floor on row ranges: keeps the cube-root scales finite for all-zero rows while
 # staying scale-invariant (an absolute 1e-8, as in the reference code, would swamp 1e-30 grads).
@@ -77,7 +78,12 @@ class BHQTransform:
         return self.apply(torch.eye(n, dtype=torch.float64, device=self.group.device))
 
     def group_sizes(self) -> torch.Tensor:
-        return torch.bincount(self.group, minlength=self.num_groups)
+        return _counts(self.group, self.num_groups)
+
+
+def _counts(index: torch.Tensor, n: int) -> torch.Tensor:
+    # bincount with a static output size (bincount's size depends on the data: untraceable)
+    return torch.zeros(n, dtype=torch.int64, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 def bhq_transform(x: torch.Tensor) -> BHQTransform:
@@ -121,7 +127,7 @@ def bhq_transform(x: torch.Tensor) -> BHQTransform:
     group_sorted = torch.where(is_lead_sorted, pos, owner)
 
     # Step 4: group sizes, lambda1 (leader range) and lambda2 (largest small row of the group).
-    size = torch.bincount(group_sorted, minlength=n_rows).to(dt)
+    size = _counts(group_sorted, n_rows).to(dt)
     c_prev = torch.cat([torch.zeros(1, dtype=dt, device=dev), c[:-1]])
     first_small = (n_lead + c_prev).clamp(max=n_rows - 1).long()
     lam1 = v
@@ -150,6 +156,43 @@ def bhq_transform(x: torch.Tensor) -> BHQTransform:
     return BHQTransform(unsort(g), unsort(is_lead_sorted), unsort(u_sorted), unsort(s_sorted), n_rows)
 
 
+def bhq_quantize_ref(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    layout: Layout = Layout.DIM0,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """BHQ quantization of ``x`` (rows of its natural matrix are the samples).
+
+    Returns the per-row codes of Y = T X with their scale / zero point / offset (shaped like
+    :func:`reference.quantize_ref`'s per-row statistics) and the transform's per-row group id,
+    Householder entry u and scale s (each of N values), so that
+
+        x_hat = bhq_inverse_ref(dequantize_ref(codes, scale, zero_point, offset), group, u, s)
+
+    The transform is applied in fp32: its rounding is far below one quantization step.
+    """
+    m = natural_2d(x, layout)
+    m = m.to(torch.float64 if m.dtype == torch.float64 else torch.float32)
+    t = bhq_transform(m)
+    y = t.apply(m)
+    row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
+    codes, scale, zp, offset = _quantize_grouped(y, row_spec, noise, generator, seed)
+    codes = from_natural_2d(codes, x.shape, layout)
+    stats = [shape_scale(t_, x.shape, Granularity.ROW, layout) for t_ in (scale, zp, offset)]
+    return (codes, *stats, t.group, t.u.to(m.dtype), t.scale.to(m.dtype))
+
+
+def bhq_inverse_ref(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: Layout = Layout.DIM0) -> torch.Tensor:
+    """T^-1 applied to the rows of ``y``'s natural matrix (``y``'s shape and dtype are kept)."""
+    m = natural_2d(y, layout)
+    t = BHQTransform(group, group == group, u.to(m.dtype), s.to(m.dtype), group.numel())
+    return from_natural_2d(t.inverse(m), y.shape, layout)
+
+
 def bhq_fake_quantize_2d(
     m: torch.Tensor,
     spec: QuantSpec,
@@ -159,13 +202,6 @@ def bhq_fake_quantize_2d(
     seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BHQ quantize-dequantize of a natural 2-D matrix: T^-1 Q_row(T m)."""
-    from .reference import _quantize_grouped, dequantize_ref
-
-    t = bhq_transform(m)
-    y = t.apply(m.to(torch.float64)).to(m.dtype)
-    row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
-    codes, scale, zp, offset = _quantize_grouped(y, row_spec, noise, generator, seed)
-    y_hat = dequantize_ref(codes, scale, zp, offset, torch.float64)
-    return t.inverse(y_hat).to(m.dtype)
-
-
+    codes, scale, zp, offset, group, u, s = bhq_quantize_ref(m, spec, Layout.DIM0, noise=noise, generator=generator, seed=seed)
+    y_hat = dequantize_ref(codes, scale, zp, offset, scale.dtype)
+    return bhq_inverse_ref(y_hat, group, u, s, Layout.DIM0).to(m.dtype)

@@ -8,8 +8,12 @@
 * ``fqt::quantize_stochastic``: the same with stochastic rounding. Tagged
   ``nondeterministic_seeded``: it draws from torch's generator, so it is never recomputed,
   deduplicated or CSE'd (each draw must stay independent).
-* ``fqt::fake_quantize(x, spec, layout) -> x_hat``: quantize-dequantize in one op, for what has
-  no codes-plus-affine-scales form: transforms (BHQ) and block scales. Also tagged.
+* ``fqt::bhq_quantize(x, spec, layout) -> (codes, scale, zero_point, offset, group, u, s)``:
+  the block Householder quantizer: per-row codes of T x plus the O(N) description of T; and
+  ``fqt::bhq_inverse(y, group, u, s, layout)``: T^-1 on the rows of the dequantized value. A
+  GEMM on BHQ codes applies T^-1 to its output rows instead (T^-1 commutes with the GEMM).
+* ``fqt::fake_quantize(x, spec, layout) -> x_hat``: quantize-dequantize in one op, for block
+  scales (no codes-plus-affine-scales form). Also tagged.
 
 ``spec`` is :meth:`QuantSpec.key` text and ``layout`` a :class:`Layout` value. The
 implementations are the reference (``reference.py``); lowered graphs call the kernels of
@@ -21,15 +25,19 @@ from __future__ import annotations
 import torch
 
 from .errors import SpecError
-from .reference import Layout, fake_quantize_ref, quantize_ref, scale_shape
+from .bhq import bhq_inverse_ref, bhq_quantize_ref
+from .reference import Layout, fake_quantize_ref, natural_2d_shape, quantize_ref, scale_shape
 from .specs import Granularity, QuantSpec, Transform
 
-__all__ = ["quantize_op", "quantize_stochastic_op", "fake_quantize_op", "needs_fake_quantize", "quantize_fake", "QUANTIZE_OPS"]
+__all__ = [
+    "quantize_op", "quantize_stochastic_op", "fake_quantize_op", "bhq_quantize_op", "bhq_inverse_op",
+    "needs_fake_quantize", "quantize_fake", "QUANTIZE_OPS",
+]
 
 
 def needs_fake_quantize(spec: QuantSpec) -> bool:
     """Specs without a codes-plus-affine-scales form: they go through ``fqt::fake_quantize``."""
-    return spec.transform is not Transform.NONE or spec.granularity is Granularity.BLOCK
+    return spec.granularity is Granularity.BLOCK
 
 
 def quantize_fake(x: torch.Tensor, spec: str, layout: int):
@@ -77,7 +85,38 @@ def _fake_quantize_fake(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("fqt::bhq_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _bhq_quantize(
+    x: torch.Tensor, spec: str, layout: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    parsed = QuantSpec.from_key(spec)
+    if parsed.transform is not Transform.BLOCK_HOUSEHOLDER:
+        raise SpecError(f"fqt::bhq_quantize needs a spec with transform='bhq', got {spec!r}")
+    out = bhq_quantize_ref(x, parsed, Layout(layout))
+    return tuple(t.contiguous().clone() for t in out)
+
+
+@_bhq_quantize.register_fake
+def _bhq_quantize_fake(x: torch.Tensor, spec: str, layout: int):
+    codes, scale, zp, offset = quantize_fake(x, spec, layout)
+    n = natural_2d_shape(x.shape, Layout(layout))[0]
+    sdt = scale.dtype
+    return codes, scale, zp, offset, x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=sdt), x.new_empty((n,), dtype=sdt)
+
+
+@torch.library.custom_op("fqt::bhq_inverse", mutates_args=())
+def _bhq_inverse(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: int) -> torch.Tensor:
+    return bhq_inverse_ref(y, group, u, s, Layout(layout))
+
+
+@_bhq_inverse.register_fake
+def _bhq_inverse_fake(y, group, u, s, layout):
+    return torch.empty_like(y)
+
+
 quantize_op = torch.ops.fqt.quantize.default
 quantize_stochastic_op = torch.ops.fqt.quantize_stochastic.default
 fake_quantize_op = torch.ops.fqt.fake_quantize.default
+bhq_quantize_op = torch.ops.fqt.bhq_quantize.default
+bhq_inverse_op = torch.ops.fqt.bhq_inverse.default
 QUANTIZE_OPS = (quantize_op, quantize_stochastic_op)

@@ -38,7 +38,7 @@ from .specs import Granularity, QuantSpec, Rounding, Scheme, Transform
 
 __all__ = [
     "Layout", "quantize", "quantize_ref", "dequantize_ref", "fake_quantize_ref",
-    "natural_2d", "from_natural_2d", "scale_shape", "shape_scale", "draw_seed", "hash_uniform", "qmm_ref",
+    "natural_2d", "natural_2d_shape", "from_natural_2d", "scale_shape", "shape_scale", "draw_seed", "hash_uniform", "qmm_ref",
 ]
 
 
@@ -66,6 +66,24 @@ def natural_2d(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     if layout is Layout.PENULTIMATE:
         return x.reshape(-1, x.shape[-1])
     return x.transpose(-1, -2).reshape(-1, x.shape[-2])
+
+
+def natural_2d_shape(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[int, int]:
+    """(rows, columns) of :func:`natural_2d` for a tensor of ``shape``, without a tensor."""
+    shape = tuple(shape)
+    if len(shape) == 0:
+        return (1, 1)
+    if len(shape) == 1 or layout is Layout.DIM0:
+        rest = 1
+        for d in shape[1:]:
+            rest *= d
+        return (shape[0], rest)
+    lead = 1
+    for d in shape[:-2]:
+        lead *= d
+    if layout is Layout.PENULTIMATE:
+        return (lead * shape[-2], shape[-1])
+    return (lead * shape[-1], shape[-2])
 
 
 def from_natural_2d(m: torch.Tensor, like_shape: torch.Size, layout: Layout) -> torch.Tensor:

@@ -14,13 +14,13 @@ from dataclasses import replace
 
 from torch import fx
 
-from fqt_compiler.ops import fake_quantize_op, quantize_op, quantize_stochastic_op
+from fqt_compiler.ops import bhq_quantize_op, fake_quantize_op, quantize_op, quantize_stochastic_op
 from fqt_compiler.sites import QuantNodeInfo
 
 from . import matchers as m
 from .base import FQTPass, PassContext
 
-_NEVER_MERGED = (quantize_stochastic_op, fake_quantize_op)
+_NEVER_MERGED = (quantize_stochastic_op, fake_quantize_op, bhq_quantize_op)
 
 
 def _value_key(arg: object) -> object:

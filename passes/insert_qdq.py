@@ -24,10 +24,17 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from fqt_compiler.ops import fake_quantize_op, needs_fake_quantize, quantize_op, quantize_stochastic_op
+from fqt_compiler.ops import (
+    bhq_inverse_op,
+    bhq_quantize_op,
+    fake_quantize_op,
+    needs_fake_quantize,
+    quantize_op,
+    quantize_stochastic_op,
+)
 from fqt_compiler.reference import Layout
 from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo
-from fqt_compiler.specs import GemmKind, QuantSpec, Scheme, TensorRole
+from fqt_compiler.specs import GemmKind, QuantSpec, Scheme, TensorRole, Transform
 
 
 from .base import BackwardGemm, FQTPass, PassContext, Site
@@ -45,9 +52,10 @@ def emit_quantize(
     kw = dict(like=like, tag=tag)
     if needs_fake_quantize(spec):
         return call(graph, fake_quantize_op, (x, key, int(layout)), info=info, **kw)
-    op = quantize_stochastic_op if spec.is_stochastic else quantize_op
+    bhq = spec.transform is Transform.BLOCK_HOUSEHOLDER
+    op = bhq_quantize_op if bhq else quantize_stochastic_op if spec.is_stochastic else quantize_op
     q = call(graph, op, (x, key, int(layout)), info=info, **kw)
-    codes, scale, zp, offset = tuple_items(graph, q, 4, info=info, **kw)
+    codes, scale, zp, offset, *transform = tuple_items(graph, q, 7 if bhq else 4, info=info, **kw)
     dq_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, "dequantize")
     # casts are prims.convert_element_type, the form Inductor's decompositions produce and its
     # lowerings expect (aten._to_copy would be a second, conflicting path to the same op)
@@ -58,6 +66,9 @@ def emit_quantize(
     out = call(graph, aten.mul.Tensor, (out, scale), info=dq_info, **kw)
     if spec.scheme is Scheme.ASYMMETRIC:
         out = call(graph, aten.add.Tensor, (out, offset), info=dq_info, **kw)
+    if bhq:
+        t_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, "transform")
+        out = call(graph, bhq_inverse_op, (out, *transform, int(layout)), info=t_info, **kw)
     if dtype_of(out) != dtype_of(x):
         out = call(graph, convert, (out, dtype_of(x)), info=dq_info, **kw)
     return out

@@ -16,7 +16,7 @@ import operator
 from torch import fx
 
 from fqt_compiler.errors import PassError
-from fqt_compiler.ops import fake_quantize_op, quantize_stochastic_op
+from fqt_compiler.ops import bhq_quantize_op, fake_quantize_op, quantize_stochastic_op
 from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo
 from fqt_compiler.specs import QuantSpec
 
@@ -57,7 +57,7 @@ def verify_graph(gm: fx.GraphModule, after: str) -> None:
                         f"after pass {after!r}: GEMM {node.name} ({info.gemm.value}, site {info.site_id}) expects "
                         f"argument {idx} quantized but it comes from {getattr(arg, 'name', arg)!r}"
                     )
-        if node.op == "call_function" and node.target in (fake_quantize_op, quantize_stochastic_op):
+        if node.op == "call_function" and node.target in (fake_quantize_op, quantize_stochastic_op, bhq_quantize_op):
             spec = QuantSpec.from_key(node.args[1])
             gemm_users = _gemms_fed_by(node)
             if spec.is_stochastic and len(gemm_users) > 1:

@@ -114,8 +114,8 @@ def test_variants_kernels_mode_lowers_every_realizable_gemm():
     assert len(mms) == 5
     for site, g in mms:
         weight_on_left = g.shape == "3x6x2"  # L @ r
-        if g.kind is GemmKind.GRAD_INPUT:  # BHQ grad_output has no codes-and-scales form
-            assert g.status is fqt.GemmStatus.SIMULATED and "BHQ" in g.reason
+        if g.kind is GemmKind.GRAD_INPUT:  # BHQ: int8 GEMM on the codes of T dY, then T^-1
+            assert g.status is fqt.GemmStatus.LOWBIT_KERNEL and "T^-1" in g.kernel, (site, g)
         elif g.kind is GemmKind.GRAD_WEIGHT and weight_on_left:
             # dL = dY @ r.T contracts over dY's columns: the paper's per-column scales vary along K
             assert g.status is fqt.GemmStatus.SIMULATED and "contracted dim" in g.reason, (site, g)

@@ -35,8 +35,10 @@ aten = torch.ops.aten
 QUANTIZE = torch.ops.fqt.quantize.default
 QUANTIZE_STOCHASTIC = torch.ops.fqt.quantize_stochastic.default
 FAKE_QUANTIZE = torch.ops.fqt.fake_quantize.default
-QUANT_OPS = (QUANTIZE, QUANTIZE_STOCHASTIC, FAKE_QUANTIZE)
-STOCHASTIC_OPS = (QUANTIZE_STOCHASTIC, FAKE_QUANTIZE)
+BHQ_QUANTIZE = torch.ops.fqt.bhq_quantize.default
+BHQ_INVERSE = torch.ops.fqt.bhq_inverse.default
+QUANT_OPS = (QUANTIZE, QUANTIZE_STOCHASTIC, FAKE_QUANTIZE, BHQ_QUANTIZE)
+STOCHASTIC_OPS = (QUANTIZE_STOCHASTIC, FAKE_QUANTIZE, BHQ_QUANTIZE)
 GEMM_TARGETS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 
 
@@ -222,14 +224,18 @@ def test_exact_recipe_inserts_nothing():
     assert all(g.status is GemmStatus.SKIPPED for s in ctx.decisions for g in s.gemms)
 
 
-def test_bhq_uses_an_opaque_quantization_for_grad_input_only():
+def test_bhq_quantizes_grad_input_with_codes_and_an_inverse_transform():
     gm, ctx = run(case_capture("mlp"), "bhq4")
-    # BHQ (a transform) on the 2 grad_input GEMMs; per-column codes on the 3 grad_weight GEMMs
-    assert count(gm, FAKE_QUANTIZE) == 2
+    # BHQ on the 2 grad_input GEMMs (codes of T dY, then T^-1); per-column codes on the 3 grad_weight GEMMs
+    assert count(gm, BHQ_QUANTIZE) == 2 and count(gm, BHQ_INVERSE) == 2
     assert count(gm, QUANTIZE_STOCHASTIC) == 3
-    for n in nodes(gm, FAKE_QUANTIZE):
+    assert count(gm, FAKE_QUANTIZE) == 0
+    for n in nodes(gm, BHQ_QUANTIZE):
         assert n.meta["fqt"].gemm is GemmKind.GRAD_INPUT
         assert fqt.QuantSpec.from_key(n.args[1]) == fqt.recipe("bhq4").grad_input.grad_output
+    for n in nodes(gm, BHQ_INVERSE):  # the inverse transform consumes this quantization's own T
+        (q,) = {a.args[0] for a in n.args[1:4]}
+        assert q.target is BHQ_QUANTIZE
 
 
 # --------------------------------------------------------------------------- decisions
@@ -425,8 +431,8 @@ def test_dedupe_never_merges_stochastic_quantizations():
     """Duplicate a deterministic and both kinds of stochastic quantization by hand: dedupe
     merges only the deterministic one."""
     cap = case_capture("mlp")
-    gm, ctx = run(cap, "bhq8")  # BHQ grad_input: fake_quantize; per-column grad_weight: quantize_stochastic
-    det, sto, opaque = nodes(gm, QUANTIZE)[0], nodes(gm, QUANTIZE_STOCHASTIC)[0], nodes(gm, FAKE_QUANTIZE)[0]
+    gm, ctx = run(cap, "bhq8")  # BHQ grad_input: bhq_quantize; per-column grad_weight: quantize_stochastic
+    det, sto, opaque = nodes(gm, QUANTIZE)[0], nodes(gm, QUANTIZE_STOCHASTIC)[0], nodes(gm, BHQ_QUANTIZE)[0]
     dups = [_duplicate(gm, n) for n in (det, sto, opaque)]
     gm.recompile()
     before = {op: count(gm, op) for op in QUANT_OPS}
@@ -436,7 +442,7 @@ def test_dedupe_never_merges_stochastic_quantizations():
     assert count(gm, QUANTIZE) == before[QUANTIZE] - 1, "identical deterministic quantizations were not merged"
     assert dups[0] not in gm.graph.nodes
     assert count(gm, QUANTIZE_STOCHASTIC) == before[QUANTIZE_STOCHASTIC], "a stochastic quantization was merged"
-    assert count(gm, FAKE_QUANTIZE) == before[FAKE_QUANTIZE], "a stochastic fake_quantize was merged"
+    assert count(gm, BHQ_QUANTIZE) == before[BHQ_QUANTIZE], "a stochastic BHQ quantization was merged"
     assert dups[1] in gm.graph.nodes and dups[2] in gm.graph.nodes
 
 
