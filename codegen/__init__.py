@@ -13,17 +13,30 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import fx
 from torch._functorch.aot_autograd import make_boxed_func
 
 from fqt_compiler.config import FQTConfig, Mode
 
-from . import ops as _ops  # registers fqt::qmm and fqt::quantize_kernel
+from .ops import KERNEL_TWINS
 from .inline import inline_qmm_ops, inline_quantize_ops
 from .lower import LoweredGemm, lower_gemms
 
-__all__ = ["compile_graph", "LoweredGemm", "lower_gemms"]
-del _ops
+__all__ = ["compile_graph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms"]
+
+
+def swap_to_kernel_ops(gm: fx.GraphModule, include_cpu: bool = False) -> int:
+    """Point quantize / BHQ nodes on CUDA (and on CPU with ``include_cpu``) at their Triton twins."""
+    count = 0
+    for node in gm.graph.nodes:
+        twin = KERNEL_TWINS.get(node.target) if node.op == "call_function" else None
+        val = node.args[0].meta.get("val") if twin is not None else None
+        if twin is not None and isinstance(val, torch.Tensor) and (val.device.type == "cuda" or include_cpu):
+            node.target = twin
+            count += 1
+    gm.recompile()
+    return count
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig) -> tuple[Callable, list[LoweredGemm]]:
@@ -31,6 +44,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig) -
     lowered: list[LoweredGemm] = []
     if config.mode is Mode.KERNELS:
         lowered = lower_gemms(gm)
+        swap_to_kernel_ops(gm)  # CUDA: the Triton quantize and BHQ kernels
         if config.inductor:
             from torch._inductor.compile_fx import compile_fx_inner
 

@@ -4,18 +4,23 @@
   Triton kernel of ``kernels/qmm.py``. CPU: ``torch._int_mm`` (VNNI int8, exact int32
   accumulation) plus the same epilogue as ``reference.qmm_ref`` (bit-identical to it); fp8 on
   CPU runs the reference (there is no fast fp8 GEMM on this CPU; the decision table says so).
-* ``fqt::quantize_kernel``: the Triton quantize kernel on CUDA, the reference elsewhere.
+* ``fqt::quantize_kernel``, ``fqt::bhq_quantize_kernel``, ``fqt::bhq_inverse_kernel``: the
+  Triton quantize / fused BHQ kernels on CUDA (and under Triton's interpreter), the reference
+  elsewhere; twins of ``fqt::quantize[_stochastic]``, ``fqt::bhq_quantize``, ``fqt::bhq_inverse``.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.ops import quantize_fake
 from fqt_compiler.reference import Layout, qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
 
-__all__ = ["qmm_op", "quantize_kernel_op", "qmm_cpu"]
+__all__ = ["qmm_op", "quantize_kernel_op", "bhq_quantize_kernel_op", "bhq_inverse_kernel_op", "qmm_cpu", "KERNEL_TWINS"]
 
 
 def qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
@@ -71,10 +76,15 @@ def _qmm_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
+def _triton_here(x: torch.Tensor) -> bool:
+    """Triton runs on CUDA, and on CPU tensors under Triton's interpreter (tests)."""
+    return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @torch.library.custom_op("fqt::quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     parsed = QuantSpec.from_key(spec)
-    if x.device.type == "cuda" and x.dtype != torch.float64:
+    if _triton_here(x) and x.dtype != torch.float64:
         from .kernels.quantize import quantize
 
         out = quantize(x, parsed, Layout(layout))
@@ -86,5 +96,42 @@ def _quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Ten
 
 _quantize_kernel.register_fake(quantize_fake)
 
+
+@torch.library.custom_op("fqt::bhq_quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _bhq_quantize_kernel(
+    x: torch.Tensor, spec: str, layout: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    parsed = QuantSpec.from_key(spec)
+    if _triton_here(x) and x.dtype != torch.float64:
+        from .kernels.bhq import bhq_quantize
+
+        out = bhq_quantize(x, parsed, Layout(layout))
+    else:
+        out = bhq_quantize_ref(x, parsed, Layout(layout))
+    return tuple(t.contiguous().clone() for t in out)
+
+
+@torch.library.custom_op("fqt::bhq_inverse_kernel", mutates_args=())
+def _bhq_inverse_kernel(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: int) -> torch.Tensor:
+    if _triton_here(y) and y.dtype != torch.float64:
+        from .kernels.bhq import bhq_inverse
+
+        return bhq_inverse(y, group, u, s, Layout(layout))
+    return bhq_inverse_ref(y, group, u, s, Layout(layout))
+
+
+_bhq_quantize_kernel.register_fake(lambda x, spec, layout: torch.ops.fqt.bhq_quantize.default(x, spec, layout))
+_bhq_inverse_kernel.register_fake(lambda y, group, u, s, layout: torch.empty_like(y))
+
 qmm_op = torch.ops.fqt.qmm.default
 quantize_kernel_op = torch.ops.fqt.quantize_kernel.default
+bhq_quantize_kernel_op = torch.ops.fqt.bhq_quantize_kernel.default
+bhq_inverse_kernel_op = torch.ops.fqt.bhq_inverse_kernel.default
+
+# reference op -> its kernel twin (same arguments, same results given the same seed)
+KERNEL_TWINS = {
+    torch.ops.fqt.quantize.default: quantize_kernel_op,
+    torch.ops.fqt.quantize_stochastic.default: quantize_kernel_op,
+    torch.ops.fqt.bhq_quantize.default: bhq_quantize_kernel_op,
+    torch.ops.fqt.bhq_inverse.default: bhq_inverse_kernel_op,
+}

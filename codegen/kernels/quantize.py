@@ -48,6 +48,13 @@ def _hash_uniform(seed, idx):
 
 
 @triton.jit
+def _bhq_rows(x, proj_ptr, group, u2, s, cols, mask, stride_pg):
+    # y = z - (2 u) proj[group] with z = s x: the order of reference BHQTransform.apply
+    proj = tl.load(proj_ptr + group[:, None] * stride_pg + cols[None, :], mask=mask, other=0.0)
+    return s[:, None] * x - u2[:, None] * proj
+
+
+@triton.jit
 def _minmax_partials_kernel(
     # pointers
     x_ptr, out_ptr,
@@ -86,12 +93,14 @@ def _minmax_partials_kernel(
 @triton.jit
 def _quantize_rows_kernel(
     # pointers: input, outputs (codes, one scale / zero point / offset per row), given
-    # per-tensor statistics, the random seed
+    # per-tensor statistics, the random seed; BHQ only: per-row group / u / s and the group
+    # projections proj[g] = sum over the group's rows of u * s * x
     x_ptr, codes_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr,
+    group_ptr, u_ptr, s_ptr, proj_ptr,
     # sizes of the (grouped) matrix: one scale per row
     R, C,
-    # strides of the input and of the codes
-    stride_xr, stride_xc, stride_cr, stride_cc,
+    # strides of the input, of the codes and of proj
+    stride_xr, stride_xc, stride_cr, stride_cc, stride_pg,
     # meta-parameters
     SCHEME: tl.constexpr,  # 0 symmetric, 1 asymmetric, 2 zero-on-grid
     FP8: tl.constexpr,  # 0 int codes, 1 e4m3, 2 e5m2
@@ -102,11 +111,16 @@ def _quantize_rows_kernel(
     CODE_OFFSET: tl.constexpr,  # stored code = level + CODE_OFFSET
     FP8_MANT: tl.constexpr,  # fp8 mantissa bits (3 for e4m3, 2 for e5m2)
     FP8_EMIN: tl.constexpr,  # fp8 smallest normal exponent (-6 / -14)
+    TRANSFORM: tl.constexpr,  # BHQ: quantize y = s x - 2 u proj[group] instead of x
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
+    if TRANSFORM:
+        t_group = tl.load(group_ptr + rows, mask=rmask, other=0)
+        t_u2 = 2.0 * tl.load(u_ptr + rows, mask=rmask, other=0.0)
+        t_s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
 
     # ---- pass 1: row statistics (NaN tracked separately: tl.max does not propagate it)
     if STATS_GIVEN:
@@ -126,6 +140,8 @@ def _quantize_rows_kernel(
             cols = c0 + tl.arange(0, BLOCK_C)
             mask = rmask[:, None] & (cols < C)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+            if TRANSFORM:
+                x = _bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
             nan = tl.maximum(nan, tl.max(tl.where(x != x, 1.0, 0.0), axis=1))
             if SCHEME == 0:
                 amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
@@ -173,6 +189,8 @@ def _quantize_rows_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        if TRANSFORM:
+            x = _bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
         if SCHEME == 0:
             v = tl.where(scale_finite[:, None], tl.math.div_rn(x, safe[:, None]), x * scale[:, None])
         elif SCHEME == 1:
@@ -263,12 +281,13 @@ def quantize(
         fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
         _quantize_rows_kernel[(triton.cdiv(n_rows, 16),)](
             g, c2, scale, zp, offset, stats, seed,
+            scale, scale, scale, scale,  # no BHQ transform: unused
             n_rows, n_cols,
-            g.stride(0), g.stride(1), c2.stride(0), c2.stride(1),
+            g.stride(0), g.stride(1), c2.stride(0), c2.stride(1), 0,
             SCHEME=_SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=stochastic, STATS_GIVEN=per_tensor,
             QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
             FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-            BLOCK_R=16, BLOCK_C=64,
+            TRANSFORM=False, BLOCK_R=16, BLOCK_C=64,
         )
     if per_tensor:  # every row stored the same per-tensor numbers
         scale, zp, offset = scale[:1], zp[:1], offset[:1]
