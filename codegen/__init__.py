@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -23,7 +25,7 @@ from .ops import KERNEL_TWINS
 from .inline import inline_qmm_ops, inline_quantize_ops
 from .lower import LoweredGemm, lower_gemms
 
-__all__ = ["compile_graph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms"]
+__all__ = ["compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms"]
 
 
 def swap_to_kernel_ops(gm: fx.GraphModule, include_cpu: bool = False) -> int:
@@ -39,12 +41,44 @@ def swap_to_kernel_ops(gm: fx.GraphModule, include_cpu: bool = False) -> int:
     return count
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig) -> tuple[Callable, list[LoweredGemm]]:
-    """Return a boxed callable running ``gm`` in ``config.mode`` and the lowering decisions."""
+@dataclass
+class CompiledGraph:
+    """What ``compile_graph`` made of one partitioned graph."""
+
+    fn: Callable  # boxed callable
+    lowered: list[LoweredGemm] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # kernel name -> generated / kernel source
+
+
+def _triton_sources(gm: fx.GraphModule) -> dict[str, str]:
+    """Source of every fqt Triton kernel family the graph calls on CUDA (specialized by Triton
+    per constexpr combination at launch)."""
+    from .ops import bhq_inverse_kernel_op, bhq_quantize_kernel_op, qmm_op, quantize_kernel_op
+
+    families = {
+        qmm_op: ("codegen.kernels.qmm", ["_qmm_kernel"]),
+        quantize_kernel_op: ("codegen.kernels.quantize", ["_quantize_rows_kernel", "_minmax_partials_kernel"]),
+        bhq_quantize_kernel_op: ("codegen.kernels.bhq", ["_group_projection_kernel"]),
+        bhq_inverse_kernel_op: ("codegen.kernels.bhq", ["_group_projection_kernel", "_reflect_kernel"]),
+    }
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        fam = families.get(node.target) if node.op == "call_function" else None
+        val = node.args[0].meta.get("val") if fam else None
+        if fam and isinstance(val, torch.Tensor) and val.device.type == "cuda":
+            module = importlib.import_module(fam[0])
+            for name in fam[1]:
+                out[f"triton:{name}"] = getattr(module, name).src
+    return out
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, name: str = "graph") -> CompiledGraph:
+    """Compile ``gm`` for ``config.mode``: a boxed callable, the lowering decisions, the sources."""
     lowered: list[LoweredGemm] = []
     if config.mode is Mode.KERNELS:
         lowered = lower_gemms(gm)
         swap_to_kernel_ops(gm)  # CUDA: the Triton quantize and BHQ kernels
+        sources = _triton_sources(gm)
         if config.inductor:
             from torch._inductor.compile_fx import compile_fx_inner
 
@@ -57,5 +91,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig) -
             fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes if hasattr(n.meta.get("val"), "fake_mode"))
             with V.set_fake_mode(fake_mode):
                 replace_random_passes(gm)
-            return compile_fx_inner(gm, example_inputs), lowered
-    return make_boxed_func(gm.forward), lowered
+            compiled = compile_fx_inner(gm, example_inputs)
+            code = getattr(compiled, "source_code", None)
+            if code:
+                sources[f"inductor:{name}"] = code
+            return CompiledGraph(compiled, lowered, sources)
+        return CompiledGraph(make_boxed_func(gm.forward), lowered, sources)
+    return CompiledGraph(make_boxed_func(gm.forward), lowered)

@@ -46,6 +46,7 @@ class GraphRecord:
     passes: list[str] = field(default_factory=list)
     graph_texts: list[tuple[str, str]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    kernel_sources: dict[str, str] = field(default_factory=dict)  # generated code per kernel / graph
 
     def apply_lowering(self, lowered: list) -> None:
         """Fold codegen's per-GEMM results (``codegen.LoweredGemm``) into the decisions."""
@@ -105,10 +106,15 @@ class FQTBackend:
             self._run_passes(joint, record, param_indices)
             return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
+        compiled_names: list[str] = []
+
         def compiler(graph: fx.GraphModule, inputs: list[Any]):
-            fn, lowered = compile_graph(graph, inputs, config)
-            record.apply_lowering(lowered)
-            return fn
+            name = f"graph{record.graph_id}_" + ("forward", "backward", "graph")[min(len(compiled_names), 2)]
+            compiled_names.append(name)
+            out = compile_graph(graph, inputs, config, name)
+            record.apply_lowering(out.lowered)
+            record.kernel_sources.update(out.sources)
+            return out.fn
 
         def inference_compiler(graph: fx.GraphModule, inputs: list[Any]):
             record.kind = "inference"

@@ -40,6 +40,10 @@ class ExplainReport:
     def rows(self) -> list[tuple[SiteDecision, GemmDecision]]:
         return [(s, g) for s in self.sites for g in s.gemms]
 
+    def kernel_sources(self) -> dict[str, str]:
+        """Generated code of the compiled graphs (Inductor) and the fqt Triton kernels they call."""
+        return {k: v for r in self.records for k, v in r.kernel_sources.items()}
+
     def counts(self) -> dict[str, int]:
         """Number of GEMMs per status (``simulated``, ``lowbit-kernel``, ``skipped``)."""
         out = {s.value: 0 for s in GemmStatus}

@@ -88,3 +88,7 @@ def test_kernels_mode_with_inductor_matches_reference():
     _assert_grads_close(grads_k, grads_r, 1e-4)
     lowered = [g for r in be.records for s in r.decisions for g in s.gemms if g.status is fqt.GemmStatus.LOWBIT_KERNEL]
     assert len(lowered) == case.n_gemms
+    # the code Inductor generated for both graphs can be retrieved, and calls the int8 GEMM
+    sources = {k: v for r in be.records for k, v in r.kernel_sources.items()}
+    assert {"inductor:graph0_forward", "inductor:graph0_backward"} <= sources.keys()
+    assert all("_int_mm" in v for k, v in sources.items() if k.startswith("inductor:"))
