@@ -55,6 +55,19 @@ def _bhq_rows(x, proj_ptr, group, u2, s, cols, mask, stride_pg):
 
 
 @triton.jit
+def _update_row_stats(x, mask, nan, amax, mn, mx, SYMMETRIC: tl.constexpr):
+    # per-row running statistics of one tile; NaN is tracked on its own because tl.max /
+    # tl.min do not propagate it (torch's amax / amin in the reference do)
+    nan = tl.maximum(nan, tl.max(tl.where(x != x, 1.0, 0.0), axis=1))
+    if SYMMETRIC:
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    else:
+        mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
+        mx = tl.maximum(mx, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+    return nan, amax, mn, mx
+
+
+@triton.jit
 def _minmax_partials_kernel(
     # pointers
     x_ptr, out_ptr,
@@ -77,10 +90,7 @@ def _minmax_partials_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-        nan = tl.maximum(nan, tl.max(tl.where(x != x, 1.0, 0.0), axis=1))
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
-        mx = tl.maximum(mx, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+        nan, amax, mn, mx = _update_row_stats(x, mask, nan, amax, mn, mx, SYMMETRIC)
     if SYMMETRIC:
         tl.store(out_ptr + pid * 2, tl.max(amax, axis=0))
         tl.store(out_ptr + pid * 2 + 1, tl.max(nan, axis=0))
@@ -142,12 +152,7 @@ def _quantize_rows_kernel(
             x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
             if TRANSFORM:
                 x = _bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
-            nan = tl.maximum(nan, tl.max(tl.where(x != x, 1.0, 0.0), axis=1))
-            if SCHEME == 0:
-                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-            else:
-                mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
-                mx = tl.maximum(mx, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+            nan, amax, mn, mx = _update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
     is_nan = nan > 0
 
     # ---- per-row scale / zero point / offset, in the reference's operation order
