@@ -312,19 +312,22 @@ def quantize_ref(
     generator: torch.Generator | None = None,
     seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``x`` (no transform, no BLOCK). Returns ``codes`` (x's shape, ``spec.code_dtype``)
-    and ``scale``, ``zero_point``, ``offset`` broadcastable against ``x`` (see :func:`scale_shape`).
+    """Quantize ``x`` (no transform). Returns ``codes`` (x's shape, ``spec.code_dtype``) and
+    ``scale``, ``zero_point``, ``offset`` broadcastable against ``x`` (see :func:`scale_shape`);
+    for BLOCK granularity the statistics are (rows, blocks) of the natural matrix instead.
 
     Stochastic rounding draws :func:`hash_uniform` noise from ``seed`` (default: a seed drawn
     from ``generator`` / torch's generator); ``noise`` (uniform [0, 1) in the grouped order:
     row-major over the scale groups) replaces it outright.
     """
-    if spec.transform is not Transform.NONE or spec.granularity is Granularity.BLOCK:
-        raise ValueError("quantize_ref returns codes only for transform='none' and non-block granularity; use fake_quantize_ref")
+    if spec.transform is not Transform.NONE:
+        raise ValueError("quantize_ref returns codes only for transform='none'; use fake_quantize_ref or bhq.bhq_quantize_ref")
     m = natural_2d(x, layout).to(_compute_dtype(x))
     g = _grouped(m, spec)
     codes, scale, zp, offset = _quantize_grouped(g, spec, noise, generator, seed)
     codes = from_natural_2d(_ungrouped(codes, m.shape, spec), x.shape, layout)
+    if spec.granularity is Granularity.BLOCK:  # (rows, blocks) in the natural layout
+        return (codes, *(t.reshape(m.shape[0], -1) for t in (scale, zp, offset)))
     return (codes, *(shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)))
 
 

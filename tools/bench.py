@@ -7,7 +7,8 @@ candidate (interleaved repetitions, median of several). Sections:
   given grad_output, both sides under torch.compile; candidate ``backend="fqt"`` per recipe,
   baseline fp32 (CPU) / bf16 (GPU) with the default Inductor backend;
 * ``gemm``: the low-bit GEMM alone against the high-precision GEMM and ``torch._int_mm``;
-* ``quantize``: the quantize kernel's bytes moved per second against a same-run copy;
+* ``quantize``: the quantize path's bytes moved per second against a same-run copy (the
+  Triton kernel on CUDA, the Inductor-compiled reference on CPU);
 * ``memory``: bytes saved for backward by the quantized layer against the baseline.
 """
 
@@ -203,6 +204,36 @@ def bench_gemm(shape, device, reps) -> dict[str, float]:
     return {"hp": t_hp, "int_mm": t_int, "fqt": t_q, "tflops_fqt": flops / t_q / 1e12, "tflops_hp": flops / t_hp / 1e12}
 
 
+QUANTIZE_SHAPES = {"cuda": [(16384, 16384), (16384, 768)], "cpu": [(4096, 4096), (16384, 768)]}
+
+
+def bench_quantize(shape, spec, device, reps) -> dict[str, float]:
+    """Bytes moved per second by the quantize path kernels mode runs (Triton on CUDA, the
+    Inductor-compiled reference on CPU), against a same-run device-to-device copy."""
+    from fqt_compiler.reference import Layout, quantize_ref
+
+    torch._dynamo.reset()
+    hp = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(shape, device=device, dtype=hp)
+    if device.type == "cuda":
+        from codegen.kernels.quantize import quantize
+
+        def run_q():
+            return quantize(x, spec, Layout.PENULTIMATE)
+    else:
+        compiled = torch.compile(lambda t: quantize_ref(t, spec, Layout.PENULTIMATE))
+
+        def run_q():
+            return compiled(x)
+
+    out = run_q()
+    dst = torch.empty_like(x)
+    t_q, t_copy = interleaved_medians([run_q, lambda: dst.copy_(x)], device, reps)
+    moved = x.numel() * x.element_size() + sum(t.numel() * t.element_size() for t in out)
+    copy_bytes = 2 * x.numel() * x.element_size()
+    return {"gbps": moved / t_q / 1e9, "copy_gbps": copy_bytes / t_copy / 1e9}
+
+
 def run(sections: list[str], device_name: str, reps: int, recipes: list[str], shapes: list[tuple[int, int, int]] | None) -> str:
     device = torch.device(device_name)
     shapes = shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
@@ -225,6 +256,17 @@ def run(sections: list[str], device_name: str, reps: int, recipes: list[str], sh
             print(f"  gemm {rows[-1]}", flush=True)
         out.append("\n## GEMM alone: fqt int8 (with epilogue) vs the high-precision GEMM and torch._int_mm\n")
         out.append(tabulate(rows, headers=["M x K x N", "vs hp GEMM", "int_mm time / fqt time", "fqt TFLOPS", "hp TFLOPS"], tablefmt="github"))
+    if "quantize" in sections:
+        rows = []
+        specs = {"int8 row": fqt.QuantSpec(granularity="row"), "int8 row SR": fqt.QuantSpec(granularity="row", rounding="stochastic")}
+        for shape in QUANTIZE_SHAPES["cuda" if device.type == "cuda" else "cpu"]:
+            for label, spec in specs.items():
+                q = bench_quantize(shape, spec, device, reps)
+                rows.append([f"{shape[0]}x{shape[1]}", label, f"{q['gbps']:.1f}", f"{q['copy_gbps']:.1f}", f"{q['gbps'] / q['copy_gbps']:.2f}"])
+                print(f"  quantize {rows[-1]}", flush=True)
+        what = "Triton quantize kernel" if device.type == "cuda" else "Inductor-compiled reference quantizer"
+        out.append(f"\n## Quantize ({what}): bytes moved per second vs a same-run copy\n")
+        out.append(tabulate(rows, headers=["shape", "spec", "GB/s", "copy GB/s", "fraction of copy"], tablefmt="github"))
     if "memory" in sections:
         rows = []
         # distinct M, K, N: the saved GEMM input is then told apart from other saved tensors

@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", default="reference", choices=["reference", "kernels"], help="execution mode (default: reference)")
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="benchmarks of BENCHMARKS.md: ratios against a same-run baseline")
-    bench.add_argument("--sections", nargs="+", default=["layer", "gemm", "memory"], choices=["layer", "gemm", "memory"])
+    bench.add_argument(
+        "--sections", nargs="+", default=["layer", "gemm", "quantize", "memory"], choices=["layer", "gemm", "quantize", "memory"]
+    )
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu")
     bench.add_argument("--reps", type=int, default=7)
     bench.add_argument("--recipes", nargs="+", default=["int8"])

@@ -117,12 +117,12 @@ def bhq_quantize(
         row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
         _quantize_rows_kernel[(triton.cdiv(n, 16),)](
             m, codes, scale, zp, offset, scale, seed,
-            group, u, s, proj,
+            group, u, s, proj, codes,
             n, d,
-            m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0),
+            m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0), 0, 0,
             SCHEME=_SCHEME_ID[row_spec.scheme], FP8=0, STOCHASTIC=row_spec.is_stochastic, STATS_GIVEN=False,
             QMAX=float(row_spec.qmax), LEVELS=row_spec.levels, CODE_OFFSET=row_spec.code_offset,
-            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, BLOCK_R=16, BLOCK_C=64,
+            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, WRITE_T=False, BLOCK_R=16, BLOCK_C=64,
         )
     stats = [shape_scale(v, x.shape, Granularity.ROW, layout) for v in (scale, zp, offset)]
     return (from_natural_2d(codes, x.shape, layout), *stats, group, u, s)

@@ -106,11 +106,11 @@ def _quantize_rows_kernel(
     # per-tensor statistics, the random seed; BHQ only: per-row group / u / s and the group
     # projections proj[g] = sum over the group's rows of u * s * x
     x_ptr, codes_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr,
-    group_ptr, u_ptr, s_ptr, proj_ptr,
+    group_ptr, u_ptr, s_ptr, proj_ptr, codes_t_ptr,
     # sizes of the (grouped) matrix: one scale per row
     R, C,
-    # strides of the input, of the codes and of proj
-    stride_xr, stride_xc, stride_cr, stride_cc, stride_pg,
+    # strides of the input, of the codes, of proj, of the transposed copy of the codes
+    stride_xr, stride_xc, stride_cr, stride_cc, stride_pg, stride_tr, stride_tc,
     # meta-parameters
     SCHEME: tl.constexpr,  # 0 symmetric, 1 asymmetric, 2 zero-on-grid
     FP8: tl.constexpr,  # 0 int codes, 1 e4m3, 2 e5m2
@@ -122,6 +122,7 @@ def _quantize_rows_kernel(
     FP8_MANT: tl.constexpr,  # fp8 mantissa bits (3 for e4m3, 2 for e5m2)
     FP8_EMIN: tl.constexpr,  # fp8 smallest normal exponent (-6 / -14)
     TRANSFORM: tl.constexpr,  # BHQ: quantize y = s x - 2 u proj[group] instead of x
+    WRITE_T: tl.constexpr,  # also store the codes through (stride_tr, stride_tc) into codes_t_ptr
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -245,24 +246,50 @@ def _quantize_rows_kernel(
                 q = tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0) + CODE_OFFSET
             code = tl.where(q_nan, 0.0, q).to(codes_ptr.dtype.element_ty)
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
+        if WRITE_T:  # the layout the backward GEMM reads, from the same registers
+            tl.store(codes_t_ptr + rows[:, None] * stride_tr + cols[None, :] * stride_tc, code, mask=mask)
 
 
 def quantize(
-    x: torch.Tensor, spec: QuantSpec, layout: Layout = Layout.DIM0, *, seed: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of ``reference.quantize_ref``: codes (x's shape) and broadcastable scale,
-    zero point and offset. ``seed`` (an int64 tensor of one element) drives stochastic rounding;
-    by default it is drawn from torch's generator."""
+    x: torch.Tensor,
+    spec: QuantSpec,
+    layout: Layout = Layout.DIM0,
+    *,
+    seed: torch.Tensor | None = None,
+    transposed: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Triton twin of ``reference.quantize_ref``: codes (x's shape) and the scale, zero point and
+    offset. ``seed`` (an int64 tensor of one element) drives stochastic rounding; by default it
+    is drawn from torch's generator. ``transposed=True`` also returns the natural matrix's codes
+    transposed and contiguous (the operand layout of the backward GEMM), written in the same
+    pass from the same registers."""
     # check
-    if spec.granularity is Granularity.BLOCK or spec.transform is not Transform.NONE:
-        raise ValueError(f"the quantize kernel handles tensor/row/column scales without transforms, not {spec.short()}")
+    if spec.transform is not Transform.NONE:
+        raise ValueError(f"the quantize kernel handles specs without transforms (BHQ: kernels.bhq), not {spec.short()}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"the quantize kernel takes fp32/fp16/bf16 inputs, got {x.dtype}")
     # allocate: codes in the natural layout, handed back as a view in x's layout
     m = natural_2d(x, layout)
+    n_nat, c_nat = m.shape
     codes_nat = torch.empty(m.shape, dtype=spec.code_dtype, device=x.device)
+    codes_t = torch.empty((c_nat, n_nat), dtype=spec.code_dtype, device=x.device) if transposed else codes_nat
+    t_strides = (codes_t.stride(1), codes_t.stride(0)) if transposed else (0, 0)
     per_column = spec.granularity is Granularity.COLUMN
-    g, c2 = (m.t(), codes_nat.t()) if per_column else (m, codes_nat)
+    block = spec.granularity is Granularity.BLOCK
+    if block:
+        # one scale per run of block_size along a row: the rows kernel on a (rows x blocks,
+        # block) view; a ragged last block is padded with the row's first element, as the
+        # reference does, and the padding's codes are dropped again
+        n = spec.block_size
+        pad = (-c_nat) % n
+        g = torch.cat([m, m[:, :1].expand(n_nat, pad)], dim=1) if pad else m.contiguous()
+        g = g.reshape(-1, n)
+        c2 = torch.empty(g.shape, dtype=spec.code_dtype, device=x.device)
+        t_strides = (0, 0)
+    else:
+        g, c2 = (m.t(), codes_nat.t()) if per_column else (m, codes_nat)
+        if per_column and transposed:
+            t_strides = (t_strides[1], t_strides[0])
     n_rows, n_cols = g.shape
     scale = torch.empty(max(n_rows, 1), dtype=torch.float32, device=x.device)
     zp, offset = torch.empty_like(scale), torch.empty_like(scale)
@@ -286,15 +313,22 @@ def quantize(
         fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
         _quantize_rows_kernel[(triton.cdiv(n_rows, 16),)](
             g, c2, scale, zp, offset, stats, seed,
-            scale, scale, scale, scale,  # no BHQ transform: unused
+            scale, scale, scale, scale, codes_t,  # BHQ inputs: unused here
             n_rows, n_cols,
-            g.stride(0), g.stride(1), c2.stride(0), c2.stride(1), 0,
+            g.stride(0), g.stride(1), c2.stride(0), c2.stride(1), 0, *t_strides,
             SCHEME=_SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=stochastic, STATS_GIVEN=per_tensor,
             QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
             FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-            TRANSFORM=False, BLOCK_R=16, BLOCK_C=64,
+            TRANSFORM=False, WRITE_T=transposed and not block, BLOCK_R=16, BLOCK_C=64,
         )
-    if per_tensor:  # every row stored the same per-tensor numbers
-        scale, zp, offset = scale[:1], zp[:1], offset[:1]
-    codes = from_natural_2d(codes_nat, x.shape, layout)
-    return (codes, *(shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)))
+    if block:
+        codes_nat.copy_(c2.reshape(n_nat, -1)[:, :c_nat])
+        if transposed:
+            codes_t.copy_(codes_nat.t())
+        stats_out = [t.reshape(n_nat, -1) for t in (scale, zp, offset)]
+    else:
+        if per_tensor:  # every row stored the same per-tensor numbers
+            scale, zp, offset = scale[:1], zp[:1], offset[:1]
+        stats_out = [shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)]
+    out = (from_natural_2d(codes_nat, x.shape, layout), *stats_out)
+    return (*out, codes_t) if transposed else out

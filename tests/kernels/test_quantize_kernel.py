@@ -83,6 +83,29 @@ def test_hash_uniform_is_reproducible_uniform_and_seed_dependent():
     assert abs(torch.corrcoef(torch.stack([flat, b.flatten().double()]))[0, 1].item()) < 0.01
 
 
+@pytest.mark.parametrize("cols", [32, 37], ids=["even", "ragged"])
+@pytest.mark.parametrize("spec", [
+    QuantSpec(format="int", scheme="sym", granularity="block", block_size=8),
+    QuantSpec(format="int", bits=4, scheme="asym", granularity="block", block_size=16, rounding="stochastic"),
+    QuantSpec(format="fp8_e4m3", granularity="block", block_size=32),
+], ids=lambda s: s.short().replace(" ", "-"))
+def test_quantize_kernel_block_scales(spec, cols):
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(cols)).to(DEVICE) * 4
+    seed = torch.tensor([3], device=DEVICE)
+    assert_same(quantize(x, spec, Layout.DIM0, seed=seed), quantize_ref(x, spec, Layout.DIM0, seed=seed))
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[2], SPECS[3]], ids=lambda s: s.short().replace(" ", "-"))
+@pytest.mark.parametrize("layout,shape", [(Layout.PENULTIMATE, (9, 20)), (Layout.LAST, (20, 9))], ids=str)
+def test_quantize_kernel_writes_the_transposed_copy_in_the_same_pass(spec, layout, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    seed = torch.tensor([4], device=DEVICE)
+    *out, codes_t = quantize(x, spec, layout, seed=seed, transposed=True)
+    assert_same(out, quantize_ref(x, spec, layout, seed=seed))
+    natural = out[0] if layout is Layout.PENULTIMATE else out[0].t()
+    assert codes_t.is_contiguous() and torch.equal(codes_t.cpu(), natural.t().cpu())
+
+
 def test_quantize_kernel_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="transforms"):
         quantize(torch.randn(4, 4), QuantSpec(scheme="asym", granularity="row", transform="bhq"))
