@@ -17,7 +17,7 @@ import torch
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.ops import quantize_fake
-from fqt_compiler.reference import Layout, qmm_ref, quantize_ref
+from fqt_compiler.reference import Layout, qmm_epilogue, qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
 
 __all__ = ["qmm_op", "quantize_kernel_op", "bhq_quantize_kernel_op", "bhq_inverse_kernel_op", "qmm_cpu", "KERNEL_TWINS"]
@@ -27,28 +27,9 @@ def qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
     """``reference.qmm_ref`` with the int8 product on ``torch._int_mm``; same numbers."""
     if a.dtype != torch.int8:
         return qmm_ref(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
-    acc = torch._int_mm(a, b)
-    sa32 = sa.to(torch.float32).reshape(-1, 1)
-    sb32 = sb.to(torch.float32).reshape(1, -1)
-    if za is None and zb is None and oa is None and ob is None:
-        out = (acc.to(torch.float32) * sa32) * sb32
-    else:
-        k = a.shape[1]
-        # int64 keeps the correction terms exact; they are converted to fp32 once, as in the
-        # reference (which holds the same integers in fp64)
-        za64 = (za if za is not None else torch.zeros((), device=a.device)).to(torch.int64).reshape(-1, 1)
-        zb64 = (zb if zb is not None else torch.zeros((), device=a.device)).to(torch.int64).reshape(1, -1)
-        oa32 = (oa if oa is not None else torch.zeros((), device=a.device)).to(torch.float32).reshape(-1, 1)
-        ob32 = (ob if ob is not None else torch.zeros((), device=a.device)).to(torch.float32).reshape(1, -1)
-        rsa = a.sum(1, keepdim=True, dtype=torch.int64)
-        csb = b.sum(0, keepdim=True, dtype=torch.int64)
-        t1 = acc.to(torch.int64) - za64 * csb - zb64 * rsa + k * za64 * zb64
-        t2 = (rsa - k * za64).to(torch.float32)
-        t3 = (csb - k * zb64).to(torch.float32)
-        out = (t1.to(torch.float32) * sa32) * sb32 + (sa32 * ob32) * t2 + (oa32 * sb32) * t3 + (k * oa32) * ob32
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(out_dtype)
+    # int64 keeps the zero-point terms exact; the reference holds the same integers in fp64
+    acc = torch._int_mm(a, b).to(torch.int64) if za is not None or zb is not None else torch._int_mm(a, b)
+    return qmm_epilogue(acc, a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
 
 
 @torch.library.custom_op("fqt::qmm", mutates_args=())

@@ -38,7 +38,7 @@ from .specs import Granularity, QuantSpec, Rounding, Scheme, Transform
 
 __all__ = [
     "Layout", "quantize", "quantize_ref", "dequantize_ref", "fake_quantize_ref",
-    "natural_2d", "natural_2d_shape", "from_natural_2d", "scale_shape", "shape_scale", "draw_seed", "hash_uniform", "qmm_ref",
+    "natural_2d", "natural_2d_shape", "from_natural_2d", "scale_shape", "shape_scale", "draw_seed", "hash_uniform", "qmm_ref", "qmm_epilogue",
 ]
 
 
@@ -393,21 +393,43 @@ def qmm_ref(
     in fp32, in this order (the kernels use the same order). Integer codes accumulate exactly;
     fp8 codes accumulate in fp32.
     """
-    m, k = a_codes.shape
     is_int = not a_codes.dtype.is_floating_point
     acc_dtype = torch.float64 if is_int else torch.float32  # fp64 holds every int32 sum exactly
     acc = a_codes.to(acc_dtype) @ b_codes.to(acc_dtype)
+    return qmm_epilogue(acc, a_codes, a_scale, a_zp, a_offset, b_codes, b_scale, b_zp, b_offset, bias, out_dtype)
+
+
+def qmm_epilogue(
+    acc: torch.Tensor,
+    a_codes: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_zp: torch.Tensor | None,
+    a_offset: torch.Tensor | None,
+    b_codes: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_zp: torch.Tensor | None,
+    b_offset: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The dequantization epilogue of :func:`qmm_ref`, given ``acc = a_codes @ b_codes``.
+
+    ``acc``'s dtype carries the integer terms: int64, or fp64 (exact for int8 codes), or fp32
+    for fp8. Shared by the reference and the CPU ``torch._int_mm`` path, so they agree bit for bit.
+    """
+    k = a_codes.shape[1]
     sa = a_scale.to(torch.float32).reshape(-1, 1)
     sb = b_scale.to(torch.float32).reshape(1, -1)
     if a_zp is None and b_zp is None and a_offset is None and b_offset is None:
         out = (acc.to(torch.float32) * sa) * sb
     else:
-        za = (a_zp if a_zp is not None else torch.zeros(())).to(acc_dtype).reshape(-1, 1)
-        zb = (b_zp if b_zp is not None else torch.zeros(())).to(acc_dtype).reshape(1, -1)
-        oa = (a_offset if a_offset is not None else torch.zeros(())).to(torch.float32).reshape(-1, 1)
-        ob = (b_offset if b_offset is not None else torch.zeros(())).to(torch.float32).reshape(1, -1)
-        rsa = a_codes.to(acc_dtype).sum(1, keepdim=True)
-        csb = b_codes.to(acc_dtype).sum(0, keepdim=True)
+        zero = torch.zeros((), device=acc.device)
+        za = (a_zp if a_zp is not None else zero).to(acc.dtype).reshape(-1, 1)
+        zb = (b_zp if b_zp is not None else zero).to(acc.dtype).reshape(1, -1)
+        oa = (a_offset if a_offset is not None else zero).to(torch.float32).reshape(-1, 1)
+        ob = (b_offset if b_offset is not None else zero).to(torch.float32).reshape(1, -1)
+        rsa = a_codes.sum(1, keepdim=True, dtype=acc.dtype)
+        csb = b_codes.sum(0, keepdim=True, dtype=acc.dtype)
         t1 = acc - za * csb - zb * rsa + k * za * zb
         t2 = (rsa - k * za).to(torch.float32)
         t3 = (csb - k * zb).to(torch.float32)

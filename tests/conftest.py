@@ -23,6 +23,16 @@ def _fresh_state():
     torch._dynamo.reset()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine (two
+    spinning OpenMP threads on two shared cores slow every step down by 10-50x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

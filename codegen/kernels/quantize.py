@@ -55,6 +55,12 @@ def _bhq_rows(x, proj_ptr, group, u2, s, cols, mask, stride_pg):
 
 
 @triton.jit
+def _empty_row_stats(BLOCK_R: tl.constexpr):
+    inf = tl.full((BLOCK_R,), float("inf"), tl.float32)
+    return tl.zeros((BLOCK_R,), tl.float32), tl.zeros((BLOCK_R,), tl.float32), inf, -inf
+
+
+@triton.jit
 def _update_row_stats(x, mask, nan, amax, mn, mx, SYMMETRIC: tl.constexpr):
     # per-row running statistics of one tile; NaN is tracked on its own because tl.max /
     # tl.min do not propagate it (torch's amax / amin in the reference do)
@@ -82,10 +88,7 @@ def _minmax_partials_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
-    amax = tl.zeros((BLOCK_R,), tl.float32)
-    mn = tl.full((BLOCK_R,), float("inf"), tl.float32)
-    mx = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    nan = tl.zeros((BLOCK_R,), tl.float32)
+    nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cols < C)[None, :]
@@ -143,10 +146,7 @@ def _quantize_rows_kernel(
             mx = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 1)
             nan = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 2)
     else:
-        amax = tl.zeros((BLOCK_R,), tl.float32)
-        mn = tl.full((BLOCK_R,), float("inf"), tl.float32)
-        mx = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-        nan = tl.zeros((BLOCK_R,), tl.float32)
+        nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             mask = rmask[:, None] & (cols < C)[None, :]

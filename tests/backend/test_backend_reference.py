@@ -27,14 +27,7 @@ from .models import CNN, MLP, GPTBlock, SDPABlock, SharedInputLinears, make_case
 MODEL_NAMES = ["mlp", "cnn", "gpt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine (two
-    spinning OpenMP threads on two shared cores slow every step down by 10-50x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- helpers

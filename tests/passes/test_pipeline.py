@@ -42,14 +42,7 @@ STOCHASTIC_OPS = (QUANTIZE_STOCHASTIC, FAKE_QUANTIZE, BHQ_QUANTIZE)
 GEMM_TARGETS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine (two
-    spinning OpenMP threads on two shared cores slow every step down by 10-50x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- capture
