@@ -26,34 +26,29 @@ from . import matchers as m
 from .base import FQTPass, PassContext, Site
 
 
+def _product(*dims: object) -> int:
+    """Product of static sizes; 0 (unknown) if any is symbolic. Never int() a SymInt: that
+    would guard on its current value and make Dynamo recompile for every new batch size."""
+    out = 1
+    for d in dims:
+        if not isinstance(d, int):
+            return 0
+        out *= d
+    return out
+
+
 def _shape_and_flops(node: fx.Node, site: Site) -> tuple[str, int]:
     out = m.val_shape(node)
     if site.node.target in m.CONV_OPS:
         x, w = (m.val_shape(a) for a in site.forward_operands)
         if out is None or w is None:
             return "?", 0
-        per_out = 1
-        for d in w[1:]:
-            per_out *= d
-        n_out = 1
-        for d in out:
-            n_out *= d
-        try:
-            flops = int(2 * n_out * per_out)
-        except TypeError:  # symbolic sizes
-            flops = 0
-        return f"x{list(x)} w{list(w)}", flops
+        return f"x{list(x)} w{list(w)}", _product(2, *out, *w[1:])
     a, b = (m.val_shape(node.args[i]) for i in m.MATMUL_OPERANDS[node.target])
     if a is None or b is None:
         return "?", 0
     dims = (*a, b[-1])  # (M, K, N) or (B, M, K, N)
-    try:
-        flops = 2
-        for d in dims:
-            flops *= int(d)
-    except TypeError:  # symbolic sizes
-        flops = 0
-    return "x".join(str(d) for d in dims), flops
+    return "x".join(str(d) for d in dims), _product(2, *dims)
 
 
 class SelectSpecs(FQTPass):
