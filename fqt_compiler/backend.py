@@ -23,7 +23,9 @@ from torch import fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+from ._logging import dump_dir
 from .config import FQTConfig
+from .dump import graph_text, runnable_source
 from .config import Mode
 from .sites import GemmStatus, SiteDecision
 
@@ -45,6 +47,8 @@ class GraphRecord:
     decisions: list[SiteDecision] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
     graph_texts: list[tuple[str, str]] = field(default_factory=list)
+    stages: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, text, runnable .py)
+    dot: str = ""  # Graphviz picture of the rewritten joint graph
     counters: dict[str, int] = field(default_factory=dict)
     kernel_sources: dict[str, str] = field(default_factory=dict)  # generated code per kernel / graph
 
@@ -75,6 +79,9 @@ class FQTBackend:
     """
 
     def __init__(self, config: FQTConfig) -> None:
+        self.dump_dir = dump_dir()
+        if self.dump_dir and not config.debug:
+            config = replace(config, debug=True)  # dumps need every stage captured
         self.config = config
         self.records: list[GraphRecord] = []
 
@@ -89,8 +96,17 @@ class FQTBackend:
         record.decisions = ctx.decisions
         record.passes = list(ctx.ran)
         record.graph_texts = ctx.graph_texts
+        record.stages = list(ctx.stages)
+        record.dot = ctx.dot
         record.counters = ctx.counters
         log.info("fqt: graph %d (%s): %d GEMM sites", record.graph_id, record.kind, len(ctx.decisions))
+
+    def _dump(self) -> None:
+        from .explain import ExplainReport
+
+        report = ExplainReport(self.config.recipe.name, list(self.records))
+        for line in report.write(self.dump_dir):
+            log.debug("fqt dump: %s", line)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
         from codegen import compile_graph
@@ -114,6 +130,12 @@ class FQTBackend:
             out = compile_graph(graph, inputs, config, name)
             record.apply_lowering(out.lowered)
             record.kernel_sources.update(out.sources)
+            if config.debug:  # the partitioned (and, in kernels mode, lowered) graph
+                stage = name.split("_", 1)[1]
+                title = f"fqt graph {record.graph_id}, partitioned {stage} ({config.mode.value} mode)"
+                record.stages.append((stage, graph_text(graph), runnable_source(graph, title, f"{stage}.py")))
+            if self.dump_dir:
+                self._dump()
             return out.fn
 
         def inference_compiler(graph: fx.GraphModule, inputs: list[Any]):

@@ -40,6 +40,13 @@ class ExplainReport:
     def rows(self) -> list[tuple[SiteDecision, GemmDecision]]:
         return [(s, g) for s in self.sites for g in s.gemms]
 
+    def write(self, out_dir) -> list[str]:
+        """Write the full report (table, per-stage graphs as text and runnable .py, picture,
+        kernel sources) under ``out_dir``; returns what was written, one line each."""
+        from .dump import write_report
+
+        return write_report(self.records, self.recipe, str(self), out_dir)
+
     def kernel_sources(self) -> dict[str, str]:
         """Generated code of the compiled graphs (Inductor) and the fqt Triton kernels they call."""
         return {k: v for r in self.records for k, v in r.kernel_sources.items()}
@@ -79,6 +86,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, **
     """
     if recipe is not None:
         options["recipe"] = recipe
+    options.setdefault("debug", True)  # explain keeps every stage's graph for the report
     be = FQTBackend(FQTConfig.from_options(options))
     # A fresh code object per call gives Dynamo a fresh cache: explaining many models (or one
     # model under many recipes) never runs into the recompile limit or reuses another backend.

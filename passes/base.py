@@ -72,6 +72,8 @@ class PassContext:
     decisions: list[SiteDecision] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
     graph_texts: list[tuple[str, str]] = field(default_factory=list)
+    stages: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, text, runnable .py)
+    dot: str = ""  # picture of the rewritten graph (debug mode)
     counters: dict[str, int] = field(default_factory=dict)
 
 

@@ -12,6 +12,7 @@ import logging
 
 from torch import fx
 
+from fqt_compiler.dump import graph_dot, graph_text, runnable_source
 from fqt_compiler.errors import FQTError, PassError
 
 from .base import FQTPass, PassContext
@@ -26,15 +27,18 @@ log = logging.getLogger("fqt_compiler.passes")
 PIPELINE: tuple[type[FQTPass], ...] = (FindSites, SelectSpecs, InsertQDQ, Dedupe)
 
 
-def graph_text(gm: fx.GraphModule) -> str:
-    return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+def _capture(gm: fx.GraphModule, ctx: PassContext, stage: str) -> None:
+    """Keep the graph after ``stage`` as text and as a runnable script (debug mode)."""
+    text = graph_text(gm)
+    ctx.graph_texts.append((stage, text))
+    ctx.stages.append((stage, text, runnable_source(gm, f"fqt graph {ctx.graph_id}, after {stage}", f"{stage}.py")))
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Run every pass of :data:`PIPELINE` on ``gm`` in place; fills ``ctx``."""
     debug = ctx.config.debug
     if debug:
-        ctx.graph_texts.append(("input", graph_text(gm)))
+        _capture(gm, ctx, "input")
     for pass_cls in PIPELINE:
         p = pass_cls()
         missing = [r for r in p.requires if r not in ctx.ran]
@@ -51,6 +55,8 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.ran.append(p.name)
         log.debug("pass %s done on graph %d (%d nodes)", p.name, ctx.graph_id, len(gm.graph.nodes))
         if debug:
-            ctx.graph_texts.append((p.name, graph_text(gm)))
+            _capture(gm, ctx, p.name)
     verify_graph(gm, "pipeline")
+    if debug:
+        ctx.dot = graph_dot(gm, f"fqt graph {ctx.graph_id} ({ctx.config.recipe.name}), after the passes")
     return gm
