@@ -1,4 +1,4 @@
-"""The ``fqt`` command line: ``fqt demo``, ``fqt bench``."""
+"""The ``fqt`` command line: ``fqt demo``, ``fqt inspect``, ``fqt bench``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,46 @@ def _demo(args: argparse.Namespace) -> int:
     main(
         recipes=args.recipes, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, var_draws=args.var_draws, mode=args.mode
     )
+    return 0
+
+
+def load_factory(spec: str):
+    """``path/to/script.py:factory`` -> (model, example inputs); errors name what is wrong."""
+    import importlib.util
+    from pathlib import Path
+
+    from fqt_compiler.errors import OptionsError
+
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise OptionsError(f"{spec!r}: give the model factory as path/to/script.py:function")
+    file = Path(path)
+    if not file.is_file():
+        raise OptionsError(f"{spec!r}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"fqt_user_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # Dynamo looks traced code's module up by name
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise OptionsError(f"{spec!r}: {file.name} has no function {name!r}")
+    made = factory()
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[1], (tuple, list))):
+        raise OptionsError(f"{spec!r}: the factory must return (model, example_inputs), example_inputs a tuple")
+    return made[0], tuple(made[1])
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import fqt_compiler as fqt
+
+    model, inputs = load_factory(args.factory)
+    options = {"mode": args.mode}
+    if args.mode == "kernels":
+        options["inductor"] = args.inductor
+    report = fqt.explain(model, *inputs, recipe=args.recipe, **options)
+    print(report)
+    for line in report.write(args.out):
+        print(line)
     return 0
 
 
@@ -38,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--var-draws", type=int, default=16, help="backward passes used to measure gradient variance")
     demo.add_argument("--mode", default="reference", choices=["reference", "kernels"], help="execution mode (default: reference)")
     demo.set_defaults(func=_demo)
+    inspect = sub.add_parser("inspect", help="compile a model, print its GEMM decision table, write the full report")
+    inspect.add_argument("factory", help="path/to/script.py:function returning (model, example_inputs)")
+    inspect.add_argument("--recipe", default="int8")
+    inspect.add_argument("--mode", default="kernels", choices=["kernels", "reference"])
+    inspect.add_argument("--inductor", action="store_true", help="kernels mode: also compile with Inductor (slow)")
+    inspect.add_argument("--out", default="fqt_report", help="folder for the report (default: fqt_report)")
+    inspect.set_defaults(func=_inspect)
     bench = sub.add_parser("bench", help="benchmarks of BENCHMARKS.md: ratios against a same-run baseline")
     bench.add_argument(
         "--sections", nargs="+", default=["layer", "gemm", "quantize", "memory"], choices=["layer", "gemm", "quantize", "memory"]

@@ -1,0 +1,92 @@
+"""Inspection: golden decision tables, runnable stage files, the picture, FQT_DUMP_DIR and the
+``fqt inspect`` command. Regenerate the goldens with FQT_UPDATE_GOLDEN=1 after a deliberate
+change, and review the diff."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fqt_compiler as fqt
+from fqt_compiler import dump
+from tools import cli
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "inspect_mlp.py"
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _example():
+    model, inputs = cli.load_factory(f"{EXAMPLE}:make")
+    return model, inputs
+
+
+@pytest.mark.parametrize("recipe", ["int8", "bhq5"])
+def test_explain_text_matches_golden(recipe):
+    model, inputs = _example()
+    text = str(fqt.explain(model, *inputs, recipe=recipe, mode="reference")) + "\n"
+    golden = GOLDEN / f"explain_mlp_{recipe}.txt"
+    if os.environ.get("FQT_UPDATE_GOLDEN") == "1":
+        golden.write_text(text)
+    assert text == golden.read_text()
+    # stable: a second compile in the same process prints the same text
+    assert str(fqt.explain(model, *inputs, recipe=recipe, mode="reference")) + "\n" == text
+
+
+def test_report_stage_files_run(tmp_path):
+    model, inputs = _example()
+    report = fqt.explain(model, *inputs, recipe="psq8", mode="kernels", inductor=False)
+    report.write(tmp_path)
+    files = sorted((tmp_path / "graph0").glob("*.py"))
+    stages = [f.stem.split("_", 1)[1] for f in files]
+    assert stages == ["input", "find_sites", "select_specs", "insert_qdq", "dedupe", "forward", "backward"]
+    for f in files:
+        run = subprocess.run([sys.executable, str(f)], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and run.stdout.startswith("ok:"), (f.name, run.stderr[-2000:])
+    # the lowered backward graph calls the int8 GEMM and the BHQ-free psq quantizers
+    assert "fqt.qmm" in (tmp_path / "graph0" / "06_backward.txt").read_text()
+
+
+def test_picture_distinguishes_quantize_nodes_and_gemm_kinds(tmp_path, monkeypatch):
+    model, inputs = _example()
+    report = fqt.explain(model, *inputs, recipe="bhq5", mode="reference")
+    dot = report.records[0].dot
+    for color in ("#4c78a8", "#54a24b", "#e45756", "#f58518", "#eeca3b", "#ff9da6"):  # 3 GEMM kinds, q, dq, T^-1
+        assert color in dot
+    monkeypatch.setattr(dump.shutil, "which", lambda name: None)
+    notes = report.write(tmp_path)
+    assert (tmp_path / "graph0" / "joint.dot").exists()
+    assert any("dot -Tsvg joint.dot -o joint.svg" in n for n in notes)
+
+
+def test_fqt_dump_dir_writes_every_compiled_graph(tmp_path, monkeypatch):
+    monkeypatch.setenv("FQT_DUMP_DIR", str(tmp_path))
+    model, inputs = _example()
+    compiled = torch.compile(model, backend=fqt.backend(recipe="int8", mode="reference"))
+    compiled(*inputs).sum().backward()
+    assert "grad_weight" in (tmp_path / "report.txt").read_text()
+    names = {f.name for f in (tmp_path / "graph0").iterdir()}
+    assert {"04_dedupe.py", "05_forward.py", "06_backward.py", "joint.dot"} <= names
+
+
+def test_inspect_command_on_the_example(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cli.main(["inspect", f"{EXAMPLE}:make", "--recipe", "bhq5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lowbit-kernel" in printed and "grad_input" in printed
+    assert (out / "report.txt").exists() and (out / "graph0" / "joint.dot").exists()
+    assert len(list((out / "graph0").glob("*.py"))) == 7
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("no_colon.py", "path/to/script.py:function"),
+    ("missing.py:make", "no such file"),
+    (f"{EXAMPLE}:nope", "no function 'nope'"),
+])
+def test_inspect_rejects_bad_factories(spec, message, capsys):
+    assert cli.main(["inspect", spec]) == 2
+    assert message in capsys.readouterr().err
