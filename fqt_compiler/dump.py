@@ -45,9 +45,14 @@ class Stage(torch.nn.Module):
 '''
 
 
+_FILE = re.compile(r"File: \S*?([^/\\\s]+\.py):")
+
+
 def graph_text(gm: fx.GraphModule) -> str:
-    """Readable text of ``gm`` (shapes, strides, devices)."""
-    return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+    """Readable text of ``gm`` (shapes, strides, devices); stack-trace comments keep file names
+    only, so dumps from two machines diff cleanly."""
+    text = gm.print_readable(print_output=False, include_stride=True, include_device=True)
+    return _FILE.sub(r"File: \1:", text)
 
 
 def _concrete(d: object) -> int:

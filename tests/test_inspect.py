@@ -90,3 +90,11 @@ def test_inspect_command_on_the_example(tmp_path, capsys):
 def test_inspect_rejects_bad_factories(spec, message, capsys):
     assert cli.main(["inspect", spec]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_dumped_text_has_no_machine_paths(tmp_path):
+    model, inputs = _example()
+    fqt.explain(model, *inputs, recipe="int8", mode="reference").write(tmp_path)
+    for f in (tmp_path / "graph0").glob("*.txt"):
+        text = f.read_text()
+        assert str(EXAMPLE.parent) not in text and "0x7f" not in text, f.name
