@@ -13,6 +13,7 @@ from __future__ import annotations
 from .specs import ElementFormat, GemmKind, Granularity, QuantSpec, Rounding, Scheme, TensorRole, Transform
 from .recipes import GradInputSpecs, GradWeightSpecs, OutputSpecs, Recipe, recipe, recipes
 from .config import FQTConfig, Mode
+from .rules import Rule, RuleError, SiteInfo, keep_first_and_last, skip_small
 from .errors import FQTError, OptionsError, PassError, SpecError, UnsupportedGraphError
 
 # reference numerics
@@ -29,12 +30,14 @@ __all__ = [
     "QuantSpec", "ElementFormat", "Granularity", "Scheme", "Rounding", "Transform", "TensorRole", "GemmKind",
     "Recipe", "OutputSpecs", "GradInputSpecs", "GradWeightSpecs", "recipe", "recipes",
     "FQTConfig", "Mode",
+    # placement rules
+    "Rule", "SiteInfo", "keep_first_and_last", "skip_small",
     # numerics
     "quantize",
     # backend and inspection
     "backend", "fqt_backend", "FQTBackend", "explain", "ExplainReport", "GemmStatus", "last_compiles",
     # errors
-    "FQTError", "SpecError", "OptionsError", "UnsupportedGraphError", "PassError",
+    "FQTError", "SpecError", "OptionsError", "UnsupportedGraphError", "PassError", "RuleError",
 ]
 
 del _ops

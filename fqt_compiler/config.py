@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import OptionsError, SpecError
 from .recipes import DEFAULT_RECIPE, Recipe, recipe
+from .specs import GemmKind, TensorRole
 
 __all__ = ["Mode", "FQTConfig"]
 
@@ -38,12 +39,18 @@ class FQTConfig:
     """Raise UnsupportedGraphError instead of skipping a GEMM the recipe wants quantized."""
     debug: bool = False
     """Run the invariant verifier after every pass and keep each pass's graph text."""
+    rules: tuple = ()
+    """Placement rules (``fqt.Rule``), first match wins per GEMM; the recipe decides the rest."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, Recipe):
             raise SpecError(f"FQTConfig.recipe must be a Recipe, got {type(self.recipe).__name__}")
         if not isinstance(self.mode, Mode):
             raise OptionsError(f"FQTConfig.mode must be a Mode, got {self.mode!r}")
+        from .rules import Rule
+
+        if not isinstance(self.rules, tuple) or not all(isinstance(r, Rule) for r in self.rules):
+            raise OptionsError(f"option rules must be a sequence of fqt.Rule, got {self.rules!r}")
         for name in ("strict", "debug", "inductor"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
@@ -71,4 +78,17 @@ class FQTConfig:
             except ValueError:
                 raise OptionsError(f"option mode={mode!r} is not valid; use one of {[m.value for m in Mode]}") from None
         merged["mode"] = mode
+        rules = merged.get("rules", ())
+        if isinstance(rules, (list, tuple)):
+            merged["rules"] = tuple(rules)
         return cls(**merged)
+
+    def uuid(self) -> str:
+        """A stable text identity of everything that shapes the rewritten graphs (recipe specs,
+        rules, mode): two configs with the same uuid compile identically."""
+        import hashlib
+
+        r = self.recipe
+        specs = [(k.value, role.value, (s.key() if s else None)) for k in GemmKind for role in TensorRole if (s := r.spec(k, role)) is not None or True]
+        text = repr((r.name, specs, [rule.key() for rule in self.rules], self.mode.value, self.inductor))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -59,9 +59,9 @@ class ExplainReport:
         return out
 
     def table(self) -> str:
-        headers = ["graph", "site", "module", "op", "gemm", "shape", "GFLOP", "operands", "status"]
+        headers = ["graph", "site", "module", "op", "gemm", "shape", "GFLOP", "operands", "rule", "status"]
         body = [
-            [s.graph_id, s.site_id, s.module_path, s.op, g.kind.value, g.shape, f"{g.flops / 1e9:.3g}", _operands(g), g.label]
+            [s.graph_id, s.site_id, s.module_path, s.op, g.kind.value, g.shape, f"{g.flops / 1e9:.3g}", _operands(g), g.rule, g.label]
             for s, g in self.rows()
         ]
         return tabulate(body, headers=headers, tablefmt="simple")

@@ -25,6 +25,7 @@ class GemmStatus(enum.Enum):
 
 class SkipKind(enum.Enum):
     BY_RECIPE = "by-recipe"  # the recipe asks for high precision: deliberate, never an error
+    BY_RULE = "by-rule"  # a placement rule asks for high precision: deliberate too
     UNSUPPORTED = "unsupported"  # fqt cannot quantize it; strict mode raises
 
 
@@ -47,7 +48,7 @@ class GemmDecision:
     status: GemmStatus
     reason: str = ""
     skip_kind: SkipKind | None = None
-
+    rule: str = ""  # what decided the specs: "recipe <name>" or "rule <name>"
     kernel: str = ""  # what runs a lowbit-kernel GEMM
 
     @property

@@ -55,6 +55,7 @@ class Site:
     # filled by select_specs
     fwd_specs: tuple[QuantSpec | None, QuantSpec | None] = (None, None)
     rule: str = ""
+    rules: dict = field(default_factory=dict)  # GemmKind -> the Rule that decided it (None: the recipe)
 
     @property
     def forward_operands(self) -> tuple[fx.Node, fx.Node]:

@@ -11,7 +11,9 @@ biprecision) and the forward operand it consumes is treated as follows:
   per-in-channel weights for ``grad_input``, per-column activations for ``grad_weight``);
 * activation x activation GEMMs (``grad_lhs`` / ``grad_rhs``) always reuse the forward's.
 
-Then every GEMM is given its status: simulated, or skipped with a reason. Never mutates.
+Placement rules (``fqt_compiler.rules``) come first: per GEMM, the first matching rule decides,
+and the recipe decides the rest. Then every GEMM is given its status: simulated, or skipped
+with a reason. Never mutates.
 """
 
 from __future__ import annotations
@@ -19,11 +21,27 @@ from __future__ import annotations
 from torch import fx
 
 from fqt_compiler.errors import UnsupportedGraphError
+from fqt_compiler.rules import Rule, SiteInfo, first_matching
 from fqt_compiler.sites import GemmDecision, GemmStatus, OperandDecision, SiteDecision, SkipKind
 from fqt_compiler.specs import GemmKind, TensorRole
 
 from . import matchers as m
 from .base import FQTPass, PassContext, Site
+
+
+def _site_info(site: Site, index: int, count: int) -> SiteInfo:
+    """What rules see: module, op, the forward GEMM's (M, K, N) and FLOPs, position."""
+    node = site.node
+    if node.target in m.CONV_OPS:
+        x, w = (m.val_shape(a) for a in site.forward_operands)
+        out = m.val_shape(node)
+        spatial = out[2:] if out else ()
+        dims = (_product(out[0], *spatial) or out[0], _product(*w[1:]) or w[1], w[0]) if out and w else ()
+    else:
+        a, b = (m.val_shape(node.args[i]) for i in m.MATMUL_OPERANDS[node.target])
+        dims = (a[-2], a[-1], b[-1]) if a and b else ()
+    _, flops = _shape_and_flops(node, site)
+    return SiteInfo(site.module_path, site.op.removeprefix("aten."), node.name, tuple(dims), flops, index, count)
 
 
 def _product(*dims: object) -> int:
@@ -57,32 +75,44 @@ class SelectSpecs(FQTPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         recipe = ctx.config.recipe
-        rule = f"recipe {recipe.name}"
+        live = [site for site in ctx.sites if site.skip is None]
         for site in ctx.sites:
-            site.rule = rule
-            if site.skip is None and not recipe.quantizes_anything:
-                site.skip = (SkipKind.BY_RECIPE, f"recipe {recipe.name!r} keeps every GEMM in high precision")
+            site.rule = f"recipe {recipe.name}"
             if site.skip is None:
-                site.fwd_specs = tuple(recipe.spec(GemmKind.OUTPUT, r) for r in site.roles)  # type: ignore[assignment]
-                for bwd in site.backward:
-                    if bwd.skip is not None:
-                        continue
-                    bwd.grad_spec = recipe.spec(bwd.kind, TensorRole.GRAD_OUTPUT)
-                    fwd_spec = site.fwd_specs[bwd.fwd_operand]
-                    if bwd.kind in (GemmKind.GRAD_LHS, GemmKind.GRAD_RHS):
-                        want = fwd_spec
-                    else:
-                        want = recipe.spec(bwd.kind, site.roles[bwd.fwd_operand])
-                    bwd.operand_spec = want
-                    if want is None:
-                        bwd.operand_source = "high precision"
-                    elif want == fwd_spec:
-                        bwd.operand_source = "reuses output quantization"
-                    elif fwd_spec is None:
-                        bwd.operand_source = "quantized"
-                    else:
-                        bwd.operand_source = "re-quantized from output quantization"
+                self._choose(site, _site_info(site, live.index(site), len(live)), ctx)
             ctx.decisions.append(self._decide(site, ctx))
+
+    def _choose(self, site: Site, info: SiteInfo, ctx: PassContext) -> None:
+        """Fill the site's specs: per GEMM, the first matching rule, else the recipe."""
+        recipe = ctx.config.recipe
+        decided: dict[GemmKind, Rule | None] = {}
+
+        def spec(kind: GemmKind, role: TensorRole):
+            if kind not in decided:
+                decided[kind] = first_matching(ctx.config.rules, info, kind)
+            rule = decided[kind]
+            return rule.spec(kind, role, recipe) if rule is not None else recipe.spec(kind, role)
+
+        site.fwd_specs = tuple(spec(GemmKind.OUTPUT, r) for r in site.roles)  # type: ignore[assignment]
+        for bwd in site.backward:
+            if bwd.skip is not None:
+                continue
+            bwd.grad_spec = spec(bwd.kind, TensorRole.GRAD_OUTPUT)
+            fwd_spec = site.fwd_specs[bwd.fwd_operand]
+            if bwd.kind in (GemmKind.GRAD_LHS, GemmKind.GRAD_RHS):
+                want = fwd_spec if decided.get(bwd.kind) is None or decided[bwd.kind].high_precision is None else None
+            else:
+                want = spec(bwd.kind, site.roles[bwd.fwd_operand])
+            bwd.operand_spec = want
+            if want is None:
+                bwd.operand_source = "high precision"
+            elif want == fwd_spec:
+                bwd.operand_source = "reuses output quantization"
+            elif fwd_spec is None:
+                bwd.operand_source = "quantized"
+            else:
+                bwd.operand_source = "re-quantized from output quantization"
+        site.rules = decided
 
     def _decide(self, site: Site, ctx: PassContext) -> SiteDecision:
         gemms = []
@@ -90,9 +120,9 @@ class SelectSpecs(FQTPass):
             kind, reason = site.skip
             self._maybe_raise(ctx, site, kind, reason)
             shape, flops = _shape_and_flops(site.node, site) if (m.is_matmul(site.node) or m.is_conv(site.node)) else ("-", 0)
-            gemms.append(GemmDecision(GemmKind.OUTPUT, site.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind))
+            gemms.append(GemmDecision(GemmKind.OUTPUT, site.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind, rule="-"))
             for bwd in site.backward:
-                gemms.append(GemmDecision(bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind))
+                gemms.append(GemmDecision(bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind, rule="-"))
             return SiteDecision(site.site_id, ctx.graph_id, site.module_path, site.op, site.rule, tuple(gemms))
         shape, flops = _shape_and_flops(site.node, site)
         fwd_ops = tuple(
@@ -102,7 +132,7 @@ class SelectSpecs(FQTPass):
         for bwd in site.backward:
             if bwd.skip is not None:
                 self._maybe_raise(ctx, site, *bwd.skip)
-                gemms.append(GemmDecision(bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, bwd.skip[1], bwd.skip[0]))
+                gemms.append(GemmDecision(bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, bwd.skip[1], bwd.skip[0], rule="-"))
                 continue
             ops = (
                 OperandDecision(TensorRole.GRAD_OUTPUT, bwd.grad_spec, "quantized" if bwd.grad_spec else "high precision"),
@@ -112,10 +142,15 @@ class SelectSpecs(FQTPass):
         return SiteDecision(site.site_id, ctx.graph_id, site.module_path, site.op, site.rule, tuple(gemms))
 
     def _gemm(self, kind, node, shape, flops, ops, ctx, site) -> GemmDecision:
+        rule = site.rules.get(kind)
+        by = f"rule {rule.name}" if rule is not None else f"recipe {ctx.config.recipe.name}"
         if all(o.spec is None for o in ops):
-            reason = f"recipe {ctx.config.recipe.name!r} keeps {kind.value} in high precision"
-            return GemmDecision(kind, node, shape, flops, ops, GemmStatus.SKIPPED, reason, SkipKind.BY_RECIPE)
-        return GemmDecision(kind, node, shape, flops, ops, GemmStatus.SIMULATED)
+            if rule is not None and rule.high_precision is not None:
+                return GemmDecision(kind, node, shape, flops, ops, GemmStatus.SKIPPED, rule.high_precision, SkipKind.BY_RULE, rule=by)
+            reason = f"{by} keeps {kind.value} in high precision"
+            skip = SkipKind.BY_RULE if rule is not None else SkipKind.BY_RECIPE
+            return GemmDecision(kind, node, shape, flops, ops, GemmStatus.SKIPPED, reason, skip, rule=by)
+        return GemmDecision(kind, node, shape, flops, ops, GemmStatus.SIMULATED, rule=by)
 
     @staticmethod
     def _maybe_raise(ctx: PassContext, site: Site, kind: SkipKind, reason: str) -> None:
