@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,7 +54,10 @@ class CompiledGraph:
 def _triton_sources(gm: fx.GraphModule) -> dict[str, str]:
     """Source of every fqt Triton kernel family the graph calls on CUDA (specialized by Triton
     per constexpr combination at launch)."""
-    from .ops import bhq_inverse_kernel_op, bhq_quantize_kernel_op, qmm_op, quantize_kernel_op
+    from fqt_compiler.quantizers import get_quantizer
+    from fqt_compiler.specs import QuantSpec
+
+    from .ops import bhq_inverse_kernel_op, bhq_quantize_kernel_op, fake_quantize_kernel_op, qmm_op, quantize_kernel_op
 
     families = {
         qmm_op: ("codegen.kernels.qmm", ["_qmm_kernel"]),
@@ -63,6 +67,14 @@ def _triton_sources(gm: fx.GraphModule) -> dict[str, str]:
     }
     out: dict[str, str] = {}
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is fake_quantize_kernel_op:
+            spec = QuantSpec.from_key(node.args[1])
+            kernel = get_quantizer(spec.quantizer).kernel if spec.quantizer else None
+            if kernel is not None:
+                try:
+                    out[f"custom:{spec.quantizer}"] = inspect.getsource(kernel)
+                except (OSError, TypeError):
+                    out[f"custom:{spec.quantizer}"] = repr(kernel)
         fam = families.get(node.target) if node.op == "call_function" else None
         val = node.args[0].meta.get("val") if fam else None
         if fam and isinstance(val, torch.Tensor) and val.device.type == "cuda":

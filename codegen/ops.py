@@ -17,7 +17,8 @@ import torch
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.ops import quantize_fake
-from fqt_compiler.reference import Layout, qmm_epilogue, qmm_ref, quantize_ref
+from fqt_compiler.quantizers import get_quantizer
+from fqt_compiler.reference import Layout, fake_quantize_ref, from_natural_2d, natural_2d, qmm_epilogue, qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
 
 __all__ = ["qmm_op", "quantize_kernel_op", "bhq_quantize_kernel_op", "bhq_inverse_kernel_op", "qmm_cpu", "KERNEL_TWINS"]
@@ -101,6 +102,18 @@ def _bhq_inverse_kernel(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s
     return bhq_inverse_ref(y, group, u, s, Layout(layout))
 
 
+@torch.library.custom_op("fqt::fake_quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _fake_quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
+    parsed = QuantSpec.from_key(spec)
+    if parsed.quantizer is not None and _triton_here(x):
+        custom = get_quantizer(parsed.quantizer)
+        if custom.kernel is not None:  # the user's kernel hook, same contract as the reference
+            m = natural_2d(x, Layout(layout)).to(torch.float32)
+            return from_natural_2d(custom.kernel(m, parsed, generator=None).to(m.dtype), x.shape, Layout(layout)).to(x.dtype)
+    return fake_quantize_ref(x, parsed, Layout(layout))
+
+
+_fake_quantize_kernel.register_fake(lambda x, spec, layout: torch.empty_like(x))
 _bhq_quantize_kernel.register_fake(lambda x, spec, layout: torch.ops.fqt.bhq_quantize.default(x, spec, layout))
 _bhq_inverse_kernel.register_fake(lambda y, group, u, s, layout: torch.empty_like(y))
 
@@ -108,6 +121,7 @@ qmm_op = torch.ops.fqt.qmm.default
 quantize_kernel_op = torch.ops.fqt.quantize_kernel.default
 bhq_quantize_kernel_op = torch.ops.fqt.bhq_quantize_kernel.default
 bhq_inverse_kernel_op = torch.ops.fqt.bhq_inverse_kernel.default
+fake_quantize_kernel_op = torch.ops.fqt.fake_quantize_kernel.default
 
 # reference op -> its kernel twin (same arguments, same results given the same seed)
 KERNEL_TWINS = {
@@ -115,4 +129,5 @@ KERNEL_TWINS = {
     torch.ops.fqt.quantize_stochastic.default: quantize_kernel_op,
     torch.ops.fqt.bhq_quantize.default: bhq_quantize_kernel_op,
     torch.ops.fqt.bhq_inverse.default: bhq_inverse_kernel_op,
+    torch.ops.fqt.fake_quantize.default: fake_quantize_kernel_op,
 }

@@ -14,6 +14,7 @@ from .specs import ElementFormat, GemmKind, Granularity, QuantSpec, Rounding, Sc
 from .recipes import GradInputSpecs, GradWeightSpecs, OutputSpecs, Recipe, recipe, recipes
 from .config import FQTConfig, Mode
 from .rules import Rule, RuleError, SiteInfo, keep_first_and_last, skip_small
+from .quantizers import register_quantizer, registered_quantizers, unregister_quantizer
 from .errors import FQTError, OptionsError, PassError, SpecError, UnsupportedGraphError
 
 # reference numerics
@@ -33,7 +34,7 @@ __all__ = [
     # placement rules
     "Rule", "SiteInfo", "keep_first_and_last", "skip_small",
     # numerics
-    "quantize",
+    "quantize", "register_quantizer", "registered_quantizers", "unregister_quantizer",
     # backend and inspection
     "backend", "fqt_backend", "FQTBackend", "explain", "ExplainReport", "GemmStatus", "last_compiles",
     # errors

@@ -13,7 +13,7 @@
   ``fqt::bhq_inverse(y, group, u, s, layout)``: T^-1 on the rows of the dequantized value. A
   GEMM on BHQ codes applies T^-1 to its output rows instead (T^-1 commutes with the GEMM).
 * ``fqt::fake_quantize(x, spec, layout) -> x_hat``: quantize-dequantize in one op, for block
-  scales (no codes-plus-affine-scales form). Also tagged.
+  scales and custom quantizers (no codes-plus-affine-scales form). Also tagged.
 
 ``spec`` is :meth:`QuantSpec.key` text and ``layout`` a :class:`Layout` value. The
 implementations are the reference (``reference.py``); lowered graphs call the kernels of
@@ -36,8 +36,9 @@ __all__ = [
 
 
 def needs_fake_quantize(spec: QuantSpec) -> bool:
-    """Specs without a codes-plus-affine-scales form: they go through ``fqt::fake_quantize``."""
-    return spec.granularity is Granularity.BLOCK
+    """Specs without a codes-plus-affine-scales form: block scales and custom quantizers go
+    through ``fqt::fake_quantize``."""
+    return spec.granularity is Granularity.BLOCK or spec.quantizer is not None
 
 
 def quantize_fake(x: torch.Tensor, spec: str, layout: int):

@@ -144,6 +144,9 @@ class QuantSpec:
     """Nearest (deterministic) or stochastic (unbiased) rounding."""
     transform: Transform = Transform.NONE
     """Optional transform applied before quantizing (BHQ needs per-row granularity)."""
+    quantizer: str | None = None
+    """Name of a registered custom quantizer (``fqt.register_quantizer``) that replaces the
+    built-in ones; the other fields are passed to it. Runs simulated unless it has a kernel."""
 
     def __post_init__(self) -> None:
         # Parsing strings into enums happens here, at construction, so every later reader sees
@@ -178,6 +181,12 @@ class QuantSpec:
                 raise SpecError(f"QuantSpec.block_size={self.block_size!r}: Granularity.BLOCK needs an int block_size >= 1")
         elif self.block_size is not None:
             raise SpecError(f"QuantSpec.block_size={self.block_size} is only meaningful with granularity='block'")
+        if self.quantizer is not None:
+            from .quantizers import get_quantizer
+
+            get_quantizer(self.quantizer)  # unknown names fail here, listing the registered ones
+            if self.transform is not Transform.NONE:
+                raise SpecError(f"QuantSpec.quantizer={self.quantizer!r} replaces the built-in quantizers; drop transform")
         if self.transform is Transform.BLOCK_HOUSEHOLDER and self.granularity is not Granularity.ROW:
             raise SpecError(
                 f"QuantSpec.transform='bhq' quantizes per row in the transformed space; set granularity='row' (got {self.granularity.value!r})"
@@ -218,7 +227,8 @@ class QuantSpec:
         """Stable, parseable text form, used as the argument of the fqt custom ops."""
         gran = self.granularity.value + (str(self.block_size) if self.block_size else "")
         fmt = self.format.value if self.format.is_float else f"{self.format.value}{self.bits}"
-        return f"{fmt}/{self.scheme.value}/{gran}/{self.rounding.value}/{self.transform.value}"
+        custom = f"/q={self.quantizer}" if self.quantizer else ""
+        return f"{fmt}/{self.scheme.value}/{gran}/{self.rounding.value}/{self.transform.value}{custom}"
 
     def short(self) -> str:
         """Compact human form for tables, e.g. ``int8 sym row SR``."""
@@ -227,6 +237,8 @@ class QuantSpec:
         parts = [fmt, self.scheme.value, gran, "SR" if self.is_stochastic else "RN"]
         if self.transform is not Transform.NONE:
             parts.append(self.transform.value.upper())
+        if self.quantizer:
+            return f"custom:{self.quantizer} ({' '.join(parts)})"
         return " ".join(parts)
 
     def with_(self, **changes: object) -> QuantSpec:
@@ -243,6 +255,9 @@ class QuantSpec:
 def _parse_key(key: str) -> QuantSpec:
     usage = f"malformed spec key {key!r}; expected 'format/scheme/granularity/rounding/transform', e.g. 'int8/sym/row/nearest/none'"
     parts = key.split("/") if isinstance(key, str) else []
+    quantizer = None
+    if len(parts) == 6 and parts[5].startswith("q="):
+        quantizer = parts.pop()[2:]
     if len(parts) != 5:
         raise SpecError(usage)
     fmt, scheme, gran, rounding, transform = parts
@@ -259,5 +274,6 @@ def _parse_key(key: str) -> QuantSpec:
             raise SpecError(f"{usage}: block granularity needs a size such as 'block32'")
         block, gran = int(gran[len("block"):]), "block"
     return QuantSpec(
-        format=format_, bits=bits, granularity=gran, block_size=block, scheme=scheme, rounding=rounding, transform=transform
+        format=format_, bits=bits, granularity=gran, block_size=block, scheme=scheme, rounding=rounding, transform=transform,
+        quantizer=quantizer,
     )
