@@ -98,3 +98,20 @@ def test_dumped_text_has_no_machine_paths(tmp_path):
     for f in (tmp_path / "graph0").glob("*.txt"):
         text = f.read_text()
         assert str(EXAMPLE.parent) not in text and "0x7f" not in text, f.name
+
+
+def test_per_pass_log_on_the_fqt_compiler_logger(caplog):
+    model, inputs = _example()
+    with caplog.at_level("DEBUG", logger="fqt_compiler"):
+        fqt.explain(model, *inputs, recipe="int8", mode="reference")
+    passes_logged = [r.getMessage() for r in caplog.records if r.name == "fqt_compiler.passes"]
+    for name in ("find_sites", "select_specs", "insert_qdq", "dedupe"):
+        assert any(f"pass {name} done" in msg for msg in passes_logged), name
+    assert any("GEMM sites" in r.getMessage() for r in caplog.records if r.name == "fqt_compiler")
+
+
+def test_fqt_log_environment_knob():
+    env = dict(os.environ, FQT_LOG="debug")
+    code = "import torch, fqt_compiler as fqt; fqt.explain(torch.nn.Linear(4, 3), torch.randn(2, 4), mode='reference')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and "[fqt_compiler.passes] pass insert_qdq done" in run.stderr
