@@ -38,7 +38,7 @@ from .specs import Granularity, QuantSpec, Rounding, Scheme, Transform
 
 __all__ = [
     "Layout", "quantize", "quantize_ref", "dequantize_ref", "fake_quantize_ref",
-    "natural_2d", "natural_2d_shape", "from_natural_2d", "scale_shape", "shape_scale", "draw_seed", "hash_uniform", "qmm_ref", "qmm_epilogue",
+    "natural_2d", "natural_2d_shape", "from_natural_2d", "scaled_values", "scale_shape", "shape_scale", "draw_seed", "hash_uniform", "qmm_ref", "qmm_epilogue",
 ]
 
 
@@ -236,17 +236,10 @@ def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, gen
     return picked.to(dtype)
 
 
-def _quantize_grouped(
-    g: torch.Tensor,
-    spec: QuantSpec,
-    noise: torch.Tensor | None,
-    generator: torch.Generator | None,
-    seed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``g`` whose last dim runs over one scale group. Returns codes, scale, zero_point,
-    offset (the last three with a trailing size-1 dim)."""
-    if spec.is_stochastic and noise is None:
-        noise = hash_uniform(seed if seed is not None else draw_seed(g.device, generator), g.shape, g.device)
+def scaled_values(g: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pre-rounding value ``v`` of every element of ``g`` (in units of its group's step)
+    and the group's scale, zero point (level index) and offset: rounding ``v`` gives the level.
+    ``g``'s last dim runs over one scale group. Shared by the quantizers and the statistics."""
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     if spec.scheme is Scheme.SYMMETRIC:
         amax = g.abs().amax(dim=-1, keepdim=True)
@@ -254,13 +247,7 @@ def _quantize_grouped(
         safe = torch.where(scale > 0, scale, 1)
         # NaN/Inf propagate: amax is NaN/Inf, so scale and every dequantized value are too.
         v = torch.where(scale.isfinite(), g / safe, g * scale)
-        if spec.format.is_float:
-            codes = _fp8_round(v, spec, noise, generator)
-        else:
-            q = _round(v, spec, noise, generator).clamp(-spec.qmax, spec.qmax)
-            codes = torch.nan_to_num(q).to(spec.code_dtype)
-        return codes, scale, zero.expand_as(scale), zero.expand_as(scale)
-
+        return v, scale, zero.expand_as(scale), zero.expand_as(scale)
     B = spec.levels
     mn = g.amin(dim=-1, keepdim=True)
     mx = g.amax(dim=-1, keepdim=True)
@@ -290,7 +277,29 @@ def _quantize_grouped(
     # scale == 0: a constant group, reproduced exactly by the zero point / offset alone.
     # scale NaN/Inf: let it through so the dequantized group is NaN/Inf, never silently finite.
     v = torch.where(scale > 0, v, torch.where(scale.isfinite(), zp, scale))
-    q = _round(v, spec, noise, generator).clamp(0, B)
+    return v, scale, zp, offset
+
+
+def _quantize_grouped(
+    g: torch.Tensor,
+    spec: QuantSpec,
+    noise: torch.Tensor | None,
+    generator: torch.Generator | None,
+    seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``g`` whose last dim runs over one scale group. Returns codes, scale, zero_point,
+    offset (the last three with a trailing size-1 dim)."""
+    if spec.is_stochastic and noise is None:
+        noise = hash_uniform(seed if seed is not None else draw_seed(g.device, generator), g.shape, g.device)
+    v, scale, zp, offset = scaled_values(g, spec)
+    if spec.scheme is Scheme.SYMMETRIC:
+        if spec.format.is_float:
+            codes = _fp8_round(v, spec, noise, generator)
+        else:
+            q = _round(v, spec, noise, generator).clamp(-spec.qmax, spec.qmax)
+            codes = torch.nan_to_num(q).to(spec.code_dtype)
+        return codes, scale, zp, offset
+    q = _round(v, spec, noise, generator).clamp(0, spec.levels)
     codes = torch.nan_to_num(q + spec.code_offset).to(spec.code_dtype)
     return codes, scale, zp + spec.code_offset, offset
 
