@@ -22,6 +22,9 @@ implementations are the reference (``reference.py``); lowered graphs call the ke
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from .errors import SpecError
@@ -33,6 +36,28 @@ __all__ = [
     "quantize_op", "quantize_stochastic_op", "fake_quantize_op", "bhq_quantize_op", "bhq_inverse_op",
     "needs_fake_quantize", "quantize_fake", "QUANTIZE_OPS",
 ]
+
+
+_OBSERVER: contextvars.ContextVar[list | None] = contextvars.ContextVar("fqt_quantizer_inputs", default=None)
+
+
+@contextlib.contextmanager
+def capture_quantizer_inputs():
+    """Within this block, every stochastic quantization run by the reference ops records
+    ``(input, spec, layout)``: the gradient tensors the quantizers actually see (statistics).
+    Only graphs executed with the reference ops report (``mode="reference"``)."""
+    seen: list = []
+    token = _OBSERVER.set(seen)
+    try:
+        yield seen
+    finally:
+        _OBSERVER.reset(token)
+
+
+def _observe(x: torch.Tensor, spec: str, layout: int) -> None:
+    seen = _OBSERVER.get()
+    if seen is not None and QuantSpec.from_key(spec).is_stochastic:
+        seen.append((x.detach().clone(), QuantSpec.from_key(spec), Layout(layout)))
 
 
 def needs_fake_quantize(spec: QuantSpec) -> bool:
@@ -51,6 +76,7 @@ def quantize_fake(x: torch.Tensor, spec: str, layout: int):
 
 
 def _run_quantize(x: torch.Tensor, spec: str, layout: int, stochastic: bool):
+    _observe(x, spec, layout)
     parsed = QuantSpec.from_key(spec)
     if parsed.is_stochastic != stochastic:
         op = "quantize_stochastic" if parsed.is_stochastic else "quantize"
@@ -78,6 +104,7 @@ _quantize_stochastic.register_fake(quantize_fake)
 
 @torch.library.custom_op("fqt::fake_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _fake_quantize(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
+    _observe(x, spec, layout)
     return fake_quantize_ref(x, QuantSpec.from_key(spec), Layout(layout))
 
 
@@ -90,6 +117,7 @@ def _fake_quantize_fake(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor
 def _bhq_quantize(
     x: torch.Tensor, spec: str, layout: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _observe(x, spec, layout)
     parsed = QuantSpec.from_key(spec)
     if parsed.transform is not Transform.BLOCK_HOUSEHOLDER:
         raise SpecError(f"fqt::bhq_quantize needs a spec with transform='bhq', got {spec!r}")

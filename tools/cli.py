@@ -1,4 +1,4 @@
-"""The ``fqt`` command line: ``fqt demo``, ``fqt inspect``, ``fqt bench``."""
+"""The ``fqt`` command line: ``fqt demo``, ``fqt inspect``, ``fqt variance``, ``fqt bench``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 def load_factory(spec: str):
     """``path/to/script.py:factory`` -> (model, example inputs); errors name what is wrong."""
+    from fqt_compiler.errors import OptionsError
+
+    made = _load_callable(spec)()
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[1], (tuple, list))):
+        raise OptionsError(f"{spec!r}: the factory must return (model, example_inputs), example_inputs a tuple")
+    return made[0], tuple(made[1])
+
+
+def _load_callable(spec: str):
+    """The function ``path/to/script.py:name``."""
     import importlib.util
     from pathlib import Path
 
@@ -35,10 +45,7 @@ def load_factory(spec: str):
     factory = getattr(module, name, None)
     if not callable(factory):
         raise OptionsError(f"{spec!r}: {file.name} has no function {name!r}")
-    made = factory()
-    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[1], (tuple, list))):
-        raise OptionsError(f"{spec!r}: the factory must return (model, example_inputs), example_inputs a tuple")
-    return made[0], tuple(made[1])
+    return factory
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -52,6 +59,25 @@ def _inspect(args: argparse.Namespace) -> int:
     print(report)
     for line in report.write(args.out):
         print(line)
+    return 0
+
+
+def _variance(args: argparse.Namespace) -> int:
+    from .variance import main
+
+    factory = None
+    if args.factory:
+        spec = args.factory
+
+        def factory():
+            made = _load_callable(spec)()
+            if not (isinstance(made, tuple) and len(made) == 3):
+                from fqt_compiler.errors import OptionsError
+
+                raise OptionsError(f"{spec!r}: a variance factory returns (model, loss_fn, batches)")
+            return made
+
+    print(main(factory, recipe=args.recipe, draws=args.draws, alpha=args.alpha, out=args.out, sweep=not args.no_sweep))
     return 0
 
 
@@ -85,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--inductor", action="store_true", help="kernels mode: also compile with Inductor (slow)")
     inspect.add_argument("--out", default="fqt_report", help="folder for the report (default: fqt_report)")
     inspect.set_defaults(func=_inspect)
+    var = sub.add_parser("variance", help="bias and variance quantization adds to the gradient, per layer; bit-width advice")
+    var.add_argument("factory", nargs="?", default=None, help="path/to/script.py:function returning (model, loss_fn, batches); default: the demo CNN")
+    var.add_argument("--recipe", default="psq4")
+    var.add_argument("--draws", type=int, default=32, help="backward passes per Monte-Carlo estimate")
+    var.add_argument("--alpha", type=float, default=0.1, help="advisor: quantization variance budget as a fraction of the sampling variance")
+    var.add_argument("--out", default=None, help="folder for the PNG plots (needs matplotlib)")
+    var.add_argument("--no-sweep", action="store_true", help="skip the bits sweep (and the plots)")
+    var.set_defaults(func=_variance)
     bench = sub.add_parser("bench", help="benchmarks of BENCHMARKS.md: ratios against a same-run baseline")
     bench.add_argument(
         "--sections", nargs="+", default=["layer", "gemm", "quantize", "memory"], choices=["layer", "gemm", "quantize", "memory"]
