@@ -1,0 +1,97 @@
+"""Hard inputs through the backend: NaN / Inf propagate, half precision, channels-last, tiny
+batches, activation checkpointing (the recomputed forward quantizes identically)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import fqt_compiler as fqt
+from fqt_compiler.recipes import GradInputSpecs, GradWeightSpecs, Recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MODES = [dict(mode="reference"), dict(mode="kernels", inductor=False)]
+MODE_IDS = ["reference", "kernels"]
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def _compile(model, recipe, mode):
+    return torch.compile(model, backend=fqt.backend(recipe=recipe, **mode))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_nan_in_activations_and_inf_in_gradients_propagate(mode):
+    lin = nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    x[1, 2] = float("nan")
+    y = _compile(lin, "int8", mode)(x)
+    y.sum().backward()
+    assert y.isnan().any() and lin.weight.grad.isnan().any()  # never silently finite
+    torch._dynamo.reset()
+    lin = nn.Linear(8, 4)
+    y = _compile(lin, "psq4", mode)(torch.randn(5, 8))
+    g = torch.randn(5, 4)
+    g[0, 0] = float("inf")
+    y.backward(g)
+    assert (~lin.weight.grad.isfinite()).any()
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_half_precision_models(mode, dtype):
+    lin = nn.Linear(8, 4).to(dtype)
+    y = _compile(lin, "bhq5", mode)(torch.randn(5, 8, dtype=dtype))
+    y.float().sum().backward()
+    assert y.dtype == dtype and lin.weight.grad.dtype == dtype and lin.weight.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_tiny_batches_and_channels_last(mode, batch):
+    model = CNN()
+    x = torch.randn(batch, 3, 5, 5).to(memory_format=torch.channels_last).requires_grad_(True)
+    y = _compile(model, "bhq4", mode)(x)
+    y.sum().backward()
+    assert x.grad.isfinite().all() and model.conv.weight.grad.isfinite().all()
+
+
+def _nearest_int8() -> Recipe:
+    base = fqt.recipe("int8")
+    near = dict(rounding="nearest")
+    return Recipe(
+        name="int8-nearest", output=base.output,
+        grad_input=GradInputSpecs(grad_output=base.grad_input.grad_output.with_(**near), weight=base.grad_input.weight),
+        grad_weight=GradWeightSpecs(grad_output=base.grad_weight.grad_output.with_(**near), activation=base.grad_weight.activation),
+    )
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_activation_checkpointing_recomputes_identical_quantized_values(mode):
+    grads = []
+    for use_checkpoint in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        l1, l2 = nn.Linear(8, 8), nn.Linear(8, 4)
+        x = torch.randn(5, 8, requires_grad=True)
+
+        def block(t):
+            return torch.relu(l1(t))
+
+        def f(t):
+            return l2(checkpoint(block, t, use_reentrant=False) if use_checkpoint else block(t))
+
+        _compile(f, _nearest_int8(), mode)(x).square().sum().backward()
+        grads.append([x.grad, l1.weight.grad, l2.weight.grad])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
