@@ -172,12 +172,27 @@ _MIX = 0x45D9F3B
 _MASK32 = 0xFFFFFFFF
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def draw_seed(device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
     """A stochastic-rounding seed from torch's generator: a 1-element int64 tensor on
-    ``device`` (drawn there, so no host synchronisation)."""
+    ``device`` (drawn there, so no host synchronisation).
+
+    Under torch.distributed the rank is folded in: ranks seeded alike (the usual way to get
+    identical initial weights) still round their gradients with independent noise, so averaging
+    across ranks averages the quantization noise away; each rank stays reproducible."""
     if generator is None:  # no generator argument: traced graphs then carry plain aten.randint
-        return torch.randint(0, 2**31 - 1, (1,), device=device)
-    return torch.randint(0, 2**31 - 1, (1,), device=device, generator=generator)
+        seed = torch.randint(0, 2**31 - 1, (1,), device=device)
+    else:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=device, generator=generator)
+    rank = _rank()
+    if rank:
+        seed = (seed + rank * 0x61C88647) % (2**31 - 1)
+    return seed
 
 
 def hash_uniform(seed: torch.Tensor, shape: tuple[int, ...] | torch.Size, device: torch.device | str) -> torch.Tensor:
