@@ -31,3 +31,11 @@ def test_bench_gemm_section_reports_ratios(capsys, tmp_path):
 def test_bench_rejects_a_malformed_shape():
     with pytest.raises(ValueError):
         cli.main(["bench", "--sections", "gemm", "--shapes", "64x32", "--device", "cpu"])
+
+
+def test_results_command_on_a_tiny_budget(tmp_path, capsys):
+    assert cli.main(["results", "--steps", "3", "--epochs", "1", "--recipes", "exact", "bhq4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "recipe" not in line]
+    assert rows == ["exact", "bhq4"]
+    assert (tmp_path / "results_lm.png").exists()

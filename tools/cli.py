@@ -1,4 +1,4 @@
-"""The ``fqt`` command line: ``fqt demo``, ``fqt inspect``, ``fqt variance``, ``fqt bench``."""
+"""The ``fqt`` command line: ``fqt demo``, ``fqt inspect``, ``fqt variance``, ``fqt results``, ``fqt bench``."""
 
 from __future__ import annotations
 
@@ -81,6 +81,13 @@ def _variance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    from .results import main
+
+    print(main(out_dir=args.out, steps=args.steps, epochs=args.epochs, recipes=args.recipes))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run
 
@@ -119,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--out", default=None, help="folder for the PNG plots (needs matplotlib)")
     var.add_argument("--no-sweep", action="store_true", help="skip the bits sweep (and the plots)")
     var.set_defaults(func=_variance)
+    res = sub.add_parser("results", help="train a byte-level GPT and the demo CNN under every recipe; table and loss curves")
+    res.add_argument("--out", default="docs", help="folder for results_lm.png")
+    res.add_argument("--steps", type=int, default=300)
+    res.add_argument("--epochs", type=int, default=3)
+    res.add_argument("--recipes", nargs="+", default=None)
+    res.set_defaults(func=_results)
     bench = sub.add_parser("bench", help="benchmarks of BENCHMARKS.md: ratios against a same-run baseline")
     bench.add_argument(
         "--sections", nargs="+", default=["layer", "gemm", "quantize", "memory"], choices=["layer", "gemm", "quantize", "memory"]
