@@ -133,7 +133,7 @@ def _plot(path: Path, lm: dict) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in lm.items():
         c = torch.tensor(r["curve"])
-        smooth = torch.nn.functional.avg_pool1d(c[None, None], 10, 1).flatten()
+        smooth = torch.nn.functional.avg_pool1d(c[None, None], min(10, len(c)), 1).flatten()
         ax.plot(smooth, label=name, lw=1.8 if name in ("exact", "qat") else 1)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/byte, 10-step mean)")
