@@ -95,3 +95,37 @@ def test_activation_checkpointing_recomputes_identical_quantized_values(mode):
         grads.append([x.grad, l1.weight.grad, l2.weight.grad])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("recipe", ["int8", "ptq4", "psq4", "bhq4"])
+@pytest.mark.parametrize("magnitude", [0.0, 1e-30, 1e30], ids=["zero", "tiny", "huge"])
+def test_zero_tiny_and_huge_gradients(mode, recipe, magnitude):
+    """All-zero gradients stay exactly zero; tiny and huge ones keep their scale (never
+    flushed to zero, never overflowing to inf): quantization is relative to the tensor."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4, bias=False)
+    x = torch.randn(6, 8, requires_grad=True)
+    y = _compile(lin, recipe, mode)(x)
+    g = torch.randn(6, 4) * magnitude
+    y.backward(g)
+    for grad in (x.grad, lin.weight.grad):
+        assert torch.isfinite(grad).all()
+        if magnitude == 0:
+            assert torch.equal(grad, torch.zeros_like(grad))
+    if magnitude:
+        exact = (g.double() @ lin.weight.detach().double())  # grad_input without quantization
+        rel = (x.grad.double() - exact).norm() / exact.norm()  # fp64: 1e30 squared overflows fp32
+        assert rel < 0.6, rel  # 4-bit noise is large, but the scale is right
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_non_contiguous_inputs(mode):
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    base = torch.randn(8, 12)
+    x = base.t()[::2]  # a strided, transposed view
+    assert not x.is_contiguous()
+    y = _compile(lin, "int8", mode)(x)
+    ref = lin(x.contiguous())
+    assert (y - ref).abs().max() < 0.05 * ref.abs().max()
