@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fqt_compiler as fqt
-from fqt_compiler.recipes import GradInputSpecs, GradWeightSpecs, Recipe
 from fqt_compiler.reference import draw_seed
 
 WORLD = 2
@@ -27,16 +26,6 @@ def _model():
 def _data():
     g = torch.Generator().manual_seed(1)
     return torch.randn(8, 8, generator=g)
-
-
-def _nearest(name: str) -> Recipe:
-    base = fqt.recipe(name)
-    near = dict(rounding="nearest")
-    return Recipe(
-        name=f"{name}-nearest", output=base.output,
-        grad_input=GradInputSpecs(grad_output=base.grad_input.grad_output.with_(**near), weight=base.grad_input.weight),
-        grad_weight=GradWeightSpecs(grad_output=base.grad_weight.grad_output.with_(**near), activation=base.grad_weight.activation),
-    )
 
 
 def _worker(rank: int, tmp: str) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import fqt_compiler as fqt
-from fqt_compiler.recipes import GradInputSpecs, GradWeightSpecs, Recipe
+from tests.helpers.recipes import nearest_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODES = [dict(mode="reference"), dict(mode="kernels", inductor=False)]
@@ -66,16 +66,6 @@ def test_tiny_batches_and_channels_last(mode, batch):
     assert x.grad.isfinite().all() and model.conv.weight.grad.isfinite().all()
 
 
-def _nearest_int8() -> Recipe:
-    base = fqt.recipe("int8")
-    near = dict(rounding="nearest")
-    return Recipe(
-        name="int8-nearest", output=base.output,
-        grad_input=GradInputSpecs(grad_output=base.grad_input.grad_output.with_(**near), weight=base.grad_input.weight),
-        grad_weight=GradWeightSpecs(grad_output=base.grad_weight.grad_output.with_(**near), activation=base.grad_weight.activation),
-    )
-
-
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_activation_checkpointing_recomputes_identical_quantized_values(mode):
     grads = []
@@ -91,7 +81,7 @@ def test_activation_checkpointing_recomputes_identical_quantized_values(mode):
         def f(t):
             return l2(checkpoint(block, t, use_reentrant=False) if use_checkpoint else block(t))
 
-        _compile(f, _nearest_int8(), mode)(x).square().sum().backward()
+        _compile(f, nearest_gradients("int8"), mode)(x).square().sum().backward()
         grads.append([x.grad, l1.weight.grad, l2.weight.grad])
     for a, b in zip(*grads):
         assert torch.equal(a, b)

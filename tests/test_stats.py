@@ -14,6 +14,7 @@ from fqt_compiler.recipes import GradInputSpecs, GradWeightSpecs, Recipe
 from fqt_compiler.stats import advise_bits, gradient_stats
 from fqt_compiler.stats_formulas import bound_expression, exact_variance, variance_bound
 from tools import cli
+from tests.helpers.recipes import nearest_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,16 +97,6 @@ def _setup(seed=0):
     return model, (lambda m, b: F.cross_entropy(m(b[0]), b[1])), batches
 
 
-def _nearest(name):
-    base = fqt.recipe(name)
-    near = dict(rounding="nearest")
-    return Recipe(
-        name=f"{name}-nearest", output=base.output,
-        grad_input=GradInputSpecs(grad_output=base.grad_input.grad_output.with_(**near), weight=base.grad_input.weight),
-        grad_weight=GradWeightSpecs(grad_output=base.grad_weight.grad_output.with_(**near), activation=base.grad_weight.activation),
-    )
-
-
 def test_decomposition_adds_up_and_quantizer_stats_are_exact():
     model, loss_fn, batches = _setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -130,7 +121,7 @@ def test_bias_test_accepts_the_paper_recipes(recipe):
 
 def test_bias_test_rejects_nearest_rounding_and_a_biased_stochastic_quantizer():
     model, loss_fn, batches = _setup(seed=1)
-    assert gradient_stats(model, loss_fn, batches, _nearest("psq4"), draws=8, profile=False, quantizers=False).biased
+    assert gradient_stats(model, loss_fn, batches, nearest_gradients("psq4"), draws=8, profile=False, quantizers=False).biased
 
     def biased(x, spec, generator=None):  # stochastic rounding whose noise is shifted by 1/4
         s = x.abs().amax(dim=1, keepdim=True) / 7

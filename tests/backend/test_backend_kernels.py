@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fqt_compiler as fqt
-from fqt_compiler.recipes import GradInputSpecs, GradWeightSpecs, Recipe
-from fqt_compiler.specs import Rounding
+
+from tests.helpers.recipes import nearest_gradients
 
 from .models import make_case, param_grads
 
@@ -66,22 +66,10 @@ def test_kernels_mode_reports_every_gemm_with_a_status_and_reason():
             assert g.status is fqt.GemmStatus.LOWBIT_KERNEL and g.kernel
 
 
-def _deterministic(name: str) -> Recipe:
-    """A recipe's layouts with nearest rounding on the gradients: no random stream involved."""
-    base = fqt.recipe(name)
-    near = dict(rounding=Rounding.NEAREST)
-    return Recipe(
-        name=f"{name}-nearest",
-        output=base.output,
-        grad_input=GradInputSpecs(grad_output=base.grad_input.grad_output.with_(**near), weight=base.grad_input.weight),
-        grad_weight=GradWeightSpecs(grad_output=base.grad_weight.grad_output.with_(**near), activation=base.grad_weight.activation),
-    )
-
-
 @pytest.mark.slow
 def test_kernels_mode_with_inductor_matches_reference():
     case = make_case("mlp")
-    recipe = _deterministic("int8")
+    recipe = nearest_gradients("int8")
     loss_r, grads_r, _ = _run(case, recipe=recipe, mode="reference")
     loss_k, grads_k, be = _run(case, recipe=recipe, mode="kernels", inductor=True)
     assert _close(loss_k, loss_r, 1e-5)
