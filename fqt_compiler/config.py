@@ -89,6 +89,6 @@ class FQTConfig:
         import hashlib
 
         r = self.recipe
-        specs = [(k.value, role.value, (s.key() if s else None)) for k in GemmKind for role in TensorRole if (s := r.spec(k, role)) is not None or True]
+        specs = [(k.value, role.value, getattr(r.spec(k, role), "key", lambda: None)()) for k in GemmKind for role in TensorRole]
         text = repr((r.name, specs, [rule.key() for rule in self.rules], self.mode.value, self.inductor))
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -52,10 +52,6 @@ _register_unsupported(["mv", "addmv", "dot", "vdot", "addr", "outer"], "matrix-v
 _register_unsupported(["addbmm"], "addbmm (batch-reduced GEMM) is not supported yet")
 _register_unsupported(["_int_mm", "_scaled_mm", "_weight_int8pack_mm", "_weight_int4pack_mm"], "already a low-bit GEMM")
 
-_ATTENTION_BACKWARD = {
-    op for op, why in UNSUPPORTED_GEMMS.items() if why == _ATTENTION_REASON
-}
-
 # ops that only re-index memory (or copy it unchanged): chains of them connect a GEMM operand
 # in the backward to the forward operand it was derived from
 VIEW_OPS = {

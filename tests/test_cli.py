@@ -39,3 +39,32 @@ def test_results_command_on_a_tiny_budget(tmp_path, capsys):
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "recipe" not in line]
     assert rows == ["exact", "bhq4"]
     assert (tmp_path / "results_lm.png").exists()
+
+
+_VARIANCE_FACTORY = '''
+import torch
+import torch.nn.functional as F
+
+
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
+    return model, (lambda m, b: F.cross_entropy(m(b[0]), b[1])), batches
+
+
+def wrong():
+    return make()[:2]
+'''
+
+
+def test_variance_command_on_a_user_factory(tmp_path, capsys):
+    script = tmp_path / "model.py"
+    script.write_text(_VARIANCE_FACTORY)
+    assert cli.main(["variance", f"{script}:make", "--recipe", "bhq4", "--draws", "8", "--no-sweep"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe bhq4" in out and "bit-width advice" in out
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "layer" not in line][:2] == ["0", "2"]
+    assert cli.main(["variance", f"{script}:wrong"]) == 2
+    assert "(model, loss_fn, batches)" in capsys.readouterr().err

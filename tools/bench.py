@@ -165,8 +165,7 @@ def bench_memory(shape, recipe, device) -> tuple[tuple[int, int], tuple[int, int
     torch._dynamo.reset()
     base = Layer(k, n).to(device=device, dtype=torch.bfloat16)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
-    b = saved_bytes(base_c := torch.compile(base), x)
-    del base_c
+    b = saved_bytes(torch.compile(base), x)
     cand = Layer(k, n).to(device=device, dtype=torch.bfloat16)
     c = saved_bytes(torch.compile(cand, backend=fqt.backend(recipe=recipe)), x)
     return b, c

@@ -65,20 +65,25 @@ def _inspect(args: argparse.Namespace) -> int:
 def _variance(args: argparse.Namespace) -> int:
     from .variance import main
 
-    factory = None
-    if args.factory:
-        spec = args.factory
-
-        def factory():
-            made = _load_callable(spec)()
-            if not (isinstance(made, tuple) and len(made) == 3):
-                from fqt_compiler.errors import OptionsError
-
-                raise OptionsError(f"{spec!r}: a variance factory returns (model, loss_fn, batches)")
-            return made
-
-    print(main(factory, recipe=args.recipe, draws=args.draws, alpha=args.alpha, out=args.out, sweep=not args.no_sweep))
+    print(main(_variance_factory(args.factory), recipe=args.recipe, draws=args.draws, alpha=args.alpha, out=args.out, sweep=not args.no_sweep))
     return 0
+
+
+def _variance_factory(spec: str | None):
+    """None (the demo model), or a loader of ``path/to/script.py:function`` checked to return
+    ``(model, loss_fn, batches)``."""
+    if spec is None:
+        return None
+
+    def factory():
+        from fqt_compiler.errors import OptionsError
+
+        made = _load_callable(spec)()
+        if not (isinstance(made, tuple) and len(made) == 3):
+            raise OptionsError(f"{spec!r}: a variance factory returns (model, loss_fn, batches)")
+        return made
+
+    return factory
 
 
 def _results(args: argparse.Namespace) -> int:
