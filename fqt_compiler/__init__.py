@@ -5,6 +5,7 @@
     torch.compile(model, backend="fqt", options={"recipe": "bhq5"})
     torch.compile(model, backend=fqt.backend(recipe="psq8", strict=True))
     print(fqt.explain(model, x, recipe="bhq8"))
+    fqt.compile_sharded(fsdp2_model, recipe="int8")                       # FSDP2: see distributed.py
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from . import ops as _ops  # registers the fqt:: custom ops
 # backend and inspection
 from .backend import FQTBackend, backend, fqt_backend, last_compiles
 from .explain import ExplainReport, explain
+from .distributed import compile_sharded, sharded_modules
 from .sites import GemmStatus
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "quantize", "register_quantizer", "registered_quantizers", "unregister_quantizer",
     # backend and inspection
     "backend", "fqt_backend", "FQTBackend", "explain", "ExplainReport", "GemmStatus", "last_compiles",
+    "compile_sharded", "sharded_modules",
     # errors
     "FQTError", "SpecError", "OptionsError", "UnsupportedGraphError", "PassError", "RuleError",
 ]

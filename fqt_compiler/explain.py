@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 from .backend import FQTBackend, GraphRecord
 from .config import FQTConfig
+from .errors import FQTError
 from .sites import GemmDecision, GemmStatus, SiteDecision
 
 __all__ = ["ExplainReport", "explain"]
@@ -84,6 +85,13 @@ def explain(model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, **
     The model's state (parameters, buffers such as BatchNorm statistics) and the RNG state are
     restored afterwards; no backward pass is run.
     """
+    from .distributed import sharded_modules
+
+    if isinstance(model, torch.nn.Module) and sharded_modules(model):
+        raise FQTError(
+            "explain: the model is fully_shard-ed (FSDP2); Dynamo does not trace through FSDP2's hooks, "
+            "so nothing would be compiled. Explain the unsharded model (same code, before fully_shard) instead"
+        )
     if recipe is not None:
         options["recipe"] = recipe
     options.setdefault("debug", True)  # explain keeps every stage's graph for the report

@@ -168,4 +168,6 @@ def module_path(node: fx.Node) -> str:
     fqn = re.sub(r"\[(\d+)\]", r".\1", fqn)
     fqn = re.sub(r"\['([^']*)'\]", r".\1", fqn)
     fqn = re.sub(r"^_modules\.|\._modules\.", ".", fqn).strip(".")
+    # a compiled bound method (``module.forward``): paths are relative to that module
+    fqn = re.sub(r"^__self__(\.|$)", "", fqn)
     return fqn or "<root>"
