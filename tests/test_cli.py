@@ -38,7 +38,7 @@ def test_results_command_on_a_tiny_budget(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "recipe" not in line]
     assert rows == ["exact", "bhq4"]
-    assert (tmp_path / "results_lm.png").exists()
+    assert (tmp_path / "results_lm.png").exists() and (tmp_path / "results_cnn.png").exists()
 
 
 _VARIANCE_FACTORY = '''

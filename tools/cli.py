@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--no-sweep", action="store_true", help="skip the bits sweep (and the plots)")
     var.set_defaults(func=_variance)
     res = sub.add_parser("results", help="train a byte-level GPT and the demo CNN under every recipe; table and loss curves")
-    res.add_argument("--out", default="docs", help="folder for results_lm.png")
+    res.add_argument("--out", default="docs", help="folder for results_lm.png and results_cnn.png")
     res.add_argument("--steps", type=int, default=300)
     res.add_argument("--epochs", type=int, default=3)
     res.add_argument("--recipes", nargs="+", default=None)

@@ -13,7 +13,7 @@ kernel yet and stay simulated).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,8 @@ class RunResult:
     test_accuracy: float
     quant_variance: float
     seconds: float
+    step_losses: list[float] = field(default_factory=list)  # every training step's loss
+    step_ms: float = float("nan")  # mean wall time of a training step
 
 
 def run_recipe(
@@ -114,6 +116,8 @@ def run_recipe(
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    step_losses: list[float] = []
+    train_start = None  # set after the first step, which compiles
     for epoch in range(epochs):
         perm = torch.randperm(len(y_train), generator=gen)
         epoch_losses = []
@@ -126,14 +130,19 @@ def run_recipe(
             loss.backward()
             opt.step()
             epoch_losses.append(loss.item())
+            if train_start is None:
+                train_start = time.perf_counter()
+        step_losses.extend(epoch_losses)
         losses.append(sum(epoch_losses) / len(epoch_losses))
         print(f"  {name:6s} epoch {epoch + 1}/{epochs}  train loss {losses[-1]:.4f}", flush=True)
+    steps_timed = len(step_losses) - 1
+    step_ms = 1e3 * (time.perf_counter() - train_start) / steps_timed if steps_timed > 0 else float("nan")
     model.eval()
     with torch.no_grad():
         acc = float((compiled(x_test).argmax(1) == y_test).float().mean())
     seconds = time.perf_counter() - start
     rel = quant_var / sampling_var if sampling_var else float("nan")
-    return RunResult(name, losses[-1], acc, rel, seconds)
+    return RunResult(name, losses[-1], acc, rel, seconds, step_losses, step_ms)
 
 
 def qat_sampling_variance(data, *, batch_size: int, seed: int, batches: int) -> float:

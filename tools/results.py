@@ -102,7 +102,7 @@ def train_cnn(recipe: str, epochs: int, seed: int = 0) -> dict:
     from .demo import run_recipe, load_digits
 
     r = run_recipe(recipe, load_digits(seed), epochs=epochs, batch_size=64, seed=seed, var_draws=2, sampling_var=None)
-    return {"loss": r.final_loss, "acc": r.test_accuracy}
+    return {"loss": r.final_loss, "acc": r.test_accuracy, "curve": r.step_losses, "step_ms": r.step_ms}
 
 
 def main(out_dir: str = "docs", steps: int = 300, epochs: int = 3, recipes: list[str] | None = None) -> str:
@@ -113,16 +113,18 @@ def main(out_dir: str = "docs", steps: int = 300, epochs: int = 3, recipes: list
         cnn[name] = train_cnn(name, epochs)
         print(f"  {name:6s} LM train {lm[name]['curve'][-1]:.3f} val {lm[name]['val']:.3f} | CNN acc {100 * cnn[name]['acc']:.1f}%", flush=True)
     rows = [
-        [n, f"{sum(lm[n]['curve'][-20:]) / 20:.3f}", f"{lm[n]['val']:.3f}", f"{lm[n]['step_ms']:.0f}", f"{cnn[n]['loss']:.4f}", f"{100 * cnn[n]['acc']:.1f}%"]
+        [n, f"{sum(lm[n]['curve'][-20:]) / 20:.3f}", f"{lm[n]['val']:.3f}", f"{lm[n]['step_ms']:.0f}", f"{cnn[n]['loss']:.4f}", f"{100 * cnn[n]['acc']:.1f}%", f"{cnn[n]['step_ms']:.0f}"]
         for n in recipes
     ]
-    table = tabulate(rows, headers=["recipe", "LM train loss (last 20)", "LM val loss", "LM ms/step", "CNN train loss", "CNN test acc"], tablefmt="github")
+    table = tabulate(rows, headers=["recipe", "LM train loss (last 20)", "LM val loss", "LM ms/step", "CNN train loss", "CNN test acc", "CNN ms/step"], tablefmt="github")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return table + "\n\n" + _plot(out / "results_lm.png", lm)
+    lm_plot = _plot(out / "results_lm.png", lm, "train loss (nats/byte, 10-step mean)", "byte-level GPT on pydoc text")
+    cnn_plot = _plot(out / "results_cnn.png", cnn, "train loss (10-step mean)", "residual CNN on digits")
+    return table + "\n\n" + lm_plot + "\n" + cnn_plot
 
 
-def _plot(path: Path, lm: dict) -> str:
+def _plot(path: Path, runs: dict, ylabel: str, title: str) -> str:
     try:
         import matplotlib
 
@@ -131,13 +133,13 @@ def _plot(path: Path, lm: dict) -> str:
     except ImportError:
         return "matplotlib is not installed: no loss curves"
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in lm.items():
+    for name, r in runs.items():
         c = torch.tensor(r["curve"])
         smooth = torch.nn.functional.avg_pool1d(c[None, None], min(10, len(c)), 1).flatten()
         ax.plot(smooth, label=name, lw=1.8 if name in ("exact", "qat") else 1)
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss (nats/byte, 10-step mean)")
-    ax.set_title("byte-level GPT on pydoc text")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(ncol=3, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

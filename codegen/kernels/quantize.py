@@ -74,6 +74,100 @@ def _update_row_stats(x, mask, nan, amax, mn, mx, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
+def _row_scales(nan, amax, mn, mx, SCHEME: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per-row scale / zero point / offset from the row statistics, in the reference's
+    operation order; also what the codes need (min, grid zero, safe divisor, finiteness)."""
+    is_nan = nan > 0
+    qzero = tl.zeros((BLOCK_R,), tl.float32)
+    if SCHEME == 0:
+        amax = tl.where(is_nan, float("nan"), amax)
+        scale = tl.math.div_rn(amax, QMAX)
+        zp = tl.zeros((BLOCK_R,), tl.float32)
+        offset = tl.zeros((BLOCK_R,), tl.float32)
+    elif SCHEME == 1:
+        mn = tl.where(is_nan, float("nan"), mn)
+        mx = tl.where(is_nan, float("nan"), mx)
+        scale = tl.math.div_rn(mx, LEVELS * 1.0) - tl.math.div_rn(mn, LEVELS * 1.0)
+        zp = tl.zeros((BLOCK_R,), tl.float32)
+        offset = mn
+    else:
+        mn = tl.minimum(tl.where(is_nan, float("nan"), mn), 0.0)
+        mx = tl.maximum(tl.where(is_nan, float("nan"), mx), 0.0)
+        mn = tl.where(is_nan, float("nan"), mn)  # tl.minimum may drop NaN against 0
+        mx = tl.where(is_nan, float("nan"), mx)
+        span = tl.math.div_rn(mx, LEVELS * 1.0) - tl.math.div_rn(mn, LEVELS * 1.0)
+        qzero = tl.floor(tl.math.div_rn(-mn, tl.where(span > 0, span, 1.0)))
+        qzero = tl.where(mn < 0, tl.minimum(tl.maximum(qzero, 1.0), LEVELS * 1.0), 0.0)
+        down = tl.where(qzero > 0, tl.math.div_rn(-mn, tl.where(qzero > 0, qzero, 1.0)), 0.0)
+        up = tl.where(qzero < LEVELS, tl.math.div_rn(mx, tl.where(qzero < LEVELS, LEVELS - qzero, 1.0)), 0.0)
+        finite_span = (span == span) & (tl.abs(span) != float("inf"))
+        scale = tl.where(finite_span, tl.maximum(down, up), span)
+        zp = qzero
+        offset = tl.zeros((BLOCK_R,), tl.float32)
+    safe = tl.where(scale > 0, scale, 1.0)
+    scale_finite = (scale == scale) & (tl.abs(scale) != float("inf"))
+    return scale, zp, offset, mn, qzero, safe, scale_finite
+
+
+@triton.jit
+def _codes_tile(
+    x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, code_ty: tl.constexpr,
+    SCHEME: tl.constexpr, FP8: tl.constexpr, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr,
+    CODE_OFFSET: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
+):
+    """The codes of one tile ``x`` (rows x cols of the grouped matrix, C columns in all)."""
+    if SCHEME == 0:
+        v = tl.where(scale_finite[:, None], tl.math.div_rn(x, safe[:, None]), x * scale[:, None])
+    elif SCHEME == 1:
+        v = tl.math.div_rn(x - mn[:, None], safe[:, None])
+        v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
+    else:
+        v = tl.math.div_rn(x, safe[:, None]) + qzero[:, None]
+        v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
+    if STOCHASTIC:
+        noise = _hash_uniform(seed, rows[:, None].to(tl.int64) * C + cols[None, :])
+    if FP8 != 0:
+        # Round on the fp8 grid with exact power-of-two arithmetic, then cast values that
+        # are already representable: the result does not depend on how a backend rounds
+        # its fp32 -> fp8 conversion (Triton's CPU interpreter does not round to even).
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        v = tl.where(x != x, x, v)  # keep NaN through the clamp
+        exponent = ((tl.abs(v).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        q_exp = tl.maximum(exponent, FP8_EMIN) - FP8_MANT
+        quantum = ((q_exp + 127) << 23).to(tl.float32, bitcast=True)
+        if STOCHASTIC:
+            lo = tl.floor(v / quantum) * quantum
+            hi = tl.minimum(lo + quantum, QMAX)
+            width = hi - lo
+            p_hi = tl.where(width > 0, tl.math.div_rn(v - lo, tl.where(width > 0, width, 1.0)), 0.0)
+            grid = tl.where(noise < p_hi, hi, lo)
+        else:
+            grid = _rint(v / quantum) * quantum
+        if FP8 == 1:
+            bits = grid.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        else:
+            bits = grid.to(tl.float8e5).to(tl.uint8, bitcast=True)
+        # NaN as the exact bit pattern torch writes (0x7F), not whatever a conversion makes
+        bits = tl.where(v != v, 0x7F, bits).to(tl.uint8)
+        if FP8 == 1:
+            code = bits.to(tl.float8e4nv, bitcast=True)
+        else:
+            code = bits.to(tl.float8e5, bitcast=True)
+    else:
+        if STOCHASTIC:
+            q = tl.floor(v + noise)
+        else:
+            q = _rint(v)
+        q_nan = q != q  # before the clamp: min/max may drop NaN
+        if SCHEME == 0:
+            q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+        else:
+            q = tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0) + CODE_OFFSET
+        code = tl.where(q_nan, 0.0, q).to(code_ty)
+    return code
+
+
+@triton.jit
 def _minmax_partials_kernel(
     # pointers
     x_ptr, out_ptr,
@@ -137,6 +231,7 @@ def _quantize_rows_kernel(
         t_s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
 
     # ---- pass 1: row statistics (NaN tracked separately: tl.max does not propagate it)
+    nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
     if STATS_GIVEN:
         if SCHEME == 0:
             amax = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr)
@@ -146,7 +241,6 @@ def _quantize_rows_kernel(
             mx = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 1)
             nan = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 2)
     else:
-        nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             mask = rmask[:, None] & (cols < C)[None, :]
@@ -154,41 +248,11 @@ def _quantize_rows_kernel(
             if TRANSFORM:
                 x = _bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
             nan, amax, mn, mx = _update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
-    is_nan = nan > 0
-
-    # ---- per-row scale / zero point / offset, in the reference's operation order
-    if SCHEME == 0:
-        amax = tl.where(is_nan, float("nan"), amax)
-        scale = tl.math.div_rn(amax, QMAX)
-        zp = tl.zeros((BLOCK_R,), tl.float32)
-        offset = tl.zeros((BLOCK_R,), tl.float32)
-    elif SCHEME == 1:
-        mn = tl.where(is_nan, float("nan"), mn)
-        mx = tl.where(is_nan, float("nan"), mx)
-        scale = tl.math.div_rn(mx, LEVELS * 1.0) - tl.math.div_rn(mn, LEVELS * 1.0)
-        zp = tl.zeros((BLOCK_R,), tl.float32)
-        offset = mn
-    else:
-        mn = tl.minimum(tl.where(is_nan, float("nan"), mn), 0.0)
-        mx = tl.maximum(tl.where(is_nan, float("nan"), mx), 0.0)
-        mn = tl.where(is_nan, float("nan"), mn)  # tl.minimum may drop NaN against 0
-        mx = tl.where(is_nan, float("nan"), mx)
-        span = tl.math.div_rn(mx, LEVELS * 1.0) - tl.math.div_rn(mn, LEVELS * 1.0)
-        qzero = tl.floor(tl.math.div_rn(-mn, tl.where(span > 0, span, 1.0)))
-        qzero = tl.where(mn < 0, tl.minimum(tl.maximum(qzero, 1.0), LEVELS * 1.0), 0.0)
-        down = tl.where(qzero > 0, tl.math.div_rn(-mn, tl.where(qzero > 0, qzero, 1.0)), 0.0)
-        up = tl.where(qzero < LEVELS, tl.math.div_rn(mx, tl.where(qzero < LEVELS, LEVELS - qzero, 1.0)), 0.0)
-        finite_span = (span == span) & (tl.abs(span) != float("inf"))
-        scale = tl.where(finite_span, tl.maximum(down, up), span)
-        zp = qzero
-        offset = tl.zeros((BLOCK_R,), tl.float32)
-    safe = tl.where(scale > 0, scale, 1.0)
-    scale_finite = (scale == scale) & (tl.abs(scale) != float("inf"))
+    scale, zp, offset, mn, qzero, safe, scale_finite = _row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
     tl.store(scale_ptr + rows, scale, mask=rmask)
     tl.store(zp_ptr + rows, zp + CODE_OFFSET, mask=rmask)
     tl.store(offset_ptr + rows, offset, mask=rmask)
-    if STOCHASTIC:
-        seed = tl.load(seed_ptr).to(tl.int64)
+    seed = tl.load(seed_ptr).to(tl.int64)  # unused unless STOCHASTIC
 
     # ---- pass 2: codes
     for c0 in range(0, C, BLOCK_C):
@@ -197,54 +261,8 @@ def _quantize_rows_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
         if TRANSFORM:
             x = _bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
-        if SCHEME == 0:
-            v = tl.where(scale_finite[:, None], tl.math.div_rn(x, safe[:, None]), x * scale[:, None])
-        elif SCHEME == 1:
-            v = tl.math.div_rn(x - mn[:, None], safe[:, None])
-            v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
-        else:
-            v = tl.math.div_rn(x, safe[:, None]) + qzero[:, None]
-            v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
-        if STOCHASTIC:
-            noise = _hash_uniform(seed, rows[:, None].to(tl.int64) * C + cols[None, :])
-        if FP8 != 0:
-            # Round on the fp8 grid with exact power-of-two arithmetic, then cast values that
-            # are already representable: the result does not depend on how a backend rounds
-            # its fp32 -> fp8 conversion (Triton's CPU interpreter does not round to even).
-            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-            v = tl.where(x != x, x, v)  # keep NaN through the clamp
-            exponent = ((tl.abs(v).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-            q_exp = tl.maximum(exponent, FP8_EMIN) - FP8_MANT
-            quantum = ((q_exp + 127) << 23).to(tl.float32, bitcast=True)
-            if STOCHASTIC:
-                lo = tl.floor(v / quantum) * quantum
-                hi = tl.minimum(lo + quantum, QMAX)
-                width = hi - lo
-                p_hi = tl.where(width > 0, tl.math.div_rn(v - lo, tl.where(width > 0, width, 1.0)), 0.0)
-                grid = tl.where(noise < p_hi, hi, lo)
-            else:
-                grid = _rint(v / quantum) * quantum
-            if FP8 == 1:
-                bits = grid.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-            else:
-                bits = grid.to(tl.float8e5).to(tl.uint8, bitcast=True)
-            # NaN as the exact bit pattern torch writes (0x7F), not whatever a conversion makes
-            bits = tl.where(v != v, 0x7F, bits).to(tl.uint8)
-            if FP8 == 1:
-                code = bits.to(tl.float8e4nv, bitcast=True)
-            else:
-                code = bits.to(tl.float8e5, bitcast=True)
-        else:
-            if STOCHASTIC:
-                q = tl.floor(v + noise)
-            else:
-                q = _rint(v)
-            q_nan = q != q  # before the clamp: min/max may drop NaN
-            if SCHEME == 0:
-                q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-            else:
-                q = tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0) + CODE_OFFSET
-            code = tl.where(q_nan, 0.0, q).to(codes_ptr.dtype.element_ty)
+        code = _codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
+                           SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
         if WRITE_T:  # the layout the backward GEMM reads, from the same registers
             tl.store(codes_t_ptr + rows[:, None] * stride_tr + cols[None, :] * stride_tc, code, mask=mask)
