@@ -20,13 +20,15 @@ import torch
 from torch import fx
 from torch._functorch.aot_autograd import make_boxed_func
 
-from fqt_compiler.config import FQTConfig, Mode
+from fqt_compiler.config import FQTConfig, Fusion, Mode
+from fqt_compiler.errors import OptionsError
 
 from .ops import KERNEL_TWINS
 from .inline import inline_qmm_ops, inline_quantize_ops
 from .lower import LoweredGemm, lower_gemms
+from .fusion import FusedQuantize, fuse_prologues, fusion_programs
 
-__all__ = ["compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms"]
+__all__ = ["compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms", "fuse_prologues", "FusedQuantize"]
 
 
 def swap_to_kernel_ops(gm: fx.GraphModule, include_cpu: bool = False) -> int:
@@ -49,6 +51,7 @@ class CompiledGraph:
     fn: Callable  # boxed callable
     lowered: list[LoweredGemm] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # kernel name -> generated / kernel source
+    fused: list[FusedQuantize] = field(default_factory=list)  # prologue-fused quantize nodes
 
 
 def _triton_sources(gm: fx.GraphModule) -> dict[str, str]:
@@ -87,26 +90,44 @@ def _triton_sources(gm: fx.GraphModule) -> dict[str, str]:
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, name: str = "graph") -> CompiledGraph:
     """Compile ``gm`` for ``config.mode``: a boxed callable, the lowering decisions, the sources."""
     lowered: list[LoweredGemm] = []
-    if config.mode is Mode.KERNELS:
-        lowered = lower_gemms(gm)
-        swap_to_kernel_ops(gm)  # CUDA: the Triton quantize and BHQ kernels
-        sources = _triton_sources(gm)
-        if config.inductor:
-            from torch._inductor.compile_fx import compile_fx_inner
+    if config.mode is not Mode.KERNELS:
+        return CompiledGraph(make_boxed_func(gm.forward), lowered)
+    lowered = lower_gemms(gm)
+    fused = _fuse(gm, config)
+    # OFF: every quantization stays a standalone kernel op (CPU: a compiled standalone quantizer)
+    swap_to_kernel_ops(gm, include_cpu=config.fusion is Fusion.OFF)  # CUDA: Triton quantize / BHQ kernels
+    sources = {**_triton_sources(gm), **fusion_programs(gm)}
+    if not config.inductor:
+        return CompiledGraph(make_boxed_func(gm.forward), lowered, sources, fused)
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.fx_passes.replace_random import replace_random_passes
+    from torch._inductor.virtualized import V
 
-            from torch._inductor.fx_passes.replace_random import replace_random_passes
-            from torch._inductor.virtualized import V
+    inline_quantize_ops(gm)
+    inline_qmm_ops(gm)
+    # Inductor's compile_fx runs this before partitioning; our graphs skip that path
+    fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes if hasattr(n.meta.get("val"), "fake_mode"))
+    with V.set_fake_mode(fake_mode):
+        replace_random_passes(gm)
+    compiled = compile_fx_inner(gm, example_inputs)
+    code = getattr(compiled, "source_code", None)
+    if code:
+        sources[f"inductor:{name}"] = code
+    return CompiledGraph(compiled, lowered, sources, fused)
 
-            inline_quantize_ops(gm)
-            inline_qmm_ops(gm)
-            # Inductor's compile_fx runs this before partitioning; our graphs skip that path
-            fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes if hasattr(n.meta.get("val"), "fake_mode"))
-            with V.set_fake_mode(fake_mode):
-                replace_random_passes(gm)
-            compiled = compile_fx_inner(gm, example_inputs)
-            code = getattr(compiled, "source_code", None)
-            if code:
-                sources[f"inductor:{name}"] = code
-            return CompiledGraph(compiled, lowered, sources)
-        return CompiledGraph(make_boxed_func(gm.forward), lowered, sources)
-    return CompiledGraph(make_boxed_func(gm.forward), lowered)
+
+def _fuse(gm: fx.GraphModule, config: FQTConfig) -> list[FusedQuantize]:
+    """Prologue fusion where the config asks for generated kernels (see ``Fusion``)."""
+    import os
+
+    if config.fusion is Fusion.OFF:
+        return []
+    if config.fusion is Fusion.TRITON:
+        on_cpu = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type == "cpu" for n in gm.graph.nodes)
+        if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise OptionsError(
+                "fusion='triton' runs generated Triton kernels, which need CUDA tensors (or TRITON_INTERPRET=1 "
+                "on CPU, for tests); on CPU use fusion='auto', where Inductor fuses the quantizers"
+            )
+        return fuse_prologues(gm, include_cpu=True)
+    return fuse_prologues(gm)  # AUTO: CUDA graphs only

@@ -63,6 +63,19 @@ def _triton_here(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_STANDALONE: dict = {}
+
+
+def _standalone_cpu(spec: QuantSpec, layout: Layout):
+    """The reference quantizer compiled on its own by Inductor (static shapes): the CPU twin of
+    the standalone Triton quantize kernel, the baseline that ``fusion="off"`` measures. Same
+    numbers as the reference, except stochastic rounding draws from Inductor's random stream."""
+    key = (spec.key(), layout)
+    if key not in _STANDALONE:
+        _STANDALONE[key] = torch.compile(lambda x: quantize_ref(x, spec, layout), dynamic=False, fullgraph=True)
+    return _STANDALONE[key]
+
+
 @torch.library.custom_op("fqt::quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     parsed = QuantSpec.from_key(spec)
@@ -70,6 +83,8 @@ def _quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Ten
         from .kernels.quantize import quantize
 
         out = quantize(x, parsed, Layout(layout))
+    elif x.device.type == "cpu" and x.dtype != torch.float64:
+        out = _standalone_cpu(parsed, Layout(layout))(x)
     else:
         out = quantize_ref(x, parsed, Layout(layout))
     # custom ops may not return aliases: the broadcast statistics are materialised

@@ -51,6 +51,7 @@ class GraphRecord:
     dot: str = ""  # Graphviz picture of the rewritten joint graph
     counters: dict[str, int] = field(default_factory=dict)
     kernel_sources: dict[str, str] = field(default_factory=dict)  # generated code per kernel / graph
+    fused: list = field(default_factory=list)  # codegen.FusedQuantize: quantizers fused with their producers
 
     def apply_lowering(self, lowered: list) -> None:
         """Fold codegen's per-GEMM results (``codegen.LoweredGemm``) into the decisions."""
@@ -130,6 +131,7 @@ class FQTBackend:
             out = compile_graph(graph, inputs, config, name)
             record.apply_lowering(out.lowered)
             record.kernel_sources.update(out.sources)
+            record.fused.extend(out.fused)
             if config.debug:  # the partitioned (and, in kernels mode, lowered) graph
                 stage = name.split("_", 1)[1]
                 title = f"fqt graph {record.graph_id}, partitioned {stage} ({config.mode.value} mode)"

@@ -10,7 +10,7 @@ from .errors import OptionsError, SpecError
 from .recipes import DEFAULT_RECIPE, Recipe, recipe
 from .specs import GemmKind, TensorRole
 
-__all__ = ["Mode", "FQTConfig"]
+__all__ = ["Mode", "Fusion", "FQTConfig"]
 
 
 class Mode(enum.Enum):
@@ -18,6 +18,14 @@ class Mode(enum.Enum):
 
     KERNELS = "kernels"  # realizable GEMMs lowered to low-bit kernels; the rest by Inductor (or eager)
     REFERENCE = "reference"  # eager, with the pure-torch reference ops (simulated quantization)
+
+
+class Fusion(enum.Enum):
+    """Where quantization is fused into the ops around it (kernels mode)."""
+
+    AUTO = "auto"  # CUDA: generated Triton prologue kernels; CPU: Inductor fuses the inlined quantizers
+    OFF = "off"  # every quantization a standalone kernel reading a materialized input (the baseline)
+    TRITON = "triton"  # generated Triton kernels on every device (CPU: Triton's interpreter; tests)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +43,11 @@ class FQTConfig:
     inductor: bool = True
     """In kernels mode, compile everything around the low-bit kernels with Inductor; False runs
     it eagerly (fast to compile: tests, debugging)."""
+    fusion: Fusion = Fusion.AUTO
+    """Prologue fusion of quantizers with their producers (kernels mode); see :class:`Fusion`."""
+    never_slower: bool = False
+    """Keep in high precision every GEMM the roofline cost model (``codegen.cost``) says cannot
+    win in low precision on the compiling device; the decision table says so (``by-cost``)."""
     strict: bool = False
     """Raise UnsupportedGraphError instead of skipping a GEMM the recipe wants quantized."""
     debug: bool = False
@@ -51,7 +64,9 @@ class FQTConfig:
 
         if not isinstance(self.rules, tuple) or not all(isinstance(r, Rule) for r in self.rules):
             raise OptionsError(f"option rules must be a sequence of fqt.Rule, got {self.rules!r}")
-        for name in ("strict", "debug", "inductor"):
+        if not isinstance(self.fusion, Fusion):
+            raise OptionsError(f"FQTConfig.fusion must be a Fusion, got {self.fusion!r}")
+        for name in ("strict", "debug", "inductor", "never_slower"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
 
@@ -78,6 +93,13 @@ class FQTConfig:
             except ValueError:
                 raise OptionsError(f"option mode={mode!r} is not valid; use one of {[m.value for m in Mode]}") from None
         merged["mode"] = mode
+        fusion = merged.get("fusion", Fusion.AUTO)
+        if not isinstance(fusion, Fusion):
+            try:
+                fusion = Fusion(str(fusion).lower())
+            except ValueError:
+                raise OptionsError(f"option fusion={fusion!r} is not valid; use one of {[f.value for f in Fusion]}") from None
+        merged["fusion"] = fusion
         rules = merged.get("rules", ())
         if isinstance(rules, (list, tuple)):
             merged["rules"] = tuple(rules)
@@ -90,5 +112,5 @@ class FQTConfig:
 
         r = self.recipe
         specs = [(k.value, role.value, getattr(r.spec(k, role), "key", lambda: None)()) for k in GemmKind for role in TensorRole]
-        text = repr((r.name, specs, [rule.key() for rule in self.rules], self.mode.value, self.inductor))
+        text = repr((r.name, specs, [rule.key() for rule in self.rules], self.mode.value, self.inductor, self.fusion.value, self.never_slower))
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,233 @@
+"""Prologue fusion: quantize nodes absorb the pointwise ops that produce their input.
+
+For every ``fqt::quantize[_stochastic]`` node of a lowered graph, :func:`fuse_prologues` walks
+back through the pointwise ops producing its input (bias / residual adds, GELU / SiLU / ReLU,
+their backward formulas, casts; through a final view) and cuts out the largest chain whose
+interior values nobody else reads. The chain becomes a :class:`~codegen.fusion_program.Program`
+and the quantize node an ``fqt::fused_quantize`` call on the chain's leaves: one generated
+Triton kernel computes the chain and writes the codes and scales in a single pass over memory
+(``kernels/fused.py``). If other consumers still need the chain's high-precision value, the same
+kernel writes it too, and they read that instead.
+
+On CPU the same fusion is Inductor's (``inline.py`` traces the reference quantizer into aten ops
+and Inductor fuses producers into it), so by default this pass runs on CUDA graphs only;
+``include_cpu=True`` runs the generated kernels on CPU tensors under Triton's interpreter
+(tests).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fqt_compiler.ops import QUANTIZE_OPS
+from fqt_compiler.reference import Layout, quantize_ref
+from fqt_compiler.specs import Granularity, QuantSpec, Transform
+from passes.graph_utils import call
+
+from .fusion_program import OPS, Program, dtype_name, run_reference
+
+__all__ = ["FusedQuantize", "fuse_prologues", "fused_quantize_op", "fusion_programs"]
+
+aten = torch.ops.aten
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+@torch.library.custom_op("fqt::fused_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _fused_quantize(
+    leaves: list[torch.Tensor], program: str, shape: list[int], spec: str, layout: int, write_hp: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    prog, parsed, lay = Program.loads(program), QuantSpec.from_key(spec), Layout(layout)
+    from .ops import _triton_here
+
+    if _triton_here(leaves[0]):
+        from .kernels.fused import fused_quantize
+
+        out = fused_quantize(list(leaves), prog, tuple(shape), parsed, lay, write_hp)
+    else:  # the unfused computation: the chain op by op, then the reference quantizer
+        x = run_reference(prog, list(leaves)).reshape(shape)
+        out = (*quantize_ref(x, parsed, lay), x if write_hp else x.new_empty((0,)))
+    return tuple(t.contiguous().clone() if 0 < i < 4 else t.contiguous() for i, t in enumerate(out))
+
+
+@_fused_quantize.register_fake
+def _fused_quantize_fake(leaves, program, shape, spec, layout, write_hp):
+    from fqt_compiler.ops import quantize_fake
+
+    prog = Program.loads(program)
+    x = leaves[0].new_empty(shape, dtype=prog.dtype)
+    return (*quantize_fake(x, spec, layout), x.new_empty(shape if write_hp else (0,)))
+
+
+fused_quantize_op = torch.ops.fqt.fused_quantize.default
+
+
+@dataclass(frozen=True)
+class FusedQuantize:
+    """One fused quantize node: its program and the graph ops it absorbed."""
+
+    node: str
+    spec: str
+    ops: tuple[str, ...]
+    writes_hp: bool
+    program: Program
+
+
+def _static_tensor(node: object) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor) and all(isinstance(d, int) for d in (*val.shape, *val.stride())):
+        return val
+    return None
+
+
+def _fusable_spec(spec: QuantSpec) -> bool:
+    return spec.transform is Transform.NONE and spec.granularity is not Granularity.BLOCK and spec.quantizer is None
+
+
+def _collect(root: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], list[object]] | None:
+    """The chain of pointwise nodes ending at ``root`` (topological order) and its leaves."""
+    chain: list[fx.Node] = []
+    members: set[fx.Node] = set()
+
+    def absorbable(n: object, consumer: fx.Node) -> bool:
+        if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in OPS:
+            return False
+        val = _static_tensor(n)
+        if val is None or dtype_name(val.dtype) is None or tuple(val.shape) != tuple(shape):
+            return False
+        if n.kwargs and set(n.kwargs) - {"approximate", "dtype"}:
+            return False
+        if n is not root and any(u not in members and u is not consumer for u in n.users):
+            return False  # someone else reads this interior value: it stays a leaf
+        return True
+
+    def visit(n: fx.Node) -> None:
+        members.add(n)
+        for a in n.args:
+            if absorbable(a, n) and a not in members and all(u in members for u in a.users):
+                visit(a)
+        chain.append(n)
+
+    if not absorbable(root, root):
+        return None
+    visit(root)
+    order = {n: i for i, n in enumerate(root.graph.nodes)}
+    chain.sort(key=order.__getitem__)
+    leaves: list[object] = []
+    for n in chain:
+        for a in n.args:
+            if isinstance(a, fx.Node) and a not in members and a not in leaves:
+                val = _static_tensor(a)
+                if val is None or dtype_name(val.dtype) is None:
+                    return None
+                try:
+                    torch.broadcast_shapes(tuple(val.shape), tuple(shape))
+                except RuntimeError:
+                    return None
+                leaves.append(a)
+    return chain, leaves
+
+
+def _program(chain: list[fx.Node], leaves: list, shape) -> Program:
+    index = {n: i for i, n in enumerate(chain)}
+    steps = []
+    for n in chain:
+        name, arity = OPS[n.target]
+        operands = []
+        for a in n.args[:arity]:
+            if isinstance(a, fx.Node):
+                operands.append(("V", index[a]) if a in index else ("L", leaves.index(a)))
+            else:
+                operands.append(float(a))
+        extra = n.kwargs.get("approximate", n.args[2] if n.target is aten.gelu_backward.default and len(n.args) > 2 else "none")
+        if n.target is aten.gelu.default and len(n.args) > 1:
+            extra = n.args[1]
+        steps.append((name, tuple(operands), dtype_name(n.meta["val"].dtype), extra))
+    return Program(tuple(shape), tuple(steps), len(leaves))
+
+
+def _fusable_quantize(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in QUANTIZE_OPS:
+        return False
+    val = _static_tensor(node.args[0])
+    return _fusable_spec(QuantSpec.from_key(node.args[1])) and val is not None and dtype_name(val.dtype) is not None
+
+
+def fuse_prologues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedQuantize]:
+    """Replace quantize nodes (and the pointwise chains feeding them) by fused kernels."""
+    fused: list[FusedQuantize] = []
+    for q in list(gm.graph.nodes):
+        if q.op != "call_function" or q.target not in QUANTIZE_OPS:
+            continue
+        x, key, layout = q.args
+        spec = QuantSpec.from_key(key)
+        xval = _static_tensor(x)
+        if not _fusable_spec(spec) or xval is None or dtype_name(xval.dtype) is None:
+            continue
+        if xval.device.type != "cuda" and not include_cpu:
+            continue
+        root = x
+        if x.op == "call_function" and x.target in _VIEWS and x.args[0].meta["val"].is_contiguous():
+            root = x.args[0]  # a view of a contiguous chain output: same elements, same order
+        if not isinstance(root, fx.Node) or _static_tensor(root) is None:
+            continue
+        found = _collect(root, root.meta["val"].shape)
+        if found is None or not found[1]:
+            continue
+        chain, leaves = found
+        program = _program(chain, leaves, root.meta["val"].shape)
+        # consumers still reading the chain's value: through x, or root directly; another
+        # quantizer of the same value fuses the chain itself (recomputing beats a round trip)
+        outside_x = [u for u in x.users if u is not q and not _fusable_quantize(u)]
+        outside_root = [u for u in root.users if u is not x and not _fusable_quantize(u)] if root is not x else []
+        write_hp = bool(outside_x or outside_root)
+        fake_mode = xval.fake_mode
+        # right after the chain's output: every leaf is defined there, every consumer comes later
+        with gm.graph.inserting_after(root):
+            new = call(
+                gm.graph, fused_quantize_op, (leaves, program.dumps(), list(xval.shape), key, layout, write_hp),
+                like=q, info=q.meta.get("fqt"), fake_mode=fake_mode,
+            )
+        if write_hp:
+            with gm.graph.inserting_after(new):
+                hp = call(gm.graph, operator.getitem, (new, 4), like=root, fake_mode=fake_mode)
+            for u in outside_x:
+                u.replace_input_with(x, hp)
+            if outside_root:
+                with gm.graph.inserting_after(hp):
+                    hp_root = call(gm.graph, aten.view.default, (hp, list(root.meta["val"].shape)), like=root, fake_mode=fake_mode)
+                for u in outside_root:
+                    u.replace_input_with(root, hp_root)
+        _rewire(gm, q, new, fake_mode)
+        fused.append(FusedQuantize(q.name, key, tuple(str(n.target) for n in chain), write_hp, program))
+        q.meta["fqt_fused_into"] = new.name
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return fused
+
+
+def _rewire(gm: fx.GraphModule, old: fx.Node, new: fx.Node, fake_mode) -> None:
+    """Point every ``getitem(old, i)`` at ``getitem(new, i)`` and drop ``old``."""
+    for user in list(old.users):
+        if user.target is not operator.getitem:
+            raise AssertionError(f"{old.name} has a non-getitem user {user.name}")
+        with gm.graph.inserting_before(user):
+            repl = call(gm.graph, operator.getitem, (new, user.args[1]), like=user, fake_mode=fake_mode)
+        user.replace_all_uses_with(repl)
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(old)
+
+
+def fusion_programs(gm: fx.GraphModule) -> dict[str, str]:
+    """Generated kernel source of every fused quantize node of ``gm`` (name -> source)."""
+    from .kernels.fused import kernel_source
+
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is fused_quantize_op:
+            out[f"fused:{node.name}"] = kernel_source(Program.loads(node.args[1]))
+    return out

@@ -1,0 +1,184 @@
+"""Pointwise programs: the producer chain of a quantize node, as data.
+
+A :class:`Program` is what prologue fusion cuts out of a graph: a straight-line list of
+pointwise ops over *leaves* (tensors broadcastable to the chain's shape, or Python scalars)
+whose last value is the tensor the quantizer reads. It is serialised into the ``fqt::
+fused_quantize`` call (a JSON string), so a compiled graph is self-describing: the Triton
+kernel is generated from it on first use in any process.
+
+Two interpreters of the same program, which must agree:
+
+* :func:`run_reference`: eager torch ops, one per step, each result rounded to its dtype as
+  eager PyTorch does (the unfused path);
+* :func:`triton_lines`: Triton statements computing the same values in fp32 registers, with
+  the same per-op rounding to bf16 / fp16 where the graph had it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Program", "OPS", "run_reference", "triton_lines"]
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# aten overload -> (program name, number of tensor/scalar operands)
+OPS: dict = {
+    aten.add.Tensor: ("add", 2), aten.sub.Tensor: ("sub", 2), aten.mul.Tensor: ("mul", 2), aten.div.Tensor: ("div", 2),
+    aten.add.Scalar: ("add", 2), aten.sub.Scalar: ("sub", 2), aten.mul.Scalar: ("mul", 2), aten.div.Scalar: ("div", 2),
+    aten.neg.default: ("neg", 1), aten.relu.default: ("relu", 1), aten.sigmoid.default: ("sigmoid", 1),
+    aten.tanh.default: ("tanh", 1), aten.silu.default: ("silu", 1), aten.exp.default: ("exp", 1),
+    aten.gelu.default: ("gelu", 1), aten.gelu_backward.default: ("gelu_backward", 2),
+    aten.threshold_backward.default: ("threshold_backward", 3), aten.sigmoid_backward.default: ("sigmoid_backward", 2),
+    aten.tanh_backward.default: ("tanh_backward", 2), aten.pow.Tensor_Scalar: ("pow", 2),
+    prims.convert_element_type.default: ("convert", 1), aten._to_copy.default: ("convert", 1),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Program:
+    """``steps``: (op, operands, dtype) where an operand is ``["L", i]`` (leaf i), ``["V", j]``
+    (step j's value) or a float; ``gelu`` steps carry their ``approximate`` mode in ``extra``."""
+
+    shape: tuple[int, ...]  # the chain's output shape (the leaves broadcast to it)
+    steps: tuple[tuple, ...]  # (op, operands, dtype name, extra)
+    n_leaves: int
+
+    def dumps(self) -> str:
+        return json.dumps({"shape": list(self.shape), "steps": [list(s) for s in self.steps], "n_leaves": self.n_leaves})
+
+    @staticmethod
+    def loads(text: str) -> "Program":
+        d = json.loads(text)
+        steps = tuple((s[0], tuple(tuple(o) if isinstance(o, list) else o for o in s[1]), s[2], s[3]) for s in d["steps"])
+        return Program(tuple(d["shape"]), steps, d["n_leaves"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.steps[-1][2]]
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The program's name for a floating dtype, None for dtypes fusion does not handle."""
+    return {v: k for k, v in _DTYPES.items()}.get(dtype)
+
+
+# ---------------------------------------------------------------- the eager reference
+def _ref_op(op: str, a: list, extra):
+    if op == "add":
+        return torch.add(a[0], a[1])
+    if op == "sub":
+        return torch.sub(a[0], a[1])
+    if op == "mul":
+        return torch.mul(a[0], a[1])
+    if op == "div":
+        return torch.div(a[0], a[1])
+    if op == "neg":
+        return torch.neg(a[0])
+    if op == "relu":
+        return torch.relu(a[0])
+    if op == "sigmoid":
+        return torch.sigmoid(a[0])
+    if op == "tanh":
+        return torch.tanh(a[0])
+    if op == "silu":
+        return torch.nn.functional.silu(a[0])
+    if op == "exp":
+        return torch.exp(a[0])
+    if op == "pow":
+        return torch.pow(a[0], a[1])
+    if op == "gelu":
+        return torch.nn.functional.gelu(a[0], approximate=extra)
+    if op == "gelu_backward":
+        return aten.gelu_backward(a[0], a[1], approximate=extra)
+    if op == "threshold_backward":
+        return aten.threshold_backward(a[0], a[1], a[2])
+    if op == "sigmoid_backward":
+        return aten.sigmoid_backward(a[0], a[1])
+    if op == "tanh_backward":
+        return aten.tanh_backward(a[0], a[1])
+    if op == "convert":
+        return a[0]
+    raise ValueError(f"unknown program op {op!r}")
+
+
+def run_reference(program: Program, leaves: list[torch.Tensor]) -> torch.Tensor:
+    """Evaluate ``program`` eagerly (the unfused computation, op by op)."""
+    values: list = []
+    for op, operands, dtype, extra in program.steps:
+        args = [leaves[o[1]] if isinstance(o, tuple) and o[0] == "L" else values[o[1]] if isinstance(o, tuple) else o for o in operands]
+        out = _ref_op(op, args, extra)
+        values.append(out.to(_DTYPES[dtype]) if isinstance(out, torch.Tensor) else out)
+    return values[-1].expand(program.shape)
+
+
+# ---------------------------------------------------------------- Triton statements
+_SQRT1_2 = 0.7071067811865476
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _tl_expr(op: str, a: list[str], extra) -> str:
+    if op in ("add", "sub", "mul"):
+        return f"({a[0]} {dict(add='+', sub='-', mul='*')[op]} {a[1]})"
+    if op == "div":
+        return f"tl.math.div_rn({a[0]}, {a[1]})"  # IEEE division, as torch
+    if op == "neg":
+        return f"(-{a[0]})"
+    if op == "relu":  # NaN stays NaN (a comparison with NaN is false)
+        return f"tl.where({a[0]} < 0.0, 0.0, {a[0]})"
+    if op == "sigmoid":
+        return f"tl.math.div_rn(1.0, 1.0 + tl.exp(-{a[0]}))"
+    if op == "tanh":
+        return f"_tanh({a[0]})"
+    if op == "silu":
+        return f"tl.math.div_rn({a[0]}, 1.0 + tl.exp(-{a[0]}))"
+    if op == "exp":
+        return f"tl.exp({a[0]})"
+    if op == "pow":
+        if a[1] in ("2.0", "2"):
+            return f"({a[0]} * {a[0]})"
+        if a[1] in ("3.0", "3"):
+            return f"({a[0]} * {a[0]} * {a[0]})"
+        return f"tl.exp2({a[1]} * tl.log2({a[0]}))"
+    if op == "gelu":
+        if extra == "tanh":
+            inner = f"{_SQRT_2_OVER_PI!r} * ({a[0]} + 0.044715 * {a[0]} * {a[0]} * {a[0]})"
+            return f"(0.5 * {a[0]} * (1.0 + _tanh({inner})))"
+        return f"(0.5 * {a[0]} * (1.0 + tl.math.erf({a[0]} * {_SQRT1_2!r})))"
+    if op == "gelu_backward":
+        g, x = a
+        if extra == "tanh":
+            return f"_gelu_tanh_backward({g}, {x})"
+        return f"_gelu_backward({g}, {x})"
+    if op == "threshold_backward":
+        return f"tl.where({a[1]} <= {a[2]}, 0.0, {a[0]})"
+    if op == "sigmoid_backward":
+        return f"({a[0]} * (1.0 - {a[1]}) * {a[1]})"
+    if op == "tanh_backward":
+        return f"({a[0]} * (1.0 - {a[1]} * {a[1]}))"
+    if op == "convert":
+        return a[0]
+    raise ValueError(f"unknown program op {op!r}")
+
+
+_ROUND = {"bfloat16": "_round_bf16", "float16": "_round_fp16"}
+
+
+def triton_lines(program: Program, leaf_load: str, indent: str) -> list[str]:
+    """Statements computing ``x`` (fp32) for one tile: ``leaf_load.format(i=...)`` loads leaf i."""
+    lines = [f"{indent}l{i} = {leaf_load.format(i=i)}" for i in range(program.n_leaves)]
+    for j, (op, operands, dtype, extra) in enumerate(program.steps):
+        args = [f"l{o[1]}" if isinstance(o, tuple) and o[0] == "L" else f"v{o[1]}" if isinstance(o, tuple) else repr(float(o)) for o in operands]
+        expr = _tl_expr(op, args, extra)
+        if dtype in _ROUND:  # eager rounds every op's result to its dtype (to nearest even)
+            expr = f"{_ROUND[dtype]}({expr})"
+        lines.append(f"{indent}v{j} = {expr}")
+    lines.append(f"{indent}x = v{len(program.steps) - 1}")
+    return lines
