@@ -69,6 +69,11 @@ class FQTConfig:
         for name in ("strict", "debug", "inductor", "never_slower"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
+        if self.never_slower and self.mode is Mode.REFERENCE:
+            raise OptionsError(
+                "never_slower=True keeps GEMMs that cannot beat high precision with low-bit kernels; mode='reference' "
+                "runs no kernels (it simulates every GEMM). Use mode='kernels', or drop never_slower"
+            )
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -26,6 +26,7 @@ class GemmStatus(enum.Enum):
 class SkipKind(enum.Enum):
     BY_RECIPE = "by-recipe"  # the recipe asks for high precision: deliberate, never an error
     BY_RULE = "by-rule"  # a placement rule asks for high precision: deliberate too
+    BY_COST = "by-cost"  # never_slower: the cost model says low-bit cannot win here
     UNSUPPORTED = "unsupported"  # fqt cannot quantize it; strict mode raises
 
 

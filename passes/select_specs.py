@@ -18,6 +18,7 @@ with a reason. Never mutates.
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from fqt_compiler.errors import UnsupportedGraphError
@@ -79,8 +80,35 @@ class SelectSpecs(FQTPass):
         for site in ctx.sites:
             site.rule = f"recipe {recipe.name}"
             if site.skip is None:
-                self._choose(site, _site_info(site, live.index(site), len(live)), ctx)
+                info = _site_info(site, live.index(site), len(live))
+                self._choose(site, info, ctx)
+                if ctx.config.never_slower:
+                    self._apply_cost_model(site, info, ctx.config.fusion)
             ctx.decisions.append(self._decide(site, ctx))
+
+    @staticmethod
+    def _apply_cost_model(site: Site, info: SiteInfo, fusion) -> None:
+        """``never_slower``: a site the roofline says cannot win stays in high precision."""
+        from fqt_compiler.cost import site_cost
+
+        val = site.node.meta.get("val")
+        dims = info.dims
+        if not isinstance(val, torch.Tensor) or len(dims) != 3 or not all(isinstance(d, int) for d in dims):
+            return  # symbolic sizes: no estimate, the recipe's choice stands (documented)
+        specs = {("output", "a"): site.fwd_specs[0], ("output", "b"): site.fwd_specs[1]}
+        for bwd in site.backward:
+            if bwd.skip is None:
+                gemm, other = ("grad_input", "b") if bwd.fwd_operand == 1 else ("grad_weight", "a")
+                specs[(gemm, "grad")] = bwd.grad_spec
+                specs[(gemm, other)] = bwd.operand_spec
+        gemm_kernel = site.node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        from fqt_compiler.config import Fusion
+
+        # the generated prologue kernels run on CUDA (fusion "auto" or "triton")
+        fused = val.device.type == "cuda" and fusion is not Fusion.OFF
+        cost = site_cost(dims, specs, val.device, val.element_size(), gemm_kernel=gemm_kernel, fused=fused)
+        if not cost.wins:
+            site.skip = (SkipKind.BY_COST, cost.reason())
 
     def _choose(self, site: Site, info: SiteInfo, ctx: PassContext) -> None:
         """Fill the site's specs: per GEMM, the first matching rule, else the recipe."""

@@ -1,0 +1,157 @@
+"""A roofline cost model for one GEMM site: low-bit (GEMMs + quantization traffic) against high
+precision, used by ``never_slower=True`` to keep in high precision the sites that cannot win.
+
+Model (``../shared/BENCHMARKS.md``): a GEMM takes ``max(2MKN / (efficiency x peak), bytes /
+bandwidth)``. A quantization moves ``elements x (input bytes + 1)`` at the device's quantize
+bandwidth, plus one more read for a per-tensor scale (its min / max pass) and ``bhq_passes``
+for BHQ (grouping, transform; its inverse on the output rows). A GEMM that no low-bit kernel can
+run (convolutions, batched matmuls, block scales, fp8 on CPU) is simulated: its high-precision
+time plus the quantization. A site stays low-bit when ``margin x low-bit time < high-precision
+time``; the margin covers what a roofline leaves out (launches, small-kernel inefficiency).
+
+The profiles say where their numbers come from: the H100 one is the datasheet roofline (its
+quantize bandwidth is an assumption until measured there); the CPU one was measured on a
+2-core AVX-512 EPYC with ``fqt bench`` (GEMM throughputs) and ``tools/bench.py``'s quantize
+section (bandwidth, BHQ passes); other CPUs should calibrate with ``set_profile``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .specs import ElementFormat, Granularity, QuantSpec, Transform
+
+__all__ = ["DeviceProfile", "SiteCost", "H100", "CPU_EPYC_2CORE", "profile_for", "set_profile", "site_cost"]
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Throughputs the roofline needs, and where they come from."""
+
+    name: str
+    hp_flops: float  # high-precision GEMM FLOP/s (bf16 on GPUs, fp32 on CPUs)
+    lowbit_flops: float  # int8 / fp8 GEMM op/s
+    mem_bw: float  # bytes/s for GEMM operands
+    quant_bw: float  # bytes moved per second by a standalone quantize kernel
+    efficiency: float = 1.0  # fraction of the peaks a GEMM reaches (1.0 for measured throughputs)
+    bhq_passes: float = 3.0  # BHQ quantize cost in units of a plain quantize of the same tensor
+    margin: float = 1.15  # low-bit must beat high precision by this factor
+    fp8_gemm: bool = True  # has an fp8 GEMM (no fast one on CPUs)
+    source: str = ""
+
+
+H100 = DeviceProfile(
+    "H100 SXM (datasheet roofline)", hp_flops=989e12, lowbit_flops=1979e12, mem_bw=3.35e12, quant_bw=3.35e12,
+    efficiency=0.78, source="BENCHMARKS.md peaks; quantize at HBM bandwidth is assumed, not yet measured",
+)
+CPU_EPYC_2CORE = DeviceProfile(
+    "CPU, 2-core AVX-512 VNNI EPYC (measured)", hp_flops=0.195e12, lowbit_flops=0.70e12, mem_bw=36e9, quant_bw=4.4e9,
+    bhq_passes=3.0, fp8_gemm=False,
+    source="fp32 / int8 GEMM TFLOPS and copy bandwidth from `fqt bench --sections gemm quantize`; stochastic "
+    "row-quantize 3.9-4.4 GB/s moved and BHQ = 2.8-3.4 row quantizes at 512-2048 square, measured with Inductor",
+)
+
+_PROFILES: dict[str, DeviceProfile] = {"cuda": H100, "cpu": CPU_EPYC_2CORE}
+
+
+def set_profile(device_type: str, profile: DeviceProfile) -> None:
+    """Use ``profile`` for every site compiled on ``device_type`` ("cuda" or "cpu")."""
+    if not isinstance(profile, DeviceProfile):
+        raise TypeError(f"set_profile needs a DeviceProfile, got {type(profile).__name__}")
+    _PROFILES[device_type] = profile
+
+
+def profile_for(device: torch.device) -> DeviceProfile:
+    return _PROFILES.get(device.type, H100 if device.type == "cuda" else CPU_EPYC_2CORE)
+
+
+@dataclass(frozen=True)
+class SiteCost:
+    """Estimated seconds for one site's three GEMMs, both ways, and the verdict."""
+
+    lowbit_s: float
+    hp_s: float
+    profile: DeviceProfile
+
+    @property
+    def wins(self) -> bool:
+        return self.profile.margin * self.lowbit_s < self.hp_s
+
+    def reason(self) -> str:
+        return (
+            f"cost model ({self.profile.name}): low-bit ~{1e6 * self.lowbit_s:.0f} us x margin {self.profile.margin} "
+            f">= high precision ~{1e6 * self.hp_s:.0f} us"
+        )
+
+
+def _gemm_s(p: DeviceProfile, m: int, k: int, n: int, flops: float, operand_bytes: float, out_bytes: float) -> float:
+    traffic = (m * k + k * n) * operand_bytes + m * n * out_bytes
+    return max(2.0 * m * k * n / (p.efficiency * flops), traffic / p.mem_bw)
+
+
+def _quant_s(p: DeviceProfile, elements: int, in_bytes: float, spec: QuantSpec | None, fused: bool = False) -> float:
+    if spec is None:
+        return 0.0
+    # fused into its producer, a quantizer no longer re-reads a materialized input: it costs its
+    # code writes (the producer's pass over memory happens in both paths)
+    moved = elements * (1.0 if fused else in_bytes + 1.0)
+    if spec.granularity is Granularity.TENSOR:
+        moved += elements * in_bytes  # the min / max pass
+    if spec.transform is Transform.BLOCK_HOUSEHOLDER:
+        moved *= p.bhq_passes
+    return moved / p.quant_bw
+
+
+def _lowerable(p: DeviceProfile, a: QuantSpec | None, b: QuantSpec | None) -> bool:
+    for s in (a, b):
+        if s is None or s.granularity is Granularity.BLOCK or s.quantizer is not None:
+            return False
+        if s.format in (ElementFormat.FP8_E4M3, ElementFormat.FP8_E5M2) and not p.fp8_gemm:
+            return False
+    return True
+
+
+def site_cost(
+    dims: tuple[int, int, int], specs: dict, device: torch.device, hp_bytes: int, *, gemm_kernel: bool = True,
+    fused: bool = False,
+) -> SiteCost:
+    """Estimate a Linear-like site of forward GEMM ``dims = (M, K, N)``.
+
+    ``specs`` maps ``(gemm, role)`` names to the chosen QuantSpec or None: ``("output", "a")``,
+    ``("output", "b")``, ``("grad_input", "grad")``, ``("grad_input", "b")``, ``("grad_weight",
+    "grad")``, ``("grad_weight", "a")``; a missing backward GEMM is left out. ``gemm_kernel``
+    False: no low-bit kernel for this op (convolutions, batched matmuls), every GEMM simulated.
+    ``fused``: activation and gradient quantizers are fused into their producers (prologue
+    fusion on CUDA); weights are always quantized on their own.
+    """
+    p = profile_for(device)
+    m, k, n = dims
+    hp = lowbit = 0.0
+    gemms = {
+        "output": ((m, k, n), ("a", "b"), (m * k, k * n)),
+        "grad_input": ((m, n, k), ("grad", "b"), (m * n, k * n)),
+        "grad_weight": ((k, m, n), ("a", "grad"), (m * k, m * n)),
+    }
+    counted: set = set()  # a forward quantization reused by a backward GEMM is paid once
+    for gemm, (shape, roles, sizes) in gemms.items():
+        if (gemm, roles[0]) not in specs and (gemm, roles[1]) not in specs:
+            continue
+        t_hp = _gemm_s(p, *shape, p.hp_flops, hp_bytes, hp_bytes)
+        hp += t_hp
+        a, b = (specs.get((gemm, r)) for r in roles)
+        quant = 0.0
+        for role, spec, elements in zip(roles, (a, b), sizes):
+            key = (role if role != "grad" else gemm, spec)
+            if spec is not None and key not in counted:
+                counted.add(key)
+                quant += _quant_s(p, elements, hp_bytes, spec, fused=fused and role != "b")
+        if gemm_kernel and _lowerable(p, a, b):
+            t = _gemm_s(p, *shape, p.lowbit_flops, 1.0, hp_bytes)
+            if a is not None and a.transform is Transform.BLOCK_HOUSEHOLDER or b is not None and b.transform is Transform.BLOCK_HOUSEHOLDER:
+                t += shape[0] * shape[2] * 2 * hp_bytes * p.bhq_passes / p.quant_bw / 2  # the inverse on the output rows
+        else:
+            t = t_hp
+        lowbit += t + quant
+    return SiteCost(lowbit, hp, p)
