@@ -27,8 +27,9 @@ from .ops import KERNEL_TWINS
 from .inline import inline_qmm_ops, inline_quantize_ops
 from .lower import LoweredGemm, lower_gemms
 from .fusion import FusedQuantize, fuse_prologues, fusion_programs
+from .epilogue import FusedEpilogue, fuse_epilogues
 
-__all__ = ["compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms", "fuse_prologues", "FusedQuantize"]
+__all__ = ["compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms", "fuse_prologues", "FusedQuantize", "fuse_epilogues", "FusedEpilogue"]
 
 
 def swap_to_kernel_ops(gm: fx.GraphModule, include_cpu: bool = False) -> int:
@@ -51,7 +52,7 @@ class CompiledGraph:
     fn: Callable  # boxed callable
     lowered: list[LoweredGemm] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # kernel name -> generated / kernel source
-    fused: list[FusedQuantize] = field(default_factory=list)  # prologue-fused quantize nodes
+    fused: list = field(default_factory=list)  # FusedQuantize (prologues) and FusedEpilogue (GEMM epilogues)
 
 
 def _triton_sources(gm: fx.GraphModule) -> dict[str, str]:
@@ -116,7 +117,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
     return CompiledGraph(compiled, lowered, sources, fused)
 
 
-def _fuse(gm: fx.GraphModule, config: FQTConfig) -> list[FusedQuantize]:
+def _fuse(gm: fx.GraphModule, config: FQTConfig) -> list:
     """Prologue fusion where the config asks for generated kernels (see ``Fusion``)."""
     import os
 
@@ -129,5 +130,6 @@ def _fuse(gm: fx.GraphModule, config: FQTConfig) -> list[FusedQuantize]:
                 "fusion='triton' runs generated Triton kernels, which need CUDA tensors (or TRITON_INTERPRET=1 "
                 "on CPU, for tests); on CPU use fusion='auto', where Inductor fuses the quantizers"
             )
-        return fuse_prologues(gm, include_cpu=True)
-    return fuse_prologues(gm)  # AUTO: CUDA graphs only
+        return [*fuse_prologues(gm, include_cpu=True), *fuse_epilogues(gm, include_cpu=True)]
+    # AUTO: CUDA graphs only; prologues first, so quantizers take the chains feeding them
+    return [*fuse_prologues(gm), *fuse_epilogues(gm)]

@@ -223,11 +223,15 @@ def _rewire(gm: fx.GraphModule, old: fx.Node, new: fx.Node, fake_mode) -> None:
 
 
 def fusion_programs(gm: fx.GraphModule) -> dict[str, str]:
-    """Generated kernel source of every fused quantize node of ``gm`` (name -> source)."""
+    """Generated kernel source of every fused node of ``gm`` (name -> source)."""
+    from .epilogue import qmm_epilogue_op
     from .kernels.fused import kernel_source
+    from .kernels.qmm_epilogue import generate_epilogue_source
 
     out = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is fused_quantize_op:
             out[f"fused:{node.name}"] = kernel_source(Program.loads(node.args[1]))
+        elif node.op == "call_function" and node.target is qmm_epilogue_op:
+            out[f"fused:{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9])
     return out

@@ -171,9 +171,10 @@ def _tl_expr(op: str, a: list[str], extra) -> str:
 _ROUND = {"bfloat16": "_round_bf16", "float16": "_round_fp16"}
 
 
-def triton_lines(program: Program, leaf_load: str, indent: str) -> list[str]:
-    """Statements computing ``x`` (fp32) for one tile: ``leaf_load.format(i=...)`` loads leaf i."""
-    lines = [f"{indent}l{i} = {leaf_load.format(i=i)}" for i in range(program.n_leaves)]
+def triton_lines(program: Program, leaf_load: str, indent: str, first_leaf: str | None = None) -> list[str]:
+    """Statements computing ``x`` (fp32) for one tile: ``leaf_load.format(i=...)`` loads leaf i;
+    ``first_leaf``, if given, is the expression of leaf 0 instead (a GEMM's output tile)."""
+    lines = [f"{indent}l{i} = {first_leaf if i == 0 and first_leaf else leaf_load.format(i=i)}" for i in range(program.n_leaves)]
     for j, (op, operands, dtype, extra) in enumerate(program.steps):
         args = [f"l{o[1]}" if isinstance(o, tuple) and o[0] == "L" else f"v{o[1]}" if isinstance(o, tuple) else repr(float(o)) for o in operands]
         expr = _tl_expr(op, args, extra)

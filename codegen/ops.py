@@ -66,13 +66,17 @@ def _triton_here(x: torch.Tensor) -> bool:
 _STANDALONE: dict = {}
 
 
-def _standalone_cpu(spec: QuantSpec, layout: Layout):
-    """The reference quantizer compiled on its own by Inductor (static shapes): the CPU twin of
-    the standalone Triton quantize kernel, the baseline that ``fusion="off"`` measures. Same
-    numbers as the reference, except stochastic rounding draws from Inductor's random stream."""
-    key = (spec.key(), layout)
+def _standalone_cpu(spec: QuantSpec | None, layout: Layout, fn=None):
+    """A reference op compiled on its own by Inductor (static shapes): the CPU twin of a
+    standalone Triton kernel, the baseline that ``fusion="off"`` measures. Same numbers as the
+    reference, except stochastic rounding draws from Inductor's random stream."""
+    fn = fn or quantize_ref
+    key = (fn.__name__, spec.key() if spec is not None else None, layout)
     if key not in _STANDALONE:
-        _STANDALONE[key] = torch.compile(lambda x: quantize_ref(x, spec, layout), dynamic=False, fullgraph=True)
+        if spec is None:
+            _STANDALONE[key] = torch.compile(lambda *t: fn(*t, layout), dynamic=False, fullgraph=True)
+        else:
+            _STANDALONE[key] = torch.compile(lambda x: fn(x, spec, layout), dynamic=False, fullgraph=True)
     return _STANDALONE[key]
 
 
@@ -103,6 +107,8 @@ def _bhq_quantize_kernel(
         from .kernels.bhq import bhq_quantize
 
         out = bhq_quantize(x, parsed, Layout(layout))
+    elif x.device.type == "cpu" and x.dtype != torch.float64:
+        out = _standalone_cpu(parsed, Layout(layout), bhq_quantize_ref)(x)
     else:
         out = bhq_quantize_ref(x, parsed, Layout(layout))
     return tuple(t.contiguous().clone() for t in out)
@@ -114,6 +120,8 @@ def _bhq_inverse_kernel(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s
         from .kernels.bhq import bhq_inverse
 
         return bhq_inverse(y, group, u, s, Layout(layout))
+    if y.device.type == "cpu" and y.dtype != torch.float64:
+        return _standalone_cpu(None, Layout(layout), bhq_inverse_ref)(y, group, u, s)
     return bhq_inverse_ref(y, group, u, s, Layout(layout))
 
 

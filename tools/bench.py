@@ -46,6 +46,20 @@ class Layer(nn.Module):
         return torch.sigmoid(self.linear(self.norm(x)))
 
 
+class FusionBlock(nn.Module):
+    """An MLP block, the shape of prologue fusion's work: LayerNorm -> Linear -> GELU -> Linear,
+    residual add. GELU (and, backward, its derivative) produce the second GEMM's quantizer input."""
+
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(k)
+        self.fc1 = nn.Linear(k, n)
+        self.fc2 = nn.Linear(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {_triton_version()}"
@@ -127,6 +141,35 @@ def bench_layer(shape, recipes, device, reps, dtype) -> list[LayerResult]:
         lowbit = sum(g.status is fqt.GemmStatus.LOWBIT_KERNEL for r in be.records for s in r.decisions for g in s.gemms)
         results.append(LayerResult(shape, name, t_base / t_cand, t_base * 1e3, t_cand * 1e3, lowbit))
     return results
+
+
+def bench_fusion(shape, recipe, device, reps, dtype) -> dict[str, float]:
+    """fwd+bwd of a FusionBlock: high precision, fqt unfused (``fusion="off"``) and fused
+    (``"auto"``), timed interleaved; median seconds and the fused prologues counted."""
+    m, k, n = shape
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    fns, backends = [], {}
+    for label in ("hp", "off", "auto"):
+        torch.manual_seed(0)
+        model = FusionBlock(k, n).to(device=device, dtype=dtype)
+        if label == "hp":
+            compiled = torch.compile(model)
+        else:
+            backends[label] = fqt.backend(recipe=recipe, fusion=label)
+            compiled = torch.compile(model, backend=backends[label])
+
+        def run(model=model, compiled=compiled):
+            x.grad = None
+            for p in model.parameters():
+                p.grad = None
+            compiled(x).sum().backward()
+
+        fns.append(run)
+    torch._dynamo.reset()
+    t_hp, t_off, t_auto = interleaved_medians(fns, device, reps)
+    fused = sum(len(r.fused) for r in backends["auto"].records)
+    return {"hp": t_hp, "off": t_off, "auto": t_auto, "fused": fused}
 
 
 _LOW_BIT = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
@@ -247,6 +290,19 @@ def run(sections: list[str], device_name: str, reps: int, recipes: list[str], sh
         base = "fp32" if device.type == "cpu" else "bf16"
         out.append(f"## Per layer, fwd+bwd, vs {base} torch.compile (median of {reps} interleaved)\n")
         out.append(tabulate(rows, headers=["M x K -> N", "recipe", "speedup", f"{base} ms", "fqt ms", "low-bit GEMMs"], tablefmt="github"))
+    if "fusion" in sections:
+        rows = []
+        for shape in shapes:
+            for name in recipes:
+                f = bench_fusion(shape, name, device, reps, dtype)
+                rows.append([f"{shape[0]}x{shape[1]}<->{shape[2]}", name, f"{f['off'] / f['auto']:.2f}x", f"{f['hp'] / f['auto']:.2f}x",
+                             f"{f['hp'] / f['off']:.2f}x", f"{1e3 * f['auto']:.1f}", f"{1e3 * f['off']:.1f}", f["fused"]])
+                print(f"  fusion {rows[-1]}", flush=True)
+        how = "generated Triton prologue kernels" if device.type == "cuda" else "Inductor fusing the inlined quantizers"
+        base = "fp32" if device.type == "cpu" else "bf16"
+        out.append(f"\n## Fusion: MLP block fwd+bwd, fused ({how}) vs unfused (standalone quantizers)\n")
+        out.append(tabulate(rows, headers=["M x K <-> N", "recipe", "fused vs unfused", f"fused vs {base}", f"unfused vs {base}",
+                                           "fused ms", "unfused ms", "generated kernels"], tablefmt="github"))
     if "gemm" in sections:
         rows = []
         for shape in shapes:

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.set_defaults(func=_results)
     bench = sub.add_parser("bench", help="benchmarks of BENCHMARKS.md: ratios against a same-run baseline")
     bench.add_argument(
-        "--sections", nargs="+", default=["layer", "gemm", "quantize", "memory"], choices=["layer", "gemm", "quantize", "memory"]
+        "--sections", nargs="+", default=["layer", "fusion", "gemm", "quantize", "memory"], choices=["layer", "fusion", "gemm", "quantize", "memory"]
     )
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu")
     bench.add_argument("--reps", type=int, default=7)

@@ -202,7 +202,11 @@ _MODULES: dict[str, object] = {}
 
 def _module(program: Program):
     """Import (generating on first use) the kernel module of ``program``; cached by source."""
-    source = generate_source(program)
+    return load_source(generate_source(program))
+
+
+def load_source(source: str):
+    """Import a generated kernel module from the cache folder (written on first use)."""
     key = hashlib.sha256(source.encode()).hexdigest()[:20]
     if key not in _MODULES:
         path = _cache_dir() / f"fqt_fused_{key}.py"

@@ -29,19 +29,15 @@ def autotune_configs(device: torch.device) -> list[triton.Config]:
 
 
 @triton.jit
-def _qmm_kernel(
-    # pointers
-    a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, oa_ptr, ob_ptr, bias_ptr,
-    # sizes
+def _qmm_tile(
+    a_ptr, b_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, oa_ptr, ob_ptr, bias_ptr,
     M, N, K,
-    # strides (statistics: 0 for a per-tensor value, 1 for one per row / column)
-    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_sa, stride_sb,
-    # meta-parameters
-    IS_INT: tl.constexpr,  # int8 codes (exact int32 accumulation) or fp8 (fp32)
-    AFFINE: tl.constexpr,  # zero points / offsets present: accumulate row and column sums
-    HAS_BIAS: tl.constexpr,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_sa, stride_sb,
+    IS_INT: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """This program's output tile, dequantized (fp32), and its row / column indices: shared by
+    the plain kernel and the generated epilogue-fused ones."""
     # grouped ordering of the output tiles for L2 reuse (Triton matmul tutorial)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -98,6 +94,28 @@ def _qmm_kernel(
         out = (acc.to(tl.float32) * sa[:, None]) * sb[None, :]
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    return out, rm, rn
+
+
+@triton.jit
+def _qmm_kernel(
+    # pointers
+    a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, oa_ptr, ob_ptr, bias_ptr,
+    # sizes
+    M, N, K,
+    # strides (statistics: 0 for a per-tensor value, 1 for one per row / column)
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_sa, stride_sb,
+    # meta-parameters
+    IS_INT: tl.constexpr,  # int8 codes (exact int32 accumulation) or fp8 (fp32)
+    AFFINE: tl.constexpr,  # zero points / offsets present: accumulate row and column sums
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    out, rm, rn = _qmm_tile(
+        a_ptr, b_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, oa_ptr, ob_ptr, bias_ptr, M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_sa, stride_sb,
+        IS_INT, AFFINE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    )
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -116,6 +116,25 @@ const = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LE
 sig.update({k: "constexpr" for k in const})
 out = triton.compile(triton.compiler.ASTSource(fn=module.rows_kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
 print("PTX" if "ptx" in out.asm else "NO PTX", "CUBIN" if out.asm.get("cubin") else "NO CUBIN")
+
+import torch
+from codegen.fusion_program import Program
+from codegen.kernels.fused import load_source
+from codegen.kernels.qmm_epilogue import generate_epilogue_source
+
+prog = Program((8, 16), (("mul", (("L", 0), 0.5), "bfloat16", "none"), ("add", (("V", 0), ("L", 1)), "bfloat16", "none"),
+                         ("gelu", (("V", 1),), "bfloat16", "tanh")), 2)
+kernel = load_source(generate_epilogue_source(prog, torch.bfloat16)).qmm_epilogue_kernel
+sig = {k: "*i8" for k in ("a_ptr", "b_ptr")}
+sig.update({k: "*fp32" for k in ("sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr")})
+sig.update({"out_ptr": "*bf16", "in1_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"})
+sig.update({k: "i32" for k in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r", "s1c")})
+const = dict(IS_INT=True, AFFINE=True, HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+sig.update({k: "constexpr" for k in const})
+order = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "in1_ptr", "M", "N", "K",
+         "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r", "s1c", *const]
+out = triton.compile(triton.compiler.ASTSource(fn=kernel, signature={k: sig[k] for k in order}, constexprs=const), target=GPUTarget("cuda", 90, 32))
+print("EPILOGUE-PTX" if "ptx" in out.asm else "NO EPILOGUE PTX")
 """
 
 
@@ -133,4 +152,28 @@ def test_generated_kernels_compile_for_sm90():
     if proc.returncode and "ptxas" in proc.stderr:
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "PTX" in proc.stdout.split()
+    assert "PTX" in proc.stdout.split() and "EPILOGUE-PTX" in proc.stdout.split()
+
+
+# ------------------------------------------------------------------ epilogue-fused GEMMs
+@pytest.mark.parametrize("pair", ["int8-sym-row", "paper-asym-zog-tensor"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_epilogue_fused_gemm_equals_gemm_then_consumers(pair, out_dtype):
+    """qmm -> (* 0.5, + residual, relu) in one generated kernel, against the GEMM stored in its
+    dtype and the consumers op by op: bit for bit."""
+    from codegen.kernels.qmm_epilogue import qmm_epilogue
+    from fqt_compiler.reference import qmm_ref
+    from tests.kernels.test_qmm_kernel import PAIRS, _operands
+
+    args, _ = _operands(33, 70, 40, *PAIRS[pair], "cpu")
+    name = str(out_dtype).split(".")[1]
+    residual = torch.randn(3, 11, 40, generator=torch.Generator().manual_seed(5)).to(out_dtype)
+    prog = Program(
+        (3, 11, 40),
+        (("mul", (("L", 0), 0.5), name, "none"), ("add", (("V", 0), ("L", 1)), name, "none"), ("relu", (("V", 1),), name, "none")),
+        2,
+    )
+    got = qmm_epilogue(*args, out_dtype, [residual], prog)
+    gemm = qmm_ref(*args, out_dtype=out_dtype).view(3, 11, 40)
+    want = run_reference(prog, [gemm, residual])
+    assert got.dtype == want.dtype and torch.equal(got.view(3, 11, 40), want)
