@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 
@@ -66,17 +67,23 @@ def _triton_here(x: torch.Tensor) -> bool:
 _STANDALONE: dict = {}
 
 
-def _standalone_cpu(spec: QuantSpec | None, layout: Layout, fn=None):
-    """A reference op compiled on its own by Inductor (static shapes): the CPU twin of a
+def _standalone_cpu(spec: QuantSpec | None, layout: Layout, fn=None, example: torch.Tensor | None = None):
+    """A reference op compiled on its own by Inductor for one input shape: the CPU twin of a
     standalone Triton kernel, the baseline that ``fusion="off"`` measures. Same numbers as the
     reference, except stochastic rounding draws from Inductor's random stream."""
     fn = fn or quantize_ref
-    key = (fn.__name__, spec.key() if spec is not None else None, layout)
+    shape = (tuple(example.shape), tuple(example.stride()), example.dtype) if example is not None else None
+    key = (fn.__name__, spec.key() if spec is not None else None, layout, shape)
     if key not in _STANDALONE:
         if spec is None:
-            _STANDALONE[key] = torch.compile(lambda *t: fn(*t, layout), dynamic=False, fullgraph=True)
+            def run(*t):
+                return fn(*t, layout)
         else:
-            _STANDALONE[key] = torch.compile(lambda x: fn(x, spec, layout), dynamic=False, fullgraph=True)
+            def run(x):
+                return fn(x, spec, layout)
+        # a fresh code object per shape: its own Dynamo cache, never a recompile-limit hit
+        fresh = types.FunctionType(run.__code__.replace(), run.__globals__, f"fqt_standalone_{fn.__name__}", None, run.__closure__)
+        _STANDALONE[key] = torch.compile(fresh, dynamic=False, fullgraph=True)
     return _STANDALONE[key]
 
 
@@ -88,7 +95,7 @@ def _quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Ten
 
         out = quantize(x, parsed, Layout(layout))
     elif x.device.type == "cpu" and x.dtype != torch.float64:
-        out = _standalone_cpu(parsed, Layout(layout))(x)
+        out = _standalone_cpu(parsed, Layout(layout), example=x)(x)
     else:
         out = quantize_ref(x, parsed, Layout(layout))
     # custom ops may not return aliases: the broadcast statistics are materialised
@@ -108,7 +115,7 @@ def _bhq_quantize_kernel(
 
         out = bhq_quantize(x, parsed, Layout(layout))
     elif x.device.type == "cpu" and x.dtype != torch.float64:
-        out = _standalone_cpu(parsed, Layout(layout), bhq_quantize_ref)(x)
+        out = _standalone_cpu(parsed, Layout(layout), bhq_quantize_ref, example=x)(x)
     else:
         out = bhq_quantize_ref(x, parsed, Layout(layout))
     return tuple(t.contiguous().clone() for t in out)
@@ -121,7 +128,7 @@ def _bhq_inverse_kernel(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s
 
         return bhq_inverse(y, group, u, s, Layout(layout))
     if y.device.type == "cpu" and y.dtype != torch.float64:
-        return _standalone_cpu(None, Layout(layout), bhq_inverse_ref)(y, group, u, s)
+        return _standalone_cpu(None, Layout(layout), bhq_inverse_ref, example=y)(y, group, u, s)
     return bhq_inverse_ref(y, group, u, s, Layout(layout))
 
 

@@ -67,10 +67,23 @@ class ExplainReport:
         ]
         return tabulate(body, headers=headers, tablefmt="simple")
 
+    def fusion_table(self) -> str:
+        """One row per generated fused kernel: what it absorbed (kernels mode, ``fusion``)."""
+        body = []
+        for r in self.records:
+            for f in r.fused:
+                kind = "prologue (quantize)" if hasattr(f, "writes_hp") else "epilogue (GEMM)"
+                extra = " + writes the high-precision value" if getattr(f, "writes_hp", False) else ""
+                ops = ", ".join(o.removeprefix("aten.").removesuffix(".default") for o in f.ops)
+                body.append([r.graph_id, f.node, kind, ops + extra])
+        return tabulate(body, headers=["graph", "node", "fused kernel", "absorbed ops"], tablefmt="simple") if body else ""
+
     def __str__(self) -> str:
         c = self.counts()
         summary = ", ".join(f"{v} {k}" for k, v in c.items())
-        return f"fqt explain (recipe {self.recipe}): {len(self.sites)} GEMM sites, {summary}\n{self.table()}"
+        text = f"fqt explain (recipe {self.recipe}): {len(self.sites)} GEMM sites, {summary}\n{self.table()}"
+        fusion = self.fusion_table()
+        return text + (f"\n\ngenerated fused kernels (sources under kernels/):\n{fusion}" if fusion else "")
 
 
 def _call(model: Any, *args: Any) -> Any:

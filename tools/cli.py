@@ -55,6 +55,8 @@ def _inspect(args: argparse.Namespace) -> int:
     options = {"mode": args.mode}
     if args.mode == "kernels":
         options["inductor"] = args.inductor
+        options["fusion"] = args.fusion
+        options["never_slower"] = args.never_slower
     report = fqt.explain(model, *inputs, recipe=args.recipe, **options)
     print(report)
     for line in report.write(args.out):
@@ -121,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--recipe", default="int8")
     inspect.add_argument("--mode", default="kernels", choices=["kernels", "reference"])
     inspect.add_argument("--inductor", action="store_true", help="kernels mode: also compile with Inductor (slow)")
+    inspect.add_argument(
+        "--fusion", default="auto", choices=["auto", "off", "triton"],
+        help="kernels mode: generated fused kernels (auto: on CUDA; triton: everywhere, CPU needs TRITON_INTERPRET=1)",
+    )
+    inspect.add_argument("--never-slower", action="store_true", help="kernels mode: keep sites the cost model says cannot win in high precision")
     inspect.add_argument("--out", default="fqt_report", help="folder for the report (default: fqt_report)")
     inspect.set_defaults(func=_inspect)
     var = sub.add_parser("variance", help="bias and variance quantization adds to the gradient, per layer; bit-width advice")
