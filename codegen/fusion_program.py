@@ -142,11 +142,7 @@ def _tl_expr(op: str, a: list[str], extra) -> str:
     if op == "exp":
         return f"tl.exp({a[0]})"
     if op == "pow":
-        if a[1] in ("2.0", "2"):
-            return f"({a[0]} * {a[0]})"
-        if a[1] in ("3.0", "3"):
-            return f"({a[0]} * {a[0]} * {a[0]})"
-        return f"tl.exp2({a[1]} * tl.log2({a[0]}))"
+        return _pow_expr(a[0], float(a[1]))
     if op == "gelu":
         if extra == "tanh":
             inner = f"{_SQRT_2_OVER_PI!r} * ({a[0]} + 0.044715 * {a[0]} * {a[0]} * {a[0]})"
@@ -166,6 +162,21 @@ def _tl_expr(op: str, a: list[str], extra) -> str:
     if op == "convert":
         return a[0]
     raise ValueError(f"unknown program op {op!r}")
+
+
+def _pow_expr(x: str, y: float) -> str:
+    """x ** y for a constant y: products for small integers (exact squares, no log of a
+    negative base), square roots for halves, exp2(y log2 x) otherwise (NaN below 0, as torch)."""
+    if y == int(y) and 1 <= abs(y) <= 8:
+        prod = " * ".join([x] * int(abs(y)))
+        return f"({prod})" if y > 0 else f"tl.math.div_rn(1.0, {prod})"
+    if y == 0:
+        return f"({x} * 0.0 + 1.0)"
+    if y == 0.5:
+        return f"tl.sqrt_rn({x})"
+    if y == -0.5:
+        return f"tl.math.div_rn(1.0, tl.sqrt_rn({x}))"
+    return f"tl.where({x} < 0.0, float('nan'), tl.exp2({y!r} * tl.log2({x})))"
 
 
 _ROUND = {"bfloat16": "_round_bf16", "float16": "_round_fp16"}

@@ -28,6 +28,16 @@ class Fusion(enum.Enum):
     TRITON = "triton"  # generated Triton kernels on every device (CPU: Triton's interpreter; tests)
 
 
+def _parse_enum(name: str, value: Any, enum_cls: type[enum.Enum]) -> enum.Enum:
+    """An enum member from itself or its (case-insensitive) value, else an OptionsError."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(str(value).lower())
+    except ValueError:
+        raise OptionsError(f"option {name}={value!r} is not valid; use one of {[m.value for m in enum_cls]}") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class FQTConfig:
     """Configuration of the ``fqt`` backend.
@@ -91,20 +101,8 @@ class FQTConfig:
         if unknown:
             raise OptionsError(f"unknown fqt option(s) {unknown}; valid options are {cls.option_names()}")
         merged["recipe"] = recipe(merged.get("recipe", DEFAULT_RECIPE))
-        mode = merged.get("mode", Mode.KERNELS)
-        if not isinstance(mode, Mode):
-            try:
-                mode = Mode(str(mode).lower())
-            except ValueError:
-                raise OptionsError(f"option mode={mode!r} is not valid; use one of {[m.value for m in Mode]}") from None
-        merged["mode"] = mode
-        fusion = merged.get("fusion", Fusion.AUTO)
-        if not isinstance(fusion, Fusion):
-            try:
-                fusion = Fusion(str(fusion).lower())
-            except ValueError:
-                raise OptionsError(f"option fusion={fusion!r} is not valid; use one of {[f.value for f in Fusion]}") from None
-        merged["fusion"] = fusion
+        merged["mode"] = _parse_enum("mode", merged.get("mode", Mode.KERNELS), Mode)
+        merged["fusion"] = _parse_enum("fusion", merged.get("fusion", Fusion.AUTO), Fusion)
         rules = merged.get("rules", ())
         if isinstance(rules, (list, tuple)):
             merged["rules"] = tuple(rules)

@@ -142,6 +142,22 @@ def _stat(t: torch.Tensor | None, n: int, like: torch.Tensor) -> tuple[torch.Ten
     return t, 1
 
 
+def epilogue_operands(a, a_scale, a_zp, a_offset, b, b_scale, b_zp, b_offset, bias):
+    """The dequantization epilogue's inputs as the kernels take them: fp32 vectors with a
+    stride of 0 (per tensor) or 1, every statistic of one operand sharing its scale's stride;
+    returns (sa, sb, za, zb, oa, ob, bias, sa_stride, sb_stride, affine)."""
+    m, n = a.shape[0], b.shape[1]
+    sa, sa_stride = _stat(a_scale, m, a)
+    sb, sb_stride = _stat(b_scale, n, a)
+    affine = any(t is not None for t in (a_zp, a_offset, b_zp, b_offset))
+    za, oa = _stat(a_zp, m, a)[0], _stat(a_offset, m, a)[0]
+    zb, ob = _stat(b_zp, n, a)[0], _stat(b_offset, n, a)[0]
+    za, oa = (t.expand(m).contiguous() if sa_stride and t.numel() == 1 else t for t in (za, oa))
+    zb, ob = (t.expand(n).contiguous() if sb_stride and t.numel() == 1 else t for t in (zb, ob))
+    bias_t = bias.contiguous() if bias is not None else sa
+    return sa, sb, za, zb, oa, ob, bias_t, sa_stride, sb_stride, affine
+
+
 def qmm(
     a_codes: torch.Tensor,
     a_scale: torch.Tensor,
@@ -164,15 +180,9 @@ def qmm(
     n = b_codes.shape[1]
     # allocate
     out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
-    sa, sa_stride = _stat(a_scale, m, a_codes)
-    sb, sb_stride = _stat(b_scale, n, a_codes)
-    affine = any(t is not None for t in (a_zp, a_offset, b_zp, b_offset))
-    za, oa = _stat(a_zp, m, a_codes)[0], _stat(a_offset, m, a_codes)[0]
-    zb, ob = _stat(b_zp, n, a_codes)[0], _stat(b_offset, n, a_codes)[0]
-    # every statistic of one operand shares the scale's stride: broadcast the per-tensor ones
-    za, oa = (t.expand(m).contiguous() if sa_stride and t.numel() == 1 else t for t in (za, oa))
-    zb, ob = (t.expand(n).contiguous() if sb_stride and t.numel() == 1 else t for t in (zb, ob))
-    bias_t = bias.contiguous() if bias is not None else sa
+    sa, sb, za, zb, oa, ob, bias_t, sa_stride, sb_stride, affine = epilogue_operands(
+        a_codes, a_scale, a_zp, a_offset, b_codes, b_scale, b_zp, b_offset, bias
+    )
     if m == 0 or n == 0:
         return out
     # launch

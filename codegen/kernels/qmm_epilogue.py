@@ -15,7 +15,7 @@ import triton
 
 from ..fusion_program import Program, triton_lines
 from .fused import load_source
-from .qmm import _stat, autotune_configs
+from .qmm import autotune_configs, epilogue_operands
 
 __all__ = ["generate_epilogue_source", "qmm_epilogue"]
 
@@ -82,14 +82,7 @@ def qmm_epilogue(
     if key not in _TUNED:
         kernel = load_source(source).qmm_epilogue_kernel
         _TUNED[key] = triton.autotune(configs=autotune_configs(a.device), key=["M", "N", "K", "IS_INT", "AFFINE"])(kernel)
-    sa_t, sa_stride = _stat(sa, m, a)
-    sb_t, sb_stride = _stat(sb, n, a)
-    affine = any(t is not None for t in (za, oa, zb, ob))
-    za_t, oa_t = _stat(za, m, a)[0], _stat(oa, m, a)[0]
-    zb_t, ob_t = _stat(zb, n, a)[0], _stat(ob, n, a)[0]
-    za_t, oa_t = (t.expand(m).contiguous() if sa_stride and t.numel() == 1 else t for t in (za_t, oa_t))
-    zb_t, ob_t = (t.expand(n).contiguous() if sb_stride and t.numel() == 1 else t for t in (zb_t, ob_t))
-    bias_t = bias.contiguous() if bias is not None else sa_t
+    sa_t, sb_t, za_t, zb_t, oa_t, ob_t, bias_t, sa_stride, sb_stride, affine = epilogue_operands(a, sa, za, oa, b, sb, zb, ob, bias)
     # every other leaf broadcast to the program's shape, then seen as the (M, N) output
     views = []
     for leaf in leaves:

@@ -168,6 +168,32 @@ def _codes_tile(
 
 
 @triton.jit
+def _given_stats(stats_ptr, SCHEME: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per-tensor statistics computed beforehand, broadcast to every row of the block."""
+    nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
+    if SCHEME == 0:
+        amax = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr)
+        nan = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 1)
+    else:
+        mn = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr)
+        mx = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 1)
+        nan = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 2)
+    return nan, amax, mn, mx
+
+
+@triton.jit
+def _store_partials(out_ptr, pid, nan, amax, mn, mx, SYMMETRIC: tl.constexpr):
+    """One program's [amax, nan] (symmetric) or [min, max, nan] over its rows."""
+    if SYMMETRIC:
+        tl.store(out_ptr + pid * 2, tl.max(amax, axis=0))
+        tl.store(out_ptr + pid * 2 + 1, tl.max(nan, axis=0))
+    else:
+        tl.store(out_ptr + pid * 3, tl.min(mn, axis=0))
+        tl.store(out_ptr + pid * 3 + 1, tl.max(mx, axis=0))
+        tl.store(out_ptr + pid * 3 + 2, tl.max(nan, axis=0))
+
+
+@triton.jit
 def _minmax_partials_kernel(
     # pointers
     x_ptr, out_ptr,
@@ -188,13 +214,7 @@ def _minmax_partials_kernel(
         mask = rmask[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
         nan, amax, mn, mx = _update_row_stats(x, mask, nan, amax, mn, mx, SYMMETRIC)
-    if SYMMETRIC:
-        tl.store(out_ptr + pid * 2, tl.max(amax, axis=0))
-        tl.store(out_ptr + pid * 2 + 1, tl.max(nan, axis=0))
-    else:
-        tl.store(out_ptr + pid * 3, tl.min(mn, axis=0))
-        tl.store(out_ptr + pid * 3 + 1, tl.max(mx, axis=0))
-        tl.store(out_ptr + pid * 3 + 2, tl.max(nan, axis=0))
+    _store_partials(out_ptr, pid, nan, amax, mn, mx, SYMMETRIC)
 
 
 @triton.jit
@@ -233,13 +253,7 @@ def _quantize_rows_kernel(
     # ---- pass 1: row statistics (NaN tracked separately: tl.max does not propagate it)
     nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
     if STATS_GIVEN:
-        if SCHEME == 0:
-            amax = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr)
-            nan = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 1)
-        else:
-            mn = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr)
-            mx = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 1)
-            nan = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 2)
+        nan, amax, mn, mx = _given_stats(stats_ptr, SCHEME, BLOCK_R)
     else:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)

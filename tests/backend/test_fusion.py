@@ -141,11 +141,16 @@ except ImportError:
 
 
 @pytest.mark.skipif(T is None, reason="needs the optional transformers package")
-@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "vit", "resnet"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "resnet", "bert", "vit"])
 def test_coverage_models_agree_fused_and_unfused(name):
-    """The Hugging Face coverage models: same loss and gradients with and without the generated
-    kernels (transcendental chains such as GELU agree to the last ulp, hence the tolerance)."""
+    """The Hugging Face coverage models under a deterministic recipe (ptq8 with nearest
+    gradient rounding): the generated kernels reproduce the unfused run bit for bit, except
+    where a fused chain holds erf (BERT's and ViT's GELU), which agrees to the last ulp.
+
+    (Stochastic recipes agree in distribution only: a fused quantizer draws its seed where its
+    kernel runs, so seeds are assigned in another order than unfused.)"""
     import tests.test_transformers_models as hf
+    from tests.helpers.recipes import nearest_gradients
 
     factory = getattr(hf, name)
 
@@ -154,10 +159,14 @@ def test_coverage_models_agree_fused_and_unfused(name):
         return factory()[0]
 
     _, inputs, loss_fn = factory()
-    l0, g0, _ = _run(model_fn, inputs, loss_fn, "ptq8", "off")
-    l1, g1, be = _run(model_fn, inputs, loss_fn, "ptq8", "triton")
+    recipe = nearest_gradients("ptq8")
+    l0, g0, _ = _run(model_fn, inputs, loss_fn, recipe, "off")
+    l1, g1, be = _run(model_fn, inputs, loss_fn, recipe, "triton")
     if name != "resnet":  # convolutions have no low-bit kernel, so nothing to fuse around them
         assert [f for r in be.records for f in r.fused], "no fused kernel"
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
+    assert torch.equal(l0, l1)
     for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-5, msg=n)
+        if name in ("bert", "vit"):
+            torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-5 * float(g0[n].abs().max()) + 1e-12, msg=n)
+        else:
+            assert torch.equal(g1[n], g0[n]), n

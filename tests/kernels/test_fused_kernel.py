@@ -177,3 +177,15 @@ def test_epilogue_fused_gemm_equals_gemm_then_consumers(pair, out_dtype):
     gemm = qmm_ref(*args, out_dtype=out_dtype).view(3, 11, 40)
     want = run_reference(prog, [gemm, residual])
     assert got.dtype == want.dtype and torch.equal(got.view(3, 11, 40), want)
+
+
+@pytest.mark.parametrize("exponent", [2.0, 3.0, -1.0, 4.0, 0.5, -0.5, 1.5, 0.0])
+def test_pow_with_a_negative_base_follows_torch(exponent):
+    """Regression: pow through exp2(y log2 x) turned every negative base into NaN (RMSNorm's
+    backward raises to integer powers)."""
+    prog = Program((3, 5, 24), (("pow", (("L", 0), exponent), "float32", "none"),), 3)
+    leaves = _leaves()
+    fused, ref = _both(prog, leaves, SPECS[0], Layout.PENULTIMATE, (15, 24))
+    assert torch.equal(fused[4].isnan(), ref[4].isnan())
+    finite = ref[4].isfinite()
+    torch.testing.assert_close(fused[4][finite], ref[4][finite], rtol=1e-6, atol=0)
