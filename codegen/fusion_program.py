@@ -70,43 +70,50 @@ def dtype_name(dtype: torch.dtype) -> str | None:
     return {v: k for k, v in _DTYPES.items()}.get(dtype)
 
 
-# ---------------------------------------------------------------- the eager reference
-def _ref_op(op: str, a: list, extra):
-    if op == "add":
-        return torch.add(a[0], a[1])
-    if op == "sub":
-        return torch.sub(a[0], a[1])
-    if op == "mul":
-        return torch.mul(a[0], a[1])
-    if op == "div":
-        return torch.div(a[0], a[1])
-    if op == "neg":
-        return torch.neg(a[0])
-    if op == "relu":
-        return torch.relu(a[0])
-    if op == "sigmoid":
-        return torch.sigmoid(a[0])
-    if op == "tanh":
-        return torch.tanh(a[0])
-    if op == "silu":
-        return torch.nn.functional.silu(a[0])
-    if op == "exp":
-        return torch.exp(a[0])
-    if op == "pow":
-        return torch.pow(a[0], a[1])
-    if op == "gelu":
-        return torch.nn.functional.gelu(a[0], approximate=extra)
-    if op == "gelu_backward":
-        return aten.gelu_backward(a[0], a[1], approximate=extra)
-    if op == "threshold_backward":
-        return aten.threshold_backward(a[0], a[1], a[2])
-    if op == "sigmoid_backward":
-        return aten.sigmoid_backward(a[0], a[1])
-    if op == "tanh_backward":
-        return aten.tanh_backward(a[0], a[1])
-    if op == "convert":
-        return a[0]
-    raise ValueError(f"unknown program op {op!r}")
+# ---------------------------------------------------------------- the two interpreters
+_SQRT1_2 = 0.7071067811865476
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+F = torch.nn.functional
+
+
+def _tl_gelu(a: list[str], extra) -> str:
+    x = a[0]
+    if extra == "tanh":
+        return f"(0.5 * {x} * (1.0 + _tanh({_SQRT_2_OVER_PI!r} * ({x} + 0.044715 * {x} * {x} * {x}))))"
+    return f"(0.5 * {x} * (1.0 + tl.math.erf({x} * {_SQRT1_2!r})))"
+
+
+# program op -> (eager torch on the operands, Triton expression over the operands' names);
+# ``extra`` is the op's mode (GELU's approximation). Triton divides with div_rn (IEEE, as
+# torch); relu keeps NaN (a comparison with NaN is false).
+_IMPL: dict[str, tuple] = {
+    "add": (lambda a, e: torch.add(a[0], a[1]), lambda a, e: f"({a[0]} + {a[1]})"),
+    "sub": (lambda a, e: torch.sub(a[0], a[1]), lambda a, e: f"({a[0]} - {a[1]})"),
+    "mul": (lambda a, e: torch.mul(a[0], a[1]), lambda a, e: f"({a[0]} * {a[1]})"),
+    "div": (lambda a, e: torch.div(a[0], a[1]), lambda a, e: f"tl.math.div_rn({a[0]}, {a[1]})"),
+    "neg": (lambda a, e: torch.neg(a[0]), lambda a, e: f"(-{a[0]})"),
+    "relu": (lambda a, e: torch.relu(a[0]), lambda a, e: f"tl.where({a[0]} < 0.0, 0.0, {a[0]})"),
+    "sigmoid": (lambda a, e: torch.sigmoid(a[0]), lambda a, e: f"tl.math.div_rn(1.0, 1.0 + tl.exp(-{a[0]}))"),
+    "tanh": (lambda a, e: torch.tanh(a[0]), lambda a, e: f"_tanh({a[0]})"),
+    "silu": (lambda a, e: F.silu(a[0]), lambda a, e: f"tl.math.div_rn({a[0]}, 1.0 + tl.exp(-{a[0]}))"),
+    "exp": (lambda a, e: torch.exp(a[0]), lambda a, e: f"tl.exp({a[0]})"),
+    "pow": (lambda a, e: torch.pow(a[0], a[1]), lambda a, e: _pow_expr(a[0], float(a[1]))),
+    "gelu": (lambda a, e: F.gelu(a[0], approximate=e), _tl_gelu),
+    "gelu_backward": (
+        lambda a, e: aten.gelu_backward(a[0], a[1], approximate=e),
+        lambda a, e: f"_gelu_{'tanh_' if e == 'tanh' else ''}backward({a[0]}, {a[1]})",
+    ),
+    "threshold_backward": (lambda a, e: aten.threshold_backward(a[0], a[1], a[2]), lambda a, e: f"tl.where({a[1]} <= {a[2]}, 0.0, {a[0]})"),
+    "sigmoid_backward": (lambda a, e: aten.sigmoid_backward(a[0], a[1]), lambda a, e: f"({a[0]} * (1.0 - {a[1]}) * {a[1]})"),
+    "tanh_backward": (lambda a, e: aten.tanh_backward(a[0], a[1]), lambda a, e: f"({a[0]} * (1.0 - {a[1]} * {a[1]}))"),
+    "convert": (lambda a, e: a[0], lambda a, e: a[0]),  # the rounding to the dtype follows every step
+}
+
+
+def _impl(op: str, which: int):
+    if op not in _IMPL:
+        raise ValueError(f"unknown program op {op!r}")
+    return _IMPL[op][which]
 
 
 def run_reference(program: Program, leaves: list[torch.Tensor]) -> torch.Tensor:
@@ -114,56 +121,12 @@ def run_reference(program: Program, leaves: list[torch.Tensor]) -> torch.Tensor:
     values: list = []
     for op, operands, dtype, extra in program.steps:
         args = [leaves[o[1]] if isinstance(o, tuple) and o[0] == "L" else values[o[1]] if isinstance(o, tuple) else o for o in operands]
-        out = _ref_op(op, args, extra)
+        out = _impl(op, 0)(args, extra)
         values.append(out.to(_DTYPES[dtype]) if isinstance(out, torch.Tensor) else out)
     return values[-1].expand(program.shape)
 
 
 # ---------------------------------------------------------------- Triton statements
-_SQRT1_2 = 0.7071067811865476
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def _tl_expr(op: str, a: list[str], extra) -> str:
-    if op in ("add", "sub", "mul"):
-        return f"({a[0]} {dict(add='+', sub='-', mul='*')[op]} {a[1]})"
-    if op == "div":
-        return f"tl.math.div_rn({a[0]}, {a[1]})"  # IEEE division, as torch
-    if op == "neg":
-        return f"(-{a[0]})"
-    if op == "relu":  # NaN stays NaN (a comparison with NaN is false)
-        return f"tl.where({a[0]} < 0.0, 0.0, {a[0]})"
-    if op == "sigmoid":
-        return f"tl.math.div_rn(1.0, 1.0 + tl.exp(-{a[0]}))"
-    if op == "tanh":
-        return f"_tanh({a[0]})"
-    if op == "silu":
-        return f"tl.math.div_rn({a[0]}, 1.0 + tl.exp(-{a[0]}))"
-    if op == "exp":
-        return f"tl.exp({a[0]})"
-    if op == "pow":
-        return _pow_expr(a[0], float(a[1]))
-    if op == "gelu":
-        if extra == "tanh":
-            inner = f"{_SQRT_2_OVER_PI!r} * ({a[0]} + 0.044715 * {a[0]} * {a[0]} * {a[0]})"
-            return f"(0.5 * {a[0]} * (1.0 + _tanh({inner})))"
-        return f"(0.5 * {a[0]} * (1.0 + tl.math.erf({a[0]} * {_SQRT1_2!r})))"
-    if op == "gelu_backward":
-        g, x = a
-        if extra == "tanh":
-            return f"_gelu_tanh_backward({g}, {x})"
-        return f"_gelu_backward({g}, {x})"
-    if op == "threshold_backward":
-        return f"tl.where({a[1]} <= {a[2]}, 0.0, {a[0]})"
-    if op == "sigmoid_backward":
-        return f"({a[0]} * (1.0 - {a[1]}) * {a[1]})"
-    if op == "tanh_backward":
-        return f"({a[0]} * (1.0 - {a[1]} * {a[1]}))"
-    if op == "convert":
-        return a[0]
-    raise ValueError(f"unknown program op {op!r}")
-
-
 def _pow_expr(x: str, y: float) -> str:
     """x ** y for a constant y: products for small integers (exact squares, no log of a
     negative base), square roots for halves, exp2(y log2 x) otherwise (NaN below 0, as torch)."""
@@ -188,7 +151,7 @@ def triton_lines(program: Program, leaf_load: str, indent: str, first_leaf: str 
     lines = [f"{indent}l{i} = {first_leaf if i == 0 and first_leaf else leaf_load.format(i=i)}" for i in range(program.n_leaves)]
     for j, (op, operands, dtype, extra) in enumerate(program.steps):
         args = [f"l{o[1]}" if isinstance(o, tuple) and o[0] == "L" else f"v{o[1]}" if isinstance(o, tuple) else repr(float(o)) for o in operands]
-        expr = _tl_expr(op, args, extra)
+        expr = _impl(op, 1)(args, extra)
         if dtype in _ROUND:  # eager rounds every op's result to its dtype (to nearest even)
             expr = f"{_ROUND[dtype]}({expr})"
         lines.append(f"{indent}v{j} = {expr}")

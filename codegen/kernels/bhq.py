@@ -87,7 +87,7 @@ def _projections(m: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch
     proj = torch.empty((n, d), dtype=torch.float32, device=m.device)
     _group_projection_kernel[(n, triton.cdiv(d, 64))](
         m, proj, order, starts, u, s if s is not None else u, d, m.stride(0), m.stride(1), proj.stride(0),
-        SCALED=s is not None, BLOCK_D=64,
+        SCALED=s is not None, BLOCK_D=64, enable_fp_fusion=False,
     )
     return proj
 
@@ -122,7 +122,7 @@ def bhq_quantize(
             m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0), 0, 0,
             SCHEME=_SCHEME_ID[row_spec.scheme], FP8=0, STOCHASTIC=row_spec.is_stochastic, STATS_GIVEN=False,
             QMAX=float(row_spec.qmax), LEVELS=row_spec.levels, CODE_OFFSET=row_spec.code_offset,
-            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, WRITE_T=False, BLOCK_R=16, BLOCK_C=64,
+            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, WRITE_T=False, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,
         )
     stats = [shape_scale(v, x.shape, Granularity.ROW, layout) for v in (scale, zp, offset)]
     return (from_natural_2d(codes, x.shape, layout), *stats, group, u, s)
@@ -138,7 +138,7 @@ def bhq_inverse(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.
         proj = _projections(m, group, u, None)
         _reflect_kernel[(triton.cdiv(n, 16), triton.cdiv(d, 64))](
             m, out, proj, group, u, s, n, d, m.stride(0), m.stride(1), out.stride(0), out.stride(1), proj.stride(0),
-            BLOCK_R=16, BLOCK_D=64,
+            BLOCK_R=16, BLOCK_D=64, enable_fp_fusion=False,
         )
     return from_natural_2d(out, y.shape, layout).to(y.dtype)
 

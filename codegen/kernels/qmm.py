@@ -195,5 +195,6 @@ def qmm(
         a_codes.stride(0), a_codes.stride(1), b_codes.stride(0), b_codes.stride(1), out.stride(0), out.stride(1),
         sa_stride, sb_stride,
         IS_INT=a_codes.dtype == torch.int8, AFFINE=affine, HAS_BIAS=bias is not None,
+        enable_fp_fusion=False,  # no FMA contraction: the epilogue rounds like reference.qmm_ref
     )
     return out

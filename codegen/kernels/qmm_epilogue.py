@@ -102,5 +102,6 @@ def qmm_epilogue(
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), sa_stride, sb_stride,
         *[s for v in views for s in v.stride()],
         IS_INT=a.dtype == torch.int8, AFFINE=affine, HAS_BIAS=bias is not None,
+        enable_fp_fusion=False,  # no FMA contraction: the epilogue rounds like the unfused ops
     )
     return out
