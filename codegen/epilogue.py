@@ -20,7 +20,7 @@ from torch import fx
 from passes.graph_utils import call
 
 from .fusion import _VIEWS, _static_tensor
-from .fusion_program import OPS, Program, dtype_name, run_reference
+from .fusion_program import OPS, Program, build_program, dtype_name, run_reference
 from .ops import qmm_cpu, qmm_op
 
 __all__ = ["FusedEpilogue", "fuse_epilogues", "qmm_epilogue_op"]
@@ -113,7 +113,7 @@ def fuse_epilogues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedE
             user = next(iter(user.users))
         if not chain:
             continue
-        program = _program(start, chain, leaves, shape)
+        program = build_program(chain, lambda a: ("L", 0) if a is start else ("L", 1 + leaves.index(a)), shape, 1 + len(leaves))
         root = chain[-1]
         with gm.graph.inserting_before(root):
             new = call(gm.graph, qmm_epilogue_op, (*q.args, leaves, program.dumps()), like=root, fake_mode=qval.fake_mode)
@@ -127,25 +127,3 @@ def fuse_epilogues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedE
     gm.graph.lint()
     gm.recompile()
     return fused
-
-
-def _program(start: fx.Node, chain: list[fx.Node], leaves: list[fx.Node], shape) -> Program:
-    index = {n: i for i, n in enumerate(chain)}
-    steps = []
-    for n in chain:
-        name, arity = OPS[n.target]
-        operands: list = []
-        for a in n.args[:arity]:
-            if a is start:
-                operands.append(("L", 0))
-            elif isinstance(a, fx.Node):
-                operands.append(("V", index[a]) if a in index else ("L", 1 + leaves.index(a)))
-            else:
-                operands.append(float(a))
-        extra = n.kwargs.get("approximate", "none")
-        if n.target is torch.ops.aten.gelu.default and len(n.args) > 1:
-            extra = n.args[1]
-        if n.target is torch.ops.aten.gelu_backward.default and len(n.args) > 2:
-            extra = n.args[2]
-        steps.append((name, tuple(operands), dtype_name(n.meta["val"].dtype), extra))
-    return Program(tuple(shape), tuple(steps), 1 + len(leaves))

@@ -33,7 +33,7 @@ from fqt_compiler.reference import Layout, quantize_ref
 from fqt_compiler.specs import Granularity, QuantSpec, Transform
 from passes.graph_utils import call
 
-from .fusion_program import OPS, Program, dtype_name, run_reference
+from .fusion_program import OPS, Program, build_program, dtype_name, run_reference
 
 __all__ = ["FusedQuantize", "fuse_prologues", "fused_quantize_op", "fusion_programs"]
 
@@ -97,26 +97,23 @@ def _collect(root: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], list[obje
     chain: list[fx.Node] = []
     members: set[fx.Node] = set()
 
-    def absorbable(n: object, consumer: fx.Node) -> bool:
+    def absorbable(n: object) -> bool:
         if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in OPS:
             return False
         val = _static_tensor(n)
         if val is None or dtype_name(val.dtype) is None or tuple(val.shape) != tuple(shape):
             return False
-        if n.kwargs and set(n.kwargs) - {"approximate", "dtype"}:
-            return False
-        if n is not root and any(u not in members and u is not consumer for u in n.users):
-            return False  # someone else reads this interior value: it stays a leaf
-        return True
+        return not (n.kwargs and set(n.kwargs) - {"approximate", "dtype"})
 
     def visit(n: fx.Node) -> None:
         members.add(n)
         for a in n.args:
-            if absorbable(a, n) and a not in members and all(u in members for u in a.users):
+            # an interior value read by anyone outside the chain stays a leaf
+            if absorbable(a) and a not in members and all(u in members for u in a.users):
                 visit(a)
         chain.append(n)
 
-    if not absorbable(root, root):
+    if not absorbable(root):
         return None
     visit(root)
     order = {n: i for i, n in enumerate(root.graph.nodes)}
@@ -134,24 +131,6 @@ def _collect(root: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], list[obje
                     return None
                 leaves.append(a)
     return chain, leaves
-
-
-def _program(chain: list[fx.Node], leaves: list, shape) -> Program:
-    index = {n: i for i, n in enumerate(chain)}
-    steps = []
-    for n in chain:
-        name, arity = OPS[n.target]
-        operands = []
-        for a in n.args[:arity]:
-            if isinstance(a, fx.Node):
-                operands.append(("V", index[a]) if a in index else ("L", leaves.index(a)))
-            else:
-                operands.append(float(a))
-        extra = n.kwargs.get("approximate", n.args[2] if n.target is aten.gelu_backward.default and len(n.args) > 2 else "none")
-        if n.target is aten.gelu.default and len(n.args) > 1:
-            extra = n.args[1]
-        steps.append((name, tuple(operands), dtype_name(n.meta["val"].dtype), extra))
-    return Program(tuple(shape), tuple(steps), len(leaves))
 
 
 def _fusable_quantize(node: fx.Node) -> bool:
@@ -183,7 +162,7 @@ def fuse_prologues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedQ
         if found is None or not found[1]:
             continue
         chain, leaves = found
-        program = _program(chain, leaves, root.meta["val"].shape)
+        program = build_program(chain, lambda a: ("L", leaves.index(a)), root.meta["val"].shape, len(leaves))
         # consumers still reading the chain's value: through x, or root directly; another
         # quantizer of the same value fuses the chain itself (recomputing beats a round trip)
         outside_x = [u for u in x.users if u is not q and not _fusable_quantize(u)]
@@ -208,7 +187,6 @@ def fuse_prologues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedQ
                     u.replace_input_with(root, hp_root)
         _rewire(gm, q, new, fake_mode)
         fused.append(FusedQuantize(q.name, key, tuple(str(n.target) for n in chain), write_hp, program))
-        q.meta["fqt_fused_into"] = new.name
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -230,13 +208,13 @@ def _rewire(gm: fx.GraphModule, old: fx.Node, new: fx.Node, fake_mode) -> None:
 def fusion_programs(gm: fx.GraphModule) -> dict[str, str]:
     """Generated kernel source of every fused node of ``gm`` (name -> source)."""
     from .epilogue import qmm_epilogue_op
-    from .kernels.fused import kernel_source
+    from .kernels.fused import generate_source
     from .kernels.qmm_epilogue import generate_epilogue_source
 
     out = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is fused_quantize_op:
-            out[f"fused:{node.name}"] = kernel_source(Program.loads(node.args[1]))
+            out[f"fused:{node.name}"] = generate_source(Program.loads(node.args[1]))
         elif node.op == "call_function" and node.target is qmm_epilogue_op:
             out[f"fused:{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9])
     return out

@@ -16,13 +16,14 @@ Two interpreters of the same program, which must agree:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Program", "OPS", "run_reference", "triton_lines"]
+__all__ = ["Program", "OPS", "build_program", "run_reference", "triton_lines"]
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -55,6 +56,7 @@ class Program:
         return json.dumps({"shape": list(self.shape), "steps": [list(s) for s in self.steps], "n_leaves": self.n_leaves})
 
     @staticmethod
+    @functools.lru_cache(maxsize=None)  # the ops parse their program on every call
     def loads(text: str) -> "Program":
         d = json.loads(text)
         steps = tuple((s[0], tuple(tuple(o) if isinstance(o, list) else o for o in s[1]), s[2], s[3]) for s in d["steps"])
@@ -63,6 +65,25 @@ class Program:
     @property
     def dtype(self) -> torch.dtype:
         return _DTYPES[self.steps[-1][2]]
+
+
+def build_program(chain: list, operand, shape, n_leaves: int) -> Program:
+    """The program of ``chain`` (fx nodes in graph order, each an ``OPS`` target); ``operand(a)``
+    names a node argument outside the chain (``("L", i)``)."""
+    index = {n: i for i, n in enumerate(chain)}
+    steps = []
+    for n in chain:
+        name, arity = OPS[n.target]
+        operands = [
+            (("V", index[a]) if a in index else operand(a)) if hasattr(a, "users") else float(a) for a in n.args[:arity]
+        ]
+        extra = n.kwargs.get("approximate", "none")  # GELU's mode, positional or keyword
+        if n.target is aten.gelu.default and len(n.args) > 1:
+            extra = n.args[1]
+        if n.target is aten.gelu_backward.default and len(n.args) > 2:
+            extra = n.args[2]
+        steps.append((name, tuple(operands), dtype_name(n.meta["val"].dtype), extra))
+    return Program(tuple(shape), tuple(steps), n_leaves)
 
 
 def dtype_name(dtype: torch.dtype) -> str | None:

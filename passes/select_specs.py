@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from fqt_compiler.config import Fusion
 from fqt_compiler.errors import UnsupportedGraphError
 from fqt_compiler.rules import Rule, SiteInfo, first_matching
 from fqt_compiler.sites import GemmDecision, GemmStatus, OperandDecision, SiteDecision, SkipKind
@@ -87,7 +88,7 @@ class SelectSpecs(FQTPass):
             ctx.decisions.append(self._decide(site, ctx))
 
     @staticmethod
-    def _apply_cost_model(site: Site, info: SiteInfo, fusion) -> None:
+    def _apply_cost_model(site: Site, info: SiteInfo, fusion: Fusion) -> None:
         """``never_slower``: a site the roofline says cannot win stays in high precision."""
         from fqt_compiler.cost import site_cost
 
@@ -102,8 +103,6 @@ class SelectSpecs(FQTPass):
                 specs[(gemm, "grad")] = bwd.grad_spec
                 specs[(gemm, other)] = bwd.operand_spec
         gemm_kernel = site.node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-        from fqt_compiler.config import Fusion
-
         # the generated prologue kernels run on CUDA (fusion "auto" or "triton")
         fused = val.device.type == "cuda" and fusion is not Fusion.OFF
         cost = site_cost(dims, specs, val.device, val.element_size(), gemm_kernel=gemm_kernel, fused=fused)

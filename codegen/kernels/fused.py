@@ -19,6 +19,7 @@ transcendental ops (exp, erf, tanh) may differ from torch's in the last ulp.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -36,7 +37,7 @@ from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Scheme, Tr
 from ..fusion_program import Program, triton_lines
 from .quantize import _SCHEME_ID, _rint
 
-__all__ = ["generate_source", "fused_quantize", "kernel_source"]
+__all__ = ["generate_source", "fused_quantize", "load_source"]
 
 
 @triton.jit
@@ -153,6 +154,7 @@ def partials_kernel(
 '''
 
 
+@functools.lru_cache(maxsize=None)  # launched every step: generate (and hash) once per program
 def generate_source(program: Program) -> str:
     """The Python source of the generated module for ``program``."""
     n = program.n_leaves
@@ -188,8 +190,9 @@ def _cache_dir() -> Path:
 _MODULES: dict[str, object] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def _module(program: Program):
-    """Import (generating on first use) the kernel module of ``program``; cached by source."""
+    """Import (generating on first use) the kernel module of ``program``."""
     return load_source(generate_source(program))
 
 
@@ -211,18 +214,12 @@ def load_source(source: str):
     return _MODULES[key]
 
 
-def kernel_source(program: Program) -> str:
-    """The generated source of ``program``'s kernels (what ``fqt inspect`` shows)."""
-    return generate_source(program)
-
-
 def _grouped_views(leaves: list, program: Program, view_shape: tuple, spec: QuantSpec, layout: Layout) -> list[torch.Tensor]:
     """Each leaf broadcast to the chain's shape, viewed as the quantizer's grouped matrix (one
     scale per row) without copying where strides allow; a copy otherwise."""
     out = []
     for leaf in leaves:
-        t = leaf if isinstance(leaf, torch.Tensor) else torch.tensor(leaf)
-        t = t.expand(program.shape)
+        t = leaf.expand(program.shape)
         try:
             t = t.view(view_shape)
             m = natural_2d(t, layout)

@@ -10,6 +10,8 @@ positions -- and stores only the chain's result: the GEMM output never goes to m
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -51,6 +53,7 @@ def qmm_epilogue_kernel(
 _ROUND_OUT = {torch.bfloat16: "_round_bf16(acc)", torch.float16: "_round_fp16(acc)", torch.float32: "acc"}
 
 
+@functools.lru_cache(maxsize=None)
 def generate_epilogue_source(program: Program, out_dtype: torch.dtype) -> str:
     """Source of the generated module: the GEMM tile, then ``program`` with leaf 0 = the tile."""
     n = program.n_leaves
@@ -77,10 +80,9 @@ def qmm_epilogue(
     out = torch.empty((m, n), dtype=program.dtype, device=a.device)
     if m == 0 or n == 0:
         return out
-    source = generate_epilogue_source(program, out_dtype)
-    key = (source, str(a.device))
+    key = (program, out_dtype, str(a.device))
     if key not in _TUNED:
-        kernel = load_source(source).qmm_epilogue_kernel
+        kernel = load_source(generate_epilogue_source(program, out_dtype)).qmm_epilogue_kernel
         _TUNED[key] = triton.autotune(configs=autotune_configs(a.device), key=["M", "N", "K", "IS_INT", "AFFINE"])(kernel)
     sa_t, sb_t, za_t, zb_t, oa_t, ob_t, bias_t, sa_stride, sb_stride, affine = epilogue_operands(a, sa, za, oa, b, sb, zb, ob, bias)
     # every other leaf broadcast to the program's shape, then seen as the (M, N) output

@@ -170,3 +170,19 @@ def test_coverage_models_agree_fused_and_unfused(name):
             torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-5 * float(g0[n].abs().max()) + 1e-12, msg=n)
         else:
             assert torch.equal(g1[n], g0[n]), n
+
+
+def test_standalone_cpu_quantizer_survives_many_shapes():
+    """Regression: the ``fusion="off"`` CPU baseline compiled one function for every shape and
+    hit Dynamo's recompile limit (a hard error under fullgraph) at the ninth shape."""
+    from codegen.ops import _standalone_cpu
+    from fqt_compiler.reference import Layout, quantize_ref
+    from fqt_compiler.specs import QuantSpec
+
+    spec = QuantSpec(granularity="row")
+    with torch._dynamo.config.patch(recompile_limit=2):  # a low limit: few (slow) compiles show it
+        for rows in range(1, 5):
+            x = torch.randn(rows, 8, generator=torch.Generator().manual_seed(rows))
+            got = _standalone_cpu(spec, Layout.PENULTIMATE, example=x)(x)
+            want = quantize_ref(x, spec, Layout.PENULTIMATE)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
