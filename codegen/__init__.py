@@ -28,8 +28,9 @@ from .inline import inline_qmm_ops, inline_quantize_ops
 from .lower import LoweredGemm, lower_gemms
 from .fusion import FusedQuantize, fuse_prologues, fusion_programs
 from .epilogue import FusedEpilogue, fuse_epilogues
+from .code_layout import LayoutChoice, choose_code_layouts
 
-__all__ = ["compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms", "fuse_prologues", "FusedQuantize", "fuse_epilogues", "FusedEpilogue"]
+__all__ = ["compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms", "fuse_prologues", "FusedQuantize", "fuse_epilogues", "FusedEpilogue", "choose_code_layouts", "LayoutChoice"]
 
 
 def swap_to_kernel_ops(gm: fx.GraphModule, include_cpu: bool = False) -> int:
@@ -53,6 +54,7 @@ class CompiledGraph:
     lowered: list[LoweredGemm] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # kernel name -> generated / kernel source
     fused: list = field(default_factory=list)  # FusedQuantize (prologues) and FusedEpilogue (GEMM epilogues)
+    layouts: list = field(default_factory=list)  # LayoutChoice: codes written in another memory order
 
 
 def _triton_sources(gm: fx.GraphModule) -> dict[str, str]:
@@ -94,12 +96,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
     if config.mode is not Mode.KERNELS:
         return CompiledGraph(make_boxed_func(gm.forward), lowered)
     lowered = lower_gemms(gm)
-    fused = _fuse(gm, config)
+    fused, layouts = _fuse(gm, config)
     # OFF: every quantization stays a standalone kernel op (CPU: a compiled standalone quantizer)
     swap_to_kernel_ops(gm, include_cpu=config.fusion is Fusion.OFF)  # CUDA: Triton quantize / BHQ kernels
     sources = {**_triton_sources(gm), **fusion_programs(gm)}
     if not config.inductor:
-        return CompiledGraph(make_boxed_func(gm.forward), lowered, sources, fused)
+        return CompiledGraph(make_boxed_func(gm.forward), lowered, sources, fused, layouts)
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.fx_passes.replace_random import replace_random_passes
     from torch._inductor.virtualized import V
@@ -118,15 +120,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
     code = getattr(compiled, "source_code", None)
     if code:
         sources[f"inductor:{name}"] = code
-    return CompiledGraph(compiled, lowered, sources, fused)
+    return CompiledGraph(compiled, lowered, sources, fused, layouts)
 
 
-def _fuse(gm: fx.GraphModule, config: FQTConfig) -> list:
-    """Prologue fusion where the config asks for generated kernels (see ``Fusion``)."""
+def _fuse(gm: fx.GraphModule, config: FQTConfig) -> tuple[list, list]:
+    """Prologue and epilogue fusion, then the codes' memory order, where the config asks for
+    generated kernels (see ``Fusion``): (fused kernels, layout choices)."""
     import os
 
     if config.fusion is Fusion.OFF:
-        return []
+        return [], []
     if config.fusion is Fusion.TRITON:
         on_cpu = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type == "cpu" for n in gm.graph.nodes)
         if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
@@ -134,6 +137,7 @@ def _fuse(gm: fx.GraphModule, config: FQTConfig) -> list:
                 "fusion='triton' runs generated Triton kernels, which need CUDA tensors (or TRITON_INTERPRET=1 "
                 "on CPU, for tests); on CPU use fusion='auto', where Inductor fuses the quantizers"
             )
-        return [*fuse_prologues(gm, include_cpu=True), *fuse_epilogues(gm, include_cpu=True)]
-    # AUTO: CUDA graphs only; prologues first, so quantizers take the chains feeding them
-    return [*fuse_prologues(gm), *fuse_epilogues(gm)]
+        return [*fuse_prologues(gm, include_cpu=True), *fuse_epilogues(gm, include_cpu=True)], choose_code_layouts(gm, include_cpu=True)
+    # AUTO: CUDA graphs only; prologues first, so quantizers take the chains feeding them; the
+    # codes' memory order last, once every GEMM reading them is in place
+    return [*fuse_prologues(gm), *fuse_epilogues(gm)], choose_code_layouts(gm)

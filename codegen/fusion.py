@@ -34,6 +34,7 @@ from fqt_compiler.specs import Granularity, QuantSpec, Transform
 from passes.graph_utils import call
 
 from .fusion_program import OPS, Program, build_program, dtype_name, run_reference
+from .code_layout import CodeLayout, alloc_like
 
 __all__ = ["FusedQuantize", "fuse_prologues", "fused_quantize_op", "fusion_programs"]
 
@@ -43,28 +44,38 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 @torch.library.custom_op("fqt::fused_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _fused_quantize(
-    leaves: list[torch.Tensor], program: str, shape: list[int], spec: str, layout: int, write_hp: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    prog, parsed, lay = Program.loads(program), QuantSpec.from_key(spec), Layout(layout)
+    leaves: list[torch.Tensor], program: str, shape: list[int], spec: str, layout: int, write_hp: bool, code_layout: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    prog, parsed, lay, cl = Program.loads(program), QuantSpec.from_key(spec), Layout(layout), CodeLayout(code_layout)
     from .ops import _triton_here
 
     if _triton_here(leaves[0]):
         from .kernels.fused import fused_quantize
 
-        out = fused_quantize(list(leaves), prog, tuple(shape), parsed, lay, write_hp)
+        out = fused_quantize(list(leaves), prog, tuple(shape), parsed, lay, write_hp, code_layout=cl)
     else:  # the unfused computation: the chain op by op, then the reference quantizer
         x = run_reference(prog, list(leaves)).reshape(shape)
-        out = (*quantize_ref(x, parsed, lay), x if write_hp else x.new_empty((0,)))
-    return tuple(t.contiguous().clone() if 0 < i < 4 else t.contiguous() for i, t in enumerate(out))
+        codes, scale, zp, offset = quantize_ref(x, parsed, lay)
+        col = alloc_like(tuple(shape), codes.dtype, codes.device, True).copy_(codes) if cl is not CodeLayout.NATURAL else codes.new_empty((0,))
+        out = (col if cl is CodeLayout.COLUMN_MAJOR else codes, scale, zp, offset, x if write_hp else x.new_empty((0,)),
+               col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
+    # outputs keep the memory order the fake declares: column-major codes stay column-major
+    return tuple(
+        t if i == 0 and cl is CodeLayout.COLUMN_MAJOR or i == 5 else t.contiguous().clone() if 0 < i < 4 else t.contiguous()
+        for i, t in enumerate(out)
+    )
 
 
 @_fused_quantize.register_fake
-def _fused_quantize_fake(leaves, program, shape, spec, layout, write_hp):
+def _fused_quantize_fake(leaves, program, shape, spec, layout, write_hp, code_layout):
     from fqt_compiler.ops import quantize_fake
 
-    prog = Program.loads(program)
+    prog, cl = Program.loads(program), CodeLayout(code_layout)
     x = leaves[0].new_empty(shape, dtype=prog.dtype)
-    return (*quantize_fake(x, spec, layout), x.new_empty(shape if write_hp else (0,)))
+    codes, scale, zp, offset = quantize_fake(x, spec, layout)
+    col = alloc_like(tuple(shape), codes.dtype, codes.device, True) if cl is not CodeLayout.NATURAL else codes.new_empty((0,))
+    return (col if cl is CodeLayout.COLUMN_MAJOR else codes, scale, zp, offset, x.new_empty(shape if write_hp else (0,)),
+            col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
 
 
 fused_quantize_op = torch.ops.fqt.fused_quantize.default
@@ -86,6 +97,12 @@ def _static_tensor(node: object) -> torch.Tensor | None:
     if isinstance(val, torch.Tensor) and all(isinstance(d, int) for d in (*val.shape, *val.stride())):
         return val
     return None
+
+
+def identity_program(x: fx.Node) -> Program:
+    """The empty chain: a fused quantizer of ``x`` itself (the standalone quantizer's work)."""
+    val = x.meta["val"]
+    return Program(tuple(val.shape), (("convert", (("L", 0),), dtype_name(val.dtype), "none"),), 1)
 
 
 def _fusable_spec(spec: QuantSpec) -> bool:
@@ -172,7 +189,7 @@ def fuse_prologues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedQ
         # right after the chain's output: every leaf is defined there, every consumer comes later
         with gm.graph.inserting_after(root):
             new = call(
-                gm.graph, fused_quantize_op, (leaves, program.dumps(), list(xval.shape), key, layout, write_hp),
+                gm.graph, fused_quantize_op, (leaves, program.dumps(), list(xval.shape), key, layout, write_hp, int(CodeLayout.NATURAL)),
                 like=q, info=q.meta.get("fqt"), fake_mode=fake_mode,
             )
         if write_hp:

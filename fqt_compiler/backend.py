@@ -51,7 +51,8 @@ class GraphRecord:
     dot: str = ""  # Graphviz picture of the rewritten joint graph
     counters: dict[str, int] = field(default_factory=dict)
     kernel_sources: dict[str, str] = field(default_factory=dict)  # generated code per kernel / graph
-    fused: list = field(default_factory=list)  # codegen.FusedQuantize: quantizers fused with their producers
+    fused: list = field(default_factory=list)  # codegen.FusedQuantize / FusedEpilogue: generated fused kernels
+    layouts: list = field(default_factory=list)  # codegen.LayoutChoice: codes in the order their GEMMs read K-major
 
     def apply_lowering(self, lowered: list) -> None:
         """Fold codegen's per-GEMM results (``codegen.LoweredGemm``) into the decisions."""
@@ -132,6 +133,7 @@ class FQTBackend:
             record.apply_lowering(out.lowered)
             record.kernel_sources.update(out.sources)
             record.fused.extend(out.fused)
+            record.layouts.extend(out.layouts)
             if config.debug:  # the partitioned (and, in kernels mode, lowered) graph
                 stage = name.split("_", 1)[1]
                 title = f"fqt graph {record.graph_id}, partitioned {stage} ({config.mode.value} mode)"

@@ -34,6 +34,7 @@ import triton.language as tl
 from fqt_compiler.reference import Layout, draw_seed, from_natural_2d, natural_2d, natural_2d_shape, shape_scale
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Scheme, Transform
 
+from ..code_layout import CodeLayout, alloc_like
 from ..fusion_program import Program, triton_lines
 from .quantize import _SCHEME_ID, _rint
 
@@ -97,12 +98,12 @@ from codegen.kernels.fused import _gelu_backward, _gelu_tanh_backward, _round_bf
 _ROWS = '''
 @triton.jit
 def rows_kernel(
-    {leaf_ptrs}hp_ptr, codes_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr,
+    {leaf_ptrs}hp_ptr, codes_ptr, codes2_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr,
     R, C,
-    {leaf_strides}stride_hr, stride_hc, stride_cr, stride_cc,
+    {leaf_strides}stride_hr, stride_hc, stride_cr, stride_cc, stride_c2r, stride_c2c,
     SCHEME: tl.constexpr, FP8: tl.constexpr, STOCHASTIC: tl.constexpr, STATS_GIVEN: tl.constexpr,
     QMAX: tl.constexpr, LEVELS: tl.constexpr, CODE_OFFSET: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
-    WRITE_HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    WRITE_HP: tl.constexpr, WRITE_CODES2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -130,6 +131,8 @@ def rows_kernel(
         code = _codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
                            SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
+        if WRITE_CODES2:  # the same codes in the other memory order, from the same registers
+            tl.store(codes2_ptr + rows[:, None] * stride_c2r + cols[None, :] * stride_c2c, code, mask=mask)
 
 
 @triton.jit
@@ -231,25 +234,40 @@ def _grouped_views(leaves: list, program: Program, view_shape: tuple, spec: Quan
     return out
 
 
+def _output(shape: tuple, dtype: torch.dtype, device, spec: QuantSpec, layout: Layout, column_major: bool):
+    """An output in its final memory order and the grouped-matrix view the kernels write it
+    through. Where contiguous storage has no such view (3-D+ with rows along the last dim) the
+    natural matrix is written instead and handed back as a strided view of it."""
+    t = alloc_like(shape, dtype, device, column_major)
+    m = natural_2d(t, layout)
+    if t.numel() and m.data_ptr() != t.data_ptr():  # natural_2d had to copy
+        if column_major:
+            raise ValueError(f"column-major codes of a {shape} tensor have no strided {layout.name} grouped view")
+        m = torch.empty(natural_2d_shape(shape, layout), dtype=dtype, device=device)
+        t = from_natural_2d(m, torch.Size(shape), layout)
+    return t, (m.t() if spec.granularity is Granularity.COLUMN else m)
+
+
 def fused_quantize(
     leaves: list[torch.Tensor], program: Program, view_shape: tuple, spec: QuantSpec, layout: Layout, write_hp: bool,
-    *, seed: torch.Tensor | None = None, block_r: int = 16, block_c: int = 64,
+    *, code_layout: CodeLayout = CodeLayout.NATURAL, seed: torch.Tensor | None = None, block_r: int = 16, block_c: int = 64,
 ) -> tuple[torch.Tensor, ...]:
     """Run ``program`` on ``leaves`` and quantize the result (viewed as ``view_shape``) like
-    ``reference.quantize_ref(x, spec, layout)``, in the generated kernels. Returns codes,
-    scale, zero point, offset and the high-precision value (empty unless ``write_hp``)."""
+    ``reference.quantize_ref(x, spec, layout)``, in the generated kernels. Returns codes (in
+    ``code_layout``'s memory order), scale, zero point, offset, the high-precision value
+    (contiguous; empty unless ``write_hp``) and the column-major codes (empty unless ``BOTH``)."""
     if spec.transform is not Transform.NONE or spec.granularity is Granularity.BLOCK:
         raise ValueError(f"fused quantize handles tensor/row/column scales without transforms, not {spec.short()}")
     module = _module(program)
     device = leaves[0].device
     dtype = program.dtype
-    n_nat, c_nat = natural_2d_shape(view_shape, layout)
-    codes_nat = torch.empty((n_nat, c_nat), dtype=spec.code_dtype, device=device)
-    # the high-precision value is written in the natural layout too, handed back as a view
-    hp_nat = torch.empty((n_nat, c_nat) if write_hp else (0, 0), dtype=dtype, device=device)
-    per_column = spec.granularity is Granularity.COLUMN
-    c2, h2 = (codes_nat.t(), hp_nat.t()) if per_column else (codes_nat, hp_nat)
-    hp = from_natural_2d(hp_nat, torch.Size(view_shape), layout) if write_hp else hp_nat.reshape(0)
+    view_shape = tuple(view_shape)
+    # every output is allocated in its final memory order and written through a strided view:
+    # no copy after the kernel, whatever the layout
+    codes, c2 = _output(view_shape, spec.code_dtype, device, spec, layout, code_layout is CodeLayout.COLUMN_MAJOR)
+    empty = torch.empty((0, 0), dtype=spec.code_dtype, device=device)
+    codes2, c2b = _output(view_shape, spec.code_dtype, device, spec, layout, True) if code_layout is CodeLayout.BOTH else (empty.view(0), empty)
+    hp, h2 = _output(view_shape, dtype, device, spec, layout, False) if write_hp else (empty.view(0).to(dtype), empty.to(dtype))
     views = _grouped_views(leaves, program, view_shape, spec, layout)
     n_rows, n_cols = c2.shape
     scale = torch.empty(max(n_rows, 1), dtype=torch.float32, device=device)
@@ -261,6 +279,7 @@ def fused_quantize(
     stats = torch.zeros(3, dtype=torch.float32, device=device)
     strides = [s for v in views for s in v.stride()]
     hp_strides = (h2.stride(0), h2.stride(1)) if write_hp else (0, 0)
+    c2b_strides = (c2b.stride(0), c2b.stride(1)) if code_layout is CodeLayout.BOTH else (0, 0)
     if n_rows and n_cols:
         if per_tensor:  # the chain and the reduction in one pass; the codes in a second
             n_prog = triton.cdiv(n_rows, block_r)
@@ -274,14 +293,15 @@ def fused_quantize(
             stats = torch.stack([*parts, partials[:, -1].amax()])
         fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
         module.rows_kernel[(triton.cdiv(n_rows, block_r),)](
-            *views, h2, c2, scale, zp, offset, stats, seed,
-            n_rows, n_cols, *strides, *hp_strides, c2.stride(0), c2.stride(1),
+            *views, h2, c2, c2b, scale, zp, offset, stats, seed,
+            n_rows, n_cols, *strides, *hp_strides, c2.stride(0), c2.stride(1), *c2b_strides,
             SCHEME=_SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=per_tensor,
             QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
             FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-            WRITE_HP=write_hp and not per_tensor, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
+            WRITE_HP=write_hp and not per_tensor, WRITE_CODES2=code_layout is CodeLayout.BOTH,
+            BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
     if per_tensor:
         scale, zp, offset = scale[:1], zp[:1], offset[:1]
     stats_out = [shape_scale(t, torch.Size(view_shape), spec.granularity, layout) for t in (scale, zp, offset)]
-    return (from_natural_2d(codes_nat, torch.Size(view_shape), layout), *stats_out, hp)
+    return (codes, *stats_out, hp, codes2)

@@ -107,12 +107,12 @@ from tests.kernels.test_fused_kernel import EXACT
 
 module = _module(EXACT)
 sig = {f"in{i}_ptr": "*fp32" for i in range(3)}
-sig.update({"hp_ptr": "*fp32", "codes_ptr": "*i8", "scale_ptr": "*fp32", "zp_ptr": "*fp32", "offset_ptr": "*fp32",
+sig.update({"hp_ptr": "*fp32", "codes_ptr": "*i8", "codes2_ptr": "*i8", "scale_ptr": "*fp32", "zp_ptr": "*fp32", "offset_ptr": "*fp32",
             "stats_ptr": "*fp32", "seed_ptr": "*i64", "R": "i32", "C": "i32"})
 sig.update({f"s{i}{d}": "i32" for i in range(3) for d in "rc"})
-sig.update({k: "i32" for k in ("stride_hr", "stride_hc", "stride_cr", "stride_cc")})
+sig.update({k: "i32" for k in ("stride_hr", "stride_hc", "stride_cr", "stride_cc", "stride_c2r", "stride_c2c")})
 const = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LEVELS=255, CODE_OFFSET=0,
-             FP8_MANT=3, FP8_EMIN=-6, WRITE_HP=True, BLOCK_R=16, BLOCK_C=64)
+             FP8_MANT=3, FP8_EMIN=-6, WRITE_HP=True, WRITE_CODES2=True, BLOCK_R=16, BLOCK_C=64)
 sig.update({k: "constexpr" for k in const})
 out = triton.compile(triton.compiler.ASTSource(fn=module.rows_kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
 print("PTX" if "ptx" in out.asm else "NO PTX", "CUBIN" if out.asm.get("cubin") else "NO CUBIN")
@@ -189,3 +189,65 @@ def test_pow_with_a_negative_base_follows_torch(exponent):
     assert torch.equal(fused[4].isnan(), ref[4].isnan())
     finite = ref[4].isfinite()
     torch.testing.assert_close(fused[4][finite], ref[4][finite], rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------ code layouts
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[2]], ids=lambda s: s.short())
+@pytest.mark.parametrize("layout,view", [(Layout.PENULTIMATE, (15, 24)), (Layout.PENULTIMATE, (3, 5, 24)), (Layout.LAST, (15, 24)),
+                                         (Layout.DIM0, (15, 24))])
+def test_codes_in_every_memory_order_hold_the_same_values(spec, layout, view):
+    """COLUMN_MAJOR writes the codes column by column (strides of a transposed buffer); BOTH
+    writes natural codes and a column-major copy from the same registers. Values never change."""
+    from codegen.code_layout import CodeLayout
+
+    seed = torch.tensor([7], dtype=torch.int64)
+    base = fused_quantize(_leaves(), EXACT, view, spec, layout, True, seed=seed)
+    col = fused_quantize(_leaves(), EXACT, view, spec, layout, True, code_layout=CodeLayout.COLUMN_MAJOR, seed=seed)
+    both = fused_quantize(_leaves(), EXACT, view, spec, layout, False, code_layout=CodeLayout.BOTH, seed=seed)
+    rows = 1
+    for d in view[:-1]:
+        rows *= d
+    assert base[0].is_contiguous() and base[5].numel() == 0
+    assert col[0].reshape(rows, view[-1]).stride() == (1, rows)  # the GEMM reading it transposed reads K-major
+    assert both[0].is_contiguous() and both[5].reshape(rows, view[-1]).stride() == (1, rows)
+    for out in (col[0], both[0], both[5]):
+        assert torch.equal(out, base[0])
+    for i in (1, 2, 3):
+        assert torch.equal(col[i], base[i]) and torch.equal(both[i], base[i])
+    assert torch.equal(col[4], base[4]) and both[4].numel() == 0
+
+
+def test_column_major_codes_without_a_strided_grouped_view_raise():
+    from codegen.code_layout import CodeLayout, column_major_ok
+
+    assert not column_major_ok((3, 5, 24), Layout.LAST) and not column_major_ok((3, 5, 24), Layout.DIM0)
+    with pytest.raises(ValueError, match="no strided LAST grouped view"):
+        fused_quantize(_leaves(), EXACT, (3, 5, 24), SPECS[0], Layout.LAST, False, code_layout=CodeLayout.COLUMN_MAJOR)
+
+
+_PTX_LAYOUTS = """
+from tools.ptx import operand_loads
+print(*(operand_loads(a, b)["cp.async"] for a, b in ((True, True), (True, False), (False, True))))
+print(*(operand_loads(a, b)["prmt"] for a, b in ((True, True), (True, False))))
+"""
+
+
+def test_sm90_qmm_copies_k_major_operands_asynchronously_only():
+    """Why codes are written K-major (codegen/code_layout.py): compiled for sm_90, the int8 GEMM
+    copies a K-major operand into shared memory with cp.async; an operand that is not K-major
+    goes through registers (byte permutes, synchronous shared stores) on every K step."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", _PTX_LAYOUTS], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    if proc.returncode and "ptxas" in proc.stderr:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both_k, b_not_k, a_not_k = map(int, proc.stdout.split("\n")[0].split())
+    prmt_k, prmt_not_k = map(int, proc.stdout.split("\n")[1].split())
+    assert both_k > 0 and both_k == 2 * b_not_k == 2 * a_not_k, proc.stdout
+    assert prmt_k == 0 < prmt_not_k, proc.stdout

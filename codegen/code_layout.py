@@ -1,0 +1,178 @@
+"""Memory order of quantized codes: chosen so every low-bit GEMM reads its operands K-major.
+
+A low-bit GEMM ``C = A @ B`` on sm_90 feeds ``wgmma`` from shared memory, which takes 8-bit
+operands only K-major. Triton copies a K-major operand tile asynchronously (``cp.async``,
+pipelined over ``num_stages``); an operand that is not K-major is loaded into registers,
+byte-permuted and stored to shared memory on every iteration instead (``tools/ptx_layout.py``
+shows both in the compiled PTX). Quantizers write codes contiguous in their input's shape, and
+every right operand ``B`` (K x N) comes out N-major that way: a weight ``W^T`` in the forward,
+``X`` and ``W`` in the backward. The codes' memory order is free, so the fused quantize kernel
+writes them in the order their GEMM wants (:func:`choose_code_layouts`).
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fqt_compiler.reference import Layout
+from passes.graph_utils import call, fake_eval
+
+__all__ = ["CodeLayout", "LayoutChoice", "alloc_like", "choose_code_layouts", "column_major_ok"]
+
+
+class CodeLayout(enum.IntEnum):
+    """Memory order of a fused quantizer's codes (their shape is the quantizer's input shape).
+
+    * ``NATURAL``: contiguous.
+    * ``COLUMN_MAJOR``: the codes flattened to ``(rows, last dim)`` are stored column by column,
+      so a low-bit GEMM that reads them transposed (the right operand ``B = codes``, K along
+      the rows) reads them K-major: on sm_90 an 8-bit operand that is not K-major cannot be
+      copied asynchronously into the shared-memory layout ``wgmma`` needs.
+    * ``BOTH``: natural codes, and a column-major copy written from the same registers (for
+      codes read both ways, or kept contiguous for another graph).
+    """
+
+    NATURAL = 0
+    COLUMN_MAJOR = 1
+    BOTH = 2
+
+
+def alloc_like(shape: tuple, dtype: torch.dtype, device, column_major: bool) -> torch.Tensor:
+    """An empty tensor of ``shape``: contiguous, or column-major in its ``(rows, last dim)``
+    flattening (a view of a contiguous ``(last dim, rows)`` buffer)."""
+    if not column_major or len(shape) < 2:
+        return torch.empty(shape, dtype=dtype, device=device)
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return torch.empty((shape[-1], rows), dtype=dtype, device=device).t().view(shape)
+
+
+def column_major_ok(shape: tuple, layout: Layout) -> bool:
+    """Whether column-major codes of ``shape`` have a strided grouped view for ``layout``
+    (2-D codes always; more dims only where the grouped rows merge the leading dims)."""
+    return len(shape) == 2 or len(shape) > 2 and layout is Layout.PENULTIMATE
+
+
+# ---------------------------------------------------------------- the pass
+_TRANSPOSES = {"aten.t.default", "aten.transpose.int", "aten.permute.default"}
+_RESHAPES = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"}
+
+
+def _is_view(node) -> bool:
+    return node.op == "call_function" and str(node.target) in _TRANSPOSES | _RESHAPES
+
+
+def _uses(node, path=()) -> list[tuple[tuple, object, int | None]]:
+    """Every read of ``node`` through views: (view path, reader, GEMM operand index or None)."""
+    from .epilogue import qmm_epilogue_op
+    from .ops import qmm_op
+
+    out = []
+    for user in node.users:
+        if user.op == "call_function" and user.target in (qmm_op, qmm_epilogue_op):
+            for i, a in enumerate(user.args):
+                if a is node:
+                    out.append((path, user, i if i in (0, 4) else None))
+        elif _is_view(user):
+            out.extend(_uses(user, (*path, user)))
+        else:
+            out.append((path, user, None))
+    return out
+
+
+def _k_major(codes: torch.Tensor, path: tuple, operand: int) -> bool:
+    """Whether GEMM operand ``operand`` (0: A, 4: B), the view ``path`` of ``codes`` (a meta
+    tensor in some memory order), is read K-major: A with K along its columns, B along its rows.
+    A reshape the strides cannot express as a view would copy: not K-major by this layout."""
+    t = codes
+    try:
+        for view in path:
+            if str(view.target) in _RESHAPES:
+                t = t.view(view.args[1])  # raises where a reshape would have to copy
+            else:
+                t = view.target(t, *view.args[1:], **view.kwargs)
+    except RuntimeError:
+        return False
+    if t.dim() != 2:
+        return False
+    k_axis = 1 if operand == 0 else 0
+    return t.shape[k_axis] == 1 or t.stride(k_axis) == 1
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    """A quantizer whose codes are written in another memory order for the GEMMs reading them."""
+
+    node: str
+    layout: CodeLayout
+    readers: tuple[str, ...]  # the GEMMs that now read K-major codes
+
+
+def _refresh(node: fx.Node) -> None:
+    """Recompute the fake values of ``node`` and of the views reading it (new strides)."""
+    node.meta["val"] = fake_eval(node.target, node.args, node.kwargs)
+    for user in node.users:
+        if user.op == "call_function" and (user.target is operator.getitem or _is_view(user)):
+            _refresh(user)
+
+
+def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[LayoutChoice]:
+    """Write every quantizer's codes in the memory order that lets the low-bit GEMMs reading
+    them read K-major: column-major when every reader wants it, both orders (one kernel, two
+    stores) when some reader needs the natural order (another GEMM, a graph output saved for
+    the backward). Fused quantizers change their ``code_layout``; a standalone quantizer that
+    needs a change becomes a fused one with an empty chain (the same kernel). Codes keep their
+    values: only strides change."""
+    from .fusion import _fusable_quantize, _rewire, fused_quantize_op, identity_program
+
+    choices = []
+    for q in list(gm.graph.nodes):
+        fused = q.op == "call_function" and q.target is fused_quantize_op
+        if not (fused and q.args[6] == int(CodeLayout.NATURAL) or _fusable_quantize(q)):
+            continue
+        codes = next((u for u in q.users if u.target is operator.getitem and u.args[1] == 0), None)
+        if codes is None or (codes.meta["val"].device.type != "cuda" and not include_cpu):
+            continue
+        val = codes.meta["val"]
+        shape, layout = tuple(val.shape), Layout(q.args[4] if fused else q.args[2])
+        if not column_major_ok(shape, layout):
+            continue
+        nat = torch.empty(shape, dtype=val.dtype, device="meta")
+        col = alloc_like(shape, val.dtype, "meta", True)
+        uses = [(path, user, op, *((True, False) if op is None else (_k_major(nat, path, op), _k_major(col, path, op))))
+                for path, user, op in _uses(codes)]
+        want = [u for u in uses if u[4] and not u[3]]
+        if not want:
+            continue
+        choice = CodeLayout.COLUMN_MAJOR if all(u[4] for u in uses) else CodeLayout.BOTH
+        name = q.name
+        if fused:
+            q.update_arg(6, int(choice))
+        else:  # a standalone quantizer: the fused kernel with nothing to fuse
+            x, key, lay = q.args
+            with gm.graph.inserting_before(q):
+                new = call(gm.graph, fused_quantize_op, ([x], identity_program(x).dumps(), list(x.meta["val"].shape), key, lay,
+                                                         False, int(choice)), like=q, info=q.meta.get("fqt"))
+            _rewire(gm, q, new, x.meta["val"].fake_mode)
+            q = new
+        _refresh(q)
+        if choice is CodeLayout.BOTH:
+            with gm.graph.inserting_after(q):
+                codes2 = call(gm.graph, operator.getitem, (q, 5), like=q)
+            for path, user, op, _, _ in want:
+                operand = codes2
+                with gm.graph.inserting_before(user):
+                    for view in path:
+                        operand = call(gm.graph, view.target, (operand, *view.args[1:]), dict(view.kwargs), like=view)
+                user.update_arg(op, operand)
+        choices.append(LayoutChoice(name, choice, tuple(u[1].name for u in want)))
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return choices

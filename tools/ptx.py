@@ -1,0 +1,63 @@
+"""How the low-bit GEMM loads its operands on sm_90, read from the compiled PTX (no GPU needed).
+
+``python -m tools.ptx`` compiles ``codegen.kernels.qmm._qmm_kernel`` for an H100 (sm_90) with
+each operand K-major or not and counts, per variant, the asynchronous global->shared copies
+(``cp.async``), the shared-memory stores and byte permutes that a register round trip needs
+instead, and the ``wgmma`` instructions. It is the evidence behind ``codegen.code_layout``:
+an 8-bit operand that is not K-major is not copied asynchronously (so not pipelined over the
+kernel's stages); it goes through registers on every K step. Counts are static instruction
+counts in the PTX, not timings. Must run without ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["operand_loads", "main"]
+
+_NAMES = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "M", "N", "K",
+          "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb"]
+
+
+def operand_loads(a_k_major: bool, b_k_major: bool, dtype: str = "int8") -> dict[str, int]:
+    """Static PTX instruction counts of the qmm kernel compiled for sm_90 (128x128x128 tiles,
+    3 stages, 8 warps, the H100 autotune entry) with the given operand memory orders."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from codegen.kernels.qmm import _qmm_kernel
+
+    code = {"int8": "*i8", "fp8": "*fp8e4nv"}[dtype]
+    sig = {n: ("*fp32" if n.endswith("ptr") else "i32") for n in _NAMES}
+    sig.update(a_ptr=code, b_ptr=code, out_ptr="*bf16")
+    # unit strides are what Triton specializes at launch; they tell it which dim is contiguous
+    ones = {"stride_ak" if a_k_major else "stride_am": 1, "stride_bk" if b_k_major else "stride_bn": 1, "stride_on": 1,
+            "stride_sa": 1, "stride_sb": 1}
+    const = dict(IS_INT=dtype == "int8", AFFINE=False, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, **ones)
+    sig.update({k: "constexpr" for k in const})
+    aligned = [i for i, n in enumerate(_NAMES) if n not in ones and (n.endswith("ptr") or n in ("M", "N", "K") or n.startswith("stride_"))]
+    src = triton.compiler.ASTSource(fn=_qmm_kernel, signature=sig, constexprs=const,
+                                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]
+    return {
+        "cp.async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+        "st.shared": len(re.findall(r"st\.shared", ptx)),
+        "prmt": len(re.findall(r"\bprmt\b", ptx)),
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+    }
+
+
+def main() -> None:
+    from tabulate import tabulate
+
+    rows = []
+    for dtype in ("int8", "fp8"):
+        for a_k in (True, False):
+            for b_k in (True, False):
+                c = operand_loads(a_k, b_k, dtype)
+                rows.append([dtype, "K-major" if a_k else "M-major", "K-major" if b_k else "N-major", *c.values()])
+    print(tabulate(rows, headers=["codes", "A", "B", "cp.async", "st.shared", "prmt", "wgmma"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
