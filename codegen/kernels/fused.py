@@ -171,15 +171,12 @@ def generate_source(program: Program) -> str:
     rows_a, rest = body.split("{chain}", 1)
     rows_b, rest = rest.split("{chain}", 1)
     part, tail = rest.split("{chain}", 1)
-    text = (
-        rows_a.format(**fields)
-        + "\n".join(triton_lines(program, load, " " * 12))
-        + rows_b
-        + "\n".join(triton_lines(program, load, " " * 8))
-        + part.format(**fields)
-        + "\n".join(triton_lines(program, load, " " * 8))
-        + tail
-    )
+    def chain(indent: str) -> str:
+        # padding lanes hold the chain of 0 (sigmoid(0) = 0.5, 0/0 = NaN): zeroed before any
+        # statistic sees them
+        return "\n".join([*triton_lines(program, load, indent), f"{indent}x = tl.where(mask, x, 0.0)"])
+
+    text = rows_a.format(**fields) + chain(" " * 12) + rows_b + chain(" " * 8) + part.format(**fields) + chain(" " * 8) + tail
     return _HEADER.format(program=program.dumps()) + text
 
 

@@ -251,3 +251,20 @@ def test_sm90_qmm_copies_k_major_operands_asynchronously_only():
     prmt_k, prmt_not_k = map(int, proc.stdout.split("\n")[1].split())
     assert both_k > 0 and both_k == 2 * b_not_k == 2 * a_not_k, proc.stdout
     assert prmt_k == 0 < prmt_not_k, proc.stdout
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "exp", "div"])
+@pytest.mark.parametrize("granularity", [Granularity.ROW, Granularity.TENSOR], ids=lambda g: g.value)
+def test_padding_lanes_never_reach_the_statistics(op, granularity):
+    """Regression: a row shorter than the kernel's tile leaves padding lanes holding the chain
+    of 0 -- sigmoid(0) = 0.5, exp(0) = 1, 0 / 0 = NaN -- which once set the symmetric amax
+    (and the NaN flag) of rows whose real values are all tiny."""
+    steps = (("div", (("L", 0), ("L", 1)), "float32", "none"),) if op == "div" else ((op, (("L", 0),), "float32", "none"),)
+    prog = Program((5, 24), steps, 2 if op == "div" else 1)
+    x = torch.full((5, 24), -20.0 if op != "div" else 1e-12)
+    leaves = [x, torch.full((5, 24), 3.0)] if op == "div" else [x]
+    spec = QuantSpec(bits=8, granularity=granularity)
+    out = fused_quantize(leaves, prog, (5, 24), spec, Layout.PENULTIMATE, False, block_c=64)
+    ref = quantize_ref(run_reference(prog, leaves), spec, Layout.PENULTIMATE)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=0)  # exp: last-ulp differences only
+    assert (out[0].int() - ref[0].int()).abs().max() <= 1
