@@ -27,7 +27,7 @@ from .ops import KERNEL_TWINS
 from .inline import inline_qmm_ops, inline_quantize_ops
 from .lower import LoweredGemm, lower_gemms
 from .fusion import FusedQuantize, fuse_prologues, fusion_programs
-from .epilogue import FusedEpilogue, fuse_epilogues
+from .epilogue import FusedEpilogue, fold_statistics, fuse_epilogues
 from .code_layout import LayoutChoice, choose_code_layouts
 
 __all__ = ["compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms", "fuse_prologues", "FusedQuantize", "fuse_epilogues", "FusedEpilogue", "choose_code_layouts", "LayoutChoice"]
@@ -137,7 +137,9 @@ def _fuse(gm: fx.GraphModule, config: FQTConfig) -> tuple[list, list]:
                 "fusion='triton' runs generated Triton kernels, which need CUDA tensors (or TRITON_INTERPRET=1 "
                 "on CPU, for tests); on CPU use fusion='auto', where Inductor fuses the quantizers"
             )
-        return [*fuse_prologues(gm, include_cpu=True), *fuse_epilogues(gm, include_cpu=True)], choose_code_layouts(gm, include_cpu=True)
-    # AUTO: CUDA graphs only; prologues first, so quantizers take the chains feeding them; the
-    # codes' memory order last, once every GEMM reading them is in place
-    return [*fuse_prologues(gm), *fuse_epilogues(gm)], choose_code_layouts(gm)
+        fused = [*fuse_prologues(gm, include_cpu=True), *fuse_epilogues(gm, include_cpu=True), *fold_statistics(gm, include_cpu=True)]
+        return fused, choose_code_layouts(gm, include_cpu=True)
+    # AUTO: CUDA graphs only; prologues first, so quantizers take the chains feeding them; then
+    # GEMM epilogues (their consumers, the next quantizer's statistics); the codes' memory
+    # order last, once every GEMM reading them is in place
+    return [*fuse_prologues(gm), *fuse_epilogues(gm), *fold_statistics(gm)], choose_code_layouts(gm)

@@ -70,12 +70,12 @@ def _is_view(node) -> bool:
 
 def _uses(node, path=()) -> list[tuple[tuple, object, int | None]]:
     """Every read of ``node`` through views: (view path, reader, GEMM operand index or None)."""
-    from .epilogue import qmm_epilogue_op
+    from .epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
     from .ops import qmm_op
 
     out = []
     for user in node.users:
-        if user.op == "call_function" and user.target in (qmm_op, qmm_epilogue_op):
+        if user.op == "call_function" and user.target in (qmm_op, qmm_epilogue_op, qmm_epilogue_stats_op):
             for i, a in enumerate(user.args):
                 if a is node:
                     out.append((path, user, i if i in (0, 4) else None))

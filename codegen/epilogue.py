@@ -12,18 +12,21 @@ GEMM epilogue with its consumers), ``include_cpu=True`` for the interpreter in t
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from fqt_compiler.reference import Layout
+from fqt_compiler.specs import Granularity, QuantSpec, Scheme
 from passes.graph_utils import call
 
 from .fusion import _VIEWS, _static_tensor
 from .fusion_program import OPS, Program, build_program, dtype_name, run_reference
 from .ops import qmm_cpu, qmm_op
 
-__all__ = ["FusedEpilogue", "fuse_epilogues", "qmm_epilogue_op"]
+__all__ = ["FusedEpilogue", "fold_statistics", "fuse_epilogues", "qmm_epilogue_op", "qmm_epilogue_stats_op"]
 
 
 @torch.library.custom_op("fqt::qmm_epilogue", mutates_args=())
@@ -52,6 +55,55 @@ def _qmm_epilogue_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, pr
 
 
 qmm_epilogue_op = torch.ops.fqt.qmm_epilogue.default
+
+
+def reference_partials(x: torch.Tensor, slots: int, symmetric: bool) -> torch.Tensor:
+    """Per-row statistics of a 2-D ``x`` in the epilogue's partials format: (rows, slots, 3),
+    everything in slot 0, the other slots neutral."""
+    nan = x.isnan()
+    out = torch.zeros((x.shape[0], slots, 3), dtype=torch.float32, device=x.device)
+    if symmetric:
+        out[:, 0, 0] = torch.where(nan, 0.0, x.abs()).float().amax(1) if x.shape[1] else 0.0
+        out[:, 0, 1] = nan.any(1).float()
+    else:
+        out[..., 0], out[..., 1] = float("inf"), float("-inf")
+        if x.shape[1]:
+            out[:, 0, 0] = torch.where(nan, float("inf"), x).float().amin(1)
+            out[:, 0, 1] = torch.where(nan, float("-inf"), x).float().amax(1)
+        out[:, 0, 2] = nan.any(1).float()
+    return out
+
+
+@torch.library.custom_op("fqt::qmm_epilogue_stats", mutates_args=())
+def _qmm_epilogue_stats(
+    a: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, oa: torch.Tensor | None,
+    b: torch.Tensor, sb: torch.Tensor, zb: torch.Tensor | None, ob: torch.Tensor | None,
+    bias: torch.Tensor | None, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: str, quant: str, symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    prog, qprog = Program.loads(program), Program.loads(quant)
+    from .kernels.qmm_epilogue import stat_slots
+    from .ops import _triton_here
+
+    if _triton_here(a):
+        from .kernels.qmm_epilogue import qmm_epilogue
+
+        out, partials = qmm_epilogue(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog, qprog, symmetric)
+        return out.view(prog.shape), partials
+    gemm = qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype).view(prog.shape)
+    out = run_reference(prog, [gemm, *leaves]).contiguous()
+    x = run_reference(qprog, [out]).reshape(a.shape[0], b.shape[1])
+    return out, reference_partials(x, stat_slots(b.shape[1], a.device), symmetric)
+
+
+@_qmm_epilogue_stats.register_fake
+def _qmm_epilogue_stats_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program, quant, symmetric):
+    from .kernels.qmm_epilogue import stat_slots
+
+    prog = Program.loads(program)
+    return a.new_empty(prog.shape, dtype=prog.dtype), a.new_empty((a.shape[0], stat_slots(b.shape[1], a.device), 3), dtype=torch.float32)
+
+
+qmm_epilogue_stats_op = torch.ops.fqt.qmm_epilogue_stats.default
 
 
 @dataclass(frozen=True)
@@ -127,3 +179,77 @@ def fuse_epilogues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedE
     gm.graph.lint()
     gm.recompile()
     return fused
+
+
+def _gemm_behind(x: fx.Node) -> fx.Node | None:
+    """The low-bit GEMM whose output ``x`` is, directly or through one view keeping its rows."""
+    g = x
+    if x.op == "call_function" and x.target in _VIEWS:
+        g = x.args[0]
+        if tuple(x.meta["val"].shape)[-1:] != tuple(g.meta["val"].shape)[-1:]:
+            return None
+    return g if g.op == "call_function" and g.target in (qmm_op, qmm_epilogue_op) else None
+
+
+def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedEpilogue]:
+    """The next quantizer's statistics pass folded into the GEMM epilogue producing its input.
+
+    A quantizer reading a low-bit GEMM's output (after a pointwise chain of its own, with no
+    other leaf) with per-tensor scales, or per-row scales over the GEMM's rows, needs the
+    statistics of its whole input before it can write a code: a first pass over the value,
+    then the codes pass. Here the GEMM's epilogue -- which holds each output tile in registers
+    anyway -- applies the quantizer's chain to the tile and stores per-row partial statistics
+    (one slot per column tile; max / min / NaN flags, so exact); the quantizer reads its input
+    once. Per-column scales (one per GEMM column) and quantizers that also write their
+    high-precision value are left as they are."""
+    from fqt_compiler.ops import QUANTIZE_OPS
+
+    from .fusion import _fusable_quantize, _rewire, fused_quantize_op, identity_program
+
+    folded: list[FusedEpilogue] = []
+    for f in list(gm.graph.nodes):
+        if f.op != "call_function":
+            continue
+        if f.target is fused_quantize_op and not f.args[5] and len(f.args) < 8 and len(f.args[0]) == 1:
+            x, quant, key, layout = f.args[0][0], Program.loads(f.args[1]), f.args[3], f.args[4]
+        elif f.target in QUANTIZE_OPS and _fusable_quantize(f):
+            x, key, layout = f.args
+            quant = identity_program(x)
+        else:
+            continue
+        g = _gemm_behind(x) if isinstance(x, fx.Node) else None
+        gval = _static_tensor(g) if g is not None else None
+        if gval is None or quant.n_leaves != 1 or (gval.device.type != "cuda" and not include_cpu):
+            continue
+        spec, shape = QuantSpec.from_key(key), tuple(f.meta["val"][0].shape)
+        rows_ok = spec.granularity is Granularity.ROW and shape[-1:] == tuple(gval.shape)[-1:] and (
+            layout == int(Layout.PENULTIMATE) or layout == int(Layout.DIM0) and len(shape) == 2)
+        if not (spec.granularity is Granularity.TENSOR or rows_ok):
+            continue
+        if g.target is qmm_op:
+            name = dtype_name(g.args[9])
+            if name is None:
+                continue
+            leaves, program = [], Program(tuple(gval.shape), (("convert", (("L", 0),), name, "none"),), 1)
+        else:
+            leaves, program = list(g.args[10]), Program.loads(g.args[11])
+        symmetric = spec.scheme is Scheme.SYMMETRIC
+        with gm.graph.inserting_before(g):
+            new = call(gm.graph, qmm_epilogue_stats_op, (*g.args[:10], leaves, program.dumps(), quant.dumps(), symmetric),
+                       like=g, fake_mode=gval.fake_mode)
+            out = call(gm.graph, operator.getitem, (new, 0), like=g)
+            partials = call(gm.graph, operator.getitem, (new, 1), like=g)
+        new.meta["fqt"] = g.meta.get("fqt")
+        g.replace_all_uses_with(out)
+        gm.graph.erase_node(g)
+        if f.target is fused_quantize_op:
+            f.args = (*f.args[:7], partials)
+        else:
+            with gm.graph.inserting_before(f):
+                fq = call(gm.graph, fused_quantize_op, ([x], quant.dumps(), list(shape), key, layout, False, 0, partials),
+                          like=f, info=f.meta.get("fqt"), fake_mode=gval.fake_mode)
+            _rewire(gm, f, fq, gval.fake_mode)
+        folded.append(FusedEpilogue(g.name, (f"statistics of {f.name}",), program))
+    gm.graph.lint()
+    gm.recompile()
+    return folded

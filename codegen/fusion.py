@@ -44,7 +44,8 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 @torch.library.custom_op("fqt::fused_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _fused_quantize(
-    leaves: list[torch.Tensor], program: str, shape: list[int], spec: str, layout: int, write_hp: bool, code_layout: int
+    leaves: list[torch.Tensor], program: str, shape: list[int], spec: str, layout: int, write_hp: bool, code_layout: int,
+    partials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     prog, parsed, lay, cl = Program.loads(program), QuantSpec.from_key(spec), Layout(layout), CodeLayout(code_layout)
     from .ops import _triton_here
@@ -52,8 +53,9 @@ def _fused_quantize(
     if _triton_here(leaves[0]):
         from .kernels.fused import fused_quantize
 
-        out = fused_quantize(list(leaves), prog, tuple(shape), parsed, lay, write_hp, code_layout=cl)
-    else:  # the unfused computation: the chain op by op, then the reference quantizer
+        out = fused_quantize(list(leaves), prog, tuple(shape), parsed, lay, write_hp, code_layout=cl, partials=partials)
+    else:  # the unfused computation: the chain op by op, then the reference quantizer (which
+        # recomputes any statistics a GEMM epilogue gathered: the same values)
         x = run_reference(prog, list(leaves)).reshape(shape)
         codes, scale, zp, offset = quantize_ref(x, parsed, lay)
         col = alloc_like(tuple(shape), codes.dtype, codes.device, True).copy_(codes) if cl is not CodeLayout.NATURAL else codes.new_empty((0,))
@@ -67,7 +69,7 @@ def _fused_quantize(
 
 
 @_fused_quantize.register_fake
-def _fused_quantize_fake(leaves, program, shape, spec, layout, write_hp, code_layout):
+def _fused_quantize_fake(leaves, program, shape, spec, layout, write_hp, code_layout, partials=None):
     from fqt_compiler.ops import quantize_fake
 
     prog, cl = Program.loads(program), CodeLayout(code_layout)
@@ -224,7 +226,7 @@ def _rewire(gm: fx.GraphModule, old: fx.Node, new: fx.Node, fake_mode) -> None:
 
 def fusion_programs(gm: fx.GraphModule) -> dict[str, str]:
     """Generated kernel source of every fused node of ``gm`` (name -> source)."""
-    from .epilogue import qmm_epilogue_op
+    from .epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
     from .kernels.fused import generate_source
     from .kernels.qmm_epilogue import generate_epilogue_source
 
@@ -234,4 +236,6 @@ def fusion_programs(gm: fx.GraphModule) -> dict[str, str]:
             out[f"fused:{node.name}"] = generate_source(Program.loads(node.args[1]))
         elif node.op == "call_function" and node.target is qmm_epilogue_op:
             out[f"fused:{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9])
+        elif node.op == "call_function" and node.target is qmm_epilogue_stats_op:
+            out[f"fused:{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9], Program.loads(node.args[12]))
     return out

@@ -166,15 +166,17 @@ def _pow_expr(x: str, y: float) -> str:
 _ROUND = {"bfloat16": "_round_bf16", "float16": "_round_fp16"}
 
 
-def triton_lines(program: Program, leaf_load: str, indent: str, first_leaf: str | None = None) -> list[str]:
-    """Statements computing ``x`` (fp32) for one tile: ``leaf_load.format(i=...)`` loads leaf i;
-    ``first_leaf``, if given, is the expression of leaf 0 instead (a GEMM's output tile)."""
-    lines = [f"{indent}l{i} = {first_leaf if i == 0 and first_leaf else leaf_load.format(i=i)}" for i in range(program.n_leaves)]
+def triton_lines(program: Program, leaf_load: str, indent: str, first_leaf: str | None = None, prefix: str = "") -> list[str]:
+    """Statements computing ``{prefix}x`` (fp32) for one tile: ``leaf_load.format(i=...)`` loads
+    leaf i; ``first_leaf``, if given, is the expression of leaf 0 instead (a GEMM's output tile);
+    ``prefix`` keeps two programs' temporaries apart in one kernel."""
+    lines = [f"{indent}{prefix}l{i} = {first_leaf if i == 0 and first_leaf else leaf_load.format(i=i)}" for i in range(program.n_leaves)]
     for j, (op, operands, dtype, extra) in enumerate(program.steps):
-        args = [f"l{o[1]}" if isinstance(o, tuple) and o[0] == "L" else f"v{o[1]}" if isinstance(o, tuple) else repr(float(o)) for o in operands]
+        args = [f"{prefix}l{o[1]}" if isinstance(o, tuple) and o[0] == "L" else f"{prefix}v{o[1]}" if isinstance(o, tuple) else repr(float(o))
+                for o in operands]
         expr = _impl(op, 1)(args, extra)
         if dtype in _ROUND:  # eager rounds every op's result to its dtype (to nearest even)
             expr = f"{_ROUND[dtype]}({expr})"
-        lines.append(f"{indent}v{j} = {expr}")
-    lines.append(f"{indent}x = v{len(program.steps) - 1}")
+        lines.append(f"{indent}{prefix}v{j} = {expr}")
+    lines.append(f"{indent}{prefix}x = {prefix}v{len(program.steps) - 1}")
     return lines

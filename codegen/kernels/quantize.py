@@ -182,6 +182,21 @@ def _given_stats(stats_ptr, SCHEME: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _given_row_stats(stats_ptr, rows, rmask, SCHEME: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per-row statistics computed beforehand (by a GEMM epilogue), three floats per row:
+    [amax, nan, -] (symmetric) or [min, max, nan]."""
+    nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
+    if SCHEME == 0:
+        amax = tl.load(stats_ptr + rows * 3, mask=rmask, other=0.0)
+        nan = tl.load(stats_ptr + rows * 3 + 1, mask=rmask, other=0.0)
+    else:
+        mn = tl.load(stats_ptr + rows * 3, mask=rmask, other=0.0)
+        mx = tl.load(stats_ptr + rows * 3 + 1, mask=rmask, other=0.0)
+        nan = tl.load(stats_ptr + rows * 3 + 2, mask=rmask, other=0.0)
+    return nan, amax, mn, mx
+
+
+@triton.jit
 def _store_partials(out_ptr, pid, nan, amax, mn, mx, SYMMETRIC: tl.constexpr):
     """One program's [amax, nan] (symmetric) or [min, max, nan] over its rows."""
     if SYMMETRIC:

@@ -236,3 +236,21 @@ def test_every_low_bit_gemm_reads_k_major_codes(recipe, monkeypatch):
     choices = {c.layout.name for r in be.records for c in r.layouts}
     # weights saved for the backward: both orders; int8 requantizes in the backward, column-major
     assert choices == ({"COLUMN_MAJOR", "BOTH"} if recipe == "int8" else {"BOTH"}), choices
+
+
+@pytest.mark.parametrize("recipe", ["int8", "ptq8"])
+def test_next_quantizers_statistics_come_from_the_gemm_epilogue(recipe):
+    """fc's GEMM gathers the statistics of GELU(its output) for the quantizer feeding proj
+    (per-row for int8, per-tensor for ptq8): the quantizer reads its input once. Same loss
+    and gradients as the unfused run."""
+    x = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(3))
+    loss_fn = lambda y: y.square().mean()  # noqa: E731
+    l0, g0, _ = _run(_residual_mlp, (x,), loss_fn, recipe, "off")
+    l1, g1, be = _run(_residual_mlp, (x,), loss_fn, recipe, "triton")
+    folds = [f for r in be.records for f in r.fused if isinstance(f, FusedEpilogue) and f.ops[0].startswith("statistics of")]
+    assert folds, [f.ops for r in be.records for f in r.fused]
+    sources = [v for r in be.records for k, v in r.kernel_sources.items() if "statistics of the quantizer" in v]
+    assert sources and all("_update_row_stats" in v for v in sources)
+    assert torch.equal(l0, l1)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)

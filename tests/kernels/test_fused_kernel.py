@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from codegen.fusion_program import Program, run_reference
-from codegen.kernels.fused import fused_quantize, generate_source
+from codegen.kernels.fused import fused_quantize
 from fqt_compiler.reference import Layout, quantize_ref
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Rounding, Scheme
 
@@ -124,15 +124,17 @@ from codegen.kernels.qmm_epilogue import generate_epilogue_source
 
 prog = Program((8, 16), (("mul", (("L", 0), 0.5), "bfloat16", "none"), ("add", (("V", 0), ("L", 1)), "bfloat16", "none"),
                          ("gelu", (("V", 1),), "bfloat16", "tanh")), 2)
-kernel = load_source(generate_epilogue_source(prog, torch.bfloat16)).qmm_epilogue_kernel
+quant = Program((8, 16), (("gelu", (("L", 0),), "bfloat16", "none"),), 1)
+kernel = load_source(generate_epilogue_source(prog, torch.bfloat16, quant)).qmm_epilogue_kernel
 sig = {k: "*i8" for k in ("a_ptr", "b_ptr")}
-sig.update({k: "*fp32" for k in ("sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr")})
+sig.update({k: "*fp32" for k in ("sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "part_ptr")})
 sig.update({"out_ptr": "*bf16", "in1_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"})
-sig.update({k: "i32" for k in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r", "s1c")})
-const = dict(IS_INT=True, AFFINE=True, HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+sig.update({k: "i32" for k in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb",
+                               "s1r", "s1c", "stride_pm")})
+const = dict(IS_INT=True, AFFINE=True, HAS_BIAS=True, SYMMETRIC=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
 sig.update({k: "constexpr" for k in const})
-order = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "in1_ptr", "M", "N", "K",
-         "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r", "s1c", *const]
+order = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "in1_ptr", "part_ptr", "M", "N", "K",
+         "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r", "s1c", "stride_pm", *const]
 out = triton.compile(triton.compiler.ASTSource(fn=kernel, signature={k: sig[k] for k in order}, constexprs=const), target=GPUTarget("cuda", 90, 32))
 print("EPILOGUE-PTX" if "ptx" in out.asm else "NO EPILOGUE PTX")
 """
@@ -268,3 +270,50 @@ def test_padding_lanes_never_reach_the_statistics(op, granularity):
     ref = quantize_ref(run_reference(prog, leaves), spec, Layout.PENULTIMATE)
     torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=0)  # exp: last-ulp differences only
     assert (out[0].int() - ref[0].int()).abs().max() <= 1
+
+
+# ------------------------------------------------------------------ statistics from the GEMM epilogue
+@pytest.mark.parametrize("pair", ["int8-sym-row", "paper-asym-zog-tensor"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric):
+    """The epilogue applies the next quantizer's chain to each stored tile and keeps per-row
+    partial statistics; reduced over the column slots they are exactly the quantizer's
+    statistics pass (N = 70 leaves a ragged last tile whose padding the chain maps to -3)."""
+    from codegen.epilogue import reference_partials
+    from codegen.kernels.qmm_epilogue import qmm_epilogue
+    from tests.kernels.test_qmm_kernel import PAIRS, _operands
+
+    args, _ = _operands(33, 40, 70, *PAIRS[pair], "cpu")
+    name = str(out_dtype).split(".")[1]
+    prog = Program((33, 70), (("convert", (("L", 0),), name, "none"),), 1)
+    quant = Program((33, 70), (("add", (("L", 0), 1.5), name, "none"), ("mul", (("V", 0), -2.0), name, "none")), 1)
+    out, partials = qmm_epilogue(*args, out_dtype, [], prog, quant, symmetric)
+    ref = reference_partials(run_reference(quant, [out]), partials.shape[1], symmetric)
+    assert partials.shape[1] > 1  # several column tiles
+    if symmetric:
+        assert torch.equal(partials[..., :2].amax(1), ref[..., :2].amax(1))
+    else:
+        assert torch.equal(partials[..., 0].amin(1), ref[..., 0].amin(1))
+        assert torch.equal(partials[..., 1:].amax(1), ref[..., 1:].amax(1))
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[2], SPECS[4]], ids=lambda s: s.short())
+def test_given_partials_replace_the_statistics_pass(spec):
+    """With partials the quantizer skips its statistics pass: the codes equal the unfused
+    ones when the partials are right, and follow the partials when they are not."""
+    from codegen.epilogue import reference_partials
+
+    x = torch.randn(15, 24, generator=torch.Generator().manual_seed(4))
+    prog = Program((15, 24), (("mul", (("L", 0), 0.5), "float32", "none"), ("add", (("V", 0), 0.25), "float32", "none")), 1)
+    sym = spec.scheme is Scheme.SYMMETRIC
+    partials = reference_partials(run_reference(prog, [x]), 3, sym)
+    seed = torch.tensor([5], dtype=torch.int64)
+    base = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, False, seed=seed)
+    given = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, False, partials=partials, seed=seed)
+    for a, b in zip(base[:4], given[:4]):
+        assert torch.equal(a, b)
+    doubled = partials.clone()
+    doubled[..., 0:2] *= 2  # sym: amax (and the nan flag 0 stays 0); asym: min and max
+    wrong = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, False, partials=doubled, seed=seed)
+    torch.testing.assert_close(wrong[1], 2 * base[1], rtol=1e-6, atol=0)
