@@ -99,7 +99,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
     fused, layouts = _fuse(gm, config)
     # OFF: every quantization stays a standalone kernel op (CPU: a compiled standalone quantizer)
     swap_to_kernel_ops(gm, include_cpu=config.fusion is Fusion.OFF)  # CUDA: Triton quantize / BHQ kernels
-    sources = {**_triton_sources(gm), **fusion_programs(gm)}
+    sources = {**_triton_sources(gm), **fusion_programs(gm, name.rsplit("_", 1)[-1])}
     if not config.inductor:
         return CompiledGraph(make_boxed_func(gm.forward), lowered, sources, fused, layouts)
     from torch._inductor.compile_fx import compile_fx_inner

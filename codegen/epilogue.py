@@ -22,6 +22,8 @@ from fqt_compiler.reference import Layout
 from fqt_compiler.specs import Granularity, QuantSpec, Scheme
 from passes.graph_utils import call
 
+aten = torch.ops.aten
+
 from .fusion import _VIEWS, _static_tensor
 from .fusion_program import OPS, Program, build_program, dtype_name, run_reference
 from .ops import qmm_cpu, qmm_op
@@ -79,6 +81,7 @@ def _qmm_epilogue_stats(
     a: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, oa: torch.Tensor | None,
     b: torch.Tensor, sb: torch.Tensor, zb: torch.Tensor | None, ob: torch.Tensor | None,
     bias: torch.Tensor | None, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: str, quant: str, symmetric: bool,
+    columns: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     prog, qprog = Program.loads(program), Program.loads(quant)
     from .kernels.qmm_epilogue import stat_slots
@@ -87,20 +90,23 @@ def _qmm_epilogue_stats(
     if _triton_here(a):
         from .kernels.qmm_epilogue import qmm_epilogue
 
-        out, partials = qmm_epilogue(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog, qprog, symmetric)
+        out, partials = qmm_epilogue(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog, qprog, symmetric, columns)
         return out.view(prog.shape), partials
     gemm = qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype).view(prog.shape)
     out = run_reference(prog, [gemm, *leaves]).contiguous()
     x = run_reference(qprog, [out]).reshape(a.shape[0], b.shape[1])
-    return out, reference_partials(x, stat_slots(b.shape[1], a.device), symmetric)
+    m, n = x.shape
+    return out, reference_partials(x.t() if columns else x, stat_slots(m if columns else n, a.device, columns), symmetric)
 
 
 @_qmm_epilogue_stats.register_fake
-def _qmm_epilogue_stats_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program, quant, symmetric):
+def _qmm_epilogue_stats_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program, quant, symmetric, columns):
     from .kernels.qmm_epilogue import stat_slots
 
     prog = Program.loads(program)
-    return a.new_empty(prog.shape, dtype=prog.dtype), a.new_empty((a.shape[0], stat_slots(b.shape[1], a.device), 3), dtype=torch.float32)
+    m, n = a.shape[0], b.shape[1]
+    partials = a.new_empty(((n if columns else m), stat_slots(m if columns else n, a.device, columns), 3), dtype=torch.float32)
+    return a.new_empty(prog.shape, dtype=prog.dtype), partials
 
 
 qmm_epilogue_stats_op = torch.ops.fqt.qmm_epilogue_stats.default
@@ -181,27 +187,51 @@ def fuse_epilogues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedE
     return fused
 
 
-def _gemm_behind(x: fx.Node) -> fx.Node | None:
-    """The low-bit GEMM whose output ``x`` is, directly or through one view keeping its rows."""
-    g = x
-    if x.op == "call_function" and x.target in _VIEWS:
-        g = x.args[0]
-        if tuple(x.meta["val"].shape)[-1:] != tuple(g.meta["val"].shape)[-1:]:
+_TRANSPOSE_2D = {aten.t.default, aten.transpose.int, aten.permute.default}
+
+
+def _gemm_behind(x: fx.Node) -> tuple[fx.Node, bool] | None:
+    """The low-bit GEMM whose output ``x`` is -- directly, through views keeping its last dim
+    (rows regrouped), and possibly then as a 2-D transpose -- and whether it is transposed."""
+    g, transposed = x, False
+    if g.op == "call_function" and g.target in _TRANSPOSE_2D and g.meta["val"].dim() == 2:
+        g, transposed = g.args[0], True
+    while g.op == "call_function" and g.target in _VIEWS:
+        if tuple(g.meta["val"].shape)[-1:] != tuple(g.args[0].meta["val"].shape)[-1:]:
             return None
-    return g if g.op == "call_function" and g.target in (qmm_op, qmm_epilogue_op) else None
+        g = g.args[0]
+    if g.op == "call_function" and g.target in (qmm_op, qmm_epilogue_op):
+        return g, transposed
+    return None
+
+
+def _grouped_axis(spec: QuantSpec, layout: int, shape: tuple, transposed: bool) -> str | None:
+    """Which axis of the GEMM output the quantizer's grouped rows (one scale each) run along:
+    "rows", "columns", "tensor" (one scale), or None where they are neither."""
+    if spec.granularity is Granularity.TENSOR:
+        return "tensor"
+    if spec.granularity not in (Granularity.ROW, Granularity.COLUMN):
+        return None
+    lay = Layout(layout)
+    if len(shape) != 2 and (transposed or lay is not Layout.PENULTIMATE):
+        return None  # 3-D+: only rows of (tokens, features) merged from the leading dims
+    natural_rows_are_gemm_rows = (lay is Layout.LAST) == transposed  # LAST transposes the natural matrix
+    rows = natural_rows_are_gemm_rows == (spec.granularity is Granularity.ROW)
+    return "rows" if rows else "columns"
 
 
 def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedEpilogue]:
     """The next quantizer's statistics pass folded into the GEMM epilogue producing its input.
 
-    A quantizer reading a low-bit GEMM's output (after a pointwise chain of its own, with no
-    other leaf) with per-tensor scales, or per-row scales over the GEMM's rows, needs the
-    statistics of its whole input before it can write a code: a first pass over the value,
-    then the codes pass. Here the GEMM's epilogue -- which holds each output tile in registers
-    anyway -- applies the quantizer's chain to the tile and stores per-row partial statistics
-    (one slot per column tile; max / min / NaN flags, so exact); the quantizer reads its input
-    once. Per-column scales (one per GEMM column) and quantizers that also write their
-    high-precision value are left as they are."""
+    A quantizer reading a low-bit GEMM's output (directly, through a view, or transposed; after
+    a pointwise chain of its own with no other leaf) needs the statistics of its whole input
+    before it can write a code: a first pass over the value, then the codes pass. Here the
+    GEMM's epilogue -- which holds each output tile in registers anyway -- applies the
+    quantizer's chain to the tile and stores partial statistics per output row (one slot per
+    column tile) or per output column (one slot per row tile), whichever the quantizer's scales
+    run along (per-tensor: per row); max / min / NaN flags, so exact. The quantizer reads its
+    input once. One quantizer per GEMM (the first in graph order); quantizers that also write
+    their high-precision value are left as they are."""
     from fqt_compiler.ops import QUANTIZE_OPS
 
     from .fusion import _fusable_quantize, _rewire, fused_quantize_op, identity_program
@@ -217,14 +247,14 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
             quant = identity_program(x)
         else:
             continue
-        g = _gemm_behind(x) if isinstance(x, fx.Node) else None
-        gval = _static_tensor(g) if g is not None else None
+        found = _gemm_behind(x) if isinstance(x, fx.Node) else None
+        gval = _static_tensor(found[0]) if found is not None else None
         if gval is None or quant.n_leaves != 1 or (gval.device.type != "cuda" and not include_cpu):
             continue
+        g, transposed = found
         spec, shape = QuantSpec.from_key(key), tuple(f.meta["val"][0].shape)
-        rows_ok = spec.granularity is Granularity.ROW and shape[-1:] == tuple(gval.shape)[-1:] and (
-            layout == int(Layout.PENULTIMATE) or layout == int(Layout.DIM0) and len(shape) == 2)
-        if not (spec.granularity is Granularity.TENSOR or rows_ok):
+        axis = _grouped_axis(spec, layout, shape, transposed)
+        if axis is None:
             continue
         if g.target is qmm_op:
             name = dtype_name(g.args[9])
@@ -235,7 +265,7 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
             leaves, program = list(g.args[10]), Program.loads(g.args[11])
         symmetric = spec.scheme is Scheme.SYMMETRIC
         with gm.graph.inserting_before(g):
-            new = call(gm.graph, qmm_epilogue_stats_op, (*g.args[:10], leaves, program.dumps(), quant.dumps(), symmetric),
+            new = call(gm.graph, qmm_epilogue_stats_op, (*g.args[:10], leaves, program.dumps(), quant.dumps(), symmetric, axis == "columns"),
                        like=g, fake_mode=gval.fake_mode)
             out = call(gm.graph, operator.getitem, (new, 0), like=g)
             partials = call(gm.graph, operator.getitem, (new, 1), like=g)

@@ -224,18 +224,20 @@ def _rewire(gm: fx.GraphModule, old: fx.Node, new: fx.Node, fake_mode) -> None:
     gm.graph.erase_node(old)
 
 
-def fusion_programs(gm: fx.GraphModule) -> dict[str, str]:
-    """Generated kernel source of every fused node of ``gm`` (name -> source)."""
+def fusion_programs(gm: fx.GraphModule, stage: str = "") -> dict[str, str]:
+    """Generated kernel source of every fused node of ``gm`` (``fused:<stage>:<node>`` ->
+    source; the stage keeps the forward's and the backward's same-named nodes apart)."""
     from .epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
     from .kernels.fused import generate_source
     from .kernels.qmm_epilogue import generate_epilogue_source
 
     out = {}
+    prefix = f"{stage}:" if stage else ""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is fused_quantize_op:
-            out[f"fused:{node.name}"] = generate_source(Program.loads(node.args[1]))
+            out[f"fused:{prefix}{node.name}"] = generate_source(Program.loads(node.args[1]))
         elif node.op == "call_function" and node.target is qmm_epilogue_op:
-            out[f"fused:{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9])
+            out[f"fused:{prefix}{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9])
         elif node.op == "call_function" and node.target is qmm_epilogue_stats_op:
-            out[f"fused:{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9], Program.loads(node.args[12]))
+            out[f"fused:{prefix}{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9], Program.loads(node.args[12]))
     return out

@@ -258,7 +258,7 @@ def fused_quantize(
     (contiguous; empty unless ``write_hp``) and the column-major codes (empty unless ``BOTH``).
 
     ``partials``: the statistics of the chain's value, already gathered by the GEMM producing
-    leaf 0 (``qmm_epilogue`` with statistics), per grouped row and column slot: (rows, slots, 3)
+    leaf 0 (``qmm_epilogue`` with statistics), per grouped row and slot: (rows, slots, 3)
     as [amax, nan, -] (symmetric) or [min, max, nan]. The statistics pass is skipped."""
     if spec.transform is not Transform.NONE or spec.granularity is Granularity.BLOCK:
         raise ValueError(f"fused quantize handles tensor/row/column scales without transforms, not {spec.short()}")
@@ -286,8 +286,9 @@ def fused_quantize(
     c2b_strides = (c2b.stride(0), c2b.stride(1)) if code_layout is CodeLayout.BOTH else (0, 0)
     given = 1 if per_tensor else 0
     if partials is not None:  # reduce the epilogue's column slots: exact (max / min)
-        if spec.granularity is Granularity.COLUMN or (not per_tensor and partials.shape[0] != n_rows) or write_hp:
-            raise ValueError("GEMM-epilogue statistics need per-row or per-tensor scales over the GEMM's rows, no hp output")
+        if (not per_tensor and partials.shape[0] != n_rows) or write_hp:
+            raise ValueError(f"GEMM-epilogue statistics for {partials.shape[0]} rows do not fit a quantizer of {n_rows} grouped rows"
+                             " (or one that writes its high-precision value)")
         nan = partials[..., 2 if not sym else 1].amax(1)
         lo, hi = (partials[..., 0].amax(1), None) if sym else (partials[..., 0].amin(1), partials[..., 1].amax(1))
         if per_tensor:

@@ -38,7 +38,7 @@ def qmm_epilogue_kernel(
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_sa, stride_sb,
     {leaf_strides}stride_pm,
-    IS_INT: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    IS_INT: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr, SYMMETRIC: tl.constexpr, COLUMNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     acc, rows, cols = _qmm_tile(
@@ -55,17 +55,25 @@ def qmm_epilogue_kernel(
 # chain applied to the value just stored (on the stored dtype's grid already), padding zeroed
 _STATS = '''{qchain}
     qx = tl.where(mask, qx, 0.0)
-    nan, amax, mn, mx = _empty_row_stats(BLOCK_M)
-    nan, amax, mn, mx = _update_row_stats(qx, mask, nan, amax, mn, mx, SYMMETRIC)
-    p = part_ptr + rows * stride_pm + (tl.min(cols, axis=0) // BLOCK_N) * 3
-    rmask = rows < M
+    if COLUMNS:  # per column of the output, one slot per row tile
+        nan = tl.max(tl.where(qx != qx, 1.0, 0.0), axis=0)
+        amax = tl.max(tl.abs(qx), axis=0)
+        mn = tl.min(tl.where(mask, qx, float("inf")), axis=0)
+        mx = tl.max(tl.where(mask, qx, float("-inf")), axis=0)
+        p = part_ptr + cols * stride_pm + (tl.min(rows, axis=0) // BLOCK_M) * 3
+        pmask = cols < N
+    else:  # per row, one slot per column tile
+        nan, amax, mn, mx = _empty_row_stats(BLOCK_M)
+        nan, amax, mn, mx = _update_row_stats(qx, mask, nan, amax, mn, mx, SYMMETRIC)
+        p = part_ptr + rows * stride_pm + (tl.min(cols, axis=0) // BLOCK_N) * 3
+        pmask = rows < M
     if SYMMETRIC:
-        tl.store(p, amax, mask=rmask)
-        tl.store(p + 1, nan, mask=rmask)
+        tl.store(p, amax, mask=pmask)
+        tl.store(p + 1, nan, mask=pmask)
     else:
-        tl.store(p, mn, mask=rmask)
-        tl.store(p + 1, mx, mask=rmask)
-        tl.store(p + 2, nan, mask=rmask)
+        tl.store(p, mn, mask=pmask)
+        tl.store(p + 1, mx, mask=pmask)
+        tl.store(p + 2, nan, mask=pmask)
 '''
 
 _ROUND_OUT = {torch.bfloat16: "_round_bf16(acc)", torch.float16: "_round_fp16(acc)", torch.float32: "acc"}
@@ -92,26 +100,28 @@ def generate_epilogue_source(program: Program, out_dtype: torch.dtype, quant: Pr
 _TUNED: dict[tuple, object] = {}
 
 
-def stat_slots(n: int, device: torch.device) -> int:
-    """Column slots of the epilogue statistics: one per column tile of the narrowest tile
-    configuration (wider tiles leave their other slots at the neutral value)."""
-    return triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in autotune_configs(device)))
+def stat_slots(extent: int, device: torch.device, columns: bool = False) -> int:
+    """Slots of the epilogue statistics along ``extent`` (N for per-row statistics, M for
+    per-column ones): one per tile of the narrowest configuration (wider tiles leave their
+    other slots at the neutral value)."""
+    return triton.cdiv(extent, min(c.kwargs["BLOCK_M" if columns else "BLOCK_N"] for c in autotune_configs(device)))
 
 
 def qmm_epilogue(
     a, sa, za, oa, b, sb, zb, ob, bias, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: Program,
-    quant: Program | None = None, symmetric: bool = True,
+    quant: Program | None = None, symmetric: bool = True, columns: bool = False,
 ):
     """``run_reference(program, [qmm(...), *leaves])`` in one generated kernel; returns the
     chain's value as an (M, N) tensor of the program's dtype. With ``quant`` also returns the
-    per-row statistics of ``run_reference(quant, [value])`` (what the next quantizer's
-    statistics pass would compute): (M, slots, 3) partials, [amax, nan, -] if ``symmetric``
-    else [min, max, nan], for ``kernels.fused.fused_quantize(partials=...)``."""
+    per-row (per-column if ``columns``) statistics of ``run_reference(quant, [value])`` (what
+    the next quantizer's statistics pass would compute): (M, slots, 3) partials ((N, slots, 3)),
+    [amax, nan, -] if ``symmetric`` else [min, max, nan], for
+    ``kernels.fused.fused_quantize(partials=...)``."""
     m, k = a.shape
     n = b.shape[1]
     out = torch.empty((m, n), dtype=program.dtype, device=a.device)
-    slots = stat_slots(n, a.device) if quant is not None else 1
-    partials = torch.zeros((m if quant is not None else 1, slots, 3), dtype=torch.float32, device=a.device)
+    slots = stat_slots(m if columns else n, a.device, columns) if quant is not None else 1
+    partials = torch.zeros(((n if columns else m) if quant is not None else 1, slots, 3), dtype=torch.float32, device=a.device)
     if quant is not None and not symmetric:  # the neutral slot: min +inf, max -inf, no NaN
         partials[..., 0], partials[..., 1] = float("inf"), float("-inf")
     if m == 0 or n == 0:
@@ -139,7 +149,7 @@ def qmm_epilogue(
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), sa_stride, sb_stride,
         *[s for v in views for s in v.stride()], partials.stride(0),
-        IS_INT=a.dtype == torch.int8, AFFINE=affine, HAS_BIAS=bias is not None, SYMMETRIC=symmetric,
+        IS_INT=a.dtype == torch.int8, AFFINE=affine, HAS_BIAS=bias is not None, SYMMETRIC=symmetric, COLUMNS=columns,
         enable_fp_fusion=False,  # no FMA contraction: the epilogue rounds like the unfused ops
     )
     return (out, partials) if quant is not None else out

@@ -131,11 +131,13 @@ sig.update({k: "*fp32" for k in ("sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr
 sig.update({"out_ptr": "*bf16", "in1_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"})
 sig.update({k: "i32" for k in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb",
                                "s1r", "s1c", "stride_pm")})
-const = dict(IS_INT=True, AFFINE=True, HAS_BIAS=True, SYMMETRIC=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-sig.update({k: "constexpr" for k in const})
-order = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "in1_ptr", "part_ptr", "M", "N", "K",
-         "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r", "s1c", "stride_pm", *const]
-out = triton.compile(triton.compiler.ASTSource(fn=kernel, signature={k: sig[k] for k in order}, constexprs=const), target=GPUTarget("cuda", 90, 32))
+for columns in (False, True):
+    const = dict(IS_INT=True, AFFINE=True, HAS_BIAS=True, SYMMETRIC=False, COLUMNS=columns, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    sig.update({k: "constexpr" for k in const})
+    order = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "in1_ptr", "part_ptr", "M", "N",
+             "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r", "s1c", "stride_pm",
+             *const]
+    out = triton.compile(triton.compiler.ASTSource(fn=kernel, signature={k: sig[k] for k in order}, constexprs=const), target=GPUTarget("cuda", 90, 32))
 print("EPILOGUE-PTX" if "ptx" in out.asm else "NO EPILOGUE PTX")
 """
 
@@ -276,10 +278,12 @@ def test_padding_lanes_never_reach_the_statistics(op, granularity):
 @pytest.mark.parametrize("pair", ["int8-sym-row", "paper-asym-zog-tensor"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric):
+@pytest.mark.parametrize("columns", [False, True], ids=["per-row", "per-column"])
+def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric, columns):
     """The epilogue applies the next quantizer's chain to each stored tile and keeps per-row
-    partial statistics; reduced over the column slots they are exactly the quantizer's
-    statistics pass (N = 70 leaves a ragged last tile whose padding the chain maps to -3)."""
+    (or per-column) partial statistics; reduced over the slots they are exactly the
+    quantizer's statistics pass (33 x 70 leaves ragged last tiles whose padding the chain maps
+    to -3)."""
     from codegen.epilogue import reference_partials
     from codegen.kernels.qmm_epilogue import qmm_epilogue
     from tests.kernels.test_qmm_kernel import PAIRS, _operands
@@ -288,8 +292,10 @@ def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric
     name = str(out_dtype).split(".")[1]
     prog = Program((33, 70), (("convert", (("L", 0),), name, "none"),), 1)
     quant = Program((33, 70), (("add", (("L", 0), 1.5), name, "none"), ("mul", (("V", 0), -2.0), name, "none")), 1)
-    out, partials = qmm_epilogue(*args, out_dtype, [], prog, quant, symmetric)
-    ref = reference_partials(run_reference(quant, [out]), partials.shape[1], symmetric)
+    out, partials = qmm_epilogue(*args, out_dtype, [], prog, quant, symmetric, columns)
+    value = run_reference(quant, [out])
+    ref = reference_partials(value.t() if columns else value, partials.shape[1], symmetric)
+    assert partials.shape[0] == (70 if columns else 33)
     assert partials.shape[1] > 1  # several column tiles
     if symmetric:
         assert torch.equal(partials[..., :2].amax(1), ref[..., :2].amax(1))
