@@ -22,7 +22,7 @@ from torch import fx
 from fqt_compiler.reference import Layout
 from passes.graph_utils import call, fake_eval
 
-__all__ = ["CodeLayout", "LayoutChoice", "alloc_like", "choose_code_layouts", "column_major_ok"]
+__all__ = ["CodeLayout", "LayoutChoice", "SAVED_LAYOUT", "alloc_like", "choose_code_layouts", "column_major_ok", "mark_saved_codes", "restride_inputs"]
 
 
 class CodeLayout(enum.IntEnum):
@@ -145,8 +145,16 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
             continue
         nat = torch.empty(shape, dtype=val.dtype, device="meta")
         col = alloc_like(shape, val.dtype, "meta", True)
-        uses = [(path, user, op, *((True, False) if op is None else (_k_major(nat, path, op), _k_major(col, path, op))))
-                for path, user, op in _uses(codes)]
+        saved_col = codes.meta.get(SAVED_LAYOUT) is CodeLayout.COLUMN_MAJOR  # read by the backward as B
+
+        def wants(path, user, op) -> tuple[bool, bool]:
+            if op is not None:
+                return _k_major(nat, path, op), _k_major(col, path, op)
+            if user.op == "output" and not path and saved_col:
+                return False, True
+            return True, False  # any other reader: the natural order
+
+        uses = [(path, user, op, *wants(path, user, op)) for path, user, op in _uses(codes)]
         want = [u for u in uses if u[4] and not u[3]]
         if not want:
             continue
@@ -161,11 +169,15 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
                                                          False, int(choice)), like=q, info=q.meta.get("fqt"))
             _rewire(gm, q, new, x.meta["val"].fake_mode)
             q = new
+            codes = next(u for u in q.users if u.target is operator.getitem and u.args[1] == 0)
         _refresh(q)
         if choice is CodeLayout.BOTH:
             with gm.graph.inserting_after(q):
                 codes2 = call(gm.graph, operator.getitem, (q, 5), like=q)
             for path, user, op, _, _ in want:
+                if user.op == "output":  # saved for the backward in the order it reads
+                    user.replace_input_with(codes, codes2)
+                    continue
                 operand = codes2
                 with gm.graph.inserting_before(user):
                     for view in path:
@@ -176,3 +188,68 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
     gm.graph.lint()
     gm.recompile()
     return choices
+
+
+# ---------------------------------------------------------------- codes saved for the backward
+SAVED_LAYOUT = "fqt_saved_codes_layout"  # meta key on a forward quantizer's codes node
+
+
+def mark_saved_codes(joint: fx.GraphModule) -> int:
+    """On the joint graph (before partitioning), mark the forward codes that a backward GEMM
+    reads -- through its dequantization and views, as lowering will match it -- K-major only
+    when they are column-major: an activation's codes reused as ``B`` (K = tokens) of its
+    weight-gradient GEMM. The forward graph, compiled first, then saves them column-major (and
+    keeps natural ones for its own GEMM: both orders from one kernel); the backward graph's
+    input takes the saved strides (``FQTBackend``). Returns how many codes were marked."""
+    from fqt_compiler.sites import GemmNodeInfo
+    from fqt_compiler.specs import GemmKind
+
+    from .lower import _match_operand
+
+    marked = 0
+    for node in joint.graph.nodes:
+        info = node.meta.get("fqt")
+        if node.op != "call_function" or not isinstance(info, GemmNodeInfo) or info.gemm is GemmKind.OUTPUT:
+            continue
+        if node.target not in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            continue
+        first = 1 if node.target is torch.ops.aten.addmm.default else 0
+        for position, operand in ((first, 0), (first + 1, 4)):
+            m = _match_operand(node.args[position])
+            if isinstance(m, str) or m.transform is not None:
+                continue
+            codes = m.codes
+            val = codes.meta.get("val")
+            if codes.target is not operator.getitem or not isinstance(val, torch.Tensor) or val.dim() != 2 or not val.is_contiguous():
+                continue
+            shape = tuple(val.shape)
+            nat = torch.empty(shape, dtype=val.dtype, device="meta")
+            col = alloc_like(shape, val.dtype, "meta", True)
+            if not _k_major(nat, tuple(m.views), operand) and _k_major(col, tuple(m.views), operand):
+                codes.meta[SAVED_LAYOUT] = CodeLayout.COLUMN_MAJOR
+                marked += 1
+    return marked
+
+
+def restride_inputs(gm: fx.GraphModule, strides: dict[str, tuple[int, ...]], example_inputs: list) -> int:
+    """Give the placeholders named in ``strides`` (tensors the forward graph saved in another
+    memory order) those strides, in their fake values, the values computed from them and
+    ``example_inputs``; returns how many placeholders changed."""
+    changed: set = set()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, ph in enumerate(placeholders):
+        val = ph.meta.get("val")
+        if ph.name not in strides or not isinstance(val, torch.Tensor) or len(strides[ph.name]) != val.dim():
+            continue
+        with val.fake_mode:
+            new = torch.empty_strided(tuple(val.shape), strides[ph.name], dtype=val.dtype, device=val.device)
+        ph.meta["val"] = new
+        if i < len(example_inputs) and isinstance(example_inputs[i], torch.Tensor):
+            example_inputs[i] = new
+        changed.add(ph)
+    if changed:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and any(a in changed for a in node.all_input_nodes):
+                node.meta["val"] = fake_eval(node.target, node.args, node.kwargs)
+                changed.add(node)
+    return len([p for p in placeholders if p in changed])

@@ -34,7 +34,7 @@ from fqt_compiler.specs import Granularity, QuantSpec, Transform
 from passes.graph_utils import call
 
 from .fusion_program import OPS, Program, build_program, dtype_name, run_reference
-from .code_layout import CodeLayout, alloc_like
+from .code_layout import SAVED_LAYOUT, CodeLayout, alloc_like
 
 __all__ = ["FusedQuantize", "fuse_prologues", "fused_quantize_op", "fusion_programs"]
 
@@ -219,6 +219,8 @@ def _rewire(gm: fx.GraphModule, old: fx.Node, new: fx.Node, fake_mode) -> None:
             raise AssertionError(f"{old.name} has a non-getitem user {user.name}")
         with gm.graph.inserting_before(user):
             repl = call(gm.graph, operator.getitem, (new, user.args[1]), like=user, fake_mode=fake_mode)
+        if SAVED_LAYOUT in user.meta:  # the backward's wish for these codes travels with them
+            repl.meta[SAVED_LAYOUT] = user.meta[SAVED_LAYOUT]
         user.replace_all_uses_with(repl)
         gm.graph.erase_node(user)
     gm.graph.erase_node(old)

@@ -26,7 +26,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from ._logging import dump_dir
 from .config import FQTConfig
 from .dump import graph_text, runnable_source
-from .config import Mode
+from .config import Fusion, Mode
 from .sites import GemmStatus, SiteDecision
 
 __all__ = ["FQTBackend", "GraphRecord", "backend", "fqt_backend", "last_compiles"]
@@ -122,14 +122,30 @@ class FQTBackend:
         def partition_fn(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
             record.kind = "joint"
             self._run_passes(joint, record, param_indices)
+            if config.mode is Mode.KERNELS and config.fusion is not Fusion.OFF:
+                from codegen.code_layout import mark_saved_codes
+
+                mark_saved_codes(joint)  # codes the backward reads K-major only column-major
             return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
         compiled_names: list[str] = []
+        saved_strides: dict[str, tuple[int, ...]] = {}  # forward outputs saved in another memory order
 
         def compiler(graph: fx.GraphModule, inputs: list[Any]):
+            from codegen.code_layout import restride_inputs
+
             name = f"graph{record.graph_id}_" + ("forward", "backward", "graph")[min(len(compiled_names), 2)]
             compiled_names.append(name)
+            if name.endswith("backward") and saved_strides:
+                restride_inputs(graph, saved_strides, inputs)  # before lowering reads the strides
+            outputs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+            before = [(o.name, tuple(o.meta["val"].stride())) if _is_tensor_node(o) else None for o in outputs]
             out = compile_graph(graph, inputs, config, name)
+            if name.endswith("forward"):
+                after = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+                for b, o in zip(before, after):
+                    if b is not None and _is_tensor_node(o) and tuple(o.meta["val"].stride()) != b[1]:
+                        saved_strides[b[0]] = tuple(o.meta["val"].stride())
             record.apply_lowering(out.lowered)
             record.kernel_sources.update(out.sources)
             record.fused.extend(out.fused)
@@ -159,6 +175,10 @@ class FQTBackend:
             partition_fn=partition_fn,
             **kwargs,
         )(gm, example_inputs)
+
+
+def _is_tensor_node(node: Any) -> bool:
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def backend(recipe: Any = None, **options: Any) -> FQTBackend:

@@ -216,8 +216,8 @@ def _k_major(shape_a, stride_a, shape_b, stride_b) -> bool:
 @pytest.mark.parametrize("recipe", ["int8", "ptq8"])
 def test_every_low_bit_gemm_reads_k_major_codes(recipe, monkeypatch):
     """Quantizers write codes in the memory order their GEMMs read K-major (column-major, or
-    both orders when the natural one is saved for the backward): every operand of every GEMM,
-    forward and backward. Standalone quantizers (``off``) leave at least the forward weights' and the backward's
+    both orders when a reader needs the natural one), and codes saved for the backward in the
+    order the backward's GEMM reads: every operand of every GEMM, forward and backward. Standalone quantizers (``off``) leave at least the forward weights' and the backward's
     requantized operands N-major."""
     x = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(3))
     seen = _operand_strides(monkeypatch)
@@ -226,16 +226,14 @@ def test_every_low_bit_gemm_reads_k_major_codes(recipe, monkeypatch):
     seen.clear()
     l1, g1, be = _run(_residual_mlp, (x,), lambda y: y.square().mean(), recipe, "triton")
     not_k = [s for s in seen if not _k_major(*s)]
-    if recipe == "ptq8":
-        # the known gap: ptq reuses the forward's activation codes in the weight-gradient GEMM,
-        # where they are B with K = tokens; they cross from the forward graph (compiled first)
-        # as a saved tensor in the natural order
-        assert len(not_k) == 3 and all(a_stride[1] == 1 and b_shape[0] == x.shape[0] * x.shape[1] for _, a_stride, b_shape, _ in not_k), not_k
-        not_k = []
     assert len(seen) >= 8 and not not_k, not_k
     choices = {c.layout.name for r in be.records for c in r.layouts}
-    # weights saved for the backward: both orders; int8 requantizes in the backward, column-major
+    # weights saved for the backward: both orders; int8 requantizes in the backward, column-major;
+    # ptq reuses the forward's activation codes as B of the weight gradient: saved column-major
+    # next to the natural codes the forward GEMM reads, both from one kernel
     assert choices == ({"COLUMN_MAJOR", "BOTH"} if recipe == "int8" else {"BOTH"}), choices
+    saved = [c for r in be.records for c in r.layouts if "output" in c.readers]
+    assert len(saved) == (0 if recipe == "int8" else 3), saved
 
 
 def _two_layers():
@@ -263,3 +261,27 @@ def test_next_quantizers_statistics_come_from_the_gemm_epilogue(recipe, model_fn
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)  # GELU's erf: last-ulp, with or without the fold
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_codes_saved_column_major_cross_into_an_inductor_compiled_backward():
+    """The forward saves the activation codes column-major; the backward graph, compiled by
+    Inductor (which checks its inputs' strides), takes them with those strides. Deterministic
+    ptq8: fc's weight gradient (a low-bit GEMM on saved column-major codes of exactly
+    computed values) equals the unfused eager run bit for bit; the rest agree to float rounding
+    (GELU's erf in the fused kernels, LayerNorm reduced by Inductor in its own order)."""
+    from tests.helpers.recipes import nearest_gradients
+
+    x = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(3))
+    recipe = nearest_gradients("ptq8")
+    grads = []
+    for fusion, inductor in (("off", False), ("triton", True)):
+        torch._dynamo.reset()
+        model = _residual_mlp()
+        be = fqt.backend(recipe=recipe, inductor=inductor, fusion=fusion)
+        torch.compile(model, backend=be)(x).square().mean().backward()
+        grads.append(param_grads(model))
+    assert [c for r in be.records for c in r.layouts if "output" in c.readers], "no codes saved column-major"
+    for name in grads[0]:
+        if name == "fc.weight":
+            assert torch.equal(grads[1][name], grads[0][name]), name
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-8, msg=name)
