@@ -178,7 +178,9 @@ class FQTBackend:
 
 
 def _is_tensor_node(node: Any) -> bool:
-    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor)
+    """A node holding a tensor with static strides (symbolic ones are never re-strided)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.stride())
 
 
 def backend(recipe: Any = None, **options: Any) -> FQTBackend:
