@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -96,10 +96,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
     if config.mode is not Mode.KERNELS:
         return CompiledGraph(make_boxed_func(gm.forward), lowered)
     lowered = lower_gemms(gm)
+    stage = name.rsplit("_", 1)[-1]
     fused, layouts = _fuse(gm, config)
+    fused, layouts = [replace(f, stage=stage) for f in fused], [replace(c, stage=stage) for c in layouts]
     # OFF: every quantization stays a standalone kernel op (CPU: a compiled standalone quantizer)
     swap_to_kernel_ops(gm, include_cpu=config.fusion is Fusion.OFF)  # CUDA: Triton quantize / BHQ kernels
-    sources = {**_triton_sources(gm), **fusion_programs(gm, name.rsplit("_", 1)[-1])}
+    sources = {**_triton_sources(gm), **fusion_programs(gm, stage)}
     if not config.inductor:
         return CompiledGraph(make_boxed_func(gm.forward), lowered, sources, fused, layouts)
     from torch._inductor.compile_fx import compile_fx_inner

@@ -111,7 +111,8 @@ class LayoutChoice:
 
     node: str
     layout: CodeLayout
-    readers: tuple[str, ...]  # the GEMMs that now read K-major codes
+    readers: tuple[str, ...]  # the GEMMs that now read K-major codes ("output": saved for the backward)
+    stage: str = ""  # "forward" / "backward": node names repeat across the two graphs
 
 
 def _refresh(node: fx.Node) -> None:
@@ -159,7 +160,6 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
         if not want:
             continue
         choice = CodeLayout.COLUMN_MAJOR if all(u[4] for u in uses) else CodeLayout.BOTH
-        name = q.name
         if fused:
             q.update_arg(6, int(choice))
         else:  # a standalone quantizer: the fused kernel with nothing to fuse
@@ -183,7 +183,7 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
                     for view in path:
                         operand = call(gm.graph, view.target, (operand, *view.args[1:]), dict(view.kwargs), like=view)
                 user.update_arg(op, operand)
-        choices.append(LayoutChoice(name, choice, tuple(u[1].name for u in want)))
+        choices.append(LayoutChoice(q.name, choice, tuple(u[1].name for u in want)))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

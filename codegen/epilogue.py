@@ -119,6 +119,7 @@ class FusedEpilogue:
     node: str
     ops: tuple[str, ...]
     program: Program
+    stage: str = ""  # "forward" / "backward": node names repeat across the two graphs
 
 
 def _absorbable(user: fx.Node, shape: torch.Size) -> bool:
@@ -181,7 +182,7 @@ def fuse_epilogues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedE
         if start is not q:
             gm.graph.erase_node(start)
         gm.graph.erase_node(q)
-        fused.append(FusedEpilogue(q.name, tuple(str(n.target) for n in chain), program))
+        fused.append(FusedEpilogue(new.name, tuple(str(n.target) for n in chain), program))
     gm.graph.lint()
     gm.recompile()
     return fused
@@ -230,8 +231,8 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
     quantizer's chain to the tile and stores partial statistics per output row (one slot per
     column tile) or per output column (one slot per row tile), whichever the quantizer's scales
     run along (per-tensor: per row); max / min / NaN flags, so exact. The quantizer reads its
-    input once. One quantizer per GEMM (the first in graph order); quantizers that also write
-    their high-precision value are left as they are."""
+    input once (writing its high-precision value, where others read it, in the codes pass).
+    One quantizer per GEMM: the first in graph order."""
     from fqt_compiler.ops import QUANTIZE_OPS
 
     from .fusion import _fusable_quantize, _rewire, fused_quantize_op, identity_program
@@ -240,7 +241,7 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
     for f in list(gm.graph.nodes):
         if f.op != "call_function":
             continue
-        if f.target is fused_quantize_op and not f.args[5] and len(f.args) < 8 and len(f.args[0]) == 1:
+        if f.target is fused_quantize_op and len(f.args) < 8 and len(f.args[0]) == 1:
             x, quant, key, layout = f.args[0][0], Program.loads(f.args[1]), f.args[3], f.args[4]
         elif f.target in QUANTIZE_OPS and _fusable_quantize(f):
             x, key, layout = f.args
@@ -279,7 +280,8 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
                 fq = call(gm.graph, fused_quantize_op, ([x], quant.dumps(), list(shape), key, layout, False, 0, partials),
                           like=f, info=f.meta.get("fqt"), fake_mode=gval.fake_mode)
             _rewire(gm, f, fq, gval.fake_mode)
-        folded.append(FusedEpilogue(g.name, (f"statistics of {f.name}",), program))
+            f = fq
+        folded.append(FusedEpilogue(new.name, (f"statistics of {f.name}",), program))
     gm.graph.lint()
     gm.recompile()
     return folded

@@ -92,6 +92,7 @@ class FusedQuantize:
     ops: tuple[str, ...]
     writes_hp: bool
     program: Program
+    stage: str = ""  # "forward" / "backward": node names repeat across the two graphs
 
 
 def _static_tensor(node: object) -> torch.Tensor | None:
@@ -205,7 +206,7 @@ def fuse_prologues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedQ
                 for u in outside_root:
                     u.replace_input_with(root, hp_root)
         _rewire(gm, q, new, fake_mode)
-        fused.append(FusedQuantize(q.name, key, tuple(str(n.target) for n in chain), write_hp, program))
+        fused.append(FusedQuantize(new.name, key, tuple(str(n.target) for n in chain), write_hp, program))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

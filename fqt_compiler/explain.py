@@ -75,11 +75,11 @@ class ExplainReport:
                 kind = "prologue (quantize)" if hasattr(f, "writes_hp") else "epilogue (GEMM)"
                 extra = " + writes the high-precision value" if getattr(f, "writes_hp", False) else ""
                 ops = ", ".join(o.removeprefix("aten.").removesuffix(".default") for o in f.ops)
-                body.append([r.graph_id, f.node, kind, ops + extra])
+                body.append([r.graph_id, f.stage, f.node, kind, ops + extra])
             for c in r.layouts:
                 order = "column-major" if c.layout.name == "COLUMN_MAJOR" else "natural + column-major (one kernel)"
-                body.append([r.graph_id, c.node, "codes layout", f"{order}: K-major for {', '.join(c.readers)}"])
-        return tabulate(body, headers=["graph", "node", "fused kernel", "absorbed ops"], tablefmt="simple") if body else ""
+                body.append([r.graph_id, c.stage, c.node, "codes layout", f"{order}: K-major for {', '.join(c.readers)}"])
+        return tabulate(body, headers=["graph", "stage", "node", "fused kernel", "absorbed ops"], tablefmt="simple") if body else ""
 
     def __str__(self) -> str:
         c = self.counts()

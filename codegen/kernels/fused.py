@@ -133,6 +133,8 @@ def rows_kernel(
         code = _codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
                            SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
+        if WRITE_HP and STATS_GIVEN != 0:  # no statistics pass ran to write it
+            tl.store(hp_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc, x.to(hp_ptr.dtype.element_ty), mask=mask)
         if WRITE_CODES2:  # the same codes in the other memory order, from the same registers
             tl.store(codes2_ptr + rows[:, None] * stride_c2r + cols[None, :] * stride_c2c, code, mask=mask)
 
@@ -286,9 +288,8 @@ def fused_quantize(
     c2b_strides = (c2b.stride(0), c2b.stride(1)) if code_layout is CodeLayout.BOTH else (0, 0)
     given = 1 if per_tensor else 0
     if partials is not None:  # reduce the epilogue's column slots: exact (max / min)
-        if (not per_tensor and partials.shape[0] != n_rows) or write_hp:
-            raise ValueError(f"GEMM-epilogue statistics for {partials.shape[0]} rows do not fit a quantizer of {n_rows} grouped rows"
-                             " (or one that writes its high-precision value)")
+        if not per_tensor and partials.shape[0] != n_rows:
+            raise ValueError(f"GEMM-epilogue statistics for {partials.shape[0]} rows do not fit a quantizer of {n_rows} grouped rows")
         nan = partials[..., 2 if not sym else 1].amax(1)
         lo, hi = (partials[..., 0].amax(1), None) if sym else (partials[..., 0].amin(1), partials[..., 1].amax(1))
         if per_tensor:
@@ -314,7 +315,8 @@ def fused_quantize(
             SCHEME=_SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=given,
             QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
             FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-            WRITE_HP=write_hp and not per_tensor, WRITE_CODES2=code_layout is CodeLayout.BOTH,
+            # per tensor without partials, the partials kernel wrote the high-precision value
+            WRITE_HP=write_hp and not (per_tensor and partials is None), WRITE_CODES2=code_layout is CodeLayout.BOTH,
             BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
     if per_tensor:

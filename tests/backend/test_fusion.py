@@ -72,6 +72,10 @@ def test_the_high_precision_value_other_consumers_read_is_written_by_the_same_ke
     _, _, be = _run(lambda: make_case("mlp").model, case.inputs, case.loss_fn, "ptq8", "triton")
     fused = [(f.ops, f.writes_hp) for r in be.records for f in r.fused if isinstance(f, FusedQuantize)]
     assert (("aten.relu.default",), True) in fused and (("aten.threshold_backward.default",), True) in fused, fused
+    # the ReLU quantizer reads a GEMM's output: its statistics come from that GEMM's epilogue,
+    # and it writes the saved value in its codes pass
+    relu_q = next(f.node for r in be.records for f in r.fused if isinstance(f, FusedQuantize) and f.ops == ("aten.relu.default",))
+    assert any(isinstance(f, FusedEpilogue) and f.ops == (f"statistics of {relu_q}",) for r in be.records for f in r.fused)
     x = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(3))
     _, _, be = _run(_residual_mlp, (x,), lambda y: y.sum(), "ptq8", "triton")
     by_ops = {f.ops: f.writes_hp for r in be.records for f in r.fused if isinstance(f, FusedQuantize)}

@@ -304,10 +304,12 @@ def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric
         assert torch.equal(partials[..., 1:].amax(1), ref[..., 1:].amax(1))
 
 
+@pytest.mark.parametrize("write_hp", [False, True], ids=["codes", "codes+hp"])
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[2], SPECS[4]], ids=lambda s: s.short())
-def test_given_partials_replace_the_statistics_pass(spec):
-    """With partials the quantizer skips its statistics pass: the codes equal the unfused
-    ones when the partials are right, and follow the partials when they are not."""
+def test_given_partials_replace_the_statistics_pass(spec, write_hp):
+    """With partials the quantizer skips its statistics pass: the codes (and the high-precision
+    value, written in the codes pass then) equal the unfused ones when the partials are right,
+    and follow the partials when they are not."""
     from codegen.epilogue import reference_partials
 
     x = torch.randn(15, 24, generator=torch.Generator().manual_seed(4))
@@ -315,10 +317,11 @@ def test_given_partials_replace_the_statistics_pass(spec):
     sym = spec.scheme is Scheme.SYMMETRIC
     partials = reference_partials(run_reference(prog, [x]), 3, sym)
     seed = torch.tensor([5], dtype=torch.int64)
-    base = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, False, seed=seed)
-    given = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, False, partials=partials, seed=seed)
-    for a, b in zip(base[:4], given[:4]):
+    base = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, write_hp, seed=seed)
+    given = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, write_hp, partials=partials, seed=seed)
+    for a, b in zip(base[:5], given[:5]):
         assert torch.equal(a, b)
+    assert given[4].numel() == (x.numel() if write_hp else 0)
     doubled = partials.clone()
     doubled[..., 0:2] *= 2  # sym: amax (and the nan flag 0 stays 0); asym: min and max
     wrong = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, False, partials=doubled, seed=seed)
