@@ -56,3 +56,28 @@ def test_gpu_training_step_kernels_mode(recipe):
     statuses = [g.status for r in be.records for s in r.decisions for g in s.gemms]
     assert statuses.count(fqt.GemmStatus.LOWBIT_KERNEL) >= 4
     assert any(k.startswith("triton:") for r in be.records for k in r.kernel_sources)
+
+
+@pytest.mark.parametrize("recipe", ["int8", "ptq8"])
+def test_gpu_fused_step_reads_k_major_codes_and_folds_statistics(recipe):
+    """On CUDA (fusion="auto"): generated kernels, codes written K-major for every low-bit
+    GEMM (column-major or both orders, saved ones too), the next quantizer's statistics gathered
+    in a GEMM epilogue; against the unfused step within stochastic-rounding noise."""
+    from codegen import FusedEpilogue
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    x = torch.randn(4, 64, 256, device="cuda")
+    losses = {}
+    for fusion in ("off", "auto"):
+        for p in model.parameters():
+            p.grad = None
+        torch._dynamo.reset()
+        be = fqt.backend(recipe=recipe, fusion=fusion)
+        loss = torch.compile(model, backend=be)(x).square().mean()
+        loss.backward()
+        losses[fusion] = loss.item()
+    layouts = [c for r in be.records for c in r.layouts]
+    assert layouts and any(c.layout.name in ("COLUMN_MAJOR", "BOTH") for c in layouts)
+    assert any(isinstance(f, FusedEpilogue) and f.ops[0].startswith("statistics of") for r in be.records for f in r.fused)
+    assert abs(losses["auto"] - losses["off"]) <= 1e-3 * abs(losses["off"])
