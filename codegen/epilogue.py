@@ -81,7 +81,7 @@ def _qmm_epilogue_stats(
     a: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, oa: torch.Tensor | None,
     b: torch.Tensor, sb: torch.Tensor, zb: torch.Tensor | None, ob: torch.Tensor | None,
     bias: torch.Tensor | None, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: str, quant: str, symmetric: bool,
-    columns: bool,
+    columns: bool, qleaves: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     prog, qprog = Program.loads(program), Program.loads(quant)
     from .kernels.qmm_epilogue import stat_slots
@@ -90,17 +90,18 @@ def _qmm_epilogue_stats(
     if _triton_here(a):
         from .kernels.qmm_epilogue import qmm_epilogue
 
-        out, partials = qmm_epilogue(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog, qprog, symmetric, columns)
+        out, partials = qmm_epilogue(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog, qprog, symmetric, columns,
+                                     list(qleaves))
         return out.view(prog.shape), partials
     gemm = qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype).view(prog.shape)
     out = run_reference(prog, [gemm, *leaves]).contiguous()
-    x = run_reference(qprog, [out]).reshape(a.shape[0], b.shape[1])
-    m, n = x.shape
+    m, n = a.shape[0], b.shape[1]
+    x = run_reference(qprog, [out.view(m, n), *qleaves])  # quant's shape is the (M, N) output's
     return out, reference_partials(x.t() if columns else x, stat_slots(m if columns else n, a.device, columns), symmetric)
 
 
 @_qmm_epilogue_stats.register_fake
-def _qmm_epilogue_stats_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program, quant, symmetric, columns):
+def _qmm_epilogue_stats_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program, quant, symmetric, columns, qleaves):
     from .kernels.qmm_epilogue import stat_slots
 
     prog = Program.loads(program)
@@ -221,11 +222,39 @@ def _grouped_axis(spec: QuantSpec, layout: int, shape: tuple, transposed: bool) 
     return "rows" if rows else "columns"
 
 
+_PURE_VIEWS = {*_VIEWS, *_TRANSPOSE_2D, aten.expand.default}
+
+
+def _defined_before(node, g: fx.Node, order: dict) -> bool:
+    """Whether ``node`` is computed before ``g``, or is a chain of views of such a value."""
+    if not isinstance(node, fx.Node) or order[node] < order[g]:
+        return True
+    return node.op == "call_function" and node.target in _PURE_VIEWS and _defined_before(node.args[0], g, order)
+
+
+def _replay_before(gm: fx.GraphModule, node: fx.Node, g: fx.Node, order: dict) -> fx.Node:
+    """``node`` itself if computed before ``g``, else its view chain rebuilt before ``g``."""
+    if order[node] < order[g]:
+        return node
+    base = _replay_before(gm, node.args[0], g, order)
+    return call(gm.graph, node.target, (base, *node.args[1:]), dict(node.kwargs), like=node)
+
+
+def _leaf_first(steps: tuple, j: int) -> tuple:
+    """``steps`` with leaves renumbered so leaf ``j`` comes first (the others keep their order)."""
+    order = [j, *(i for i in range(max(j + 1, 1 + max((o[1] for st in steps for o in st[1] if isinstance(o, tuple) and o[0] == "L"),
+                                                        default=0))) if i != j)]
+    new_index = {old: new for new, old in enumerate(order)}
+    return tuple((op, tuple(("L", new_index[o[1]]) if isinstance(o, tuple) and o[0] == "L" else o for o in operands), dt, extra)
+                 for op, operands, dt, extra in steps)
+
+
 def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedEpilogue]:
     """The next quantizer's statistics pass folded into the GEMM epilogue producing its input.
 
     A quantizer reading a low-bit GEMM's output (directly, through a view, or transposed; after
-    a pointwise chain of its own with no other leaf) needs the statistics of its whole input
+    a pointwise chain of its own, whose other leaves -- a saved activation for an activation's
+    derivative, a residual -- the epilogue loads at the tile) needs the statistics of its whole input
     before it can write a code: a first pass over the value, then the codes pass. Here the
     GEMM's epilogue -- which holds each output tile in registers anyway -- applies the
     quantizer's chain to the tile and stores partial statistics per output row (one slot per
@@ -241,18 +270,20 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
     for f in list(gm.graph.nodes):
         if f.op != "call_function":
             continue
-        if f.target is fused_quantize_op and len(f.args) < 8 and len(f.args[0]) == 1:
-            x, quant, key, layout = f.args[0][0], Program.loads(f.args[1]), f.args[3], f.args[4]
+        if f.target is fused_quantize_op and len(f.args) < 8:
+            fleaves, quant, key, layout = list(f.args[0]), Program.loads(f.args[1]), f.args[3], f.args[4]
         elif f.target in QUANTIZE_OPS and _fusable_quantize(f):
-            x, key, layout = f.args
-            quant = identity_program(x)
+            fleaves, key, layout = [f.args[0]], f.args[1], f.args[2]
+            quant = identity_program(f.args[0])
         else:
             continue
-        found = _gemm_behind(x) if isinstance(x, fx.Node) else None
+        # the leaf that is a GEMM's whole output (other leaves: residuals, saved activations...)
+        j, found = next(((i, _gemm_behind(a)) for i, a in enumerate(fleaves) if isinstance(a, fx.Node) and _gemm_behind(a)), (0, None))
         gval = _static_tensor(found[0]) if found is not None else None
-        if gval is None or quant.n_leaves != 1 or (gval.device.type != "cuda" and not include_cpu):
+        if gval is None or tuple(fleaves[j].meta["val"].shape) != tuple(quant.shape) or (gval.device.type != "cuda" and not include_cpu):
             continue
         g, transposed = found
+        x = fleaves[j]
         spec, shape = QuantSpec.from_key(key), tuple(f.meta["val"][0].shape)
         axis = _grouped_axis(spec, layout, shape, transposed)
         if axis is None:
@@ -265,9 +296,24 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
         else:
             leaves, program = list(g.args[10]), Program.loads(g.args[11])
         symmetric = spec.scheme is Scheme.SYMMETRIC
+        m, n = tuple(g.args[0].meta["val"].shape)[0], tuple(g.args[4].meta["val"].shape)[1]
+        others = [a for i, a in enumerate(fleaves) if i != j]
+        if (transposed and len(quant.shape) != 2) or any(_static_tensor(a) is None for a in others):
+            continue
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        if any(not _defined_before(a, g, order) for a in others):
+            continue  # a leaf computed after the GEMM (and not a view of something before it)
         with gm.graph.inserting_before(g):
-            new = call(gm.graph, qmm_epilogue_stats_op, (*g.args[:10], leaves, program.dumps(), quant.dumps(), symmetric, axis == "columns"),
-                       like=g, fake_mode=gval.fake_mode)
+            # the quantizer's other leaves seen at the GEMM output's (row, column) positions
+            qleaves = []
+            for a in others:
+                t = call(gm.graph, aten.expand.default, (_replay_before(gm, a, g, order), list(quant.shape)), like=g)
+                if transposed:
+                    t = call(gm.graph, aten.t.default, (t,), like=g)
+                qleaves.append(call(gm.graph, aten.reshape.default, (t, [m, n]), like=g))
+            gquant = Program((m, n), _leaf_first(quant.steps, j), quant.n_leaves)
+            new = call(gm.graph, qmm_epilogue_stats_op, (*g.args[:10], leaves, program.dumps(), gquant.dumps(), symmetric,
+                                                         axis == "columns", qleaves), like=g, fake_mode=gval.fake_mode)
             out = call(gm.graph, operator.getitem, (new, 0), like=g)
             partials = call(gm.graph, operator.getitem, (new, 1), like=g)
         new.meta["fqt"] = g.meta.get("fqt")

@@ -34,10 +34,10 @@ from codegen.kernels.fused import _gelu_backward, _gelu_tanh_backward, _round_bf
 @triton.jit
 def qmm_epilogue_kernel(
     a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, oa_ptr, ob_ptr, bias_ptr,
-    {leaf_ptrs}part_ptr,
+    {leaf_ptrs}{qleaf_ptrs}part_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_sa, stride_sb,
-    {leaf_strides}stride_pm,
+    {leaf_strides}{qleaf_strides}stride_pm,
     IS_INT: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr, SYMMETRIC: tl.constexpr, COLUMNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -84,20 +84,33 @@ def generate_epilogue_source(program: Program, out_dtype: torch.dtype, quant: Pr
     """Source of the generated module: the GEMM tile, then ``program`` with leaf 0 = the tile;
     with ``quant`` (the next quantizer's chain, leaf 0 = the stored value) also that
     quantizer's per-row statistics over the tile."""
-    n = program.n_leaves
+    n, nq = program.n_leaves, quant.n_leaves if quant else 0
     load = "tl.load(in{i}_ptr + rows[:, None] * s{i}r + cols[None, :] * s{i}c, mask=mask, other=0.0).to(tl.float32)"
+    qload = "tl.load(qin{i}_ptr + rows[:, None] * qs{i}r + cols[None, :] * qs{i}c, mask=mask, other=0.0).to(tl.float32)"
     chain = "\n".join(triton_lines(program, load, " " * 4, first_leaf=_ROUND_OUT[out_dtype]))
-    stats = _STATS.format(qchain="\n".join(triton_lines(quant, load, " " * 4, first_leaf="x", prefix="q"))) if quant else ""
+    stats = _STATS.format(qchain="\n".join(triton_lines(quant, qload, " " * 4, first_leaf="x", prefix="q"))) if quant else ""
     return _HEADER.format(
         program=program.dumps() + (f"\nthen the statistics of the quantizer's program:\n{quant.dumps()}" if quant else ""),
         leaf_ptrs="".join(f"in{i}_ptr, " for i in range(1, n)),
         leaf_strides="".join(f"s{i}r, s{i}c, " for i in range(1, n)),
+        qleaf_ptrs="".join(f"qin{i}_ptr, " for i in range(1, nq)),
+        qleaf_strides="".join(f"qs{i}r, qs{i}c, " for i in range(1, nq)),
         chain=chain,
         stats=stats,
     )
 
 
 _TUNED: dict[tuple, object] = {}
+
+
+def _as_output(leaf: torch.Tensor, shape: tuple, m: int, n: int) -> torch.Tensor:
+    """``leaf`` broadcast to ``shape`` and seen as the (M, N) GEMM output (a view, or a copy
+    where the strides do not allow one)."""
+    t = leaf.expand(shape)
+    try:
+        return t.view(m, n)
+    except RuntimeError:
+        return t.contiguous().view(m, n)
 
 
 def stat_slots(extent: int, device: torch.device, columns: bool = False) -> int:
@@ -109,14 +122,15 @@ def stat_slots(extent: int, device: torch.device, columns: bool = False) -> int:
 
 def qmm_epilogue(
     a, sa, za, oa, b, sb, zb, ob, bias, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: Program,
-    quant: Program | None = None, symmetric: bool = True, columns: bool = False,
+    quant: Program | None = None, symmetric: bool = True, columns: bool = False, qleaves: list[torch.Tensor] = (),
 ):
     """``run_reference(program, [qmm(...), *leaves])`` in one generated kernel; returns the
     chain's value as an (M, N) tensor of the program's dtype. With ``quant`` also returns the
     per-row (per-column if ``columns``) statistics of ``run_reference(quant, [value])`` (what
     the next quantizer's statistics pass would compute): (M, slots, 3) partials ((N, slots, 3)),
     [amax, nan, -] if ``symmetric`` else [min, max, nan], for
-    ``kernels.fused.fused_quantize(partials=...)``."""
+    ``kernels.fused.fused_quantize(partials=...)``; ``qleaves``: ``quant``'s other leaves,
+    broadcastable to the (M, N) output."""
     m, k = a.shape
     n = b.shape[1]
     out = torch.empty((m, n), dtype=program.dtype, device=a.device)
@@ -131,24 +145,18 @@ def qmm_epilogue(
         kernel = load_source(generate_epilogue_source(program, out_dtype, quant)).qmm_epilogue_kernel
         _TUNED[key] = triton.autotune(configs=autotune_configs(a.device), key=["M", "N", "K", "IS_INT", "AFFINE"])(kernel)
     sa_t, sb_t, za_t, zb_t, oa_t, ob_t, bias_t, sa_stride, sb_stride, affine = epilogue_operands(a, sa, za, oa, b, sb, zb, ob, bias)
-    # every other leaf broadcast to the program's shape, then seen as the (M, N) output
-    views = []
-    for leaf in leaves:
-        t = leaf.expand(program.shape)
-        try:
-            t = t.view(m, n)
-        except RuntimeError:
-            t = t.contiguous().view(m, n)
-        views.append(t)
+    # every other leaf broadcast to its program's shape, then seen as the (M, N) output
+    views = [_as_output(leaf, program.shape, m, n) for leaf in leaves]
+    qviews = [_as_output(leaf, (m, n), m, n) for leaf in qleaves]
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     _TUNED[key][grid](
-        a, b, out, sa_t, sb_t, za_t, zb_t, oa_t, ob_t, bias_t, *views, partials,
+        a, b, out, sa_t, sb_t, za_t, zb_t, oa_t, ob_t, bias_t, *views, *qviews, partials,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), sa_stride, sb_stride,
-        *[s for v in views for s in v.stride()], partials.stride(0),
+        *[s for v in views for s in v.stride()], *[s for v in qviews for s in v.stride()], partials.stride(0),
         IS_INT=a.dtype == torch.int8, AFFINE=affine, HAS_BIAS=bias is not None, SYMMETRIC=symmetric, COLUMNS=columns,
         enable_fp_fusion=False,  # no FMA contraction: the epilogue rounds like the unfused ops
     )

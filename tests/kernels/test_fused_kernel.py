@@ -124,19 +124,19 @@ from codegen.kernels.qmm_epilogue import generate_epilogue_source
 
 prog = Program((8, 16), (("mul", (("L", 0), 0.5), "bfloat16", "none"), ("add", (("V", 0), ("L", 1)), "bfloat16", "none"),
                          ("gelu", (("V", 1),), "bfloat16", "tanh")), 2)
-quant = Program((8, 16), (("gelu", (("L", 0),), "bfloat16", "none"),), 1)
+quant = Program((8, 16), (("gelu_backward", (("L", 0), ("L", 1)), "bfloat16", "none"),), 2)
 kernel = load_source(generate_epilogue_source(prog, torch.bfloat16, quant)).qmm_epilogue_kernel
 sig = {k: "*i8" for k in ("a_ptr", "b_ptr")}
 sig.update({k: "*fp32" for k in ("sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "part_ptr")})
-sig.update({"out_ptr": "*bf16", "in1_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"})
+sig.update({"out_ptr": "*bf16", "in1_ptr": "*bf16", "qin1_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"})
 sig.update({k: "i32" for k in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb",
-                               "s1r", "s1c", "stride_pm")})
+                               "s1r", "s1c", "qs1r", "qs1c", "stride_pm")})
 for columns in (False, True):
     const = dict(IS_INT=True, AFFINE=True, HAS_BIAS=True, SYMMETRIC=False, COLUMNS=columns, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
     sig.update({k: "constexpr" for k in const})
-    order = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "in1_ptr", "part_ptr", "M", "N",
-             "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r", "s1c", "stride_pm",
-             *const]
+    order = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "in1_ptr", "qin1_ptr", "part_ptr",
+             "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r", "s1c",
+             "qs1r", "qs1c", "stride_pm", *const]
     out = triton.compile(triton.compiler.ASTSource(fn=kernel, signature={k: sig[k] for k in order}, constexprs=const), target=GPUTarget("cuda", 90, 32))
 print("EPILOGUE-PTX" if "ptx" in out.asm else "NO EPILOGUE PTX")
 """
@@ -279,7 +279,8 @@ def test_padding_lanes_never_reach_the_statistics(op, granularity):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("columns", [False, True], ids=["per-row", "per-column"])
-def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric, columns):
+@pytest.mark.parametrize("other_leaf", [False, True], ids=["one-leaf", "two-leaves"])
+def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric, columns, other_leaf):
     """The epilogue applies the next quantizer's chain to each stored tile and keeps per-row
     (or per-column) partial statistics; reduced over the slots they are exactly the
     quantizer's statistics pass (33 x 70 leaves ragged last tiles whose padding the chain maps
@@ -291,9 +292,14 @@ def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric
     args, _ = _operands(33, 40, 70, *PAIRS[pair], "cpu")
     name = str(out_dtype).split(".")[1]
     prog = Program((33, 70), (("convert", (("L", 0),), name, "none"),), 1)
-    quant = Program((33, 70), (("add", (("L", 0), 1.5), name, "none"), ("mul", (("V", 0), -2.0), name, "none")), 1)
-    out, partials = qmm_epilogue(*args, out_dtype, [], prog, quant, symmetric, columns)
-    value = run_reference(quant, [out])
+    steps = (("add", (("L", 0), 1.5), name, "none"), ("mul", (("V", 0), -2.0), name, "none"))
+    qleaves = []
+    if other_leaf:  # e.g. an activation's derivative: the saved input, loaded at the tile
+        steps += (("mul", (("V", 1), ("L", 1)), name, "none"),)
+        qleaves = [torch.randn(70, 33, generator=torch.Generator().manual_seed(6)).to(out_dtype).t()]  # any strides
+    quant = Program((33, 70), steps, 2 if other_leaf else 1)
+    out, partials = qmm_epilogue(*args, out_dtype, [], prog, quant, symmetric, columns, qleaves)
+    value = run_reference(quant, [out, *qleaves])
     ref = reference_partials(value.t() if columns else value, partials.shape[1], symmetric)
     assert partials.shape[0] == (70 if columns else 33)
     assert partials.shape[1] > 1  # several column tiles
@@ -326,3 +332,22 @@ def test_given_partials_replace_the_statistics_pass(spec, write_hp):
     doubled[..., 0:2] *= 2  # sym: amax (and the nan flag 0 stays 0); asym: min and max
     wrong = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, False, partials=doubled, seed=seed)
     torch.testing.assert_close(wrong[1], 2 * base[1], rtol=1e-6, atol=0)
+
+
+def test_epilogue_statistics_op_reference_path_equals_the_kernel(monkeypatch):
+    """``fqt::qmm_epilogue_stats`` off Triton (the eager path: GEMM, chain, statistics in torch)
+    and under the interpreter agree once the slots are reduced."""
+    from codegen.epilogue import qmm_epilogue_stats_op as op
+    from tests.kernels.test_qmm_kernel import PAIRS, _operands
+
+    args, _ = _operands(33, 40, 70, *PAIRS["int8-sym-row"], "cpu")
+    prog = Program((33, 70), (("convert", (("L", 0),), "float32", "none"),), 1)
+    quant = Program((33, 70), (("mul", (("L", 0), ("L", 1)), "float32", "none"),), 2)
+    other = torch.randn(33, 70, generator=torch.Generator().manual_seed(8))
+    outs = []
+    for interpret in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        outs.append(op(*args, torch.float32, [], prog.dumps(), quant.dumps(), False, True, [other]))
+    (k_out, k_part), (r_out, r_part) = outs
+    assert torch.equal(k_out, r_out) and k_part.shape == r_part.shape
+    assert torch.equal(k_part[..., 0].amin(1), r_part[..., 0].amin(1)) and torch.equal(k_part[..., 1:].amax(1), r_part[..., 1:].amax(1))
