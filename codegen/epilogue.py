@@ -6,6 +6,10 @@ single-consumer pointwise consumers -- residual adds, activation functions, scal
 and becomes one ``fqt::qmm_epilogue`` call: the generated kernel (``kernels/qmm_epilogue.py``)
 applies the chain to each output tile in registers and stores only its result.
 
+:func:`fold_statistics` then gives a GEMM whose output a quantizer reads the statistics pass
+of that quantizer (``fqt::qmm_epilogue_stats``): the epilogue applies the quantizer's chain to
+the tile and stores exact partial max / min / NaN flags per output row or column.
+
 Same scope rule as prologue fusion: CUDA graphs by default (on CPU, Inductor fuses the inlined
 GEMM epilogue with its consumers), ``include_cpu=True`` for the interpreter in tests.
 """

@@ -11,6 +11,12 @@ launches it:
 * ``partials`` (per-tensor scales only): the chain and a per-program min / max / NaN
   reduction fused into one pass; ``rows`` then runs with the statistics given.
 
+When the GEMM producing leaf 0 already gathered the statistics in its epilogue (``partials=``,
+``epilogue.fold_statistics``), no statistics pass runs: ``rows`` reads them per row or per
+tensor and makes its single pass. Codes are written in the memory order the GEMMs reading them
+want (``code_layout``: natural, column-major, or both from the same registers;
+``code_layout.py``), every output through a strided view, so nothing is copied afterwards.
+
 The scale and code arithmetic is the standalone quantize kernel's (``_row_scales``,
 ``_codes_tile``), so a fused kernel's codes equal the unfused ``chain -> quantize`` codes bit
 for bit when the chain is made of exactly rounded ops (add, mul, div, relu, casts...);

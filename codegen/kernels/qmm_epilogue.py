@@ -6,6 +6,10 @@ epilogue); the generated part applies the consumers' :class:`~codegen.fusion_pro
 to it -- leaf 0 is the GEMM output, rounded to its dtype as the unfused GEMM would store it;
 the other leaves (residuals, per-column vectors) are loaded at the tile's (row, column)
 positions -- and stores only the chain's result: the GEMM output never goes to memory.
+
+With a second program (the next quantizer's chain over the stored value, its other leaves
+loaded the same way) the kernel also stores that quantizer's partial statistics for the tile:
+per output row (one slot per column tile) or per output column (one slot per row tile).
 """
 
 from __future__ import annotations
