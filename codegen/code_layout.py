@@ -22,6 +22,8 @@ from torch import fx
 from fqt_compiler.reference import Layout
 from passes.graph_utils import call, fake_eval
 
+from .lower import _RESHAPES, _TRANSPOSES
+
 __all__ = ["CodeLayout", "LayoutChoice", "SAVED_LAYOUT", "alloc_like", "choose_code_layouts", "column_major_ok", "mark_saved_codes", "restride_inputs"]
 
 
@@ -60,12 +62,8 @@ def column_major_ok(shape: tuple, layout: Layout) -> bool:
 
 
 # ---------------------------------------------------------------- the pass
-_TRANSPOSES = {"aten.t.default", "aten.transpose.int", "aten.permute.default"}
-_RESHAPES = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"}
-
-
 def _is_view(node) -> bool:
-    return node.op == "call_function" and str(node.target) in _TRANSPOSES | _RESHAPES
+    return node.op == "call_function" and (node.target in _TRANSPOSES or node.target in _RESHAPES)
 
 
 def _uses(node, path=()) -> list[tuple[tuple, object, int | None]]:
@@ -93,7 +91,7 @@ def _k_major(codes: torch.Tensor, path: tuple, operand: int) -> bool:
     t = codes
     try:
         for view in path:
-            if str(view.target) in _RESHAPES:
+            if view.target in _RESHAPES:
                 t = t.view(view.args[1])  # raises where a reshape would have to copy
             else:
                 t = view.target(t, *view.args[1:], **view.kwargs)
@@ -115,12 +113,25 @@ class LayoutChoice:
     stage: str = ""  # "forward" / "backward": node names repeat across the two graphs
 
 
-def _refresh(node: fx.Node) -> None:
-    """Recompute the fake values of ``node`` and of the views reading it (new strides)."""
-    node.meta["val"] = fake_eval(node.target, node.args, node.kwargs)
-    for user in node.users:
-        if user.op == "call_function" and (user.target is operator.getitem or _is_view(user)):
-            _refresh(user)
+def _refresh_downstream(gm: fx.GraphModule, changed: set) -> None:
+    """Recompute the fake values computed from ``changed`` nodes (whose values were just given
+    new strides), following only values whose layout actually changes."""
+    changed = set(changed)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node in changed or not any(a in changed for a in node.all_input_nodes):
+            continue
+        old = node.meta.get("val")
+        node.meta["val"] = fake_eval(node.target, node.args, node.kwargs)
+        if not _same_layout(old, node.meta["val"]):
+            changed.add(node)
+
+
+def _same_layout(a, b) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_layout(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.stride() == b.stride()
+    return type(a) is type(b)
 
 
 def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[LayoutChoice]:
@@ -165,12 +176,13 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
         else:  # a standalone quantizer: the fused kernel with nothing to fuse
             x, key, lay = q.args
             with gm.graph.inserting_before(q):
-                new = call(gm.graph, fused_quantize_op, ([x], identity_program(x).dumps(), list(x.meta["val"].shape), key, lay,
+                new = call(gm.graph, fused_quantize_op, ([x], identity_program(x.meta["val"].shape, x.meta["val"].dtype).dumps(), list(x.meta["val"].shape), key, lay,
                                                          False, int(choice)), like=q, info=q.meta.get("fqt"))
             _rewire(gm, q, new, x.meta["val"].fake_mode)
             q = new
             codes = next(u for u in q.users if u.target is operator.getitem and u.args[1] == 0)
-        _refresh(q)
+        q.meta["val"] = fake_eval(q.target, q.args, q.kwargs)
+        _refresh_downstream(gm, {q})
         if choice is CodeLayout.BOTH:
             with gm.graph.inserting_after(q):
                 codes2 = call(gm.graph, operator.getitem, (q, 5), like=q)
@@ -247,9 +259,5 @@ def restride_inputs(gm: fx.GraphModule, strides: dict[str, tuple[int, ...]], exa
         if i < len(example_inputs) and isinstance(example_inputs[i], torch.Tensor):
             example_inputs[i] = new
         changed.add(ph)
-    if changed:
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and any(a in changed for a in node.all_input_nodes):
-                node.meta["val"] = fake_eval(node.target, node.args, node.kwargs)
-                changed.add(node)
-    return len([p for p in placeholders if p in changed])
+    _refresh_downstream(gm, changed)
+    return len(changed)

@@ -29,6 +29,7 @@ from passes.graph_utils import call
 aten = torch.ops.aten
 
 from .fusion import _VIEWS, _static_tensor
+from .lower import _TRANSPOSES
 from .fusion_program import OPS, Program, build_program, dtype_name, run_reference
 from .ops import qmm_cpu, qmm_op
 
@@ -193,14 +194,11 @@ def fuse_epilogues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedE
     return fused
 
 
-_TRANSPOSE_2D = {aten.t.default, aten.transpose.int, aten.permute.default}
-
-
 def _gemm_behind(x: fx.Node) -> tuple[fx.Node, bool] | None:
     """The low-bit GEMM whose output ``x`` is -- directly, through views keeping its last dim
     (rows regrouped), and possibly then as a 2-D transpose -- and whether it is transposed."""
     g, transposed = x, False
-    if g.op == "call_function" and g.target in _TRANSPOSE_2D and g.meta["val"].dim() == 2:
+    if g.op == "call_function" and g.target in _TRANSPOSES and g.meta["val"].dim() == 2:
         g, transposed = g.args[0], True
     while g.op == "call_function" and g.target in _VIEWS:
         if tuple(g.meta["val"].shape)[-1:] != tuple(g.args[0].meta["val"].shape)[-1:]:
@@ -226,7 +224,7 @@ def _grouped_axis(spec: QuantSpec, layout: int, shape: tuple, transposed: bool) 
     return "rows" if rows else "columns"
 
 
-_PURE_VIEWS = {*_VIEWS, *_TRANSPOSE_2D, aten.expand.default}
+_PURE_VIEWS = {*_VIEWS, *_TRANSPOSES, aten.expand.default}
 
 
 def _defined_before(node, g: fx.Node, order: dict) -> bool:
@@ -244,11 +242,9 @@ def _replay_before(gm: fx.GraphModule, node: fx.Node, g: fx.Node, order: dict) -
     return call(gm.graph, node.target, (base, *node.args[1:]), dict(node.kwargs), like=node)
 
 
-def _leaf_first(steps: tuple, j: int) -> tuple:
+def _leaf_first(steps: tuple, j: int, n_leaves: int) -> tuple:
     """``steps`` with leaves renumbered so leaf ``j`` comes first (the others keep their order)."""
-    order = [j, *(i for i in range(max(j + 1, 1 + max((o[1] for st in steps for o in st[1] if isinstance(o, tuple) and o[0] == "L"),
-                                                        default=0))) if i != j)]
-    new_index = {old: new for new, old in enumerate(order)}
+    new_index = {old: new for new, old in enumerate([j, *(i for i in range(n_leaves) if i != j)])}
     return tuple((op, tuple(("L", new_index[o[1]]) if isinstance(o, tuple) and o[0] == "L" else o for o in operands), dt, extra)
                  for op, operands, dt, extra in steps)
 
@@ -278,11 +274,12 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
             fleaves, quant, key, layout = list(f.args[0]), Program.loads(f.args[1]), f.args[3], f.args[4]
         elif f.target in QUANTIZE_OPS and _fusable_quantize(f):
             fleaves, key, layout = [f.args[0]], f.args[1], f.args[2]
-            quant = identity_program(f.args[0])
+            quant = identity_program(f.args[0].meta["val"].shape, f.args[0].meta["val"].dtype)
         else:
             continue
         # the leaf that is a GEMM's whole output (other leaves: residuals, saved activations...)
-        j, found = next(((i, _gemm_behind(a)) for i, a in enumerate(fleaves) if isinstance(a, fx.Node) and _gemm_behind(a)), (0, None))
+        behind = [_gemm_behind(a) if isinstance(a, fx.Node) else None for a in fleaves]
+        j, found = next(((i, b) for i, b in enumerate(behind) if b is not None), (0, None))
         gval = _static_tensor(found[0]) if found is not None else None
         if gval is None or tuple(fleaves[j].meta["val"].shape) != tuple(quant.shape) or (gval.device.type != "cuda" and not include_cpu):
             continue
@@ -293,10 +290,9 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
         if axis is None:
             continue
         if g.target is qmm_op:
-            name = dtype_name(g.args[9])
-            if name is None:
+            if dtype_name(g.args[9]) is None:
                 continue
-            leaves, program = [], Program(tuple(gval.shape), (("convert", (("L", 0),), name, "none"),), 1)
+            leaves, program = [], identity_program(gval.shape, g.args[9])
         else:
             leaves, program = list(g.args[10]), Program.loads(g.args[11])
         symmetric = spec.scheme is Scheme.SYMMETRIC
@@ -315,7 +311,7 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
                 if transposed:
                     t = call(gm.graph, aten.t.default, (t,), like=g)
                 qleaves.append(call(gm.graph, aten.reshape.default, (t, [m, n]), like=g))
-            gquant = Program((m, n), _leaf_first(quant.steps, j), quant.n_leaves)
+            gquant = Program((m, n), _leaf_first(quant.steps, j, quant.n_leaves), quant.n_leaves)
             new = call(gm.graph, qmm_epilogue_stats_op, (*g.args[:10], leaves, program.dumps(), gquant.dumps(), symmetric,
                                                          axis == "columns", qleaves), like=g, fake_mode=gval.fake_mode)
             out = call(gm.graph, operator.getitem, (new, 0), like=g)

@@ -102,10 +102,10 @@ def _static_tensor(node: object) -> torch.Tensor | None:
     return None
 
 
-def identity_program(x: fx.Node) -> Program:
-    """The empty chain: a fused quantizer of ``x`` itself (the standalone quantizer's work)."""
-    val = x.meta["val"]
-    return Program(tuple(val.shape), (("convert", (("L", 0),), dtype_name(val.dtype), "none"),), 1)
+def identity_program(shape, dtype: torch.dtype) -> Program:
+    """The empty chain over one leaf of ``shape``, rounded to ``dtype``: a fused quantizer of
+    the leaf itself, or a GEMM epilogue that only stores the GEMM's output."""
+    return Program(tuple(shape), (("convert", (("L", 0),), dtype_name(dtype), "none"),), 1)
 
 
 def _fusable_spec(spec: QuantSpec) -> bool:

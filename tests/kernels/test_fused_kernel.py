@@ -145,6 +145,13 @@ print("EPILOGUE-PTX" if "ptx" in out.asm else "NO EPILOGUE PTX")
 def test_generated_kernels_compile_for_sm90():
     """The interpreter is lenient; the real compiler (to PTX and, with ptxas, a cubin) is not.
     Compiling needs no GPU; it runs without the interpreter, in a subprocess."""
+    stdout = _compile_without_interpreter(_COMPILE_SM90)
+    assert "PTX" in stdout.split() and "EPILOGUE-PTX" in stdout.split()
+
+
+def _compile_without_interpreter(script: str) -> str:
+    """Run ``script`` (which compiles kernels for sm_90) in a subprocess without Triton's
+    interpreter; its stdout. Skips where this Triton install has no ptxas."""
     import os
     import subprocess
     import sys
@@ -152,11 +159,11 @@ def test_generated_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     if proc.returncode and "ptxas" in proc.stderr:
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "PTX" in proc.stdout.split() and "EPILOGUE-PTX" in proc.stdout.split()
+    return proc.stdout
 
 
 # ------------------------------------------------------------------ epilogue-fused GEMMs
@@ -240,21 +247,11 @@ def test_sm90_qmm_copies_k_major_operands_asynchronously_only():
     """Why codes are written K-major (codegen/code_layout.py): compiled for sm_90, the int8 GEMM
     copies a K-major operand into shared memory with cp.async; an operand that is not K-major
     goes through registers (byte permutes, synchronous shared stores) on every K step."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", _PTX_LAYOUTS], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    if proc.returncode and "ptxas" in proc.stderr:
-        pytest.skip("no ptxas in this Triton install")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    both_k, b_not_k, a_not_k = map(int, proc.stdout.split("\n")[0].split())
-    prmt_k, prmt_not_k = map(int, proc.stdout.split("\n")[1].split())
-    assert both_k > 0 and both_k == 2 * b_not_k == 2 * a_not_k, proc.stdout
-    assert prmt_k == 0 < prmt_not_k, proc.stdout
+    stdout = _compile_without_interpreter(_PTX_LAYOUTS)
+    both_k, b_not_k, a_not_k = map(int, stdout.split("\n")[0].split())
+    prmt_k, prmt_not_k = map(int, stdout.split("\n")[1].split())
+    assert both_k > 0 and both_k == 2 * b_not_k == 2 * a_not_k, stdout
+    assert prmt_k == 0 < prmt_not_k, stdout
 
 
 @pytest.mark.parametrize("op", ["sigmoid", "exp", "div"])
