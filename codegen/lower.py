@@ -149,6 +149,27 @@ def _check_layout(stats: list[fx.Node | None], axis: int, role: str) -> str | No
     return None
 
 
+_FP8_NAMES = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
+
+
+def _unsupported_codes(a: torch.dtype, b: torch.dtype, device: torch.device) -> str | None:
+    """Why no low-bit GEMM takes codes of these dtypes on ``device`` (None: one does). int8
+    pairs run everywhere; fp8 pairs, mixed e5m2 x e4m3 included (the backward GEMMs of the
+    fp8 recipe), on CUDA, where sm_90's fp8 MMA takes any pair of the two formats."""
+    if torch.uint8 in (a, b):
+        return "uint8 codes: use format='int' (same levels, int8 storage) for an int8 GEMM"
+    if a == b == torch.int8:
+        return None
+    if a in _FP8_NAMES and b in _FP8_NAMES:
+        if device.type != "cuda":
+            return f"no fast fp8 GEMM on {device.type}"
+        # a real device without fp8 MMA (before sm_89); a graph traced for CUDA elsewhere is lowered as for sm_90
+        if torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 9):
+            return f"no fp8 tensor cores on {torch.cuda.get_device_name(device)} (needs sm_89 or later)"
+        return None
+    return f"operand codes differ in dtype ({a} x {b}): no GEMM takes this pair"
+
+
 def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: torch.device) -> LoweredGemm:
     def simulated(reason: str) -> LoweredGemm:
         return LoweredGemm(info.site_id, info.gemm, GemmStatus.SIMULATED, reason)
@@ -165,14 +186,9 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
         if isinstance(m, str):
             return simulated(m)
         ops.append(m)
-    dtypes = {o.spec.code_dtype for o in ops}
-    if len(dtypes) != 1:
-        return simulated(f"operand codes differ in dtype ({', '.join(str(d) for d in dtypes)})")
-    code_dtype = dtypes.pop()
-    if code_dtype == torch.uint8:
-        return simulated("uint8 codes: use format='int' (same levels, int8 storage) for an int8 GEMM")
-    if code_dtype != torch.int8 and device.type != "cuda":
-        return simulated(f"no fast {code_dtype} GEMM on {device.type}")
+    bad = _unsupported_codes(ops[0].spec.code_dtype, ops[1].spec.code_dtype, device)
+    if bad:
+        return simulated(bad)
     a_op, b_op = ops
     if b_op.transform is not None:
         return simulated("BHQ transform on the right operand: T^-1 does not commute with the GEMM there")
@@ -208,6 +224,8 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     kernel = "triton qmm" if device.type == "cuda" else "torch._int_mm + epilogue"
+    if a_op.spec.code_dtype != b_op.spec.code_dtype:
+        kernel += f" ({_FP8_NAMES[a_op.spec.code_dtype]} x {_FP8_NAMES[b_op.spec.code_dtype]})"
     if a_op.transform is not None:
         kernel += ", then T^-1 on the output rows"
     return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=kernel)

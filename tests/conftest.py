@@ -1,4 +1,11 @@
-"""Shared test set-up: fixed seeds, a fresh Dynamo per test, the gpu marker."""
+"""Shared test set-up: fixed seeds, a fresh Dynamo per test, the ``gpu`` and ``interpreter``
+markers.
+
+Triton kernels need a GPU or Triton's interpreter. Without CUDA the interpreter runs them on
+CPU tensors (chosen when a kernel is decorated, so set before any ``codegen.kernels`` import).
+With CUDA, the kernel tests run the compiled kernels on CUDA tensors (``DEVICE``); tests that
+feed Triton CPU tensors are marked ``interpreter`` and skip there, with the reason.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,11 @@ import os
 import pytest
 import torch
 
-# Without a GPU, Triton kernels run in Triton's CPU interpreter. It is chosen when a kernel is
-# decorated, so it must be set before any codegen.kernels module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.fixture(autouse=True)
@@ -33,10 +39,25 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def pytest_configure(config):
+    if INTERPRETER:
+        from tests.helpers.interpreter import interpreter_problem
+
+        problem = interpreter_problem()
+        if problem:
+            raise pytest.UsageError(problem)
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        marker = "gpu"
+    elif not INTERPRETER:
+        skip = pytest.mark.skip(reason="feeds Triton kernels CPU tensors, which needs Triton's interpreter (TRITON_INTERPRET=1); "
+                                       "on this CUDA machine the kernels run compiled, on CUDA tensors, in the kernel tests")
+        marker = "interpreter"
+    else:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if marker in item.keywords:
             item.add_marker(skip)

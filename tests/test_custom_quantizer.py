@@ -83,6 +83,7 @@ def test_custom_quantizer_shows_in_explain_as_simulated(ternary_recipe):
     assert gi.status is fqt.GemmStatus.SIMULATED and "custom:ternary" in gi.reason
 
 
+@pytest.mark.interpreter
 def test_custom_quantizer_kernel_hook_is_used_where_kernels_run(ternary_recipe):
     """The hook replaces the reference in kernels mode where Triton runs (here: the interpreter)."""
     from codegen import swap_to_kernel_ops

@@ -117,6 +117,7 @@ def test_fqt_log_environment_knob():
     assert run.returncode == 0 and "[fqt_compiler.passes] pass insert_qdq done" in run.stderr
 
 
+@pytest.mark.interpreter
 def test_inspect_shows_the_generated_fused_kernels(tmp_path, capsys):
     """Under Triton's interpreter (set by the test suite) ``--fusion triton`` generates the
     fused kernels on CPU: the report lists them and writes their sources."""

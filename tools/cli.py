@@ -1,9 +1,12 @@
-"""The ``fqt`` command line: ``fqt demo``, ``fqt inspect``, ``fqt variance``, ``fqt results``, ``fqt bench``."""
+"""The ``fqt`` command line: ``fqt demo``, ``fqt inspect``, ``fqt variance``, ``fqt results``, ``fqt bench``,
+``fqt gpu-check``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .gpu_check import add_parser as add_gpu_check
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -154,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shapes", nargs="+", default=None, help="MxKxN shapes (default: the BENCHMARKS.md list for the device)")
     bench.add_argument("--output", default=None, help="also write the markdown here")
     bench.set_defaults(func=_bench)
+    add_gpu_check(sub)
     return parser
 
 

@@ -13,23 +13,26 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["operand_loads", "main"]
+__all__ = ["operand_loads", "qmm_ptx", "main"]
 
 _NAMES = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "M", "N", "K",
           "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb"]
 
 
-def operand_loads(a_k_major: bool, b_k_major: bool, dtype: str = "int8") -> dict[str, int]:
-    """Static PTX instruction counts of the qmm kernel compiled for sm_90 (128x128x128 tiles,
-    3 stages, 8 warps, the H100 autotune entry) with the given operand memory orders."""
+_CODES = {"int8": "*i8", "fp8": "*fp8e4nv", "e4m3": "*fp8e4nv", "e5m2": "*fp8e5"}
+
+
+def qmm_ptx(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str | None = None) -> str:
+    """PTX of the qmm kernel compiled for sm_90 (128x128x128 tiles, 3 stages, 8 warps, the H100
+    autotune entry) with the given operand memory orders and code dtypes (``int8``, ``fp8`` /
+    ``e4m3``, ``e5m2``; ``b_dtype`` defaults to ``dtype``)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     from codegen.kernels.qmm import _qmm_kernel
 
-    code = {"int8": "*i8", "fp8": "*fp8e4nv"}[dtype]
     sig = {n: ("*fp32" if n.endswith("ptr") else "i32") for n in _NAMES}
-    sig.update(a_ptr=code, b_ptr=code, out_ptr="*bf16")
+    sig.update(a_ptr=_CODES[dtype], b_ptr=_CODES[b_dtype or dtype], out_ptr="*bf16")
     # unit strides are what Triton specializes at launch; they tell it which dim is contiguous
     ones = {"stride_ak" if a_k_major else "stride_am": 1, "stride_bk" if b_k_major else "stride_bn": 1, "stride_on": 1,
             "stride_sa": 1, "stride_sb": 1}
@@ -38,12 +41,19 @@ def operand_loads(a_k_major: bool, b_k_major: bool, dtype: str = "int8") -> dict
     aligned = [i for i, n in enumerate(_NAMES) if n not in ones and (n.endswith("ptr") or n in ("M", "N", "K") or n.startswith("stride_"))]
     src = triton.compiler.ASTSource(fn=_qmm_kernel, signature=sig, constexprs=const,
                                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]
+
+
+def operand_loads(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str | None = None) -> dict[str, int]:
+    """Static PTX instruction counts of :func:`qmm_ptx`: asynchronous copies, shared stores,
+    byte permutes, wgmma instructions, and fp32 adds (an fp8 kernel's accumulator promotions)."""
+    ptx = qmm_ptx(a_k_major, b_k_major, dtype, b_dtype)
     return {
         "cp.async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
         "st.shared": len(re.findall(r"st\.shared", ptx)),
         "prmt": len(re.findall(r"\bprmt\b", ptx)),
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "add.f32": len(re.findall(r"\badd(?:\.rn)?\.f32\b", ptx)),
     }
 
 
@@ -56,7 +66,7 @@ def main() -> None:
             for b_k in (True, False):
                 c = operand_loads(a_k, b_k, dtype)
                 rows.append([dtype, "K-major" if a_k else "M-major", "K-major" if b_k else "N-major", *c.values()])
-    print(tabulate(rows, headers=["codes", "A", "B", "cp.async", "st.shared", "prmt", "wgmma"], tablefmt="github"))
+    print(tabulate(rows, headers=["codes", "A", "B", "cp.async", "st.shared", "prmt", "wgmma", "add.f32"], tablefmt="github"))
 
 
 if __name__ == "__main__":

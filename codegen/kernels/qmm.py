@@ -11,7 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["qmm", "autotune_configs"]
+__all__ = ["qmm", "autotune_configs", "FP8_PROMOTE_K", "FP8_DTYPES"]
+
+# The most K elements an fp8 tile accumulates in the tensor cores' reduced-precision fp8
+# accumulator before its sum is added to a full fp32 accumulator (``max_num_imprecise_acc`` of
+# ``tl.dot``; on sm_90 Triton's default is never). Every autotune entry has BLOCK_K <= this and
+# the kernel promotes once per K tile: 128 is the interval of the fp8 training recipes that
+# measured fp32-level accuracy this way, at one fp32 add per accumulator element per tile.
+FP8_PROMOTE_K = 128
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def autotune_configs(device: torch.device) -> list[triton.Config]:
@@ -22,6 +30,8 @@ def autotune_configs(device: torch.device) -> list[triton.Config]:
         shapes = [(128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
     else:  # the CPU interpreter: one small tile
         shapes = [(32, 32, 32, 1, 1)]
+    if any(bk > FP8_PROMOTE_K for _, _, bk, _, _ in shapes):
+        raise ValueError(f"qmm: a K tile above FP8_PROMOTE_K={FP8_PROMOTE_K} would accumulate fp8 longer in low precision")
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=w)
         for bm, bn, bk, st, w in shapes
@@ -73,7 +83,10 @@ def _qmm_tile(
                 rsa += tl.sum(a.to(tl.int32), axis=1)
                 csb += tl.sum(b.to(tl.int32), axis=0)
         else:
-            acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+            # fp8 on sm_90: the tensor cores' fp8 accumulator keeps fewer bits than fp32 and
+            # Triton's default never promotes it; promoting once per K tile (BLOCK_K <= 128
+            # elements, see FP8_PROMOTE_K) keeps long-K backward GEMMs at fp32 accuracy
+            acc = tl.dot(a, b, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
 
     # epilogue: the order of reference.qmm_ref
     sa = tl.load(sa_ptr + rm * stride_sa, mask=rm < M, other=0.0)
@@ -174,8 +187,9 @@ def qmm(
     # check
     if a_codes.dim() != 2 or b_codes.dim() != 2 or a_codes.shape[1] != b_codes.shape[0]:
         raise ValueError(f"qmm: shapes {tuple(a_codes.shape)} @ {tuple(b_codes.shape)} do not form a 2-D GEMM")
-    if a_codes.dtype != b_codes.dtype or a_codes.dtype not in (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2):
-        raise TypeError(f"qmm: codes must be int8 or fp8 of one dtype, got {a_codes.dtype} and {b_codes.dtype}")
+    both_int = a_codes.dtype == b_codes.dtype == torch.int8
+    if not both_int and not (a_codes.dtype in FP8_DTYPES and b_codes.dtype in FP8_DTYPES):
+        raise TypeError(f"qmm: codes must be int8 or fp8 (both int8, or e4m3 / e5m2 in any pair), got {a_codes.dtype} and {b_codes.dtype}")
     m, k = a_codes.shape
     n = b_codes.shape[1]
     # allocate

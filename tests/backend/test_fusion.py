@@ -47,6 +47,7 @@ def _residual_mlp():
     return ResidualMLP()
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("recipe", ["qat", "ptq8", "int8"])
 def test_fused_and_unfused_paths_agree(recipe):
     x = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(3))
@@ -64,6 +65,7 @@ def test_fused_and_unfused_paths_agree(recipe):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.interpreter
 def test_the_high_precision_value_other_consumers_read_is_written_by_the_same_kernel():
     """MLP: ReLU's output feeds the next quantizer and is saved for ReLU's backward; the
     gradient after threshold_backward feeds a quantizer and the bias gradient's sum. Those
@@ -82,6 +84,7 @@ def test_the_high_precision_value_other_consumers_read_is_written_by_the_same_ke
     assert by_ops[("aten.gelu.default",)] is False
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name", ["mlp", "gpt"])
 def test_internal_models_agree_fused_and_unfused(name):
     def model_fn():
@@ -106,6 +109,7 @@ class ResidualHead(nn.Module):
         return torch.relu(x + self.proj(torch.relu(self.fc(x))) * 0.5)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("recipe", ["int8", "ptq8"])
 def test_gemm_epilogues_absorb_their_consumers_bit_exactly(recipe):
     def model_fn():
@@ -128,6 +132,7 @@ def test_fusion_option_is_validated_and_triton_needs_a_device():
     assert fqt.backend(fusion="OFF").config.fusion is Fusion.OFF
 
 
+@pytest.mark.interpreter
 def test_generated_kernel_sources_are_in_the_record():
     x = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(3))
     _, _, be = _run(_residual_mlp, (x,), lambda y: y.sum(), "int8", "triton")
@@ -144,6 +149,7 @@ except ImportError:
     pass
 
 
+@pytest.mark.interpreter
 @pytest.mark.skipif(T is None, reason="needs the optional transformers package")
 @pytest.mark.parametrize("name", ["gpt2", "llama", "resnet", "bert", "vit"])
 def test_coverage_models_agree_fused_and_unfused(name):
@@ -217,6 +223,7 @@ def _k_major(shape_a, stride_a, shape_b, stride_b) -> bool:
     return (shape_a[1] == 1 or stride_a[1] == 1) and (shape_b[0] == 1 or stride_b[0] == 1)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("recipe", ["int8", "ptq8"])
 def test_every_low_bit_gemm_reads_k_major_codes(recipe, monkeypatch):
     """Quantizers write codes in the memory order their GEMMs read K-major (column-major, or
@@ -245,6 +252,7 @@ def _two_layers():
     return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("recipe", ["int8", "ptq8"])
 @pytest.mark.parametrize("model_fn", [_residual_mlp, _two_layers], ids=["residual-mlp", "two-layers"])
 def test_next_quantizers_statistics_come_from_the_gemm_epilogue(recipe, model_fn):
@@ -273,6 +281,7 @@ def test_next_quantizers_statistics_come_from_the_gemm_epilogue(recipe, model_fn
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.interpreter
 def test_codes_saved_column_major_cross_into_an_inductor_compiled_backward():
     """The forward saves the activation codes column-major; the backward graph, compiled by
     Inductor (which checks its inputs' strides), takes them with those strides. Deterministic

@@ -83,6 +83,7 @@ def _compile(model, swap: bool):
     return torch.compile(model, backend=backend), swapped
 
 
+@pytest.mark.interpreter
 def test_swapped_kernel_ops_reproduce_the_reference_graphs():
     """With the quantize / BHQ ops swapped for their Triton twins, a training step gives the
     same gradients bit for bit as with the reference ops, under the same torch seed."""

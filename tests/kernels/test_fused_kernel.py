@@ -11,6 +11,8 @@ from codegen.fusion_program import Program, run_reference
 from codegen.kernels.fused import fused_quantize
 from fqt_compiler.reference import Layout, quantize_ref
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Rounding, Scheme
+from tests.conftest import DEVICE
+from tests.helpers.sm90 import compile_without_interpreter
 
 SPECS = [
     QuantSpec(bits=8, granularity=Granularity.ROW),
@@ -32,11 +34,11 @@ EXACT = Program(
 
 def _leaves(dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(3, 5, 24, generator=g).to(dtype), torch.randn(24, generator=g).to(dtype), torch.randn(3, 5, 24, generator=g).to(dtype)]
+    return [torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in ((3, 5, 24), (24,), (3, 5, 24))]
 
 
 def _both(program, leaves, spec, layout, view_shape, write_hp=True):
-    seed = torch.tensor([1234], dtype=torch.int64)
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
     fused = fused_quantize(leaves, program, view_shape, spec, layout, write_hp, seed=seed)
     x = run_reference(program, leaves).reshape(view_shape)
     ref = quantize_ref(x, spec, layout, seed=seed)
@@ -102,8 +104,15 @@ def test_nan_and_inf_in_a_leaf_propagate():
 _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
+from codegen.fusion_program import Program
 from codegen.kernels.fused import _module
-from tests.kernels.test_fused_kernel import EXACT
+
+EXACT = Program(
+    (3, 5, 24),
+    (("add", (("L", 0), ("L", 1)), "float32", "none"), ("mul", (("V", 0), 2.0), "float32", "none"),
+     ("relu", (("V", 1),), "float32", "none"), ("add", (("V", 2), ("L", 2)), "float32", "none")),
+    3,
+)
 
 module = _module(EXACT)
 sig = {f"in{i}_ptr": "*fp32" for i in range(3)}
@@ -145,25 +154,8 @@ print("EPILOGUE-PTX" if "ptx" in out.asm else "NO EPILOGUE PTX")
 def test_generated_kernels_compile_for_sm90():
     """The interpreter is lenient; the real compiler (to PTX and, with ptxas, a cubin) is not.
     Compiling needs no GPU; it runs without the interpreter, in a subprocess."""
-    stdout = _compile_without_interpreter(_COMPILE_SM90)
+    stdout = compile_without_interpreter(_COMPILE_SM90)
     assert "PTX" in stdout.split() and "EPILOGUE-PTX" in stdout.split()
-
-
-def _compile_without_interpreter(script: str) -> str:
-    """Run ``script`` (which compiles kernels for sm_90) in a subprocess without Triton's
-    interpreter; its stdout. Skips where this Triton install has no ptxas."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    if proc.returncode and "ptxas" in proc.stderr:
-        pytest.skip("no ptxas in this Triton install")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 # ------------------------------------------------------------------ epilogue-fused GEMMs
@@ -176,9 +168,9 @@ def test_epilogue_fused_gemm_equals_gemm_then_consumers(pair, out_dtype):
     from fqt_compiler.reference import qmm_ref
     from tests.kernels.test_qmm_kernel import PAIRS, _operands
 
-    args, _ = _operands(33, 70, 40, *PAIRS[pair], "cpu")
+    args, _ = _operands(33, 70, 40, *PAIRS[pair], DEVICE)
     name = str(out_dtype).split(".")[1]
-    residual = torch.randn(3, 11, 40, generator=torch.Generator().manual_seed(5)).to(out_dtype)
+    residual = torch.randn(3, 11, 40, generator=torch.Generator().manual_seed(5)).to(DEVICE, out_dtype)
     prog = Program(
         (3, 11, 40),
         (("mul", (("L", 0), 0.5), name, "none"), ("add", (("V", 0), ("L", 1)), name, "none"), ("relu", (("V", 1),), name, "none")),
@@ -211,7 +203,7 @@ def test_codes_in_every_memory_order_hold_the_same_values(spec, layout, view):
     writes natural codes and a column-major copy from the same registers. Values never change."""
     from codegen.code_layout import CodeLayout
 
-    seed = torch.tensor([7], dtype=torch.int64)
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
     base = fused_quantize(_leaves(), EXACT, view, spec, layout, True, seed=seed)
     col = fused_quantize(_leaves(), EXACT, view, spec, layout, True, code_layout=CodeLayout.COLUMN_MAJOR, seed=seed)
     both = fused_quantize(_leaves(), EXACT, view, spec, layout, False, code_layout=CodeLayout.BOTH, seed=seed)
@@ -247,7 +239,7 @@ def test_sm90_qmm_copies_k_major_operands_asynchronously_only():
     """Why codes are written K-major (codegen/code_layout.py): compiled for sm_90, the int8 GEMM
     copies a K-major operand into shared memory with cp.async; an operand that is not K-major
     goes through registers (byte permutes, synchronous shared stores) on every K step."""
-    stdout = _compile_without_interpreter(_PTX_LAYOUTS)
+    stdout = compile_without_interpreter(_PTX_LAYOUTS)
     both_k, b_not_k, a_not_k = map(int, stdout.split("\n")[0].split())
     prmt_k, prmt_not_k = map(int, stdout.split("\n")[1].split())
     assert both_k > 0 and both_k == 2 * b_not_k == 2 * a_not_k, stdout
@@ -262,8 +254,8 @@ def test_padding_lanes_never_reach_the_statistics(op, granularity):
     (and the NaN flag) of rows whose real values are all tiny."""
     steps = (("div", (("L", 0), ("L", 1)), "float32", "none"),) if op == "div" else ((op, (("L", 0),), "float32", "none"),)
     prog = Program((5, 24), steps, 2 if op == "div" else 1)
-    x = torch.full((5, 24), -20.0 if op != "div" else 1e-12)
-    leaves = [x, torch.full((5, 24), 3.0)] if op == "div" else [x]
+    x = torch.full((5, 24), -20.0 if op != "div" else 1e-12, device=DEVICE)
+    leaves = [x, torch.full((5, 24), 3.0, device=DEVICE)] if op == "div" else [x]
     spec = QuantSpec(bits=8, granularity=granularity)
     out = fused_quantize(leaves, prog, (5, 24), spec, Layout.PENULTIMATE, False, block_c=64)
     ref = quantize_ref(run_reference(prog, leaves), spec, Layout.PENULTIMATE)
@@ -286,14 +278,14 @@ def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric
     from codegen.kernels.qmm_epilogue import qmm_epilogue
     from tests.kernels.test_qmm_kernel import PAIRS, _operands
 
-    args, _ = _operands(33, 40, 70, *PAIRS[pair], "cpu")
+    args, _ = _operands(33, 40, 70, *PAIRS[pair], DEVICE)
     name = str(out_dtype).split(".")[1]
     prog = Program((33, 70), (("convert", (("L", 0),), name, "none"),), 1)
     steps = (("add", (("L", 0), 1.5), name, "none"), ("mul", (("V", 0), -2.0), name, "none"))
     qleaves = []
     if other_leaf:  # e.g. an activation's derivative: the saved input, loaded at the tile
         steps += (("mul", (("V", 1), ("L", 1)), name, "none"),)
-        qleaves = [torch.randn(70, 33, generator=torch.Generator().manual_seed(6)).to(out_dtype).t()]  # any strides
+        qleaves = [torch.randn(70, 33, generator=torch.Generator().manual_seed(6)).to(DEVICE, out_dtype).t()]  # any strides
     quant = Program((33, 70), steps, 2 if other_leaf else 1)
     out, partials = qmm_epilogue(*args, out_dtype, [], prog, quant, symmetric, columns, qleaves)
     value = run_reference(quant, [out, *qleaves])
@@ -315,11 +307,11 @@ def test_given_partials_replace_the_statistics_pass(spec, write_hp):
     and follow the partials when they are not."""
     from codegen.epilogue import reference_partials
 
-    x = torch.randn(15, 24, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(15, 24, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     prog = Program((15, 24), (("mul", (("L", 0), 0.5), "float32", "none"), ("add", (("V", 0), 0.25), "float32", "none")), 1)
     sym = spec.scheme is Scheme.SYMMETRIC
     partials = reference_partials(run_reference(prog, [x]), 3, sym)
-    seed = torch.tensor([5], dtype=torch.int64)
+    seed = torch.tensor([5], dtype=torch.int64, device=DEVICE)
     base = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, write_hp, seed=seed)
     given = fused_quantize([x], prog, (15, 24), spec, Layout.PENULTIMATE, write_hp, partials=partials, seed=seed)
     for a, b in zip(base[:5], given[:5]):
@@ -331,6 +323,7 @@ def test_given_partials_replace_the_statistics_pass(spec, write_hp):
     torch.testing.assert_close(wrong[1], 2 * base[1], rtol=1e-6, atol=0)
 
 
+@pytest.mark.interpreter
 def test_epilogue_statistics_op_reference_path_equals_the_kernel(monkeypatch):
     """``fqt::qmm_epilogue_stats`` off Triton (the eager path: GEMM, chain, statistics in torch)
     and under the interpreter agree once the slots are reduced."""

@@ -11,6 +11,7 @@ from codegen.ops import qmm_cpu, qmm_op
 from fqt_compiler.reference import Layout, qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
 from tests.conftest import DEVICE
+from tests.helpers.sm90 import compile_without_interpreter
 
 PAIRS = {
     "int8-sym-row": (QuantSpec(granularity="row"), QuantSpec(granularity="row")),
@@ -79,3 +80,57 @@ def test_fp8_qmm_kernel_close_to_reference():
     got = qmm(qa[0], qa[1], None, None, qb[0], qb[1], None, None)
     ref = qmm_ref(qa[0], qa[1], None, None, qb[0], qb[1], None, None)
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("formats", [("fp8_e5m2", "fp8_e4m3"), ("fp8_e4m3", "fp8_e5m2"), ("fp8_e5m2", "fp8_e5m2")], ids=str)
+def test_mixed_fp8_qmm_kernel_close_to_reference(formats):
+    """The fp8 recipe's backward GEMMs: e5m2 gradient codes times e4m3 codes in one kernel."""
+    a_spec, b_spec = (QuantSpec(format=f, granularity="row") for f in formats)
+    g = torch.Generator().manual_seed(3)
+    qa = quantize_ref(torch.randn(40, 72, generator=g).to(DEVICE), a_spec, Layout.PENULTIMATE)
+    qb = quantize_ref(torch.randn(24, 72, generator=g).to(DEVICE).t(), b_spec, Layout.LAST)
+    assert qa[0].dtype != qb[0].dtype or formats[0] == formats[1]
+    got = qmm(qa[0], qa[1], None, None, qb[0], qb[1], None, None)
+    ref = qmm_ref(qa[0], qa[1], None, None, qb[0], qb[1], None, None)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_qmm_long_k_error_against_float64():
+    """A weight-gradient-like GEMM with a long contraction (K = 8192), against float64. Under
+    the interpreter fp8 products are summed in fp32. On sm_90 the tensor cores sum each K tile
+    in an fp8 accumulator of about 14 bits, and the kernel adds each tile's sum to an fp32
+    accumulator (``FP8_PROMOTE_K``): the error stays at that accumulator's level instead of
+    growing with K, as it does without promotion (percent-level at this K)."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(32, 8192, generator=g).to(DEVICE).to(torch.float8_e5m2)
+    b = torch.randn(32, 8192, generator=g).to(DEVICE).to(torch.float8_e4m3fn).t()
+    ones_a, ones_b = torch.ones(32, 1, device=DEVICE), torch.ones(1, 32, device=DEVICE)
+    got = qmm(a, ones_a, None, None, b, ones_b, None, None).double()
+    ref = a.double() @ b.double()
+    assert ((got - ref).norm() / ref.norm()).item() < (1e-5 if DEVICE == "cpu" else 2e-4)
+
+
+def test_qmm_rejects_int8_by_fp8():
+    a = torch.zeros(4, 8, dtype=torch.int8)
+    b = torch.zeros(8, 4, dtype=torch.float8_e4m3fn)
+    one = torch.ones(1)
+    with pytest.raises(TypeError, match="int8 or fp8"):
+        qmm(a, one, None, None, b, one, None, None)
+
+
+_PROMOTION = """
+from tools.ptx import operand_loads, qmm_ptx
+import re
+print(*(operand_loads(True, True, a, b)["add.f32"] for a, b in (("int8", None), ("e4m3", None), ("e5m2", "e4m3"))))
+print(*sorted(set(re.findall(r"wgmma\\.mma_async\\S*", qmm_ptx(True, True, "e5m2", "e4m3")))))
+"""
+
+
+def test_sm90_fp8_qmm_promotes_its_accumulator_and_takes_mixed_formats():
+    """Compiled for sm_90: the mixed e5m2 x e4m3 GEMM is one wgmma instruction family, and every
+    fp8 K tile ends with one fp32 add per accumulator element (128 x 128 tile / 256 threads =
+    64 per thread) -- Triton's sm_90 default never promotes; int8 accumulates exactly, none."""
+    lines = compile_without_interpreter(_PROMOTION).strip().splitlines()
+    int8_adds, e4m3_adds, mixed_adds = map(int, lines[0].split())
+    assert int8_adds == 0 and e4m3_adds == mixed_adds == 64, lines
+    assert lines[1].split() == ["wgmma.mma_async.sync.aligned.m64n128k32.f32.e5m2.e4m3"], lines

@@ -1,0 +1,319 @@
+"""The stages of ``fqt gpu-check`` (``tools.gpu_check``), each run in its own process:
+
+    python -m tools.gpu_stages STAGE --partial FILE --config JSON
+
+A stage writes what it measures to ``FILE`` as it goes (``Recorder``), so a stage killed at its
+time cap still reports everything it finished. This module holds ``preflight``, ``tests``,
+``gemm`` and ``quantize``; the model stages ``layer`` and ``e2e`` are in ``tools.gpu_train``.
+On the CPU (``--dry-run``) the same code runs at tiny shapes, Triton kernels in the interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import gpu_train
+from .gpu_common import Recorder, peaks, sig, stage_device
+
+__all__ = ["STAGE_FUNCTIONS", "device_facts", "scaled_mm", "main"]
+
+# ------------------------------------------------------------------ preflight
+def device_facts(device: torch.device) -> dict:
+    """What the run ran on: device name, driver, versions."""
+    import numpy
+    import triton
+
+    facts = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+             "numpy": numpy.__version__, "platform": platform.platform()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts.update(name=torch.cuda.get_device_name(device), capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+                     multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
+                     cuda_runtime=torch.version.cuda, driver=_driver_version())
+    else:
+        facts.update(name=_cpu_model(), cores=os.cpu_count(), threads=torch.get_num_threads())
+    return facts
+
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=15)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else f"unknown (nvidia-smi exit {out.returncode})"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({type(exc).__name__})"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _triton_launch(device: torch.device) -> dict:
+    """One fqt Triton kernel launched on the device, against its reference."""
+    from codegen.kernels.quantize import quantize
+    from fqt_compiler.reference import Layout, quantize_ref
+    from fqt_compiler.specs import QuantSpec
+
+    x = torch.randn(64, 96, device=device)
+    spec = QuantSpec(granularity="row")
+    t0 = time.perf_counter()
+    got = quantize(x, spec, Layout.PENULTIMATE)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    ref = quantize_ref(x, spec, Layout.PENULTIMATE)
+    same = all(torch.equal(g, r) for g, r in zip(got, ref))
+    return {"kernel": "codegen.kernels.quantize (int8, per row)", "first_launch_s": round(seconds, 3), "bit_exact": same}
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
+    """``torch._scaled_mm`` to bf16 (A row-major, B column-major, scales per tensor or per row/column)."""
+    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+
+
+def _probe(fn) -> dict:
+    try:
+        return {"ok": True, **fn()}
+    except Exception as exc:  # a probe reports what failed; it never stops the stage
+        return {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
+
+
+def _probes(device: torch.device) -> dict:
+    m, k, n = 32, 64, 48
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def int_mm():
+        a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(device)
+        b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(device).t()
+        return {"rel_err": _rel_err(torch._int_mm(a, b), a.double() @ b.double())}
+
+    def scaled(a_dtype, b_dtype, rowwise):
+        def run():
+            a = torch.randn(m, k, generator=g).to(device).to(a_dtype)
+            b = torch.randn(n, k, generator=g).to(device).to(b_dtype).t()
+            sa = (torch.rand(m, 1, generator=g) + 0.5).to(device) if rowwise else torch.tensor(0.7, device=device)
+            sb = (torch.rand(1, n, generator=g) + 0.5).to(device) if rowwise else torch.tensor(1.3, device=device)
+            ref = (a.double() * sa.double()) @ (b.double() * sb.double())
+            return {"rel_err": _rel_err(scaled_mm(a, b, sa, sb), ref)}
+        return run
+
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    return {
+        "torch._int_mm int8": _probe(int_mm),
+        "torch._scaled_mm e4m3 x e4m3, tensor-wise": _probe(scaled(e4, e4, False)),
+        "torch._scaled_mm e5m2 x e4m3, tensor-wise": _probe(scaled(e5, e4, False)),
+        "torch._scaled_mm e4m3 x e4m3, row-wise": _probe(scaled(e4, e4, True)),
+        "torch._scaled_mm e5m2 x e4m3, row-wise": _probe(scaled(e5, e4, True)),
+    }
+
+
+def preflight(rec: Recorder, cfg: dict) -> None:
+    device = stage_device(cfg)
+    rec.set("device", device_facts(device))
+    rec.set("peaks", peaks(device) or "no datasheet peaks for this device")
+    rec.set("triton_launch", _probe(lambda: _triton_launch(device)))
+    rec.set("probes", _probes(device))
+
+
+# ------------------------------------------------------------------ tests
+def tests(rec: Recorder, cfg: dict) -> None:
+    """The GPU-marked tests, then the kernel tests (on CUDA tensors on a GPU; under the
+    interpreter, one file of them, in a dry run); per run: counts and the failures."""
+    import importlib.util
+    import tempfile
+
+    kernels = ["tests/kernels/test_qmm_kernel.py"] if cfg["dry_run"] else ["tests/kernels"]
+    parallel = ["-n", "8"] if not cfg["dry_run"] and importlib.util.find_spec("xdist") else []
+    runs = [("gpu-marked tests", ["-m", "gpu", "tests"], []), ("kernel tests", ["-m", "not gpu", *kernels], parallel)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, args, extra in runs:
+            xml = Path(tmp) / "junit.xml"
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *extra, *args]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=cfg["root"], capture_output=True, text=True)
+            print(proc.stdout[-20000:], proc.stderr[-5000:], sep="\n")  # into the stage log
+            summary = _junit_summary(xml) if xml.exists() else {"error": (proc.stdout + proc.stderr)[-1500:]}
+            rec.add("runs", {"run": label, "command": " ".join(cmd[1:]), "exit": proc.returncode,
+                             "seconds": round(time.perf_counter() - t0, 1), **summary})
+
+
+def _junit_summary(xml: Path) -> dict:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(xml).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failed, skip_reasons = [], {}
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                failed.append({"test": name, "message": (child.get("message") or "")[:400]})
+            elif child.tag == "skipped":
+                reason = (child.get("message") or "")[:160]
+                skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {**counts, "failed": failed, "skip_reasons": skip_reasons}
+
+
+# ------------------------------------------------------------------ gemm
+def _gemm_shapes(m: int, k: int, n: int) -> list[tuple[str, int, int, int]]:
+    """The three GEMMs of a Linear (M tokens, K in, N out) as (role, rows, contraction, cols)."""
+    return [("fprop", m, k, n), ("dgrad", m, n, k), ("wgrad", n, m, k)]
+
+
+def _gemm_candidates(rows: int, red: int, cols: int, role: str, device: torch.device, probes: dict) -> dict:
+    """Callables for one GEMM: high precision, fqt int8 / fp8 (the Triton qmm), the library
+    8-bit GEMMs. Operands K-major, as fqt's quantizers write them."""
+    from codegen.kernels.qmm import qmm
+
+    hp = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(rows + red + cols)
+    a = torch.randn(rows, red, generator=g).to(device)
+    b = torch.randn(cols, red, generator=g).to(device).t()  # (red, cols), column-major
+    a_hp, b_hp = a.to(hp), b.to(hp)
+    a8, b8 = torch.randint(-127, 128, a.shape, generator=g, dtype=torch.int8).to(device), torch.randint(
+        -127, 128, (cols, red), generator=g, dtype=torch.int8).to(device).t()
+    sa, sb = torch.rand(rows, 1, device=device) + 0.5, torch.rand(1, cols, device=device) + 0.5
+    a_fmt = torch.float8_e4m3fn if role == "fprop" else torch.float8_e5m2  # gradients are e5m2 in the fp8 recipe
+    af, bf = a.to(a_fmt), b.to(torch.float8_e4m3fn)
+    fns = {
+        f"{str(hp).split('.')[-1]} torch.mm": lambda: a_hp @ b_hp,
+        "fqt int8 (triton qmm)": lambda: qmm(a8, sa, None, None, b8, sb, None, None, None, hp),
+        "torch._int_mm": lambda: torch._int_mm(a8, b8),
+        f"fqt fp8 {'e4m3' if role == 'fprop' else 'e5m2'} x e4m3 (triton qmm)": lambda: qmm(af, sa, None, None, bf, sb, None, None, None, hp),
+    }
+    row_ok = probes.get(f"torch._scaled_mm {'e4m3' if role == 'fprop' else 'e5m2'} x e4m3, row-wise", {}).get("ok")
+    tensor_ok = probes.get(f"torch._scaled_mm {'e4m3' if role == 'fprop' else 'e5m2'} x e4m3, tensor-wise", {}).get("ok")
+    if row_ok:
+        fns["torch._scaled_mm row-wise"] = lambda: scaled_mm(af, bf, sa, sb)
+    elif tensor_ok:
+        one = torch.tensor(1.0, device=device)
+        fns["torch._scaled_mm tensor-wise"] = lambda: scaled_mm(af, bf, one, one)
+    return fns
+
+
+def gemm(rec: Recorder, cfg: dict) -> None:
+    from .bench import interleaved_medians
+
+    device = stage_device(cfg)
+    pk = peaks(device)
+    probes = _probes(device)
+    reps = 3 if cfg["dry_run"] else 10
+    rec.set("baseline", "the high-precision GEMM of the same shape (bf16 torch.mm on CUDA: cuBLAS; fp32 on CPU), timed interleaved")
+    for m, k, n in cfg["shapes"]:
+        for role, rows, red, cols in _gemm_shapes(m, k, n):
+            fns = _gemm_candidates(rows, red, cols, role, device, probes)
+            names = list(fns)
+            times = interleaved_medians([fns[x] for x in names], device, reps)
+            flops = 2.0 * rows * red * cols
+            for name, t in zip(names, times):
+                item = {"shape": [m, k, n], "role": role, "gemm": [rows, red, cols], "kernel": name, "ms": sig(t * 1e3),
+                        "tflops": sig(flops / t / 1e12), "vs_high_precision": sig(times[0] / t)}
+                if pk:
+                    peak = pk["bf16_tflops"] if name == names[0] else pk["int8_tflops"]
+                    item["pct_of_peak"] = sig(100 * flops / t / 1e12 / peak, 3)
+                rec.add("items", item)
+    rec.set("fp8_accuracy", _fp8_accuracy(device, cfg))
+
+
+def _fp8_accuracy(device: torch.device, cfg: dict) -> dict:
+    """The fp8 backward GEMM (e5m2 x e4m3) at the longest contraction of the shapes, against a
+    float64 GEMM of the same fp8 values: relative Frobenius and max errors (qmm promotes its fp8
+    accumulator once per K tile; ``torch._scaled_mm`` shown with and without fast accumulation)."""
+    from codegen.kernels.qmm import FP8_PROMOTE_K, qmm
+
+    m, k, n = max(cfg["shapes"], key=lambda s: s[0])
+    rows, red, cols = n, m, k  # the weight gradient: contraction over the M tokens
+    g = torch.Generator(device="cpu").manual_seed(1)
+    a = torch.randn(rows, red, generator=g).to(device).to(torch.float8_e5m2)
+    b = torch.randn(cols, red, generator=g).to(device).to(torch.float8_e4m3fn).t()
+    one_a, one_b = torch.ones(rows, 1, device=device), torch.ones(1, cols, device=device)
+    ref = a.double() @ b.double()
+    out = {"gemm": [rows, red, cols], "operands": "e5m2 x e4m3 (weight gradient)", "baseline": "float64 GEMM of the same fp8 values",
+           "qmm_promote_every_k": FP8_PROMOTE_K}
+
+    def err(got):
+        d = got.double() - ref
+        return {"rel_fro": float(d.norm() / ref.norm()), "max_rel": float(d.abs().max() / ref.abs().max())}
+
+    out["fqt qmm (fp32 out)"] = _probe(lambda: err(qmm(a, one_a, None, None, b, one_b, None, None, None, torch.float32)))
+    for fast in (False, True):
+        one = torch.tensor(1.0, device=device)
+        out[f"torch._scaled_mm (bf16 out), use_fast_accum={fast}"] = _probe(lambda fast=fast: err(scaled_mm(a, b, one, one, fast)))
+    return out
+
+
+# ------------------------------------------------------------------ quantize
+def quantize(rec: Recorder, cfg: dict) -> None:
+    """Bytes moved per second by the quantize kernel (input read, codes and scales written)
+    as a share of a same-run device-to-device copy of the input."""
+    from codegen.kernels.quantize import quantize as quantize_kernel
+    from fqt_compiler.reference import Layout
+    from fqt_compiler.specs import QuantSpec
+
+    from .bench import interleaved_medians
+
+    device = stage_device(cfg)
+    pk = peaks(device)
+    shapes = [(256, 256), (256, 48)] if cfg["dry_run"] else [(16384, 16384), (16384, 768)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    specs = {"int8 per row": QuantSpec(granularity="row"),
+             "int8 per row, stochastic": QuantSpec(granularity="row", rounding="stochastic"),
+             "int8 per tensor": QuantSpec(),
+             "fp8 e4m3 per row": QuantSpec(format="fp8_e4m3", granularity="row")}
+    rec.set("baseline", "a same-run device-to-device copy of the input (bytes read + written)")
+    for rows, cols in shapes:
+        x = torch.randn(rows, cols, device=device, dtype=dtype)
+        y = torch.empty_like(x)
+        for label, spec in specs.items():
+            outs = quantize_kernel(x, spec, Layout.PENULTIMATE)
+            moved = x.numel() * x.element_size() + sum(o.numel() * o.element_size() for o in outs)
+            t_copy, t_q = interleaved_medians([lambda: y.copy_(x), lambda: quantize_kernel(x, spec, Layout.PENULTIMATE)],
+                                              device, 3 if cfg["dry_run"] else 20)
+            copy_bw, q_bw = 2 * x.numel() * x.element_size() / t_copy, moved / t_q
+            item = {"shape": [rows, cols], "dtype": str(dtype).split(".")[-1], "spec": label, "ms": sig(t_q * 1e3),
+                    "gb_s": sig(q_bw / 1e9), "copy_gb_s": sig(copy_bw / 1e9), "pct_of_copy": sig(100 * q_bw / copy_bw, 3)}
+            if pk:
+                item["pct_of_hbm_peak"] = sig(100 * q_bw / (pk["hbm_tbs"] * 1e12), 3)
+            rec.add("items", item)
+
+
+# ------------------------------------------------------------------ entry
+STAGE_FUNCTIONS = {"preflight": preflight, "tests": tests, "layer": gpu_train.layer, "gemm": gemm,
+                   "quantize": quantize, "e2e": gpu_train.e2e}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_stages", description="one stage of fqt gpu-check")
+    parser.add_argument("stage", choices=list(STAGE_FUNCTIONS))
+    parser.add_argument("--partial", required=True, help="JSON file the stage writes its results to as it goes")
+    parser.add_argument("--config", required=True, help="the run's configuration (JSON)")
+    args = parser.parse_args(argv)
+    cfg = json.loads(args.config)
+    torch.manual_seed(0)
+    STAGE_FUNCTIONS[args.stage](Recorder(args.partial), cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

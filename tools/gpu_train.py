@@ -1,0 +1,238 @@
+"""The model stages of ``fqt gpu-check``: ``layer`` (one Linear layer's fwd+bwd) and ``e2e`` (a
+GPT-2-small training step), each against the high-precision ``torch.compile`` baseline a user
+would run instead (bf16 on CUDA). Timed as ``tools.bench`` times: CUDA events, interleaved
+repetitions, medians; one profiled step counts kernel launches and host vs device time.
+
+In a dry run (CPU) the baseline is fp32 ``torch.compile(backend="aot_eager")`` and fqt runs with
+``inductor=False``: the same code paths at tiny shapes, without minutes of C++ compiles. Every
+ratio in the results names its baseline.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fqt_compiler as fqt
+
+from .bench import Layer, interleaved_medians
+from .gpu_common import Recorder, sig, stage_device
+
+__all__ = ["GPT", "layer", "e2e", "profile_step", "layer_variants"]
+
+
+def _setup(cfg: dict) -> tuple[torch.device, torch.dtype, str]:
+    """Device, high-precision dtype, baseline label; Dynamo limits raised so that every
+    variant compiles (the stage compiles one forward code object many times)."""
+    torch._dynamo.config.cache_size_limit = 256
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
+    device = stage_device(cfg)
+    if device.type == "cuda":
+        return device, torch.bfloat16, "bf16 torch.compile (Inductor)"
+    return device, torch.float32, "fp32 torch.compile(backend='aot_eager') (dry run: Inductor off)"
+
+
+def _compile_baseline(model: nn.Module, cfg: dict):
+    return torch.compile(model, backend="aot_eager") if cfg["dry_run"] else torch.compile(model)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_step(fn, device: torch.device) -> dict:
+    """One step under ``torch.profiler``: kernels run on the device and their summed time,
+    launch calls made by the host, and the host's wall time to issue the step. On the CPU:
+    top-level operators and their summed time instead of kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        host = time.perf_counter() - t0
+        _sync(device)
+    events = list(prof.events())
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        launches = [e for e in events if e.device_type == DeviceType.CPU and "LaunchKernel" in e.name]
+        return {"device_kernels": len(kernels), "host_launch_calls": len(launches), "host_ms": round(host * 1e3, 3),
+                "device_ms": round(sum(e.time_range.elapsed_us() for e in kernels) / 1e3, 3)}
+    top = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    return {"top_level_ops": len(top), "host_ms": round(host * 1e3, 3),
+            "op_ms": round(sum(e.time_range.elapsed_us() for e in top) / 1e3, 3)}
+
+
+# ------------------------------------------------------------------ layer
+def layer_variants(shapes: list, dry_run: bool) -> list[tuple[tuple, str, str]]:
+    """(shape, recipe, fusion) in priority order: int8 fused at every shape, then fp8 fused,
+    then the unfused split (``fusion="off"``) at the first shape."""
+    shapes = [tuple(s) for s in (shapes[:1] if dry_run else shapes)]
+    return [(s, "int8", "auto") for s in shapes] + [(s, "fp8", "auto") for s in shapes] + [(shapes[0], "int8", "off")]
+
+
+def _lowbit(be) -> int:
+    return sum(g.status is fqt.GemmStatus.LOWBIT_KERNEL for r in be.records for s in r.decisions for g in s.gemms)
+
+
+def _layer_step(model: nn.Module, compiled, x: torch.Tensor, grad: torch.Tensor):
+    def run():
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+        compiled(x).backward(grad)
+
+    return run
+
+
+def layer(rec: Recorder, cfg: dict) -> None:
+    device, dtype, base_label = _setup(cfg)
+    reps = 3 if cfg["dry_run"] else 10
+    rec.set("baseline", base_label)
+    baselines: dict[tuple, tuple] = {}
+    for shape, recipe, fusion in layer_variants(cfg["shapes"], cfg["dry_run"]):
+        m, k, n = shape
+        if shape not in baselines:
+            torch.manual_seed(0)
+            base = Layer(k, n).to(device=device, dtype=dtype)
+            x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+            grad = torch.randn(m, n, device=device, dtype=dtype)
+            step = _layer_step(base, _compile_baseline(base, cfg), x, grad)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            baselines[shape] = (base, x, grad, step, time.perf_counter() - t0)
+        base, x, grad, base_step, base_compile = baselines[shape]
+        cand = Layer(k, n).to(device=device, dtype=dtype)
+        cand.load_state_dict(base.state_dict())
+        be = fqt.backend(recipe=recipe, fusion=fusion, inductor=not cfg["dry_run"])
+        step = _layer_step(cand, torch.compile(cand, backend=be), x, grad)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        compile_s = time.perf_counter() - t0
+        t_base, t_cand = interleaved_medians([base_step, step], device, reps)
+        rec.add("items", {
+            "shape": list(shape), "recipe": recipe, "fusion": fusion, "lowbit_gemms": _lowbit(be),
+            "speedup": sig(t_base / t_cand), "baseline": base_label, "baseline_ms": round(t_base * 1e3, 3),
+            "fqt_ms": round(t_cand * 1e3, 3), "fqt_compile_s": round(compile_s, 1), "baseline_compile_s": round(base_compile, 1),
+            "fqt_step_profile": profile_step(step, device), "baseline_step_profile": profile_step(base_step, device),
+        })
+
+
+# ------------------------------------------------------------------ e2e
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    """GPT-2 (pre-norm blocks, learned positions, tied embedding / head, tanh GELU)."""
+
+    def __init__(self, vocab: int, context: int, d: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.blocks = nn.ModuleList(_Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x) @ self.tok.weight.t()
+
+
+GPT2_SMALL = {"vocab": 50304, "context": 1024, "d": 768, "layers": 12, "heads": 12, "batch": 8, "steps": 20}
+DRY_GPT = {"vocab": 512, "context": 64, "d": 64, "layers": 2, "heads": 4, "batch": 4, "steps": 6}
+
+
+def _tokens(device: torch.device) -> torch.Tensor:
+    """The bytes of Python's own documentation (``pydoc_data.topics``), as token ids."""
+    import pydoc_data.topics as topics
+
+    text = "".join(topics.topics[k] for k in sorted(topics.topics)).encode()
+    return torch.tensor(list(text), dtype=torch.long, device=device)
+
+
+def _train(compiled, model: nn.Module, data: torch.Tensor, g: dict, device: torch.device, rec: Recorder, label: str) -> dict:
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
+    gen = torch.Generator(device="cpu").manual_seed(1234)  # the same batches for every run
+    losses, times = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(g["steps"]):
+        starts = torch.randint(0, data.numel() - g["context"] - 1, (g["batch"],), generator=gen).to(device)
+        idx = starts[:, None] + torch.arange(g["context"] + 1, device=device)
+        chunk = data[idx]
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = compiled(chunk[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, g["vocab"]), chunk[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # synchronizes
+        times.append(time.perf_counter() - t0)
+        rec.set(f"{label} progress", {"steps_done": step + 1, "losses": [round(v, 4) for v in losses]})
+    steady = times[min(3, len(times) - 1):]
+    out = {"compile_and_first_step_s": round(times[0], 1), "median_step_ms": round(statistics.median(steady) * 1e3, 2),
+           "tokens_per_s": round(g["batch"] * g["context"] / statistics.median(steady), 1), "losses": [round(v, 4) for v in losses]}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return out
+
+
+def e2e(rec: Recorder, cfg: dict) -> None:
+    """GPT-2 small (12 layers, width 768, vocab 50304, T = 1024, batch 8) trained 20 steps from
+    one initialization on the same batches, bf16 ``torch.compile`` then fqt ``int8``."""
+    device, _, base_label = _setup(cfg)
+    g = DRY_GPT if cfg["dry_run"] else GPT2_SMALL
+    data = _tokens(device)
+    rec.set("config", {**g, "data": "bytes of pydoc_data.topics", "optimizer": "AdamW lr 6e-4, wd 0.1",
+                       "precision": "bf16 autocast (both runs)" if device.type == "cuda" else "fp32"})
+    runs = {}
+    for label in ("baseline", "fqt int8"):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model = GPT(g["vocab"], g["context"], g["d"], g["layers"], g["heads"]).to(device)
+        if label == "baseline":
+            compiled, be = _compile_baseline(model, cfg), None
+        else:
+            be = fqt.backend(recipe="int8", inductor=not cfg["dry_run"])
+            compiled = torch.compile(model, backend=be)
+        runs[label] = _train(compiled, model, data, g, device, rec, label)
+        if be is not None:
+            runs[label]["lowbit_gemms"] = _lowbit(be)
+        rec.set(label, runs[label])
+        del model, compiled
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    b, f = runs["baseline"], runs["fqt int8"]
+    rec.set("comparison", {
+        "baseline": base_label,
+        "tokens_per_s_ratio": sig(f["tokens_per_s"] / b["tokens_per_s"]),
+        "final_loss_rel_diff": round((f["losses"][-1] - b["losses"][-1]) / b["losses"][-1], 4),
+        **({"peak_memory_ratio": round(f["peak_memory_gib"] / b["peak_memory_gib"], 3)} if "peak_memory_gib" in b else {}),
+    })
