@@ -27,7 +27,7 @@ from passes.graph_utils import call
 
 from .ops import qmm_cpu, qmm_op
 
-__all__ = ["inline_quantize_ops", "inline_qmm_ops"]
+__all__ = ["inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions"]
 
 
 def _static(val: object) -> bool:
@@ -42,10 +42,19 @@ def _example(val: object) -> object:
     return torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=val.device)
 
 
-def _inline(gm: fx.GraphModule, node: fx.Node, fn: Callable, args: tuple) -> None:
-    """Trace ``fn(*args)`` (node args replaced by examples) and splice it in place of ``node``."""
+def inductor_decompositions() -> dict:
+    """Inductor's decomposition table, safe to use before Inductor has compiled anything: some
+    of its decompositions (max pooling's) call into ``torch._inductor.lowering``, which only
+    Inductor's own compile path imports -- without this import the first model with a
+    ``MaxPool2d`` in a fresh process fails."""
+    import torch._inductor.lowering  # noqa: F401  (registers what the decompositions call)
     from torch._inductor.decomposition import select_decomp_table
 
+    return select_decomp_table()
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, fn: Callable, args: tuple) -> None:
+    """Trace ``fn(*args)`` (node args replaced by examples) and splice it in place of ``node``."""
     tensor_args = [a for a in args if isinstance(a, fx.Node)]
     examples = [_example(a.meta["val"]) for a in tensor_args]
 
@@ -56,7 +65,7 @@ def _inline(gm: fx.GraphModule, node: fx.Node, fn: Callable, args: tuple) -> Non
     # a private tracing context: make_fx would otherwise adopt the ambient compile's fake mode
     # and its shape environment, and trace with symbolic sizes
     with torch._guards.tracing(None):
-        sub = make_fx(traced, decomposition_table=select_decomp_table(), tracing_mode="fake")(*examples)
+        sub = make_fx(traced, decomposition_table=inductor_decompositions(), tracing_mode="fake")(*examples)
     fake_mode = next(a.meta["val"].fake_mode for a in tensor_args)
     env: dict[fx.Node, object] = {}
     placeholders = iter(tensor_args)

@@ -165,9 +165,9 @@ class FQTBackend:
 
         kwargs: dict[str, Any] = {}
         if config.mode is Mode.KERNELS and config.inductor:
-            from torch._inductor.decomposition import select_decomp_table
+            from codegen.inline import inductor_decompositions
 
-            kwargs["decompositions"] = select_decomp_table()  # what Inductor's lowerings expect
+            kwargs["decompositions"] = inductor_decompositions()  # what Inductor's lowerings expect
         return aot_autograd(
             fw_compiler=compiler,
             bw_compiler=compiler,
