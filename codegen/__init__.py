@@ -91,9 +91,9 @@ def _triton_sources(gm: fx.GraphModule) -> dict[str, str]:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, name: str = "graph") -> CompiledGraph:
-    """Compile ``gm`` for ``config.mode``: a boxed callable, the lowering decisions, the sources."""
+    """Compile ``gm`` for ``config.execution``: a boxed callable, the lowering decisions, the sources."""
     lowered: list[LoweredGemm] = []
-    if config.mode is not Mode.KERNELS:
+    if config.execution is not Mode.KERNELS:
         return CompiledGraph(make_boxed_func(gm.forward), lowered)
     lowered = lower_gemms(gm)
     stage = name.rsplit("_", 1)[-1]
@@ -114,15 +114,40 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
     fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes if hasattr(n.meta.get("val"), "fake_mode"))
     with V.set_fake_mode(fake_mode):
         replace_random_passes(gm)
-    with torch._inductor.config.patch(realize_reads_threshold=1):
-        # A value a quantizer reads twice (its statistics pass, then its codes pass) is stored
-        # once instead of recomputed per pass: on CPU recomputing e.g. GELU's erf in both
-        # passes lost to the standalone quantizer at 2048^3 (0.95x), storing wins (1.04x).
+    # A value a quantizer reads twice (its statistics pass, then its codes pass) is stored
+    # once instead of recomputed per pass: on CPU recomputing e.g. GELU's erf in both
+    # passes lost to the standalone quantizer at 2048^3 (0.95x), storing wins (1.04x).
+    with torch._inductor.config.patch({"realize_reads_threshold": 1, **_inductor_mode_options(gm, config)}):
         compiled = compile_fx_inner(gm, example_inputs)
     code = getattr(compiled, "source_code", None)
     if code:
         sources[f"inductor:{name}"] = code
     return CompiledGraph(compiled, lowered, sources, fused, layouts)
+
+
+def _inductor_mode_options(gm: fx.GraphModule, config: FQTConfig) -> dict:
+    """Inductor's settings for torch.compile's ``mode`` (``config.inductor_mode``). fqt's
+    kernels are not yet launched in a form CUDA graph capture takes: on CUDA,
+    ``"reduce-overhead"`` (CUDA graphs and nothing else) is refused, and ``"max-autotune"`` keeps
+    its autotuning and warns that it captures no CUDA graphs. The CPU has no CUDA graphs."""
+    import warnings
+
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(config.inductor_mode))
+    if options.pop("triton.cudagraphs", False) and _on_cuda(gm):
+        if not options:
+            raise OptionsError(
+                f"mode={config.inductor_mode!r} captures CUDA graphs, which fqt's kernels do not support yet; "
+                "use the default mode or 'max-autotune-no-cudagraphs'"
+            )
+        warnings.warn(f"fqt: mode={config.inductor_mode!r} autotunes but captures no CUDA graphs (not supported by fqt's "
+                      "kernels yet); 'max-autotune-no-cudagraphs' says so without this warning", stacklevel=2)
+    return options
+
+
+def _on_cuda(gm: fx.GraphModule) -> bool:
+    return any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type == "cuda" for n in gm.graph.nodes)
 
 
 def _fuse(gm: fx.GraphModule, config: FQTConfig) -> tuple[list, list]:

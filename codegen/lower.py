@@ -1,6 +1,6 @@
 """Lowering: turn ``dequantize -> GEMM`` chains of a partitioned graph into low-bit GEMM calls.
 
-Runs on the forward and backward graphs after partitioning (``mode="kernels"``). For every GEMM
+Runs on the forward and backward graphs after partitioning (``execution="kernels"``). For every GEMM
 the passes marked (``meta["fqt"]`` is a ``GemmNodeInfo``) it matches each operand back through
 transposes / batch reshapes to the aten dequantization ``(codes - zp) * scale + offset`` of an
 ``fqt::quantize`` (forward graph) or of saved codes (backward graph), checks that the layout is

@@ -1,4 +1,4 @@
-"""Custom ops used by lowered graphs (``mode="kernels"``), each with a fake implementation.
+"""Custom ops used by lowered graphs (``execution="kernels"``), each with a fake implementation.
 
 * ``fqt::qmm``: the low-bit GEMM with the dequantization fused in the epilogue. CUDA: the
   Triton kernel of ``kernels/qmm.py``. CPU: ``torch._int_mm`` (VNNI int8, exact int32

@@ -27,6 +27,7 @@ from ._logging import dump_dir
 from .config import FQTConfig
 from .dump import graph_text, runnable_source
 from .config import Fusion, Mode
+from .errors import OptionsError
 from .sites import GemmStatus, SiteDecision
 
 __all__ = ["FQTBackend", "GraphRecord", "backend", "fqt_backend", "last_compiles"]
@@ -88,7 +89,7 @@ class FQTBackend:
         self.records: list[GraphRecord] = []
 
     def __repr__(self) -> str:
-        return f"FQTBackend(recipe={self.config.recipe.name!r}, mode={self.config.mode.value!r})"
+        return f"FQTBackend(recipe={self.config.recipe.name!r}, execution={self.config.execution.value!r})"
 
     def _run_passes(self, gm: fx.GraphModule, record: GraphRecord, param_indices: frozenset[int]) -> None:
         from passes import PassContext, run_passes
@@ -122,7 +123,7 @@ class FQTBackend:
         def partition_fn(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
             record.kind = "joint"
             self._run_passes(joint, record, param_indices)
-            if config.mode is Mode.KERNELS and config.fusion is not Fusion.OFF:
+            if config.execution is Mode.KERNELS and config.fusion is not Fusion.OFF:
                 from codegen.code_layout import mark_saved_codes
 
                 mark_saved_codes(joint)  # codes the backward reads K-major only column-major
@@ -152,7 +153,7 @@ class FQTBackend:
             record.layouts.extend(out.layouts)
             if config.debug:  # the partitioned (and, in kernels mode, lowered) graph
                 stage = name.split("_", 1)[1]
-                title = f"fqt graph {record.graph_id}, partitioned {stage} ({config.mode.value} mode)"
+                title = f"fqt graph {record.graph_id}, partitioned {stage} ({config.execution.value} mode)"
                 record.stages.append((stage, graph_text(graph), runnable_source(graph, title, f"{stage}.py")))
             if self.dump_dir:
                 self._dump()
@@ -164,7 +165,7 @@ class FQTBackend:
             return compiler(graph, inputs)
 
         kwargs: dict[str, Any] = {}
-        if config.mode is Mode.KERNELS and config.inductor:
+        if config.execution is Mode.KERNELS and config.inductor:
             from codegen.inline import inductor_decompositions
 
             kwargs["decompositions"] = inductor_decompositions()  # what Inductor's lowerings expect
@@ -186,16 +187,23 @@ def _is_tensor_node(node: Any) -> bool:
 def backend(recipe: Any = None, **options: Any) -> FQTBackend:
     """A configured backend: ``torch.compile(model, backend=fqt.backend(recipe="bhq5"))``.
 
-    Options: ``recipe`` (name or Recipe; default ``"int8"``), ``mode`` (``"kernels"``, the
-    default, or ``"reference"``), ``inductor`` (kernels mode: compile the rest of each graph
-    with Inductor, default True), ``strict`` (raise instead of skipping a GEMM the recipe wants quantized), ``debug`` (verify
-    after every pass, keep every pass's graph text).
+    Options: ``recipe`` (name or Recipe; default ``"int8"``), ``execution`` (``"kernels"``,
+    the default, or ``"reference"``), ``inductor`` (kernels mode: compile the rest of each graph
+    with Inductor, default True), ``inductor_mode`` (torch.compile's ``mode`` for that),
+    ``strict`` (raise instead of skipping a GEMM the recipe wants quantized), ``debug`` (verify
+    after every pass, keep every pass's graph text); see :class:`FQTConfig` for the rest.
     """
     if recipe is not None:
         options["recipe"] = recipe
     return FQTBackend(FQTConfig.from_options(options))
 
 
-def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None):
-    """The function registered as ``backend="fqt"``; ``options`` come from torch.compile."""
+def fqt_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None, mode: str | None = None):
+    """The function registered as ``backend="fqt"``. ``torch.compile`` passes ``options`` and
+    its ``mode`` (which becomes ``inductor_mode``; torch never passes both)."""
+    options = dict(options or {})
+    if mode is not None:
+        if "inductor_mode" in options or "mode" in options:
+            raise OptionsError("torch.compile's mode= and options={'inductor_mode' / 'mode': ...} both given; give one")
+        options["inductor_mode"] = mode
     return FQTBackend(FQTConfig.from_options(options))(gm, example_inputs)

@@ -10,7 +10,7 @@ from .errors import OptionsError, SpecError
 from .recipes import DEFAULT_RECIPE, Recipe, recipe
 from .specs import GemmKind, TensorRole
 
-__all__ = ["Mode", "Fusion", "FQTConfig"]
+__all__ = ["Mode", "Fusion", "FQTConfig", "INDUCTOR_MODES"]
 
 
 class Mode(enum.Enum):
@@ -38,6 +38,28 @@ def _parse_enum(name: str, value: Any, enum_cls: type[enum.Enum]) -> enum.Enum:
         raise OptionsError(f"option {name}={value!r} is not valid; use one of {[m.value for m in enum_cls]}") from None
 
 
+# torch.compile's modes (torch._inductor.list_mode_options)
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _resolve_mode(merged: dict[str, Any]) -> None:
+    """Move ``merged["mode"]`` to ``inductor_mode`` or (with a warning) to ``execution``."""
+    import warnings
+
+    value = merged.pop("mode")
+    target = "inductor_mode" if str(value).lower() in INDUCTOR_MODES else None
+    if isinstance(value, Mode) or str(value).lower() in [m.value for m in Mode]:
+        warnings.warn(f"fqt option mode={str(getattr(value, 'value', value))!r} is now execution=...; 'mode' is torch.compile's "
+                      "Inductor mode", FutureWarning, stacklevel=4)
+        target = "execution"
+    if target is None:
+        raise OptionsError(f"option mode={value!r} is not valid: fqt's execution mode is the option 'execution' "
+                           f"({[m.value for m in Mode]}); torch.compile's modes are {list(INDUCTOR_MODES)}")
+    if target in merged:
+        raise OptionsError(f"option mode={value!r} given together with {target}={merged[target]!r}; give one")
+    merged[target] = str(value).lower() if target == "inductor_mode" else value
+
+
 @dataclass(frozen=True, kw_only=True)
 class FQTConfig:
     """Configuration of the ``fqt`` backend.
@@ -48,8 +70,9 @@ class FQTConfig:
 
     recipe: Recipe
     """Spec per operand of each of the three GEMMs."""
-    mode: Mode = Mode.KERNELS
-    """Execution mode of the rewritten graphs."""
+    execution: Mode = Mode.KERNELS
+    """How the rewritten graphs execute (``"kernels"`` or ``"reference"``); formerly the option
+    ``mode``, which ``from_options`` still accepts with a warning."""
     inductor: bool = True
     """In kernels mode, compile everything around the low-bit kernels with Inductor; False runs
     it eagerly (fast to compile: tests, debugging)."""
@@ -64,12 +87,19 @@ class FQTConfig:
     """Run the invariant verifier after every pass and keep each pass's graph text."""
     rules: tuple = ()
     """Placement rules (``fqt.Rule``), first match wins per GEMM; the recipe decides the rest."""
+    inductor_mode: str = "default"
+    """torch.compile's ``mode`` for what Inductor compiles (kernels mode): ``"default"``,
+    ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``, ``"reduce-overhead"``. Set by
+    ``torch.compile(m, backend="fqt", mode=...)``; inside ``options`` use this name, since torch
+    refuses ``mode`` together with ``options``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, Recipe):
             raise SpecError(f"FQTConfig.recipe must be a Recipe, got {type(self.recipe).__name__}")
-        if not isinstance(self.mode, Mode):
-            raise OptionsError(f"FQTConfig.mode must be a Mode, got {self.mode!r}")
+        if not isinstance(self.execution, Mode):
+            raise OptionsError(f"FQTConfig.execution must be a Mode, got {self.execution!r}")
+        if self.inductor_mode not in INDUCTOR_MODES:
+            raise OptionsError(f"option inductor_mode={self.inductor_mode!r} is not valid; use one of {list(INDUCTOR_MODES)}")
         from .rules import Rule
 
         if not isinstance(self.rules, tuple) or not all(isinstance(r, Rule) for r in self.rules):
@@ -79,29 +109,41 @@ class FQTConfig:
         for name in ("strict", "debug", "inductor", "never_slower"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
-        if self.never_slower and self.mode is Mode.REFERENCE:
+        if self.never_slower and self.execution is Mode.REFERENCE:
             raise OptionsError(
-                "never_slower=True keeps GEMMs that cannot beat high precision with low-bit kernels; mode='reference' "
-                "runs no kernels (it simulates every GEMM). Use mode='kernels', or drop never_slower"
+                "never_slower=True keeps GEMMs that cannot beat high precision with low-bit kernels; execution='reference' "
+                "runs no kernels (it simulates every GEMM). Use execution='kernels', or drop never_slower"
             )
 
     @classmethod
     def option_names(cls) -> list[str]:
+        """The options ``from_options`` takes (``mode`` too: see :meth:`from_options`)."""
         return [f.name for f in fields(cls)]
+
+    @property
+    def mode(self) -> Mode:
+        """The execution mode (the former name of :attr:`execution`)."""
+        return self.execution
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None = None, **kwargs: Any) -> FQTConfig:
-        """Parse user options (strings allowed for ``recipe`` and ``mode``)."""
+        """Parse user options (strings allowed for ``recipe``, ``execution`` and ``fusion``).
+
+        ``mode`` is read by its value: an Inductor mode (``"max-autotune"``, ...) sets
+        ``inductor_mode``, as in ``torch.compile``; ``"kernels"`` / ``"reference"`` set
+        ``execution`` (its former name) with a FutureWarning."""
         merged = dict(options or {})
         overlap = set(merged) & set(kwargs)
         if overlap:
             raise OptionsError(f"option(s) {sorted(overlap)} given twice")
         merged.update(kwargs)
+        if "mode" in merged:
+            _resolve_mode(merged)
         unknown = sorted(set(merged) - set(cls.option_names()))
         if unknown:
             raise OptionsError(f"unknown fqt option(s) {unknown}; valid options are {cls.option_names()}")
         merged["recipe"] = recipe(merged.get("recipe", DEFAULT_RECIPE))
-        merged["mode"] = _parse_enum("mode", merged.get("mode", Mode.KERNELS), Mode)
+        merged["execution"] = _parse_enum("execution", merged.get("execution", Mode.KERNELS), Mode)
         merged["fusion"] = _parse_enum("fusion", merged.get("fusion", Fusion.AUTO), Fusion)
         rules = merged.get("rules", ())
         if isinstance(rules, (list, tuple)):
@@ -110,10 +152,11 @@ class FQTConfig:
 
     def uuid(self) -> str:
         """A stable text identity of everything that shapes the rewritten graphs (recipe specs,
-        rules, mode): two configs with the same uuid compile identically."""
+        rules, execution, fusion, Inductor mode): two configs with the same uuid compile identically."""
         import hashlib
 
         r = self.recipe
         specs = [(k.value, role.value, getattr(r.spec(k, role), "key", lambda: None)()) for k in GemmKind for role in TensorRole]
-        text = repr((r.name, specs, [rule.key() for rule in self.rules], self.mode.value, self.inductor, self.fusion.value, self.never_slower))
+        text = repr((r.name, specs, [rule.key() for rule in self.rules], self.execution.value, self.inductor, self.fusion.value, self.never_slower,
+                     self.inductor_mode))
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -45,7 +45,7 @@ _OBSERVER: contextvars.ContextVar[list | None] = contextvars.ContextVar("fqt_qua
 def capture_quantizer_inputs():
     """Within this block, every stochastic quantization run by the reference ops records
     ``(input, spec, layout)``: the gradient tensors the quantizers actually see (statistics).
-    Only graphs executed with the reference ops report (``mode="reference"``)."""
+    Only graphs executed with the reference ops report (``execution="reference"``)."""
     seen: list = []
     token = _OBSERVER.set(seen)
     try:

@@ -25,7 +25,7 @@ The contract:
   their output, and recomputation must give the same values.
 * Without a kernel, a custom quantizer runs *simulated* (quantize-dequantize, then a
   high-precision GEMM), and the decision table says so. ``kernel=`` (same signature) is called
-  instead in ``mode="kernels"`` on CUDA tensors: a Triton launcher, for instance.
+  instead in ``execution="kernels"`` on CUDA tensors: a Triton launcher, for instance.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ every term on a real model:
 * ``advise_bits``: per layer, the smallest bit width for PTQ / PSQ / BHQ keeping that layer's
   quantization variance below ``alpha`` times its share of the sampling variance.
 
-Variances are traces (sums over parameter entries). Everything runs in ``mode="reference"``
+Variances are traces (sums over parameter entries). Everything runs in ``execution="reference"``
 (the quantizers observed are the reference ops), and leaves the model's state as it found it.
 """
 
@@ -71,7 +71,7 @@ class _Runner:
         """(len(seeds) * len(batches), n_params) flat gradients; seeds x batches."""
         state = copy.deepcopy(self.model.state_dict())
         torch._dynamo.reset()  # one compile per configuration, none reused across them
-        be = FQTBackend(FQTConfig.from_options({"recipe": recipe, "mode": "reference", "rules": list(rules)}))
+        be = FQTBackend(FQTConfig.from_options({"recipe": recipe, "execution": "reference", "rules": list(rules)}))
         compiled = torch.compile(self.model, backend=be)
         out = []
         try:
@@ -242,7 +242,7 @@ def _quantizer_stats(model, loss_fn, batch, r: Recipe, n: int) -> list[Quantizer
 
     state = copy.deepcopy(model.state_dict())
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=FQTBackend(FQTConfig.from_options({"recipe": r, "mode": "reference"})))
+    compiled = torch.compile(model, backend=FQTBackend(FQTConfig.from_options({"recipe": r, "execution": "reference"})))
     try:
         with capture_quantizer_inputs() as seen:
             loss_fn(compiled, batch).backward()

@@ -90,8 +90,8 @@ def test_never_slower_off_changes_nothing_and_needs_kernels_mode():
     torch.manual_seed(0)
     report = fqt.explain(TwoLinears(), torch.randn(512, 16), recipe="bhq8", inductor=False)
     assert all(g.skip_kind is None for r in report.records for s in r.decisions for g in s.gemms)
-    with pytest.raises(fqt.OptionsError, match="never_slower=True .* mode='reference'"):
-        fqt.backend(mode="reference", never_slower=True)
+    with pytest.raises(fqt.OptionsError, match="never_slower=True .* execution='reference'"):
+        fqt.backend(execution="reference", never_slower=True)
 
 
 def test_prologue_fusion_is_what_makes_gpt2_widths_win_on_h100():

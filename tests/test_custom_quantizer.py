@@ -39,14 +39,14 @@ class Square(nn.Module):
         return self.lin(x)
 
 
-def _grad_input_draws(recipe, n, mode="reference"):
+def _grad_input_draws(recipe, n, execution="reference"):
     """grad_x = Q(G) W_hat: recover Q(G) = grad_x W_hat^-1 from each backward pass."""
     d = 6
     torch.manual_seed(0)
     model = Square(d)
     x = (torch.randn(d, d) + 2 * torch.eye(d)).requires_grad_(True)
     G = torch.randn(d, d)
-    compiled = torch.compile(model, backend=fqt.backend(recipe=recipe, mode=mode, inductor=False))
+    compiled = torch.compile(model, backend=fqt.backend(recipe=recipe, execution=mode, inductor=False))
     w_hat = fqt.quantize(model.lin.weight.detach(), recipe.output.weight).double()
     draws = []
     for i in range(n):
@@ -76,7 +76,7 @@ def test_custom_quantizer_changes_the_gradient_as_its_reference_predicts(ternary
 
 
 def test_custom_quantizer_shows_in_explain_as_simulated(ternary_recipe):
-    report = fqt.explain(Square(6), torch.randn(4, 6, requires_grad=True), recipe=ternary_recipe, mode="kernels", inductor=False)
+    report = fqt.explain(Square(6), torch.randn(4, 6, requires_grad=True), recipe=ternary_recipe, execution="kernels", inductor=False)
     (gi,) = [g for _, g in report.rows() if g.kind is fqt.GemmKind.GRAD_INPUT]
     (grad,) = [o for o in gi.operands if o.role is fqt.TensorRole.GRAD_OUTPUT]
     assert grad.spec.short().startswith("custom:ternary")

@@ -76,7 +76,7 @@ def _worker(rank: int, tmp: str) -> None:
     for recipe in ("exact", "psq4"):
         torch._dynamo.reset()
         model = _model()
-        compiled = torch.compile(nn.parallel.DistributedDataParallel(model), backend=fqt.backend(recipe=recipe, mode="reference"))
+        compiled = torch.compile(nn.parallel.DistributedDataParallel(model), backend=fqt.backend(recipe=recipe, execution="reference"))
         out[f"ddp/{recipe}"] = _draws(compiled, model, _half(rank)) if recipe == "psq4" else [_step(compiled, model, _half(rank), 0)]
     from torch.distributed.fsdp import fully_shard
 
@@ -86,7 +86,7 @@ def _worker(rank: int, tmp: str) -> None:
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        be = fqt.compile_sharded(model, recipe=recipe, mode="reference")
+        be = fqt.compile_sharded(model, recipe=recipe, execution="reference")
         out[f"fsdp/{recipe}"] = _draws(model, model, _half(rank)) if recipe == "psq4" else [_step(model, model, _half(rank), 0)]
         out[f"fsdp/{recipe}/sites"] = [(g.kind.value, g.status.value) for r in be.records for s in r.decisions for g in s.gemms]
         out[f"fsdp/{recipe}/sharded"] = type(model.head.weight).__name__
@@ -115,7 +115,7 @@ def _single(recipe: str, draws: int) -> list[list[torch.Tensor]]:
     per-rank means computes), ``draws`` seeded steps."""
     torch._dynamo.reset()
     model = _model()
-    compiled = torch.compile(model, backend=fqt.backend(recipe=recipe, mode="reference"))
+    compiled = torch.compile(model, backend=fqt.backend(recipe=recipe, execution="reference"))
     out = []
     for k in range(draws):
         halves = [_step(compiled, model, _half(r), 1000 + k if draws > 1 else 0) for r in range(WORLD)]
@@ -163,7 +163,7 @@ def test_fsdp2_gemms_are_compiled_and_quantized(results):
     sites = results[0]["fsdp/int8/sites"]
     # three Linears, each a forward and two backward GEMMs (the first layer has no grad_input)
     assert len([s for s in sites if s[0] == "output"]) == 3
-    assert sites and all(status == "simulated" for _, status in sites), sites  # mode="reference"
+    assert sites and all(status == "simulated" for _, status in sites), sites  # execution="reference"
 
 
 def test_each_rank_rounds_with_its_own_reproducible_noise(results):

@@ -14,7 +14,7 @@ import fqt_compiler as fqt
 @pytest.mark.parametrize("recipe", ["int8", "bhq5"])
 def test_new_batch_sizes_reuse_the_dynamic_graph(mode, recipe):
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    be = fqt.backend(recipe=recipe, mode=mode, inductor=False)
+    be = fqt.backend(recipe=recipe, execution=mode, inductor=False)
     compiled = torch.compile(model, backend=be)
     for batch in (8, 12, 20, 24, 7):
         loss = compiled(torch.randn(batch, 16)).square().mean()

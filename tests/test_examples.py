@@ -21,7 +21,7 @@ def test_preact_resnet20_trains(recipe):
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 3])
     counters.clear()
-    be = fqt.backend(recipe=recipe, mode="reference")
+    be = fqt.backend(recipe=recipe, execution="reference")
     compiled = torch.compile(model, backend=be)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []

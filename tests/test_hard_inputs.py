@@ -12,7 +12,7 @@ import fqt_compiler as fqt
 from tests.helpers.recipes import nearest_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MODES = [dict(mode="reference"), dict(mode="kernels", inductor=False)]
+MODES = [dict(execution="reference"), dict(execution="kernels", inductor=False)]
 MODE_IDS = ["reference", "kernels"]
 
 

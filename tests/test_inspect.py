@@ -28,18 +28,18 @@ def _example():
 @pytest.mark.parametrize("recipe", ["int8", "bhq5"])
 def test_explain_text_matches_golden(recipe):
     model, inputs = _example()
-    text = str(fqt.explain(model, *inputs, recipe=recipe, mode="reference")) + "\n"
+    text = str(fqt.explain(model, *inputs, recipe=recipe, execution="reference")) + "\n"
     golden = GOLDEN / f"explain_mlp_{recipe}.txt"
     if os.environ.get("FQT_UPDATE_GOLDEN") == "1":
         golden.write_text(text)
     assert text == golden.read_text()
     # stable: a second compile in the same process prints the same text
-    assert str(fqt.explain(model, *inputs, recipe=recipe, mode="reference")) + "\n" == text
+    assert str(fqt.explain(model, *inputs, recipe=recipe, execution="reference")) + "\n" == text
 
 
 def test_report_stage_files_run(tmp_path):
     model, inputs = _example()
-    report = fqt.explain(model, *inputs, recipe="psq8", mode="kernels", inductor=False)
+    report = fqt.explain(model, *inputs, recipe="psq8", execution="kernels", inductor=False)
     report.write(tmp_path)
     files = sorted((tmp_path / "graph0").glob("*.py"))
     stages = [f.stem.split("_", 1)[1] for f in files]
@@ -53,7 +53,7 @@ def test_report_stage_files_run(tmp_path):
 
 def test_picture_distinguishes_quantize_nodes_and_gemm_kinds(tmp_path, monkeypatch):
     model, inputs = _example()
-    report = fqt.explain(model, *inputs, recipe="bhq5", mode="reference")
+    report = fqt.explain(model, *inputs, recipe="bhq5", execution="reference")
     dot = report.records[0].dot
     for color in ("#4c78a8", "#54a24b", "#e45756", "#f58518", "#eeca3b", "#ff9da6"):  # 3 GEMM kinds, q, dq, T^-1
         assert color in dot
@@ -66,7 +66,7 @@ def test_picture_distinguishes_quantize_nodes_and_gemm_kinds(tmp_path, monkeypat
 def test_fqt_dump_dir_writes_every_compiled_graph(tmp_path, monkeypatch):
     monkeypatch.setenv("FQT_DUMP_DIR", str(tmp_path))
     model, inputs = _example()
-    compiled = torch.compile(model, backend=fqt.backend(recipe="int8", mode="reference"))
+    compiled = torch.compile(model, backend=fqt.backend(recipe="int8", execution="reference"))
     compiled(*inputs).sum().backward()
     assert "grad_weight" in (tmp_path / "report.txt").read_text()
     names = {f.name for f in (tmp_path / "graph0").iterdir()}
@@ -94,7 +94,7 @@ def test_inspect_rejects_bad_factories(spec, message, capsys):
 
 def test_dumped_text_has_no_machine_paths(tmp_path):
     model, inputs = _example()
-    fqt.explain(model, *inputs, recipe="int8", mode="reference").write(tmp_path)
+    fqt.explain(model, *inputs, recipe="int8", execution="reference").write(tmp_path)
     for f in (tmp_path / "graph0").glob("*.txt"):
         text = f.read_text()
         assert str(EXAMPLE.parent) not in text and "0x7f" not in text, f.name
@@ -103,7 +103,7 @@ def test_dumped_text_has_no_machine_paths(tmp_path):
 def test_per_pass_log_on_the_fqt_compiler_logger(caplog):
     model, inputs = _example()
     with caplog.at_level("DEBUG", logger="fqt_compiler"):
-        fqt.explain(model, *inputs, recipe="int8", mode="reference")
+        fqt.explain(model, *inputs, recipe="int8", execution="reference")
     passes_logged = [r.getMessage() for r in caplog.records if r.name == "fqt_compiler.passes"]
     for name in ("find_sites", "select_specs", "insert_qdq", "dedupe"):
         assert any(f"pass {name} done" in msg for msg in passes_logged), name
@@ -112,7 +112,7 @@ def test_per_pass_log_on_the_fqt_compiler_logger(caplog):
 
 def test_fqt_log_environment_knob():
     env = dict(os.environ, FQT_LOG="debug")
-    code = "import torch, fqt_compiler as fqt; fqt.explain(torch.nn.Linear(4, 3), torch.randn(2, 4), mode='reference')"
+    code = "import torch, fqt_compiler as fqt; fqt.explain(torch.nn.Linear(4, 3), torch.randn(2, 4), execution='reference')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and "[fqt_compiler.passes] pass insert_qdq done" in run.stderr
 

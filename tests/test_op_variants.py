@@ -40,7 +40,7 @@ def _inputs():
 
 def test_variants_every_gemm_found_and_quantized():
     model = Variants()
-    report = fqt.explain(model, *_inputs(), recipe="bhq5", mode="reference", debug=True)
+    report = fqt.explain(model, *_inputs(), recipe="bhq5", execution="reference", debug=True)
     counts = report.counts()
     # 4 convs x 3 GEMMs + 3 weight matmuls x 3 + (L @ r): output + grad_weight only
     assert counts == {"lowbit-kernel": 0, "simulated": 4 * 3 + 3 * 3 + 2, "skipped": 0}, str(report)
@@ -58,7 +58,7 @@ def test_variants_train_step_finite(recipe):
     model = Variants()
     ref = Variants()
     ref.load_state_dict(model.state_dict())
-    compiled = torch.compile(model, backend=fqt.backend(recipe=recipe, mode="reference", debug=True))
+    compiled = torch.compile(model, backend=fqt.backend(recipe=recipe, execution="reference", debug=True))
     inputs = _inputs()
     compiled(*inputs).backward()
     ref_inputs = _inputs()
@@ -75,7 +75,7 @@ def test_variants_train_step_finite(recipe):
 
 def test_exact_recipe_skips_by_recipe_not_unsupported():
     model = Variants()
-    report = fqt.explain(model, *_inputs(), recipe="exact", mode="reference", strict=True)
+    report = fqt.explain(model, *_inputs(), recipe="exact", execution="reference", strict=True)
     assert report.counts()["skipped"] == 4 * 3 + 3 * 3 + 2
     assert all("high precision" in g.reason for _, g in report.rows())
 
@@ -93,18 +93,18 @@ def test_sdpa_is_reported_skipped_and_strict_raises():
             return F.scaled_dot_product_attention(q, k, v).sum()
 
     x = torch.randn(2, 4, 8)
-    report = fqt.explain(Attn(), x, recipe="int8", mode="reference")
+    report = fqt.explain(Attn(), x, recipe="int8", execution="reference")
     skipped = [g for _, g in report.rows() if g.status is fqt.GemmStatus.SKIPPED]
     assert skipped and all("attention" in g.reason for g in skipped)
     assert report.counts()["simulated"] == 3 * 2  # q, k, v: output + grad_weight (x needs no grad)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="fused attention"):
-        fqt.explain(Attn(), x, recipe="int8", mode="reference", strict=True)
+        fqt.explain(Attn(), x, recipe="int8", execution="reference", strict=True)
 
 
 def test_variants_kernels_mode_lowers_every_realizable_gemm():
     """Kernels mode: 2-D GEMMs whose scales are constant along K become int8 kernels; the
     rest stays simulated, each with its reason (bhq5: per-tensor forward operands)."""
-    report = fqt.explain(Variants(), *_inputs(), recipe="bhq5", mode="kernels", inductor=False)
+    report = fqt.explain(Variants(), *_inputs(), recipe="bhq5", execution="kernels", inductor=False)
     by = {(s.site_id, g.kind): g for s, g in report.rows()}
     reasons = {g.reason for g in by.values() if g.status is fqt.GemmStatus.SIMULATED}
     assert all(reasons), "every simulated GEMM states why"

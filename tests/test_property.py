@@ -64,7 +64,7 @@ def test_random_models_compile_verify_and_train(ops, width, batch, tokens, recip
     torch.manual_seed(0)
     model = RandomNet(ops, width)
     x = torch.randn(batch, tokens, width, requires_grad=True)
-    mode = dict(mode="kernels", inductor=False) if kernels else dict(mode="reference")
+    mode = dict(execution="kernels", inductor=False) if kernels else dict(execution="reference")
     be = fqt.backend(recipe=recipe, debug=True, **mode)  # debug: the verifier runs after every pass
     out = torch.compile(model, backend=be)(x)
     out.square().mean().backward()

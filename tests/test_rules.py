@@ -28,7 +28,7 @@ class Net(nn.Module):
 
 
 def _explain(*rules, recipe="int8", **kw):
-    return fqt.explain(Net(), torch.randn(6, 8), recipe=recipe, mode="reference", rules=list(rules), **kw)
+    return fqt.explain(Net(), torch.randn(6, 8), recipe=recipe, execution="reference", rules=list(rules), **kw)
 
 
 def _by_module(report):
@@ -69,7 +69,7 @@ def test_each_matcher(rule, hit):
 
 
 def test_dim_bounds():
-    report = fqt.explain(nn.Linear(64, 8), torch.randn(32, 64), recipe="int8", mode="reference",
+    report = fqt.explain(nn.Linear(64, 8), torch.randn(32, 64), recipe="int8", execution="reference",
                          rules=[fqt.Rule(name="wide", min_dim=9, high_precision="x"), fqt.Rule(name="narrow", max_dim=8, recipe="qat")])
     assert {g.rule for _, g in report.rows()} == {"rule narrow"}  # smallest dim is N = 8
 
@@ -100,7 +100,7 @@ def test_recipe_action_and_strict_mode_accepts_rule_skips():
 
 def test_skip_small_helper():
     report = fqt.explain(nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 8)), torch.randn(256, 256),
-                         recipe="int8", mode="reference", rules=[fqt.skip_small(min_dim=64)])
+                         recipe="int8", execution="reference", rules=[fqt.skip_small(min_dim=64)])
     rows = _by_module(report)
     assert all(g.status is fqt.GemmStatus.SIMULATED for g in rows["0"].values())
     assert all(g.status is fqt.GemmStatus.SKIPPED and "too small" in g.reason for g in rows["1"].values())
@@ -115,7 +115,7 @@ def test_rules_change_the_gradients_as_asked():
         model.zero_grad()
         torch._dynamo.reset()
         recipe = "exact" if name == "exact" else "int8"
-        torch.compile(model, backend=fqt.backend(recipe=recipe, mode="reference", rules=rules))(x).sum().backward()
+        torch.compile(model, backend=fqt.backend(recipe=recipe, execution="reference", rules=rules))(x).sum().backward()
         grads[name] = model.weight.grad.clone()
     assert torch.equal(grads["exact"], grads["hp-rule"])
 

@@ -63,7 +63,7 @@ def test_transformers_model_trains_under_fqt(factory, recipe):
     torch.manual_seed(0)
     model, inputs, loss_fn = factory()
     counters.clear()
-    be = fqt.backend(recipe=recipe, mode="kernels", inductor=False)
+    be = fqt.backend(recipe=recipe, execution="kernels", inductor=False)
     compiled = torch.compile(model, backend=be)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []

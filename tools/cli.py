@@ -55,7 +55,7 @@ def _inspect(args: argparse.Namespace) -> int:
     import fqt_compiler as fqt
 
     model, inputs = load_factory(args.factory)
-    options = {"mode": args.mode}
+    options = {"execution": args.mode}
     if args.mode == "kernels":
         options["inductor"] = args.inductor
         options["fusion"] = args.fusion

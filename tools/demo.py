@@ -104,7 +104,7 @@ def run_recipe(
     torch._dynamo.reset()  # one process trains many models: start each from a clean cache
     torch.manual_seed(seed)
     model = DigitsNet()
-    compiled = torch.compile(model, backend=fqt.backend(recipe=name, mode=mode))
+    compiled = torch.compile(model, backend=fqt.backend(recipe=name, execution=mode))
     start = time.perf_counter()
 
     # Quantization variance at step 0 (shared initial weights, one fixed batch).
@@ -151,7 +151,7 @@ def qat_sampling_variance(data, *, batch_size: int, seed: int, batches: int) -> 
     torch._dynamo.reset()
     torch.manual_seed(seed)
     model = DigitsNet()
-    compiled = torch.compile(model, backend=fqt.backend(recipe="qat", mode="reference"))
+    compiled = torch.compile(model, backend=fqt.backend(recipe="qat", execution="reference"))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = []
     for b in range(batches):

@@ -77,7 +77,7 @@ def train_lm(recipe: str, steps: int, batch: int = 16, context: int = 64, seed: 
     torch._dynamo.reset()
     torch.manual_seed(seed)
     model = ByteGPT(context=context)
-    compiled = torch.compile(model, backend=fqt.backend(recipe=recipe, mode="reference"))
+    compiled = torch.compile(model, backend=fqt.backend(recipe=recipe, execution="reference"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     curve, start = [], None

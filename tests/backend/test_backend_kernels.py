@@ -1,4 +1,4 @@
-"""mode="kernels" against mode="reference" on the coverage models.
+"""execution="kernels" against execution="reference" on the coverage models.
 
 Without Inductor both modes draw the stochastic roundings from the same generator in the same
 order, so they must agree to fp32 round-off: the only difference is that realizable GEMMs run
@@ -46,8 +46,8 @@ def _assert_grads_close(grads_k, grads_r, rel):
 @pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])
 def test_kernels_mode_matches_reference_mode(model, recipe):
     case = make_case(model)
-    loss_r, grads_r, _ = _run(case, recipe=recipe, mode="reference")
-    loss_k, grads_k, be = _run(case, recipe=recipe, mode="kernels", inductor=False)
+    loss_r, grads_r, _ = _run(case, recipe=recipe, execution="reference")
+    loss_k, grads_k, be = _run(case, recipe=recipe, execution="kernels", inductor=False)
     assert _close(loss_k, loss_r, 1e-5)
     _assert_grads_close(grads_k, grads_r, 1e-4)
     statuses = [g.status for r in be.records for s in r.decisions for g in s.gemms]
@@ -57,7 +57,7 @@ def test_kernels_mode_matches_reference_mode(model, recipe):
 
 def test_kernels_mode_reports_every_gemm_with_a_status_and_reason():
     case = make_case("gpt")
-    report = fqt.explain(case.model, *case.inputs, recipe="int8", mode="kernels", inductor=False)
+    report = fqt.explain(case.model, *case.inputs, recipe="int8", execution="kernels", inductor=False)
     assert report.counts()["skipped"] == 0
     for site, g in report.rows():
         if g.status is fqt.GemmStatus.SIMULATED:
@@ -70,8 +70,8 @@ def test_kernels_mode_reports_every_gemm_with_a_status_and_reason():
 def test_kernels_mode_with_inductor_matches_reference():
     case = make_case("mlp")
     recipe = nearest_gradients("int8")
-    loss_r, grads_r, _ = _run(case, recipe=recipe, mode="reference")
-    loss_k, grads_k, be = _run(case, recipe=recipe, mode="kernels", inductor=True)
+    loss_r, grads_r, _ = _run(case, recipe=recipe, execution="reference")
+    loss_k, grads_k, be = _run(case, recipe=recipe, execution="kernels", inductor=True)
     assert _close(loss_k, loss_r, 1e-5)
     _assert_grads_close(grads_k, grads_r, 1e-4)
     lowered = [g for r in be.records for s in r.decisions for g in s.gemms if g.status is fqt.GemmStatus.LOWBIT_KERNEL]

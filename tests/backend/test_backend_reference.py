@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # --------------------------------------------------------------------------- helpers
 # Reference mode (eager, simulated quantization) compiles in about a second; the default
 # kernels mode hands the graphs to Inductor, which takes tens of seconds on CPU.
-REF = {"mode": "reference"}
+REF = {"execution": "reference"}
 
 
 def compile_fqt(model: torch.nn.Module, recipe: str, **options):

@@ -63,7 +63,7 @@ def _compile(model, swap: bool):
     from codegen import swap_to_kernel_ops
     from passes import PassContext, run_passes
 
-    config = fqt.FQTConfig.from_options({"recipe": "bhq5", "mode": "reference"})
+    config = fqt.FQTConfig.from_options({"recipe": "bhq5", "execution": "reference"})
     swapped = []
 
     def backend(gm, example_inputs):

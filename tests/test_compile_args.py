@@ -1,0 +1,100 @@
+"""torch.compile's own arguments with backend="fqt": ``mode`` (Inductor's, applied to what
+Inductor compiles; ``inductor_mode`` inside ``options``), ``dynamic`` and ``fullgraph``; fqt's
+former ``mode`` option (now ``execution``) still works and warns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+import codegen
+import fqt_compiler as fqt
+from fqt_compiler.config import FQTConfig, Mode
+from tests.helpers.sm90 import as_cuda_graph
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def _spy_modes(monkeypatch) -> list[str]:
+    seen = []
+    real = codegen._inductor_mode_options
+
+    def spy(gm, config):
+        seen.append(config.inductor_mode)
+        return real(gm, config)
+
+    monkeypatch.setattr(codegen, "_inductor_mode_options", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"])
+def test_torch_compile_mode_reaches_inductor(mode, monkeypatch):
+    seen = _spy_modes(monkeypatch)
+    model = _mlp()
+    loss = torch.compile(model, backend="fqt", mode=mode)(torch.randn(4, 16)).square().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    assert seen and set(seen) == {mode}  # the forward and the backward graph
+    rec = fqt.last_compiles()[-1]
+    assert sum(g.status is fqt.GemmStatus.LOWBIT_KERNEL for s in rec.decisions for g in s.gemms) == 5
+
+
+def test_inductor_mode_inside_options(monkeypatch):
+    seen = _spy_modes(monkeypatch)
+    torch.compile(_mlp(), backend="fqt", options={"inductor_mode": "max-autotune-no-cudagraphs"})(torch.randn(4, 16)).sum().backward()
+    assert set(seen) == {"max-autotune-no-cudagraphs"}
+    # an Inductor mode under the name 'mode' means the same
+    assert FQTConfig.from_options({"mode": "max-autotune"}).inductor_mode == "max-autotune"
+
+
+def test_former_mode_option_is_execution_and_warns():
+    with pytest.warns(FutureWarning, match="now execution"):
+        config = FQTConfig.from_options({"mode": "reference"})
+    assert config.execution is Mode.REFERENCE and config.mode is Mode.REFERENCE
+    with pytest.warns(FutureWarning):
+        be = fqt.backend(mode="reference")
+    out = torch.compile(_mlp(), backend=be)(torch.randn(4, 16))
+    assert out.shape == (4, 8) and all(g.status is fqt.GemmStatus.SIMULATED for r in be.records for s in r.decisions for g in s.gemms)
+
+
+def test_mode_errors_name_both_meanings():
+    with pytest.raises(fqt.OptionsError, match=r"mode='fastest'.*execution.*max-autotune"):
+        FQTConfig.from_options({"mode": "fastest"})
+    with pytest.raises(fqt.OptionsError, match="inductor_mode='turbo'"):
+        FQTConfig.from_options({"inductor_mode": "turbo"})
+    with pytest.raises(fqt.OptionsError, match="given together"):
+        FQTConfig.from_options({"mode": "max-autotune", "inductor_mode": "default"})
+    with pytest.raises(fqt.OptionsError, match="both given"):
+        fqt.fqt_backend(None, [], options={"inductor_mode": "default"}, mode="max-autotune")
+
+
+def test_cuda_graphs_are_refused_on_cuda_not_dropped():
+    """On a graph for CUDA (traced here, re-typed for CUDA): reduce-overhead raises; max-autotune
+    keeps its autotuning and warns that no CUDA graph is captured; on the CPU neither applies."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gm = fx.symbolic_trace(lambda x: x * 2)
+    with FakeTensorMode() as m:
+        for node in gm.graph.nodes:
+            if node.op != "output":
+                node.meta["val"] = m.from_tensor(torch.empty(2))
+    cuda = as_cuda_graph(gm)
+    with pytest.raises(fqt.OptionsError, match="CUDA graphs"):
+        codegen._inductor_mode_options(cuda, FQTConfig.from_options({"inductor_mode": "reduce-overhead"}))
+    with pytest.warns(UserWarning, match="captures no CUDA graphs"):
+        opts = codegen._inductor_mode_options(cuda, FQTConfig.from_options({"inductor_mode": "max-autotune"}))
+    assert opts.get("max_autotune") and "triton.cudagraphs" not in opts
+    assert codegen._inductor_mode_options(gm, FQTConfig.from_options({"inductor_mode": "reduce-overhead"})) == {}
+
+
+def test_dynamic_and_fullgraph(monkeypatch):
+    model = _mlp()
+    compiled = torch.compile(model, backend="fqt", dynamic=True, fullgraph=True)
+    for batch in (3, 5, 9):
+        out = compiled(torch.randn(batch, 16))
+        out.sum().backward()
+        assert out.shape == (batch, 8)
