@@ -39,7 +39,7 @@ class Square(nn.Module):
         return self.lin(x)
 
 
-def _grad_input_draws(recipe, n, execution="reference"):
+def _grad_input_draws(recipe, n, mode="reference"):
     """grad_x = Q(G) W_hat: recover Q(G) = grad_x W_hat^-1 from each backward pass."""
     d = 6
     torch.manual_seed(0)
