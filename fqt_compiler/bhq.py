@@ -93,12 +93,18 @@ def bhq_transform(x: torch.Tensor) -> BHQTransform:
     n_rows = x.shape[0]
     dev = x.device
     dt = torch.float64  # O(N) bookkeeping: fp64 makes the share rounding robust
+    if n_rows == 0:  # no rows (a batch of 0): nothing to transform
+        none = torch.zeros(0, dtype=dt, device=dev)
+        return BHQTransform(torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, dtype=torch.bool, device=dev), none, none, 0)
     if n_rows == 1:
         one = torch.ones(1, dtype=dt, device=dev)
         return BHQTransform(
             torch.zeros(1, dtype=torch.long, device=dev), torch.ones(1, dtype=torch.bool, device=dev), 0 * one, one, 1
         )
-    rng = (x.amax(dim=1) - x.amin(dim=1)).to(dt)
+    if x.shape[1] == 0:  # rows of no elements: every range is 0
+        rng = torch.zeros(n_rows, dtype=dt, device=dev)
+    else:
+        rng = (x.amax(dim=1) - x.amin(dim=1)).to(dt)
     rng = torch.nan_to_num(rng, nan=0.0, posinf=0.0)  # NaN rows are propagated by the quantizer
     top = rng.max()
     rng = rng + _REL_EPS * top + torch.where(top > 0, 0.0, 1.0)

@@ -59,13 +59,11 @@ class Layout(enum.IntEnum):
 
 def natural_2d(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """View (or copy) ``x`` as its natural rows x columns matrix."""
-    if x.dim() == 0:
-        return x.reshape(1, 1)
-    if x.dim() == 1 or layout is Layout.DIM0:
-        return x.reshape(x.shape[0], -1)
-    if layout is Layout.PENULTIMATE:
-        return x.reshape(-1, x.shape[-1])
-    return x.transpose(-1, -2).reshape(-1, x.shape[-2])
+    # explicit sizes, never -1: a reshape of 0 elements cannot infer a dim (a batch of 0)
+    rows, cols = natural_2d_shape(x.shape, layout)
+    if x.dim() >= 2 and layout is Layout.LAST:
+        return x.transpose(-1, -2).reshape(rows, cols)
+    return x.reshape(rows, cols)
 
 
 def natural_2d_shape(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[int, int]:
@@ -255,6 +253,9 @@ def scaled_values(g: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     """The pre-rounding value ``v`` of every element of ``g`` (in units of its group's step)
     and the group's scale, zero point (level index) and offset: rounding ``v`` gives the level.
     ``g``'s last dim runs over one scale group. Shared by the quantizers and the statistics."""
+    if g.shape[-1] == 0:  # empty groups (a batch of 0 as the contracted dim): no statistics to take
+        none = g.new_zeros((*g.shape[:-1], 1))
+        return g, none, none, none
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     if spec.scheme is Scheme.SYMMETRIC:
         amax = g.abs().amax(dim=-1, keepdim=True)

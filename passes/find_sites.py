@@ -84,15 +84,9 @@ class FindSites(FQTPass):
         for node in backward_gemms:
             site = by_seq.get(node.meta.get("seq_nr"))
             if site is None or site.skip is not None:
-                ctx.sites.append(
-                    Site(
-                        len(ctx.sites),
-                        node,
-                        m.op_name(node),
-                        "-",
-                        skip=(SkipKind.UNSUPPORTED, "backward GEMM with no forward GEMM to pair with (seq_nr)"),
-                    )
-                )
+                why = "backward GEMM with no forward GEMM to pair with (seq_nr)" if site is None else f"backward of a skipped GEMM: {site.skip[1]}"
+                path = "-" if site is None else site.module_path
+                ctx.sites.append(Site(len(ctx.sites), node, m.op_name(node), path, skip=(SkipKind.UNSUPPORTED, why)))
                 continue
             self._attach_backward(site, node)
 
@@ -102,12 +96,18 @@ class FindSites(FQTPass):
         if val is None or not val.is_floating_point():
             site.skip = (SkipKind.UNSUPPORTED, f"non-floating-point GEMM ({getattr(val, 'dtype', 'unknown dtype')})")
             return site
+        site.operand_args = (0, 1) if m.is_conv(node) else m.MATMUL_OPERANDS[node.target]
+        dtypes = [getattr(x.meta.get("val"), "dtype", None) if isinstance(x, fx.Node) else None for x in site.forward_operands]
+        if len(set(dtypes)) != 1 or not all(d is not None and d.is_floating_point for d in dtypes):
+            # fake kernels type-promote mixed operands (int64 x float32 -> float32) where the
+            # real GEMM raises; quantizing would hide eager's dtype error behind finite numbers
+            site.skip = (SkipKind.UNSUPPORTED, f"operands of dtypes {' x '.join(str(d) for d in dtypes)}: left as traced "
+                                               "(raises as in eager)")
+            return site
         if m.is_conv(node):
-            site.operand_args = (0, 1)
             site.roles = (TensorRole.ACTIVATION, TensorRole.WEIGHT)
             site.layouts = (Layout.DIM0, Layout.DIM0)
             return site
-        site.operand_args = m.MATMUL_OPERANDS[node.target]
         lhs, rhs = site.forward_operands
         roles = [TensorRole.WEIGHT if _is_param(x, ctx, ph) else TensorRole.ACTIVATION for x in (lhs, rhs)]
         site.roles = (roles[0], roles[1])

@@ -119,3 +119,33 @@ def test_non_contiguous_inputs(mode):
     y = _compile(lin, "int8", mode)(x)
     ref = lin(x.contiguous())
     assert (y - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("recipe", ["int8", "ptq8", "psq8", "bhq8", "fp8"])
+def test_a_batch_of_size_zero_trains_like_eager(recipe, mode):
+    """Regression: empty scale groups crashed the quantizers (an amax over no elements, BHQ's
+    grouping of no rows). Eager returns empty outputs and zero gradients; so must fqt."""
+    for model, x in ((nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(0, 6)),
+                     (CNN(), torch.randn(0, 3, 5, 5))):
+        torch._dynamo.reset()
+        x.requires_grad_(True)
+        out = _compile(model, recipe, mode)(x)
+        out.sum().backward()
+        assert out.shape == (0, 3) and x.grad.shape == x.shape
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", [*MODES, dict(execution="kernels")], ids=[*MODE_IDS, "kernels-inductor"])
+def test_integer_inputs_raise_like_eager(mode):
+    """Regression: a Linear fed int64 raised in eager but gave finite outputs under fqt (the
+    quantizer turned the integer operand into floats). The GEMM is left as traced, with the reason."""
+    lin = nn.Linear(4, 3)
+    x = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        lin(x)
+    be = fqt.backend(recipe="int8", **mode)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.compile(lin, backend=be)(x)
+    reasons = [g.reason for r in be.records for s in r.decisions for g in s.gemms]
+    assert reasons and all("torch.int64 x torch.float32" in why for why in reasons), reasons

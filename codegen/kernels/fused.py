@@ -282,8 +282,11 @@ def fused_quantize(
     hp, h2 = _output(view_shape, dtype, device, spec, layout, False) if write_hp else (empty.view(0).to(dtype), empty.to(dtype))
     views = _grouped_views(leaves, program, view_shape, spec, layout)
     n_rows, n_cols = c2.shape
-    scale = torch.empty(max(n_rows, 1), dtype=torch.float32, device=device)
-    zp, offset = torch.empty_like(scale), torch.empty_like(scale)
+    # filled, not empty: a tensor with no elements keeps the reference's statistics of an
+    # empty group (scale 0, the code offset as zero point where the scheme has one)
+    scale = torch.zeros(max(n_rows, 1), dtype=torch.float32, device=device)
+    offset = torch.zeros_like(scale)
+    zp = torch.full_like(scale, 0.0 if spec.scheme is Scheme.SYMMETRIC else float(spec.code_offset))
     if seed is None:
         seed = draw_seed(device) if spec.is_stochastic else torch.zeros(1, dtype=torch.int64, device=device)
     sym = spec.scheme is Scheme.SYMMETRIC
@@ -293,7 +296,7 @@ def fused_quantize(
     hp_strides = (h2.stride(0), h2.stride(1)) if write_hp else (0, 0)
     c2b_strides = (c2b.stride(0), c2b.stride(1)) if code_layout is CodeLayout.BOTH else (0, 0)
     given = 1 if per_tensor else 0
-    if partials is not None:  # reduce the epilogue's column slots: exact (max / min)
+    if partials is not None and n_rows and n_cols:  # reduce the epilogue's column slots: exact (max / min)
         if not per_tensor and partials.shape[0] != n_rows:
             raise ValueError(f"GEMM-epilogue statistics for {partials.shape[0]} rows do not fit a quantizer of {n_rows} grouped rows")
         nan = partials[..., 2 if not sym else 1].amax(1)
@@ -325,7 +328,6 @@ def fused_quantize(
             WRITE_HP=write_hp and not (per_tensor and partials is None), WRITE_CODES2=code_layout is CodeLayout.BOTH,
             BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
-    if per_tensor:
-        scale, zp, offset = scale[:1], zp[:1], offset[:1]
-    stats_out = [shape_scale(t, torch.Size(view_shape), spec.granularity, layout) for t in (scale, zp, offset)]
+    keep = 1 if per_tensor else n_rows  # per tensor: every row stored the same numbers
+    stats_out = [shape_scale(t[:keep], torch.Size(view_shape), spec.granularity, layout) for t in (scale, zp, offset)]
     return (codes, *stats_out, hp, codes2)

@@ -121,7 +121,8 @@ def stat_slots(extent: int, device: torch.device, columns: bool = False) -> int:
     """Slots of the epilogue statistics along ``extent`` (N for per-row statistics, M for
     per-column ones): one per tile of the narrowest configuration (wider tiles leave their
     other slots at the neutral value)."""
-    return triton.cdiv(extent, min(c.kwargs["BLOCK_M" if columns else "BLOCK_N"] for c in autotune_configs(device)))
+    # at least one slot: an empty extent still reduces to the neutral statistics
+    return max(1, triton.cdiv(extent, min(c.kwargs["BLOCK_M" if columns else "BLOCK_N"] for c in autotune_configs(device))))
 
 
 def qmm_epilogue(

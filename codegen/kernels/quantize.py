@@ -338,8 +338,11 @@ def quantize(
         if per_column and transposed:
             t_strides = (t_strides[1], t_strides[0])
     n_rows, n_cols = g.shape
-    scale = torch.empty(max(n_rows, 1), dtype=torch.float32, device=x.device)
-    zp, offset = torch.empty_like(scale), torch.empty_like(scale)
+    # filled, not empty: a tensor with no elements keeps the reference's statistics of an
+    # empty group (scale 0, the code offset as zero point where the scheme has one)
+    scale = torch.zeros(max(n_rows, 1), dtype=torch.float32, device=x.device)
+    offset = torch.zeros_like(scale)
+    zp = torch.full_like(scale, 0.0 if spec.scheme is Scheme.SYMMETRIC else float(spec.code_offset))
     stochastic = spec.is_stochastic
     if seed is None:
         seed = draw_seed(x.device) if stochastic else torch.zeros(1, dtype=torch.int64, device=x.device)
@@ -374,8 +377,8 @@ def quantize(
             codes_t.copy_(codes_nat.t())
         stats_out = [t.reshape(n_nat, -1) for t in (scale, zp, offset)]
     else:
-        if per_tensor:  # every row stored the same per-tensor numbers
-            scale, zp, offset = scale[:1], zp[:1], offset[:1]
+        keep = 1 if per_tensor else n_rows  # per tensor: every row stored the same numbers
+        scale, zp, offset = scale[:keep], zp[:keep], offset[:keep]
         stats_out = [shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)]
     out = (from_natural_2d(codes_nat, x.shape, layout), *stats_out)
     return (*out, codes_t) if transposed else out

@@ -341,3 +341,16 @@ def test_epilogue_statistics_op_reference_path_equals_the_kernel(monkeypatch):
     (k_out, k_part), (r_out, r_part) = outs
     assert torch.equal(k_out, r_out) and k_part.shape == r_part.shape
     assert torch.equal(k_part[..., 0].amin(1), r_part[..., 0].amin(1)) and torch.equal(k_part[..., 1:].amax(1), r_part[..., 1:].amax(1))
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[2]], ids=lambda s: s.short())
+@pytest.mark.parametrize("rows", [0, 4])
+def test_fused_quantize_of_an_empty_chain_matches_the_reference(spec, rows):
+    """No rows (a batch of 0) or rows of no elements: the reference's shapes and zero statistics."""
+    cols = 0 if rows else 6
+    prog = Program((rows, cols), (("mul", (("L", 0), 2.0), "float32", "none"),), 1)
+    x = torch.randn(rows, cols, device=DEVICE)
+    fused = fused_quantize([x], prog, (rows, cols), spec, Layout.PENULTIMATE, True)
+    ref = quantize_ref(run_reference(prog, [x]), spec, Layout.PENULTIMATE)
+    for g, r in zip(fused[:4], ref):
+        assert g.shape == r.shape and torch.equal(g, r)

@@ -111,3 +111,16 @@ def test_quantize_kernel_rejects_what_it_cannot_do():
         quantize(torch.randn(4, 4), QuantSpec(scheme="asym", granularity="row", transform="bhq"))
     with pytest.raises(TypeError, match="fp32/fp16/bf16"):
         quantize(torch.randn(4, 4, dtype=torch.float64), QuantSpec())
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[2], SPECS[3]], ids=lambda s: s.short())
+@pytest.mark.parametrize("shape,layout", [((0, 7), Layout.PENULTIMATE), ((6, 0), Layout.PENULTIMATE), ((2, 0, 5), Layout.LAST),
+                                          ((0, 4), Layout.LAST)], ids=str)
+def test_quantize_kernel_empty_inputs_match_the_reference(spec, shape, layout):
+    """A batch of 0 (no rows) or rows of no elements: no launch, the reference's shapes and its
+    zero statistics (regression: uninitialized scales, reshapes of a 1-element buffer)."""
+    x = torch.randn(shape, device=DEVICE)
+    seed = torch.tensor([3], device=DEVICE)
+    got, ref = quantize(x, spec, layout, seed=seed), quantize_ref(x, spec, layout, seed=seed)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape and g.dtype == r.dtype and torch.equal(g, r)
