@@ -18,7 +18,7 @@ import torch
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.ops import quantize_fake
-from fqt_compiler.quantizers import get_quantizer
+from fqt_compiler.quantizers import get_quantizer, run_custom
 from fqt_compiler.reference import Layout, fake_quantize_ref, from_natural_2d, natural_2d, qmm_epilogue, qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
 
@@ -139,7 +139,8 @@ def _fake_quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> torch.Tens
         custom = get_quantizer(parsed.quantizer)
         if custom.kernel is not None:  # the user's kernel hook, same contract as the reference
             m = natural_2d(x, Layout(layout)).to(torch.float32)
-            return from_natural_2d(custom.kernel(m, parsed, generator=None).to(m.dtype), x.shape, Layout(layout)).to(x.dtype)
+            out = run_custom(parsed.quantizer, m, parsed, kernel=True)
+            return from_natural_2d(out.to(m.dtype), x.shape, Layout(layout)).to(x.dtype)
     return fake_quantize_ref(x, parsed, Layout(layout))
 
 

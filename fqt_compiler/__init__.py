@@ -16,7 +16,7 @@ from .recipes import GradInputSpecs, GradWeightSpecs, OutputSpecs, Recipe, recip
 from .config import FQTConfig, Mode
 from .rules import Rule, RuleError, SiteInfo, keep_first_and_last, skip_small
 from .quantizers import register_quantizer, registered_quantizers, unregister_quantizer
-from .errors import FQTError, OptionsError, PassError, SpecError, UnsupportedGraphError
+from .errors import FQTError, OptionsError, PassError, QuantizerError, SpecError, UnsupportedGraphError
 
 # reference numerics
 from .reference import quantize
@@ -41,7 +41,7 @@ __all__ = [
     "backend", "fqt_backend", "FQTBackend", "explain", "ExplainReport", "GemmStatus", "last_compiles",
     "compile_sharded", "sharded_modules",
     # errors
-    "FQTError", "SpecError", "OptionsError", "UnsupportedGraphError", "PassError", "RuleError",
+    "FQTError", "SpecError", "OptionsError", "UnsupportedGraphError", "PassError", "RuleError", "QuantizerError",
 ]
 
 del _ops

@@ -7,7 +7,7 @@ that callers catching the standard exception keep working.
 
 from __future__ import annotations
 
-__all__ = ["FQTError", "SpecError", "OptionsError", "UnsupportedGraphError", "PassError"]
+__all__ = ["FQTError", "SpecError", "OptionsError", "UnsupportedGraphError", "PassError", "QuantizerError"]
 
 
 class FQTError(Exception):
@@ -28,3 +28,7 @@ class UnsupportedGraphError(FQTError):
 
 class PassError(FQTError):
     """A compiler pass failed or broke a graph invariant."""
+
+
+class QuantizerError(FQTError, ValueError):
+    """A registered custom quantizer broke its contract (wrong shape, NaN / Inf from finite input)."""

@@ -33,13 +33,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import SpecError
+import torch
 
-__all__ = ["CustomQuantizer", "register_quantizer", "registered_quantizers", "get_quantizer", "unregister_quantizer"]
+from .errors import QuantizerError, SpecError
+
+__all__ = ["CustomQuantizer", "register_quantizer", "registered_quantizers", "get_quantizer", "unregister_quantizer", "run_custom"]
 
 
 @dataclass(frozen=True)
 class CustomQuantizer:
+    """A registered quantizer: its function, whether it is unbiased, its optional kernel hook."""
+
     name: str
     fn: Callable
     unbiased: bool
@@ -79,3 +83,23 @@ def get_quantizer(name: str) -> CustomQuantizer:
     except KeyError:
         known = ", ".join(registered_quantizers()) or "none"
         raise SpecError(f"no quantizer named {name!r} is registered (registered: {known}); call fqt.register_quantizer first") from None
+
+
+def run_custom(name: str, m: torch.Tensor, spec, *, kernel: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Call the registered quantizer ``name`` (its ``kernel`` hook if ``kernel``) on the natural
+    matrix ``m`` and check the contract: a tensor of ``m``'s shape, finite wherever ``m`` is.
+    A quantizer that turns finite values into NaN / Inf would otherwise surface much later as
+    NaN gradients with no name attached: it raises :class:`QuantizerError` naming it."""
+    q = get_quantizer(name)
+    fn = q.kernel if kernel else q.fn
+    out = fn(m, spec, generator=generator)
+    which = f"custom quantizer {name!r}" + (" (kernel hook)" if kernel else "")
+    if not isinstance(out, torch.Tensor) or out.shape != m.shape:
+        raise QuantizerError(f"{which} returned {getattr(out, 'shape', type(out))}; expected shape {tuple(m.shape)}")
+    bad = (~torch.isfinite(out) & torch.isfinite(m)).sum().item()
+    if bad:
+        raise QuantizerError(
+            f"{which} returned NaN/Inf for {bad} of {m.numel()} finite inputs (spec {spec.short()}); "
+            "a quantizer must be finite wherever its input is"
+        )
+    return out

@@ -370,11 +370,9 @@ def fake_quantize_ref(
         return x.clone()
     m = natural_2d(x, layout).to(_compute_dtype(x))
     if spec.quantizer is not None:
-        from .quantizers import get_quantizer
+        from .quantizers import run_custom
 
-        out = get_quantizer(spec.quantizer).fn(m, spec, generator=generator)
-        if not isinstance(out, torch.Tensor) or out.shape != m.shape:
-            raise ValueError(f"custom quantizer {spec.quantizer!r} returned {getattr(out, 'shape', type(out))}; expected shape {tuple(m.shape)}")
+        out = run_custom(spec.quantizer, m, spec, generator=generator)
         return from_natural_2d(out.to(m.dtype), x.shape, layout).to(x.dtype)
     if spec.transform is Transform.BLOCK_HOUSEHOLDER:
         from .bhq import bhq_fake_quantize_2d

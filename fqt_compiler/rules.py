@@ -106,6 +106,27 @@ class Rule:
             raise SpecError(f"rule {self.name!r}: high_precision needs a reason, e.g. high_precision='first layer'")
         if self.where is not None and not callable(self.where):
             raise SpecError(f"rule {self.name!r}: where must be callable")
+        self._check_matchers()
+
+    def _check_matchers(self) -> None:
+        """Types and patterns, at construction: a bad regex fails here, naming the rule, not
+        later inside a compile."""
+        if self.module is not None:
+            if not isinstance(self.module, str):
+                raise SpecError(f"rule {self.name!r}: module must be a glob or 're:<regex>' string, got {self.module!r}")
+            if self.module.startswith("re:"):
+                try:
+                    re.compile(self.module[3:])
+                except re.error as exc:
+                    raise SpecError(f"rule {self.name!r}: module={self.module!r} is not a valid regex ({exc})") from None
+        if not all(isinstance(o, str) for o in _as_tuple(self.op)):
+            raise SpecError(f"rule {self.name!r}: op must be an aten op name or a tuple of them, got {self.op!r}")
+        for bound in ("min_dim", "max_dim"):
+            value = getattr(self, bound)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise SpecError(f"rule {self.name!r}: {bound} must be a non-negative int, got {value!r}")
+        if self.min_dim is not None and self.max_dim is not None and self.min_dim > self.max_dim:
+            raise SpecError(f"rule {self.name!r}: min_dim={self.min_dim} > max_dim={self.max_dim} matches nothing")
 
     # ------------------------------------------------------------------ matching
     def matches(self, site: SiteInfo, kind: GemmKind) -> bool:

@@ -118,3 +118,27 @@ def test_registry_errors():
         fqt.unregister_quantizer("bad_shape")
     with pytest.raises(fqt.SpecError, match="identifier"):
         fqt.register_quantizer("not a name", lambda x, spec, generator=None: x, unbiased=False)
+
+
+@pytest.mark.parametrize("execution", ["reference", "kernels"])
+def test_a_quantizer_returning_nan_for_finite_input_is_named(execution):
+    """Regression: a custom quantizer that divides by a zero scale went unnoticed until the
+    gradients were NaN. The first call that makes NaN / Inf from finite values raises, naming it."""
+    def broken(x, spec, generator=None):
+        return x / (x.abs().amax(dim=1, keepdim=True) * 0)  # 0 / 0 and x / 0
+
+    fqt.register_quantizer("broken", broken, unbiased=True, replace=True)
+    try:
+        spec = fqt.QuantSpec(quantizer="broken", granularity="row", rounding="stochastic")
+        base = fqt.recipe("qat")
+        rec = Recipe(name="broken-gi", output=base.output, grad_input=GradInputSpecs(grad_output=spec, weight=base.grad_input.weight))
+        model = Square(4)
+        out = torch.compile(model, backend=fqt.backend(recipe=rec, execution=execution, inductor=False))(torch.randn(3, 4, requires_grad=True))
+        with pytest.raises(fqt.QuantizerError, match=r"custom quantizer 'broken' returned NaN/Inf for 12 of 12 finite inputs"):
+            out.sum().backward()
+        # NaN in, NaN out is the contract, not a violation
+        x = torch.full((2, 3), float("nan"))
+        fqt.register_quantizer("broken", lambda x, spec, generator=None: x * 1.0, unbiased=True, replace=True)
+        assert torch.isnan(fqt.quantize(x, spec)).all()
+    finally:
+        fqt.unregister_quantizer("broken")

@@ -152,3 +152,18 @@ def test_rules_are_part_of_the_config_identity():
     assert ruled.uuid() == fqt.FQTConfig.from_options({"recipe": "int8", "rules": [fqt.keep_first_and_last()]}).uuid()
     with pytest.raises(fqt.OptionsError, match="rules"):
         fqt.FQTConfig.from_options({"rules": ["keep first"]})
+
+
+def test_rules_are_validated_at_construction():
+    """Regression: an invalid regex was accepted and failed later, naming neither rule nor pattern."""
+    with pytest.raises(fqt.SpecError, match=r"rule 'heads': module='re:\(unclosed' is not a valid regex"):
+        fqt.Rule("heads", module="re:(unclosed", high_precision="x")
+    with pytest.raises(fqt.SpecError, match="rule 'r': min_dim=8 > max_dim=4"):
+        fqt.Rule("r", min_dim=8, max_dim=4, high_precision="x")
+    with pytest.raises(fqt.SpecError, match="rule 'r': max_dim must be a non-negative int"):
+        fqt.Rule("r", max_dim=-1, high_precision="x")
+    with pytest.raises(fqt.SpecError, match="rule 'r': module must be"):
+        fqt.Rule("r", module=3, high_precision="x")
+    with pytest.raises(fqt.SpecError, match="rule 'r': op must be"):
+        fqt.Rule("r", op=("mm", 3), high_precision="x")
+    assert fqt.Rule("ok", module="re:^blocks\\.[0-9]+$", high_precision="x").module.startswith("re:")
