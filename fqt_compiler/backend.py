@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx
@@ -87,6 +88,7 @@ class FQTBackend:
             config = replace(config, debug=True)  # dumps need every stage captured
         self.config = config
         self.records: list[GraphRecord] = []
+        self.progress: Callable[[str], None] | None = None  # called with one line per compile step (explain, inspect)
 
     def __repr__(self) -> str:
         return f"FQTBackend(recipe={self.config.recipe.name!r}, execution={self.config.execution.value!r})"
@@ -103,6 +105,11 @@ class FQTBackend:
         record.dot = ctx.dot
         record.counters = ctx.counters
         log.info("fqt: graph %d (%s): %d GEMM sites", record.graph_id, record.kind, len(ctx.decisions))
+        self._say(f"graph {record.graph_id} ({record.kind}): {len(ctx.decisions)} GEMM sites rewritten, compiling")
+
+    def _say(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress(line)
 
     def _dump(self) -> None:
         from .explain import ExplainReport
@@ -141,7 +148,9 @@ class FQTBackend:
                 restride_inputs(graph, saved_strides, inputs)  # before lowering reads the strides
             outputs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
             before = [(o.name, tuple(o.meta["val"].stride())) if _is_tensor_node(o) else None for o in outputs]
+            t0 = time.perf_counter()
             out = compile_graph(graph, inputs, config, name)
+            self._say(f"graph {record.graph_id}: {name.split('_', 1)[1]} compiled in {time.perf_counter() - t0:.1f} s")
             if name.endswith("forward"):
                 after = next(n for n in graph.graph.nodes if n.op == "output").args[0]
                 for b, o in zip(before, after):

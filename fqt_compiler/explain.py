@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import sys
+import time
 import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tabulate import tabulate
@@ -89,17 +91,33 @@ class ExplainReport:
         return text + (f"\n\ngenerated fused kernels (sources under kernels/):\n{fusion}" if fusion else "")
 
 
-def _call(model: Any, *args: Any) -> Any:
-    return model(*args)
+def _progress_printer() -> Callable[[str], None]:
+    start = time.perf_counter()
+
+    def say(line: str) -> None:
+        print(f"fqt explain [{time.perf_counter() - start:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+    return say
 
 
-def explain(model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, **options: Any) -> ExplainReport:
-    """Compile ``model`` with the fqt backend, run one forward pass on ``example_inputs`` (with
-    autograd on, so the joint forward-backward graph is traced and the backward compiled) and
-    report every GEMM site.
+def _call(model: Any, *args: Any, **kwargs: Any) -> Any:
+    return model(*args, **kwargs)
 
-    The model's state (parameters, buffers such as BatchNorm statistics) and the RNG state are
-    restored afterwards; no backward pass is run.
+
+def explain(
+    model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, kwargs: dict | None = None, progress: bool = True, **options: Any
+) -> ExplainReport:
+    """Compile ``model`` with the fqt backend, run one forward pass on ``example_inputs`` (and
+    keyword inputs ``kwargs``: ``explain(hf_model, kwargs=batch)`` for ``model(**batch)``),
+    with autograd on so the joint forward-backward graph is traced and the backward compiled,
+    and report every GEMM site.
+
+    Options are the backend's. ``inductor`` defaults to False here, as in ``fqt inspect``: the
+    decisions and the fused kernels do not depend on it, and a large model compiles in seconds
+    instead of minutes (pass ``inductor=True`` for Inductor's generated code in the report).
+    ``progress`` prints one line per compile step to stderr. The model's state (parameters,
+    buffers such as BatchNorm statistics) and the RNG state are restored afterwards; no
+    backward pass is run.
     """
     from .distributed import sharded_modules
 
@@ -111,7 +129,14 @@ def explain(model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, **
     if recipe is not None:
         options["recipe"] = recipe
     options.setdefault("debug", True)  # explain keeps every stage's graph for the report
+    options.setdefault("inductor", False)
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise FQTError(f"explain: kwargs must be a dict of keyword inputs, got {type(kwargs).__name__}")
     be = FQTBackend(FQTConfig.from_options(options))
+    if progress:
+        be.progress = _progress_printer()
+        be.progress(f"explaining {type(model).__name__} (recipe {be.config.recipe.name}, {be.config.execution.value} execution, "
+                    f"Inductor {'on' if be.config.inductor else 'off'})")
     # A fresh code object per call gives Dynamo a fresh cache: explaining many models (or one
     # model under many recipes) never runs into the recompile limit or reuses another backend.
     fresh = types.FunctionType(_call.__code__.replace(), _call.__globals__, "fqt_explain_call")
@@ -123,7 +148,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, **
         force_non_lazy_backward_lowering=True
     ):
         # static shapes: the report shows the shapes of these inputs, not Dynamo's symbols
-        torch.compile(fresh, backend=be, dynamic=False)(model, *example_inputs)
+        torch.compile(fresh, backend=be, dynamic=False)(model, *example_inputs, **(kwargs or {}))
     if state is not None:
         model.load_state_dict(state)
     return ExplainReport(recipe=be.config.recipe.name, records=list(be.records))

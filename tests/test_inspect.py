@@ -132,3 +132,27 @@ def test_inspect_shows_the_generated_fused_kernels(tmp_path, capsys):
 def test_inspect_never_slower_marks_tiny_sites(capsys, tmp_path):
     assert cli.main(["inspect", f"{EXAMPLE}:make", "--never-slower", "--out", str(tmp_path / "r")]) == 0
     assert "cost model" in capsys.readouterr().out  # a 10x16x32 GEMM cannot win on any profile
+
+
+def test_explain_takes_keyword_inputs_and_reports_progress(capsys):
+    """Hugging Face models are called as model(**batch): explain(model, kwargs=batch). Without
+    Inductor by default (as fqt inspect), with a line on stderr per compile step."""
+
+    class KwModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 4)
+
+        def forward(self, input_ids=None, scale=1.0):
+            return self.proj(input_ids) * scale
+
+    report = fqt.explain(KwModel(), kwargs={"input_ids": torch.randn(3, 8), "scale": 2.0}, recipe="int8")
+    assert report.counts()["lowbit-kernel"] == 2  # output and grad_weight (the input needs no grad)
+    assert all(not k.startswith("inductor:") for k in report.kernel_sources())  # Inductor off by default
+    err = capsys.readouterr().err
+    assert "fqt explain" in err and "explaining KwModel (recipe int8" in err and "forward compiled" in err
+    assert "backward compiled" in err
+    fqt.explain(KwModel(), torch.randn(3, 8), progress=False)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(fqt.FQTError, match="kwargs must be a dict"):
+        fqt.explain(KwModel(), kwargs=[1])
