@@ -14,7 +14,9 @@ from tabulate import tabulate
 
 from .backend import FQTBackend, GraphRecord
 from .config import FQTConfig
+from .coverage import Coverage, DynamoSnapshot
 from .errors import FQTError
+from .flops import step_flops
 from .sites import GemmDecision, GemmStatus, SiteDecision
 
 __all__ = ["ExplainReport", "explain"]
@@ -35,6 +37,7 @@ class ExplainReport:
 
     recipe: str
     records: list[GraphRecord] = field(default_factory=list)
+    coverage: Coverage | None = None  # the quantized share of one step's GEMM FLOPs (``explain`` measures it)
 
     @property
     def sites(self) -> list[SiteDecision]:
@@ -86,7 +89,10 @@ class ExplainReport:
     def __str__(self) -> str:
         c = self.counts()
         summary = ", ".join(f"{v} {k}" for k, v in c.items())
-        text = f"fqt explain (recipe {self.recipe}): {len(self.sites)} GEMM sites, {summary}\n{self.table()}"
+        text = f"fqt explain (recipe {self.recipe}): {len(self.sites)} GEMM sites, {summary}\n"
+        if self.coverage is not None:
+            text += self.coverage.summary() + "\n"
+        text += self.table()
         fusion = self.fusion_table()
         return text + (f"\n\ngenerated fused kernels (sources under kernels/):\n{fusion}" if fusion else "")
 
@@ -144,11 +150,24 @@ def explain(
     devices = [t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"]
     # compile the backward at once (it is otherwise compiled at the first backward call), so
     # the report has the codegen decisions of the backward GEMMs too
+    before = DynamoSnapshot.take()
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch._functorch.config.patch(
         force_non_lazy_backward_lowering=True
     ):
         # static shapes: the report shows the shapes of these inputs, not Dynamo's symbols
         torch.compile(fresh, backend=be, dynamic=False)(model, *example_inputs, **(kwargs or {}))
+    dynamo = DynamoSnapshot.take().since(before)
+    eager, error = 0, ""
+    try:
+        with torch.random.fork_rng(devices=devices):
+            eager = step_flops(model, example_inputs, kwargs)  # the ground truth: what one eager step computes
+    except Exception as exc:  # the model's own eager step failing is reported, not raised: the table stands
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if state is not None:
         model.load_state_dict(state)
-    return ExplainReport(recipe=be.config.recipe.name, records=list(be.records))
+    report = ExplainReport(recipe=be.config.recipe.name, records=list(be.records))
+    report.coverage = Coverage.of(report.sites, eager, dynamo, error)
+    if be.progress:
+        be.progress(report.coverage.summary())
+    report.coverage.warn_if_low()
+    return report

@@ -22,6 +22,7 @@ from __future__ import annotations
 from torch import fx
 
 from fqt_compiler.reference import Layout
+from fqt_compiler.flops import is_contraction
 from fqt_compiler.sites import SkipKind
 from fqt_compiler.specs import GemmKind, TensorRole
 
@@ -64,14 +65,11 @@ class FindSites(FQTPass):
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target in m.UNSUPPORTED_GEMMS:
-                if not m.is_backward_node(node):
-                    reason = m.UNSUPPORTED_GEMMS[node.target]
-                    ctx.sites.append(
-                        Site(len(ctx.sites), node, m.op_name(node), m.module_path(node), skip=(SkipKind.UNSUPPORTED, reason))
-                    )
-                continue
             if not (m.is_matmul(node) or m.is_conv(node) or node.target is m.CONV_BACKWARD):
+                # every other op FlopCounterMode counts is a row with its reason, never dropped
+                reason = self._unmatched_reason(node)
+                if reason is not None:
+                    ctx.sites.append(Site(len(ctx.sites), node, m.op_name(node), m.module_path(node), skip=(SkipKind.UNSUPPORTED, reason)))
                 continue
             if m.is_backward_node(node) or node.target is m.CONV_BACKWARD:
                 backward_gemms.append(node)
@@ -89,6 +87,18 @@ class FindSites(FQTPass):
                 ctx.sites.append(Site(len(ctx.sites), node, m.op_name(node), path, skip=(SkipKind.UNSUPPORTED, why)))
                 continue
             self._attach_backward(site, node)
+
+    @staticmethod
+    def _unmatched_reason(node: fx.Node) -> str | None:
+        """Why a GEMM-like node that is no matmul / convolution site stays in high precision
+        (None: not GEMM-like)."""
+        if node.target in m.UNSUPPORTED_GEMMS:
+            reason = m.UNSUPPORTED_GEMMS[node.target]
+        elif is_contraction(node):
+            reason = f"no fqt matcher for {m.op_name(node)}: its FLOPs run in high precision"
+        else:
+            return None
+        return f"{reason} (backward)" if m.is_backward_node(node) else reason
 
     def _forward_site(self, node: fx.Node, ctx: PassContext, ph: dict[fx.Node, int]) -> Site:
         site = Site(len(ctx.sites), node, m.op_name(node), m.module_path(node))

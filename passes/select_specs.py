@@ -24,6 +24,7 @@ from torch import fx
 from fqt_compiler.config import Fusion
 from fqt_compiler.errors import UnsupportedGraphError
 from fqt_compiler.rules import Rule, SiteInfo, first_matching
+from fqt_compiler.flops import node_flops
 from fqt_compiler.sites import GemmDecision, GemmStatus, OperandDecision, SiteDecision, SkipKind
 from fqt_compiler.specs import GemmKind, TensorRole
 
@@ -146,7 +147,7 @@ class SelectSpecs(FQTPass):
         if site.skip is not None:
             kind, reason = site.skip
             self._maybe_raise(ctx, site, kind, reason)
-            shape, flops = _shape_and_flops(site.node, site) if (m.is_matmul(site.node) or m.is_conv(site.node)) else ("-", 0)
+            shape, flops = _shape_and_flops(site.node, site) if (m.is_matmul(site.node) or m.is_conv(site.node)) else ("-", node_flops(site.node))
             gemms.append(GemmDecision(GemmKind.OUTPUT, site.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind, rule="-"))
             for bwd in site.backward:
                 gemms.append(GemmDecision(bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind, rule="-"))

@@ -121,3 +121,48 @@ def test_variants_kernels_mode_lowers_every_realizable_gemm():
             assert g.status is fqt.GemmStatus.SIMULATED and "contracted dim" in g.reason, (site, g)
         else:
             assert g.status is fqt.GemmStatus.LOWBIT_KERNEL, (site, g)
+
+
+def test_every_contraction_is_a_site_or_a_skipped_row():
+    """Regression: nn.Bilinear (aten._trilinear) gave 0 sites and no error even under strict.
+    Every op torch's FLOP counter counts (formulas added for the ones it lacks) is listed."""
+    bil = nn.Bilinear(4, 5, 3)
+    x1, x2 = torch.randn(2, 4, requires_grad=True), torch.randn(2, 5)
+    with pytest.warns(fqt.CoverageWarning, match="0.0% of the step's GEMM FLOPs"):
+        report = fqt.explain(bil, x1, x2, recipe="int8", progress=False)
+    rows = [(s.op, g.status.value, g.reason, g.flops) for s, g in report.rows()]
+    assert rows and all(op == "aten._trilinear" and st == "skipped" and "no fqt matcher" in why for op, st, why, _ in rows), rows
+    assert sum(f for *_, f in rows) == report.coverage.eager_flops == 3 * (2 * 2 * 3 * 4 * 5)  # fwd, grad of x1, grad of W
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="UnsupportedGraphError.*_trilinear"):
+        fqt.explain(nn.Bilinear(4, 5, 3), x1, x2, strict=True, progress=False)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # the formulas registered for torch's counter too
+        torch.mv(torch.randn(3, 4), torch.randn(4))
+    assert counter.get_total_flops() == 2 * 3 * 4
+
+
+def test_frames_dynamo_does_not_compile_show_in_the_coverage():
+    """Regression: an nn.LSTM model compiled nothing and explain said '0 GEMM sites' silently."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    with pytest.warns(fqt.CoverageWarning, match="LSTM"):
+        report = fqt.explain(Tagger(), torch.randn(2, 5, 8), progress=False)
+    cov = report.coverage
+    assert cov.share is not None and cov.share < 0.9 and cov.eager_flops > 0
+    assert any("LSTM" in reason for reason, _ in cov.graph_breaks)
+    assert "coverage:" in str(report) and "graph breaks" in str(report)
+
+
+def test_a_fully_quantized_model_reports_full_coverage(recwarn):
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    report = fqt.explain(model, torch.randn(3, 8, requires_grad=True), progress=False)
+    assert report.coverage.share == 1.0 and report.coverage.quantized_flops == report.coverage.eager_flops
+    assert not [w for w in recwarn if issubclass(w.category, fqt.CoverageWarning)]
