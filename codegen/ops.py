@@ -126,10 +126,12 @@ def _bhq_inverse_kernel(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s
     if _triton_here(y) and y.dtype != torch.float64:
         from .kernels.bhq import bhq_inverse
 
-        return bhq_inverse(y, group, u, s, Layout(layout))
-    if y.device.type == "cpu" and y.dtype != torch.float64:
-        return _standalone_cpu(None, Layout(layout), bhq_inverse_ref, example=y)(y, group, u, s)
-    return bhq_inverse_ref(y, group, u, s, Layout(layout))
+        out = bhq_inverse(y, group, u, s, Layout(layout))
+    elif y.device.type == "cpu" and y.dtype != torch.float64:
+        out = _standalone_cpu(None, Layout(layout), bhq_inverse_ref, example=y)(y, group, u, s)
+    else:
+        out = bhq_inverse_ref(y, group, u, s, Layout(layout))
+    return out.contiguous()  # the strides its fake declares
 
 
 @torch.library.custom_op("fqt::fake_quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -140,13 +142,13 @@ def _fake_quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> torch.Tens
         if custom.kernel is not None:  # the user's kernel hook, same contract as the reference
             m = natural_2d(x, Layout(layout)).to(torch.float32)
             out = run_custom(parsed.quantizer, m, parsed, kernel=True)
-            return from_natural_2d(out.to(m.dtype), x.shape, Layout(layout)).to(x.dtype)
-    return fake_quantize_ref(x, parsed, Layout(layout))
+            return from_natural_2d(out.to(m.dtype), x.shape, Layout(layout)).to(x.dtype).contiguous()
+    return fake_quantize_ref(x, parsed, Layout(layout)).contiguous()  # the strides its fake declares
 
 
-_fake_quantize_kernel.register_fake(lambda x, spec, layout: torch.empty_like(x))
+_fake_quantize_kernel.register_fake(lambda x, spec, layout: x.new_empty(x.shape))
 _bhq_quantize_kernel.register_fake(lambda x, spec, layout: torch.ops.fqt.bhq_quantize.default(x, spec, layout))
-_bhq_inverse_kernel.register_fake(lambda y, group, u, s, layout: torch.empty_like(y))
+_bhq_inverse_kernel.register_fake(lambda y, group, u, s, layout: y.new_empty(y.shape))
 
 qmm_op = torch.ops.fqt.qmm.default
 quantize_kernel_op = torch.ops.fqt.quantize_kernel.default

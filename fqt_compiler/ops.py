@@ -105,12 +105,14 @@ _quantize_stochastic.register_fake(quantize_fake)
 @torch.library.custom_op("fqt::fake_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _fake_quantize(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
     _observe(x, spec, layout)
-    return fake_quantize_ref(x, QuantSpec.from_key(spec), Layout(layout))
+    # contiguous whatever x's memory order (channels-last, permuted, LAST layouts): the fake
+    # declares exactly these strides, and Inductor checks them
+    return fake_quantize_ref(x, QuantSpec.from_key(spec), Layout(layout)).contiguous()
 
 
 @_fake_quantize.register_fake
 def _fake_quantize_fake(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("fqt::bhq_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -135,12 +137,12 @@ def _bhq_quantize_fake(x: torch.Tensor, spec: str, layout: int):
 
 @torch.library.custom_op("fqt::bhq_inverse", mutates_args=())
 def _bhq_inverse(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: int) -> torch.Tensor:
-    return bhq_inverse_ref(y, group, u, s, Layout(layout))
+    return bhq_inverse_ref(y, group, u, s, Layout(layout)).contiguous()  # the strides its fake declares
 
 
 @_bhq_inverse.register_fake
 def _bhq_inverse_fake(y, group, u, s, layout):
-    return torch.empty_like(y)
+    return y.new_empty(y.shape)
 
 
 quantize_op = torch.ops.fqt.quantize.default

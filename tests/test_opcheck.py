@@ -1,0 +1,114 @@
+"""Every ``fqt::`` custom op passes ``torch.library.opcheck`` (schema, fake kernel against the
+real one -- shapes, dtypes and strides --, autograd registration, AOT dispatch) over inputs in
+every memory order a model produces: contiguous, channels-last, permuted, transposed, expanded
+(stride 0), strided slices, 3-D. A fake whose strides differ from the real op's makes Inductor's
+``assert_size_stride`` fail inside a user's model (a channels-last Hugging Face vision block did)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import codegen  # noqa: F401  (registers the kernel-mode ops)
+from codegen.code_layout import CodeLayout
+from codegen.fusion_program import Program
+from fqt_compiler.bhq import bhq_quantize_ref
+from fqt_compiler.reference import Layout, quantize_ref
+from fqt_compiler.specs import QuantSpec
+
+fqt_ops = torch.ops.fqt
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    four = torch.randn(2, 3, 4, 5, generator=g)
+    return {
+        "contiguous": torch.randn(6, 8, generator=g),
+        "channels-last": four.to(memory_format=torch.channels_last),
+        "permuted": four.permute(0, 2, 3, 1),
+        "transposed": torch.randn(8, 6, generator=g).t(),
+        "expanded": torch.randn(1, 8, generator=g).expand(6, 8),
+        "slice": torch.randn(6, 16, generator=g)[:, ::2],
+        "3-d": torch.randn(2, 5, 8, generator=g),
+    }
+
+
+INPUTS = _inputs()
+SPECS = {
+    "row": QuantSpec(granularity="row"),
+    "column-sr": QuantSpec(granularity="column", rounding="stochastic"),
+    "tensor-asym": QuantSpec(scheme="asym"),
+    "fp8-row": QuantSpec(format="fp8_e4m3", granularity="row"),
+}
+BLOCK = QuantSpec(granularity="block", block_size=4)
+BHQ = QuantSpec(transform="bhq", scheme="asym", granularity="row", rounding="stochastic", bits=8)
+LAYOUTS = [Layout.DIM0, Layout.PENULTIMATE, Layout.LAST]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.name)
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("name", INPUTS, ids=str)
+def test_quantize_ops(name, spec, layout):
+    x, s = INPUTS[name], SPECS[spec]
+    reference = fqt_ops.quantize_stochastic.default if s.is_stochastic else fqt_ops.quantize.default
+    for op in (reference, fqt_ops.quantize_kernel.default, fqt_ops.fake_quantize.default, fqt_ops.fake_quantize_kernel.default):
+        torch.library.opcheck(op, (x, s.key(), int(layout)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.name)
+@pytest.mark.parametrize("name", INPUTS, ids=str)
+def test_block_and_bhq_ops(name, layout):
+    x = INPUTS[name]
+    for op in (fqt_ops.fake_quantize.default, fqt_ops.fake_quantize_kernel.default):
+        torch.library.opcheck(op, (x, BLOCK.key(), int(layout)))
+    for op in (fqt_ops.bhq_quantize.default, fqt_ops.bhq_quantize_kernel.default):
+        torch.library.opcheck(op, (x, BHQ.key(), int(layout)))
+    _, _, _, _, group, u, s = bhq_quantize_ref(x, BHQ, layout, seed=torch.tensor([1]))
+    for op in (fqt_ops.bhq_inverse.default, fqt_ops.bhq_inverse_kernel.default):
+        torch.library.opcheck(op, (x, group, u, s, int(layout)))
+
+
+def _gemm_operands(a_t: bool, b_k_major: bool, affine: bool):
+    """int8 codes of a (12 x 16) @ (16 x 10) GEMM, A stored row- or column-major, B K-major or not."""
+    g = torch.Generator().manual_seed(1)
+    spec = QuantSpec(scheme="asym" if affine else "sym", granularity="row")
+    x = torch.randn(16, 12, generator=g).t() if a_t else torch.randn(12, 16, generator=g)
+    w = torch.randn(10, 16, generator=g)
+    qa = quantize_ref(x, spec, Layout.PENULTIMATE)
+    qb = quantize_ref(w.t() if b_k_major else w.t().contiguous(), QuantSpec(granularity="row"), Layout.LAST)  # per column of B
+    a = qa[0] if not a_t else qa[0].t().contiguous().t()
+    b = qb[0] if b_k_major else qb[0].contiguous()
+    za, oa = (qa[2], qa[3]) if affine else (None, None)
+    return a, qa[1], za, oa, b, qb[1], None, None, torch.randn(10, generator=g)
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["sym", "affine"])
+@pytest.mark.parametrize("a_t", [False, True], ids=["A-row-major", "A-col-major"])
+@pytest.mark.parametrize("b_k_major", [True, False], ids=["B-K-major", "B-N-major"])
+def test_gemm_ops(a_t, b_k_major, affine):
+    args = _gemm_operands(a_t, b_k_major, affine)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(fqt_ops.qmm.default, (*args, out_dtype))
+    name = "float32"
+    prog = Program((12, 10), (("mul", (("L", 0), 0.5), name, "none"), ("add", (("V", 0), ("L", 1)), name, "none")), 2)
+    residual = torch.randn(10, 12).t()  # a leaf in another memory order
+    torch.library.opcheck(fqt_ops.qmm_epilogue.default, (*args, torch.float32, [residual], prog.dumps()))
+    quant = Program((12, 10), (("mul", (("L", 0), -2.0), name, "none"),), 1)
+    for symmetric in (True, False):
+        for columns in (False, True):
+            torch.library.opcheck(fqt_ops.qmm_epilogue_stats.default,
+                                  (*args, torch.float32, [residual], prog.dumps(), quant.dumps(), symmetric, columns, []))
+
+
+@pytest.mark.parametrize("code_layout", list(CodeLayout), ids=lambda c: c.name)
+@pytest.mark.parametrize("name", ["contiguous", "transposed", "slice", "3-d", "expanded"])
+def test_fused_quantize_op(name, code_layout):
+    x = INPUTS[name]
+    shape = tuple(x.shape)
+    prog = Program(shape, (("mul", (("L", 0), 2.0), "float32", "none"), ("relu", (("V", 0),), "float32", "none")), 1)
+    layout = Layout.PENULTIMATE
+    for spec in (SPECS["row"], SPECS["column-sr"], SPECS["tensor-asym"]):
+        for write_hp in (False, True):
+            torch.library.opcheck(fqt_ops.fused_quantize.default, ([x], prog.dumps(), list(shape), spec.key(), int(layout), write_hp,
+                                                                  int(code_layout)))
