@@ -29,6 +29,7 @@ from .lower import LoweredGemm, lower_gemms
 from .fusion import FusedQuantize, fuse_prologues, fusion_programs
 from .epilogue import FusedEpilogue, fold_statistics, fuse_epilogues
 from .code_layout import LayoutChoice, choose_code_layouts
+from .cache_key import FQTCacheKey
 
 __all__ = ["compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms", "fuse_prologues", "FusedQuantize", "fuse_epilogues", "FusedEpilogue", "choose_code_layouts", "LayoutChoice"]
 
@@ -117,7 +118,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
     # A value a quantizer reads twice (its statistics pass, then its codes pass) is stored
     # once instead of recomputed per pass: on CPU recomputing e.g. GELU's erf in both
     # passes lost to the standalone quantizer at 2048^3 (0.95x), storing wins (1.04x).
-    with torch._inductor.config.patch({"realize_reads_threshold": 1, **_inductor_mode_options(gm, config)}):
+    # fqt's identity in Inductor's FX-graph cache key (cache_key.py)
+    key = FQTCacheKey(config, torch._inductor.config.post_grad_custom_pre_pass)
+    with torch._inductor.config.patch({"realize_reads_threshold": 1, "post_grad_custom_pre_pass": key,
+                                       **_inductor_mode_options(gm, config)}):
         compiled = compile_fx_inner(gm, example_inputs)
     code = getattr(compiled, "source_code", None)
     if code:

@@ -164,8 +164,18 @@ class Rule:
         return fallback.spec(kind, role)
 
     def key(self) -> str:
-        """Text identity (for reports and cache keys); callables by qualified name."""
-        where = getattr(self.where, "__qualname__", repr(self.where)) if self.where else None
+        """Text identity (for reports and cache keys); callables by qualified name and a hash
+        of their source (two different lambdas are two different rules)."""
+        where = None
+        if self.where is not None:
+            import hashlib
+            import inspect
+
+            try:
+                text = inspect.getsource(self.where)
+            except (OSError, TypeError):
+                text = ""
+            where = f"{getattr(self.where, '__qualname__', repr(self.where))}#{hashlib.sha256(text.encode()).hexdigest()[:8]}"
         action = (
             f"recipe={self.recipe.name}" if self.recipe is not None
             else f"specs={[(k.value + '.' + r.value, s.key() if s else None) for (k, r), s in self._specs]}"
