@@ -13,7 +13,7 @@ from __future__ import annotations
 # specs and recipes
 from .specs import ElementFormat, GemmKind, Granularity, QuantSpec, Rounding, Scheme, TensorRole, Transform
 from .recipes import GradInputSpecs, GradWeightSpecs, OutputSpecs, Recipe, recipe, recipes
-from .config import FQTConfig, Mode
+from .config import FQTConfig, Fusion, Inference, Mode
 from .rules import Rule, RuleError, SiteInfo, keep_first_and_last, skip_small
 from .quantizers import register_quantizer, registered_quantizers, unregister_quantizer
 from .errors import FQTError, OptionsError, PassError, QuantizerError, SpecError, UnsupportedGraphError
@@ -33,7 +33,7 @@ __all__ = [
     # specs and recipes
     "QuantSpec", "ElementFormat", "Granularity", "Scheme", "Rounding", "Transform", "TensorRole", "GemmKind",
     "Recipe", "OutputSpecs", "GradInputSpecs", "GradWeightSpecs", "recipe", "recipes",
-    "FQTConfig", "Mode",
+    "FQTConfig", "Mode", "Fusion", "Inference",
     # placement rules
     "Rule", "SiteInfo", "keep_first_and_last", "skip_small",
     # numerics

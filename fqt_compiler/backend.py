@@ -27,7 +27,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from ._logging import dump_dir
 from .config import FQTConfig
 from .dump import graph_text, runnable_source
-from .config import Fusion, Mode
+from .config import Fusion, Inference, Mode
 from .errors import OptionsError
 from .sites import GemmStatus, SiteDecision
 
@@ -170,7 +170,11 @@ class FQTBackend:
 
         def inference_compiler(graph: fx.GraphModule, inputs: list[Any]):
             record.kind = "inference"
-            self._run_passes(graph, record, param_indices)
+            if config.inference is Inference.HIGH_PRECISION:  # evaluation in high precision: no rewrite at all
+                record.kind = "inference (high precision)"
+                self._say(f"graph {record.graph_id} (inference): left in high precision (inference='high_precision')")
+            else:
+                self._run_passes(graph, record, param_indices)
             return compiler(graph, inputs)
 
         kwargs: dict[str, Any] = {}

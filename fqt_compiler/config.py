@@ -10,7 +10,7 @@ from .errors import OptionsError, SpecError
 from .recipes import DEFAULT_RECIPE, Recipe, recipe
 from .specs import GemmKind, TensorRole
 
-__all__ = ["Mode", "Fusion", "FQTConfig", "INDUCTOR_MODES"]
+__all__ = ["Mode", "Fusion", "Inference", "FQTConfig", "INDUCTOR_MODES"]
 
 
 class Mode(enum.Enum):
@@ -26,6 +26,14 @@ class Fusion(enum.Enum):
     AUTO = "auto"  # CUDA: generated Triton prologue kernels; CPU: Inductor fuses the inlined quantizers
     OFF = "off"  # every quantization a standalone kernel reading a materialized input (the baseline)
     TRITON = "triton"  # generated Triton kernels on every device (CPU: Triton's interpreter; tests)
+
+
+class Inference(enum.Enum):
+    """What graphs traced without autograd (``torch.no_grad``, ``inference_mode``, evaluation)
+    do: Dynamo traces them separately from the training graphs (it guards on grad mode)."""
+
+    QUANTIZED = "quantized"  # the forward quantization of training: evaluates what was trained
+    HIGH_PRECISION = "high_precision"  # no quantization at all: a plain Inductor compile
 
 
 def _parse_enum(name: str, value: Any, enum_cls: type[enum.Enum]) -> enum.Enum:
@@ -87,6 +95,9 @@ class FQTConfig:
     """Run the invariant verifier after every pass and keep each pass's graph text."""
     rules: tuple = ()
     """Placement rules (``fqt.Rule``), first match wins per GEMM; the recipe decides the rest."""
+    inference: Inference = Inference.QUANTIZED
+    """Graphs traced without autograd: quantized like the training forward (the default) or
+    left in high precision; see :class:`Inference`."""
     inductor_mode: str = "default"
     """torch.compile's ``mode`` for what Inductor compiles (kernels mode): ``"default"``,
     ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``, ``"reduce-overhead"``. Set by
@@ -106,6 +117,8 @@ class FQTConfig:
             raise OptionsError(f"option rules must be a sequence of fqt.Rule, got {self.rules!r}")
         if not isinstance(self.fusion, Fusion):
             raise OptionsError(f"FQTConfig.fusion must be a Fusion, got {self.fusion!r}")
+        if not isinstance(self.inference, Inference):
+            raise OptionsError(f"FQTConfig.inference must be an Inference, got {self.inference!r}")
         for name in ("strict", "debug", "inductor", "never_slower"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
@@ -145,6 +158,7 @@ class FQTConfig:
         merged["recipe"] = recipe(merged.get("recipe", DEFAULT_RECIPE))
         merged["execution"] = _parse_enum("execution", merged.get("execution", Mode.KERNELS), Mode)
         merged["fusion"] = _parse_enum("fusion", merged.get("fusion", Fusion.AUTO), Fusion)
+        merged["inference"] = _parse_enum("inference", merged.get("inference", Inference.QUANTIZED), Inference)
         rules = merged.get("rules", ())
         if isinstance(rules, (list, tuple)):
             merged["rules"] = tuple(rules)
@@ -158,5 +172,5 @@ class FQTConfig:
         r = self.recipe
         specs = [(k.value, role.value, getattr(r.spec(k, role), "key", lambda: None)()) for k in GemmKind for role in TensorRole]
         text = repr((r.name, specs, [rule.key() for rule in self.rules], self.execution.value, self.inductor, self.fusion.value, self.never_slower,
-                     self.inductor_mode))
+                     self.inductor_mode, self.inference.value))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
