@@ -16,19 +16,12 @@ from .backend import FQTBackend, GraphRecord
 from .config import FQTConfig
 from .coverage import Coverage, DynamoSnapshot
 from .errors import FQTError
+from .explain_tables import decision_table, summary_table, wrap
+from .forward_error import forward_errors
 from .flops import step_flops
 from .sites import GemmDecision, GemmStatus, SiteDecision
 
 __all__ = ["ExplainReport", "explain"]
-
-
-def _operands(g: GemmDecision) -> str:
-    parts = []
-    for o in g.operands:
-        spec = o.spec.short() if o.spec is not None else "hp"
-        note = "" if o.source in ("quantized", "high precision") else f" ({o.source})"
-        parts.append(f"{o.role.value}: {spec}{note}")
-    return "; ".join(parts) or "-"
 
 
 @dataclass
@@ -38,6 +31,7 @@ class ExplainReport:
     recipe: str
     records: list[GraphRecord] = field(default_factory=list)
     coverage: Coverage | None = None  # the quantized share of one step's GEMM FLOPs (``explain`` measures it)
+    forward_errors: dict = field(default_factory=dict)  # (graph, site) -> relative forward error vs high precision
 
     @property
     def sites(self) -> list[SiteDecision]:
@@ -51,7 +45,7 @@ class ExplainReport:
         kernel sources) under ``out_dir``; returns what was written, one line each."""
         from .dump import write_report
 
-        return write_report(self.records, self.recipe, str(self), out_dir)
+        return write_report(self.records, self.recipe, self.render(wide=True), out_dir)
 
     def kernel_sources(self) -> dict[str, str]:
         """Generated code of the compiled graphs (Inductor) and the fqt Triton kernels they call."""
@@ -64,13 +58,14 @@ class ExplainReport:
             out[g.status.value] += 1
         return out
 
-    def table(self) -> str:
-        headers = ["graph", "site", "module", "op", "gemm", "shape", "GFLOP", "operands", "rule", "status"]
-        body = [
-            [s.graph_id, s.site_id, s.module_path, s.op, g.kind.value, g.shape, f"{g.flops / 1e9:.3g}", _operands(g), g.rule, g.label]
-            for s, g in self.rows()
-        ]
-        return tabulate(body, headers=headers, tablefmt="simple")
+    def table(self, wide: bool = False) -> str:
+        """The decision table: 120 columns (long cells wrapped); ``wide=True`` adds every
+        operand's spec and the deciding rule, unwrapped."""
+        return decision_table(self.rows(), self.forward_errors, wide)
+
+    def summary(self) -> str:
+        """GEMMs and FLOPs per op, with the share quantized and on low-bit kernels."""
+        return summary_table(self.sites)
 
     def fusion_table(self) -> str:
         """One row per generated fused kernel: what it absorbed (kernels mode, ``fusion``)."""
@@ -87,13 +82,20 @@ class ExplainReport:
         return tabulate(body, headers=["graph", "stage", "node", "fused kernel", "absorbed ops"], tablefmt="simple") if body else ""
 
     def __str__(self) -> str:
+        return self.render(wide=False)
+
+    def render(self, wide: bool = False) -> str:
+        """The report as text: counts, coverage, the per-op summary and the decision table."""
         c = self.counts()
-        summary = ", ".join(f"{v} {k}" for k, v in c.items())
-        text = f"fqt explain (recipe {self.recipe}): {len(self.sites)} GEMM sites, {summary}\n"
+        counts = ", ".join(f"{v} {k}" for k, v in c.items())
+        parts = [wrap(f"fqt explain (recipe {self.recipe}): {len(self.sites)} GEMM sites, {counts}")]
         if self.coverage is not None:
-            text += self.coverage.summary() + "\n"
-        text += self.table()
+            parts.append(wrap(self.coverage.summary()))
+        if len(self.sites) > 8:  # a summary where the table is long
+            parts += ["", self.summary(), ""]
+        parts.append(self.table(wide))
         fusion = self.fusion_table()
+        text = "\n".join(parts)
         return text + (f"\n\ngenerated fused kernels (sources under kernels/):\n{fusion}" if fusion else "")
 
 
@@ -111,7 +113,8 @@ def _call(model: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def explain(
-    model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, kwargs: dict | None = None, progress: bool = True, **options: Any
+    model: torch.nn.Module, *example_inputs: Any, recipe: Any = None, kwargs: dict | None = None, progress: bool = True,
+    forward_error: bool = True, **options: Any,
 ) -> ExplainReport:
     """Compile ``model`` with the fqt backend, run one forward pass on ``example_inputs`` (and
     keyword inputs ``kwargs``: ``explain(hf_model, kwargs=batch)`` for ``model(**batch)``),
@@ -121,7 +124,9 @@ def explain(
     Options are the backend's. ``inductor`` defaults to False here, as in ``fqt inspect``: the
     decisions and the fused kernels do not depend on it, and a large model compiles in seconds
     instead of minutes (pass ``inductor=True`` for Inductor's generated code in the report).
-    ``progress`` prints one line per compile step to stderr. The model's state (parameters,
+    ``progress`` prints one line per compile step to stderr. ``forward_error`` measures each
+    Linear / convolution site's relative output error against high precision (the ``fwd err``
+    column; ``forward_error.py``). The model's state (parameters,
     buffers such as BatchNorm statistics) and the RNG state are restored afterwards; no
     backward pass is run.
     """
@@ -163,9 +168,12 @@ def explain(
             eager = step_flops(model, example_inputs, kwargs)  # the ground truth: what one eager step computes
     except Exception as exc:  # the model's own eager step failing is reported, not raised: the table stands
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    report = ExplainReport(recipe=be.config.recipe.name, records=list(be.records))
+    if forward_error:
+        with torch.random.fork_rng(devices=devices):
+            report.forward_errors = forward_errors(model, example_inputs, kwargs, report.sites)
     if state is not None:
         model.load_state_dict(state)
-    report = ExplainReport(recipe=be.config.recipe.name, records=list(be.records))
     report.coverage = Coverage.of(report.sites, eager, dynamo, error)
     if be.progress:
         be.progress(report.coverage.summary())

@@ -78,6 +78,20 @@ for _name, _formula in (("mv", _mv), ("addmv", _addmv), ("dot", _dot), ("vdot", 
     _register(_name, _formula)
 
 
+def _conv_backward(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, output_mask,
+                   *args, out_shape=None, **kwargs) -> int:
+    """convolution_backward as the forward convolution's FLOPs once per gradient computed
+    (input, weight). torch's own formula ignores ``groups`` for the weight gradient and counts
+    a depthwise convolution's C times over; the weight's shape already holds C / groups."""
+    spatial = x[2:] if transposed else grad_out[2:]  # where the forward convolution's windows are
+    forward = 2 * grad_out[0] * math.prod(spatial) * math.prod(w)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+# the counts step_flops makes: the registry, with formulas torch gets wrong replaced
+STEP_FORMULAS = {aten.convolution_backward: _conv_backward}
+
+
 def is_contraction(node: fx.Node) -> bool:
     """Whether ``node`` is an op ``FlopCounterMode`` counts: a matmul, convolution, attention..."""
     packet = getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
@@ -109,7 +123,7 @@ def step_flops(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) 
     params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
     params += [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
     saved = [p.grad for p in params]
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=STEP_FORMULAS)
     try:
         with counter, torch.enable_grad():
             out = model(*args, **(kwargs or {}))

@@ -156,3 +156,55 @@ def test_explain_takes_keyword_inputs_and_reports_progress(capsys):
     assert capsys.readouterr().err == ""
     with pytest.raises(fqt.FQTError, match="kwargs must be a dict"):
         fqt.explain(KwModel(), kwargs=[1])
+
+
+class _Outlier(torch.nn.Module):
+    """Two Linears; the second one's input has one feature 1e4 times the others (with a weight
+    that cancels it): under per-token int8 scales that feature sets the scale and the rest of
+    the row, which makes the output, rounds to zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+        self.register_buffer("gain", torch.ones(16))
+        self.gain[3] = 1e4
+        with torch.no_grad():
+            self.second.weight[:, 3] *= 1e-4
+
+    def forward(self, x):
+        return self.second(self.first(x) * self.gain)
+
+
+def test_forward_error_column_singles_out_the_bad_site():
+    torch.manual_seed(0)
+    report = fqt.explain(_Outlier(), torch.randn(8, 16), recipe="int8", progress=False)
+    errors = {s.module_path: report.forward_errors[(s.graph_id, s.site_id)] for s in report.sites}
+    assert errors["first"] < 0.02 and errors["second"] > 10 * errors["first"], errors
+    table = report.table()
+    assert "fwd err" in table.splitlines()[0]
+    assert fqt.explain(_Outlier(), torch.randn(8, 16), progress=False, forward_error=False).forward_errors == {}
+
+
+def test_default_tables_fit_120_columns_with_a_summary():
+    """A long model (long module paths, long reasons): the default report fits 120 columns and
+    opens with a per-op summary; the wide view keeps every column."""
+
+    class Deep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder_with_a_long_name = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(6))
+            self.attention_projection_head = torch.nn.Bilinear(8, 8, 8)
+
+        def forward(self, x):
+            for layer in self.encoder_with_a_long_name:
+                x = torch.relu(layer(x))
+            return self.attention_projection_head(x, x)
+
+    with pytest.warns(fqt.CoverageWarning):
+        report = fqt.explain(Deep(), torch.randn(4, 8), recipe="bhq8", progress=False)
+    text = str(report)
+    assert max(len(line) for line in text.splitlines()) <= 120, max(text.splitlines(), key=len)
+    assert "on low-bit kernels" in text.splitlines()[3] or "on low-bit kernels" in text  # the per-op summary
+    assert "addmm" in report.summary() and "_trilinear" in report.summary()
+    wide = report.render(wide=True)
+    assert "operands" in wide and "bhq" in wide and max(len(line) for line in wide.splitlines()) > 120

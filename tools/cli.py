@@ -61,7 +61,7 @@ def _inspect(args: argparse.Namespace) -> int:
         options["fusion"] = args.fusion
         options["never_slower"] = args.never_slower
     report = fqt.explain(model, *inputs, recipe=args.recipe, **options)
-    print(report)
+    print(report.render(wide=args.wide))
     for line in report.write(args.out):
         print(line)
     return 0
@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     inspect = sub.add_parser("inspect", help="compile a model, print its GEMM decision table, write the full report")
     inspect.add_argument("factory", help="path/to/script.py:function returning (model, example_inputs)")
-    inspect.add_argument("--recipe", default="int8")
-    inspect.add_argument("--mode", default="kernels", choices=["kernels", "reference"])
+    inspect.add_argument("--recipe", default="int8", help="recipe name (default: int8)")
+    inspect.add_argument("--mode", default="kernels", choices=["kernels", "reference"], help="execution (default: kernels)")
     inspect.add_argument("--inductor", action="store_true", help="kernels mode: also compile with Inductor (slow)")
     inspect.add_argument(
         "--fusion", default="auto", choices=["auto", "off", "triton"],
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--never-slower", action="store_true", help="kernels mode: keep sites the cost model says cannot win in high precision")
     inspect.add_argument("--out", default="fqt_report", help="folder for the report (default: fqt_report)")
+    inspect.add_argument("--wide", action="store_true", help="every column (operand specs, rules), not fitted to 120 columns")
     inspect.set_defaults(func=_inspect)
     var = sub.add_parser("variance", help="bias and variance quantization adds to the gradient, per layer; bit-width advice")
     var.add_argument("factory", nargs="?", default=None, help="path/to/script.py:function returning (model, loss_fn, batches); default: the demo CNN")
