@@ -1,7 +1,7 @@
 """A roofline cost model for one GEMM site: low-bit (GEMMs + quantization traffic) against high
 precision, used by ``never_slower=True`` to keep in high precision the sites that cannot win.
 
-Model (``../shared/BENCHMARKS.md``): a GEMM takes ``max(2MKN / (efficiency x peak), bytes /
+Model (docs/benchmarks.md): a GEMM takes ``max(2MKN / (efficiency x peak), bytes /
 bandwidth)``. A quantization moves ``elements x (input bytes + 1)`` at the device's quantize
 bandwidth, plus one more read for a per-tensor scale (its min / max pass) and ``bhq_passes``
 for BHQ (grouping, transform; its inverse on the output rows). A GEMM that no low-bit kernel can
@@ -44,7 +44,7 @@ class DeviceProfile:
 
 H100 = DeviceProfile(
     "H100 SXM (datasheet roofline)", hp_flops=989e12, lowbit_flops=1979e12, mem_bw=3.35e12, quant_bw=3.35e12,
-    efficiency=0.78, source="BENCHMARKS.md peaks; quantize at HBM bandwidth is assumed, not yet measured",
+    efficiency=0.78, source="datasheet peaks; quantize at HBM bandwidth is assumed, not yet measured",
 )
 CPU_EPYC_2CORE = DeviceProfile(
     "CPU, 2-core AVX-512 VNNI EPYC (measured)", hp_flops=0.195e12, lowbit_flops=0.70e12, mem_bw=36e9, quant_bw=4.4e9,

@@ -1,4 +1,4 @@
-"""``fqt bench``: the benchmark protocol of BENCHMARKS.md.
+"""``fqt bench``: the benchmark protocol of docs/benchmarks.md.
 
 Every number is a ratio measured in one process against a baseline timed right beside the
 candidate (interleaved repetitions, median of several). Sections:
@@ -35,7 +35,7 @@ GPU_SHAPES = [
 
 
 class Layer(nn.Module):
-    """The per-layer benchmark module of BENCHMARKS.md."""
+    """The per-layer benchmark module (docs/benchmarks.md)."""
 
     def __init__(self, k: int, n: int) -> None:
         super().__init__()

@@ -148,14 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--epochs", type=int, default=3)
     res.add_argument("--recipes", nargs="+", default=None)
     res.set_defaults(func=_results)
-    bench = sub.add_parser("bench", help="benchmarks of BENCHMARKS.md: ratios against a same-run baseline")
-    bench.add_argument(
-        "--sections", nargs="+", default=["layer", "fusion", "gemm", "quantize", "memory"], choices=["layer", "fusion", "gemm", "quantize", "memory"]
+    bench = sub.add_parser(
+        "bench", help="benchmarks: ratios against a high-precision torch.compile baseline timed in the same run",
+        description="Every number is a ratio against a baseline timed beside it (interleaved repetitions, median); "
+        "the protocol and the recorded results are in docs/benchmarks.md.",
     )
-    bench.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    bench.add_argument("--reps", type=int, default=7)
-    bench.add_argument("--recipes", nargs="+", default=["int8"])
-    bench.add_argument("--shapes", nargs="+", default=None, help="MxKxN shapes (default: the BENCHMARKS.md list for the device)")
+    bench.add_argument(
+        "--sections", nargs="+", default=["layer", "fusion", "gemm", "quantize", "memory"], choices=["layer", "fusion", "gemm", "quantize", "memory"],
+        help="layer: LayerNorm-Linear-Sigmoid fwd+bwd; fusion: MLP block fused vs unfused; gemm: the low-bit GEMM alone; "
+        "quantize: quantizer bandwidth vs a copy; memory: bytes saved for backward (default: all)",
+    )
+    bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if available)")
+    bench.add_argument("--reps", type=int, default=7, help="interleaved timed repetitions per measurement; the median is reported (default: 7)")
+    bench.add_argument("--recipes", nargs="+", default=["int8"], help="recipes to benchmark (default: int8)")
+    bench.add_argument("--shapes", nargs="+", default=None, help="MxKxN shapes (default: the device's list in docs/benchmarks.md)")
     bench.add_argument("--output", default=None, help="also write the markdown here")
     bench.set_defaults(func=_bench)
     add_gpu_check(sub)
