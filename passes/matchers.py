@@ -45,6 +45,14 @@ _register_unsupported(
         "_flash_attention_forward",
         "_efficient_attention_forward",
         "scaled_dot_product_attention",
+        # and their backward kernels
+        "_scaled_dot_product_flash_attention_backward",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+        "_scaled_dot_product_efficient_attention_backward",
+        "_scaled_dot_product_cudnn_attention_backward",
+        "_scaled_dot_product_fused_attention_overrideable_backward",
+        "_flash_attention_backward",
+        "_efficient_attention_backward",
     ],
     _ATTENTION_REASON,
 )

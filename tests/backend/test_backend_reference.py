@@ -421,12 +421,13 @@ def test_explain_fused_attention_is_skipped_with_reason():
     report = explain(model, x, recipe="psq4")
     counts = report.counts()
     assert counts["simulated"] == SDPABlock.n_linear_gemms, str(report)
-    assert counts["skipped"] == 1, str(report)
-    (skipped,) = [(s, g) for s, g in report.rows() if g.status is GemmStatus.SKIPPED]
-    site, gemm = skipped
-    assert "scaled_dot_product" in site.op
-    assert "fused attention" in gemm.reason
-    assert gemm.skip_kind is SkipKind.UNSUPPORTED
+    assert counts["skipped"] == 2, str(report)  # the attention op and its backward, each listed
+    skipped = [(s, g) for s, g in report.rows() if g.status is GemmStatus.SKIPPED]
+    for site, gemm in skipped:
+        assert "scaled_dot_product" in site.op and gemm.flops > 0
+        assert "fused attention" in gemm.reason
+        assert gemm.skip_kind is SkipKind.UNSUPPORTED
+    assert "(backward)" in skipped[1][1].reason
     assert "fused attention" in str(report)
     quantized = {s.module_path for s, g in report.rows() if g.status is GemmStatus.SIMULATED}
     assert quantized == {"q", "k", "v", "out"}
