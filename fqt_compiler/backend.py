@@ -152,10 +152,7 @@ class FQTBackend:
             out = compile_graph(graph, inputs, config, name)
             self._say(f"graph {record.graph_id}: {name.split('_', 1)[1]} compiled in {time.perf_counter() - t0:.1f} s")
             if name.endswith("forward"):
-                after = next(n for n in graph.graph.nodes if n.op == "output").args[0]
-                for b, o in zip(before, after):
-                    if b is not None and _is_tensor_node(o) and tuple(o.meta["val"].stride()) != b[1]:
-                        saved_strides[b[0]] = tuple(o.meta["val"].stride())
+                saved_strides.update(_changed_output_strides(graph, before))
             record.apply_lowering(out.lowered)
             record.kernel_sources.update(out.sources)
             record.fused.extend(out.fused)
@@ -189,6 +186,29 @@ class FQTBackend:
             partition_fn=partition_fn,
             **kwargs,
         )(gm, example_inputs)
+
+
+def _changed_output_strides(graph: fx.GraphModule, before: list) -> dict[str, tuple[int, ...]]:
+    """Forward outputs that fqt's passes re-laid out (codes written column-major): {name: their
+    new strides}, for the backward graph's inputs.
+
+    Only changes the compiled forward really makes count. Where Inductor compiled the forward it
+    reports the strides of its code's outputs, and AOTAutograd already gives those to the
+    backward's example inputs; a fake value that disagrees with Inductor's report (contiguous
+    after fqt's passes, channels-last in Inductor's code, say) is not what runs, and restriding
+    the backward's input from it broke the backward's stride checks."""
+    context = torch._guards.TracingContext.try_get()
+    reported = list(context.output_strides or []) if context is not None and context.output_strides is not None else []
+    after = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+    changed = {}
+    for i, (b, o) in enumerate(zip(before, after)):
+        if b is None or not _is_tensor_node(o):
+            continue
+        new = tuple(o.meta["val"].stride())
+        real = reported[i] if i < len(reported) else None
+        if new != b[1] and (real is None or tuple(real) == new):
+            changed[b[0]] = new
+    return changed
 
 
 def _is_tensor_node(node: Any) -> bool:

@@ -1,7 +1,8 @@
 """Real model code in a fresh process, as a user first runs it: ``torch.compile(m,
 backend="fqt")`` with default options (the ``int8`` recipe, Inductor on), one training step.
 Nothing imported by an earlier test may hide a missing import here (a ``MaxPool2d`` once failed
-because Inductor's lowering module was never imported outside the test suite)."""
+because Inductor's lowering module was never imported outside the test suite; the backward
+of a CvT-style model once failed Inductor's stride checks on a fresh compile)."""
 
 from __future__ import annotations
 
@@ -55,12 +56,26 @@ class Block(nn.Module):  # a pre-norm transformer block with PyTorch's attention
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
+class TokenConv(nn.Module):  # CvT / MobileViT style: tokens viewed as a (channels-last) image around a convolution
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.proj = nn.Conv2d(c, c, 3, padding=1), nn.Linear(c, c)
+
+    def forward(self, x):  # x: (B, H*W, C)
+        b, n, c = x.shape
+        y = F.gelu(self.conv(x.transpose(1, 2).reshape(b, c, 4, 4)))  # GELU saves the convolution's output
+        return self.proj(y.flatten(2).transpose(1, 2))
+
+
 g = torch.Generator().manual_seed(0)
 cases = {
     "conv-maxpool-linear": (nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 7 * 7, 10)),
                             torch.randn(2, 3, 16, 16, generator=g)),
     "resnet-block": (TinyResNet(), torch.randn(2, 3, 32, 32, generator=g)),
     "transformer-block": (Block(), torch.randn(2, 8, 32, generator=g)),
+    # regression: the forward's saved convolution output is channels-last in Inductor's code
+    # but contiguous in the fake values after fqt's passes; the backward once took the latter
+    "token-conv": (TokenConv(), torch.randn(2, 16, 8, generator=g)),
 }
 for name, (model, x) in cases.items():
     loss = torch.compile(model, backend="fqt")(x).square().mean()
@@ -75,4 +90,4 @@ for name, (model, x) in cases.items():
 def test_real_models_train_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["OK", "conv-maxpool-linear", "OK", "resnet-block", "OK", "transformer-block"], proc.stdout
+    assert proc.stdout.split() == ["OK", "conv-maxpool-linear", "OK", "resnet-block", "OK", "transformer-block", "OK", "token-conv"], proc.stdout
