@@ -17,7 +17,7 @@ import types
 import torch
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
-from fqt_compiler.ops import quantize_fake
+from fqt_compiler.ops import empty_in_input_layout, in_input_layout, quantize_fake
 from fqt_compiler.quantizers import get_quantizer, run_custom
 from fqt_compiler.reference import Layout, fake_quantize_ref, from_natural_2d, natural_2d, qmm_epilogue, qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
@@ -99,7 +99,7 @@ def _quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Ten
     else:
         out = quantize_ref(x, parsed, Layout(layout))
     # custom ops may not return aliases: the broadcast statistics are materialised
-    return tuple(t.contiguous().clone() if i else t.contiguous() for i, t in enumerate(out))
+    return (in_input_layout(x, out[0].contiguous()), *(t.contiguous().clone() for t in out[1:]))
 
 
 _quantize_kernel.register_fake(quantize_fake)
@@ -118,7 +118,7 @@ def _bhq_quantize_kernel(
         out = _standalone_cpu(parsed, Layout(layout), bhq_quantize_ref, example=x)(x)
     else:
         out = bhq_quantize_ref(x, parsed, Layout(layout))
-    return tuple(t.contiguous().clone() for t in out)
+    return (in_input_layout(x, out[0].contiguous()), *(t.contiguous().clone() for t in out[1:]))
 
 
 @torch.library.custom_op("fqt::bhq_inverse_kernel", mutates_args=())
@@ -131,7 +131,7 @@ def _bhq_inverse_kernel(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s
         out = _standalone_cpu(None, Layout(layout), bhq_inverse_ref, example=y)(y, group, u, s)
     else:
         out = bhq_inverse_ref(y, group, u, s, Layout(layout))
-    return out.contiguous()  # the strides its fake declares
+    return in_input_layout(y, out.contiguous())  # the strides its fake declares
 
 
 @torch.library.custom_op("fqt::fake_quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -142,13 +142,13 @@ def _fake_quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> torch.Tens
         if custom.kernel is not None:  # the user's kernel hook, same contract as the reference
             m = natural_2d(x, Layout(layout)).to(torch.float32)
             out = run_custom(parsed.quantizer, m, parsed, kernel=True)
-            return from_natural_2d(out.to(m.dtype), x.shape, Layout(layout)).to(x.dtype).contiguous()
-    return fake_quantize_ref(x, parsed, Layout(layout)).contiguous()  # the strides its fake declares
+            return in_input_layout(x, from_natural_2d(out.to(m.dtype), x.shape, Layout(layout)).to(x.dtype).contiguous())
+    return in_input_layout(x, fake_quantize_ref(x, parsed, Layout(layout)).contiguous())  # the strides its fake declares
 
 
-_fake_quantize_kernel.register_fake(lambda x, spec, layout: x.new_empty(x.shape))
+_fake_quantize_kernel.register_fake(lambda x, spec, layout: empty_in_input_layout(x, x.dtype))
 _bhq_quantize_kernel.register_fake(lambda x, spec, layout: torch.ops.fqt.bhq_quantize.default(x, spec, layout))
-_bhq_inverse_kernel.register_fake(lambda y, group, u, s, layout: y.new_empty(y.shape))
+_bhq_inverse_kernel.register_fake(lambda y, group, u, s, layout: empty_in_input_layout(y, y.dtype))
 
 qmm_op = torch.ops.fqt.qmm.default
 quantize_kernel_op = torch.ops.fqt.quantize_kernel.default

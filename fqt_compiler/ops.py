@@ -66,12 +66,32 @@ def needs_fake_quantize(spec: QuantSpec) -> bool:
     return spec.granularity is Granularity.BLOCK or spec.quantizer is not None
 
 
+def in_input_layout(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (contiguous, ``x``'s shape) in ``x``'s memory order where that is a dense layout
+    other than contiguous of a tensor of 3+ dims (a channels-last activation); ``t`` otherwise.
+
+    A quantizer's output replaces ``x`` in the graph, whose later views were traced on ``x``'s
+    strides: a channels-last activation quantized into contiguous codes made a convolution
+    return another layout than traced, and a later ``view`` fail. 2-D GEMM operands keep
+    contiguous codes (their memory order is chosen by the code-layout pass). Real ops and
+    their fakes share this rule (``empty_in_input_layout``)."""
+    if x.dim() < 3 or x.is_contiguous():
+        return t
+    like = torch.empty_like(x, dtype=t.dtype)  # x's strides where x is dense, else contiguous
+    return t if like.stride() == t.stride() else like.copy_(t)
+
+
+def empty_in_input_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fake twin of :func:`in_input_layout`: an empty tensor of ``x``'s shape and that layout."""
+    return torch.empty_like(x, dtype=dtype) if x.dim() >= 3 else x.new_empty(x.shape, dtype=dtype)
+
+
 def quantize_fake(x: torch.Tensor, spec: str, layout: int):
     """Fake implementation shared by every op returning (codes, scale, zero_point, offset)."""
     parsed = QuantSpec.from_key(spec)
     s_shape = scale_shape(x.shape, parsed.granularity, Layout(layout))
     sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    codes = x.new_empty(x.shape, dtype=parsed.code_dtype)
+    codes = empty_in_input_layout(x, parsed.code_dtype)
     return codes, x.new_empty(s_shape, dtype=sdt), x.new_empty(s_shape, dtype=sdt), x.new_empty(s_shape, dtype=sdt)
 
 
@@ -83,7 +103,7 @@ def _run_quantize(x: torch.Tensor, spec: str, layout: int, stochastic: bool):
         raise SpecError(f"spec {spec!r} has rounding={parsed.rounding.value}; use fqt::{op}")
     codes, scale, zp, offset = quantize_ref(x, parsed, Layout(layout))
     # custom ops may not return views or aliases of each other: materialise the broadcasts
-    return codes.contiguous(), scale.contiguous().clone(), zp.contiguous().clone(), offset.contiguous().clone()
+    return in_input_layout(x, codes.contiguous()), scale.contiguous().clone(), zp.contiguous().clone(), offset.contiguous().clone()
 
 
 @torch.library.custom_op("fqt::quantize", mutates_args=())
@@ -107,12 +127,12 @@ def _fake_quantize(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
     _observe(x, spec, layout)
     # contiguous whatever x's memory order (channels-last, permuted, LAST layouts): the fake
     # declares exactly these strides, and Inductor checks them
-    return fake_quantize_ref(x, QuantSpec.from_key(spec), Layout(layout)).contiguous()
+    return in_input_layout(x, fake_quantize_ref(x, QuantSpec.from_key(spec), Layout(layout)).contiguous())
 
 
 @_fake_quantize.register_fake
 def _fake_quantize_fake(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
-    return x.new_empty(x.shape)
+    return empty_in_input_layout(x, x.dtype)
 
 
 @torch.library.custom_op("fqt::bhq_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -124,7 +144,7 @@ def _bhq_quantize(
     if parsed.transform is not Transform.BLOCK_HOUSEHOLDER:
         raise SpecError(f"fqt::bhq_quantize needs a spec with transform='bhq', got {spec!r}")
     out = bhq_quantize_ref(x, parsed, Layout(layout))
-    return tuple(t.contiguous().clone() for t in out)
+    return (in_input_layout(x, out[0].contiguous()), *(t.contiguous().clone() for t in out[1:]))
 
 
 @_bhq_quantize.register_fake
@@ -137,12 +157,12 @@ def _bhq_quantize_fake(x: torch.Tensor, spec: str, layout: int):
 
 @torch.library.custom_op("fqt::bhq_inverse", mutates_args=())
 def _bhq_inverse(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: int) -> torch.Tensor:
-    return bhq_inverse_ref(y, group, u, s, Layout(layout)).contiguous()  # the strides its fake declares
+    return in_input_layout(y, bhq_inverse_ref(y, group, u, s, Layout(layout)).contiguous())  # the strides its fake declares
 
 
 @_bhq_inverse.register_fake
 def _bhq_inverse_fake(y, group, u, s, layout):
-    return y.new_empty(y.shape)
+    return empty_in_input_layout(y, y.dtype)
 
 
 quantize_op = torch.ops.fqt.quantize.default
