@@ -20,6 +20,7 @@ from torch import nn
 import fqt_compiler as fqt
 
 from .bench import Layer, interleaved_medians
+from .results import Block
 from .gpu_common import Recorder, sig, stage_device
 
 __all__ = ["GPT", "layer", "e2e", "profile_step", "layer_variants"]
@@ -128,13 +129,8 @@ def layer(rec: Recorder, cfg: dict) -> None:
 
 
 # ------------------------------------------------------------------ e2e
-class _Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+class _Block(Block):
+    """``results.Block`` with PyTorch's fused causal attention, as GPT-2 implementations use it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
