@@ -61,7 +61,7 @@ class Coverage:
         quantized = lowbit = 0
         for site in sites:
             for g in site.gemms:
-                if g.status is GemmStatus.LOWBIT_KERNEL or (g.status is GemmStatus.SIMULATED and any(o.spec for o in g.operands)):
+                if g.quantized:
                     quantized += g.flops
                     lowbit += g.flops if g.status is GemmStatus.LOWBIT_KERNEL else 0
         return cls(eager_flops, quantized, lowbit, *dynamo, error=error)

@@ -56,7 +56,7 @@ def summary_table(sites: list[SiteDecision]) -> str:
             row = stats[s.op.removeprefix("aten.")]
             row["gemms"] += 1
             row["flops"] += g.flops
-            if g.status is GemmStatus.LOWBIT_KERNEL or (g.status is GemmStatus.SIMULATED and any(o.spec for o in g.operands)):
+            if g.quantized:
                 row["quantized"] += g.flops
                 row["lowbit"] += g.flops if g.status is GemmStatus.LOWBIT_KERNEL else 0
     body = [[op, r["gemms"], f"{r['flops'] / 1e9:.3g}", f"{100 * r['quantized'] / r['flops']:.0f}%" if r["flops"] else "-",

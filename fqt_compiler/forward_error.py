@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .reference import Layout, fake_quantize_ref
-from .sites import GemmStatus, SiteDecision
+from .sites import SiteDecision
 from .specs import GemmKind, TensorRole
 
 __all__ = ["forward_errors"]
@@ -33,8 +33,7 @@ def _output_gemm(site: SiteDecision):
 
 def _measurable(site: SiteDecision, module: nn.Module | None) -> bool:
     g = _output_gemm(site)
-    quantized = g is not None and g.status in (GemmStatus.LOWBIT_KERNEL, GemmStatus.SIMULATED) and any(o.spec for o in g.operands)
-    return quantized and isinstance(module, (nn.Linear, *_CONVS))
+    return g is not None and g.quantized and isinstance(module, (nn.Linear, *_CONVS))
 
 
 def _replay(module: nn.Module, x: torch.Tensor, site: SiteDecision) -> torch.Tensor:
