@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import inspect
 from pathlib import Path
 
@@ -27,13 +28,11 @@ __all__ = ["FQTCacheKey", "source_hash", "quantizers_identity"]
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
     """A hash of every source file of fqt's packages: a changed fqt never reuses old code."""
-    import codegen
-    import fqt_compiler
-    import passes
-
     digest = hashlib.sha256()
-    for package in (fqt_compiler, passes, codegen):
-        root = Path(package.__file__).parent
+    # find_spec locates the package folders without importing them (this module is imported
+    # while the fqt_compiler package itself is still initialising)
+    for name in ("fqt_compiler", "fqt_compiler.passes", "fqt_compiler.codegen"):
+        root = Path(importlib.util.find_spec(name).origin).parent
         for path in sorted(root.rglob("*.py")):
             digest.update(str(path.relative_to(root.parent)).encode())
             digest.update(path.read_bytes())

@@ -12,65 +12,31 @@ writes them in the order their GEMM wants (:func:`choose_code_layouts`).
 
 from __future__ import annotations
 
-import enum
 import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from fqt_compiler.reference import Layout
-from passes.graph_utils import call, fake_eval
+from fqt_compiler.layout import Layout
+from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, call, fake_eval, rewire
 
-from .lower import _RESHAPES, _TRANSPOSES
+from fqt_compiler.codegen.epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
+from fqt_compiler.codegen.fusion import fusable_quantize, fused_quantize_op, identity_program
+from fqt_compiler.codegen.lower import match_operand
+from fqt_compiler.codegen.ops import qmm_op
+from fqt_compiler.codegen.memory_order import SAVED_LAYOUT, CodeLayout, alloc_like, column_major_ok
 
-__all__ = ["CodeLayout", "LayoutChoice", "SAVED_LAYOUT", "alloc_like", "choose_code_layouts", "column_major_ok", "mark_saved_codes", "restride_inputs"]
-
-
-class CodeLayout(enum.IntEnum):
-    """Memory order of a fused quantizer's codes (their shape is the quantizer's input shape).
-
-    * ``NATURAL``: contiguous.
-    * ``COLUMN_MAJOR``: the codes flattened to ``(rows, last dim)`` are stored column by column,
-      so a low-bit GEMM that reads them transposed (the right operand ``B = codes``, K along
-      the rows) reads them K-major: on sm_90 an 8-bit operand that is not K-major cannot be
-      copied asynchronously into the shared-memory layout ``wgmma`` needs.
-    * ``BOTH``: natural codes, and a column-major copy written from the same registers (for
-      codes read both ways, or kept contiguous for another graph).
-    """
-
-    NATURAL = 0
-    COLUMN_MAJOR = 1
-    BOTH = 2
-
-
-def alloc_like(shape: tuple, dtype: torch.dtype, device, column_major: bool) -> torch.Tensor:
-    """An empty tensor of ``shape``: contiguous, or column-major in its ``(rows, last dim)``
-    flattening (a view of a contiguous ``(last dim, rows)`` buffer)."""
-    if not column_major or len(shape) < 2:
-        return torch.empty(shape, dtype=dtype, device=device)
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
-    return torch.empty((shape[-1], rows), dtype=dtype, device=device).t().view(shape)
-
-
-def column_major_ok(shape: tuple, layout: Layout) -> bool:
-    """Whether column-major codes of ``shape`` have a strided grouped view for ``layout``
-    (2-D codes always; more dims only where the grouped rows merge the leading dims)."""
-    return len(shape) == 2 or len(shape) > 2 and layout is Layout.PENULTIMATE
+__all__ = ["LayoutChoice", "choose_code_layouts", "mark_saved_codes", "restride_inputs"]
 
 
 # ---------------------------------------------------------------- the pass
 def _is_view(node) -> bool:
-    return node.op == "call_function" and (node.target in _TRANSPOSES or node.target in _RESHAPES)
+    return node.op == "call_function" and (node.target in TRANSPOSES or node.target in RESHAPES)
 
 
 def _uses(node, path=()) -> list[tuple[tuple, object, int | None]]:
     """Every read of ``node`` through views: (view path, reader, GEMM operand index or None)."""
-    from .epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
-    from .ops import qmm_op
-
     out = []
     for user in node.users:
         if user.op == "call_function" and user.target in (qmm_op, qmm_epilogue_op, qmm_epilogue_stats_op):
@@ -91,7 +57,7 @@ def _k_major(codes: torch.Tensor, path: tuple, operand: int) -> bool:
     t = codes
     try:
         for view in path:
-            if view.target in _RESHAPES:
+            if view.target in RESHAPES:
                 t = t.view(view.args[1])  # raises where a reshape would have to copy
             else:
                 t = view.target(t, *view.args[1:], **view.kwargs)
@@ -141,12 +107,10 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
     the backward). Fused quantizers change their ``code_layout``; a standalone quantizer that
     needs a change becomes a fused one with an empty chain (the same kernel). Codes keep their
     values: only strides change."""
-    from .fusion import _fusable_quantize, _rewire, fused_quantize_op, identity_program
-
     choices = []
     for q in list(gm.graph.nodes):
         fused = q.op == "call_function" and q.target is fused_quantize_op
-        if not (fused and q.args[6] == int(CodeLayout.NATURAL) or _fusable_quantize(q)):
+        if not (fused and q.args[6] == int(CodeLayout.NATURAL) or fusable_quantize(q)):
             continue
         codes = next((u for u in q.users if u.target is operator.getitem and u.args[1] == 0), None)
         if codes is None or (codes.meta["val"].device.type != "cuda" and not include_cpu):
@@ -176,9 +140,10 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
         else:  # a standalone quantizer: the fused kernel with nothing to fuse
             x, key, lay = q.args
             with gm.graph.inserting_before(q):
-                new = call(gm.graph, fused_quantize_op, ([x], identity_program(x.meta["val"].shape, x.meta["val"].dtype).dumps(), list(x.meta["val"].shape), key, lay,
-                                                         False, int(choice)), like=q, info=q.meta.get("fqt"))
-            _rewire(gm, q, new, x.meta["val"].fake_mode)
+                new = call(gm.graph, fused_quantize_op,
+                           ([x], identity_program(x.meta["val"].shape, x.meta["val"].dtype).dumps(), list(x.meta["val"].shape),
+                            key, lay, False, int(choice)), like=q, info=q.meta.get("fqt"))
+            rewire(gm, q, new, x.meta["val"].fake_mode, keep_meta=(SAVED_LAYOUT,))
             q = new
             codes = next(u for u in q.users if u.target is operator.getitem and u.args[1] == 0)
         q.meta["val"] = fake_eval(q.target, q.args, q.kwargs)
@@ -203,7 +168,6 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
 
 
 # ---------------------------------------------------------------- codes saved for the backward
-SAVED_LAYOUT = "fqt_saved_codes_layout"  # meta key on a forward quantizer's codes node
 
 
 def mark_saved_codes(joint: fx.GraphModule) -> int:
@@ -216,8 +180,6 @@ def mark_saved_codes(joint: fx.GraphModule) -> int:
     from fqt_compiler.sites import GemmNodeInfo
     from fqt_compiler.specs import GemmKind
 
-    from .lower import _match_operand
-
     marked = 0
     for node in joint.graph.nodes:
         info = node.meta.get("fqt")
@@ -227,12 +189,13 @@ def mark_saved_codes(joint: fx.GraphModule) -> int:
             continue
         first = 1 if node.target is torch.ops.aten.addmm.default else 0
         for position, operand in ((first, 0), (first + 1, 4)):
-            m = _match_operand(node.args[position])
+            m = match_operand(node.args[position])
             if isinstance(m, str) or m.transform is not None:
                 continue
             codes = m.codes
             val = codes.meta.get("val")
-            if codes.target is not operator.getitem or not isinstance(val, torch.Tensor) or val.dim() != 2 or not val.is_contiguous():
+            if (codes.target is not operator.getitem or not isinstance(val, torch.Tensor) or val.dim() != 2
+                    or not val.is_contiguous()):
                 continue
             shape = tuple(val.shape)
             nat = torch.empty(shape, dtype=val.dtype, device="meta")
@@ -243,10 +206,11 @@ def mark_saved_codes(joint: fx.GraphModule) -> int:
     return marked
 
 
-def restride_inputs(gm: fx.GraphModule, strides: dict[str, tuple[int, ...]], example_inputs: list) -> int:
+def restride_inputs(gm: fx.GraphModule, strides: dict[str, tuple[int, ...]], example_inputs: list) -> list:
     """Give the placeholders named in ``strides`` (tensors the forward graph saved in another
-    memory order) those strides, in their fake values, the values computed from them and
-    ``example_inputs``; returns how many placeholders changed."""
+    memory order) those strides, in their fake values and the values computed from them;
+    returns a copy of ``example_inputs`` with those strides too."""
+    example_inputs = list(example_inputs)
     changed: set = set()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, ph in enumerate(placeholders):
@@ -260,4 +224,4 @@ def restride_inputs(gm: fx.GraphModule, strides: dict[str, tuple[int, ...]], exa
             example_inputs[i] = new
         changed.add(ph)
     _refresh_downstream(gm, changed)
-    return len(changed)
+    return example_inputs

@@ -22,16 +22,17 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fqt_compiler.reference import Layout
+from fqt_compiler.layout import Layout
 from fqt_compiler.specs import Granularity, QuantSpec, Scheme
-from passes.graph_utils import call
+from fqt_compiler.ops import QUANTIZE_OPS
+from fqt_compiler.passes.graph_utils import PURE_VIEWS, RESHAPES, TRANSPOSES, call, rewire, static_tensor
+
+from fqt_compiler.codegen.fusion import fusable_quantize, fused_quantize_op, identity_program
+from fqt_compiler.codegen.fusion_program import OPS, Program, build_program, dtype_name, run_reference
+from fqt_compiler.codegen.memory_order import SAVED_LAYOUT
+from fqt_compiler.codegen.ops import qmm_cpu, qmm_op, triton_here
 
 aten = torch.ops.aten
-
-from .fusion import _VIEWS, _static_tensor
-from .lower import _TRANSPOSES
-from .fusion_program import OPS, Program, build_program, dtype_name, run_reference
-from .ops import qmm_cpu, qmm_op
 
 __all__ = ["FusedEpilogue", "fold_statistics", "fuse_epilogues", "qmm_epilogue_op", "qmm_epilogue_stats_op"]
 
@@ -43,10 +44,9 @@ def _qmm_epilogue(
     bias: torch.Tensor | None, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: str,
 ) -> torch.Tensor:
     prog = Program.loads(program)
-    from .ops import _triton_here
 
-    if _triton_here(a):
-        from .kernels.qmm_epilogue import qmm_epilogue
+    if triton_here(a):
+        from fqt_compiler.codegen.kernels.qmm_epilogue import qmm_epilogue
 
         out = qmm_epilogue(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog)
         return out.view(prog.shape)
@@ -89,11 +89,10 @@ def _qmm_epilogue_stats(
     columns: bool, qleaves: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     prog, qprog = Program.loads(program), Program.loads(quant)
-    from .kernels.qmm_epilogue import stat_slots
-    from .ops import _triton_here
+    from fqt_compiler.codegen.kernels.qmm_epilogue import stat_slots
 
-    if _triton_here(a):
-        from .kernels.qmm_epilogue import qmm_epilogue
+    if triton_here(a):
+        from fqt_compiler.codegen.kernels.qmm_epilogue import qmm_epilogue
 
         out, partials = qmm_epilogue(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog, qprog, symmetric, columns,
                                      list(qleaves))
@@ -107,7 +106,7 @@ def _qmm_epilogue_stats(
 
 @_qmm_epilogue_stats.register_fake
 def _qmm_epilogue_stats_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program, quant, symmetric, columns, qleaves):
-    from .kernels.qmm_epilogue import stat_slots
+    from fqt_compiler.codegen.kernels.qmm_epilogue import stat_slots
 
     prog = Program.loads(program)
     m, n = a.shape[0], b.shape[1]
@@ -131,14 +130,14 @@ class FusedEpilogue:
 def _absorbable(user: fx.Node, shape: torch.Size) -> bool:
     if user.op != "call_function" or user.target not in OPS:
         return False
-    val = _static_tensor(user)
+    val = static_tensor(user)
     if val is None or dtype_name(val.dtype) is None or tuple(val.shape) != tuple(shape):
         return False
     return not (user.kwargs and set(user.kwargs) - {"approximate", "dtype"})
 
 
 def _leaf_ok(node: fx.Node, shape: torch.Size) -> bool:
-    val = _static_tensor(node)
+    val = static_tensor(node)
     if val is None or dtype_name(val.dtype) is None:
         return False
     try:
@@ -153,11 +152,11 @@ def fuse_epilogues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedE
     for q in list(gm.graph.nodes):
         if q.op != "call_function" or q.target is not qmm_op or len(q.users) != 1:
             continue
-        qval = _static_tensor(q)
+        qval = static_tensor(q)
         if qval is None or (qval.device.type != "cuda" and not include_cpu) or dtype_name(qval.dtype) is None:
             continue
         head = next(iter(q.users))
-        if head.target in _VIEWS and len(head.users) == 1:
+        if head.target in RESHAPES and len(head.users) == 1:
             start = head  # the GEMM output seen in the consumers' shape (a free view of it)
             head = next(iter(head.users))
         else:
@@ -198,9 +197,9 @@ def _gemm_behind(x: fx.Node) -> tuple[fx.Node, bool] | None:
     """The low-bit GEMM whose output ``x`` is -- directly, through views keeping its last dim
     (rows regrouped), and possibly then as a 2-D transpose -- and whether it is transposed."""
     g, transposed = x, False
-    if g.op == "call_function" and g.target in _TRANSPOSES and g.meta["val"].dim() == 2:
+    if g.op == "call_function" and g.target in TRANSPOSES and g.meta["val"].dim() == 2:
         g, transposed = g.args[0], True
-    while g.op == "call_function" and g.target in _VIEWS:
+    while g.op == "call_function" and g.target in RESHAPES:
         if tuple(g.meta["val"].shape)[-1:] != tuple(g.args[0].meta["val"].shape)[-1:]:
             return None
         g = g.args[0]
@@ -224,14 +223,13 @@ def _grouped_axis(spec: QuantSpec, layout: int, shape: tuple, transposed: bool) 
     return "rows" if rows else "columns"
 
 
-_PURE_VIEWS = {*_VIEWS, *_TRANSPOSES, aten.expand.default}
 
 
 def _defined_before(node, g: fx.Node, order: dict) -> bool:
     """Whether ``node`` is computed before ``g``, or is a chain of views of such a value."""
     if not isinstance(node, fx.Node) or order[node] < order[g]:
         return True
-    return node.op == "call_function" and node.target in _PURE_VIEWS and _defined_before(node.args[0], g, order)
+    return node.op == "call_function" and node.target in PURE_VIEWS and _defined_before(node.args[0], g, order)
 
 
 def _replay_before(gm: fx.GraphModule, node: fx.Node, g: fx.Node, order: dict) -> fx.Node:
@@ -262,9 +260,7 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
     run along (per-tensor: per row); max / min / NaN flags, so exact. The quantizer reads its
     input once (writing its high-precision value, where others read it, in the codes pass).
     One quantizer per GEMM: the first in graph order."""
-    from fqt_compiler.ops import QUANTIZE_OPS
 
-    from .fusion import _fusable_quantize, _rewire, fused_quantize_op, identity_program
 
     folded: list[FusedEpilogue] = []
     for f in list(gm.graph.nodes):
@@ -272,7 +268,7 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
             continue
         if f.target is fused_quantize_op and len(f.args) < 8:
             fleaves, quant, key, layout = list(f.args[0]), Program.loads(f.args[1]), f.args[3], f.args[4]
-        elif f.target in QUANTIZE_OPS and _fusable_quantize(f):
+        elif f.target in QUANTIZE_OPS and fusable_quantize(f):
             fleaves, key, layout = [f.args[0]], f.args[1], f.args[2]
             quant = identity_program(f.args[0].meta["val"].shape, f.args[0].meta["val"].dtype)
         else:
@@ -280,8 +276,9 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
         # the leaf that is a GEMM's whole output (other leaves: residuals, saved activations...)
         behind = [_gemm_behind(a) if isinstance(a, fx.Node) else None for a in fleaves]
         j, found = next(((i, b) for i, b in enumerate(behind) if b is not None), (0, None))
-        gval = _static_tensor(found[0]) if found is not None else None
-        if gval is None or tuple(fleaves[j].meta["val"].shape) != tuple(quant.shape) or (gval.device.type != "cuda" and not include_cpu):
+        gval = static_tensor(found[0]) if found is not None else None
+        if (gval is None or tuple(fleaves[j].meta["val"].shape) != tuple(quant.shape)
+                or (gval.device.type != "cuda" and not include_cpu)):
             continue
         g, transposed = found
         x = fleaves[j]
@@ -298,7 +295,7 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
         symmetric = spec.scheme is Scheme.SYMMETRIC
         m, n = tuple(g.args[0].meta["val"].shape)[0], tuple(g.args[4].meta["val"].shape)[1]
         others = [a for i, a in enumerate(fleaves) if i != j]
-        if (transposed and len(quant.shape) != 2) or any(_static_tensor(a) is None for a in others):
+        if (transposed and len(quant.shape) != 2) or any(static_tensor(a) is None for a in others):
             continue
         order = {node: i for i, node in enumerate(gm.graph.nodes)}
         if any(not _defined_before(a, g, order) for a in others):
@@ -325,7 +322,7 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
             with gm.graph.inserting_before(f):
                 fq = call(gm.graph, fused_quantize_op, ([x], quant.dumps(), list(shape), key, layout, False, 0, partials),
                           like=f, info=f.meta.get("fqt"), fake_mode=gval.fake_mode)
-            _rewire(gm, f, fq, gval.fake_mode)
+            rewire(gm, f, fq, gval.fake_mode, keep_meta=(SAVED_LAYOUT,))
             f = fq
         folded.append(FusedEpilogue(new.name, (f"statistics of {f.name}",), program))
     gm.graph.lint()

@@ -3,7 +3,7 @@
 For every ``fqt::quantize[_stochastic]`` node of a lowered graph, :func:`fuse_prologues` walks
 back through the pointwise ops producing its input (bias / residual adds, GELU / SiLU / ReLU,
 their backward formulas, casts; through a final view) and cuts out the largest chain whose
-interior values nobody else reads. The chain becomes a :class:`~codegen.fusion_program.Program`
+interior values nobody else reads. The chain becomes a :class:`~fqt_compiler.codegen.fusion_program.Program`
 and the quantize node an ``fqt::fused_quantize`` call on the chain's leaves: one generated
 Triton kernel computes the chain and writes the codes and scales in a single pass over memory
 (``kernels/fused.py``). If other consumers still need the chain's high-precision value, the same
@@ -28,18 +28,19 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fqt_compiler.ops import QUANTIZE_OPS
-from fqt_compiler.reference import Layout, quantize_ref
+from fqt_compiler.ops import QUANTIZE_OPS, quantize_fake
+from fqt_compiler.layout import Layout
+from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import Granularity, QuantSpec, Transform
-from passes.graph_utils import call
+from fqt_compiler.passes.graph_utils import RESHAPES, call, rewire, static_tensor
 
-from .fusion_program import OPS, Program, build_program, dtype_name, run_reference
-from .code_layout import SAVED_LAYOUT, CodeLayout, alloc_like
+from fqt_compiler.codegen.fusion_program import OPS, Program, build_program, dtype_name, run_reference
+from fqt_compiler.codegen.memory_order import SAVED_LAYOUT, CodeLayout, alloc_like
+from fqt_compiler.codegen.ops import triton_here
 
-__all__ = ["FusedQuantize", "fuse_prologues", "fused_quantize_op", "fusion_programs"]
+__all__ = ["FusedQuantize", "fuse_prologues", "fused_quantize_op", "fusable_quantize", "identity_program"]
 
 aten = torch.ops.aten
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
 @torch.library.custom_op("fqt::fused_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -48,17 +49,16 @@ def _fused_quantize(
     partials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     prog, parsed, lay, cl = Program.loads(program), QuantSpec.from_key(spec), Layout(layout), CodeLayout(code_layout)
-    from .ops import _triton_here
-
-    if _triton_here(leaves[0]):
-        from .kernels.fused import fused_quantize
+    if triton_here(leaves[0]):
+        from fqt_compiler.codegen.kernels.fused import fused_quantize
 
         out = fused_quantize(list(leaves), prog, tuple(shape), parsed, lay, write_hp, code_layout=cl, partials=partials)
     else:  # the unfused computation: the chain op by op, then the reference quantizer (which
         # recomputes any statistics a GEMM epilogue gathered: the same values)
         x = run_reference(prog, list(leaves)).reshape(shape)
         codes, scale, zp, offset = quantize_ref(x, parsed, lay)
-        col = alloc_like(tuple(shape), codes.dtype, codes.device, True).copy_(codes) if cl is not CodeLayout.NATURAL else codes.new_empty((0,))
+        col = (alloc_like(tuple(shape), codes.dtype, codes.device, True).copy_(codes) if cl is not CodeLayout.NATURAL
+               else codes.new_empty((0,)))
         out = (col if cl is CodeLayout.COLUMN_MAJOR else codes, scale, zp, offset, x if write_hp else x.new_empty((0,)),
                col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
     # outputs keep the memory order the fake declares: column-major codes stay column-major
@@ -70,8 +70,6 @@ def _fused_quantize(
 
 @_fused_quantize.register_fake
 def _fused_quantize_fake(leaves, program, shape, spec, layout, write_hp, code_layout, partials=None):
-    from fqt_compiler.ops import quantize_fake
-
     prog, cl = Program.loads(program), CodeLayout(code_layout)
     x = leaves[0].new_empty(shape, dtype=prog.dtype)
     codes, scale, zp, offset = quantize_fake(x, spec, layout)
@@ -95,13 +93,6 @@ class FusedQuantize:
     stage: str = ""  # "forward" / "backward": node names repeat across the two graphs
 
 
-def _static_tensor(node: object) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if isinstance(val, torch.Tensor) and all(isinstance(d, int) for d in (*val.shape, *val.stride())):
-        return val
-    return None
-
-
 def identity_program(shape, dtype: torch.dtype) -> Program:
     """The empty chain over one leaf of ``shape``, rounded to ``dtype``: a fused quantizer of
     the leaf itself, or a GEMM epilogue that only stores the GEMM's output."""
@@ -120,7 +111,7 @@ def _collect(root: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], list[obje
     def absorbable(n: object) -> bool:
         if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in OPS:
             return False
-        val = _static_tensor(n)
+        val = static_tensor(n)
         if val is None or dtype_name(val.dtype) is None or tuple(val.shape) != tuple(shape):
             return False
         return not (n.kwargs and set(n.kwargs) - {"approximate", "dtype"})
@@ -142,7 +133,7 @@ def _collect(root: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], list[obje
     for n in chain:
         for a in n.args:
             if isinstance(a, fx.Node) and a not in members and a not in leaves:
-                val = _static_tensor(a)
+                val = static_tensor(a)
                 if val is None or dtype_name(val.dtype) is None:
                     return None
                 try:
@@ -153,10 +144,10 @@ def _collect(root: fx.Node, shape: torch.Size) -> tuple[list[fx.Node], list[obje
     return chain, leaves
 
 
-def _fusable_quantize(node: fx.Node) -> bool:
+def fusable_quantize(node: fx.Node) -> bool:
     if node.op != "call_function" or node.target not in QUANTIZE_OPS:
         return False
-    val = _static_tensor(node.args[0])
+    val = static_tensor(node.args[0])
     return _fusable_spec(QuantSpec.from_key(node.args[1])) and val is not None and dtype_name(val.dtype) is not None
 
 
@@ -168,15 +159,15 @@ def fuse_prologues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedQ
             continue
         x, key, layout = q.args
         spec = QuantSpec.from_key(key)
-        xval = _static_tensor(x)
+        xval = static_tensor(x)
         if not _fusable_spec(spec) or xval is None or dtype_name(xval.dtype) is None:
             continue
         if xval.device.type != "cuda" and not include_cpu:
             continue
         root = x
-        if x.op == "call_function" and x.target in _VIEWS and x.args[0].meta["val"].is_contiguous():
+        if x.op == "call_function" and x.target in RESHAPES and x.args[0].meta["val"].is_contiguous():
             root = x.args[0]  # a view of a contiguous chain output: same elements, same order
-        if not isinstance(root, fx.Node) or _static_tensor(root) is None:
+        if not isinstance(root, fx.Node) or static_tensor(root) is None:
             continue
         found = _collect(root, root.meta["val"].shape)
         if found is None or not found[1]:
@@ -185,14 +176,15 @@ def fuse_prologues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedQ
         program = build_program(chain, lambda a: ("L", leaves.index(a)), root.meta["val"].shape, len(leaves))
         # consumers still reading the chain's value: through x, or root directly; another
         # quantizer of the same value fuses the chain itself (recomputing beats a round trip)
-        outside_x = [u for u in x.users if u is not q and not _fusable_quantize(u)]
-        outside_root = [u for u in root.users if u is not x and not _fusable_quantize(u)] if root is not x else []
+        outside_x = [u for u in x.users if u is not q and not fusable_quantize(u)]
+        outside_root = [u for u in root.users if u is not x and not fusable_quantize(u)] if root is not x else []
         write_hp = bool(outside_x or outside_root)
         fake_mode = xval.fake_mode
         # right after the chain's output: every leaf is defined there, every consumer comes later
         with gm.graph.inserting_after(root):
             new = call(
-                gm.graph, fused_quantize_op, (leaves, program.dumps(), list(xval.shape), key, layout, write_hp, int(CodeLayout.NATURAL)),
+                gm.graph, fused_quantize_op,
+                (leaves, program.dumps(), list(xval.shape), key, layout, write_hp, int(CodeLayout.NATURAL)),
                 like=q, info=q.meta.get("fqt"), fake_mode=fake_mode,
             )
         if write_hp:
@@ -202,45 +194,14 @@ def fuse_prologues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedQ
                 u.replace_input_with(x, hp)
             if outside_root:
                 with gm.graph.inserting_after(hp):
-                    hp_root = call(gm.graph, aten.view.default, (hp, list(root.meta["val"].shape)), like=root, fake_mode=fake_mode)
+                    hp_root = call(
+                        gm.graph, aten.view.default, (hp, list(root.meta["val"].shape)), like=root, fake_mode=fake_mode
+                    )
                 for u in outside_root:
                     u.replace_input_with(root, hp_root)
-        _rewire(gm, q, new, fake_mode)
+        rewire(gm, q, new, fake_mode, keep_meta=(SAVED_LAYOUT,))
         fused.append(FusedQuantize(new.name, key, tuple(str(n.target) for n in chain), write_hp, program))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return fused
-
-
-def _rewire(gm: fx.GraphModule, old: fx.Node, new: fx.Node, fake_mode) -> None:
-    """Point every ``getitem(old, i)`` at ``getitem(new, i)`` and drop ``old``."""
-    for user in list(old.users):
-        if user.target is not operator.getitem:
-            raise AssertionError(f"{old.name} has a non-getitem user {user.name}")
-        with gm.graph.inserting_before(user):
-            repl = call(gm.graph, operator.getitem, (new, user.args[1]), like=user, fake_mode=fake_mode)
-        if SAVED_LAYOUT in user.meta:  # the backward's wish for these codes travels with them
-            repl.meta[SAVED_LAYOUT] = user.meta[SAVED_LAYOUT]
-        user.replace_all_uses_with(repl)
-        gm.graph.erase_node(user)
-    gm.graph.erase_node(old)
-
-
-def fusion_programs(gm: fx.GraphModule, stage: str = "") -> dict[str, str]:
-    """Generated kernel source of every fused node of ``gm`` (``fused:<stage>:<node>`` ->
-    source; the stage keeps the forward's and the backward's same-named nodes apart)."""
-    from .epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
-    from .kernels.fused import generate_source
-    from .kernels.qmm_epilogue import generate_epilogue_source
-
-    out = {}
-    prefix = f"{stage}:" if stage else ""
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is fused_quantize_op:
-            out[f"fused:{prefix}{node.name}"] = generate_source(Program.loads(node.args[1]))
-        elif node.op == "call_function" and node.target is qmm_epilogue_op:
-            out[f"fused:{prefix}{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9])
-        elif node.op == "call_function" and node.target is qmm_epilogue_stats_op:
-            out[f"fused:{prefix}{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9], Program.loads(node.args[12]))
-    return out

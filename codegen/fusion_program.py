@@ -100,7 +100,7 @@ F = torch.nn.functional
 def _tl_gelu(a: list[str], extra) -> str:
     x = a[0]
     if extra == "tanh":
-        return f"(0.5 * {x} * (1.0 + _tanh({_SQRT_2_OVER_PI!r} * ({x} + 0.044715 * {x} * {x} * {x}))))"
+        return f"(0.5 * {x} * (1.0 + tanh({_SQRT_2_OVER_PI!r} * ({x} + 0.044715 * {x} * {x} * {x}))))"
     return f"(0.5 * {x} * (1.0 + tl.math.erf({x} * {_SQRT1_2!r})))"
 
 
@@ -115,16 +115,18 @@ _IMPL: dict[str, tuple] = {
     "neg": (lambda a, e: torch.neg(a[0]), lambda a, e: f"(-{a[0]})"),
     "relu": (lambda a, e: torch.relu(a[0]), lambda a, e: f"tl.where({a[0]} < 0.0, 0.0, {a[0]})"),
     "sigmoid": (lambda a, e: torch.sigmoid(a[0]), lambda a, e: f"tl.math.div_rn(1.0, 1.0 + tl.exp(-{a[0]}))"),
-    "tanh": (lambda a, e: torch.tanh(a[0]), lambda a, e: f"_tanh({a[0]})"),
+    "tanh": (lambda a, e: torch.tanh(a[0]), lambda a, e: f"tanh({a[0]})"),
     "silu": (lambda a, e: F.silu(a[0]), lambda a, e: f"tl.math.div_rn({a[0]}, 1.0 + tl.exp(-{a[0]}))"),
     "exp": (lambda a, e: torch.exp(a[0]), lambda a, e: f"tl.exp({a[0]})"),
     "pow": (lambda a, e: torch.pow(a[0], a[1]), lambda a, e: _pow_expr(a[0], float(a[1]))),
     "gelu": (lambda a, e: F.gelu(a[0], approximate=e), _tl_gelu),
     "gelu_backward": (
         lambda a, e: aten.gelu_backward(a[0], a[1], approximate=e),
-        lambda a, e: f"_gelu_{'tanh_' if e == 'tanh' else ''}backward({a[0]}, {a[1]})",
+        lambda a, e: f"gelu_{'tanh_' if e == 'tanh' else ''}backward({a[0]}, {a[1]})",
     ),
-    "threshold_backward": (lambda a, e: aten.threshold_backward(a[0], a[1], a[2]), lambda a, e: f"tl.where({a[1]} <= {a[2]}, 0.0, {a[0]})"),
+    "threshold_backward": (
+        lambda a, e: aten.threshold_backward(a[0], a[1], a[2]), lambda a, e: f"tl.where({a[1]} <= {a[2]}, 0.0, {a[0]})"
+    ),
     "sigmoid_backward": (lambda a, e: aten.sigmoid_backward(a[0], a[1]), lambda a, e: f"({a[0]} * (1.0 - {a[1]}) * {a[1]})"),
     "tanh_backward": (lambda a, e: aten.tanh_backward(a[0], a[1]), lambda a, e: f"({a[0]} * (1.0 - {a[1]} * {a[1]}))"),
     "convert": (lambda a, e: a[0], lambda a, e: a[0]),  # the rounding to the dtype follows every step
@@ -141,7 +143,8 @@ def run_reference(program: Program, leaves: list[torch.Tensor]) -> torch.Tensor:
     """Evaluate ``program`` eagerly (the unfused computation, op by op)."""
     values: list = []
     for op, operands, dtype, extra in program.steps:
-        args = [leaves[o[1]] if isinstance(o, tuple) and o[0] == "L" else values[o[1]] if isinstance(o, tuple) else o for o in operands]
+        args = [leaves[o[1]] if isinstance(o, tuple) and o[0] == "L" else values[o[1]] if isinstance(o, tuple) else o
+                for o in operands]
         out = _impl(op, 0)(args, extra)
         values.append(out.to(_DTYPES[dtype]) if isinstance(out, torch.Tensor) else out)
     return values[-1].expand(program.shape)
@@ -163,16 +166,18 @@ def _pow_expr(x: str, y: float) -> str:
     return f"tl.where({x} < 0.0, float('nan'), tl.exp2({y!r} * tl.log2({x})))"
 
 
-_ROUND = {"bfloat16": "_round_bf16", "float16": "_round_fp16"}
+_ROUND = {"bfloat16": "round_bf16", "float16": "round_fp16"}
 
 
 def triton_lines(program: Program, leaf_load: str, indent: str, first_leaf: str | None = None, prefix: str = "") -> list[str]:
     """Statements computing ``{prefix}x`` (fp32) for one tile: ``leaf_load.format(i=...)`` loads
     leaf i; ``first_leaf``, if given, is the expression of leaf 0 instead (a GEMM's output tile);
     ``prefix`` keeps two programs' temporaries apart in one kernel."""
-    lines = [f"{indent}{prefix}l{i} = {first_leaf if i == 0 and first_leaf else leaf_load.format(i=i)}" for i in range(program.n_leaves)]
+    lines = [f"{indent}{prefix}l{i} = {first_leaf if i == 0 and first_leaf else leaf_load.format(i=i)}"
+             for i in range(program.n_leaves)]
     for j, (op, operands, dtype, extra) in enumerate(program.steps):
-        args = [f"{prefix}l{o[1]}" if isinstance(o, tuple) and o[0] == "L" else f"{prefix}v{o[1]}" if isinstance(o, tuple) else repr(float(o))
+        args = [f"{prefix}l{o[1]}" if isinstance(o, tuple) and o[0] == "L"
+                else f"{prefix}v{o[1]}" if isinstance(o, tuple) else repr(float(o))
                 for o in operands]
         expr = _impl(op, 1)(args, extra)
         if dtype in _ROUND:  # eager rounds every op's result to its dtype (to nearest even)

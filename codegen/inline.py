@@ -21,13 +21,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.ops import QUANTIZE_OPS, bhq_inverse_op, bhq_quantize_op
-from fqt_compiler.reference import Layout, quantize_ref
+from fqt_compiler.layout import Layout
+from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
-from passes.graph_utils import call
+from fqt_compiler.passes.graph_utils import call
 
-from .ops import qmm_cpu, qmm_op
+from fqt_compiler.codegen.ops import qmm_cpu, qmm_op
 
-__all__ = ["inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions"]
+__all__ = ["inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random"]
 
 
 def _static(val: object) -> bool:
@@ -129,3 +130,15 @@ def inline_qmm_ops(gm: fx.GraphModule) -> int:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return count
+
+
+def replace_random(gm: fx.GraphModule) -> None:
+    """Inductor's rewrite of random ops (``replace_random_passes``): Inductor's own compile_fx
+    runs it before partitioning, a step our already-partitioned graphs skip."""
+    # Inductor internals, imported on use: only Inductor-compiled graphs get here
+    from torch._inductor.fx_passes.replace_random import replace_random_passes
+    from torch._inductor.virtualized import V
+
+    fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes if hasattr(n.meta.get("val"), "fake_mode"))
+    with V.set_fake_mode(fake_mode):
+        replace_random_passes(gm)

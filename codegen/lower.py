@@ -18,20 +18,18 @@ import torch
 from torch import fx
 
 from fqt_compiler.ops import bhq_inverse_op, fake_quantize_op
-from fqt_compiler.reference import Layout
+from fqt_compiler.layout import Layout
 from fqt_compiler.sites import GemmNodeInfo, GemmStatus, QuantNodeInfo
 from fqt_compiler.specs import GemmKind, QuantSpec
-from passes.graph_utils import call
+from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, call
 
-from .ops import qmm_op
+from fqt_compiler.codegen.ops import qmm_op
 
 aten = torch.ops.aten
 _CONVERT = torch.ops.prims.convert_element_type.default
 
 __all__ = ["LoweredGemm", "lower_gemms"]
 
-_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 @dataclass(frozen=True)
@@ -56,11 +54,11 @@ class _Operand:
     transform: fx.Node | None = None  # the fqt::bhq_inverse applied after the dequantization
 
 
-def _match_operand(arg: fx.Node) -> _Operand | str:
+def match_operand(arg: fx.Node) -> _Operand | str:
     """Walk from a GEMM argument back to its dequantization; return it or the reason not."""
     views: list[fx.Node] = []
     cur = arg
-    while isinstance(cur, fx.Node) and cur.op == "call_function" and (cur.target in _TRANSPOSES or cur.target in _RESHAPES):
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and (cur.target in TRANSPOSES or cur.target in RESHAPES):
         info = cur.meta.get("fqt")
         if isinstance(info, QuantNodeInfo) and info.what == "dequantize":
             break
@@ -102,14 +100,16 @@ def _shape(node: fx.Node) -> tuple:
     return tuple(node.meta["val"].shape)
 
 
-def _replay_on_stat(graph: fx.Graph, stat: fx.Node | None, view: fx.Node, src_shape: tuple, like: fx.Node) -> fx.Node | None | str:
+def _replay_on_stat(
+    graph: fx.Graph, stat: fx.Node | None, view: fx.Node, src_shape: tuple, like: fx.Node
+) -> fx.Node | None | str:
     """Apply a view of the codes to a broadcastable statistic (None / scalar pass through)."""
     if stat is None:
         return None
     s_shape = _shape(stat)
-    if len(s_shape) == 0 or all(d == 1 for d in s_shape) and view.target in _RESHAPES:
+    if len(s_shape) == 0 or all(d == 1 for d in s_shape) and view.target in RESHAPES:
         return stat
-    if view.target in _TRANSPOSES:
+    if view.target in TRANSPOSES:
         return call(graph, view.target, (stat, *view.args[1:]), dict(view.kwargs), like=like)
     target = tuple(_shape(view))
     if len(s_shape) != len(src_shape) or target[-1] != src_shape[-1]:
@@ -182,7 +182,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
         return simulated("addmm with alpha/beta != 1")
     ops = []
     for idx in (a_idx, b_idx):
-        m = _match_operand(node.args[idx])
+        m = match_operand(node.args[idx])
         if isinstance(m, str):
             return simulated(m)
         ops.append(m)

@@ -15,14 +15,19 @@ import os
 import types
 
 import torch
+from torch import fx
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.ops import empty_in_input_layout, in_input_layout, quantize_fake
 from fqt_compiler.quantizers import get_quantizer, run_custom
-from fqt_compiler.reference import Layout, fake_quantize_ref, from_natural_2d, natural_2d, qmm_epilogue, qmm_ref, quantize_ref
+from fqt_compiler.layout import Layout, from_natural_2d, natural_2d
+from fqt_compiler.reference import fake_quantize_ref, qmm_epilogue, qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
 
-__all__ = ["qmm_op", "quantize_kernel_op", "bhq_quantize_kernel_op", "bhq_inverse_kernel_op", "qmm_cpu", "KERNEL_TWINS"]
+__all__ = [
+    "qmm_op", "quantize_kernel_op", "bhq_quantize_kernel_op", "bhq_inverse_kernel_op", "qmm_cpu", "KERNEL_TWINS", "triton_here",
+    "swap_to_kernel_ops",
+]
 
 
 def qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
@@ -48,7 +53,7 @@ def _qmm(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     if a.device.type == "cuda":
-        from .kernels.qmm import qmm
+        from fqt_compiler.codegen.kernels.qmm import qmm
 
         return qmm(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
     return qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
@@ -59,7 +64,7 @@ def _qmm_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
-def _triton_here(x: torch.Tensor) -> bool:
+def triton_here(x: torch.Tensor) -> bool:
     """Triton runs on CUDA, and on CPU tensors under Triton's interpreter (tests)."""
     return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -82,7 +87,9 @@ def _standalone_cpu(spec: QuantSpec | None, layout: Layout, fn=None, example: to
             def run(x):
                 return fn(x, spec, layout)
         # a fresh code object per shape: its own Dynamo cache, never a recompile-limit hit
-        fresh = types.FunctionType(run.__code__.replace(), run.__globals__, f"fqt_standalone_{fn.__name__}", None, run.__closure__)
+        fresh = types.FunctionType(
+            run.__code__.replace(), run.__globals__, f"fqt_standalone_{fn.__name__}", None, run.__closure__
+        )
         _STANDALONE[key] = torch.compile(fresh, dynamic=False, fullgraph=True)
     return _STANDALONE[key]
 
@@ -90,8 +97,8 @@ def _standalone_cpu(spec: QuantSpec | None, layout: Layout, fn=None, example: to
 @torch.library.custom_op("fqt::quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     parsed = QuantSpec.from_key(spec)
-    if _triton_here(x) and x.dtype != torch.float64:
-        from .kernels.quantize import quantize
+    if triton_here(x) and x.dtype != torch.float64:
+        from fqt_compiler.codegen.kernels.quantize import quantize
 
         out = quantize(x, parsed, Layout(layout))
     elif x.device.type == "cpu" and x.dtype != torch.float64:
@@ -110,8 +117,8 @@ def _bhq_quantize_kernel(
     x: torch.Tensor, spec: str, layout: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     parsed = QuantSpec.from_key(spec)
-    if _triton_here(x) and x.dtype != torch.float64:
-        from .kernels.bhq import bhq_quantize
+    if triton_here(x) and x.dtype != torch.float64:
+        from fqt_compiler.codegen.kernels.bhq import bhq_quantize
 
         out = bhq_quantize(x, parsed, Layout(layout))
     elif x.device.type == "cpu" and x.dtype != torch.float64:
@@ -123,8 +130,8 @@ def _bhq_quantize_kernel(
 
 @torch.library.custom_op("fqt::bhq_inverse_kernel", mutates_args=())
 def _bhq_inverse_kernel(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: int) -> torch.Tensor:
-    if _triton_here(y) and y.dtype != torch.float64:
-        from .kernels.bhq import bhq_inverse
+    if triton_here(y) and y.dtype != torch.float64:
+        from fqt_compiler.codegen.kernels.bhq import bhq_inverse
 
         out = bhq_inverse(y, group, u, s, Layout(layout))
     elif y.device.type == "cpu" and y.dtype != torch.float64:
@@ -137,7 +144,7 @@ def _bhq_inverse_kernel(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s
 @torch.library.custom_op("fqt::fake_quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _fake_quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
     parsed = QuantSpec.from_key(spec)
-    if parsed.quantizer is not None and _triton_here(x):
+    if parsed.quantizer is not None and triton_here(x):
         custom = get_quantizer(parsed.quantizer)
         if custom.kernel is not None:  # the user's kernel hook, same contract as the reference
             m = natural_2d(x, Layout(layout)).to(torch.float32)
@@ -164,3 +171,16 @@ KERNEL_TWINS = {
     torch.ops.fqt.bhq_inverse.default: bhq_inverse_kernel_op,
     torch.ops.fqt.fake_quantize.default: fake_quantize_kernel_op,
 }
+
+
+def swap_to_kernel_ops(gm: fx.GraphModule, include_cpu: bool = False) -> int:
+    """Point quantize / BHQ nodes on CUDA (and on CPU with ``include_cpu``) at their Triton twins."""
+    count = 0
+    for node in gm.graph.nodes:
+        twin = KERNEL_TWINS.get(node.target) if node.op == "call_function" else None
+        val = node.args[0].meta.get("val") if twin is not None else None
+        if twin is not None and isinstance(val, torch.Tensor) and (val.device.type == "cuda" or include_cpu):
+            node.target = twin
+            count += 1
+    gm.recompile()
+    return count

@@ -24,7 +24,8 @@ from . import ops as _ops  # registers the fqt:: custom ops
 
 # backend and inspection
 from .backend import FQTBackend, backend, fqt_backend, last_compiles
-from .explain import ExplainReport, explain
+from .explain import explain
+from .report import ExplainReport
 from .coverage import Coverage, CoverageWarning
 from .distributed import compile_sharded, sharded_modules
 from .sites import GemmStatus
@@ -39,7 +40,8 @@ __all__ = [
     # numerics
     "quantize", "register_quantizer", "registered_quantizers", "unregister_quantizer",
     # backend and inspection
-    "backend", "fqt_backend", "FQTBackend", "explain", "ExplainReport", "GemmStatus", "last_compiles", "Coverage", "CoverageWarning",
+    "backend", "fqt_backend", "FQTBackend", "explain", "ExplainReport", "GemmStatus", "last_compiles", "Coverage",
+    "CoverageWarning",
     "compile_sharded", "sharded_modules",
     # errors
     "FQTError", "SpecError", "OptionsError", "UnsupportedGraphError", "PassError", "RuleError", "QuantizerError",

@@ -1,11 +1,11 @@
-"""The ``fqt`` torch.compile backend.
+"""The ``fqt`` torch.compile backend: the AOTAutograd wiring.
 
 Dynamo hands the backend an FX graph; AOTAutograd traces its joint forward-backward graph and
-calls our ``partition_fn``, where ``passes.run_passes`` rewrites the joint graph before the
+calls our ``partition_fn``, where the pipeline's rewrite steps run on the joint graph before the
 min-cut partitioner splits it (so the partitioner can choose to save low-bit codes for the
 backward). Graphs traced without autograd (``torch.no_grad``, eval) go through the inference
-compiler and get the forward quantization only. The partitioned graphs are then handed to
-``codegen.compile_graph``.
+compiler and get the forward quantization only. The partitioned graphs then take the
+pipeline's compile steps. Every step is listed, in order, in ``fqt_compiler.pipeline``.
 
 ``torch.compile(m, backend="fqt")`` finds :func:`fqt_backend` through the
 ``torch_dynamo_backends`` entry point; ``options={...}`` arrive as the ``options`` keyword.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -24,12 +24,16 @@ from torch import fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+from . import pipeline
 from ._logging import dump_dir
-from .config import FQTConfig
+from fqt_compiler.codegen.inline import inductor_decompositions
+from .config import FQTConfig, Inference, Mode
 from .dump import graph_text, runnable_source
-from .config import Fusion, Inference, Mode
 from .errors import OptionsError
-from .sites import GemmStatus, SiteDecision
+from fqt_compiler.passes import PassContext
+from .pipeline import GraphContext, SavedStrides, Stage
+from .records import GraphRecord
+from .report import ExplainReport
 
 __all__ = ["FQTBackend", "GraphRecord", "backend", "fqt_backend", "last_compiles"]
 
@@ -40,40 +44,18 @@ log = logging.getLogger("fqt_compiler")
 _RECENT: collections.deque[GraphRecord] = collections.deque(maxlen=64)
 
 
-@dataclass
-class GraphRecord:
-    """What the backend did to one graph Dynamo handed it."""
-
-    graph_id: int
-    kind: str = ""  # "joint" or "inference"
-    decisions: list[SiteDecision] = field(default_factory=list)
-    passes: list[str] = field(default_factory=list)
-    graph_texts: list[tuple[str, str]] = field(default_factory=list)
-    stages: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, text, runnable .py)
-    dot: str = ""  # Graphviz picture of the rewritten joint graph
-    counters: dict[str, int] = field(default_factory=dict)
-    kernel_sources: dict[str, str] = field(default_factory=dict)  # generated code per kernel / graph
-    fused: list = field(default_factory=list)  # codegen.FusedQuantize / FusedEpilogue: generated fused kernels
-    layouts: list = field(default_factory=list)  # codegen.LayoutChoice: codes in the order their GEMMs read K-major
-
-    def apply_lowering(self, lowered: list) -> None:
-        """Fold codegen's per-GEMM results (``codegen.LoweredGemm``) into the decisions."""
-        by_key = {(r.site_id, r.gemm): r for r in lowered}
-        updated = []
-        for site in self.decisions:
-            gemms = []
-            for g in site.gemms:
-                r = by_key.get((site.site_id, g.kind))
-                if r is not None and g.status is not GemmStatus.SKIPPED:
-                    g = replace(g, status=r.status, reason=r.reason, kernel=r.kernel)
-                gemms.append(g)
-            updated.append(replace(site, gemms=tuple(gemms)))
-        self.decisions = updated
-
-
 def last_compiles() -> list[GraphRecord]:
     """Records of the most recently compiled graphs (newest last), across backend instances."""
     return list(_RECENT)
+
+
+@dataclass
+class _Compile:
+    """One Dynamo graph's compile: its record, and what its forward hands its backward."""
+
+    record: GraphRecord
+    param_indices: frozenset[int]
+    saved: SavedStrides = SavedStrides()
 
 
 class FQTBackend:
@@ -93,11 +75,15 @@ class FQTBackend:
     def __repr__(self) -> str:
         return f"FQTBackend(recipe={self.config.recipe.name!r}, execution={self.config.execution.value!r})"
 
-    def _run_passes(self, gm: fx.GraphModule, record: GraphRecord, param_indices: frozenset[int]) -> None:
-        from passes import PassContext, run_passes
+    def _say(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress(line)
 
-        ctx = PassContext(self.config, record.graph_id, param_indices)
-        run_passes(gm, ctx)
+    def _rewrite(self, gm: fx.GraphModule, job: _Compile, stage: Stage) -> None:
+        """The pipeline's rewrite steps on the joint (or inference) graph."""
+        record = job.record
+        ctx = PassContext(self.config, record.graph_id, job.param_indices)
+        pipeline.rewrite_graph(gm, ctx, stage)
         record.decisions = ctx.decisions
         record.passes = list(ctx.ran)
         record.graph_texts = ctx.graph_texts
@@ -107,114 +93,60 @@ class FQTBackend:
         log.info("fqt: graph %d (%s): %d GEMM sites", record.graph_id, record.kind, len(ctx.decisions))
         self._say(f"graph {record.graph_id} ({record.kind}): {len(ctx.decisions)} GEMM sites rewritten, compiling")
 
-    def _say(self, line: str) -> None:
-        if self.progress is not None:
-            self.progress(line)
-
-    def _dump(self) -> None:
-        from .explain import ExplainReport
-
-        report = ExplainReport(self.config.recipe.name, list(self.records))
-        for line in report.write(self.dump_dir):
-            log.debug("fqt dump: %s", line)
+    def _compile(self, gm: fx.GraphModule, inputs: list[Any], job: _Compile, stage: Stage):
+        """The pipeline's compile steps on a partitioned graph; returns the boxed callable."""
+        record = job.record
+        ctx = GraphContext(self.config, stage, record.graph_id, example_inputs=list(inputs), saved=job.saved)
+        before = SavedStrides.output_strides(gm)
+        t0 = time.perf_counter()
+        out = pipeline.compile_partitioned(gm, ctx)
+        self._say(f"graph {record.graph_id}: {stage.value} compiled in {time.perf_counter() - t0:.1f} s")
+        if stage is Stage.FORWARD:
+            job.saved = SavedStrides.changed(gm, before)
+        record.apply_lowering(out.lowered)
+        record.kernel_sources.update(out.sources)
+        record.fused.extend(out.fused)
+        record.layouts.extend(out.layouts)
+        if self.config.debug:  # the partitioned (and, in kernels mode, lowered) graph
+            title = f"fqt graph {record.graph_id}, partitioned {stage.value} ({self.config.execution.value} mode)"
+            record.stages.append((stage.value, graph_text(gm), runnable_source(gm, title, f"{stage.value}.py")))
+        if self.dump_dir:
+            report = ExplainReport(self.config.recipe.name, list(self.records))
+            for line in report.write(self.dump_dir):
+                log.debug("fqt dump: %s", line)
+        return out.fn
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
-        from codegen import compile_graph
-
         config = self.config
-        param_indices = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
-        record = GraphRecord(graph_id=len(self.records))
-        self.records.append(record)
-        _RECENT.append(record)
+        params = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
+        job = _Compile(GraphRecord(graph_id=len(self.records)), params)
+        self.records.append(job.record)
+        _RECENT.append(job.record)
 
         def partition_fn(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
-            record.kind = "joint"
-            self._run_passes(joint, record, param_indices)
-            if config.execution is Mode.KERNELS and config.fusion is not Fusion.OFF:
-                from codegen.code_layout import mark_saved_codes
-
-                mark_saved_codes(joint)  # codes the backward reads K-major only column-major
+            job.record.kind = "joint"
+            self._rewrite(joint, job, Stage.JOINT)
             return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
-        compiled_names: list[str] = []
-        saved_strides: dict[str, tuple[int, ...]] = {}  # forward outputs saved in another memory order
-
-        def compiler(graph: fx.GraphModule, inputs: list[Any]):
-            from codegen.code_layout import restride_inputs
-
-            name = f"graph{record.graph_id}_" + ("forward", "backward", "graph")[min(len(compiled_names), 2)]
-            compiled_names.append(name)
-            if name.endswith("backward") and saved_strides:
-                restride_inputs(graph, saved_strides, inputs)  # before lowering reads the strides
-            outputs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
-            before = [(o.name, tuple(o.meta["val"].stride())) if _is_tensor_node(o) else None for o in outputs]
-            t0 = time.perf_counter()
-            out = compile_graph(graph, inputs, config, name)
-            self._say(f"graph {record.graph_id}: {name.split('_', 1)[1]} compiled in {time.perf_counter() - t0:.1f} s")
-            if name.endswith("forward"):
-                saved_strides.update(_changed_output_strides(graph, before))
-            record.apply_lowering(out.lowered)
-            record.kernel_sources.update(out.sources)
-            record.fused.extend(out.fused)
-            record.layouts.extend(out.layouts)
-            if config.debug:  # the partitioned (and, in kernels mode, lowered) graph
-                stage = name.split("_", 1)[1]
-                title = f"fqt graph {record.graph_id}, partitioned {stage} ({config.execution.value} mode)"
-                record.stages.append((stage, graph_text(graph), runnable_source(graph, title, f"{stage}.py")))
-            if self.dump_dir:
-                self._dump()
-            return out.fn
-
         def inference_compiler(graph: fx.GraphModule, inputs: list[Any]):
-            record.kind = "inference"
+            job.record.kind = "inference"
             if config.inference is Inference.HIGH_PRECISION:  # evaluation in high precision: no rewrite at all
-                record.kind = "inference (high precision)"
-                self._say(f"graph {record.graph_id} (inference): left in high precision (inference='high_precision')")
+                job.record.kind = "inference (high precision)"
+                self._say(f"graph {job.record.graph_id} (inference): left in high precision (inference='high_precision')")
             else:
-                self._run_passes(graph, record, param_indices)
-            return compiler(graph, inputs)
+                self._rewrite(graph, job, Stage.INFERENCE)
+            return self._compile(graph, inputs, job, Stage.FORWARD)
 
         kwargs: dict[str, Any] = {}
         if config.execution is Mode.KERNELS and config.inductor:
-            from codegen.inline import inductor_decompositions
-
             kwargs["decompositions"] = inductor_decompositions()  # what Inductor's lowerings expect
         return aot_autograd(
-            fw_compiler=compiler,
-            bw_compiler=compiler,
+            fw_compiler=lambda graph, inputs: self._compile(graph, inputs, job, Stage.FORWARD),
+            bw_compiler=lambda graph, inputs: self._compile(graph, inputs, job, Stage.BACKWARD),
             inference_compiler=inference_compiler,
             partition_fn=partition_fn,
             **kwargs,
         )(gm, example_inputs)
-
-
-def _changed_output_strides(graph: fx.GraphModule, before: list) -> dict[str, tuple[int, ...]]:
-    """Forward outputs that fqt's passes re-laid out (codes written column-major): {name: their
-    new strides}, for the backward graph's inputs.
-
-    Only changes the compiled forward really makes count. Where Inductor compiled the forward it
-    reports the strides of its code's outputs, and AOTAutograd already gives those to the
-    backward's example inputs; a fake value that disagrees with Inductor's report (contiguous
-    after fqt's passes, channels-last in Inductor's code, say) is not what runs, and restriding
-    the backward's input from it broke the backward's stride checks."""
-    context = torch._guards.TracingContext.try_get()
-    reported = list(context.output_strides or []) if context is not None and context.output_strides is not None else []
-    after = next(n for n in graph.graph.nodes if n.op == "output").args[0]
-    changed = {}
-    for i, (b, o) in enumerate(zip(before, after)):
-        if b is None or not _is_tensor_node(o):
-            continue
-        new = tuple(o.meta["val"].stride())
-        real = reported[i] if i < len(reported) else None
-        if new != b[1] and (real is None or tuple(real) == new):
-            changed[b[0]] = new
-    return changed
-
-
-def _is_tensor_node(node: Any) -> bool:
-    """A node holding a tensor with static strides (symbolic ones are never re-strided)."""
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.stride())
 
 
 def backend(recipe: Any = None, **options: Any) -> FQTBackend:

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import Layout, _quantize_grouped, dequantize_ref, from_natural_2d, natural_2d, shape_scale
+from .grid import dequantize_ref, quantize_grouped
+
+from .layout import Layout, from_natural_2d, natural_2d, shape_scale
 from .specs import Granularity, QuantSpec, Transform
 
 __all__ = ["BHQTransform", "bhq_transform", "bhq_quantize_ref", "bhq_inverse_ref", "bhq_fake_quantize_2d", "householder_qn"]
@@ -95,7 +97,9 @@ def bhq_transform(x: torch.Tensor) -> BHQTransform:
     dt = torch.float64  # O(N) bookkeeping: fp64 makes the share rounding robust
     if n_rows == 0:  # no rows (a batch of 0): nothing to transform
         none = torch.zeros(0, dtype=dt, device=dev)
-        return BHQTransform(torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, dtype=torch.bool, device=dev), none, none, 0)
+        return BHQTransform(
+            torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, dtype=torch.bool, device=dev), none, none, 0
+        )
     if n_rows == 1:
         one = torch.ones(1, dtype=dt, device=dev)
         return BHQTransform(
@@ -186,13 +190,15 @@ def bhq_quantize_ref(
     t = bhq_transform(m)
     y = t.apply(m)
     row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
-    codes, scale, zp, offset = _quantize_grouped(y, row_spec, noise, generator, seed)
+    codes, scale, zp, offset = quantize_grouped(y, row_spec, noise, generator, seed)
     codes = from_natural_2d(codes, x.shape, layout)
     stats = [shape_scale(t_, x.shape, Granularity.ROW, layout) for t_ in (scale, zp, offset)]
     return (codes, *stats, t.group, t.u.to(m.dtype), t.scale.to(m.dtype))
 
 
-def bhq_inverse_ref(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: Layout = Layout.DIM0) -> torch.Tensor:
+def bhq_inverse_ref(
+    y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: Layout = Layout.DIM0
+) -> torch.Tensor:
     """T^-1 applied to the rows of ``y``'s natural matrix (``y``'s shape and dtype are kept)."""
     m = natural_2d(y, layout)
     t = BHQTransform(group, group == group, u.to(m.dtype), s.to(m.dtype), group.numel())

@@ -87,7 +87,7 @@ class FQTConfig:
     fusion: Fusion = Fusion.AUTO
     """Prologue fusion of quantizers with their producers (kernels mode); see :class:`Fusion`."""
     never_slower: bool = False
-    """Keep in high precision every GEMM the roofline cost model (``codegen.cost``) says cannot
+    """Keep in high precision every GEMM the roofline cost model (``fqt_compiler.codegen.cost``) says cannot
     win in low precision on the compiling device; the decision table says so (``by-cost``)."""
     strict: bool = False
     """Raise UnsupportedGraphError instead of skipping a GEMM the recipe wants quantized."""
@@ -171,6 +171,6 @@ class FQTConfig:
 
         r = self.recipe
         specs = [(k.value, role.value, getattr(r.spec(k, role), "key", lambda: None)()) for k in GemmKind for role in TensorRole]
-        text = repr((r.name, specs, [rule.key() for rule in self.rules], self.execution.value, self.inductor, self.fusion.value, self.never_slower,
-                     self.inductor_mode, self.inference.value))
+        text = repr((r.name, specs, [rule.key() for rule in self.rules], self.execution.value, self.inductor, self.fusion.value,
+                     self.never_slower, self.inductor_mode, self.inference.value))
         return hashlib.sha256(text.encode()).hexdigest()[:16]

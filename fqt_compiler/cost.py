@@ -149,7 +149,8 @@ def site_cost(
                 quant += _quant_s(p, elements, hp_bytes, spec, fused=fused and role != "b")
         if gemm_kernel and _lowerable(p, a, b):
             t = _gemm_s(p, *shape, p.lowbit_flops, 1.0, hp_bytes)
-            if a is not None and a.transform is Transform.BLOCK_HOUSEHOLDER or b is not None and b.transform is Transform.BLOCK_HOUSEHOLDER:
+            if (a is not None and a.transform is Transform.BLOCK_HOUSEHOLDER
+                    or b is not None and b.transform is Transform.BLOCK_HOUSEHOLDER):
                 t += shape[0] * shape[2] * 2 * hp_bytes * p.bhq_passes / p.quant_bw / 2  # the inverse on the output rows
         else:
             t = t_hp

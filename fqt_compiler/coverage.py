@@ -57,7 +57,9 @@ class Coverage:
     error: str = ""  # why the eager count failed, if it did
 
     @classmethod
-    def of(cls, sites: list[SiteDecision], eager_flops: int, dynamo: tuple[int, int, list] = (0, 0, []), error: str = "") -> Coverage:
+    def of(
+        cls, sites: list[SiteDecision], eager_flops: int, dynamo: tuple[int, int, list] = (0, 0, []), error: str = ""
+    ) -> Coverage:
         quantized = lowbit = 0
         for site in sites:
             for g in site.gemms:

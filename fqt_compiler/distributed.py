@@ -40,7 +40,9 @@ def sharded_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def compile_sharded(model: torch.nn.Module, recipe: Any = None, *, fqt_backend: FQTBackend | None = None, **options: Any) -> FQTBackend:
+def compile_sharded(
+    model: torch.nn.Module, recipe: Any = None, *, fqt_backend: FQTBackend | None = None, **options: Any
+) -> FQTBackend:
     """Compile the ``forward`` of every ``fully_shard``-ed module of ``model`` with the fqt
     backend (``recipe`` and ``options`` as for :func:`fqt_compiler.backend`, or a ready
     ``fqt_backend``) and return the backend, whose ``records`` list the compiled graphs.

@@ -38,7 +38,7 @@ import torch
 from torch import device, inf, nan  # noqa: F401  (names the generated code may use)
 
 import fqt_compiler  # noqa: F401  (registers the fqt:: custom ops)
-import codegen  # noqa: F401  (registers the kernel ops of lowered graphs)
+from fqt_compiler import codegen  # noqa: F401  (registers the kernel ops of lowered graphs)
 
 
 class Stage(torch.nn.Module):
@@ -94,20 +94,28 @@ def runnable_source(gm: fx.GraphModule, title: str, name: str = "stage.py") -> s
     main = (
         "\n\nif __name__ == \"__main__\":\n    torch.manual_seed(0)\n    inputs = [\n"
         + "".join(f"        {i},\n" for i in inputs)
-        + "    ]\n    outputs = Stage()(*inputs)\n    print(\"ok:\", len(outputs) if isinstance(outputs, (tuple, list)) else 1, \"outputs\")\n"
+        + "    ]\n    outputs = Stage()(*inputs)\n"
+        "    print(\"ok:\", len(outputs) if isinstance(outputs, (tuple, list)) else 1, \"outputs\")\n"
     )
     return _HEADER.format(title=title, name=name) + body + main
 
 
-_GEMM_COLORS = {"output": "#4c78a8", "grad_input": "#54a24b", "grad_weight": "#e45756", "grad_lhs": "#72b7b2", "grad_rhs": "#b279a2"}
+_GEMM_COLORS = {
+    "output": "#4c78a8", "grad_input": "#54a24b", "grad_weight": "#e45756", "grad_lhs": "#72b7b2", "grad_rhs": "#b279a2"
+}
 
 
 def _style(node: fx.Node) -> dict[str, str]:
     info = node.meta.get("fqt")
     if isinstance(info, GemmNodeInfo):
-        return {"shape": "box", "style": "filled,bold", "fillcolor": _GEMM_COLORS.get(info.gemm.value, "#4c78a8"), "fontcolor": "white"}
+        return {
+            "shape": "box", "style": "filled,bold", "fillcolor": _GEMM_COLORS.get(info.gemm.value, "#4c78a8"),
+            "fontcolor": "white",
+        }
     if isinstance(info, QuantNodeInfo):
-        color = {"quantize": "#f58518", "dequantize": "#eeca3b", "transform": "#ff9da6", "replay": "#fff3c4"}.get(info.what, "#f58518")
+        color = {
+            "quantize": "#f58518", "dequantize": "#eeca3b", "transform": "#ff9da6", "replay": "#fff3c4"
+        }.get(info.what, "#f58518")
         return {"shape": "ellipse", "style": "filled", "fillcolor": color}
     if node.op == "placeholder":
         return {"shape": "invhouse", "style": "filled", "fillcolor": "#dddddd"}

@@ -43,9 +43,11 @@ def decision_table(rows: list[tuple[SiteDecision, GemmDecision]], errors: dict, 
                  g.label, _error(errors, s, g)] for s, g in rows]
         return tabulate(body, headers=headers, tablefmt="simple")
     headers = ["site", "module", "op", "gemm", "shape", "GFLOP", "status", "fwd err"]
-    body = [[f"{s.graph_id}.{s.site_id}", s.module_path, s.op.removeprefix("aten."), g.kind.value, g.shape, f"{g.flops / 1e9:.3g}",
-             _narrow_status(g), _error(errors, s, g)] for s, g in rows]
-    return tabulate(body, headers=headers, tablefmt="simple", maxcolwidths=[None, 20, 12, None, 14, None, 26, None], disable_numparse=True)
+    body = [[f"{s.graph_id}.{s.site_id}", s.module_path, s.op.removeprefix("aten."), g.kind.value, g.shape,
+             f"{g.flops / 1e9:.3g}", _narrow_status(g), _error(errors, s, g)] for s, g in rows]
+    return tabulate(
+        body, headers=headers, tablefmt="simple", maxcolwidths=[None, 20, 12, None, 14, None, 26, None], disable_numparse=True
+    )
 
 
 def summary_table(sites: list[SiteDecision]) -> str:

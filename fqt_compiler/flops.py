@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import fx
 from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count,
+)
 
 __all__ = ["node_flops", "is_contraction", "step_flops"]
 

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .reference import Layout, fake_quantize_ref
+from .layout import Layout
+
+from .reference import fake_quantize_ref
 from .sites import SiteDecision
 from .specs import GemmKind, TensorRole
 
@@ -75,5 +77,7 @@ def forward_errors(model: nn.Module, args: tuple, kwargs: dict | None, sites: li
         for path, path_sites in by_path.items():
             for site, (x, y) in zip(path_sites, calls[path]):
                 yq = _replay(modules[path], x, site)
-                errors[(site.graph_id, site.site_id)] = float((yq.double() - y.double()).norm() / y.double().norm().clamp_min(1e-300))
+                errors[(site.graph_id, site.site_id)] = float(
+                    (yq.double() - y.double()).norm() / y.double().norm().clamp_min(1e-300)
+                )
     return errors

@@ -29,7 +29,8 @@ import torch
 
 from .errors import SpecError
 from .bhq import bhq_inverse_ref, bhq_quantize_ref
-from .reference import Layout, fake_quantize_ref, natural_2d_shape, quantize_ref, scale_shape
+from .layout import Layout, natural_2d_shape, scale_shape
+from .reference import fake_quantize_ref, quantize_ref
 from .specs import Granularity, QuantSpec, Transform
 
 __all__ = [
@@ -103,7 +104,9 @@ def _run_quantize(x: torch.Tensor, spec: str, layout: int, stochastic: bool):
         raise SpecError(f"spec {spec!r} has rounding={parsed.rounding.value}; use fqt::{op}")
     codes, scale, zp, offset = quantize_ref(x, parsed, Layout(layout))
     # custom ops may not return views or aliases of each other: materialise the broadcasts
-    return in_input_layout(x, codes.contiguous()), scale.contiguous().clone(), zp.contiguous().clone(), offset.contiguous().clone()
+    return (
+        in_input_layout(x, codes.contiguous()), scale.contiguous().clone(), zp.contiguous().clone(), offset.contiguous().clone()
+    )
 
 
 @torch.library.custom_op("fqt::quantize", mutates_args=())
@@ -152,7 +155,9 @@ def _bhq_quantize_fake(x: torch.Tensor, spec: str, layout: int):
     codes, scale, zp, offset = quantize_fake(x, spec, layout)
     n = natural_2d_shape(x.shape, Layout(layout))[0]
     sdt = scale.dtype
-    return codes, scale, zp, offset, x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=sdt), x.new_empty((n,), dtype=sdt)
+    return (
+        codes, scale, zp, offset, x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=sdt), x.new_empty((n,), dtype=sdt)
+    )
 
 
 @torch.library.custom_op("fqt::bhq_inverse", mutates_args=())

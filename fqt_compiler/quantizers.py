@@ -37,7 +37,9 @@ import torch
 
 from .errors import QuantizerError, SpecError
 
-__all__ = ["CustomQuantizer", "register_quantizer", "registered_quantizers", "get_quantizer", "unregister_quantizer", "run_custom"]
+__all__ = [
+    "CustomQuantizer", "register_quantizer", "registered_quantizers", "get_quantizer", "unregister_quantizer", "run_custom",
+]
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,14 @@ def get_quantizer(name: str) -> CustomQuantizer:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(registered_quantizers()) or "none"
-        raise SpecError(f"no quantizer named {name!r} is registered (registered: {known}); call fqt.register_quantizer first") from None
+        raise SpecError(
+            f"no quantizer named {name!r} is registered (registered: {known}); call fqt.register_quantizer first"
+        ) from None
 
 
-def run_custom(name: str, m: torch.Tensor, spec, *, kernel: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def run_custom(
+    name: str, m: torch.Tensor, spec, *, kernel: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Call the registered quantizer ``name`` (its ``kernel`` hook if ``kernel``) on the natural
     matrix ``m`` and check the contract: a tensor of ``m``'s shape, finite wherever ``m`` is.
     A quantizer that turns finite values into NaN / Inf would otherwise surface much later as

@@ -78,7 +78,9 @@ class Rule:
             raise SpecError("Rule.name must be a non-empty string (it names the rule in tables and errors)")
         actions = [a for a in ("recipe", "specs", "high_precision") if getattr(self, a) is not None]
         if len(actions) != 1:
-            raise SpecError(f"rule {self.name!r}: give exactly one action of recipe / specs / high_precision, got {actions or 'none'}")
+            raise SpecError(
+                f"rule {self.name!r}: give exactly one action of recipe / specs / high_precision, got {actions or 'none'}"
+            )
         kinds = set()
         for g in _as_tuple(self.gemm):
             try:
@@ -96,7 +98,8 @@ class Rule:
                     pair = (GemmKind(gemm_name), TensorRole(role_name))
                 except ValueError:
                     raise SpecError(
-                        f"rule {self.name!r}: specs key {key!r}; use 'gemm.role' such as 'grad_input.grad_output' or 'output.weight'"
+                        f"rule {self.name!r}: specs key {key!r}; "
+                        "use 'gemm.role' such as 'grad_input.grad_output' or 'output.weight'"
                     ) from None
                 if spec is not None and not isinstance(spec, QuantSpec):
                     raise SpecError(f"rule {self.name!r}: specs[{key!r}] must be a QuantSpec or None")
@@ -181,7 +184,10 @@ class Rule:
             else f"specs={[(k.value + '.' + r.value, s.key() if s else None) for (k, r), s in self._specs]}"
             if self.specs is not None else f"high_precision={self.high_precision!r}"
         )
-        return f"Rule({self.name}, op={self.op}, gemm={sorted(g.value for g in self._gemms)}, module={self.module}, min_dim={self.min_dim}, max_dim={self.max_dim}, where={where}, {action})"
+        return (
+            f"Rule({self.name}, op={self.op}, gemm={sorted(g.value for g in self._gemms)}, module={self.module}, "
+            f"min_dim={self.min_dim}, max_dim={self.max_dim}, where={where}, {action})"
+        )
 
 
 def _smallest(dims: tuple) -> int | None:

@@ -56,7 +56,9 @@ class GemmDecision:
     def quantized(self) -> bool:
         """Whether this GEMM runs on quantized operands: a low-bit kernel, or simulated with at
         least one operand quantized (the FLOPs that count as quantized in coverage reports)."""
-        return self.status is GemmStatus.LOWBIT_KERNEL or (self.status is GemmStatus.SIMULATED and any(o.spec for o in self.operands))
+        return self.status is GemmStatus.LOWBIT_KERNEL or (
+            self.status is GemmStatus.SIMULATED and any(o.spec for o in self.operands)
+        )
 
     @property
     def label(self) -> str:

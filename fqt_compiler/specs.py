@@ -166,7 +166,10 @@ class QuantSpec:
             raise SpecError(f"QuantSpec.bits must be an int, got {self.bits!r}")
         if self.format.is_float:
             if self.bits != 8:
-                raise SpecError(f"QuantSpec.bits={self.bits} with format={self.format.value}: fp8 formats have 8 bits; drop bits or set bits=8")
+                raise SpecError(
+                    f"QuantSpec.bits={self.bits} with format={self.format.value}: fp8 formats have 8 bits; "
+                    "drop bits or set bits=8"
+                )
             if self.scheme is not Scheme.SYMMETRIC:
                 raise SpecError(
                     f"QuantSpec.scheme={self.scheme.value!r} with format={self.format.value}: a zero point "
@@ -189,7 +192,8 @@ class QuantSpec:
                 raise SpecError(f"QuantSpec.quantizer={self.quantizer!r} replaces the built-in quantizers; drop transform")
         if self.transform is Transform.BLOCK_HOUSEHOLDER and self.granularity is not Granularity.ROW:
             raise SpecError(
-                f"QuantSpec.transform='bhq' quantizes per row in the transformed space; set granularity='row' (got {self.granularity.value!r})"
+                "QuantSpec.transform='bhq' quantizes per row in the transformed space; "
+                f"set granularity='row' (got {self.granularity.value!r})"
             )
 
     # ----------------------------------------------------------------- derived numbers
@@ -253,7 +257,9 @@ class QuantSpec:
 
 @lru_cache(maxsize=None)
 def _parse_key(key: str) -> QuantSpec:
-    usage = f"malformed spec key {key!r}; expected 'format/scheme/granularity/rounding/transform', e.g. 'int8/sym/row/nearest/none'"
+    usage = (
+        f"malformed spec key {key!r}; expected 'format/scheme/granularity/rounding/transform', e.g. 'int8/sym/row/nearest/none'"
+    )
     parts = key.split("/") if isinstance(key, str) else []
     quantizer = None
     if len(parts) == 6 and parts[5].startswith("q="):

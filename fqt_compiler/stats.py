@@ -81,7 +81,9 @@ class _Runner:
                     self.model.zero_grad(set_to_none=True)
                     torch.manual_seed(seed)
                     self.loss_fn(compiled, batch).backward()
-                    out.append(torch.cat([p.grad.detach().reshape(-1).double() for n, p in self.model.named_parameters() if n in self.names]))
+                    out.append(torch.cat(
+                        [p.grad.detach().reshape(-1).double() for n, p in self.model.named_parameters() if n in self.names]
+                    ))
         finally:
             self.model.load_state_dict(state)
             self.model.zero_grad(set_to_none=True)
@@ -149,11 +151,17 @@ class GradientStats:
                      "-" if self.profile_sum is None else f"{self.profile_sum:.4g} (sum)", f"{self.bias_z:+.2f}"])
         head = ["layer", "sampling var (QAT)", "quant var (FQT)", "quant / sampling", "profile contribution", "bias z"]
         verdict = "BIASED: the mean FQT gradient differs from QAT's" if self.biased else "no evidence of bias (Thm 1)"
-        out = f"gradient statistics, recipe {self.recipe}, {self.draws} draws: {verdict}\n" + tabulate(rows, headers=head, tablefmt="github")
+        out = (
+            f"gradient statistics, recipe {self.recipe}, {self.draws} draws: {verdict}\n"
+            + tabulate(rows, headers=head, tablefmt="github")
+        )
         if self.quantizers:
-            q = [[s.index, "x".join(map(str, s.shape)), s.spec, f"{s.exact:.4g}", f"{s.monte_carlo:.4g}", f"{s.bound:.4g}", f"{s.exact / s.bound:.2f}" if s.bound else "-"]
+            q = [[s.index, "x".join(map(str, s.shape)), s.spec, f"{s.exact:.4g}", f"{s.monte_carlo:.4g}", f"{s.bound:.4g}",
+                  f"{s.exact / s.bound:.2f}" if s.bound else "-"]
                  for s in self.quantizers]
-            out += "\n\n" + tabulate(q, headers=["quantizer", "input", "spec", "exact var", "Monte Carlo", "bound", "exact / bound"], tablefmt="github")
+            out += "\n\n" + tabulate(
+                q, headers=["quantizer", "input", "spec", "exact var", "Monte Carlo", "bound", "exact / bound"], tablefmt="github"
+            )
         return out
 
     def __str__(self) -> str:
@@ -219,7 +227,9 @@ def gradient_stats(
         any_biased |= det or z > z_threshold
         layers.append(LayerStats(layer, float(sampling[sl].sum()), float(qvar[sl].sum()), z))
     z_all, det_all = _bias_z(fqt_draws, qat[0])
-    stats = GradientStats(r.name, draws, layers, float(sampling.sum()), float(qvar.sum()), z_all, any_biased or det_all or z_all > z_threshold)
+    stats = GradientStats(
+        r.name, draws, layers, float(sampling.sum()), float(qvar.sum()), z_all, any_biased or det_all or z_all > z_threshold
+    )
     if profile:
         total = float(qvar.sum())
         contributions = 0.0

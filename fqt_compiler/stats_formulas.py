@@ -23,7 +23,8 @@ import sympy as sp
 import torch
 
 from .bhq import bhq_transform
-from .reference import Layout, _grouped, natural_2d, scaled_values
+from .grid import grouped, scaled_values
+from .layout import Layout, natural_2d
 from .specs import Granularity, QuantSpec, Scheme, Transform
 
 __all__ = ["exact_variance", "variance_bound", "BOUNDS", "bound_expression"]
@@ -81,7 +82,7 @@ def _prepared(x: torch.Tensor, spec: QuantSpec, layout: Layout):
         m = t.apply(m)
         weights = _bhq_weights(t)
         spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
-    g = _grouped(m, spec)
+    g = grouped(m, spec)
     v, scale, _, _ = scaled_values(g, spec)
     return v, scale.expand_as(v), weights, g
 

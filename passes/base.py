@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from fqt_compiler.config import FQTConfig
-from fqt_compiler.reference import Layout
+from fqt_compiler.layout import Layout
 from fqt_compiler.sites import SiteDecision, SkipKind
 from fqt_compiler.specs import GemmKind, QuantSpec, TensorRole
 

@@ -17,8 +17,8 @@ from torch import fx
 from fqt_compiler.ops import bhq_quantize_op, fake_quantize_op, quantize_op, quantize_stochastic_op
 from fqt_compiler.sites import QuantNodeInfo
 
-from . import matchers as m
-from .base import FQTPass, PassContext
+from fqt_compiler.passes import matchers as m
+from fqt_compiler.passes.base import FQTPass, PassContext
 
 _NEVER_MERGED = (quantize_stochastic_op, fake_quantize_op, bhq_quantize_op)
 

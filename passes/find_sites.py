@@ -7,7 +7,7 @@ and ``grad_output``. Which forward operand it consumes tells which gradient it c
 GEMM consuming the weight computes ``grad_input``, the one consuming the activation computes
 ``grad_weight`` (``grad_lhs`` / ``grad_rhs`` when both operands are activations).
 
-Layouts (see ``reference.Layout``): a forward lhs is consumed in its natural layout
+Layouts (see ``fqt_compiler.layout.Layout``): a forward lhs is consumed in its natural layout
 (``PENULTIMATE``), a forward rhs as the transpose of it (``LAST``, so a Linear weight's rows are
 its out channels); every transpose on the way into a backward GEMM flips that. ``grad_output``'s
 natural rows are the output rows: they are the contracted dim of the GEMM computing the rhs
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from torch import fx
 
-from fqt_compiler.reference import Layout
+from fqt_compiler.layout import Layout
 from fqt_compiler.flops import is_contraction
 from fqt_compiler.sites import SkipKind
 from fqt_compiler.specs import GemmKind, TensorRole
 
-from . import matchers as m
-from .base import BackwardGemm, FQTPass, PassContext, Site
+from fqt_compiler.passes import matchers as m
+from fqt_compiler.passes.base import BackwardGemm, FQTPass, PassContext, Site
 
 
 def _placeholder_index(gm: fx.GraphModule) -> dict[fx.Node, int]:
@@ -69,7 +69,9 @@ class FindSites(FQTPass):
                 # every other op FlopCounterMode counts is a row with its reason, never dropped
                 reason = self._unmatched_reason(node)
                 if reason is not None:
-                    ctx.sites.append(Site(len(ctx.sites), node, m.op_name(node), m.module_path(node), skip=(SkipKind.UNSUPPORTED, reason)))
+                    ctx.sites.append(
+                        Site(len(ctx.sites), node, m.op_name(node), m.module_path(node), skip=(SkipKind.UNSUPPORTED, reason))
+                    )
                 continue
             if m.is_backward_node(node) or node.target is m.CONV_BACKWARD:
                 backward_gemms.append(node)
@@ -82,7 +84,8 @@ class FindSites(FQTPass):
         for node in backward_gemms:
             site = by_seq.get(node.meta.get("seq_nr"))
             if site is None or site.skip is not None:
-                why = "backward GEMM with no forward GEMM to pair with (seq_nr)" if site is None else f"backward of a skipped GEMM: {site.skip[1]}"
+                why = ("backward GEMM with no forward GEMM to pair with (seq_nr)" if site is None
+                       else f"backward of a skipped GEMM: {site.skip[1]}")
                 path = "-" if site is None else site.module_path
                 ctx.sites.append(Site(len(ctx.sites), node, m.op_name(node), path, skip=(SkipKind.UNSUPPORTED, why)))
                 continue

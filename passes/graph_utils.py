@@ -1,4 +1,5 @@
-"""Helpers that create FX nodes with the metadata the partitioner and later passes need."""
+"""FX helpers every pass shares: the view-op vocabulary, static-tensor checks, and node
+creation and rewiring with the metadata the partitioner and later passes need."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ from torch import fx
 from torch.utils._pytree import tree_map
 
 from fqt_compiler.errors import PassError
+
+aten = torch.ops.aten
+
+# One view-op vocabulary for the passes and the lowering alike. TRANSPOSES only swap axes;
+# RESHAPES only regroup them (``reshape`` copies when it cannot view, with the same values);
+# PURE_VIEWS adds broadcasting; VIEW_OPS adds the ops that copy memory unchanged, which is what
+# connects a backward GEMM's operand to the forward operand it was derived from.
+TRANSPOSES = frozenset({aten.t.default, aten.transpose.int, aten.permute.default})
+RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+PURE_VIEWS = TRANSPOSES | RESHAPES | {aten.expand.default}
+VIEW_OPS = PURE_VIEWS | {aten.alias.default, aten.clone.default}
 
 # metadata copied from the node a new node stands in for: the partitioner reads
 # partitioner_tag / seq_nr to place nodes; reports read nn_module_stack
@@ -81,3 +93,32 @@ def tuple_items(graph: fx.Graph, node: fx.Node, n: int, **kw: Any) -> list[fx.No
 
 def dtype_of(node: fx.Node) -> torch.dtype:
     return node.meta["val"].dtype
+
+
+def is_static_value(val: object) -> bool:
+    """Whether ``val`` (a node's ``meta['val']``) has no symbolic size or stride: non-tensors are."""
+    if not isinstance(val, torch.Tensor):
+        return True
+    return all(isinstance(d, int) for d in (*val.shape, *val.stride()))
+
+
+def static_tensor(node: object) -> torch.Tensor | None:
+    """The fake tensor of ``node`` when it has static sizes and strides, else None."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) and is_static_value(val) else None
+
+
+def rewire(gm: fx.GraphModule, old: fx.Node, new: fx.Node, fake_mode: Any, keep_meta: tuple[str, ...] = ()) -> None:
+    """Point every ``getitem(old, i)`` at ``getitem(new, i)`` and drop ``old``; the meta keys in
+    ``keep_meta`` move from each old getitem to its replacement."""
+    for user in list(old.users):
+        if user.target is not operator.getitem:
+            raise PassError(f"{old.name} has a non-getitem user {user.name}; only tuple outputs can be rewired")
+        with gm.graph.inserting_before(user):
+            repl = call(gm.graph, operator.getitem, (new, user.args[1]), like=user, fake_mode=fake_mode)
+        for key in keep_meta:
+            if key in user.meta:
+                repl.meta[key] = user.meta[key]
+        user.replace_all_uses_with(repl)
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(old)

@@ -32,13 +32,13 @@ from fqt_compiler.ops import (
     quantize_op,
     quantize_stochastic_op,
 )
-from fqt_compiler.reference import Layout
+from fqt_compiler.layout import Layout
 from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo
 from fqt_compiler.specs import GemmKind, QuantSpec, Scheme, TensorRole, Transform
 
 
-from .base import BackwardGemm, FQTPass, PassContext, Site
-from .graph_utils import call, dtype_of, tuple_items
+from fqt_compiler.passes.base import BackwardGemm, FQTPass, PassContext, Site
+from fqt_compiler.passes.graph_utils import call, dtype_of, tuple_items
 
 aten = torch.ops.aten
 convert = torch.ops.prims.convert_element_type.default
@@ -60,7 +60,7 @@ def emit_quantize(
     # casts are prims.convert_element_type, the form Inductor's decompositions produce and its
     # lowerings expect (aten._to_copy would be a second, conflicting path to the same op)
     out = call(graph, convert, (codes, dtype_of(scale)), info=dq_info, **kw)
-    # the same op sequence as reference.dequantize_ref, so graph and reference agree bit for bit
+    # the same op sequence as grid.dequantize_ref, so graph and reference agree bit for bit
     if spec.scheme is not Scheme.SYMMETRIC:
         out = call(graph, aten.sub.Tensor, (out, zp), info=dq_info, **kw)
     out = call(graph, aten.mul.Tensor, (out, scale), info=dq_info, **kw)

@@ -7,7 +7,8 @@ import re
 import torch
 from torch import fx
 
-from fqt_compiler.reference import Layout
+from fqt_compiler.layout import Layout
+from fqt_compiler.passes.graph_utils import VIEW_OPS
 
 aten = torch.ops.aten
 
@@ -56,23 +57,12 @@ _register_unsupported(
     ],
     _ATTENTION_REASON,
 )
-_register_unsupported(["mv", "addmv", "dot", "vdot", "addr", "outer"], "matrix-vector/outer product: memory bound, not a GEMM worth quantizing")
+_register_unsupported(
+    ["mv", "addmv", "dot", "vdot", "addr", "outer"], "matrix-vector/outer product: memory bound, not a GEMM worth quantizing"
+)
 _register_unsupported(["addbmm"], "addbmm (batch-reduced GEMM) is not supported yet")
 _register_unsupported(["_int_mm", "_scaled_mm", "_weight_int8pack_mm", "_weight_int4pack_mm"], "already a low-bit GEMM")
 
-# ops that only re-index memory (or copy it unchanged): chains of them connect a GEMM operand
-# in the backward to the forward operand it was derived from
-VIEW_OPS = {
-    aten.t.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.view.default,
-    aten.reshape.default,
-    aten._unsafe_view.default,
-    aten.expand.default,
-    aten.alias.default,
-    aten.clone.default,
-}
 
 
 # ops allowed between a parameter placeholder and a GEMM operand for that operand to count as

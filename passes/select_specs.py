@@ -28,8 +28,8 @@ from fqt_compiler.flops import node_flops
 from fqt_compiler.sites import GemmDecision, GemmStatus, OperandDecision, SiteDecision, SkipKind
 from fqt_compiler.specs import GemmKind, TensorRole
 
-from . import matchers as m
-from .base import FQTPass, PassContext, Site
+from fqt_compiler.passes import matchers as m
+from fqt_compiler.passes.base import FQTPass, PassContext, Site
 
 
 def _site_info(site: Site, index: int, count: int) -> SiteInfo:
@@ -147,8 +147,11 @@ class SelectSpecs(FQTPass):
         if site.skip is not None:
             kind, reason = site.skip
             self._maybe_raise(ctx, site, kind, reason)
-            shape, flops = _shape_and_flops(site.node, site) if (m.is_matmul(site.node) or m.is_conv(site.node)) else ("-", node_flops(site.node))
-            gemms.append(GemmDecision(GemmKind.OUTPUT, site.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind, rule="-"))
+            shape, flops = (_shape_and_flops(site.node, site) if (m.is_matmul(site.node) or m.is_conv(site.node))
+                            else ("-", node_flops(site.node)))
+            gemms.append(
+                GemmDecision(GemmKind.OUTPUT, site.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind, rule="-")
+            )
             for bwd in site.backward:
                 gemms.append(GemmDecision(bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind, rule="-"))
             return SiteDecision(site.site_id, ctx.graph_id, site.module_path, site.op, site.rule, tuple(gemms))
@@ -160,7 +163,9 @@ class SelectSpecs(FQTPass):
         for bwd in site.backward:
             if bwd.skip is not None:
                 self._maybe_raise(ctx, site, *bwd.skip)
-                gemms.append(GemmDecision(bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, bwd.skip[1], bwd.skip[0], rule="-"))
+                gemms.append(GemmDecision(
+                    bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, bwd.skip[1], bwd.skip[0], rule="-"
+                ))
                 continue
             ops = (
                 OperandDecision(TensorRole.GRAD_OUTPUT, bwd.grad_spec, "quantized" if bwd.grad_spec else "high precision"),
@@ -174,7 +179,9 @@ class SelectSpecs(FQTPass):
         by = f"rule {rule.name}" if rule is not None else f"recipe {ctx.config.recipe.name}"
         if all(o.spec is None for o in ops):
             if rule is not None and rule.high_precision is not None:
-                return GemmDecision(kind, node, shape, flops, ops, GemmStatus.SKIPPED, rule.high_precision, SkipKind.BY_RULE, rule=by)
+                return GemmDecision(
+                    kind, node, shape, flops, ops, GemmStatus.SKIPPED, rule.high_precision, SkipKind.BY_RULE, rule=by
+                )
             reason = f"{by} keeps {kind.value} in high precision"
             skip = SkipKind.BY_RULE if rule is not None else SkipKind.BY_RECIPE
             return GemmDecision(kind, node, shape, flops, ops, GemmStatus.SKIPPED, reason, skip, rule=by)

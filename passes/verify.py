@@ -20,7 +20,7 @@ from fqt_compiler.ops import bhq_quantize_op, fake_quantize_op, quantize_stochas
 from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo
 from fqt_compiler.specs import QuantSpec
 
-from . import matchers as m
+from fqt_compiler.passes import matchers as m
 
 
 def _gemms_fed_by(node: fx.Node) -> list[fx.Node]:

@@ -2,7 +2,7 @@
 markers.
 
 Triton kernels need a GPU or Triton's interpreter. Without CUDA the interpreter runs them on
-CPU tensors (chosen when a kernel is decorated, so set before any ``codegen.kernels`` import).
+CPU tensors (chosen when a kernel is decorated, so set before any ``fqt_compiler.codegen.kernels`` import).
 With CUDA, the kernel tests run the compiled kernels on CUDA tensors (``DEVICE``); tests that
 feed Triton CPU tensors are marked ``interpreter`` and skip there, with the reason.
 """

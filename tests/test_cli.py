@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools import cli
+from fqt_compiler.tools import cli
 
 
 def test_demo_runs_and_prints_one_row_per_recipe(capsys):
@@ -23,7 +23,9 @@ def test_demo_rejects_an_unknown_recipe_before_training(capsys):
 
 def test_bench_gemm_section_reports_ratios(capsys, tmp_path):
     out_file = tmp_path / "bench.md"
-    assert cli.main(["bench", "--sections", "gemm", "--shapes", "64x32x48", "--reps", "1", "--device", "cpu", "--output", str(out_file)]) == 0
+    assert cli.main(
+        ["bench", "--sections", "gemm", "--shapes", "64x32x48", "--reps", "1", "--device", "cpu", "--output", str(out_file)]
+    ) == 0
     text = out_file.read_text()
     assert "64x32x48" in text and "vs hp GEMM" in text and "device:" in text
 
@@ -65,6 +67,7 @@ def test_variance_command_on_a_user_factory(tmp_path, capsys):
     assert cli.main(["variance", f"{script}:make", "--recipe", "bhq4", "--draws", "8", "--no-sweep"]) == 0
     out = capsys.readouterr().out
     assert "recipe bhq4" in out and "bit-width advice" in out
-    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "layer" not in line][:2] == ["0", "2"]
+    assert [line.split("|")[1].strip() for line in out.splitlines()
+            if line.startswith("| ") and "layer" not in line][:2] == ["0", "2"]
     assert cli.main(["variance", f"{script}:wrong"]) == 2
     assert "(model, loss_fn, batches)" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import fx, nn
 
-import codegen
+from fqt_compiler import codegen
 import fqt_compiler as fqt
 from fqt_compiler.config import FQTConfig, Mode
 from tests.helpers.sm90 import as_cuda_graph
@@ -45,7 +45,9 @@ def test_torch_compile_mode_reaches_inductor(mode, monkeypatch):
 
 def test_inductor_mode_inside_options(monkeypatch):
     seen = _spy_modes(monkeypatch)
-    torch.compile(_mlp(), backend="fqt", options={"inductor_mode": "max-autotune-no-cudagraphs"})(torch.randn(4, 16)).sum().backward()
+    torch.compile(
+        _mlp(), backend="fqt", options={"inductor_mode": "max-autotune-no-cudagraphs"}
+    )(torch.randn(4, 16)).sum().backward()
     assert set(seen) == {"max-autotune-no-cudagraphs"}
     # an Inductor mode under the name 'mode' means the same
     assert FQTConfig.from_options({"mode": "max-autotune"}).inductor_mode == "max-autotune"
@@ -58,7 +60,9 @@ def test_former_mode_option_is_execution_and_warns():
     with pytest.warns(FutureWarning):
         be = fqt.backend(mode="reference")
     out = torch.compile(_mlp(), backend=be)(torch.randn(4, 16))
-    assert out.shape == (4, 8) and all(g.status is fqt.GemmStatus.SIMULATED for r in be.records for s in r.decisions for g in s.gemms)
+    assert out.shape == (4, 8) and all(
+        g.status is fqt.GemmStatus.SIMULATED for r in be.records for s in r.decisions for g in s.gemms
+    )
 
 
 def test_mode_errors_name_both_meanings():

@@ -20,7 +20,7 @@ import json, sys, torch, fqt_compiler as fqt
 from torch import nn
 from torch._dynamo.utils import counters
 if sys.argv[1] == "changed":
-    import codegen.cache_key as ck
+    import fqt_compiler.codegen.cache_key as ck
     ck.source_hash = lambda: "another fqt"
 
 def run(recipe, rules=()):
@@ -33,10 +33,12 @@ def run(recipe, rules=()):
     loss = torch.compile(model, backend=fqt.backend(recipe=recipe, rules=list(rules)))(x).square().mean()
     loss.backward()
     c = counters["inductor"]
-    return [loss.item(), c["fxgraph_cache_hit"] - before.get("fxgraph_cache_hit", 0), c["fxgraph_cache_miss"] - before.get("fxgraph_cache_miss", 0)]
+    return [loss.item(), c["fxgraph_cache_hit"] - before.get("fxgraph_cache_hit", 0),
+            c["fxgraph_cache_miss"] - before.get("fxgraph_cache_miss", 0)]
 
 inert = [fqt.Rule("inert", module="no.such.module", high_precision="matches nothing")]
-out = {name: run(*args) for name, args in (("int8", ("int8",)), ("psq8", ("psq8",)), ("int8 again", ("int8",)), ("inert rule", ("int8", inert)))}
+out = {name: run(*args) for name, args in (("int8", ("int8",)), ("psq8", ("psq8",)), ("int8 again", ("int8",)),
+                                          ("inert rule", ("int8", inert)))}
 print(json.dumps(out))
 '''
 

@@ -26,7 +26,9 @@ def ternary_recipe():
     fqt.register_quantizer("ternary", ternary, unbiased=True, replace=True)
     spec = fqt.QuantSpec(quantizer="ternary", bits=2, granularity="row", rounding="stochastic")
     base = fqt.recipe("qat")
-    yield Recipe(name="ternary-gi", output=base.output, grad_input=GradInputSpecs(grad_output=spec, weight=base.grad_input.weight))
+    yield Recipe(
+        name="ternary-gi", output=base.output, grad_input=GradInputSpecs(grad_output=spec, weight=base.grad_input.weight)
+    )
     fqt.unregister_quantizer("ternary")
 
 
@@ -76,7 +78,9 @@ def test_custom_quantizer_changes_the_gradient_as_its_reference_predicts(ternary
 
 
 def test_custom_quantizer_shows_in_explain_as_simulated(ternary_recipe):
-    report = fqt.explain(Square(6), torch.randn(4, 6, requires_grad=True), recipe=ternary_recipe, execution="kernels", inductor=False)
+    report = fqt.explain(
+        Square(6), torch.randn(4, 6, requires_grad=True), recipe=ternary_recipe, execution="kernels", inductor=False
+    )
     (gi,) = [g for _, g in report.rows() if g.kind is fqt.GemmKind.GRAD_INPUT]
     (grad,) = [o for o in gi.operands if o.role is fqt.TensorRole.GRAD_OUTPUT]
     assert grad.spec.short().startswith("custom:ternary")
@@ -86,7 +90,7 @@ def test_custom_quantizer_shows_in_explain_as_simulated(ternary_recipe):
 @pytest.mark.interpreter
 def test_custom_quantizer_kernel_hook_is_used_where_kernels_run(ternary_recipe):
     """The hook replaces the reference in kernels mode where Triton runs (here: the interpreter)."""
-    from codegen import swap_to_kernel_ops
+    from fqt_compiler.codegen import swap_to_kernel_ops
 
     calls = []
 
@@ -131,9 +135,13 @@ def test_a_quantizer_returning_nan_for_finite_input_is_named(execution):
     try:
         spec = fqt.QuantSpec(quantizer="broken", granularity="row", rounding="stochastic")
         base = fqt.recipe("qat")
-        rec = Recipe(name="broken-gi", output=base.output, grad_input=GradInputSpecs(grad_output=spec, weight=base.grad_input.weight))
+        rec = Recipe(
+            name="broken-gi", output=base.output, grad_input=GradInputSpecs(grad_output=spec, weight=base.grad_input.weight)
+        )
         model = Square(4)
-        out = torch.compile(model, backend=fqt.backend(recipe=rec, execution=execution, inductor=False))(torch.randn(3, 4, requires_grad=True))
+        out = torch.compile(model, backend=fqt.backend(recipe=rec, execution=execution, inductor=False))(
+            torch.randn(3, 4, requires_grad=True)
+        )
         with pytest.raises(fqt.QuantizerError, match=r"custom quantizer 'broken' returned NaN/Inf for 12 of 12 finite inputs"):
             out.sum().backward()
         # NaN in, NaN out is the contract, not a violation

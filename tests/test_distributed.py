@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fqt_compiler as fqt
-from fqt_compiler.reference import draw_seed
+from fqt_compiler.grid import draw_seed
 
 WORLD = 2
 DRAWS = 24  # seeded steps averaged for the in-expectation comparison
@@ -76,8 +76,12 @@ def _worker(rank: int, tmp: str) -> None:
     for recipe in ("exact", "psq4"):
         torch._dynamo.reset()
         model = _model()
-        compiled = torch.compile(nn.parallel.DistributedDataParallel(model), backend=fqt.backend(recipe=recipe, execution="reference"))
-        out[f"ddp/{recipe}"] = _draws(compiled, model, _half(rank)) if recipe == "psq4" else [_step(compiled, model, _half(rank), 0)]
+        compiled = torch.compile(
+            nn.parallel.DistributedDataParallel(model), backend=fqt.backend(recipe=recipe, execution="reference")
+        )
+        out[f"ddp/{recipe}"] = (
+            _draws(compiled, model, _half(rank)) if recipe == "psq4" else [_step(compiled, model, _half(rank), 0)]
+        )
     from torch.distributed.fsdp import fully_shard
 
     for recipe in ("exact", "qat", "int8", "psq4"):
@@ -131,7 +135,9 @@ def _assert_same_expectation(dist_draws, single_draws, sigmas: float = 5.0, min_
         stderr = ((a.var(0) + b.var(0)) / len(a)).sqrt()
         gap = (a.mean(0) - b.mean(0)).abs()
         bound = sigmas * stderr + 1e-6 * b.abs().amax()
-        assert (gap <= bound).all(), f"parameter {i}: mean gradients differ by {float((gap - bound).max()):.3g} beyond {sigmas} sigma"
+        assert (gap <= bound).all(), (
+            f"parameter {i}: mean gradients differ by {float((gap - bound).max()):.3g} beyond {sigmas} sigma"
+        )
         noisy += int((a.var(0) > 0).any())
     assert noisy >= min_noisy, "the weight gradients carry no rounding noise: is the recipe stochastic?"  # biases do not
 

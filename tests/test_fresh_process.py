@@ -90,4 +90,6 @@ for name, (model, x) in cases.items():
 def test_real_models_train_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["OK", "conv-maxpool-linear", "OK", "resnet-block", "OK", "transformer-block", "OK", "token-conv"], proc.stdout
+    assert proc.stdout.split() == [
+        "OK", "conv-maxpool-linear", "OK", "resnet-block", "OK", "transformer-block", "OK", "token-conv"
+    ], proc.stdout

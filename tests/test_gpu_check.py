@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from tools import cli, gpu_check
-from tools.gpu_check import JSON_NAME, LOGS_NAME, MD_NAME, Stage, run_check, summary_markdown
+from fqt_compiler.tools import cli, gpu_check
+from fqt_compiler.tools.gpu_check import JSON_NAME, LOGS_NAME, MD_NAME, Stage, run_check, summary_markdown
 
 ALL = [s.name for s in gpu_check.STAGES]
 
@@ -31,7 +31,7 @@ def dry_run(tmp_path_factory):
     """One full dry run in a fresh process, as CI and a user run it: (results, out folder, seconds)."""
     out = tmp_path_factory.mktemp("gpu_check")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tools.cli", "gpu-check", "--dry-run", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "fqt_compiler.tools.cli", "gpu-check", "--dry-run", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -37,7 +37,9 @@ def convnext():
 
 
 def cvt():
-    three = lambda v: [v, v, v]
+    def three(v):
+        return [v, v, v]
+
     cfg = T.CvtConfig(embed_dim=[8, 16, 24], num_heads=[1, 1, 2], depth=[1, 2, 3], patch_sizes=[7, 3, 3], patch_stride=[4, 2, 2],
                       patch_padding=[2, 1, 1], mlp_ratio=three(2.0), attention_drop_rate=three(0.0), drop_rate=three(0.0),
                       drop_path_rate=three(0.0), qkv_bias=three(True), cls_token=[False, False, True], padding_q=three(1),
@@ -47,20 +49,25 @@ def cvt():
 
 
 def wav2vec2():
-    cfg = T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=12, mask_time_prob=0.0)
+    cfg = T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
+                           conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                           vocab_size=12, mask_time_prob=0.0)
     x = torch.randn(2, 800, generator=g(2))
     labels = torch.randint(1, 12, (2, 5), generator=g(1))
     return T.Wav2Vec2ForCTC(cfg), {"input_values": x, "labels": labels}, lambda o: o.loss
 
 
 def t5():
-    cfg = T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, decoder_start_token_id=0)
+    cfg = T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+                     decoder_start_token_id=0)
     ids, labels = torch.randint(0, 64, (2, 8), generator=g(2)), torch.randint(0, 64, (2, 6), generator=g(1))
     return T.T5ForConditionalGeneration(cfg), {"input_ids": ids, "labels": labels}, lambda o: o.loss
 
 
 def whisper():
-    cfg = T.WhisperConfig(vocab_size=64, num_mel_bins=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=16, max_target_positions=16, pad_token_id=0, decoder_start_token_id=1)
+    cfg = T.WhisperConfig(vocab_size=64, num_mel_bins=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                          decoder_attention_heads=2, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=16,
+                          max_target_positions=16, pad_token_id=0, decoder_start_token_id=1)
     feats, labels = torch.randn(2, 8, 32, generator=g(2)), torch.randint(2, 64, (2, 6), generator=g(1))
     return T.WhisperForConditionalGeneration(cfg), {"input_features": feats, "labels": labels}, lambda o: o.loss
 
@@ -104,6 +111,8 @@ for factory in (convnext, cvt, whisper):  # conv, hybrid, audio encoder-decoder:
 
 
 def test_families_with_inductor_in_a_fresh_process():
-    proc = subprocess.run([sys.executable, "-c", _FRESH.replace("__FILE__", repr(__file__))], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH.replace("__FILE__", repr(__file__))], capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split() == ["OK", "convnext", "OK", "cvt", "OK", "whisper"], proc.stdout

@@ -14,7 +14,7 @@ import torch
 
 import fqt_compiler as fqt
 from fqt_compiler import dump
-from tools import cli
+from fqt_compiler.tools import cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "inspect_mlp.py"
 GOLDEN = Path(__file__).parent / "golden"

@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import codegen  # noqa: F401  (registers the kernel-mode ops)
-from codegen.code_layout import CodeLayout
-from codegen.fusion_program import Program
+from fqt_compiler import codegen  # noqa: F401  (registers the kernel-mode ops)
+from fqt_compiler.codegen.memory_order import CodeLayout
+from fqt_compiler.codegen.fusion_program import Program
 from fqt_compiler.bhq import bhq_quantize_ref
-from fqt_compiler.reference import Layout, quantize_ref
+from fqt_compiler.layout import Layout
+from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
 
 fqt_ops = torch.ops.fqt
@@ -110,5 +111,5 @@ def test_fused_quantize_op(name, code_layout):
     layout = Layout.PENULTIMATE
     for spec in (SPECS["row"], SPECS["column-sr"], SPECS["tensor-asym"]):
         for write_hp in (False, True):
-            torch.library.opcheck(fqt_ops.fused_quantize.default, ([x], prog.dumps(), list(shape), spec.key(), int(layout), write_hp,
-                                                                  int(code_layout)))
+            torch.library.opcheck(fqt_ops.fused_quantize.default,
+                                  ([x], prog.dumps(), list(shape), spec.key(), int(layout), write_hp, int(code_layout)))

@@ -14,7 +14,9 @@ import torch
 import fqt_compiler as fqt
 from fqt_compiler import QuantSpec
 from fqt_compiler.ops import quantize_op
-from fqt_compiler.reference import Layout, dequantize_ref, fake_quantize_ref, quantize_ref, scale_shape
+from fqt_compiler.grid import dequantize_ref
+from fqt_compiler.layout import Layout, scale_shape
+from fqt_compiler.reference import fake_quantize_ref, quantize_ref
 from fqt_compiler.specs import Granularity, Scheme, Transform
 from tests.helpers.numerics import (
     bhq_parts,
@@ -632,7 +634,7 @@ NEAREST_LAYOUT_SPECS = [
 @pytest.mark.parametrize("base_spec", [pytest.param(s, id=spec_id(s)) for s in NEAREST_LAYOUT_SPECS])
 @pytest.mark.parametrize("gran", ["tensor", "row", "column"])
 @pytest.mark.parametrize("shape", [(5, 7), (2, 5, 7)], ids=["2d", "3d"])
-@pytest.mark.parametrize("layout", list(Layout), ids=lambda l: l.name)
+@pytest.mark.parametrize("layout", list(Layout), ids=lambda lay: lay.name)
 def test_dequantize_of_quantize_equals_fake_quantize_bit_exactly(base_spec, gran, shape, layout):
     spec = base_spec.with_(granularity=gran)
     x = torch.randn(shape, generator=_gen(41)) * torch.linspace(0.1, 5, shape[-1])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fqt_compiler as fqt
-from tools.demo import DigitsNet
+from fqt_compiler.tools.demo import DigitsNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,6 +51,9 @@ def test_resume_from_checkpoint_gives_bitwise_identical_losses(recipe):
     resumed_opt = torch.optim.SGD(resumed_model.parameters(), lr=0.05, momentum=0.9)
     resumed_opt.load_state_dict(ckpt["opt"])
     torch.set_rng_state(ckpt["rng"])
-    resumed = _steps(resumed_model, resumed_opt, torch.compile(resumed_model, backend=fqt.backend(recipe=recipe, execution="reference")), batches[3:])
+    resumed = _steps(
+        resumed_model, resumed_opt, torch.compile(resumed_model, backend=fqt.backend(recipe=recipe, execution="reference")),
+        batches[3:],
+    )
     assert all(torch.equal(a, b) for a, b in zip(continued, resumed)), (continued, resumed)
     assert not torch.equal(continued[0], continued[1])

@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fqt_compiler.reference import Layout, dequantize_ref, quantize_ref
+from fqt_compiler.grid import dequantize_ref
+
+from fqt_compiler.layout import Layout
+
+from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
 
 SPECS = [

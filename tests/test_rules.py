@@ -70,7 +70,8 @@ def test_each_matcher(rule, hit):
 
 def test_dim_bounds():
     report = fqt.explain(nn.Linear(64, 8), torch.randn(32, 64), recipe="int8", execution="reference",
-                         rules=[fqt.Rule(name="wide", min_dim=9, high_precision="x"), fqt.Rule(name="narrow", max_dim=8, recipe="qat")])
+                         rules=[fqt.Rule(name="wide", min_dim=9, high_precision="x"),
+                                fqt.Rule(name="narrow", max_dim=8, recipe="qat")])
     assert {g.rule for _, g in report.rows()} == {"rule narrow"}  # smallest dim is N = 8
 
 

@@ -13,7 +13,7 @@ import fqt_compiler as fqt
 from fqt_compiler.recipes import GradInputSpecs, GradWeightSpecs, Recipe
 from fqt_compiler.stats import advise_bits, gradient_stats
 from fqt_compiler.stats_formulas import bound_expression, exact_variance, variance_bound
-from tools import cli
+from fqt_compiler.tools import cli
 from tests.helpers.recipes import nearest_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -216,7 +216,7 @@ def bench_memory(shape, recipe, device) -> tuple[tuple[int, int], tuple[int, int
 
 def bench_gemm(shape, device, reps) -> dict[str, float]:
     """Seconds of the fp32/bf16 GEMM, torch._int_mm and fqt's int8 GEMM with its epilogue."""
-    from codegen.ops import qmm_op
+    from fqt_compiler.codegen.ops import qmm_op
 
     torch._dynamo.reset()
     m, k, n = shape
@@ -229,7 +229,7 @@ def bench_gemm(shape, device, reps) -> dict[str, float]:
     sb = torch.rand(1, n, device=device)
     if device.type == "cpu":
         # what kernels mode runs on CPU: torch._int_mm with the epilogue fused by Inductor
-        from codegen.ops import qmm_cpu
+        from fqt_compiler.codegen.ops import qmm_cpu
 
         fused = torch.compile(qmm_cpu)
 
@@ -252,13 +252,14 @@ QUANTIZE_SHAPES = {"cuda": [(16384, 16384), (16384, 768)], "cpu": [(4096, 4096),
 def bench_quantize(shape, spec, device, reps) -> dict[str, float]:
     """Bytes moved per second by the quantize path kernels mode runs (Triton on CUDA, the
     Inductor-compiled reference on CPU), against a same-run device-to-device copy."""
-    from fqt_compiler.reference import Layout, quantize_ref
+    from fqt_compiler.layout import Layout
+    from fqt_compiler.reference import quantize_ref
 
     torch._dynamo.reset()
     hp = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(shape, device=device, dtype=hp)
     if device.type == "cuda":
-        from codegen.kernels.quantize import quantize
+        from fqt_compiler.codegen.kernels.quantize import quantize
 
         def run_q():
             return quantize(x, spec, Layout.PENULTIMATE)
@@ -285,18 +286,22 @@ def run(sections: list[str], device_name: str, reps: int, recipes: list[str], sh
         rows = []
         for shape in shapes:
             for r in bench_layer(shape, recipes, device, reps, dtype):
-                rows.append([f"{r.shape[0]}x{r.shape[1]}->{r.shape[2]}", r.recipe, f"{r.speedup:.2f}x", f"{r.baseline_ms:.1f}", f"{r.candidate_ms:.1f}", r.lowbit_gemms])
+                rows.append([f"{r.shape[0]}x{r.shape[1]}->{r.shape[2]}", r.recipe, f"{r.speedup:.2f}x", f"{r.baseline_ms:.1f}",
+                             f"{r.candidate_ms:.1f}", r.lowbit_gemms])
                 print(f"  layer {rows[-1]}", flush=True)
         base = "fp32" if device.type == "cpu" else "bf16"
         out.append(f"## Per layer, fwd+bwd, vs {base} torch.compile (median of {reps} interleaved)\n")
-        out.append(tabulate(rows, headers=["M x K -> N", "recipe", "speedup", f"{base} ms", "fqt ms", "low-bit GEMMs"], tablefmt="github"))
+        out.append(tabulate(
+            rows, headers=["M x K -> N", "recipe", "speedup", f"{base} ms", "fqt ms", "low-bit GEMMs"], tablefmt="github"
+        ))
     if "fusion" in sections:
         rows = []
         for shape in shapes:
             for name in recipes:
                 f = bench_fusion(shape, name, device, reps, dtype)
-                rows.append([f"{shape[0]}x{shape[1]}<->{shape[2]}", name, f"{f['off'] / f['auto']:.2f}x", f"{f['hp'] / f['auto']:.2f}x",
-                             f"{f['hp'] / f['off']:.2f}x", f"{1e3 * f['auto']:.1f}", f"{1e3 * f['off']:.1f}", f["fused"]])
+                rows.append([f"{shape[0]}x{shape[1]}<->{shape[2]}", name, f"{f['off'] / f['auto']:.2f}x",
+                             f"{f['hp'] / f['auto']:.2f}x", f"{f['hp'] / f['off']:.2f}x", f"{1e3 * f['auto']:.1f}",
+                             f"{1e3 * f['off']:.1f}", f["fused"]])
                 print(f"  fusion {rows[-1]}", flush=True)
         how = "generated Triton prologue kernels" if device.type == "cuda" else "Inductor fusing the inlined quantizers"
         base = "fp32" if device.type == "cpu" else "bf16"
@@ -307,17 +312,23 @@ def run(sections: list[str], device_name: str, reps: int, recipes: list[str], sh
         rows = []
         for shape in shapes:
             g = bench_gemm(shape, device, reps)
-            rows.append([f"{shape[0]}x{shape[1]}x{shape[2]}", f"{g['hp'] / g['fqt']:.2f}x", f"{g['int_mm'] / g['fqt']:.2f}", f"{g['tflops_fqt']:.3g}", f"{g['tflops_hp']:.3g}"])
+            rows.append([f"{shape[0]}x{shape[1]}x{shape[2]}", f"{g['hp'] / g['fqt']:.2f}x", f"{g['int_mm'] / g['fqt']:.2f}",
+                         f"{g['tflops_fqt']:.3g}", f"{g['tflops_hp']:.3g}"])
             print(f"  gemm {rows[-1]}", flush=True)
         out.append("\n## GEMM alone: fqt int8 (with epilogue) vs the high-precision GEMM and torch._int_mm\n")
-        out.append(tabulate(rows, headers=["M x K x N", "vs hp GEMM", "int_mm time / fqt time", "fqt TFLOPS", "hp TFLOPS"], tablefmt="github"))
+        out.append(tabulate(
+            rows, headers=["M x K x N", "vs hp GEMM", "int_mm time / fqt time", "fqt TFLOPS", "hp TFLOPS"], tablefmt="github"
+        ))
     if "quantize" in sections:
         rows = []
-        specs = {"int8 row": fqt.QuantSpec(granularity="row"), "int8 row SR": fqt.QuantSpec(granularity="row", rounding="stochastic")}
+        specs = {
+            "int8 row": fqt.QuantSpec(granularity="row"), "int8 row SR": fqt.QuantSpec(granularity="row", rounding="stochastic")
+        }
         for shape in QUANTIZE_SHAPES["cuda" if device.type == "cuda" else "cpu"]:
             for label, spec in specs.items():
                 q = bench_quantize(shape, spec, device, reps)
-                rows.append([f"{shape[0]}x{shape[1]}", label, f"{q['gbps']:.1f}", f"{q['copy_gbps']:.1f}", f"{q['gbps'] / q['copy_gbps']:.2f}"])
+                rows.append([f"{shape[0]}x{shape[1]}", label, f"{q['gbps']:.1f}", f"{q['copy_gbps']:.1f}",
+                             f"{q['gbps'] / q['copy_gbps']:.2f}"])
                 print(f"  quantize {rows[-1]}", flush=True)
         what = "Triton quantize kernel" if device.type == "cuda" else "Inductor-compiled reference quantizer"
         out.append(f"\n## Quantize ({what}): bytes moved per second vs a same-run copy\n")
@@ -328,13 +339,17 @@ def run(sections: list[str], device_name: str, reps: int, recipes: list[str], sh
         for shape in [s for s in shapes if len(set(s)) == 3] or [(2048, 768, 3072)]:
             for name in recipes:
                 (b_all, b_in), (c_all, c_in) = bench_memory(shape, name, device)
-                rows.append([f"{shape[0]}x{shape[1]}->{shape[2]}", name, b_in, c_in, f"{c_in / b_in:.2f}", f"{c_all / b_all:.2f}"])
+                rows.append(
+                    [f"{shape[0]}x{shape[1]}->{shape[2]}", name, b_in, c_in, f"{c_in / b_in:.2f}", f"{c_all / b_all:.2f}"]
+                )
                 print(f"  memory {rows[-1]}", flush=True)
         out.append("\n## Bytes saved for backward, fqt vs bf16 torch.compile\n")
         out.append(
             tabulate(
                 rows,
-                headers=["shape", "recipe", "bf16 GEMM-input bytes", "fqt GEMM-input bytes", "GEMM-input ratio", "all saved, ratio"],
+                headers=[
+                    "shape", "recipe", "bf16 GEMM-input bytes", "fqt GEMM-input bytes", "GEMM-input ratio", "all saved, ratio"
+                ],
                 tablefmt="github",
             )
         )

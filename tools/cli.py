@@ -6,14 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .gpu_check import add_parser as add_gpu_check
+from fqt_compiler.tools.gpu_check import add_parser as add_gpu_check
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import main
+    from fqt_compiler.tools.demo import main
 
     main(
-        recipes=args.recipes, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, var_draws=args.var_draws, mode=args.mode
+        recipes=args.recipes, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, var_draws=args.var_draws,
+        mode=args.mode,
     )
     return 0
 
@@ -68,9 +69,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _variance(args: argparse.Namespace) -> int:
-    from .variance import main
+    from fqt_compiler.tools.variance import main
 
-    print(main(_variance_factory(args.factory), recipe=args.recipe, draws=args.draws, alpha=args.alpha, out=args.out, sweep=not args.no_sweep))
+    print(main(
+        _variance_factory(args.factory), recipe=args.recipe, draws=args.draws, alpha=args.alpha, out=args.out,
+        sweep=not args.no_sweep,
+    ))
     return 0
 
 
@@ -92,14 +96,14 @@ def _variance_factory(spec: str | None):
 
 
 def _results(args: argparse.Namespace) -> int:
-    from .results import main
+    from fqt_compiler.tools.results import main
 
     print(main(out_dir=args.out, steps=args.steps, epochs=args.epochs, recipes=args.recipes))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import run
+    from fqt_compiler.tools.bench import run
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else None
     text = run(args.sections, args.device, args.reps, args.recipes, shapes)
@@ -114,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fqt", description="fqt: fully quantized training as a torch.compile backend")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small CNN on the digits data under the paper's recipes and compare")
-    demo.add_argument("--recipes", nargs="+", default=None, help="recipes to run (default: exact qat ptq8 psq8 bhq8 ptq4 psq4 bhq4)")
+    demo.add_argument(
+        "--recipes", nargs="+", default=None, help="recipes to run (default: exact qat ptq8 psq8 bhq8 ptq4 psq4 bhq4)"
+    )
     demo.add_argument("--epochs", type=int, default=3)
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
@@ -130,15 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--fusion", default="auto", choices=["auto", "off", "triton"],
         help="kernels mode: generated fused kernels (auto: on CUDA; triton: everywhere, CPU needs TRITON_INTERPRET=1)",
     )
-    inspect.add_argument("--never-slower", action="store_true", help="kernels mode: keep sites the cost model says cannot win in high precision")
+    inspect.add_argument(
+        "--never-slower", action="store_true", help="kernels mode: keep sites the cost model says cannot win in high precision"
+    )
     inspect.add_argument("--out", default="fqt_report", help="folder for the report (default: fqt_report)")
     inspect.add_argument("--wide", action="store_true", help="every column (operand specs, rules), not fitted to 120 columns")
     inspect.set_defaults(func=_inspect)
     var = sub.add_parser("variance", help="bias and variance quantization adds to the gradient, per layer; bit-width advice")
-    var.add_argument("factory", nargs="?", default=None, help="path/to/script.py:function returning (model, loss_fn, batches); default: the demo CNN")
+    var.add_argument(
+        "factory", nargs="?", default=None,
+        help="path/to/script.py:function returning (model, loss_fn, batches); default: the demo CNN",
+    )
     var.add_argument("--recipe", default="psq4")
     var.add_argument("--draws", type=int, default=32, help="backward passes per Monte-Carlo estimate")
-    var.add_argument("--alpha", type=float, default=0.1, help="advisor: quantization variance budget as a fraction of the sampling variance")
+    var.add_argument(
+        "--alpha", type=float, default=0.1, help="advisor: quantization variance budget as a fraction of the sampling variance"
+    )
     var.add_argument("--out", default=None, help="folder for the PNG plots (needs matplotlib)")
     var.add_argument("--no-sweep", action="store_true", help="skip the bits sweep (and the plots)")
     var.set_defaults(func=_variance)
@@ -154,14 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the protocol and the recorded results are in docs/benchmarks.md.",
     )
     bench.add_argument(
-        "--sections", nargs="+", default=["layer", "fusion", "gemm", "quantize", "memory"], choices=["layer", "fusion", "gemm", "quantize", "memory"],
+        "--sections", nargs="+", default=["layer", "fusion", "gemm", "quantize", "memory"],
+        choices=["layer", "fusion", "gemm", "quantize", "memory"],
         help="layer: LayerNorm-Linear-Sigmoid fwd+bwd; fusion: MLP block fused vs unfused; gemm: the low-bit GEMM alone; "
         "quantize: quantizer bandwidth vs a copy; memory: bytes saved for backward (default: all)",
     )
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if available)")
-    bench.add_argument("--reps", type=int, default=7, help="interleaved timed repetitions per measurement; the median is reported (default: 7)")
+    bench.add_argument(
+        "--reps", type=int, default=7, help="interleaved timed repetitions per measurement; the median is reported (default: 7)"
+    )
     bench.add_argument("--recipes", nargs="+", default=["int8"], help="recipes to benchmark (default: int8)")
-    bench.add_argument("--shapes", nargs="+", default=None, help="MxKxN shapes (default: the device's list in docs/benchmarks.md)")
+    bench.add_argument(
+        "--shapes", nargs="+", default=None, help="MxKxN shapes (default: the device's list in docs/benchmarks.md)"
+    )
     bench.add_argument("--output", default=None, help="also write the markdown here")
     bench.set_defaults(func=_bench)
     add_gpu_check(sub)

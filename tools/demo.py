@@ -98,7 +98,8 @@ class RunResult:
 
 
 def run_recipe(
-    name: str, data, *, epochs: int, batch_size: int, seed: int, var_draws: int, sampling_var: float | None, mode: str = "reference"
+    name: str, data, *, epochs: int, batch_size: int, seed: int, var_draws: int, sampling_var: float | None,
+    mode: str = "reference",
 ):
     x_train, y_train, x_test, y_test = data
     torch._dynamo.reset()  # one process trains many models: start each from a clean cache
@@ -172,7 +173,10 @@ def main(
     recipes = list(recipes or DEFAULT_RECIPES)
     for r in recipes:
         fqt.recipe(r)  # fail fast on a bad name, before any training
-    print(f"fqt demo: DigitsNet on scikit-learn digits, recipes {', '.join(recipes)}; {epochs} epochs, batch {batch_size}, seed {seed}")
+    print(
+        f"fqt demo: DigitsNet on scikit-learn digits, recipes {', '.join(recipes)}; "
+        f"{epochs} epochs, batch {batch_size}, seed {seed}"
+    )
     if mode == "reference":
         print("quantization is simulated (reference mode: quantize-dequantize, then fp32 GEMMs)", flush=True)
     else:
@@ -183,7 +187,8 @@ def main(
     for name in recipes:
         results.append(
             run_recipe(
-                name, data, epochs=epochs, batch_size=batch_size, seed=seed, var_draws=var_draws, sampling_var=sampling_var, mode=mode
+                name, data, epochs=epochs, batch_size=batch_size, seed=seed, var_draws=var_draws, sampling_var=sampling_var,
+                mode=mode,
             )
         )
     rows = [

@@ -17,8 +17,8 @@ compiled code from one to the next).
 
 ``--dry-run`` runs every stage on the CPU at tiny shapes (Triton's interpreter for the kernels,
 Inductor off where it would only cost compile time) and measures real values there: CI runs it
-so the command cannot rot between GPU sessions. Stage bodies live in ``tools.gpu_stages`` and
-``tools.gpu_train``.
+so the command cannot rot between GPU sessions. Stage bodies live in ``fqt_compiler.tools.gpu_stages`` and
+``fqt_compiler.tools.gpu_train``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .gpu_report import stage_tables
+from fqt_compiler.tools.gpu_report import stage_tables
 
 __all__ = ["STAGES", "GPU_SHAPES", "DRY_SHAPES", "Stage", "run_check", "summary_markdown", "add_parser"]
 
@@ -106,7 +106,8 @@ def _run_stage(stage: Stage, budget_s: float, config: dict, work: Path, results:
     """Run one stage's process for at most ``budget_s`` seconds, merging its partial results
     into ``results`` (and its log into the archive) every few seconds; record how it ended."""
     partial, log = work / f"{stage.name}.json", work / f"{stage.name}.log"
-    cmd = [sys.executable, "-m", "tools.gpu_stages", stage.name, "--partial", str(partial), "--config", json.dumps(config)]
+    cmd = [sys.executable, "-m", "fqt_compiler.tools.gpu_stages", stage.name, "--partial", str(partial),
+           "--config", json.dumps(config)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if config["dry_run"]:
         env["TRITON_INTERPRET"] = "1"  # kernels on CPU tensors run in Triton's interpreter
@@ -157,7 +158,8 @@ def run_check(out: str, deadline_s: float = 420.0, stages: list[str] | None = No
     chosen = [s for s in STAGES if stages is None or s.name in stages]
     config = {"dry_run": dry_run, "shapes": [list(s) for s in (shapes or (DRY_SHAPES if dry_run else GPU_SHAPES))],
               "root": str(Path(__file__).resolve().parent.parent)}
-    header = {"schema": 1, "command": "fqt gpu-check " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["gpu-check"] else "run_check",
+    header = {"schema": 1,
+              "command": "fqt gpu-check " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["gpu-check"] else "run_check",
               "dry_run": dry_run, "deadline_s": deadline_s, "started": _now(), "shapes": config["shapes"],
               "stage_order": [s.name for s in chosen]}
     results = _Results(Path(out), header)
@@ -169,7 +171,9 @@ def run_check(out: str, deadline_s: float = 420.0, stages: list[str] | None = No
             cap = (stage.dry_cap_s if dry_run else stage.cap_s) + carried
             budget = min(cap, left)
             if budget < _MIN_STAGE_S:
-                results.stage(stage.name, status="skipped", reason=f"did not fit: {left:.0f} s of the {deadline_s:.0f} s deadline left")
+                results.stage(
+                    stage.name, status="skipped", reason=f"did not fit: {left:.0f} s of the {deadline_s:.0f} s deadline left"
+                )
                 continue
             _run_stage(stage, budget, config, work, results)
             carried = max(0.0, cap - results.doc["stages"][stage.name]["seconds"])
@@ -187,8 +191,10 @@ def summary_markdown(doc: dict) -> str:
     lines = [
         "# fqt gpu-check" + (" (dry run on the CPU)" if doc.get("dry_run") else ""),
         "",
-        f"Device: {device.get('name', 'unknown')}; " + ", ".join(f"{k} {device[k]}" for k in ("driver", "torch", "triton", "python") if k in device),
-        f"Started {doc.get('started')}, deadline {doc.get('deadline_s')} s" + (f", took {doc['seconds']} s" if "seconds" in doc else " (running)"),
+        f"Device: {device.get('name', 'unknown')}; "
+        + ", ".join(f"{k} {device[k]}" for k in ("driver", "torch", "triton", "python") if k in device),
+        f"Started {doc.get('started')}, deadline {doc.get('deadline_s')} s"
+        + (f", took {doc['seconds']} s" if "seconds" in doc else " (running)"),
         "",
         "| stage | status | seconds | note |",
         "|---|---|---|---|",

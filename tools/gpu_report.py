@@ -36,7 +36,10 @@ def _tests(res: dict) -> list[str]:
 
 def _profile(p: dict) -> str:
     if "device_kernels" in p:
-        return f"{p['device_kernels']} kernels / {p['host_launch_calls']} launches, host {p['host_ms']} ms, device {p['device_ms']} ms"
+        return (
+            f"{p['device_kernels']} kernels / {p['host_launch_calls']} launches, "
+            f"host {p['host_ms']} ms, device {p['device_ms']} ms"
+        )
     return f"{p.get('top_level_ops')} ops, host {p.get('host_ms')} ms"
 
 
@@ -75,11 +78,13 @@ def _e2e(res: dict) -> list[str]:
     for label in ("baseline", "fqt int8"):
         r = res.get(label)
         if r:
-            rows.append([label, r["compile_and_first_step_s"], r["median_step_ms"], r["tokens_per_s"], r.get("peak_memory_gib", "-"),
-                         r["losses"][-1], r.get("lowbit_gemms", "-")])
+            rows.append([label, r["compile_and_first_step_s"], r["median_step_ms"], r["tokens_per_s"],
+                         r.get("peak_memory_gib", "-"), r["losses"][-1], r.get("lowbit_gemms", "-")])
         elif f"{label} progress" in res:
             rows.append([label, "(cut)", "-", "-", "-", res[f"{label} progress"]["losses"][-1:], "-"])
-    lines += _table(rows, ["run", "compile + first step s", "median step ms", "tokens/s", "peak GiB", "final loss", "low-bit GEMMs"])
+    lines += _table(
+        rows, ["run", "compile + first step s", "median step ms", "tokens/s", "peak GiB", "final loss", "low-bit GEMMs"]
+    )
     if "comparison" in res:
         lines += ["", f"Comparison: {res['comparison']}"]
     return lines

@@ -1,10 +1,10 @@
-"""The stages of ``fqt gpu-check`` (``tools.gpu_check``), each run in its own process:
+"""The stages of ``fqt gpu-check`` (``fqt_compiler.tools.gpu_check``), each run in its own process:
 
-    python -m tools.gpu_stages STAGE --partial FILE --config JSON
+    python -m fqt_compiler.tools.gpu_stages STAGE --partial FILE --config JSON
 
 A stage writes what it measures to ``FILE`` as it goes (``Recorder``), so a stage killed at its
 time cap still reports everything it finished. This module holds ``preflight``, ``tests``,
-``gemm`` and ``quantize``; the model stages ``layer`` and ``e2e`` are in ``tools.gpu_train``.
+``gemm`` and ``quantize``; the model stages ``layer`` and ``e2e`` are in ``fqt_compiler.tools.gpu_train``.
 On the CPU (``--dry-run``) the same code runs at tiny shapes, Triton kernels in the interpreter.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import gpu_train
-from .gpu_common import Recorder, peaks, sig, stage_device
+from fqt_compiler.tools import gpu_train
+from fqt_compiler.tools.gpu_common import Recorder, peaks, sig, stage_device
 
 __all__ = ["STAGE_FUNCTIONS", "device_facts", "scaled_mm", "main"]
 
@@ -36,7 +36,8 @@ def device_facts(device: torch.device) -> dict:
              "numpy": numpy.__version__, "platform": platform.platform()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        facts.update(name=torch.cuda.get_device_name(device), capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+        facts.update(name=torch.cuda.get_device_name(device),
+                     capability=".".join(map(str, torch.cuda.get_device_capability(device))),
                      multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
                      cuda_runtime=torch.version.cuda, driver=_driver_version())
     else:
@@ -48,7 +49,8 @@ def _driver_version() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=15)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else f"unknown (nvidia-smi exit {out.returncode})"
+        return (out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip()
+                else f"unknown (nvidia-smi exit {out.returncode})")
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({type(exc).__name__})"
 
@@ -65,8 +67,9 @@ def _cpu_model() -> str:
 
 def _triton_launch(device: torch.device) -> dict:
     """One fqt Triton kernel launched on the device, against its reference."""
-    from codegen.kernels.quantize import quantize
-    from fqt_compiler.reference import Layout, quantize_ref
+    from fqt_compiler.codegen.kernels.quantize import quantize
+    from fqt_compiler.layout import Layout
+    from fqt_compiler.reference import quantize_ref
     from fqt_compiler.specs import QuantSpec
 
     x = torch.randn(64, 96, device=device)
@@ -78,7 +81,9 @@ def _triton_launch(device: torch.device) -> dict:
     seconds = time.perf_counter() - t0
     ref = quantize_ref(x, spec, Layout.PENULTIMATE)
     same = all(torch.equal(g, r) for g, r in zip(got, ref))
-    return {"kernel": "codegen.kernels.quantize (int8, per row)", "first_launch_s": round(seconds, 3), "bit_exact": same}
+    return {
+        "kernel": "fqt_compiler.codegen.kernels.quantize (int8, per row)", "first_launch_s": round(seconds, 3), "bit_exact": same
+    }
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
@@ -143,10 +148,12 @@ def tests(rec: Recorder, cfg: dict) -> None:
     import importlib.util
     import tempfile
 
-    files = ["test_qmm_kernel.py"] if cfg["dry_run"] else ["test_qmm_kernel.py", "test_quantize_kernel.py", "test_fused_kernel.py",
-                                                          "test_bhq_kernel.py"]
+    files = (["test_qmm_kernel.py"] if cfg["dry_run"]
+             else ["test_qmm_kernel.py", "test_quantize_kernel.py", "test_fused_kernel.py", "test_bhq_kernel.py"])
     parallel = ["-n", "8"] if not cfg["dry_run"] and importlib.util.find_spec("xdist") else []
-    runs = [("gpu-marked tests", ["-m", "gpu", "tests"])] + [(f"kernel tests: {f}", ["-m", "not gpu", f"tests/kernels/{f}"]) for f in files]
+    runs = [("gpu-marked tests", ["-m", "gpu", "tests"])] + [
+        (f"kernel tests: {f}", ["-m", "not gpu", f"tests/kernels/{f}"]) for f in files
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for label, args in runs:
             xml = Path(tmp) / "junit.xml"
@@ -188,7 +195,7 @@ def _gemm_shapes(m: int, k: int, n: int) -> list[tuple[str, int, int, int]]:
 def _gemm_candidates(rows: int, red: int, cols: int, role: str, device: torch.device, probes: dict) -> dict:
     """Callables for one GEMM: high precision, fqt int8 / fp8 (the Triton qmm), the library
     8-bit GEMMs. Operands K-major, as fqt's quantizers write them."""
-    from codegen.kernels.qmm import qmm
+    from fqt_compiler.codegen.kernels.qmm import qmm
 
     hp = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(rows + red + cols)  # drawn on the device: large shapes in milliseconds
@@ -205,7 +212,8 @@ def _gemm_candidates(rows: int, red: int, cols: int, role: str, device: torch.de
         f"{str(hp).split('.')[-1]} torch.mm": lambda: a_hp @ b_hp,
         "fqt int8 (triton qmm)": lambda: qmm(a8, sa, None, None, b8, sb, None, None, None, hp),
         "torch._int_mm": lambda: torch._int_mm(a8, b8),
-        f"fqt fp8 {'e4m3' if role == 'fprop' else 'e5m2'} x e4m3 (triton qmm)": lambda: qmm(af, sa, None, None, bf, sb, None, None, None, hp),
+        f"fqt fp8 {'e4m3' if role == 'fprop' else 'e5m2'} x e4m3 (triton qmm)":
+            lambda: qmm(af, sa, None, None, bf, sb, None, None, None, hp),
     }
     row_ok = probes.get(f"torch._scaled_mm {'e4m3' if role == 'fprop' else 'e5m2'} x e4m3, row-wise", {}).get("ok")
     tensor_ok = probes.get(f"torch._scaled_mm {'e4m3' if role == 'fprop' else 'e5m2'} x e4m3, tensor-wise", {}).get("ok")
@@ -218,13 +226,15 @@ def _gemm_candidates(rows: int, red: int, cols: int, role: str, device: torch.de
 
 
 def gemm(rec: Recorder, cfg: dict) -> None:
-    from .bench import interleaved_medians
+    from fqt_compiler.tools.bench import interleaved_medians
 
     device = stage_device(cfg)
     pk = peaks(device)
     probes = _probes(device)
     reps = 3 if cfg["dry_run"] else 10
-    rec.set("baseline", "the high-precision GEMM of the same shape (bf16 torch.mm on CUDA: cuBLAS; fp32 on CPU), timed interleaved")
+    rec.set(
+        "baseline", "the high-precision GEMM of the same shape (bf16 torch.mm on CUDA: cuBLAS; fp32 on CPU), timed interleaved"
+    )
     for m, k, n in cfg["shapes"]:
         for role, rows, red, cols in _gemm_shapes(m, k, n):
             fns = _gemm_candidates(rows, red, cols, role, device, probes)
@@ -245,7 +255,7 @@ def _fp8_accuracy(device: torch.device, cfg: dict) -> dict:
     """The fp8 backward GEMM (e5m2 x e4m3) at the longest contraction of the shapes, against a
     float64 GEMM of the same fp8 values: relative Frobenius and max errors (qmm promotes its fp8
     accumulator once per K tile; ``torch._scaled_mm`` shown with and without fast accumulation)."""
-    from codegen.kernels.qmm import FP8_PROMOTE_K, qmm
+    from fqt_compiler.codegen.kernels.qmm import FP8_PROMOTE_K, qmm
 
     m, k, n = max(cfg["shapes"], key=lambda s: s[0])
     rows, red, cols = n, m, k  # the weight gradient: contraction over the M tokens
@@ -254,8 +264,8 @@ def _fp8_accuracy(device: torch.device, cfg: dict) -> dict:
     b = torch.randn(cols, red, generator=g, device=device).to(torch.float8_e4m3fn).t()
     one_a, one_b = torch.ones(rows, 1, device=device), torch.ones(1, cols, device=device)
     ref = a.double() @ b.double()
-    out = {"gemm": [rows, red, cols], "operands": "e5m2 x e4m3 (weight gradient)", "baseline": "float64 GEMM of the same fp8 values",
-           "qmm_promote_every_k": FP8_PROMOTE_K}
+    out = {"gemm": [rows, red, cols], "operands": "e5m2 x e4m3 (weight gradient)",
+           "baseline": "float64 GEMM of the same fp8 values", "qmm_promote_every_k": FP8_PROMOTE_K}
 
     def err(got):
         d = got.double() - ref
@@ -264,7 +274,9 @@ def _fp8_accuracy(device: torch.device, cfg: dict) -> dict:
     out["fqt qmm (fp32 out)"] = _probe(lambda: err(qmm(a, one_a, None, None, b, one_b, None, None, None, torch.float32)))
     for fast in (False, True):
         one = torch.tensor(1.0, device=device)
-        out[f"torch._scaled_mm (bf16 out), use_fast_accum={fast}"] = _probe(lambda fast=fast: err(scaled_mm(a, b, one, one, fast)))
+        out[f"torch._scaled_mm (bf16 out), use_fast_accum={fast}"] = _probe(
+            lambda fast=fast: err(scaled_mm(a, b, one, one, fast))
+        )
     return out
 
 
@@ -272,11 +284,11 @@ def _fp8_accuracy(device: torch.device, cfg: dict) -> dict:
 def quantize(rec: Recorder, cfg: dict) -> None:
     """Bytes moved per second by the quantize kernel (input read, codes and scales written)
     as a share of a same-run device-to-device copy of the input."""
-    from codegen.kernels.quantize import quantize as quantize_kernel
-    from fqt_compiler.reference import Layout
+    from fqt_compiler.codegen.kernels.quantize import quantize as quantize_kernel
+    from fqt_compiler.layout import Layout
     from fqt_compiler.specs import QuantSpec
 
-    from .bench import interleaved_medians
+    from fqt_compiler.tools.bench import interleaved_medians
 
     device = stage_device(cfg)
     pk = peaks(device)
@@ -309,7 +321,7 @@ STAGE_FUNCTIONS = {"preflight": preflight, "tests": tests, "layer": gpu_train.la
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.gpu_stages", description="one stage of fqt gpu-check")
+    parser = argparse.ArgumentParser(prog="python -m fqt_compiler.tools.gpu_stages", description="one stage of fqt gpu-check")
     parser.add_argument("stage", choices=list(STAGE_FUNCTIONS))
     parser.add_argument("--partial", required=True, help="JSON file the stage writes its results to as it goes")
     parser.add_argument("--config", required=True, help="the run's configuration (JSON)")

@@ -1,6 +1,6 @@
 """The model stages of ``fqt gpu-check``: ``layer`` (one Linear layer's fwd+bwd) and ``e2e`` (a
 GPT-2-small training step), each against the high-precision ``torch.compile`` baseline a user
-would run instead (bf16 on CUDA). Timed as ``tools.bench`` times: CUDA events, interleaved
+would run instead (bf16 on CUDA). Timed as ``fqt_compiler.tools.bench`` times: CUDA events, interleaved
 repetitions, medians; one profiled step counts kernel launches and host vs device time.
 
 In a dry run (CPU) the baseline is fp32 ``torch.compile(backend="aot_eager")`` and fqt runs with
@@ -19,9 +19,9 @@ from torch import nn
 
 import fqt_compiler as fqt
 
-from .bench import Layer, interleaved_medians
-from .results import Block
-from .gpu_common import Recorder, sig, stage_device
+from fqt_compiler.tools.bench import Layer, interleaved_medians
+from fqt_compiler.tools.results import Block
+from fqt_compiler.tools.gpu_common import Recorder, sig, stage_device
 
 __all__ = ["GPT", "layer", "e2e", "profile_step", "layer_variants"]
 
@@ -213,7 +213,8 @@ def _train(model: nn.Module, data: torch.Tensor, g: dict, device: torch.device, 
         rec.set(f"{label} progress", {"steps_done": step + 1, "losses": [round(v, 4) for v in losses]})
     steady = times[min(3, len(times) - 1):]
     out = {"compile_and_first_step_s": round(times[0], 1), "median_step_ms": round(statistics.median(steady) * 1e3, 2),
-           "tokens_per_s": round(g["batch"] * g["context"] / statistics.median(steady), 1), "losses": [round(v, 4) for v in losses]}
+           "tokens_per_s": round(g["batch"] * g["context"] / statistics.median(steady), 1),
+           "losses": [round(v, 4) for v in losses]}
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return out

@@ -1,9 +1,9 @@
 """How the low-bit GEMM loads its operands on sm_90, read from the compiled PTX (no GPU needed).
 
-``python -m tools.ptx`` compiles ``codegen.kernels.qmm._qmm_kernel`` for an H100 (sm_90) with
+``python -m fqt_compiler.tools.ptx`` compiles ``fqt_compiler.codegen.kernels.qmm._qmm_kernel`` for an H100 (sm_90) with
 each operand K-major or not and counts, per variant, the asynchronous global->shared copies
 (``cp.async``), the shared-memory stores and byte permutes that a register round trip needs
-instead, and the ``wgmma`` instructions. It is the evidence behind ``codegen.code_layout``:
+instead, and the ``wgmma`` instructions. It is the evidence behind ``fqt_compiler.codegen.code_layout``:
 an 8-bit operand that is not K-major is not copied asynchronously (so not pipelined over the
 kernel's stages); it goes through registers on every K step. Counts are static instruction
 counts in the PTX, not timings. Must run without ``TRITON_INTERPRET``.
@@ -29,7 +29,7 @@ def qmm_ptx(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str 
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from codegen.kernels.qmm import _qmm_kernel
+    from fqt_compiler.codegen.kernels.qmm import _qmm_kernel
 
     sig = {n: ("*fp32" if n.endswith("ptr") else "i32") for n in _NAMES}
     sig.update(a_ptr=_CODES[dtype], b_ptr=_CODES[b_dtype or dtype], out_ptr="*bf16")
@@ -38,7 +38,8 @@ def qmm_ptx(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str 
             "stride_sa": 1, "stride_sb": 1}
     const = dict(IS_INT=dtype == "int8", AFFINE=False, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, **ones)
     sig.update({k: "constexpr" for k in const})
-    aligned = [i for i, n in enumerate(_NAMES) if n not in ones and (n.endswith("ptr") or n in ("M", "N", "K") or n.startswith("stride_"))]
+    aligned = [i for i, n in enumerate(_NAMES)
+               if n not in ones and (n.endswith("ptr") or n in ("M", "N", "K") or n.startswith("stride_"))]
     src = triton.compiler.ASTSource(fn=_qmm_kernel, signature=sig, constexprs=const,
                                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]

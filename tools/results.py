@@ -99,7 +99,7 @@ def train_lm(recipe: str, steps: int, batch: int = 16, context: int = 64, seed: 
 
 
 def train_cnn(recipe: str, epochs: int, seed: int = 0) -> dict:
-    from .demo import run_recipe, load_digits
+    from fqt_compiler.tools.demo import run_recipe, load_digits
 
     r = run_recipe(recipe, load_digits(seed), epochs=epochs, batch_size=64, seed=seed, var_draws=2, sampling_var=None)
     return {"loss": r.final_loss, "acc": r.test_accuracy, "curve": r.step_losses, "step_ms": r.step_ms}
@@ -111,12 +111,21 @@ def main(out_dir: str = "docs", steps: int = 300, epochs: int = 3, recipes: list
     for name in recipes:
         lm[name] = train_lm(name, steps)
         cnn[name] = train_cnn(name, epochs)
-        print(f"  {name:6s} LM train {lm[name]['curve'][-1]:.3f} val {lm[name]['val']:.3f} | CNN acc {100 * cnn[name]['acc']:.1f}%", flush=True)
+        print(
+            f"  {name:6s} LM train {lm[name]['curve'][-1]:.3f} val {lm[name]['val']:.3f} | CNN acc {100 * cnn[name]['acc']:.1f}%",
+            flush=True,
+        )
     rows = [
-        [n, f"{sum(lm[n]['curve'][-20:]) / 20:.3f}", f"{lm[n]['val']:.3f}", f"{lm[n]['step_ms']:.0f}", f"{cnn[n]['loss']:.4f}", f"{100 * cnn[n]['acc']:.1f}%", f"{cnn[n]['step_ms']:.0f}"]
+        [n, f"{sum(lm[n]['curve'][-20:]) / 20:.3f}", f"{lm[n]['val']:.3f}", f"{lm[n]['step_ms']:.0f}", f"{cnn[n]['loss']:.4f}",
+         f"{100 * cnn[n]['acc']:.1f}%", f"{cnn[n]['step_ms']:.0f}"]
         for n in recipes
     ]
-    table = tabulate(rows, headers=["recipe", "LM train loss (last 20)", "LM val loss", "LM ms/step", "CNN train loss", "CNN test acc", "CNN ms/step"], tablefmt="github")
+    table = tabulate(
+        rows,
+        headers=["recipe", "LM train loss (last 20)", "LM val loss", "LM ms/step", "CNN train loss", "CNN test acc",
+                 "CNN ms/step"],
+        tablefmt="github",
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lm_plot = _plot(out / "results_lm.png", lm, "train loss (nats/byte, 10-step mean)", "byte-level GPT on pydoc text")

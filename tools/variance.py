@@ -21,7 +21,7 @@ FAMILIES = ("ptq", "psq", "bhq")
 
 
 def demo_factory(n_batches: int = 8, batch_size: int = 64):
-    from .demo import DigitsNet, load_digits
+    from fqt_compiler.tools.demo import DigitsNet, load_digits
 
     x, y, _, _ = load_digits(0)
     torch.manual_seed(0)
@@ -32,7 +32,12 @@ def demo_factory(n_batches: int = 8, batch_size: int = 64):
 def bits_sweep(model, loss_fn, batches, bits=(4, 5, 6, 7, 8), draws: int = 16) -> dict[str, list[float]]:
     """Total quantization variance of each gradient quantizer family at each bit width."""
     return {
-        fam: [gradient_stats(model, loss_fn, batches, f"{fam}{b}", draws=draws, profile=False, quantizers=False).quantization_variance for b in bits]
+        fam: [
+            gradient_stats(
+                model, loss_fn, batches, f"{fam}{b}", draws=draws, profile=False, quantizers=False
+            ).quantization_variance
+            for b in bits
+        ]
         for fam in FAMILIES
     }
 
@@ -83,7 +88,9 @@ def plots(out: Path, stats, sweep, bits, sampling) -> list[str]:
     return [f"wrote {out / w}" for w in written]
 
 
-def main(factory=None, recipe: str = "psq4", draws: int = 32, alpha: float = 0.1, out: str | None = None, sweep: bool = True) -> str:
+def main(
+    factory=None, recipe: str = "psq4", draws: int = 32, alpha: float = 0.1, out: str | None = None, sweep: bool = True
+) -> str:
     model, loss_fn, batches = (factory or demo_factory)()
     stats = gradient_stats(model, loss_fn, batches, recipe, draws=draws)
     lines = [str(stats)]
@@ -95,9 +102,16 @@ def main(factory=None, recipe: str = "psq4", draws: int = 32, alpha: float = 0.1
         lines.append(tabulate(rows, headers=["quantizer", *[f"{b} bits" for b in bits]], tablefmt="github"))
     advice, totals, sampling = advise_bits(model, loss_fn, batches, alpha=alpha)
     rows = [[a.layer, *[a.bits[f] if a.bits[f] else "> 8" for f in FAMILIES]] for a in advice]
-    lines.append(f"\nbit-width advice: smallest bits keeping each layer's quantization variance <= {alpha} x sampling / {len(advice)} quantized layers")
+    lines.append(
+        f"\nbit-width advice: smallest bits keeping each layer's quantization variance <= {alpha} x sampling / "
+        f"{len(advice)} quantized layers"
+    )
     lines.append(tabulate(rows, headers=["layer", *[f.upper() for f in FAMILIES]], tablefmt="github"))
-    lines.append("predicted total quantization variance with that advice: " + ", ".join(f"{f.upper()} {t:.3g}" for f, t in totals.items()) + f" (alpha x sampling = {alpha * sampling:.3g})")
+    lines.append(
+        "predicted total quantization variance with that advice: "
+        + ", ".join(f"{f.upper()} {t:.3g}" for f, t in totals.items())
+        + f" (alpha x sampling = {alpha * sampling:.3g})"
+    )
     if out:
         lines.extend(plots(Path(out), stats, swept, bits, stats.sampling_variance) if swept else ["--no-sweep: no plots"])
     return "\n".join(lines)

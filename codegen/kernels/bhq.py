@@ -20,10 +20,11 @@ import triton
 import triton.language as tl
 
 from fqt_compiler.bhq import _counts, bhq_transform
-from fqt_compiler.reference import Layout, draw_seed, from_natural_2d, natural_2d, shape_scale
+from fqt_compiler.grid import draw_seed
+from fqt_compiler.layout import Layout, from_natural_2d, natural_2d, shape_scale
 from fqt_compiler.specs import Granularity, QuantSpec, Transform
 
-from .quantize import _SCHEME_ID, _quantize_rows_kernel
+from fqt_compiler.codegen.kernels.quantize import SCHEME_ID, quantize_rows_kernel
 
 __all__ = ["bhq_quantize", "bhq_inverse"]
 
@@ -115,12 +116,12 @@ def bhq_quantize(
     if x.numel():
         proj = _projections(m, group, u, s)
         row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
-        _quantize_rows_kernel[(triton.cdiv(n, 16),)](
+        quantize_rows_kernel[(triton.cdiv(n, 16),)](
             m, codes, scale, zp, offset, scale, seed,
             group, u, s, proj, codes,
             n, d,
             m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0), 0, 0,
-            SCHEME=_SCHEME_ID[row_spec.scheme], FP8=0, STOCHASTIC=row_spec.is_stochastic, STATS_GIVEN=False,
+            SCHEME=SCHEME_ID[row_spec.scheme], FP8=0, STOCHASTIC=row_spec.is_stochastic, STATS_GIVEN=False,
             QMAX=float(row_spec.qmax), LEVELS=row_spec.levels, CODE_OFFSET=row_spec.code_offset,
             FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, WRITE_T=False, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,
         )
@@ -128,7 +129,9 @@ def bhq_quantize(
     return (from_natural_2d(codes, x.shape, layout), *stats, group, u, s)
 
 
-def bhq_inverse(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: Layout = Layout.DIM0) -> torch.Tensor:
+def bhq_inverse(
+    y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: Layout = Layout.DIM0
+) -> torch.Tensor:
     """Triton twin of ``fqt_compiler.bhq.bhq_inverse_ref`` (fp32 math, y's dtype out)."""
     m = natural_2d(y, layout).to(torch.float32)
     n, d = m.shape

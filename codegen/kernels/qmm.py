@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["qmm", "autotune_configs", "FP8_PROMOTE_K", "FP8_DTYPES"]
+__all__ = ["qmm", "qmm_tile", "autotune_configs", "FP8_PROMOTE_K", "FP8_DTYPES"]
 
 # The most K elements an fp8 tile accumulates in the tensor cores' reduced-precision fp8
 # accumulator before its sum is added to a full fp32 accumulator (``max_num_imprecise_acc`` of
@@ -39,7 +39,7 @@ def autotune_configs(device: torch.device) -> list[triton.Config]:
 
 
 @triton.jit
-def _qmm_tile(
+def qmm_tile(
     a_ptr, b_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, oa_ptr, ob_ptr, bias_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_sa, stride_sb,
@@ -124,7 +124,7 @@ def _qmm_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    out, rm, rn = _qmm_tile(
+    out, rm, rn = qmm_tile(
         a_ptr, b_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, oa_ptr, ob_ptr, bias_ptr, M, N, K,
         stride_am, stride_ak, stride_bk, stride_bn, stride_sa, stride_sb,
         IS_INT, AFFINE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
@@ -189,7 +189,9 @@ def qmm(
         raise ValueError(f"qmm: shapes {tuple(a_codes.shape)} @ {tuple(b_codes.shape)} do not form a 2-D GEMM")
     both_int = a_codes.dtype == b_codes.dtype == torch.int8
     if not both_int and not (a_codes.dtype in FP8_DTYPES and b_codes.dtype in FP8_DTYPES):
-        raise TypeError(f"qmm: codes must be int8 or fp8 (both int8, or e4m3 / e5m2 in any pair), got {a_codes.dtype} and {b_codes.dtype}")
+        raise TypeError(
+            f"qmm: codes must be int8 or fp8 (both int8, or e4m3 / e5m2 in any pair), got {a_codes.dtype} and {b_codes.dtype}"
+        )
     m, k = a_codes.shape
     n = b_codes.shape[1]
     # allocate

@@ -1,11 +1,11 @@
 """Quantize kernels: per-tensor / per-row / per-column scales, symmetric, asymmetric (min-max)
 and zero-on-grid schemes, nearest or stochastic rounding, int codes of 2-8 bits and fp8.
 
-The math is ``fqt_compiler.reference._quantize_grouped`` step for step (same operation order,
+The math is ``fqt_compiler.grid.quantize_grouped`` step for step (same operation order,
 IEEE division through ``div_rn``, round-half-to-even), so a kernel's output equals
 ``reference.quantize_ref`` bit for bit given the same seed. Stochastic rounding hashes
 ``(seed, i)`` where ``i`` is the element's index in the *grouped* order the reference uses
-(row-major over the scale groups), exactly as ``reference.hash_uniform`` does.
+(row-major over the scale groups), exactly as ``grid.hash_uniform`` does.
 
 Columns are handled by the rows kernel on the transposed view (free: only strides change);
 per-tensor scales by a partial min/max kernel, a tiny torch reduction, and the rows kernel
@@ -18,194 +18,18 @@ import torch
 import triton
 import triton.language as tl
 
-from fqt_compiler.reference import Layout, draw_seed, from_natural_2d, natural_2d, shape_scale
+from fqt_compiler.grid import draw_seed
+
+from fqt_compiler.layout import Layout, from_natural_2d, natural_2d, shape_scale
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Scheme, Transform
 
-__all__ = ["quantize"]
+from fqt_compiler.codegen.kernels.common import (
+    bhq_rows, codes_tile, empty_row_stats, given_stats, row_scales, store_partials, update_row_stats,
+)
 
-_SCHEME_ID = {Scheme.SYMMETRIC: 0, Scheme.ASYMMETRIC: 1, Scheme.ZERO_ON_GRID: 2}
+__all__ = ["quantize", "SCHEME_ID", "quantize_rows_kernel"]
 
-
-@triton.jit
-def _rint(v):
-    # round half to even (torch.round); exact for |v| < 2**22, far beyond any code range
-    r = tl.floor(v + 0.5)
-    tie = (r - v) == 0.5
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
-
-
-@triton.jit
-def _hash_uniform(seed, idx):
-    # reference.hash_uniform, operation for operation (int64 with 32-bit masks)
-    h = (idx.to(tl.int64) + seed * 0x9E3779B9) & 0xFFFFFFFF
-    h = h ^ (h >> 16)
-    h = (h * 0x45D9F3B) & 0xFFFFFFFF
-    h = h ^ (h >> 16)
-    h = (h * 0x45D9F3B) & 0xFFFFFFFF
-    h = h ^ (h >> 16)
-    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
-
-
-@triton.jit
-def _bhq_rows(x, proj_ptr, group, u2, s, cols, mask, stride_pg):
-    # y = z - (2 u) proj[group] with z = s x: the order of reference BHQTransform.apply
-    proj = tl.load(proj_ptr + group[:, None] * stride_pg + cols[None, :], mask=mask, other=0.0)
-    return s[:, None] * x - u2[:, None] * proj
-
-
-@triton.jit
-def _empty_row_stats(BLOCK_R: tl.constexpr):
-    inf = tl.full((BLOCK_R,), float("inf"), tl.float32)
-    return tl.zeros((BLOCK_R,), tl.float32), tl.zeros((BLOCK_R,), tl.float32), inf, -inf
-
-
-@triton.jit
-def _update_row_stats(x, mask, nan, amax, mn, mx, SYMMETRIC: tl.constexpr):
-    # per-row running statistics of one tile; NaN is tracked on its own because tl.max /
-    # tl.min do not propagate it (torch's amax / amin in the reference do)
-    nan = tl.maximum(nan, tl.max(tl.where(x != x, 1.0, 0.0), axis=1))
-    if SYMMETRIC:
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    else:
-        mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
-        mx = tl.maximum(mx, tl.max(tl.where(mask, x, float("-inf")), axis=1))
-    return nan, amax, mn, mx
-
-
-@triton.jit
-def _row_scales(nan, amax, mn, mx, SCHEME: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Per-row scale / zero point / offset from the row statistics, in the reference's
-    operation order; also what the codes need (min, grid zero, safe divisor, finiteness)."""
-    is_nan = nan > 0
-    qzero = tl.zeros((BLOCK_R,), tl.float32)
-    if SCHEME == 0:
-        amax = tl.where(is_nan, float("nan"), amax)
-        scale = tl.math.div_rn(amax, QMAX)
-        zp = tl.zeros((BLOCK_R,), tl.float32)
-        offset = tl.zeros((BLOCK_R,), tl.float32)
-    elif SCHEME == 1:
-        mn = tl.where(is_nan, float("nan"), mn)
-        mx = tl.where(is_nan, float("nan"), mx)
-        scale = tl.math.div_rn(mx, LEVELS * 1.0) - tl.math.div_rn(mn, LEVELS * 1.0)
-        zp = tl.zeros((BLOCK_R,), tl.float32)
-        offset = mn
-    else:
-        mn = tl.minimum(tl.where(is_nan, float("nan"), mn), 0.0)
-        mx = tl.maximum(tl.where(is_nan, float("nan"), mx), 0.0)
-        mn = tl.where(is_nan, float("nan"), mn)  # tl.minimum may drop NaN against 0
-        mx = tl.where(is_nan, float("nan"), mx)
-        span = tl.math.div_rn(mx, LEVELS * 1.0) - tl.math.div_rn(mn, LEVELS * 1.0)
-        qzero = tl.floor(tl.math.div_rn(-mn, tl.where(span > 0, span, 1.0)))
-        qzero = tl.where(mn < 0, tl.minimum(tl.maximum(qzero, 1.0), LEVELS * 1.0), 0.0)
-        down = tl.where(qzero > 0, tl.math.div_rn(-mn, tl.where(qzero > 0, qzero, 1.0)), 0.0)
-        up = tl.where(qzero < LEVELS, tl.math.div_rn(mx, tl.where(qzero < LEVELS, LEVELS - qzero, 1.0)), 0.0)
-        finite_span = (span == span) & (tl.abs(span) != float("inf"))
-        scale = tl.where(finite_span, tl.maximum(down, up), span)
-        zp = qzero
-        offset = tl.zeros((BLOCK_R,), tl.float32)
-    safe = tl.where(scale > 0, scale, 1.0)
-    scale_finite = (scale == scale) & (tl.abs(scale) != float("inf"))
-    return scale, zp, offset, mn, qzero, safe, scale_finite
-
-
-@triton.jit
-def _codes_tile(
-    x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, code_ty: tl.constexpr,
-    SCHEME: tl.constexpr, FP8: tl.constexpr, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr, LEVELS: tl.constexpr,
-    CODE_OFFSET: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
-):
-    """The codes of one tile ``x`` (rows x cols of the grouped matrix, C columns in all)."""
-    if SCHEME == 0:
-        v = tl.where(scale_finite[:, None], tl.math.div_rn(x, safe[:, None]), x * scale[:, None])
-    elif SCHEME == 1:
-        v = tl.math.div_rn(x - mn[:, None], safe[:, None])
-        v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
-    else:
-        v = tl.math.div_rn(x, safe[:, None]) + qzero[:, None]
-        v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
-    if STOCHASTIC:
-        noise = _hash_uniform(seed, rows[:, None].to(tl.int64) * C + cols[None, :])
-    if FP8 != 0:
-        # Round on the fp8 grid with exact power-of-two arithmetic, then cast values that
-        # are already representable: the result does not depend on how a backend rounds
-        # its fp32 -> fp8 conversion (Triton's CPU interpreter does not round to even).
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        v = tl.where(x != x, x, v)  # keep NaN through the clamp
-        exponent = ((tl.abs(v).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        q_exp = tl.maximum(exponent, FP8_EMIN) - FP8_MANT
-        quantum = ((q_exp + 127) << 23).to(tl.float32, bitcast=True)
-        if STOCHASTIC:
-            lo = tl.floor(v / quantum) * quantum
-            hi = tl.minimum(lo + quantum, QMAX)
-            width = hi - lo
-            p_hi = tl.where(width > 0, tl.math.div_rn(v - lo, tl.where(width > 0, width, 1.0)), 0.0)
-            grid = tl.where(noise < p_hi, hi, lo)
-        else:
-            grid = _rint(v / quantum) * quantum
-        if FP8 == 1:
-            bits = grid.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        else:
-            bits = grid.to(tl.float8e5).to(tl.uint8, bitcast=True)
-        # NaN as the exact bit pattern torch writes (0x7F), not whatever a conversion makes
-        bits = tl.where(v != v, 0x7F, bits).to(tl.uint8)
-        if FP8 == 1:
-            code = bits.to(tl.float8e4nv, bitcast=True)
-        else:
-            code = bits.to(tl.float8e5, bitcast=True)
-    else:
-        if STOCHASTIC:
-            q = tl.floor(v + noise)
-        else:
-            q = _rint(v)
-        q_nan = q != q  # before the clamp: min/max may drop NaN
-        if SCHEME == 0:
-            q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-        else:
-            q = tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0) + CODE_OFFSET
-        code = tl.where(q_nan, 0.0, q).to(code_ty)
-    return code
-
-
-@triton.jit
-def _given_stats(stats_ptr, SCHEME: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Per-tensor statistics computed beforehand, broadcast to every row of the block."""
-    nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
-    if SCHEME == 0:
-        amax = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr)
-        nan = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 1)
-    else:
-        mn = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr)
-        mx = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 1)
-        nan = tl.zeros((BLOCK_R,), tl.float32) + tl.load(stats_ptr + 2)
-    return nan, amax, mn, mx
-
-
-@triton.jit
-def _given_row_stats(stats_ptr, rows, rmask, SCHEME: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Per-row statistics computed beforehand (by a GEMM epilogue), three floats per row:
-    [amax, nan, -] (symmetric) or [min, max, nan]."""
-    nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
-    if SCHEME == 0:
-        amax = tl.load(stats_ptr + rows * 3, mask=rmask, other=0.0)
-        nan = tl.load(stats_ptr + rows * 3 + 1, mask=rmask, other=0.0)
-    else:
-        mn = tl.load(stats_ptr + rows * 3, mask=rmask, other=0.0)
-        mx = tl.load(stats_ptr + rows * 3 + 1, mask=rmask, other=0.0)
-        nan = tl.load(stats_ptr + rows * 3 + 2, mask=rmask, other=0.0)
-    return nan, amax, mn, mx
-
-
-@triton.jit
-def _store_partials(out_ptr, pid, nan, amax, mn, mx, SYMMETRIC: tl.constexpr):
-    """One program's [amax, nan] (symmetric) or [min, max, nan] over its rows."""
-    if SYMMETRIC:
-        tl.store(out_ptr + pid * 2, tl.max(amax, axis=0))
-        tl.store(out_ptr + pid * 2 + 1, tl.max(nan, axis=0))
-    else:
-        tl.store(out_ptr + pid * 3, tl.min(mn, axis=0))
-        tl.store(out_ptr + pid * 3 + 1, tl.max(mx, axis=0))
-        tl.store(out_ptr + pid * 3 + 2, tl.max(nan, axis=0))
+SCHEME_ID = {Scheme.SYMMETRIC: 0, Scheme.ASYMMETRIC: 1, Scheme.ZERO_ON_GRID: 2}
 
 
 @triton.jit
@@ -223,17 +47,17 @@ def _minmax_partials_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
-    nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
+    nan, amax, mn, mx = empty_row_stats(BLOCK_R)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-        nan, amax, mn, mx = _update_row_stats(x, mask, nan, amax, mn, mx, SYMMETRIC)
-    _store_partials(out_ptr, pid, nan, amax, mn, mx, SYMMETRIC)
+        nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SYMMETRIC)
+    store_partials(out_ptr, pid, nan, amax, mn, mx, SYMMETRIC)
 
 
 @triton.jit
-def _quantize_rows_kernel(
+def quantize_rows_kernel(
     # pointers: input, outputs (codes, one scale / zero point / offset per row), given
     # per-tensor statistics, the random seed; BHQ only: per-row group / u / s and the group
     # projections proj[g] = sum over the group's rows of u * s * x
@@ -266,18 +90,18 @@ def _quantize_rows_kernel(
         t_s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
 
     # ---- pass 1: row statistics (NaN tracked separately: tl.max does not propagate it)
-    nan, amax, mn, mx = _empty_row_stats(BLOCK_R)
+    nan, amax, mn, mx = empty_row_stats(BLOCK_R)
     if STATS_GIVEN:
-        nan, amax, mn, mx = _given_stats(stats_ptr, SCHEME, BLOCK_R)
+        nan, amax, mn, mx = given_stats(stats_ptr, SCHEME, BLOCK_R)
     else:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             mask = rmask[:, None] & (cols < C)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
             if TRANSFORM:
-                x = _bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
-            nan, amax, mn, mx = _update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
-    scale, zp, offset, mn, qzero, safe, scale_finite = _row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
+                x = bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
+            nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
+    scale, zp, offset, mn, qzero, safe, scale_finite = row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
     tl.store(scale_ptr + rows, scale, mask=rmask)
     tl.store(zp_ptr + rows, zp + CODE_OFFSET, mask=rmask)
     tl.store(offset_ptr + rows, offset, mask=rmask)
@@ -289,8 +113,8 @@ def _quantize_rows_kernel(
         mask = rmask[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
         if TRANSFORM:
-            x = _bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
-        code = _codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
+            x = bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
+        code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
                            SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
         if WRITE_T:  # the layout the backward GEMM reads, from the same registers
@@ -355,18 +179,19 @@ def quantize(
             n_prog = triton.cdiv(n_rows, 16)
             partials = torch.empty(n_prog, 2 if sym else 3, dtype=torch.float32, device=x.device)
             _minmax_partials_kernel[(n_prog,)](
-                g, partials, n_rows, n_cols, g.stride(0), g.stride(1), SYMMETRIC=sym, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False
+                g, partials, n_rows, n_cols, g.stride(0), g.stride(1), SYMMETRIC=sym, BLOCK_R=16, BLOCK_C=64,
+                enable_fp_fusion=False,
             )
             # torch reductions propagate NaN like the reference's amin/amax
             parts = [partials[:, 0].amax()] if sym else [partials[:, 0].amin(), partials[:, 1].amax()]
             stats = torch.stack([*parts, partials[:, -1].amax()])
         fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
-        _quantize_rows_kernel[(triton.cdiv(n_rows, 16),)](
+        quantize_rows_kernel[(triton.cdiv(n_rows, 16),)](
             g, c2, scale, zp, offset, stats, seed,
             scale, scale, scale, scale, codes_t,  # BHQ inputs: unused here
             n_rows, n_cols,
             g.stride(0), g.stride(1), c2.stride(0), c2.stride(1), 0, *t_strides,
-            SCHEME=_SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=stochastic, STATS_GIVEN=per_tensor,
+            SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=stochastic, STATS_GIVEN=per_tensor,
             QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
             FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
             TRANSFORM=False, WRITE_T=transposed and not block, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,

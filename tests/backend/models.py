@@ -205,7 +205,9 @@ def _gpt(seed: int) -> Case:
     model = GPTBlock()
     idx = torch.randint(0, 16, (2, 6), generator=g)
     targets = torch.randint(0, 16, (2, 6), generator=g)
-    return Case("gpt", model, (idx,), lambda out: F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1)), GPTBlock.n_gemms)
+    return Case(
+        "gpt", model, (idx,), lambda out: F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1)), GPTBlock.n_gemms
+    )
 
 
 MODELS: dict[str, Callable[[int], Case]] = {"mlp": _mlp, "cnn": _cnn, "gpt": _gpt}

@@ -231,7 +231,9 @@ def test_theorem1_mean_fqt_gradient_is_the_qat_gradient(name, recipe):
 
 
 # --------------------------------------------------------------------------- biprecision
-_STOCHASTIC_CALL = re.compile(r"torch\.ops\.fqt\.(quantize_stochastic|fake_quantize|bhq_quantize)\.default\((\w+), '([^']+)', (\d)\)")
+_STOCHASTIC_CALL = re.compile(
+    r"torch\.ops\.fqt\.(quantize_stochastic|fake_quantize|bhq_quantize)\.default\((\w+), '([^']+)', (\d)\)"
+)
 
 
 def _stochastic_quantizations(text: str) -> list[tuple[str, str, int]]:

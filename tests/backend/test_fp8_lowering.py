@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import codegen
+from fqt_compiler import pipeline
 import fqt_compiler as fqt
-from codegen.lower import lower_gemms
+from fqt_compiler.codegen.lower import lower_gemms
 from fqt_compiler.sites import GemmStatus
 from fqt_compiler.specs import GemmKind
 from tests.helpers.sm90 import as_cuda_graph
@@ -19,13 +19,13 @@ from tests.helpers.sm90 import as_cuda_graph
 def _lower_for_cuda(monkeypatch, model: nn.Module, x: torch.Tensor, recipe: str):
     """Train one step on the CPU; every partitioned graph is also lowered as if for CUDA."""
     lowered = []
-    real = codegen.compile_graph
+    real = pipeline.compile_partitioned
 
-    def spy(gm, inputs, config, name="graph"):
+    def spy(gm, ctx):
         lowered.extend(lower_gemms(as_cuda_graph(gm)))
-        return real(gm, inputs, config, name)
+        return real(gm, ctx)
 
-    monkeypatch.setattr(codegen, "compile_graph", spy)
+    monkeypatch.setattr(pipeline, "compile_partitioned", spy)
     be = fqt.backend(recipe=recipe, inductor=False)
     torch.compile(model, backend=be)(x).square().mean().backward()
     return lowered, be

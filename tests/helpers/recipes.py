@@ -15,5 +15,7 @@ def nearest_gradients(name: str) -> Recipe:
         name=f"{name}-nearest",
         output=base.output,
         grad_input=GradInputSpecs(grad_output=base.grad_input.grad_output.with_(**near), weight=base.grad_input.weight),
-        grad_weight=GradWeightSpecs(grad_output=base.grad_weight.grad_output.with_(**near), activation=base.grad_weight.activation),
+        grad_weight=GradWeightSpecs(
+            grad_output=base.grad_weight.grad_output.with_(**near), activation=base.grad_weight.activation
+        ),
     )

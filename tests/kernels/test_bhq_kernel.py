@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen.kernels.bhq import bhq_inverse, bhq_quantize
+from fqt_compiler.codegen.kernels.bhq import bhq_inverse, bhq_quantize
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
-from fqt_compiler.reference import Layout
+from fqt_compiler.layout import Layout
 from fqt_compiler.specs import QuantSpec
 from tests.conftest import DEVICE
 
@@ -60,8 +60,9 @@ def _compile(model, swap: bool):
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     import fqt_compiler as fqt
-    from codegen import swap_to_kernel_ops
-    from passes import PassContext, run_passes
+    from fqt_compiler.codegen import swap_to_kernel_ops
+    from fqt_compiler.passes import PassContext
+    from fqt_compiler.pipeline import rewrite_graph
 
     config = fqt.FQTConfig.from_options({"recipe": "bhq5", "execution": "reference"})
     swapped = []
@@ -70,7 +71,7 @@ def _compile(model, swap: bool):
         params = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
 
         def partition(joint, joint_inputs, **kw):
-            run_passes(joint, PassContext(config, param_indices=params))
+            rewrite_graph(joint, PassContext(config, param_indices=params))
             return min_cut_rematerialization_partition(joint, joint_inputs, **kw)
 
         def compiler(g, ex):

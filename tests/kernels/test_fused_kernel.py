@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen.fusion_program import Program, run_reference
-from codegen.kernels.fused import fused_quantize
-from fqt_compiler.reference import Layout, quantize_ref
+from fqt_compiler.codegen.fusion_program import Program, run_reference
+from fqt_compiler.codegen.kernels.fused import fused_quantize
+from fqt_compiler.layout import Layout
+from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Rounding, Scheme
 from tests.conftest import DEVICE
 from tests.helpers.sm90 import compile_without_interpreter
@@ -51,7 +52,10 @@ def test_fused_codes_equal_the_unfused_path_bit_for_bit(spec, layout, view):
     fused, ref = _both(EXACT, _leaves(), spec, layout, view)
     for name, a, b in zip(("codes", "scale", "zero point", "offset", "high precision"), fused, ref):
         assert a.shape == b.shape, name
-        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a, b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), name
+        assert torch.equal(
+            a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+            b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b,
+        ), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -104,8 +108,8 @@ def test_nan_and_inf_in_a_leaf_propagate():
 _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
-from codegen.fusion_program import Program
-from codegen.kernels.fused import _module
+from fqt_compiler.codegen.fusion_program import Program
+from fqt_compiler.codegen.kernels.fused import _module
 
 EXACT = Program(
     (3, 5, 24),
@@ -116,20 +120,21 @@ EXACT = Program(
 
 module = _module(EXACT)
 sig = {f"in{i}_ptr": "*fp32" for i in range(3)}
-sig.update({"hp_ptr": "*fp32", "codes_ptr": "*i8", "codes2_ptr": "*i8", "scale_ptr": "*fp32", "zp_ptr": "*fp32", "offset_ptr": "*fp32",
-            "stats_ptr": "*fp32", "seed_ptr": "*i64", "R": "i32", "C": "i32"})
+sig.update({"hp_ptr": "*fp32", "codes_ptr": "*i8", "codes2_ptr": "*i8", "scale_ptr": "*fp32", "zp_ptr": "*fp32",
+            "offset_ptr": "*fp32", "stats_ptr": "*fp32", "seed_ptr": "*i64", "R": "i32", "C": "i32"})
 sig.update({f"s{i}{d}": "i32" for i in range(3) for d in "rc"})
 sig.update({k: "i32" for k in ("stride_hr", "stride_hc", "stride_cr", "stride_cc", "stride_c2r", "stride_c2c")})
 const = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LEVELS=255, CODE_OFFSET=0,
              FP8_MANT=3, FP8_EMIN=-6, WRITE_HP=True, WRITE_CODES2=True, BLOCK_R=16, BLOCK_C=64)
 sig.update({k: "constexpr" for k in const})
-out = triton.compile(triton.compiler.ASTSource(fn=module.rows_kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
+out = triton.compile(triton.compiler.ASTSource(fn=module.rows_kernel, signature=sig, constexprs=const),
+                     target=GPUTarget("cuda", 90, 32))
 print("PTX" if "ptx" in out.asm else "NO PTX", "CUBIN" if out.asm.get("cubin") else "NO CUBIN")
 
 import torch
-from codegen.fusion_program import Program
-from codegen.kernels.fused import load_source
-from codegen.kernels.qmm_epilogue import generate_epilogue_source
+from fqt_compiler.codegen.fusion_program import Program
+from fqt_compiler.codegen.kernels.fused import load_source
+from fqt_compiler.codegen.kernels.qmm_epilogue import generate_epilogue_source
 
 prog = Program((8, 16), (("mul", (("L", 0), 0.5), "bfloat16", "none"), ("add", (("V", 0), ("L", 1)), "bfloat16", "none"),
                          ("gelu", (("V", 1),), "bfloat16", "tanh")), 2)
@@ -138,15 +143,17 @@ kernel = load_source(generate_epilogue_source(prog, torch.bfloat16, quant)).qmm_
 sig = {k: "*i8" for k in ("a_ptr", "b_ptr")}
 sig.update({k: "*fp32" for k in ("sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "part_ptr")})
 sig.update({"out_ptr": "*bf16", "in1_ptr": "*bf16", "qin1_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"})
-sig.update({k: "i32" for k in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb",
-                               "s1r", "s1c", "qs1r", "qs1c", "stride_pm")})
+sig.update({k: "i32" for k in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa",
+                               "stride_sb", "s1r", "s1c", "qs1r", "qs1c", "stride_pm")})
 for columns in (False, True):
-    const = dict(IS_INT=True, AFFINE=True, HAS_BIAS=True, SYMMETRIC=False, COLUMNS=columns, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    const = dict(IS_INT=True, AFFINE=True, HAS_BIAS=True, SYMMETRIC=False, COLUMNS=columns, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                 GROUP_M=8)
     sig.update({k: "constexpr" for k in const})
-    order = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "in1_ptr", "qin1_ptr", "part_ptr",
-             "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r", "s1c",
-             "qs1r", "qs1c", "stride_pm", *const]
-    out = triton.compile(triton.compiler.ASTSource(fn=kernel, signature={k: sig[k] for k in order}, constexprs=const), target=GPUTarget("cuda", 90, 32))
+    order = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "in1_ptr",
+             "qin1_ptr", "part_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on",
+             "stride_sa", "stride_sb", "s1r", "s1c", "qs1r", "qs1c", "stride_pm", *const]
+    out = triton.compile(triton.compiler.ASTSource(fn=kernel, signature={k: sig[k] for k in order}, constexprs=const),
+                         target=GPUTarget("cuda", 90, 32))
 print("EPILOGUE-PTX" if "ptx" in out.asm else "NO EPILOGUE PTX")
 """
 
@@ -164,7 +171,7 @@ def test_generated_kernels_compile_for_sm90():
 def test_epilogue_fused_gemm_equals_gemm_then_consumers(pair, out_dtype):
     """qmm -> (* 0.5, + residual, relu) in one generated kernel, against the GEMM stored in its
     dtype and the consumers op by op: bit for bit."""
-    from codegen.kernels.qmm_epilogue import qmm_epilogue
+    from fqt_compiler.codegen.kernels.qmm_epilogue import qmm_epilogue
     from fqt_compiler.reference import qmm_ref
     from tests.kernels.test_qmm_kernel import PAIRS, _operands
 
@@ -173,7 +180,8 @@ def test_epilogue_fused_gemm_equals_gemm_then_consumers(pair, out_dtype):
     residual = torch.randn(3, 11, 40, generator=torch.Generator().manual_seed(5)).to(DEVICE, out_dtype)
     prog = Program(
         (3, 11, 40),
-        (("mul", (("L", 0), 0.5), name, "none"), ("add", (("V", 0), ("L", 1)), name, "none"), ("relu", (("V", 1),), name, "none")),
+        (("mul", (("L", 0), 0.5), name, "none"), ("add", (("V", 0), ("L", 1)), name, "none"),
+         ("relu", (("V", 1),), name, "none")),
         2,
     )
     got = qmm_epilogue(*args, out_dtype, [residual], prog)
@@ -196,12 +204,12 @@ def test_pow_with_a_negative_base_follows_torch(exponent):
 
 # ------------------------------------------------------------------ code layouts
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[2]], ids=lambda s: s.short())
-@pytest.mark.parametrize("layout,view", [(Layout.PENULTIMATE, (15, 24)), (Layout.PENULTIMATE, (3, 5, 24)), (Layout.LAST, (15, 24)),
-                                         (Layout.DIM0, (15, 24))])
+@pytest.mark.parametrize("layout,view", [(Layout.PENULTIMATE, (15, 24)), (Layout.PENULTIMATE, (3, 5, 24)),
+                                         (Layout.LAST, (15, 24)), (Layout.DIM0, (15, 24))])
 def test_codes_in_every_memory_order_hold_the_same_values(spec, layout, view):
     """COLUMN_MAJOR writes the codes column by column (strides of a transposed buffer); BOTH
     writes natural codes and a column-major copy from the same registers. Values never change."""
-    from codegen.code_layout import CodeLayout
+    from fqt_compiler.codegen.memory_order import CodeLayout
 
     seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
     base = fused_quantize(_leaves(), EXACT, view, spec, layout, True, seed=seed)
@@ -221,7 +229,7 @@ def test_codes_in_every_memory_order_hold_the_same_values(spec, layout, view):
 
 
 def test_column_major_codes_without_a_strided_grouped_view_raise():
-    from codegen.code_layout import CodeLayout, column_major_ok
+    from fqt_compiler.codegen.memory_order import CodeLayout, column_major_ok
 
     assert not column_major_ok((3, 5, 24), Layout.LAST) and not column_major_ok((3, 5, 24), Layout.DIM0)
     with pytest.raises(ValueError, match="no strided LAST grouped view"):
@@ -229,7 +237,7 @@ def test_column_major_codes_without_a_strided_grouped_view_raise():
 
 
 _PTX_LAYOUTS = """
-from tools.ptx import operand_loads
+from fqt_compiler.tools.ptx import operand_loads
 print(*(operand_loads(a, b)["cp.async"] for a, b in ((True, True), (True, False), (False, True))))
 print(*(operand_loads(a, b)["prmt"] for a, b in ((True, True), (True, False))))
 """
@@ -274,8 +282,8 @@ def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric
     (or per-column) partial statistics; reduced over the slots they are exactly the
     quantizer's statistics pass (33 x 70 leaves ragged last tiles whose padding the chain maps
     to -3)."""
-    from codegen.epilogue import reference_partials
-    from codegen.kernels.qmm_epilogue import qmm_epilogue
+    from fqt_compiler.codegen.epilogue import reference_partials
+    from fqt_compiler.codegen.kernels.qmm_epilogue import qmm_epilogue
     from tests.kernels.test_qmm_kernel import PAIRS, _operands
 
     args, _ = _operands(33, 40, 70, *PAIRS[pair], DEVICE)
@@ -305,7 +313,7 @@ def test_given_partials_replace_the_statistics_pass(spec, write_hp):
     """With partials the quantizer skips its statistics pass: the codes (and the high-precision
     value, written in the codes pass then) equal the unfused ones when the partials are right,
     and follow the partials when they are not."""
-    from codegen.epilogue import reference_partials
+    from fqt_compiler.codegen.epilogue import reference_partials
 
     x = torch.randn(15, 24, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     prog = Program((15, 24), (("mul", (("L", 0), 0.5), "float32", "none"), ("add", (("V", 0), 0.25), "float32", "none")), 1)
@@ -327,7 +335,7 @@ def test_given_partials_replace_the_statistics_pass(spec, write_hp):
 def test_epilogue_statistics_op_reference_path_equals_the_kernel(monkeypatch):
     """``fqt::qmm_epilogue_stats`` off Triton (the eager path: GEMM, chain, statistics in torch)
     and under the interpreter agree once the slots are reduced."""
-    from codegen.epilogue import qmm_epilogue_stats_op as op
+    from fqt_compiler.codegen.epilogue import qmm_epilogue_stats_op as op
     from tests.kernels.test_qmm_kernel import PAIRS, _operands
 
     args, _ = _operands(33, 40, 70, *PAIRS["int8-sym-row"], "cpu")
@@ -340,7 +348,8 @@ def test_epilogue_statistics_op_reference_path_equals_the_kernel(monkeypatch):
         outs.append(op(*args, torch.float32, [], prog.dumps(), quant.dumps(), False, True, [other]))
     (k_out, k_part), (r_out, r_part) = outs
     assert torch.equal(k_out, r_out) and k_part.shape == r_part.shape
-    assert torch.equal(k_part[..., 0].amin(1), r_part[..., 0].amin(1)) and torch.equal(k_part[..., 1:].amax(1), r_part[..., 1:].amax(1))
+    assert (torch.equal(k_part[..., 0].amin(1), r_part[..., 0].amin(1))
+            and torch.equal(k_part[..., 1:].amax(1), r_part[..., 1:].amax(1)))
 
 
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[2]], ids=lambda s: s.short())

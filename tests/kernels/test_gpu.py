@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fqt_compiler as fqt
-from fqt_compiler.reference import Layout, qmm_ref, quantize_ref
+from fqt_compiler.layout import Layout
+from fqt_compiler.reference import qmm_ref, quantize_ref
 
 pytestmark = pytest.mark.gpu
 
@@ -23,7 +24,7 @@ SPECS = [
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short().replace(" ", "-"))
 def test_gpu_quantize_kernel_matches_reference(spec):
-    from codegen.kernels.quantize import quantize
+    from fqt_compiler.codegen.kernels.quantize import quantize
 
     x = torch.randn(1000, 777, device="cuda")
     seed = torch.tensor([9], device="cuda")
@@ -36,12 +37,14 @@ def test_gpu_quantize_kernel_matches_reference(spec):
 
 
 def test_gpu_qmm_matches_reference():
-    from codegen.kernels.qmm import qmm
+    from fqt_compiler.codegen.kernels.qmm import qmm
 
     a = torch.randint(-127, 128, (1024, 512), device="cuda", dtype=torch.int8)
     b = torch.randint(-127, 128, (768, 512), device="cuda", dtype=torch.int8).t()
     sa, sb = torch.rand(1024, 1, device="cuda"), torch.rand(1, 768, device="cuda")
-    torch.testing.assert_close(qmm(a, sa, None, None, b, sb, None, None), qmm_ref(a, sa, None, None, b, sb, None, None), rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(
+        qmm(a, sa, None, None, b, sb, None, None), qmm_ref(a, sa, None, None, b, sb, None, None), rtol=1e-6, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("recipe", ["int8", "bhq5", "fp8"])
@@ -63,7 +66,7 @@ def test_gpu_fused_step_reads_k_major_codes_and_folds_statistics(recipe):
     """On CUDA (fusion="auto"): generated kernels, codes written K-major for every low-bit
     GEMM (column-major or both orders, saved ones too), the next quantizer's statistics gathered
     in a GEMM epilogue; against the unfused step within stochastic-rounding noise."""
-    from codegen import FusedEpilogue
+    from fqt_compiler.codegen import FusedEpilogue
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()

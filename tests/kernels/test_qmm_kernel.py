@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen.kernels.qmm import qmm
-from codegen.ops import qmm_cpu, qmm_op
-from fqt_compiler.reference import Layout, qmm_ref, quantize_ref
+from fqt_compiler.codegen.kernels.qmm import qmm
+from fqt_compiler.codegen.ops import qmm_cpu, qmm_op
+from fqt_compiler.layout import Layout
+from fqt_compiler.reference import qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
 from tests.conftest import DEVICE
 from tests.helpers.sm90 import compile_without_interpreter
@@ -119,7 +120,7 @@ def test_qmm_rejects_int8_by_fp8():
 
 
 _PROMOTION = """
-from tools.ptx import operand_loads, qmm_ptx
+from fqt_compiler.tools.ptx import operand_loads, qmm_ptx
 import re
 print(*(operand_loads(True, True, a, b)["add.f32"] for a, b in (("int8", None), ("e4m3", None), ("e5m2", "e4m3"))))
 print(*sorted(set(re.findall(r"wgmma\\.mma_async\\S*", qmm_ptx(True, True, "e5m2", "e4m3")))))

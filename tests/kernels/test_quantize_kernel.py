@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen.kernels.quantize import quantize
-from fqt_compiler.reference import Layout, hash_uniform, quantize_ref
+from fqt_compiler.codegen.kernels.quantize import quantize
+from fqt_compiler.grid import hash_uniform
+from fqt_compiler.layout import Layout
+from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
 from tests.conftest import DEVICE
 
@@ -22,7 +24,10 @@ SPECS = [
     QuantSpec(format="fp8_e5m2", granularity="tensor", rounding="stochastic"),
 ]
 # shapes not multiples of the 16 x 64 tiles, N = 1, batched 3-D operands in both layouts
-CASES = [((5, 70), Layout.DIM0), ((1, 9), Layout.PENULTIMATE), ((2, 3, 17), Layout.PENULTIMATE), ((2, 17, 3), Layout.LAST), ((33, 1), Layout.LAST)]
+CASES = [
+    ((5, 70), Layout.DIM0), ((1, 9), Layout.PENULTIMATE), ((2, 3, 17), Layout.PENULTIMATE), ((2, 17, 3), Layout.LAST),
+    ((33, 1), Layout.LAST),
+]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

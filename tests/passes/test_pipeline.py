@@ -2,7 +2,7 @@
 
 A joint graph is captured with a custom backend built from ``aot_autograd`` whose
 ``partition_fn`` deep-copies the joint graph module before partitioning; the passes then run on
-the copy with ``passes.run_passes``.
+the copy with the pipeline's rewrite steps (``fqt_compiler.pipeline.rewrite_graph``).
 
 Quantization ops: ``fqt::quantize`` (deterministic, forward operands), and the stochastic
 ``fqt::quantize_stochastic`` (codes + dequantization) / ``fqt::fake_quantize`` (BHQ) on
@@ -23,11 +23,11 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 import fqt_compiler as fqt
-import passes
+from fqt_compiler import passes, pipeline
 from fqt_compiler.sites import GemmNodeInfo, GemmStatus, QuantNodeInfo
 from fqt_compiler.specs import GemmKind, TensorRole
-from passes.dedupe import Dedupe
-from passes.verify import verify_graph
+from fqt_compiler.passes.dedupe import Dedupe
+from fqt_compiler.passes.verify import verify_graph
 
 from tests.backend.models import SharedInputLinears, make_case
 
@@ -71,7 +71,7 @@ def capture(model: torch.nn.Module, *inputs: torch.Tensor, run_recipe: str | Non
             if run_recipe is not None:
                 config = fqt.FQTConfig.from_options({"recipe": run_recipe, "debug": True})
                 ctx = passes.PassContext(config, param_indices=store["param_indices"])
-                passes.run_passes(joint, ctx)
+                pipeline.rewrite_graph(joint, ctx)
                 store["ctx"] = ctx
             return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
@@ -94,7 +94,7 @@ def run(cap: Captured, recipe: str = "psq8") -> tuple[fx.GraphModule, passes.Pas
     gm = copy.deepcopy(cap.joint)
     config = fqt.FQTConfig.from_options({"recipe": recipe, "debug": True})
     ctx = passes.PassContext(config, param_indices=cap.param_indices)
-    out = passes.run_passes(gm, ctx)
+    out = pipeline.rewrite_graph(gm, ctx)
     assert out is gm
     return gm, ctx
 
@@ -179,7 +179,8 @@ def test_quantize_node_counts_before_and_after(name):
         assert count(cap.joint, op) == 0
     gm, ctx = run(cap)
     n_sites, n_quantize, n_stochastic = EXPECTED[name]
-    assert ctx.ran == ["find_sites", "select_specs", "insert_qdq", "dedupe"]
+    # the rewrite passes, then (kernels mode, fusion on: the defaults) the saved codes' layout
+    assert ctx.ran == ["find_sites", "select_specs", "insert_qdq", "dedupe", "mark_saved_codes"]
     assert [t for t, _ in ctx.graph_texts] == ["input", *ctx.ran]
     assert len(ctx.decisions) == n_sites
     assert ctx.counters["dedupe.merged"] == 0
@@ -344,9 +345,10 @@ def run_unverified(cap: Captured, recipe: str) -> tuple[fx.GraphModule, passes.P
     """The pipeline's passes in order, without the verifier (to look at what dedupe did)."""
     gm = copy.deepcopy(cap.joint)
     ctx = passes.PassContext(fqt.FQTConfig.from_options({"recipe": recipe}), param_indices=cap.param_indices)
-    for pass_cls in passes.PIPELINE:
-        pass_cls().run(gm, ctx)
-        ctx.ran.append(pass_cls.name)
+    graph_ctx = pipeline.GraphContext(ctx.config, pipeline.Stage.JOINT, rewrite=ctx)
+    for step in pipeline.steps_for(pipeline.Stage.JOINT, ctx.config):
+        step.run(gm, graph_ctx)
+        ctx.ran.append(step.name)
     return gm, ctx
 
 
@@ -397,7 +399,7 @@ def test_dedupe_also_shares_the_dequantization():
 
 @SHARED_INPUT_SHAPES
 def test_pipeline_verifies_after_dedupe_of_a_shared_activation(shape):
-    """The verifier must accept what dedupe produced (run_passes always verifies at the end)."""
+    """The verifier must accept what dedupe produced (the pipeline always verifies at the end of the rewrite)."""
     cap, _ = _shared_input_capture(shape)
     for recipe in ("psq8", "int8"):
         gm, ctx = run(cap, recipe)

@@ -1,0 +1,88 @@
+"""The package's structure: one import namespace, an acyclic import graph with the numerical
+core at the bottom, every transformation in the one pipeline table, and a clean lint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+from tests.helpers.import_graph import import_graph
+
+ROOT = Path(__file__).resolve().parents[1]
+# the numerical core: what every other layer builds on, and what must build on nothing above it
+CORE = ("specs", "errors", "layout", "grid", "reference", "bhq", "quantizers", "sites", "records")
+
+
+def test_import_graph_has_no_cycles():
+    graph = import_graph()
+    cycles = [sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1]
+    assert not cycles, f"import cycles: {cycles}"
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_never_imports_passes_codegen_or_tools(module):
+    graph = import_graph()
+    reached = nx.descendants(graph, f"fqt_compiler.{module}")
+    upper = sorted(m for m in reached if m.startswith(("fqt_compiler.passes", "fqt_compiler.codegen", "fqt_compiler.tools")))
+    assert not upper, f"fqt_compiler.{module} reaches {upper}"
+
+
+def test_passes_never_import_codegen_or_tools():
+    graph = import_graph()
+    for module in (m for m in graph if m.startswith("fqt_compiler.passes")):
+        upper = sorted(m for m in nx.descendants(graph, module) if m.startswith(("fqt_compiler.codegen", "fqt_compiler.tools")))
+        assert not upper, f"{module} reaches {upper}"
+
+
+def test_backend_holds_no_pass_wiring():
+    """The backend wires AOTAutograd to the pipeline; every transformation is a pipeline step."""
+    from fqt_compiler import pipeline
+
+    source = (ROOT / "fqt_compiler" / "backend.py").read_text()
+    for step in pipeline.STEPS:
+        assert f"{step.name}(" not in source, f"backend.py calls the step {step.name} itself"
+    names = [s.name for s in pipeline.STEPS]
+    assert len(names) == len(set(names)) >= 16
+    for i, step in enumerate(pipeline.STEPS):  # what a step requires runs before it
+        assert all(r in names[:i] for r in step.requires), (step.name, step.requires)
+
+
+def test_ruff_passes():
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.fail("ruff is not installed: pip install -e '.[test]' pins it")
+    run = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_wheel_installs_one_top_level_package(tmp_path):
+    """A wheel of the project holds ``fqt_compiler`` (with passes, codegen and tools inside it)
+    and nothing else at the top level: no ``tools``, ``codegen`` or ``passes`` in site-packages."""
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert wheel.name.startswith("fqt_compiler-")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert top == {"fqt_compiler"}, top
+    for sub in ("passes/find_sites.py", "codegen/kernels/common.py", "tools/cli.py", "pipeline.py"):
+        assert f"fqt_compiler/{sub}" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "fqt = fqt_compiler.tools.cli:main" in text and "fqt = fqt_compiler.backend:fqt_backend" in text
