@@ -19,12 +19,14 @@ import torch
 from torch import fx
 
 from fqt_compiler.layout import Layout
-from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, call, fake_eval, rewire
+from fqt_compiler.specs import GemmKind
+from fqt_compiler.sites import GemmNodeInfo
+from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call, fake_eval, rewire
 
 from fqt_compiler.codegen.epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
-from fqt_compiler.codegen.fusion import fusable_quantize, fused_quantize_op, identity_program
+from fqt_compiler.codegen.prologue import fusable_quantize, fused_quantize_op, identity_program
 from fqt_compiler.codegen.lower import match_operand
-from fqt_compiler.codegen.ops import qmm_op
+from fqt_compiler.codegen.kernel_ops import qmm_op
 from fqt_compiler.codegen.memory_order import SAVED_LAYOUT, CodeLayout, alloc_like, column_major_ok
 
 __all__ = ["LayoutChoice", "choose_code_layouts", "mark_saved_codes", "restride_inputs"]
@@ -110,13 +112,13 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
     choices = []
     for q in list(gm.graph.nodes):
         fused = q.op == "call_function" and q.target is fused_quantize_op
-        if not (fused and q.args[6] == int(CodeLayout.NATURAL) or fusable_quantize(q)):
+        if not (fused and arg(q, "code_layout") == int(CodeLayout.NATURAL) or fusable_quantize(q)):
             continue
         codes = next((u for u in q.users if u.target is operator.getitem and u.args[1] == 0), None)
         if codes is None or (codes.meta["val"].device.type != "cuda" and not include_cpu):
             continue
         val = codes.meta["val"]
-        shape, layout = tuple(val.shape), Layout(q.args[4] if fused else q.args[2])
+        shape, layout = tuple(val.shape), Layout(arg(q, "layout"))
         if not column_major_ok(shape, layout):
             continue
         nat = torch.empty(shape, dtype=val.dtype, device="meta")
@@ -177,9 +179,6 @@ def mark_saved_codes(joint: fx.GraphModule) -> int:
     weight-gradient GEMM. The forward graph, compiled first, then saves them column-major (and
     keeps natural ones for its own GEMM: both orders from one kernel); the backward graph's
     input takes the saved strides (``FQTBackend``). Returns how many codes were marked."""
-    from fqt_compiler.sites import GemmNodeInfo
-    from fqt_compiler.specs import GemmKind
-
     marked = 0
     for node in joint.graph.nodes:
         info = node.meta.get("fqt")

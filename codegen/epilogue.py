@@ -25,96 +25,18 @@ from torch import fx
 from fqt_compiler.layout import Layout
 from fqt_compiler.specs import Granularity, QuantSpec, Scheme
 from fqt_compiler.ops import QUANTIZE_OPS
-from fqt_compiler.passes.graph_utils import PURE_VIEWS, RESHAPES, TRANSPOSES, call, rewire, static_tensor
+from fqt_compiler.passes.graph_utils import PURE_VIEWS, RESHAPES, TRANSPOSES, arg, call, rewire, static_tensor
 
-from fqt_compiler.codegen.fusion import fusable_quantize, fused_quantize_op, identity_program
-from fqt_compiler.codegen.fusion_program import OPS, Program, build_program, dtype_name, run_reference
+from fqt_compiler.codegen.prologue import fusable_quantize, identity_program
+from fqt_compiler.codegen.fusion_program import OPS, Program, build_program, dtype_name
 from fqt_compiler.codegen.memory_order import SAVED_LAYOUT
-from fqt_compiler.codegen.ops import qmm_cpu, qmm_op, triton_here
+from fqt_compiler.codegen.kernel_ops import fused_quantize_op, qmm_epilogue_op, qmm_epilogue_stats_op, qmm_op
 
 aten = torch.ops.aten
 
-__all__ = ["FusedEpilogue", "fold_statistics", "fuse_epilogues", "qmm_epilogue_op", "qmm_epilogue_stats_op"]
+__all__ = ["FusedEpilogue", "fold_statistics", "fuse_epilogues"]
 
 
-@torch.library.custom_op("fqt::qmm_epilogue", mutates_args=())
-def _qmm_epilogue(
-    a: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, oa: torch.Tensor | None,
-    b: torch.Tensor, sb: torch.Tensor, zb: torch.Tensor | None, ob: torch.Tensor | None,
-    bias: torch.Tensor | None, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: str,
-) -> torch.Tensor:
-    prog = Program.loads(program)
-
-    if triton_here(a):
-        from fqt_compiler.codegen.kernels.qmm_epilogue import qmm_epilogue
-
-        out = qmm_epilogue(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog)
-        return out.view(prog.shape)
-    # the unfused computation: the GEMM, stored in its dtype, then the consumers op by op
-    gemm = qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype).view(prog.shape)
-    return run_reference(prog, [gemm, *leaves]).contiguous()
-
-
-@_qmm_epilogue.register_fake
-def _qmm_epilogue_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program):
-    prog = Program.loads(program)
-    return a.new_empty(prog.shape, dtype=prog.dtype)
-
-
-qmm_epilogue_op = torch.ops.fqt.qmm_epilogue.default
-
-
-def reference_partials(x: torch.Tensor, slots: int, symmetric: bool) -> torch.Tensor:
-    """Per-row statistics of a 2-D ``x`` in the epilogue's partials format: (rows, slots, 3),
-    everything in slot 0, the other slots neutral."""
-    nan = x.isnan()
-    out = torch.zeros((x.shape[0], slots, 3), dtype=torch.float32, device=x.device)
-    if symmetric:
-        out[:, 0, 0] = torch.where(nan, 0.0, x.abs()).float().amax(1) if x.shape[1] else 0.0
-        out[:, 0, 1] = nan.any(1).float()
-    else:
-        out[..., 0], out[..., 1] = float("inf"), float("-inf")
-        if x.shape[1]:
-            out[:, 0, 0] = torch.where(nan, float("inf"), x).float().amin(1)
-            out[:, 0, 1] = torch.where(nan, float("-inf"), x).float().amax(1)
-        out[:, 0, 2] = nan.any(1).float()
-    return out
-
-
-@torch.library.custom_op("fqt::qmm_epilogue_stats", mutates_args=())
-def _qmm_epilogue_stats(
-    a: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, oa: torch.Tensor | None,
-    b: torch.Tensor, sb: torch.Tensor, zb: torch.Tensor | None, ob: torch.Tensor | None,
-    bias: torch.Tensor | None, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: str, quant: str, symmetric: bool,
-    columns: bool, qleaves: list[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    prog, qprog = Program.loads(program), Program.loads(quant)
-    from fqt_compiler.codegen.kernels.qmm_epilogue import stat_slots
-
-    if triton_here(a):
-        from fqt_compiler.codegen.kernels.qmm_epilogue import qmm_epilogue
-
-        out, partials = qmm_epilogue(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog, qprog, symmetric, columns,
-                                     list(qleaves))
-        return out.view(prog.shape), partials
-    gemm = qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype).view(prog.shape)
-    out = run_reference(prog, [gemm, *leaves]).contiguous()
-    m, n = a.shape[0], b.shape[1]
-    x = run_reference(qprog, [out.view(m, n), *qleaves])  # quant's shape is the (M, N) output's
-    return out, reference_partials(x.t() if columns else x, stat_slots(m if columns else n, a.device, columns), symmetric)
-
-
-@_qmm_epilogue_stats.register_fake
-def _qmm_epilogue_stats_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program, quant, symmetric, columns, qleaves):
-    from fqt_compiler.codegen.kernels.qmm_epilogue import stat_slots
-
-    prog = Program.loads(program)
-    m, n = a.shape[0], b.shape[1]
-    partials = a.new_empty(((n if columns else m), stat_slots(m if columns else n, a.device, columns), 3), dtype=torch.float32)
-    return a.new_empty(prog.shape, dtype=prog.dtype), partials
-
-
-qmm_epilogue_stats_op = torch.ops.fqt.qmm_epilogue_stats.default
 
 
 @dataclass(frozen=True)
@@ -287,11 +209,11 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
         if axis is None:
             continue
         if g.target is qmm_op:
-            if dtype_name(g.args[9]) is None:
+            if dtype_name(arg(g, "out_dtype")) is None:
                 continue
-            leaves, program = [], identity_program(gval.shape, g.args[9])
+            leaves, program = [], identity_program(gval.shape, arg(g, "out_dtype"))
         else:
-            leaves, program = list(g.args[10]), Program.loads(g.args[11])
+            leaves, program = list(arg(g, "leaves")), Program.loads(arg(g, "program"))
         symmetric = spec.scheme is Scheme.SYMMETRIC
         m, n = tuple(g.args[0].meta["val"].shape)[0], tuple(g.args[4].meta["val"].shape)[1]
         others = [a for i, a in enumerate(fleaves) if i != j]

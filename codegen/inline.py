@@ -26,7 +26,7 @@ from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
 from fqt_compiler.passes.graph_utils import call
 
-from fqt_compiler.codegen.ops import qmm_cpu, qmm_op
+from fqt_compiler.codegen.kernel_ops import qmm_cpu, qmm_op
 
 __all__ = ["inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random"]
 
@@ -48,6 +48,7 @@ def inductor_decompositions() -> dict:
     of its decompositions (max pooling's) call into ``torch._inductor.lowering``, which only
     Inductor's own compile path imports -- without this import the first model with a
     ``MaxPool2d`` in a fresh process fails."""
+    # Inductor is imported on first use (only Inductor-compiled graphs need it)
     import torch._inductor.lowering  # noqa: F401  (registers what the decompositions call)
     from torch._inductor.decomposition import select_decomp_table
 

@@ -19,11 +19,11 @@ from torch import fx
 
 from fqt_compiler.ops import bhq_inverse_op, fake_quantize_op
 from fqt_compiler.layout import Layout
-from fqt_compiler.sites import GemmNodeInfo, GemmStatus, QuantNodeInfo
+from fqt_compiler.sites import GemmNodeInfo, GemmStatus, QuantNodeInfo, QuantNodeKind
 from fqt_compiler.specs import GemmKind, QuantSpec
-from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, call
+from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call
 
-from fqt_compiler.codegen.ops import qmm_op
+from fqt_compiler.codegen.kernel_ops import qmm_op
 
 aten = torch.ops.aten
 _CONVERT = torch.ops.prims.convert_element_type.default
@@ -60,7 +60,7 @@ def match_operand(arg: fx.Node) -> _Operand | str:
     cur = arg
     while isinstance(cur, fx.Node) and cur.op == "call_function" and (cur.target in TRANSPOSES or cur.target in RESHAPES):
         info = cur.meta.get("fqt")
-        if isinstance(info, QuantNodeInfo) and info.what == "dequantize":
+        if isinstance(info, QuantNodeInfo) and info.what is QuantNodeKind.DEQUANTIZE:
             break
         views.append(cur)
         cur = cur.args[0]
@@ -69,7 +69,7 @@ def match_operand(arg: fx.Node) -> _Operand | str:
         return "operand kept in high precision"
     if cur.target is fake_quantize_op:
         return f"{info.role.value} quantized with {QuantSpec.from_key(info.spec_key).short()}: no codes-and-scales form"
-    if info.what not in ("dequantize", "transform"):
+    if info.what not in (QuantNodeKind.DEQUANTIZE, QuantNodeKind.TRANSFORM):
         return f"operand comes from an fqt {info.what} node, not a dequantization"
     scale = zp = offset = transform = None
     node = cur
@@ -93,7 +93,7 @@ def match_operand(arg: fx.Node) -> _Operand | str:
 
 def _is_dequant(node: fx.Node) -> bool:
     info = node.meta.get("fqt")
-    return isinstance(info, QuantNodeInfo) and info.what == "dequantize"
+    return isinstance(info, QuantNodeInfo) and info.what is QuantNodeKind.DEQUANTIZE
 
 
 def _shape(node: fx.Node) -> tuple:
@@ -192,7 +192,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
     a_op, b_op = ops
     if b_op.transform is not None:
         return simulated("BHQ transform on the right operand: T^-1 does not commute with the GEMM there")
-    if a_op.transform is not None and (a_op.views or a_op.transform.args[4] != int(Layout.PENULTIMATE)):
+    if a_op.transform is not None and (a_op.views or arg(a_op.transform, "layout") != int(Layout.PENULTIMATE)):
         return simulated("BHQ rows are not the rows of the GEMM's left operand")
     graph = gm.graph
     with graph.inserting_before(node):
@@ -212,7 +212,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
         else:
             # BHQ: the GEMM runs on the codes of T dY; T^-1 acts on rows, so it commutes with
             # the right multiplication and is applied to the GEMM's output rows (O(M N)), then
-            # the bias. DESIGN.md: "GEMM on Q(T dY), then apply T^-1 to the output rows".
+            # the bias (docs/design.md, "Scale layouts": BHQ on grad_input).
             group, u, s_ = a_op.transform.args[1:4]
             acc = call(graph, qmm_op, (a, sa[0], sa[1], sa[2], b, sb[0], sb[1], sb[2], None, torch.float32), like=node)
             new = call(graph, bhq_inverse_op, (acc, group, u, s_, int(Layout.PENULTIMATE)), like=node)

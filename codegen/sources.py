@@ -14,10 +14,11 @@ from torch import fx
 
 from fqt_compiler.quantizers import get_quantizer
 from fqt_compiler.specs import QuantSpec
+from fqt_compiler.passes.graph_utils import arg
 from fqt_compiler.codegen.epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
-from fqt_compiler.codegen.fusion import fused_quantize_op
+from fqt_compiler.codegen.prologue import fused_quantize_op
 from fqt_compiler.codegen.fusion_program import Program
-from fqt_compiler.codegen.ops import (
+from fqt_compiler.codegen.kernel_ops import (
     bhq_inverse_kernel_op, bhq_quantize_kernel_op, fake_quantize_kernel_op, qmm_op, quantize_kernel_op,
 )
 
@@ -28,7 +29,7 @@ def triton_sources(gm: fx.GraphModule) -> dict[str, str]:
     """Source of every fqt Triton kernel family the graph calls on CUDA (specialized by Triton
     per constexpr combination at launch)."""
     families = {
-        qmm_op: ("fqt_compiler.codegen.kernels.qmm", ["_qmm_kernel"]),
+        qmm_op: ("fqt_compiler.codegen.kernels.qmm", ["qmm_kernel"]),
         quantize_kernel_op: ("fqt_compiler.codegen.kernels.quantize", ["quantize_rows_kernel", "_minmax_partials_kernel"]),
         bhq_quantize_kernel_op: ("fqt_compiler.codegen.kernels.bhq", ["_group_projection_kernel"]),
         bhq_inverse_kernel_op: ("fqt_compiler.codegen.kernels.bhq", ["_group_projection_kernel", "_reflect_kernel"]),
@@ -36,7 +37,7 @@ def triton_sources(gm: fx.GraphModule) -> dict[str, str]:
     out: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is fake_quantize_kernel_op:
-            spec = QuantSpec.from_key(node.args[1])
+            spec = QuantSpec.from_key(arg(node, "spec"))
             kernel = get_quantizer(spec.quantizer).kernel if spec.quantizer else None
             if kernel is not None:
                 try:
@@ -57,18 +58,19 @@ def fusion_programs(gm: fx.GraphModule, stage: str = "") -> dict[str, str]:
     source; the stage keeps the forward's and the backward's same-named nodes apart)."""
     # the kernel modules need Triton, which a CPU-only install may lack; only fused graphs get here
     from fqt_compiler.codegen.kernels.fused import generate_source
-    from fqt_compiler.codegen.kernels.qmm_epilogue import generate_epilogue_source
+    from fqt_compiler.codegen.kernels.qmm_fused import generate_epilogue_source
 
     out = {}
     prefix = f"{stage}:" if stage else ""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is fused_quantize_op:
-            out[f"fused:{prefix}{node.name}"] = generate_source(Program.loads(node.args[1]))
+            out[f"fused:{prefix}{node.name}"] = generate_source(Program.loads(arg(node, "program")))
         elif node.op == "call_function" and node.target is qmm_epilogue_op:
-            out[f"fused:{prefix}{node.name}"] = generate_epilogue_source(Program.loads(node.args[11]), node.args[9])
+            program = Program.loads(arg(node, "program"))
+            out[f"fused:{prefix}{node.name}"] = generate_epilogue_source(program, arg(node, "out_dtype"))
         elif node.op == "call_function" and node.target is qmm_epilogue_stats_op:
             out[f"fused:{prefix}{node.name}"] = generate_epilogue_source(
-                Program.loads(node.args[11]), node.args[9], Program.loads(node.args[12])
+                Program.loads(arg(node, "program")), arg(node, "out_dtype"), Program.loads(arg(node, "quant"))
             )
     return out
 

@@ -1,4 +1,4 @@
-"""Block Householder quantizer (BHQ), QUANTIZERS.md 3.5, in O(N*D) on the tensor's device.
+"""Block Householder quantizer (BHQ), docs/quantizers.md §3.5, in O(N*D) on the tensor's device.
 
 For an N x D gradient X (rows = samples):
 
@@ -30,7 +30,10 @@ from .grid import dequantize_ref, quantize_grouped
 from .layout import Layout, from_natural_2d, natural_2d, shape_scale
 from .specs import Granularity, QuantSpec, Transform
 
-__all__ = ["BHQTransform", "bhq_transform", "bhq_quantize_ref", "bhq_inverse_ref", "bhq_fake_quantize_2d", "householder_qn"]
+__all__ = [
+    "BHQTransform", "bhq_transform", "group_counts", "bhq_quantize_ref", "bhq_inverse_ref", "bhq_fake_quantize_2d",
+    "householder_qn",
+]
 
 # Relative floor on row ranges: keeps the cube-root scales finite for all-zero rows while
 # staying scale-invariant (an absolute 1e-8, as in the reference code, would swamp 1e-30 grads).
@@ -80,16 +83,17 @@ class BHQTransform:
         return self.apply(torch.eye(n, dtype=torch.float64, device=self.group.device))
 
     def group_sizes(self) -> torch.Tensor:
-        return _counts(self.group, self.num_groups)
+        return group_counts(self.group, self.num_groups)
 
 
-def _counts(index: torch.Tensor, n: int) -> torch.Tensor:
+def group_counts(index: torch.Tensor, n: int) -> torch.Tensor:
+    """How many entries of ``index`` fall in each of ``n`` groups (a BHQ transform's group sizes)."""
     # bincount with a static output size (bincount's size depends on the data: untraceable)
     return torch.zeros(n, dtype=torch.int64, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 def bhq_transform(x: torch.Tensor) -> BHQTransform:
-    """The BHQ transform of a 2-D matrix ``x`` (rows = samples), following QUANTIZERS.md 3.5."""
+    """The BHQ transform of a 2-D matrix ``x`` (rows = samples), following docs/quantizers.md §3.5."""
     if x.dim() != 2:
         raise ValueError(f"bhq_transform expects a 2-D matrix, got shape {tuple(x.shape)}")
     n_rows = x.shape[0]
@@ -137,7 +141,7 @@ def bhq_transform(x: torch.Tensor) -> BHQTransform:
     group_sorted = torch.where(is_lead_sorted, pos, owner)
 
     # Step 4: group sizes, lambda1 (leader range) and lambda2 (largest small row of the group).
-    size = _counts(group_sorted, n_rows).to(dt)
+    size = group_counts(group_sorted, n_rows).to(dt)
     c_prev = torch.cat([torch.zeros(1, dtype=dt, device=dev), c[:-1]])
     first_small = (n_lead + c_prev).clamp(max=n_rows - 1).long()
     lam1 = v

@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import OptionsError, SpecError
 from .recipes import DEFAULT_RECIPE, Recipe, recipe
+from .rules import Rule
 from .specs import GemmKind, TensorRole
 
 __all__ = ["Mode", "Fusion", "Inference", "FQTConfig", "INDUCTOR_MODES"]
@@ -111,8 +112,6 @@ class FQTConfig:
             raise OptionsError(f"FQTConfig.execution must be a Mode, got {self.execution!r}")
         if self.inductor_mode not in INDUCTOR_MODES:
             raise OptionsError(f"option inductor_mode={self.inductor_mode!r} is not valid; use one of {list(INDUCTOR_MODES)}")
-        from .rules import Rule
-
         if not isinstance(self.rules, tuple) or not all(isinstance(r, Rule) for r in self.rules):
             raise OptionsError(f"option rules must be a sequence of fqt.Rule, got {self.rules!r}")
         if not isinstance(self.fusion, Fusion):

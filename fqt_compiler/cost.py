@@ -17,13 +17,22 @@ section (bandwidth, BHQ passes); other CPUs should calibrate with ``set_profile`
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 
-from .specs import ElementFormat, Granularity, QuantSpec, Transform
+from .specs import ElementFormat, GemmKind, Granularity, QuantSpec, Transform
 
-__all__ = ["DeviceProfile", "SiteCost", "H100", "CPU_EPYC_2CORE", "profile_for", "set_profile", "site_cost"]
+__all__ = ["DeviceProfile", "SiteCost", "Slot", "H100", "CPU_EPYC_2CORE", "profile_for", "set_profile", "site_cost"]
+
+
+class Slot(enum.Enum):
+    """Which tensor of a site a spec in :func:`site_cost`'s ``specs`` quantizes."""
+
+    LHS = "lhs"  # the forward GEMM's left operand (the activation of a Linear)
+    RHS = "rhs"  # the forward GEMM's right operand (the weight of a Linear)
+    GRAD = "grad"  # grad_output, as one backward GEMM reads it
 
 
 @dataclass(frozen=True)
@@ -119,9 +128,9 @@ def site_cost(
 ) -> SiteCost:
     """Estimate a Linear-like site of forward GEMM ``dims = (M, K, N)``.
 
-    ``specs`` maps ``(gemm, role)`` names to the chosen QuantSpec or None: ``("output", "a")``,
-    ``("output", "b")``, ``("grad_input", "grad")``, ``("grad_input", "b")``, ``("grad_weight",
-    "grad")``, ``("grad_weight", "a")``; a missing backward GEMM is left out. ``gemm_kernel``
+    ``specs`` maps ``(GemmKind, Slot)`` to the chosen QuantSpec or None: ``output`` reads
+    ``LHS`` and ``RHS``, ``grad_input`` reads ``GRAD`` and ``RHS``, ``grad_weight`` reads
+    ``LHS`` and ``GRAD``; a missing backward GEMM is left out. ``gemm_kernel``
     False: no low-bit kernel for this op (convolutions, batched matmuls), every GEMM simulated.
     ``fused``: activation and gradient quantizers are fused into their producers (prologue
     fusion on CUDA); weights are always quantized on their own.
@@ -130,9 +139,9 @@ def site_cost(
     m, k, n = dims
     hp = lowbit = 0.0
     gemms = {
-        "output": ((m, k, n), ("a", "b"), (m * k, k * n)),
-        "grad_input": ((m, n, k), ("grad", "b"), (m * n, k * n)),
-        "grad_weight": ((k, m, n), ("a", "grad"), (m * k, m * n)),
+        GemmKind.OUTPUT: ((m, k, n), (Slot.LHS, Slot.RHS), (m * k, k * n)),
+        GemmKind.GRAD_INPUT: ((m, n, k), (Slot.GRAD, Slot.RHS), (m * n, k * n)),
+        GemmKind.GRAD_WEIGHT: ((k, m, n), (Slot.LHS, Slot.GRAD), (m * k, m * n)),
     }
     counted: set = set()  # a forward quantization reused by a backward GEMM is paid once
     for gemm, (shape, roles, sizes) in gemms.items():
@@ -143,10 +152,10 @@ def site_cost(
         a, b = (specs.get((gemm, r)) for r in roles)
         quant = 0.0
         for role, spec, elements in zip(roles, (a, b), sizes):
-            key = (role if role != "grad" else gemm, spec)
+            key = (role if role is not Slot.GRAD else gemm, spec)
             if spec is not None and key not in counted:
                 counted.add(key)
-                quant += _quant_s(p, elements, hp_bytes, spec, fused=fused and role != "b")
+                quant += _quant_s(p, elements, hp_bytes, spec, fused=fused and role is not Slot.RHS)
         if gemm_kernel and _lowerable(p, a, b):
             t = _gemm_s(p, *shape, p.lowbit_flops, 1.0, hp_bytes)
             if (a is not None and a.transform is Transform.BLOCK_HOUSEHOLDER

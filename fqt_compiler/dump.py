@@ -24,7 +24,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from .sites import GemmNodeInfo, QuantNodeInfo
+from .sites import GemmNodeInfo, QuantNodeInfo, QuantNodeKind
 
 __all__ = ["graph_text", "runnable_source", "graph_dot", "render"]
 
@@ -114,8 +114,9 @@ def _style(node: fx.Node) -> dict[str, str]:
         }
     if isinstance(info, QuantNodeInfo):
         color = {
-            "quantize": "#f58518", "dequantize": "#eeca3b", "transform": "#ff9da6", "replay": "#fff3c4"
-        }.get(info.what, "#f58518")
+            QuantNodeKind.QUANTIZE: "#f58518", QuantNodeKind.DEQUANTIZE: "#eeca3b", QuantNodeKind.TRANSFORM: "#ff9da6",
+            QuantNodeKind.REPLAY: "#fff3c4",
+        }[info.what]
         return {"shape": "ellipse", "style": "filled", "fillcolor": color}
     if node.op == "placeholder":
         return {"shape": "invhouse", "style": "filled", "fillcolor": "#dddddd"}
@@ -127,7 +128,7 @@ def _label(node: fx.Node) -> str:
     name = getattr(target, "__name__", str(target))
     info = node.meta.get("fqt")
     extra = f"\\n[{info.gemm.value}]" if isinstance(info, GemmNodeInfo) else ""
-    if isinstance(info, QuantNodeInfo) and info.what in ("quantize", "transform"):
+    if isinstance(info, QuantNodeInfo) and info.what in (QuantNodeKind.QUANTIZE, QuantNodeKind.TRANSFORM):
         extra = f"\\n{info.spec_key}"
     return f"{node.name}\\n{name}{extra}"
 

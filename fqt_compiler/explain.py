@@ -13,6 +13,7 @@ import torch
 from .backend import FQTBackend
 from .config import FQTConfig
 from .coverage import Coverage, DynamoSnapshot
+from .distributed import sharded_modules
 from .errors import FQTError
 from .forward_error import forward_errors
 from .report import ExplainReport
@@ -52,8 +53,6 @@ def explain(
     buffers such as BatchNorm statistics) and the RNG state are restored afterwards; no
     backward pass is run.
     """
-    from .distributed import sharded_modules
-
     if isinstance(model, torch.nn.Module) and sharded_modules(model):
         raise FQTError(
             "explain: the model is fully_shard-ed (FSDP2); Dynamo does not trace through FSDP2's hooks, "

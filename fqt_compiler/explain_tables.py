@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from tabulate import tabulate
 
-from .sites import GemmDecision, GemmStatus, SiteDecision
+from .sites import GemmDecision, GemmStatus, OperandSource, SiteDecision
 
 __all__ = ["decision_table", "summary_table", "wrap", "WIDTH"]
 
@@ -19,7 +19,7 @@ def _operands(g: GemmDecision) -> str:
     parts = []
     for o in g.operands:
         spec = o.spec.short() if o.spec is not None else "hp"
-        note = "" if o.source in ("quantized", "high precision") else f" ({o.source})"
+        note = "" if o.source in (OperandSource.QUANTIZED, OperandSource.HIGH_PRECISION) else f" ({o.source})"
         parts.append(f"{o.role.value}: {spec}{note}")
     return "; ".join(parts) or "-"
 

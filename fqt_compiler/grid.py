@@ -8,6 +8,7 @@ the elements sharing one scale along its last dim (:func:`grouped`).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .specs import Granularity, QuantSpec, Rounding, Scheme
 
@@ -63,8 +64,6 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 

@@ -44,10 +44,10 @@ from torch import fx
 from fqt_compiler.codegen import CompiledGraph, compile_graph
 from fqt_compiler.codegen.code_layout import choose_code_layouts, mark_saved_codes, restride_inputs
 from fqt_compiler.codegen.epilogue import fold_statistics, fuse_epilogues
-from fqt_compiler.codegen.fusion import fuse_prologues
+from fqt_compiler.codegen.prologue import fuse_prologues
 from fqt_compiler.codegen.inline import inline_qmm_ops, inline_quantize_ops, replace_random
 from fqt_compiler.codegen.lower import lower_gemms
-from fqt_compiler.codegen.ops import swap_to_kernel_ops, triton_here
+from fqt_compiler.codegen.kernel_ops import swap_to_kernel_ops, triton_here
 from fqt_compiler.codegen.sources import kernel_sources
 from fqt_compiler.passes import Dedupe, FindSites, InsertQDQ, PassContext, SelectSpecs
 from fqt_compiler.passes.base import FQTPass
@@ -239,8 +239,9 @@ STEPS: tuple[Step, ...] = (
     _rewrite_pass(SelectSpecs),
     _rewrite_pass(InsertQDQ),
     _rewrite_pass(Dedupe),
+    # metadata only (the graph text does not change): not captured
     Step("mark_saved_codes", lambda gm, ctx: mark_saved_codes(gm), _TRAINING_GRAPH, _fusing, ("insert_qdq",),
-         mutates=False, capture=True),
+         mutates=False),
     Step("restride_inputs", _restride, _BACKWARD),
     Step("lower_gemms", _lower, COMPILE, _kernels),
     # prologues first, so quantizers take the chains feeding them; then GEMM epilogues (their

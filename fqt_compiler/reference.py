@@ -38,7 +38,7 @@ from .layout import Layout, from_natural_2d, natural_2d, shape_scale
 from .quantizers import run_custom
 from .specs import Granularity, QuantSpec, Transform
 
-__all__ = ["quantize", "quantize_ref", "fake_quantize_ref", "qmm_ref", "qmm_epilogue"]
+__all__ = ["quantize", "quantize_ref", "fake_quantize_ref", "qmm_ref", "dequantize_accumulator"]
 
 
 def quantize_ref(
@@ -135,10 +135,10 @@ def qmm_ref(
     is_int = not a_codes.dtype.is_floating_point
     acc_dtype = torch.float64 if is_int else torch.float32  # fp64 holds every int32 sum exactly
     acc = a_codes.to(acc_dtype) @ b_codes.to(acc_dtype)
-    return qmm_epilogue(acc, a_codes, a_scale, a_zp, a_offset, b_codes, b_scale, b_zp, b_offset, bias, out_dtype)
+    return dequantize_accumulator(acc, a_codes, a_scale, a_zp, a_offset, b_codes, b_scale, b_zp, b_offset, bias, out_dtype)
 
 
-def qmm_epilogue(
+def dequantize_accumulator(
     acc: torch.Tensor,
     a_codes: torch.Tensor,
     a_scale: torch.Tensor,

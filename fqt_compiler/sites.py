@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 
 from .specs import GemmKind, QuantSpec, TensorRole
 
-__all__ = ["GemmStatus", "SkipKind", "OperandDecision", "GemmDecision", "SiteDecision", "QuantNodeInfo", "GemmNodeInfo"]
+__all__ = [
+    "GemmStatus", "SkipKind", "OperandSource", "QuantNodeKind", "OperandDecision", "GemmDecision", "SiteDecision",
+    "QuantNodeInfo", "GemmNodeInfo",
+]
 
 
 class GemmStatus(enum.Enum):
@@ -30,13 +33,38 @@ class SkipKind(enum.Enum):
     UNSUPPORTED = "unsupported"  # fqt cannot quantize it; strict mode raises
 
 
+class _TextEnum(str, enum.Enum):
+    """An enum whose members read as their text (tables, comparisons with the plain text)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class OperandSource(_TextEnum):
+    """Where a GEMM operand's quantization comes from."""
+
+    QUANTIZED = "quantized"  # its own quantizer
+    HIGH_PRECISION = "high precision"
+    REUSES_OUTPUT = "reuses output quantization"  # a backward GEMM reads the forward's codes
+    REQUANTIZED = "re-quantized from output quantization"  # another layout of the forward's quantized values
+
+
+class QuantNodeKind(_TextEnum):
+    """What a node ``insert_qdq`` adds does."""
+
+    QUANTIZE = "quantize"  # codes and statistics of a high-precision tensor
+    DEQUANTIZE = "dequantize"  # back to high precision, the value a simulated GEMM reads
+    TRANSFORM = "transform"  # BHQ's inverse transform after the dequantization
+    REPLAY = "replay"  # the forward's view chain replayed on its statistics, for a backward GEMM
+
+
 @dataclass(frozen=True)
 class OperandDecision:
     """How one operand of one GEMM is treated."""
 
     role: TensorRole
     spec: QuantSpec | None
-    source: str = ""  # "quantized", "reuses output quantization", "re-quantized", "high precision"
+    source: OperandSource = OperandSource.HIGH_PRECISION
 
 
 @dataclass(frozen=True)
@@ -89,7 +117,7 @@ class QuantNodeInfo:
     gemm: GemmKind
     role: TensorRole
     spec_key: str
-    what: str  # "quantize" | "dequantize" | "fake_quantize" | "replay" | "split"
+    what: QuantNodeKind
     shared_with: frozenset[int] = frozenset()  # further sites using this node after dedupe
 
     def serves(self, site_id: int) -> bool:

@@ -7,7 +7,7 @@ width, the granularity of its scales, the scheme (symmetric, asymmetric min-max,
 cannot exist.
 
 Layout convention. A quantizer sees its tensor as a 2-D matrix in the tensor role's *natural*
-layout (see DESIGN.md): ``activation`` and ``grad_output`` are (tokens or samples) x features,
+layout (see docs/design.md, "Scale layouts"): ``activation`` and ``grad_output`` are (tokens or samples) x features,
 ``weight`` is (out channels) x (in channels). ``ROW`` means one scale per row of that matrix,
 ``COLUMN`` one per column, ``BLOCK`` one per run of ``block_size`` consecutive elements of a row.
 For the public :func:`fqt_compiler.quantize`, rows are dim 0 after flattening to 2-D.
@@ -29,6 +29,7 @@ from functools import lru_cache
 import torch
 
 from .errors import SpecError
+from .quantizers import get_quantizer
 
 __all__ = [
     "ElementFormat",
@@ -79,7 +80,7 @@ class Rounding(enum.Enum):
 
 class Transform(enum.Enum):
     NONE = "none"
-    BLOCK_HOUSEHOLDER = "bhq"  # the paper's block Householder quantizer (QUANTIZERS.md 3.5)
+    BLOCK_HOUSEHOLDER = "bhq"  # the paper's block Householder quantizer (docs/quantizers.md §3.5)
 
 
 class TensorRole(enum.Enum):
@@ -185,8 +186,6 @@ class QuantSpec:
         elif self.block_size is not None:
             raise SpecError(f"QuantSpec.block_size={self.block_size} is only meaningful with granularity='block'")
         if self.quantizer is not None:
-            from .quantizers import get_quantizer
-
             get_quantizer(self.quantizer)  # unknown names fail here, listing the registered ones
             if self.transform is not Transform.NONE:
                 raise SpecError(f"QuantSpec.quantizer={self.quantizer!r} replaces the built-in quantizers; drop transform")

@@ -1,6 +1,6 @@
 """The statistical framework: the bias and variance quantization adds to the gradient.
 
-Setting (QUANTIZERS.md 4): the FQT gradient is a stochastic estimator of the QAT gradient
+Setting (docs/quantizers.md §4): the FQT gradient is a stochastic estimator of the QAT gradient
 (same forward, exact backward). Over minibatches and quantization noise,
 
     Var[FQT grad] = Var_batches[QAT grad] + E_batches[ Var_quant[FQT grad | batch] ]     (Thm 2)
@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from tabulate import tabulate
 from torch import nn
 
 from .backend import FQTBackend
 from .config import FQTConfig
 from .ops import capture_quantizer_inputs
 from .recipes import GradInputSpecs, GradWeightSpecs, Recipe, recipe as recipe_by_name
+from .reference import fake_quantize_ref
 from .rules import Rule
 from .stats_formulas import bound_expression, exact_variance, variance_bound
 
@@ -138,8 +140,6 @@ class GradientStats:
     quantizers: list[QuantizerStats] = field(default_factory=list)
 
     def table(self) -> str:
-        from tabulate import tabulate
-
         rows = [
             [s.layer, f"{s.sampling_variance:.4g}", f"{s.quantization_variance:.4g}",
              f"{s.quantization_variance / s.sampling_variance:.3g}" if s.sampling_variance else "-",
@@ -248,8 +248,6 @@ def gradient_stats(
 
 
 def _quantizer_stats(model, loss_fn, batch, r: Recipe, n: int) -> list[QuantizerStats]:
-    from .reference import fake_quantize_ref
-
     state = copy.deepcopy(model.state_dict())
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=FQTBackend(FQTConfig.from_options({"recipe": r, "execution": "reference"})))
@@ -293,7 +291,7 @@ def advise_bits(
     variance stays below ``alpha`` x (sampling variance / number of quantized layers).
 
     Each layer's contribution is measured at ``base_bits`` (its gradient quantizers alone) and
-    scaled by ((2^base - 1) / (2^b - 1))^2, the law of every bound in QUANTIZERS.md 3 (a
+    scaled by ((2^base - 1) / (2^b - 1))^2, the law of every bound in docs/quantizers.md §3 (a
     prediction: the exact variance follows it closely, not exactly). Returns the advice, the
     predicted total quantization variance per family with those bits, and the sampling variance.
     """

@@ -1,4 +1,4 @@
-"""Exact variances and the closed-form bounds of QUANTIZERS.md 3 for one tensor.
+"""Exact variances and the closed-form bounds of docs/quantizers.md §3 for one tensor.
 
 Var[Q(X) | X] of stochastic rounding is a sum over elements of f(1 - f) step^2, with f the
 fractional part of the pre-rounding value (3.1). For BHQ the element variances of the

@@ -15,7 +15,7 @@ from torch import fx
 
 from fqt_compiler.config import FQTConfig
 from fqt_compiler.layout import Layout
-from fqt_compiler.sites import SiteDecision, SkipKind
+from fqt_compiler.sites import OperandSource, SiteDecision, SkipKind
 from fqt_compiler.specs import GemmKind, QuantSpec, TensorRole
 
 
@@ -34,7 +34,7 @@ class BackwardGemm:
     conv_output: int | None = None  # 0 grad_input / 1 grad_weight of a convolution_backward
     # filled by select_specs
     operand_spec: QuantSpec | None = None
-    operand_source: str = "high precision"
+    operand_source: OperandSource = OperandSource.HIGH_PRECISION
     grad_spec: QuantSpec | None = None
     skip: tuple[SkipKind, str] | None = None
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 from torch import fx
 
 from fqt_compiler.ops import bhq_quantize_op, fake_quantize_op, quantize_op, quantize_stochastic_op
-from fqt_compiler.sites import QuantNodeInfo
+from fqt_compiler.sites import QuantNodeInfo, QuantNodeKind
 
 from fqt_compiler.passes import matchers as m
 from fqt_compiler.passes.base import FQTPass, PassContext
@@ -46,7 +46,7 @@ class Dedupe(FQTPass):
         # quantize node is merged, its getitems and dequant ops key equal to the survivor's.
         for node in list(gm.graph.nodes):
             info = node.meta.get("fqt")
-            if not isinstance(info, QuantNodeInfo) or info.what == "replay" or node.target in _NEVER_MERGED:
+            if not isinstance(info, QuantNodeInfo) or info.what is QuantNodeKind.REPLAY or node.target in _NEVER_MERGED:
                 continue  # replays are free views; keeping them per GEMM keeps graphs readable
             try:
                 key = (node.target, _value_key(node.args), _value_key(tuple(sorted(node.kwargs.items()))))

@@ -26,6 +26,7 @@ from fqt_compiler.flops import is_contraction
 from fqt_compiler.sites import SkipKind
 from fqt_compiler.specs import GemmKind, TensorRole
 
+from fqt_compiler.passes.graph_utils import arg as call_arg
 from fqt_compiler.passes import matchers as m
 from fqt_compiler.passes.base import BackwardGemm, FQTPass, PassContext, Site
 
@@ -169,7 +170,7 @@ class FindSites(FQTPass):
         )
 
     def _attach_conv_backward(self, site: Site, node: fx.Node) -> None:
-        mask = list(node.args[10])
+        mask = list(call_arg(node, "output_mask"))
         fwd = site.forward_operands
         # convolution_backward(grad_output, input, weight, ...): arg 1 is the activation, 2 the weight
         for out_idx, (kind, consumed, arg) in enumerate(((GemmKind.GRAD_INPUT, 1, 2), (GemmKind.GRAD_WEIGHT, 0, 1))):

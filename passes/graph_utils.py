@@ -122,3 +122,30 @@ def rewire(gm: fx.GraphModule, old: fx.Node, new: fx.Node, fake_mode: Any, keep_
         user.replace_all_uses_with(repl)
         gm.graph.erase_node(user)
     gm.graph.erase_node(old)
+
+
+def arg(node: fx.Node, name: str) -> Any:
+    """The argument ``name`` of an op call, positional or keyword, by the op's schema (so a
+    reader names what it reads instead of counting positions)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        raise PassError(f"{node.name} calls {node.target}, which has no schema to read argument {name!r} from")
+    for i, argument in enumerate(schema.arguments):
+        if argument.name != name:
+            continue
+        if i < len(node.args):
+            return node.args[i]
+        if name in node.kwargs:
+            return node.kwargs[name]
+        if argument.has_default_value():
+            return argument.default_value
+        raise PassError(f"{node.name}: argument {name!r} of {schema.name} is missing")
+    raise PassError(f"{schema.name} has no argument {name!r}")
+
+
+def arg_index(target: Any, name: str) -> int:
+    """The position of argument ``name`` in ``target``'s schema (to rebuild a call's args)."""
+    for i, argument in enumerate(target._schema.arguments):
+        if argument.name == name:
+            return i
+    raise PassError(f"{target._schema.name} has no argument {name!r}")

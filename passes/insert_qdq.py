@@ -33,12 +33,12 @@ from fqt_compiler.ops import (
     quantize_stochastic_op,
 )
 from fqt_compiler.layout import Layout
-from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo
+from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo, QuantNodeKind
 from fqt_compiler.specs import GemmKind, QuantSpec, Scheme, TensorRole, Transform
 
 
 from fqt_compiler.passes.base import BackwardGemm, FQTPass, PassContext, Site
-from fqt_compiler.passes.graph_utils import call, dtype_of, tuple_items
+from fqt_compiler.passes.graph_utils import arg, arg_index, call, dtype_of, tuple_items
 
 aten = torch.ops.aten
 convert = torch.ops.prims.convert_element_type.default
@@ -56,7 +56,7 @@ def emit_quantize(
     op = bhq_quantize_op if bhq else quantize_stochastic_op if spec.is_stochastic else quantize_op
     q = call(graph, op, (x, key, int(layout)), info=info, **kw)
     codes, scale, zp, offset, *transform = tuple_items(graph, q, 7 if bhq else 4, info=info, **kw)
-    dq_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, "dequantize")
+    dq_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, QuantNodeKind.DEQUANTIZE)
     # casts are prims.convert_element_type, the form Inductor's decompositions produce and its
     # lowerings expect (aten._to_copy would be a second, conflicting path to the same op)
     out = call(graph, convert, (codes, dtype_of(scale)), info=dq_info, **kw)
@@ -67,7 +67,7 @@ def emit_quantize(
     if spec.scheme is Scheme.ASYMMETRIC:
         out = call(graph, aten.add.Tensor, (out, offset), info=dq_info, **kw)
     if bhq:
-        t_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, "transform")
+        t_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, QuantNodeKind.TRANSFORM)
         out = call(graph, bhq_inverse_op, (out, *transform, int(layout)), info=t_info, **kw)
     if dtype_of(out) != dtype_of(x):
         out = call(graph, convert, (out, dtype_of(x)), info=dq_info, **kw)
@@ -82,7 +82,7 @@ def _prefer_recompute(dq: fx.Node) -> None:
     activation checkpointing does makes it save the low-bit codes and scales instead.
     """
     node = dq
-    while isinstance(node.meta.get("fqt"), QuantNodeInfo) and node.meta["fqt"].what == "dequantize":
+    while isinstance(node.meta.get("fqt"), QuantNodeInfo) and node.meta["fqt"].what is QuantNodeKind.DEQUANTIZE:
         node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
         node = node.args[0]
 
@@ -134,7 +134,7 @@ class InsertQDQ(FQTPass):
             if spec is None:
                 continue
             x = site.forward_operands[pos]
-            info = QuantNodeInfo(site.site_id, GemmKind.OUTPUT, site.roles[pos], spec.key(), "quantize")
+            info = QuantNodeInfo(site.site_id, GemmKind.OUTPUT, site.roles[pos], spec.key(), QuantNodeKind.QUANTIZE)
             with graph.inserting_before(site.node):
                 dq[pos] = emit_quantize(graph, x, spec, site.layouts[pos], info, like=site.node, tag=None)
             _prefer_recompute(dq[pos])
@@ -157,13 +157,13 @@ class InsertQDQ(FQTPass):
             if bwd.operand_spec is not None:
                 if fwd_spec is not None:
                     source = dq[bwd.fwd_operand]
-                    replay_info = QuantNodeInfo(site.site_id, bwd.kind, role, fwd_spec.key(), "replay")
+                    replay_info = QuantNodeInfo(site.site_id, bwd.kind, role, fwd_spec.key(), QuantNodeKind.REPLAY)
                     operand = _replay(graph, source, bwd.chain, replay_info)
                 if bwd.operand_spec != fwd_spec:
-                    info = QuantNodeInfo(site.site_id, bwd.kind, role, bwd.operand_spec.key(), "quantize")
+                    info = QuantNodeInfo(site.site_id, bwd.kind, role, bwd.operand_spec.key(), QuantNodeKind.QUANTIZE)
                     operand = emit_quantize(graph, operand, bwd.operand_spec, bwd.fwd_layout, info, like=node, tag=tag)
             if bwd.grad_spec is not None:
-                info = QuantNodeInfo(site.site_id, bwd.kind, TensorRole.GRAD_OUTPUT, bwd.grad_spec.key(), "quantize")
+                info = QuantNodeInfo(site.site_id, bwd.kind, TensorRole.GRAD_OUTPUT, bwd.grad_spec.key(), QuantNodeKind.QUANTIZE)
                 grad = emit_quantize(graph, grad, bwd.grad_spec, bwd.grad_layout, info, like=node, tag=tag)
         return operand, grad
 
@@ -172,7 +172,8 @@ class InsertQDQ(FQTPass):
     ) -> None:
         """Replace one convolution_backward by one node per quantized GEMM (+ grad_bias)."""
         args = list(node.args)
-        mask = list(args[10])
+        mask = list(arg(node, "output_mask"))
+        mask_at = arg_index(node.target, "output_mask")
         new_outputs: dict[int, fx.Node] = {}
         # operands used only for their shape still come from the quantized side, so the
         # partitioner is never pushed to save a high-precision copy for them
@@ -184,7 +185,7 @@ class InsertQDQ(FQTPass):
                     continue
                 new_args = list(args)
                 new_args[1], new_args[2] = shape_input, shape_weight
-                new_args[10] = [i == out_idx for i in range(3)]
+                new_args[mask_at] = [i == out_idx for i in range(3)]
                 if out_idx in parts:
                     grad, operand, bwd = parts[out_idx]
                     new_args[0] = grad

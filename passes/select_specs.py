@@ -25,8 +25,9 @@ from fqt_compiler.config import Fusion
 from fqt_compiler.errors import UnsupportedGraphError
 from fqt_compiler.rules import Rule, SiteInfo, first_matching
 from fqt_compiler.flops import node_flops
-from fqt_compiler.sites import GemmDecision, GemmStatus, OperandDecision, SiteDecision, SkipKind
-from fqt_compiler.specs import GemmKind, TensorRole
+from fqt_compiler.sites import GemmDecision, GemmStatus, OperandDecision, OperandSource, SiteDecision, SkipKind
+from fqt_compiler.cost import Slot, site_cost
+from fqt_compiler.specs import GemmKind, QuantSpec, TensorRole
 
 from fqt_compiler.passes import matchers as m
 from fqt_compiler.passes.base import FQTPass, PassContext, Site
@@ -91,17 +92,16 @@ class SelectSpecs(FQTPass):
     @staticmethod
     def _apply_cost_model(site: Site, info: SiteInfo, fusion: Fusion) -> None:
         """``never_slower``: a site the roofline says cannot win stays in high precision."""
-        from fqt_compiler.cost import site_cost
-
         val = site.node.meta.get("val")
         dims = info.dims
         if not isinstance(val, torch.Tensor) or len(dims) != 3 or not all(isinstance(d, int) for d in dims):
             return  # symbolic sizes: no estimate, the recipe's choice stands (documented)
-        specs = {("output", "a"): site.fwd_specs[0], ("output", "b"): site.fwd_specs[1]}
+        specs = {(GemmKind.OUTPUT, Slot.LHS): site.fwd_specs[0], (GemmKind.OUTPUT, Slot.RHS): site.fwd_specs[1]}
         for bwd in site.backward:
             if bwd.skip is None:
-                gemm, other = ("grad_input", "b") if bwd.fwd_operand == 1 else ("grad_weight", "a")
-                specs[(gemm, "grad")] = bwd.grad_spec
+                # by the forward operand it reads (a bmm's grad_lhs / grad_rhs cost the same way)
+                gemm, other = (GemmKind.GRAD_INPUT, Slot.RHS) if bwd.fwd_operand == 1 else (GemmKind.GRAD_WEIGHT, Slot.LHS)
+                specs[(gemm, Slot.GRAD)] = bwd.grad_spec
                 specs[(gemm, other)] = bwd.operand_spec
         gemm_kernel = site.node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
         # the generated prologue kernels run on CUDA (fusion "auto" or "triton")
@@ -133,13 +133,13 @@ class SelectSpecs(FQTPass):
                 want = spec(bwd.kind, site.roles[bwd.fwd_operand])
             bwd.operand_spec = want
             if want is None:
-                bwd.operand_source = "high precision"
+                bwd.operand_source = OperandSource.HIGH_PRECISION
             elif want == fwd_spec:
-                bwd.operand_source = "reuses output quantization"
+                bwd.operand_source = OperandSource.REUSES_OUTPUT
             elif fwd_spec is None:
-                bwd.operand_source = "quantized"
+                bwd.operand_source = OperandSource.QUANTIZED
             else:
-                bwd.operand_source = "re-quantized from output quantization"
+                bwd.operand_source = OperandSource.REQUANTIZED
         site.rules = decided
 
     def _decide(self, site: Site, ctx: PassContext) -> SiteDecision:
@@ -156,9 +156,7 @@ class SelectSpecs(FQTPass):
                 gemms.append(GemmDecision(bwd.kind, bwd.node.name, shape, flops, (), GemmStatus.SKIPPED, reason, kind, rule="-"))
             return SiteDecision(site.site_id, ctx.graph_id, site.module_path, site.op, site.rule, tuple(gemms))
         shape, flops = _shape_and_flops(site.node, site)
-        fwd_ops = tuple(
-            OperandDecision(r, s, "quantized" if s is not None else "high precision") for r, s in zip(site.roles, site.fwd_specs)
-        )
+        fwd_ops = tuple(OperandDecision(r, s, _own_source(s)) for r, s in zip(site.roles, site.fwd_specs))
         gemms.append(self._gemm(GemmKind.OUTPUT, site.node.name, shape, flops, fwd_ops, ctx, site))
         for bwd in site.backward:
             if bwd.skip is not None:
@@ -168,7 +166,7 @@ class SelectSpecs(FQTPass):
                 ))
                 continue
             ops = (
-                OperandDecision(TensorRole.GRAD_OUTPUT, bwd.grad_spec, "quantized" if bwd.grad_spec else "high precision"),
+                OperandDecision(TensorRole.GRAD_OUTPUT, bwd.grad_spec, _own_source(bwd.grad_spec)),
                 OperandDecision(site.roles[bwd.fwd_operand], bwd.operand_spec, bwd.operand_source),
             )
             gemms.append(self._gemm(bwd.kind, bwd.node.name, shape, flops, ops, ctx, site))
@@ -194,3 +192,8 @@ class SelectSpecs(FQTPass):
                 f"GEMM site {site.site_id} ({site.op} at node {site.node.name}, module {site.module_path}) cannot be quantized: "
                 f"{reason}. Pass strict=False to keep it in high precision with this reason recorded."
             )
+
+
+def _own_source(spec: QuantSpec | None) -> OperandSource:
+    """An operand quantized by its own quantizer, or left in high precision."""
+    return OperandSource.QUANTIZED if spec is not None else OperandSource.HIGH_PRECISION

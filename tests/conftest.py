@@ -3,7 +3,7 @@ markers.
 
 Triton kernels need a GPU or Triton's interpreter. Without CUDA the interpreter runs them on
 CPU tensors (chosen when a kernel is decorated, so set before any ``fqt_compiler.codegen.kernels`` import).
-With CUDA, the kernel tests run the compiled kernels on CUDA tensors (``DEVICE``); tests that
+With CUDA, the kernel tests run the compiled kernels on CUDA tensors (``tests.helpers.device``); tests that
 feed Triton CPU tensors are marked ``interpreter`` and skip there, with the reason.
 """
 
@@ -17,7 +17,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -1,4 +1,4 @@
-"""Block Householder quantizer (fqt_compiler.bhq): the structure claims of QUANTIZERS.md 3.5 and 7.5."""
+"""Block Householder quantizer (fqt_compiler.bhq): the structure claims of docs/quantizers.md §3.5 and §6 claim 5."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def leader_of(t, members: torch.Tensor) -> int:
 
 
 def householder_dense(n: int) -> torch.Tensor:
-    """H_n = I - 2 u u^T with u = (ones / sqrt(n) - e1) / ||.|| (QUANTIZERS.md 3.5)."""
+    """H_n = I - 2 u u^T with u = (ones / sqrt(n) - e1) / ||.|| (docs/quantizers.md §3.5)."""
     u = torch.full((n,), 1 / math.sqrt(n), dtype=F64)
     u[0] -= 1
     u = u / u.norm()
@@ -142,7 +142,7 @@ def test_leaders_are_the_largest_rows_and_the_split_follows_the_rule(name):
     t = bhq_transform(x)
     r = ranges(x)
     assert r[t.is_leader].min() >= r[~t.is_leader].max()
-    # QUANTIZERS.md 3.5 step 2: the smallest k >= 1 with k * v[N-k-1] > sum(v[:N-k]) (ranges sorted descending)
+    # docs/quantizers.md §3.5, grouping rule: the smallest k >= 1 with k * v[N-k-1] > sum(v[:N-k]) (ranges sorted descending)
     v = torch.sort(r + 1e-8 * r.max(), descending=True).values
     k = next((k for k in range(1, n) if k * v[n - k - 1] > v[: n - k].sum()), None)
     expected_leaders = 1 if k is None else n - k  # N = 2: strict '>' never holds; one group of two
@@ -366,7 +366,7 @@ def test_all_zero_matrix(n):
 # =========================================================================== the variance model
 @pytest.mark.parametrize("bits", [4, 8], ids=lambda b: f"b{b}")
 def test_one_dominant_row_variance_matches_the_model(bits):
-    # QUANTIZERS.md 3.5: Var_BHQ ~ D (sum of leader ranges)^2 / (4 B^2 N); measured ratio 0.69-0.85.
+    # docs/quantizers.md §3.5: Var_BHQ ~ D (sum of leader ranges)^2 / (4 B^2 N); measured ratio 0.69-0.85.
     x = _one_dominant()
     n, d = x.shape
     B = 2**bits - 1

@@ -8,16 +8,18 @@ import torch
 from torch import nn
 
 import fqt_compiler as fqt
-from fqt_compiler.cost import CPU_EPYC_2CORE, H100, DeviceProfile, profile_for, set_profile, site_cost
+from fqt_compiler.cost import CPU_EPYC_2CORE, H100, DeviceProfile, Slot, profile_for, set_profile, site_cost
 from fqt_compiler.sites import SkipKind
+from fqt_compiler.specs import GemmKind
 
 
 def _specs(recipe: str) -> dict:
     r = fqt.recipe(recipe)
+    out, gi, gw = GemmKind.OUTPUT, GemmKind.GRAD_INPUT, GemmKind.GRAD_WEIGHT
     return {
-        ("output", "a"): r.output.activation, ("output", "b"): r.output.weight,
-        ("grad_input", "grad"): r.grad_input.grad_output, ("grad_input", "b"): r.grad_input.weight,
-        ("grad_weight", "grad"): r.grad_weight.grad_output, ("grad_weight", "a"): r.grad_weight.activation,
+        (out, Slot.LHS): r.output.activation, (out, Slot.RHS): r.output.weight,
+        (gi, Slot.GRAD): r.grad_input.grad_output, (gi, Slot.RHS): r.grad_input.weight,
+        (gw, Slot.GRAD): r.grad_weight.grad_output, (gw, Slot.LHS): r.grad_weight.activation,
     }
 
 

@@ -1,6 +1,6 @@
 """The reference quantizers (fqt_compiler.reference): value tables, SR statistics, bounds, edge cases.
 
-Claims come from QUANTIZERS.md (sections 2.1, 3 and 7) and the reference module's docstring.
+Claims come from docs/quantizers.md (sections 2.1, 3 and 6) and the reference module's docstring.
 Every statistical test runs at a fixed seed with tolerances of about five standard errors.
 """
 
@@ -317,7 +317,7 @@ def test_nearest_rounding_has_zero_variance(spec):
     assert exact_variance(x, spec) == 0.0
 
 
-# =========================================================================== variance bounds (QUANTIZERS.md 7.3, 3.4, 3.5)
+# ====================================================== variance bounds (docs/quantizers.md §6 claim 3, §3.4, §3.5)
 BOUND_TENSORS = ["gaussian", "structured"]
 
 
@@ -348,7 +348,7 @@ def test_variance_bounds(bits, name):
 
 @pytest.mark.parametrize("bits", [4, 8], ids=lambda b: f"b{b}")
 def test_psq_variance_is_about_two_thirds_of_its_bound_on_gaussian_data(bits):
-    # QUANTIZERS.md 3.1: with f spread uniformly E[f(1-f)] = 1/6, i.e. 2/3 of the 1/4 bound.
+    # docs/quantizers.md §3.1: with f spread uniformly E[f(1-f)] = 1/6, i.e. 2/3 of the 1/4 bound.
     x = gaussian(32, 48, seed=15)
     B = 2**bits - 1
     bound = x.shape[1] * ((x.amax(1) - x.amin(1)) ** 2).sum().item() / (4 * B**2)
@@ -371,7 +371,7 @@ def test_one_dominant_row_orders_bhq_psq_ptq(bits, seed):
     x = gaussian(n, 32, seed=20 + seed)
     x[7] *= 1000.0
     v_ptq, v_psq, v_bhq = (exact_variance(x, make(bits)) for make in (ptq, psq, bhq))
-    # BHQ spreads the big row over all 64 rows: a gain of order N over PSQ (QUANTIZERS.md 3.5).
+    # BHQ spreads the big row over all 64 rows: a gain of order N over PSQ (docs/quantizers.md §3.5).
     assert v_bhq * n / 4 <= v_psq, (v_psq / v_bhq)
     # PTQ wastes the tensor's range on every small row. With the zero-on-grid grid the small rows
     # sit next to level qzero (f ~ |x| / step), so their cost is ~ |x| * step rather than step^2 / 6:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fqt_compiler as fqt
-from fqt_compiler.tools.demo import DigitsNet
+from tests.helpers.models import CNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +35,7 @@ def _steps(model, opt, compiled, batches):
 def test_resume_from_checkpoint_gives_bitwise_identical_losses(recipe):
     batches = _batches()
     torch.manual_seed(0)
-    model = DigitsNet(channels=4)
+    model = CNN(c_in=1, c=4, n_classes=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     compiled = torch.compile(model, backend=fqt.backend(recipe=recipe, execution="reference"))
     _steps(model, opt, compiled, batches[:3])
@@ -46,7 +46,7 @@ def test_resume_from_checkpoint_gives_bitwise_identical_losses(recipe):
     buf.seek(0)
     ckpt = torch.load(buf)
     torch._dynamo.reset()
-    resumed_model = DigitsNet(channels=4)
+    resumed_model = CNN(c_in=1, c=4, n_classes=10)
     resumed_model.load_state_dict(ckpt["model"])
     resumed_opt = torch.optim.SGD(resumed_model.parameters(), lr=0.05, momentum=0.9)
     resumed_opt.load_state_dict(ckpt["opt"])

@@ -1,4 +1,4 @@
-"""QuantSpec validation and text forms; the built-in recipes against QUANTIZERS.md 2 and recipes.py."""
+"""QuantSpec validation and text forms; the built-in recipes against docs/quantizers.md §2 and recipes.py."""
 
 from __future__ import annotations
 

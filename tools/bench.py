@@ -10,6 +10,9 @@ candidate (interleaved repetitions, median of several). Sections:
 * ``quantize``: the quantize path's bytes moved per second against a same-run copy (the
   Triton kernel on CUDA, the Inductor-compiled reference on CPU);
 * ``memory``: bytes saved for backward by the quantized layer against the baseline.
+
+Sections import their kernels and Triton when they run: a CPU-only machine benchmarks
+what it has.
 """
 
 from __future__ import annotations
@@ -216,7 +219,7 @@ def bench_memory(shape, recipe, device) -> tuple[tuple[int, int], tuple[int, int
 
 def bench_gemm(shape, device, reps) -> dict[str, float]:
     """Seconds of the fp32/bf16 GEMM, torch._int_mm and fqt's int8 GEMM with its epilogue."""
-    from fqt_compiler.codegen.ops import qmm_op
+    from fqt_compiler.codegen.kernel_ops import qmm_op
 
     torch._dynamo.reset()
     m, k, n = shape
@@ -229,7 +232,7 @@ def bench_gemm(shape, device, reps) -> dict[str, float]:
     sb = torch.rand(1, n, device=device)
     if device.type == "cpu":
         # what kernels mode runs on CPU: torch._int_mm with the epilogue fused by Inductor
-        from fqt_compiler.codegen.ops import qmm_cpu
+        from fqt_compiler.codegen.kernel_ops import qmm_cpu
 
         fused = torch.compile(qmm_cpu)
 

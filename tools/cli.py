@@ -1,5 +1,10 @@
 """The ``fqt`` command line: ``fqt demo``, ``fqt inspect``, ``fqt variance``, ``fqt results``, ``fqt bench``,
-``fqt gpu-check``."""
+``fqt gpu-check``.
+
+Each subcommand imports what it runs (torch, the package, matplotlib, scikit-learn) inside its
+handler: ``fqt --help`` and argument errors answer at once, and one subcommand's optional
+dependency never breaks another.
+"""
 
 from __future__ import annotations
 

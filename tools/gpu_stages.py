@@ -6,6 +6,9 @@ A stage writes what it measures to ``FILE`` as it goes (``Recorder``), so a stag
 time cap still reports everything it finished. This module holds ``preflight``, ``tests``,
 ``gemm`` and ``quantize``; the model stages ``layer`` and ``e2e`` are in ``fqt_compiler.tools.gpu_train``.
 On the CPU (``--dry-run``) the same code runs at tiny shapes, Triton kernels in the interpreter.
+
+Each stage imports what it measures inside its function: a stage's import failure is that
+stage's recorded error, not the end of the check.
 """
 
 from __future__ import annotations

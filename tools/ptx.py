@@ -1,12 +1,14 @@
 """How the low-bit GEMM loads its operands on sm_90, read from the compiled PTX (no GPU needed).
 
-``python -m fqt_compiler.tools.ptx`` compiles ``fqt_compiler.codegen.kernels.qmm._qmm_kernel`` for an H100 (sm_90) with
+``python -m fqt_compiler.tools.ptx`` compiles ``fqt_compiler.codegen.kernels.qmm.qmm_kernel`` for an H100 (sm_90) with
 each operand K-major or not and counts, per variant, the asynchronous global->shared copies
 (``cp.async``), the shared-memory stores and byte permutes that a register round trip needs
 instead, and the ``wgmma`` instructions. It is the evidence behind ``fqt_compiler.codegen.code_layout``:
 an 8-bit operand that is not K-major is not copied asynchronously (so not pipelined over the
 kernel's stages); it goes through registers on every K step. Counts are static instruction
 counts in the PTX, not timings. Must run without ``TRITON_INTERPRET``.
+
+Triton is imported on use: the module documents itself without it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def qmm_ptx(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str 
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from fqt_compiler.codegen.kernels.qmm import _qmm_kernel
+    from fqt_compiler.codegen.kernels.qmm import qmm_kernel
 
     sig = {n: ("*fp32" if n.endswith("ptr") else "i32") for n in _NAMES}
     sig.update(a_ptr=_CODES[dtype], b_ptr=_CODES[b_dtype or dtype], out_ptr="*bf16")
@@ -40,7 +42,7 @@ def qmm_ptx(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str 
     sig.update({k: "constexpr" for k in const})
     aligned = [i for i, n in enumerate(_NAMES)
                if n not in ones and (n.endswith("ptr") or n in ("M", "N", "K") or n.startswith("stride_"))]
-    src = triton.compiler.ASTSource(fn=_qmm_kernel, signature=sig, constexprs=const,
+    src = triton.compiler.ASTSource(fn=qmm_kernel, signature=sig, constexprs=const,
                                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]
 

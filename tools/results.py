@@ -9,6 +9,8 @@ Two tasks, same seed and data order for every recipe:
 
 Recipes: exact, qat, ptq/psq/bhq at 8, 5 and 4 bits, int8. Quantization runs in reference mode
 (simulated: the numerics of FQT, not its speed), so "time per step" is the simulation's cost.
+
+matplotlib and the demo's data are imported when a plot or a run needs them.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ The model comes from ``path/to/script.py:factory`` returning ``(model, loss_fn, 
 the per-layer table (sampling vs quantization variance, profile, bias test), the per-quantizer
 table (exact vs Monte Carlo vs bound), a bits sweep and the bit-width advice; with ``--out``,
 writes PNG plots (matplotlib, an optional extra: ``pip install 'fqt[plots]'``).
+
+matplotlib is imported only when a plot is asked for (an optional dependency).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fqt_compiler.bhq import _counts, bhq_transform
+from fqt_compiler.bhq import group_counts, bhq_transform
 from fqt_compiler.grid import draw_seed
 from fqt_compiler.layout import Layout, from_natural_2d, natural_2d, shape_scale
 from fqt_compiler.specs import Granularity, QuantSpec, Transform
@@ -41,8 +41,8 @@ def _group_projection_kernel(
     SCALED: tl.constexpr,  # multiply each row by s first (forward transform) or not (inverse)
     BLOCK_D: tl.constexpr,
 ):
-    g = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    g = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     start = tl.load(starts_ptr + g)
     end = tl.load(starts_ptr + g + 1)
@@ -67,8 +67,8 @@ def _reflect_kernel(
     # meta-parameters
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask = rows < R
     mask = rmask[:, None] & (cols < D)[None, :]
     z = tl.load(z_ptr + rows[:, None] * stride_zr + cols[None, :] * stride_zc, mask=mask, other=0.0).to(tl.float32)
@@ -84,7 +84,7 @@ def _projections(m: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch
     n, d = m.shape
     order = torch.sort(group, stable=True).indices
     starts = torch.zeros(n + 1, dtype=torch.int64, device=m.device)
-    starts[1:] = torch.cumsum(_counts(group, n), 0)
+    starts[1:] = torch.cumsum(group_counts(group, n), 0)
     proj = torch.empty((n, d), dtype=torch.float32, device=m.device)
     _group_projection_kernel[(n, triton.cdiv(d, 64))](
         m, proj, order, starts, u, s if s is not None else u, d, m.stride(0), m.stride(1), proj.stride(0),
@@ -118,12 +118,12 @@ def bhq_quantize(
         row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
         quantize_rows_kernel[(triton.cdiv(n, 16),)](
             m, codes, scale, zp, offset, scale, seed,
-            group, u, s, proj, codes,
+            group, u, s, proj,
             n, d,
-            m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0), 0, 0,
+            m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0),
             SCHEME=SCHEME_ID[row_spec.scheme], FP8=0, STOCHASTIC=row_spec.is_stochastic, STATS_GIVEN=False,
             QMAX=float(row_spec.qmax), LEVELS=row_spec.levels, CODE_OFFSET=row_spec.code_offset,
-            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, WRITE_T=False, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,
+            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,
         )
     stats = [shape_scale(v, x.shape, Granularity.ROW, layout) for v in (scale, zp, offset)]
     return (from_natural_2d(codes, x.shape, layout), *stats, group, u, s)

@@ -71,7 +71,7 @@ def rows_kernel(
     WRITE_HP: tl.constexpr, WRITE_CODES2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     nan, amax, mn, mx = empty_row_stats(BLOCK_R)
     if STATS_GIVEN == 1:  # per tensor, from the partials kernel or a GEMM epilogue
@@ -80,7 +80,7 @@ def rows_kernel(
         nan, amax, mn, mx = given_row_stats(stats_ptr, rows, rmask, SCHEME, BLOCK_R)
     else:
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
             mask = rmask[:, None] & (cols < C)[None, :]
 {chain}
             if WRITE_HP:
@@ -92,7 +92,7 @@ def rows_kernel(
     tl.store(offset_ptr + rows, offset, mask=rmask)
     seed = tl.load(seed_ptr).to(tl.int64)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         mask = rmask[:, None] & (cols < C)[None, :]
 {chain}
         code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
@@ -112,11 +112,11 @@ def partials_kernel(
     SYMMETRIC: tl.constexpr, WRITE_HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     nan, amax, mn, mx = empty_row_stats(BLOCK_R)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         mask = rmask[:, None] & (cols < C)[None, :]
 {chain}
         if WRITE_HP:
@@ -227,7 +227,7 @@ def fused_quantize(
     (contiguous; empty unless ``write_hp``) and the column-major codes (empty unless ``BOTH``).
 
     ``partials``: the statistics of the chain's value, already gathered by the GEMM producing
-    leaf 0 (``qmm_epilogue`` with statistics), per grouped row and slot: (rows, slots, 3)
+    leaf 0 (``qmm_fused`` with statistics), per grouped row and slot: (rows, slots, 3)
     as [amax, nan, -] (symmetric) or [min, max, nan]. The statistics pass is skipped."""
     if spec.transform is not Transform.NONE or spec.granularity is Granularity.BLOCK:
         raise ValueError(f"fused quantize handles tensor/row/column scales without transforms, not {spec.short()}")

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["qmm", "qmm_tile", "autotune_configs", "FP8_PROMOTE_K", "FP8_DTYPES"]
+__all__ = ["qmm", "qmm_kernel", "qmm_tile", "autotune_configs", "FP8_PROMOTE_K", "FP8_DTYPES"]
 
 # The most K elements an fp8 tile accumulates in the tensor cores' reduced-precision fp8
 # accumulator before its sum is added to a full fp32 accumulator (``max_num_imprecise_acc`` of
@@ -58,9 +58,9 @@ def qmm_tile(
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     if IS_INT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
@@ -111,7 +111,7 @@ def qmm_tile(
 
 
 @triton.jit
-def _qmm_kernel(
+def qmm_kernel(
     # pointers
     a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, oa_ptr, ob_ptr, bias_ptr,
     # sizes
@@ -139,7 +139,7 @@ _TUNED: dict[str, object] = {}
 def _kernel_for(device: torch.device):
     key = str(device)
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(configs=autotune_configs(device), key=["M", "N", "K", "IS_INT", "AFFINE"])(_qmm_kernel)
+        _TUNED[key] = triton.autotune(configs=autotune_configs(device), key=["M", "N", "K", "IS_INT", "AFFINE"])(qmm_kernel)
     return _TUNED[key]
 
 

@@ -45,11 +45,11 @@ def _minmax_partials_kernel(
 ):
     """Per-program [amax, nan] (symmetric) or [min, max, nan] partials over BLOCK_R rows."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     nan, amax, mn, mx = empty_row_stats(BLOCK_R)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         mask = rmask[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
         nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SYMMETRIC)
@@ -62,11 +62,11 @@ def quantize_rows_kernel(
     # per-tensor statistics, the random seed; BHQ only: per-row group / u / s and the group
     # projections proj[g] = sum over the group's rows of u * s * x
     x_ptr, codes_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr,
-    group_ptr, u_ptr, s_ptr, proj_ptr, codes_t_ptr,
+    group_ptr, u_ptr, s_ptr, proj_ptr,
     # sizes of the (grouped) matrix: one scale per row
     R, C,
-    # strides of the input, of the codes, of proj, of the transposed copy of the codes
-    stride_xr, stride_xc, stride_cr, stride_cc, stride_pg, stride_tr, stride_tc,
+    # strides of the input, of the codes, of proj
+    stride_xr, stride_xc, stride_cr, stride_cc, stride_pg,
     # meta-parameters
     SCHEME: tl.constexpr,  # 0 symmetric, 1 asymmetric, 2 zero-on-grid
     FP8: tl.constexpr,  # 0 int codes, 1 e4m3, 2 e5m2
@@ -78,11 +78,10 @@ def quantize_rows_kernel(
     FP8_MANT: tl.constexpr,  # fp8 mantissa bits (3 for e4m3, 2 for e5m2)
     FP8_EMIN: tl.constexpr,  # fp8 smallest normal exponent (-6 / -14)
     TRANSFORM: tl.constexpr,  # BHQ: quantize y = s x - 2 u proj[group] instead of x
-    WRITE_T: tl.constexpr,  # also store the codes through (stride_tr, stride_tc) into codes_t_ptr
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     if TRANSFORM:
         t_group = tl.load(group_ptr + rows, mask=rmask, other=0)
@@ -95,7 +94,7 @@ def quantize_rows_kernel(
         nan, amax, mn, mx = given_stats(stats_ptr, SCHEME, BLOCK_R)
     else:
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
             mask = rmask[:, None] & (cols < C)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
             if TRANSFORM:
@@ -109,7 +108,7 @@ def quantize_rows_kernel(
 
     # ---- pass 2: codes
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         mask = rmask[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
         if TRANSFORM:
@@ -117,8 +116,6 @@ def quantize_rows_kernel(
         code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
                            SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
-        if WRITE_T:  # the layout the backward GEMM reads, from the same registers
-            tl.store(codes_t_ptr + rows[:, None] * stride_tr + cols[None, :] * stride_tc, code, mask=mask)
 
 
 def quantize(
@@ -127,13 +124,10 @@ def quantize(
     layout: Layout = Layout.DIM0,
     *,
     seed: torch.Tensor | None = None,
-    transposed: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Triton twin of ``reference.quantize_ref``: codes (x's shape) and the scale, zero point and
     offset. ``seed`` (an int64 tensor of one element) drives stochastic rounding; by default it
-    is drawn from torch's generator. ``transposed=True`` also returns the natural matrix's codes
-    transposed and contiguous (the operand layout of the backward GEMM), written in the same
-    pass from the same registers."""
+    is drawn from torch's generator."""
     # check
     if spec.transform is not Transform.NONE:
         raise ValueError(f"the quantize kernel handles specs without transforms (BHQ: kernels.bhq), not {spec.short()}")
@@ -143,8 +137,6 @@ def quantize(
     m = natural_2d(x, layout)
     n_nat, c_nat = m.shape
     codes_nat = torch.empty(m.shape, dtype=spec.code_dtype, device=x.device)
-    codes_t = torch.empty((c_nat, n_nat), dtype=spec.code_dtype, device=x.device) if transposed else codes_nat
-    t_strides = (codes_t.stride(1), codes_t.stride(0)) if transposed else (0, 0)
     per_column = spec.granularity is Granularity.COLUMN
     block = spec.granularity is Granularity.BLOCK
     if block:
@@ -156,11 +148,8 @@ def quantize(
         g = torch.cat([m, m[:, :1].expand(n_nat, pad)], dim=1) if pad else m.contiguous()
         g = g.reshape(-1, n)
         c2 = torch.empty(g.shape, dtype=spec.code_dtype, device=x.device)
-        t_strides = (0, 0)
     else:
         g, c2 = (m.t(), codes_nat.t()) if per_column else (m, codes_nat)
-        if per_column and transposed:
-            t_strides = (t_strides[1], t_strides[0])
     n_rows, n_cols = g.shape
     # filled, not empty: a tensor with no elements keeps the reference's statistics of an
     # empty group (scale 0, the code offset as zero point where the scheme has one)
@@ -188,22 +177,19 @@ def quantize(
         fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
         quantize_rows_kernel[(triton.cdiv(n_rows, 16),)](
             g, c2, scale, zp, offset, stats, seed,
-            scale, scale, scale, scale, codes_t,  # BHQ inputs: unused here
+            scale, scale, scale, scale,  # BHQ inputs: unused here
             n_rows, n_cols,
-            g.stride(0), g.stride(1), c2.stride(0), c2.stride(1), 0, *t_strides,
+            g.stride(0), g.stride(1), c2.stride(0), c2.stride(1), 0,
             SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=stochastic, STATS_GIVEN=per_tensor,
             QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
             FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-            TRANSFORM=False, WRITE_T=transposed and not block, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,
+            TRANSFORM=False, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,
         )
     if block:
         codes_nat.copy_(c2.reshape(n_nat, -1)[:, :c_nat])
-        if transposed:
-            codes_t.copy_(codes_nat.t())
         stats_out = [t.reshape(n_nat, -1) for t in (scale, zp, offset)]
     else:
         keep = 1 if per_tensor else n_rows  # per tensor: every row stored the same numbers
         scale, zp, offset = scale[:keep], zp[:keep], offset[:keep]
         stats_out = [shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)]
-    out = (from_natural_2d(codes_nat, x.shape, layout), *stats_out)
-    return (*out, codes_t) if transposed else out
+    return (from_natural_2d(codes_nat, x.shape, layout), *stats_out)

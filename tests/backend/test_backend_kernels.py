@@ -15,7 +15,7 @@ import fqt_compiler as fqt
 
 from tests.helpers.recipes import nearest_gradients
 
-from .models import make_case, param_grads
+from tests.helpers.models import make_case, param_grads
 
 
 def _run(case, **options):

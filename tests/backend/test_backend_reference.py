@@ -1,8 +1,8 @@
 """The ``fqt`` backend end to end in reference mode, against hand-written references.
 
 * ``exact`` equals plain eager autograd; ``qat`` equals a hand-written fake-quant model with a
-  straight-through estimator (QUANTIZERS.md 2.1);
-* Theorem 1 (QUANTIZERS.md 4): the mean of many FQT gradients on one minibatch converges to the
+  straight-through estimator (docs/quantizers.md §2.1);
+* Theorem 1 (docs/quantizers.md §4): the mean of many FQT gradients on one minibatch converges to the
   QAT gradient, while single FQT gradients differ from it;
 * biprecision: grad_input and grad_weight get independent quantizations of grad_output;
 * reproducibility under ``torch.manual_seed``; the no-grad / eval path quantizes the forward;
@@ -22,7 +22,7 @@ import fqt_compiler as fqt
 from fqt_compiler.sites import GemmStatus, SkipKind
 from fqt_compiler.specs import GemmKind, TensorRole
 
-from .models import CNN, MLP, GPTBlock, SDPABlock, SharedInputLinears, make_case, param_grads
+from tests.helpers.models import CNN, MLP, GPTBlock, SDPABlock, SharedInputLinears, make_case, param_grads
 
 MODEL_NAMES = ["mlp", "cnn", "gpt"]
 
@@ -97,7 +97,7 @@ def qat_mlp(m: MLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def qat_cnn(m: CNN, x: torch.Tensor) -> torch.Tensor:
-    # BatchNorm, ReLU, the residual add and the pooling run in full precision (QUANTIZERS.md 2.1)
+    # BatchNorm, ReLU, the residual add and the pooling run in full precision (docs/quantizers.md §2.1)
     h = F.relu(m.bn1(qconv(x, m.conv1)))
     r = F.relu(m.bn2(qconv(h, m.gconv)))
     r = m.bn3(qconv(qconv(r, m.dwconv), m.pwconv))

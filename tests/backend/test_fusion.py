@@ -14,7 +14,7 @@ import fqt_compiler as fqt
 from fqt_compiler.codegen import FusedEpilogue, FusedQuantize
 from fqt_compiler.config import Fusion
 
-from .models import make_case, param_grads
+from tests.helpers.models import make_case, param_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,7 +185,7 @@ def test_coverage_models_agree_fused_and_unfused(name):
 def test_standalone_cpu_quantizer_survives_many_shapes():
     """Regression: the ``fusion="off"`` CPU baseline compiled one function for every shape and
     hit Dynamo's recompile limit (a hard error under fullgraph) at the ninth shape."""
-    from fqt_compiler.codegen.ops import _standalone_cpu
+    from fqt_compiler.codegen.kernel_ops import _standalone_cpu
     from fqt_compiler.layout import Layout
     from fqt_compiler.reference import quantize_ref
     from fqt_compiler.specs import QuantSpec
@@ -201,22 +201,22 @@ def test_standalone_cpu_quantizer_survives_many_shapes():
 
 def _operand_strides(monkeypatch) -> list:
     """Record the strides of every low-bit GEMM's operands as the GEMMs run."""
-    import fqt_compiler.codegen.kernels.qmm_epilogue as qe
-    import fqt_compiler.codegen.ops as ops
+    import fqt_compiler.codegen.kernels.qmm_fused as qe
+    import fqt_compiler.codegen.kernel_ops as ops
 
     seen = []
-    plain, epi = ops.qmm_cpu, qe.qmm_epilogue
+    plain, epi = ops.qmm_cpu, qe.qmm_fused
 
     def qmm_cpu(a, sa, za, oa, b, *rest):
         seen.append((tuple(a.shape), a.stride(), tuple(b.shape), b.stride()))
         return plain(a, sa, za, oa, b, *rest)
 
-    def qmm_epilogue(a, sa, za, oa, b, *rest):
+    def qmm_fused(a, sa, za, oa, b, *rest):
         seen.append((tuple(a.shape), a.stride(), tuple(b.shape), b.stride()))
         return epi(a, sa, za, oa, b, *rest)
 
     monkeypatch.setattr(ops, "qmm_cpu", qmm_cpu)
-    monkeypatch.setattr(qe, "qmm_epilogue", qmm_epilogue)
+    monkeypatch.setattr(qe, "qmm_fused", qmm_fused)
     return seen
 
 

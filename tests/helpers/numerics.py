@@ -1,6 +1,6 @@
 """Numerical helpers for the quantizer tests: exact and Monte-Carlo variance, error bounds.
 
-Everything here is written from QUANTIZERS.md, not from the library's internals, except that the
+Everything here is written from docs/quantizers.md, not from the library's internals, except that the
 per-group scale / zero point / offset (and the BHQ transform) are *read* from the library's
 outputs (``quantize_ref`` and ``bhq_transform``) so that the formulas are evaluated at exactly the
 grid the library used.
@@ -8,10 +8,10 @@ grid the library used.
 Conventions (public :func:`fqt_compiler.quantize`): rows are dim 0, the rest is flattened.
 
 * Stochastic rounding of a scalar with pre-rounding value ``v`` on a grid of step ``step``:
-  ``f = v - floor(v)``, ``Var = f (1 - f) step**2`` (QUANTIZERS.md 3.1).
+  ``f = v - floor(v)``, ``Var = f (1 - f) step**2`` (docs/quantizers.md §3.1).
 * BHQ: ``X_hat = T^-1 Q_row(T X)``, so the per-entry variance of X_hat is
   ``sum_j (T^-1)_ij**2 * Var(Q_row(Y)_jd)`` and the total is
-  ``sum_j ||T^-1 e_j||**2 * sum_d f_jd (1 - f_jd) step_j**2`` (QUANTIZERS.md 3.5 / 7.2).
+  ``sum_j ||T^-1 e_j||**2 * sum_d f_jd (1 - f_jd) step_j**2`` (docs/quantizers.md §3.5, §6 claim 2).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def exact_entry_variance(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def exact_variance(x: torch.Tensor, spec: QuantSpec) -> float:
-    """Var[Q(X)] = trace of the covariance = sum over entries (QUANTIZERS.md 1, 3, 7.2)."""
+    """Var[Q(X)] = trace of the covariance = sum over entries (docs/quantizers.md §1, §3, §6 claim 2)."""
     return exact_entry_variance(x, spec).sum().item()
 
 
@@ -177,7 +177,7 @@ def mc_variance(x: torch.Tensor, spec: QuantSpec, n: int, generator: torch.Gener
 
 # --------------------------------------------------------------------------- the paper's code, restated
 def paper_activation_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """The reference code's activation quantizer (QUANTIZERS.md 2.1), fp64, per tensor."""
+    """The reference code's activation quantizer (docs/quantizers.md §2.1), fp64, per tensor."""
     x = x.to(torch.float64)
     B = 2**bits - 1
     z = x.min() - 1e-8
@@ -187,7 +187,7 @@ def paper_activation_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def paper_weight_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """The reference code's zero-on-grid weight quantizer (QUANTIZERS.md 2.1), fp64, per tensor.
+    """The reference code's zero-on-grid weight quantizer (docs/quantizers.md §2.1), fp64, per tensor.
 
     Only defined when the tensor has a negative entry and qzero >= 1 (the code NaNs otherwise).
     """

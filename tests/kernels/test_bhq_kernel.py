@@ -9,9 +9,9 @@ from fqt_compiler.codegen.kernels.bhq import bhq_inverse, bhq_quantize
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.layout import Layout
 from fqt_compiler.specs import QuantSpec
-from tests.conftest import DEVICE
+from tests.helpers.device import DEVICE
 
-from .test_quantize_kernel import assert_same
+from tests.helpers.kernel_cases import assert_same
 
 SPEC = QuantSpec(format="int", bits=4, scheme="asym", granularity="row", transform="bhq", rounding="stochastic")
 

@@ -12,7 +12,7 @@ from fqt_compiler.codegen.kernels.fused import fused_quantize
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Rounding, Scheme
-from tests.conftest import DEVICE
+from tests.helpers.device import DEVICE
 from tests.helpers.sm90 import compile_without_interpreter
 
 SPECS = [
@@ -134,7 +134,7 @@ print("PTX" if "ptx" in out.asm else "NO PTX", "CUBIN" if out.asm.get("cubin") e
 import torch
 from fqt_compiler.codegen.fusion_program import Program
 from fqt_compiler.codegen.kernels.fused import load_source
-from fqt_compiler.codegen.kernels.qmm_epilogue import generate_epilogue_source
+from fqt_compiler.codegen.kernels.qmm_fused import generate_epilogue_source
 
 prog = Program((8, 16), (("mul", (("L", 0), 0.5), "bfloat16", "none"), ("add", (("V", 0), ("L", 1)), "bfloat16", "none"),
                          ("gelu", (("V", 1),), "bfloat16", "tanh")), 2)
@@ -171,11 +171,11 @@ def test_generated_kernels_compile_for_sm90():
 def test_epilogue_fused_gemm_equals_gemm_then_consumers(pair, out_dtype):
     """qmm -> (* 0.5, + residual, relu) in one generated kernel, against the GEMM stored in its
     dtype and the consumers op by op: bit for bit."""
-    from fqt_compiler.codegen.kernels.qmm_epilogue import qmm_epilogue
+    from fqt_compiler.codegen.kernels.qmm_fused import qmm_fused
     from fqt_compiler.reference import qmm_ref
-    from tests.kernels.test_qmm_kernel import PAIRS, _operands
+    from tests.helpers.kernel_cases import PAIRS, qmm_operands
 
-    args, _ = _operands(33, 70, 40, *PAIRS[pair], DEVICE)
+    args, _ = qmm_operands(33, 70, 40, *PAIRS[pair], DEVICE)
     name = str(out_dtype).split(".")[1]
     residual = torch.randn(3, 11, 40, generator=torch.Generator().manual_seed(5)).to(DEVICE, out_dtype)
     prog = Program(
@@ -184,7 +184,7 @@ def test_epilogue_fused_gemm_equals_gemm_then_consumers(pair, out_dtype):
          ("relu", (("V", 1),), name, "none")),
         2,
     )
-    got = qmm_epilogue(*args, out_dtype, [residual], prog)
+    got = qmm_fused(*args, out_dtype, [residual], prog)
     gemm = qmm_ref(*args, out_dtype=out_dtype).view(3, 11, 40)
     want = run_reference(prog, [gemm, residual])
     assert got.dtype == want.dtype and torch.equal(got.view(3, 11, 40), want)
@@ -282,11 +282,11 @@ def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric
     (or per-column) partial statistics; reduced over the slots they are exactly the
     quantizer's statistics pass (33 x 70 leaves ragged last tiles whose padding the chain maps
     to -3)."""
-    from fqt_compiler.codegen.epilogue import reference_partials
-    from fqt_compiler.codegen.kernels.qmm_epilogue import qmm_epilogue
-    from tests.kernels.test_qmm_kernel import PAIRS, _operands
+    from fqt_compiler.codegen.kernel_ops import reference_partials
+    from fqt_compiler.codegen.kernels.qmm_fused import qmm_fused
+    from tests.helpers.kernel_cases import PAIRS, qmm_operands
 
-    args, _ = _operands(33, 40, 70, *PAIRS[pair], DEVICE)
+    args, _ = qmm_operands(33, 40, 70, *PAIRS[pair], DEVICE)
     name = str(out_dtype).split(".")[1]
     prog = Program((33, 70), (("convert", (("L", 0),), name, "none"),), 1)
     steps = (("add", (("L", 0), 1.5), name, "none"), ("mul", (("V", 0), -2.0), name, "none"))
@@ -295,7 +295,7 @@ def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric
         steps += (("mul", (("V", 1), ("L", 1)), name, "none"),)
         qleaves = [torch.randn(70, 33, generator=torch.Generator().manual_seed(6)).to(DEVICE, out_dtype).t()]  # any strides
     quant = Program((33, 70), steps, 2 if other_leaf else 1)
-    out, partials = qmm_epilogue(*args, out_dtype, [], prog, quant, symmetric, columns, qleaves)
+    out, partials = qmm_fused(*args, out_dtype, [], prog, quant, symmetric, columns, qleaves)
     value = run_reference(quant, [out, *qleaves])
     ref = reference_partials(value.t() if columns else value, partials.shape[1], symmetric)
     assert partials.shape[0] == (70 if columns else 33)
@@ -313,7 +313,7 @@ def test_given_partials_replace_the_statistics_pass(spec, write_hp):
     """With partials the quantizer skips its statistics pass: the codes (and the high-precision
     value, written in the codes pass then) equal the unfused ones when the partials are right,
     and follow the partials when they are not."""
-    from fqt_compiler.codegen.epilogue import reference_partials
+    from fqt_compiler.codegen.kernel_ops import reference_partials
 
     x = torch.randn(15, 24, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     prog = Program((15, 24), (("mul", (("L", 0), 0.5), "float32", "none"), ("add", (("V", 0), 0.25), "float32", "none")), 1)
@@ -336,9 +336,9 @@ def test_epilogue_statistics_op_reference_path_equals_the_kernel(monkeypatch):
     """``fqt::qmm_epilogue_stats`` off Triton (the eager path: GEMM, chain, statistics in torch)
     and under the interpreter agree once the slots are reduced."""
     from fqt_compiler.codegen.epilogue import qmm_epilogue_stats_op as op
-    from tests.kernels.test_qmm_kernel import PAIRS, _operands
+    from tests.helpers.kernel_cases import PAIRS, qmm_operands
 
-    args, _ = _operands(33, 40, 70, *PAIRS["int8-sym-row"], "cpu")
+    args, _ = qmm_operands(33, 40, 70, *PAIRS["int8-sym-row"], "cpu")
     prog = Program((33, 70), (("convert", (("L", 0),), "float32", "none"),), 1)
     quant = Program((33, 70), (("mul", (("L", 0), ("L", 1)), "float32", "none"),), 2)
     other = torch.randn(33, 70, generator=torch.Generator().manual_seed(8))

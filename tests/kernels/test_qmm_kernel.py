@@ -7,38 +7,18 @@ import pytest
 import torch
 
 from fqt_compiler.codegen.kernels.qmm import qmm
-from fqt_compiler.codegen.ops import qmm_cpu, qmm_op
+from fqt_compiler.codegen.kernel_ops import qmm_cpu, qmm_op
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
-from tests.conftest import DEVICE
+from tests.helpers.device import DEVICE
+from tests.helpers.kernel_cases import PAIRS, qmm_operands
 from tests.helpers.sm90 import compile_without_interpreter
-
-PAIRS = {
-    "int8-sym-row": (QuantSpec(granularity="row"), QuantSpec(granularity="row")),
-    "paper-asym-zog-tensor": (QuantSpec(scheme="asym"), QuantSpec(scheme="zog")),
-    "int4-asym-row": (QuantSpec(scheme="asym", granularity="row", bits=4), QuantSpec(scheme="asym", granularity="row")),
-    "sym-tensor-x-zog-row": (QuantSpec(), QuantSpec(scheme="zog", granularity="row", bits=5)),
-}
-
-
-def _operands(m, k, n, a_spec, b_spec, device):
-    g = torch.Generator().manual_seed(m * 100 + n)
-    x = torch.randn(m, k, generator=g).to(device) * 2 + 0.5
-    w = torch.randn(n, k, generator=g).to(device)
-    qa = quantize_ref(x, a_spec, Layout.PENULTIMATE)  # per row of A
-    qb = quantize_ref(w.t(), b_spec, Layout.LAST)  # per column of B = per row of W
-    affine = a_spec.scheme.value != "sym" or b_spec.scheme.value != "sym"
-    a_args = (qa[0], qa[1], qa[2] if affine else None, qa[3] if affine else None)
-    b_args = (qb[0], qb[1], qb[2] if affine else None, qb[3] if affine else None)
-    bias = torch.randn(n, generator=g).to(device)
-    return (*a_args, *b_args, bias), (qa, qb)
-
 
 @pytest.mark.parametrize("pair", PAIRS, ids=str)
 @pytest.mark.parametrize("mkn", [(5, 7, 3), (33, 70, 40), (1, 1, 1), (64, 16, 1)], ids=str)
 def test_qmm_kernel_matches_reference_bitwise(pair, mkn):
-    args, _ = _operands(*mkn, *PAIRS[pair], DEVICE)
+    args, _ = qmm_operands(*mkn, *PAIRS[pair], DEVICE)
     ref = qmm_ref(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
     assert torch.equal(qmm(*args).cpu(), ref)
 
@@ -46,14 +26,14 @@ def test_qmm_kernel_matches_reference_bitwise(pair, mkn):
 @pytest.mark.parametrize("pair", PAIRS, ids=str)
 @pytest.mark.parametrize("mkn", [(5, 7, 3), (128, 96, 80)], ids=str)
 def test_qmm_cpu_int_mm_path_matches_reference_bitwise(pair, mkn):
-    args, _ = _operands(*mkn, *PAIRS[pair], "cpu")
+    args, _ = qmm_operands(*mkn, *PAIRS[pair], "cpu")
     assert torch.equal(qmm_cpu(*args, torch.float32), qmm_ref(*args))
     assert torch.equal(qmm_op(*args, torch.float32), qmm_ref(*args))
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=str)
 def test_qmm_matches_dequantize_then_matmul(pair):
-    args, (qa, qb) = _operands(48, 64, 24, *PAIRS[pair], "cpu")
+    args, (qa, qb) = qmm_operands(48, 64, 24, *PAIRS[pair], "cpu")
     dq_a = (qa[0].float() - qa[2]) * qa[1] + qa[3]
     dq_b = (qb[0].float() - qb[2]) * qb[1] + qb[3]
     expected = dq_a.double() @ dq_b.double() + args[-1].double()
@@ -63,7 +43,7 @@ def test_qmm_matches_dequantize_then_matmul(pair):
 
 
 def test_qmm_out_dtype_and_errors():
-    args, _ = _operands(8, 8, 8, *PAIRS["int8-sym-row"], "cpu")
+    args, _ = qmm_operands(8, 8, 8, *PAIRS["int8-sym-row"], "cpu")
     assert qmm_ref(*args, out_dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="2-D GEMM"):
         qmm(args[0], args[1], None, None, args[4][:3], args[5], None, None)  # K = 8 against 3

@@ -10,7 +10,8 @@ from fqt_compiler.grid import hash_uniform
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
-from tests.conftest import DEVICE
+from tests.helpers.device import DEVICE
+from tests.helpers.kernel_cases import assert_same
 
 SPECS = [
     QuantSpec(format="int", scheme="sym", granularity="row"),
@@ -28,22 +29,6 @@ CASES = [
     ((5, 70), Layout.DIM0), ((1, 9), Layout.PENULTIMATE), ((2, 3, 17), Layout.PENULTIMATE), ((2, 17, 3), Layout.LAST),
     ((33, 1), Layout.LAST),
 ]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
-
-
-def assert_same(kernel_out, ref_out):
-    """Bitwise equal; NaN statistics must be NaN on both sides (torch.equal says NaN != NaN)."""
-    for k, r, name in zip(kernel_out, ref_out, ("codes", "scale", "zero_point", "offset")):
-        assert k.shape == r.shape, name
-        assert k.dtype == r.dtype, name
-        k, r = k.cpu(), r.cpu()
-        if k.dtype.is_floating_point and k.element_size() > 1:
-            assert torch.equal(k.isnan(), r.isnan()), name
-            k, r = torch.nan_to_num(k, nan=0.0), torch.nan_to_num(r, nan=0.0)
-        assert torch.equal(_bits(k), _bits(r)), name
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short().replace(" ", "-"))
@@ -98,17 +83,6 @@ def test_quantize_kernel_block_scales(spec, cols):
     x = torch.randn(5, cols, generator=torch.Generator().manual_seed(cols)).to(DEVICE) * 4
     seed = torch.tensor([3], device=DEVICE)
     assert_same(quantize(x, spec, Layout.DIM0, seed=seed), quantize_ref(x, spec, Layout.DIM0, seed=seed))
-
-
-@pytest.mark.parametrize("spec", [SPECS[0], SPECS[2], SPECS[3]], ids=lambda s: s.short().replace(" ", "-"))
-@pytest.mark.parametrize("layout,shape", [(Layout.PENULTIMATE, (9, 20)), (Layout.LAST, (20, 9))], ids=str)
-def test_quantize_kernel_writes_the_transposed_copy_in_the_same_pass(spec, layout, shape):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    seed = torch.tensor([4], device=DEVICE)
-    *out, codes_t = quantize(x, spec, layout, seed=seed, transposed=True)
-    assert_same(out, quantize_ref(x, spec, layout, seed=seed))
-    natural = out[0] if layout is Layout.PENULTIMATE else out[0].t()
-    assert codes_t.is_contiguous() and torch.equal(codes_t.cpu(), natural.t().cpu())
 
 
 def test_quantize_kernel_rejects_what_it_cannot_do():

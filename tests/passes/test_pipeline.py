@@ -29,7 +29,7 @@ from fqt_compiler.specs import GemmKind, TensorRole
 from fqt_compiler.passes.dedupe import Dedupe
 from fqt_compiler.passes.verify import verify_graph
 
-from tests.backend.models import SharedInputLinears, make_case
+from tests.helpers.models import SharedInputLinears, make_case
 
 aten = torch.ops.aten
 QUANTIZE = torch.ops.fqt.quantize.default
@@ -181,7 +181,8 @@ def test_quantize_node_counts_before_and_after(name):
     n_sites, n_quantize, n_stochastic = EXPECTED[name]
     # the rewrite passes, then (kernels mode, fusion on: the defaults) the saved codes' layout
     assert ctx.ran == ["find_sites", "select_specs", "insert_qdq", "dedupe", "mark_saved_codes"]
-    assert [t for t, _ in ctx.graph_texts] == ["input", *ctx.ran]
+    # the graph after each rewrite pass (mark_saved_codes only sets metadata)
+    assert [t for t, _ in ctx.graph_texts] == ["input", *ctx.ran[:4]]
     assert len(ctx.decisions) == n_sites
     assert ctx.counters["dedupe.merged"] == 0
     assert count(gm, QUANTIZE) == n_quantize

@@ -28,57 +28,19 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fqt_compiler.ops import QUANTIZE_OPS, quantize_fake
-from fqt_compiler.layout import Layout
-from fqt_compiler.reference import quantize_ref
+from fqt_compiler.ops import QUANTIZE_OPS
 from fqt_compiler.specs import Granularity, QuantSpec, Transform
 from fqt_compiler.passes.graph_utils import RESHAPES, call, rewire, static_tensor
 
-from fqt_compiler.codegen.fusion_program import OPS, Program, build_program, dtype_name, run_reference
-from fqt_compiler.codegen.memory_order import SAVED_LAYOUT, CodeLayout, alloc_like
-from fqt_compiler.codegen.ops import triton_here
+from fqt_compiler.codegen.fusion_program import OPS, Program, build_program, dtype_name
+from fqt_compiler.codegen.memory_order import SAVED_LAYOUT, CodeLayout
+from fqt_compiler.codegen.kernel_ops import fused_quantize_op
 
-__all__ = ["FusedQuantize", "fuse_prologues", "fused_quantize_op", "fusable_quantize", "identity_program"]
+__all__ = ["FusedQuantize", "fuse_prologues", "fusable_quantize", "identity_program"]
 
 aten = torch.ops.aten
 
 
-@torch.library.custom_op("fqt::fused_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _fused_quantize(
-    leaves: list[torch.Tensor], program: str, shape: list[int], spec: str, layout: int, write_hp: bool, code_layout: int,
-    partials: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    prog, parsed, lay, cl = Program.loads(program), QuantSpec.from_key(spec), Layout(layout), CodeLayout(code_layout)
-    if triton_here(leaves[0]):
-        from fqt_compiler.codegen.kernels.fused import fused_quantize
-
-        out = fused_quantize(list(leaves), prog, tuple(shape), parsed, lay, write_hp, code_layout=cl, partials=partials)
-    else:  # the unfused computation: the chain op by op, then the reference quantizer (which
-        # recomputes any statistics a GEMM epilogue gathered: the same values)
-        x = run_reference(prog, list(leaves)).reshape(shape)
-        codes, scale, zp, offset = quantize_ref(x, parsed, lay)
-        col = (alloc_like(tuple(shape), codes.dtype, codes.device, True).copy_(codes) if cl is not CodeLayout.NATURAL
-               else codes.new_empty((0,)))
-        out = (col if cl is CodeLayout.COLUMN_MAJOR else codes, scale, zp, offset, x if write_hp else x.new_empty((0,)),
-               col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
-    # outputs keep the memory order the fake declares: column-major codes stay column-major
-    return tuple(
-        t if i == 0 and cl is CodeLayout.COLUMN_MAJOR or i == 5 else t.contiguous().clone() if 0 < i < 4 else t.contiguous()
-        for i, t in enumerate(out)
-    )
-
-
-@_fused_quantize.register_fake
-def _fused_quantize_fake(leaves, program, shape, spec, layout, write_hp, code_layout, partials=None):
-    prog, cl = Program.loads(program), CodeLayout(code_layout)
-    x = leaves[0].new_empty(shape, dtype=prog.dtype)
-    codes, scale, zp, offset = quantize_fake(x, spec, layout)
-    col = alloc_like(tuple(shape), codes.dtype, codes.device, True) if cl is not CodeLayout.NATURAL else codes.new_empty((0,))
-    return (col if cl is CodeLayout.COLUMN_MAJOR else codes, scale, zp, offset, x.new_empty(shape if write_hp else (0,)),
-            col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
-
-
-fused_quantize_op = torch.ops.fqt.fused_quantize.default
 
 
 @dataclass(frozen=True)
