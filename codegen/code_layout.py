@@ -21,7 +21,7 @@ from torch import fx
 from fqt_compiler.layout import Layout
 from fqt_compiler.specs import GemmKind
 from fqt_compiler.sites import GemmNodeInfo
-from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call, fake_eval, rewire
+from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, arg_index, call, fake_eval, rewire
 
 from fqt_compiler.codegen.epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
 from fqt_compiler.codegen.prologue import fusable_quantize, fused_quantize_op, identity_program
@@ -114,59 +114,81 @@ def choose_code_layouts(gm: fx.GraphModule, include_cpu: bool = False) -> list[L
         fused = q.op == "call_function" and q.target is fused_quantize_op
         if not (fused and arg(q, "code_layout") == int(CodeLayout.NATURAL) or fusable_quantize(q)):
             continue
-        codes = next((u for u in q.users if u.target is operator.getitem and u.args[1] == 0), None)
+        codes = _codes_of(q)
         if codes is None or (codes.meta["val"].device.type != "cuda" and not include_cpu):
             continue
-        val = codes.meta["val"]
-        shape, layout = tuple(val.shape), Layout(arg(q, "layout"))
-        if not column_major_ok(shape, layout):
+        if not column_major_ok(tuple(codes.meta["val"].shape), Layout(arg(q, "layout"))):
             continue
-        nat = torch.empty(shape, dtype=val.dtype, device="meta")
-        col = alloc_like(shape, val.dtype, "meta", True)
-        saved_col = codes.meta.get(SAVED_LAYOUT) is CodeLayout.COLUMN_MAJOR  # read by the backward as B
-
-        def wants(path, user, op) -> tuple[bool, bool]:
-            if op is not None:
-                return _k_major(nat, path, op), _k_major(col, path, op)
-            if user.op == "output" and not path and saved_col:
-                return False, True
-            return True, False  # any other reader: the natural order
-
-        uses = [(path, user, op, *wants(path, user, op)) for path, user, op in _uses(codes)]
+        uses = _readers(codes)
         want = [u for u in uses if u[4] and not u[3]]
         if not want:
             continue
         choice = CodeLayout.COLUMN_MAJOR if all(u[4] for u in uses) else CodeLayout.BOTH
-        if fused:
-            q.update_arg(6, int(choice))
-        else:  # a standalone quantizer: the fused kernel with nothing to fuse
-            x, key, lay = q.args
-            with gm.graph.inserting_before(q):
-                new = call(gm.graph, fused_quantize_op,
-                           ([x], identity_program(x.meta["val"].shape, x.meta["val"].dtype).dumps(), list(x.meta["val"].shape),
-                            key, lay, False, int(choice)), like=q, info=q.meta.get("fqt"))
-            rewire(gm, q, new, x.meta["val"].fake_mode, keep_meta=(SAVED_LAYOUT,))
-            q = new
-            codes = next(u for u in q.users if u.target is operator.getitem and u.args[1] == 0)
-        q.meta["val"] = fake_eval(q.target, q.args, q.kwargs)
-        _refresh_downstream(gm, {q})
+        q = _set_code_layout(gm, q, choice)
         if choice is CodeLayout.BOTH:
-            with gm.graph.inserting_after(q):
-                codes2 = call(gm.graph, operator.getitem, (q, 5), like=q)
-            for path, user, op, _, _ in want:
-                if user.op == "output":  # saved for the backward in the order it reads
-                    user.replace_input_with(codes, codes2)
-                    continue
-                operand = codes2
-                with gm.graph.inserting_before(user):
-                    for view in path:
-                        operand = call(gm.graph, view.target, (operand, *view.args[1:]), dict(view.kwargs), like=view)
-                user.update_arg(op, operand)
+            _read_column_major_copy(gm, q, codes if fused else _codes_of(q), want)
         choices.append(LayoutChoice(q.name, choice, tuple(u[1].name for u in want)))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return choices
+
+
+def _codes_of(q: fx.Node) -> fx.Node | None:
+    """The ``getitem`` reading a quantizer's codes (output 0)."""
+    return next((u for u in q.users if u.target is operator.getitem and u.args[1] == 0), None)
+
+
+def _readers(codes: fx.Node) -> list[tuple]:
+    """Every read of ``codes``: (view path, reader, GEMM operand or None, K-major in the natural
+    order, K-major column-major)."""
+    val = codes.meta["val"]
+    shape = tuple(val.shape)
+    nat = torch.empty(shape, dtype=val.dtype, device="meta")
+    col = alloc_like(shape, val.dtype, "meta", True)
+    saved_col = codes.meta.get(SAVED_LAYOUT) is CodeLayout.COLUMN_MAJOR  # read by the backward as B
+
+    def wants(path, user, op) -> tuple[bool, bool]:
+        if op is not None:
+            return _k_major(nat, path, op), _k_major(col, path, op)
+        if user.op == "output" and not path and saved_col:
+            return False, True
+        return True, False  # any other reader: the natural order
+
+    return [(path, user, op, *wants(path, user, op)) for path, user, op in _uses(codes)]
+
+
+def _set_code_layout(gm: fx.GraphModule, q: fx.Node, choice: CodeLayout) -> fx.Node:
+    """The quantizer writing its codes in ``choice``: a fused one takes it as its ``code_layout``;
+    a standalone one becomes the fused kernel with nothing to fuse."""
+    if q.target is fused_quantize_op:
+        q.update_arg(arg_index(fused_quantize_op, "code_layout"), int(choice))
+    else:
+        x, key, lay = q.args
+        shape = x.meta["val"].shape
+        with gm.graph.inserting_before(q):
+            args = ([x], identity_program(shape, x.meta["val"].dtype).dumps(), list(shape), key, lay, False, int(choice))
+            new = call(gm.graph, fused_quantize_op, args, like=q, info=q.meta.get("fqt"))
+        rewire(gm, q, new, x.meta["val"].fake_mode, keep_meta=(SAVED_LAYOUT,))
+        q = new
+    q.meta["val"] = fake_eval(q.target, q.args, q.kwargs)
+    _refresh_downstream(gm, {q})
+    return q
+
+
+def _read_column_major_copy(gm: fx.GraphModule, q: fx.Node, codes: fx.Node, want: list[tuple]) -> None:
+    """Point the readers that want column-major codes at the quantizer's second copy."""
+    with gm.graph.inserting_after(q):
+        codes2 = call(gm.graph, operator.getitem, (q, 5), like=q)
+    for path, user, op, _, _ in want:
+        if user.op == "output":  # saved for the backward in the order it reads
+            user.replace_input_with(codes, codes2)
+            continue
+        operand = codes2
+        with gm.graph.inserting_before(user):
+            for view in path:
+                operand = call(gm.graph, view.target, (operand, *view.args[1:]), dict(view.kwargs), like=view)
+        user.update_arg(op, operand)
 
 
 # ---------------------------------------------------------------- codes saved for the backward

@@ -25,7 +25,7 @@ from torch import fx
 from fqt_compiler.layout import Layout
 from fqt_compiler.specs import Granularity, QuantSpec, Scheme
 from fqt_compiler.ops import QUANTIZE_OPS
-from fqt_compiler.passes.graph_utils import PURE_VIEWS, RESHAPES, TRANSPOSES, arg, call, rewire, static_tensor
+from fqt_compiler.passes.graph_utils import PURE_VIEWS, RESHAPES, TRANSPOSES, arg, arg_index, call, rewire, static_tensor
 
 from fqt_compiler.codegen.prologue import fusable_quantize, identity_program
 from fqt_compiler.codegen.fusion_program import OPS, Program, build_program, dtype_name
@@ -182,71 +182,117 @@ def fold_statistics(gm: fx.GraphModule, include_cpu: bool = False) -> list[Fused
     run along (per-tensor: per row); max / min / NaN flags, so exact. The quantizer reads its
     input once (writing its high-precision value, where others read it, in the codes pass).
     One quantizer per GEMM: the first in graph order."""
-
-
     folded: list[FusedEpilogue] = []
     for f in list(gm.graph.nodes):
-        if f.op != "call_function":
-            continue
-        if f.target is fused_quantize_op and len(f.args) < 8:
-            fleaves, quant, key, layout = list(f.args[0]), Program.loads(f.args[1]), f.args[3], f.args[4]
-        elif f.target in QUANTIZE_OPS and fusable_quantize(f):
-            fleaves, key, layout = [f.args[0]], f.args[1], f.args[2]
-            quant = identity_program(f.args[0].meta["val"].shape, f.args[0].meta["val"].dtype)
-        else:
-            continue
-        # the leaf that is a GEMM's whole output (other leaves: residuals, saved activations...)
-        behind = [_gemm_behind(a) if isinstance(a, fx.Node) else None for a in fleaves]
-        j, found = next(((i, b) for i, b in enumerate(behind) if b is not None), (0, None))
-        gval = static_tensor(found[0]) if found is not None else None
-        if (gval is None or tuple(fleaves[j].meta["val"].shape) != tuple(quant.shape)
-                or (gval.device.type != "cuda" and not include_cpu)):
-            continue
-        g, transposed = found
-        x = fleaves[j]
-        spec, shape = QuantSpec.from_key(key), tuple(f.meta["val"][0].shape)
-        axis = _grouped_axis(spec, layout, shape, transposed)
-        if axis is None:
-            continue
-        if g.target is qmm_op:
-            if dtype_name(arg(g, "out_dtype")) is None:
-                continue
-            leaves, program = [], identity_program(gval.shape, arg(g, "out_dtype"))
-        else:
-            leaves, program = list(arg(g, "leaves")), Program.loads(arg(g, "program"))
-        symmetric = spec.scheme is Scheme.SYMMETRIC
-        m, n = tuple(g.args[0].meta["val"].shape)[0], tuple(g.args[4].meta["val"].shape)[1]
-        others = [a for i, a in enumerate(fleaves) if i != j]
-        if (transposed and len(quant.shape) != 2) or any(static_tensor(a) is None for a in others):
-            continue
-        order = {node: i for i, node in enumerate(gm.graph.nodes)}
-        if any(not _defined_before(a, g, order) for a in others):
-            continue  # a leaf computed after the GEMM (and not a view of something before it)
-        with gm.graph.inserting_before(g):
-            # the quantizer's other leaves seen at the GEMM output's (row, column) positions
-            qleaves = []
-            for a in others:
-                t = call(gm.graph, aten.expand.default, (_replay_before(gm, a, g, order), list(quant.shape)), like=g)
-                if transposed:
-                    t = call(gm.graph, aten.t.default, (t,), like=g)
-                qleaves.append(call(gm.graph, aten.reshape.default, (t, [m, n]), like=g))
-            gquant = Program((m, n), _leaf_first(quant.steps, j, quant.n_leaves), quant.n_leaves)
-            new = call(gm.graph, qmm_epilogue_stats_op, (*g.args[:10], leaves, program.dumps(), gquant.dumps(), symmetric,
-                                                         axis == "columns", qleaves), like=g, fake_mode=gval.fake_mode)
-            out = call(gm.graph, operator.getitem, (new, 0), like=g)
-            partials = call(gm.graph, operator.getitem, (new, 1), like=g)
-        new.meta["fqt"] = g.meta.get("fqt")
-        g.replace_all_uses_with(out)
-        gm.graph.erase_node(g)
-        if f.target is fused_quantize_op:
-            f.args = (*f.args[:7], partials)
-        else:
-            with gm.graph.inserting_before(f):
-                fq = call(gm.graph, fused_quantize_op, ([x], quant.dumps(), list(shape), key, layout, False, 0, partials),
-                          like=f, info=f.meta.get("fqt"), fake_mode=gval.fake_mode)
-            rewire(gm, f, fq, gval.fake_mode, keep_meta=(SAVED_LAYOUT,))
-            f = fq
-        folded.append(FusedEpilogue(new.name, (f"statistics of {f.name}",), program))
+        fold = _foldable(gm, f, include_cpu)
+        if fold is not None:
+            folded.append(_fold(gm, fold))
     gm.graph.lint()
     gm.recompile()
     return folded
+
+
+@dataclass
+class _Fold:
+    """A quantizer ``f`` whose statistics the epilogue of GEMM ``g`` can gather."""
+
+    f: fx.Node  # the quantizer (standalone, or a fused one without partials yet)
+    g: fx.Node  # the low-bit GEMM (plain or epilogue-fused) producing leaf ``j`` of its input
+    j: int
+    transposed: bool  # the quantizer reads the GEMM's output transposed
+    quant: Program  # the quantizer's own chain over its leaves
+    others: list  # its other leaves
+    key: str
+    layout: int
+    axis: str  # "rows" / "columns": what the partial statistics run along
+    leaves: list  # the GEMM epilogue's own leaves and program
+    program: Program
+
+
+def _quantizer_input(f: fx.Node) -> tuple[list, Program, str, int] | None:
+    """(leaves, chain, spec key, layout) of a quantizer the epilogue can take statistics for."""
+    if f.op != "call_function":
+        return None
+    if f.target is fused_quantize_op and arg(f, "partials") is None:
+        return list(arg(f, "leaves")), Program.loads(arg(f, "program")), arg(f, "spec"), arg(f, "layout")
+    if f.target in QUANTIZE_OPS and fusable_quantize(f):
+        x = f.args[0]
+        return [x], identity_program(x.meta["val"].shape, x.meta["val"].dtype), arg(f, "spec"), arg(f, "layout")
+    return None
+
+
+def _foldable(gm: fx.GraphModule, f: fx.Node, include_cpu: bool) -> _Fold | None:
+    """What folding ``f``'s statistics into a GEMM epilogue takes, or None where it cannot."""
+    found_input = _quantizer_input(f)
+    if found_input is None:
+        return None
+    fleaves, quant, key, layout = found_input
+    # the leaf that is a GEMM's whole output (other leaves: residuals, saved activations...)
+    behind = [_gemm_behind(a) if isinstance(a, fx.Node) else None for a in fleaves]
+    j, found = next(((i, b) for i, b in enumerate(behind) if b is not None), (0, None))
+    gval = static_tensor(found[0]) if found is not None else None
+    if (gval is None or tuple(fleaves[j].meta["val"].shape) != tuple(quant.shape)
+            or (gval.device.type != "cuda" and not include_cpu)):
+        return None
+    g, transposed = found
+    axis = _grouped_axis(QuantSpec.from_key(key), layout, tuple(f.meta["val"][0].shape), transposed)
+    if axis is None:
+        return None
+    if g.target is qmm_op:
+        if dtype_name(arg(g, "out_dtype")) is None:
+            return None
+        leaves, program = [], identity_program(gval.shape, arg(g, "out_dtype"))
+    else:
+        leaves, program = list(arg(g, "leaves")), Program.loads(arg(g, "program"))
+    others = [a for i, a in enumerate(fleaves) if i != j]
+    if (transposed and len(quant.shape) != 2) or any(static_tensor(a) is None for a in others):
+        return None
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    if any(not _defined_before(a, g, order) for a in others):
+        return None  # a leaf computed after the GEMM (and not a view of something before it)
+    return _Fold(f, g, j, transposed, quant, others, key, layout, axis, leaves, program)
+
+
+def _fold(gm: fx.GraphModule, fold: _Fold) -> FusedEpilogue:
+    """Replace the GEMM by one that also stores the quantizer's partial statistics, and hand
+    those to the quantizer."""
+    g, f, quant = fold.g, fold.f, fold.quant
+    fake_mode = g.meta["val"].fake_mode
+    m, n = tuple(arg(g, "a").meta["val"].shape)[0], tuple(arg(g, "b").meta["val"].shape)[1]
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    with gm.graph.inserting_before(g):
+        # the quantizer's other leaves seen at the GEMM output's (row, column) positions
+        qleaves = []
+        for a in fold.others:
+            t = call(gm.graph, aten.expand.default, (_replay_before(gm, a, g, order), list(quant.shape)), like=g)
+            if fold.transposed:
+                t = call(gm.graph, aten.t.default, (t,), like=g)
+            qleaves.append(call(gm.graph, aten.reshape.default, (t, [m, n]), like=g))
+        gquant = Program((m, n), _leaf_first(quant.steps, fold.j, quant.n_leaves), quant.n_leaves)
+        gemm_args = g.args[:arg_index(qmm_op, "out_dtype") + 1]  # the qmm arguments every GEMM op starts with
+        new = call(gm.graph, qmm_epilogue_stats_op, (*gemm_args, fold.leaves, fold.program.dumps(), gquant.dumps(),
+                                                     QuantSpec.from_key(fold.key).scheme is Scheme.SYMMETRIC,
+                                                     fold.axis == "columns", qleaves), like=g, fake_mode=fake_mode)
+        out = call(gm.graph, operator.getitem, (new, 0), like=g)
+        partials = call(gm.graph, operator.getitem, (new, 1), like=g)
+    new.meta["fqt"] = g.meta.get("fqt")
+    g.replace_all_uses_with(out)
+    gm.graph.erase_node(g)
+    f = _with_partials(gm, fold, partials, fake_mode)
+    return FusedEpilogue(new.name, (f"statistics of {f.name}",), fold.program)
+
+
+def _with_partials(gm: fx.GraphModule, fold: _Fold, partials: fx.Node, fake_mode) -> fx.Node:
+    """The quantizer, now reading its statistics from ``partials``: a fused quantizer takes them
+    as its ``partials`` argument; a standalone one becomes a fused one with an empty chain."""
+    f = fold.f
+    if f.target is fused_quantize_op:
+        at = arg_index(fused_quantize_op, "partials")
+        f.args = (*f.args[:at], partials, *f.args[at + 1:])
+        return f
+    shape = list(f.meta["val"][0].shape)
+    with gm.graph.inserting_before(f):
+        args = ([f.args[0]], fold.quant.dumps(), shape, fold.key, fold.layout, False, 0, partials)
+        fq = call(gm.graph, fused_quantize_op, args, like=f, info=f.meta.get("fqt"), fake_mode=fake_mode)
+    rewire(gm, f, fq, fake_mode, keep_meta=(SAVED_LAYOUT,))
+    return fq

@@ -31,6 +31,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -251,47 +252,86 @@ def fused_quantize(
     zp = torch.full_like(scale, 0.0 if spec.scheme is Scheme.SYMMETRIC else float(spec.code_offset))
     if seed is None:
         seed = draw_seed(device) if spec.is_stochastic else torch.zeros(1, dtype=torch.int64, device=device)
-    sym = spec.scheme is Scheme.SYMMETRIC
-    per_tensor = spec.granularity is Granularity.TENSOR
-    stats = torch.zeros(3, dtype=torch.float32, device=device)
-    strides = [s for v in views for s in v.stride()]
-    hp_strides = (h2.stride(0), h2.stride(1)) if write_hp else (0, 0)
-    c2b_strides = (c2b.stride(0), c2b.stride(1)) if code_layout is CodeLayout.BOTH else (0, 0)
-    given = 1 if per_tensor else 0
-    if partials is not None and n_rows and n_cols:  # reduce the epilogue's column slots: exact (max / min)
-        if not per_tensor and partials.shape[0] != n_rows:
-            raise ValueError(
-                f"GEMM-epilogue statistics for {partials.shape[0]} rows do not fit a quantizer of {n_rows} grouped rows"
-            )
-        nan = partials[..., 2 if not sym else 1].amax(1)
-        lo, hi = (partials[..., 0].amax(1), None) if sym else (partials[..., 0].amin(1), partials[..., 1].amax(1))
-        if per_tensor:
-            stats = torch.stack([lo.amax(), nan.amax()] if sym else [lo.amin(), hi.amax(), nan.amax()])
-        else:
-            stats = torch.stack([lo, nan, nan] if sym else [lo, hi, nan], dim=1).contiguous()
-            given = 2
     if n_rows and n_cols:
-        if per_tensor and partials is None:  # the chain and the reduction in one pass; the codes in a second
-            n_prog = triton.cdiv(n_rows, block_r)
-            partials = torch.empty(n_prog, 2 if sym else 3, dtype=torch.float32, device=device)
-            module.partials_kernel[(n_prog,)](
-                *views, h2, partials, n_rows, n_cols, *strides, *hp_strides,
-                SYMMETRIC=sym, WRITE_HP=write_hp, BLOCK_R=block_r, BLOCK_C=block_c,
-                enable_fp_fusion=False,  # no FMA contraction: the chain rounds like the unfused ops
-            )
-            parts = [partials[:, 0].amax()] if sym else [partials[:, 0].amin(), partials[:, 1].amax()]
-            stats = torch.stack([*parts, partials[:, -1].amax()])
-        fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
-        module.rows_kernel[(triton.cdiv(n_rows, block_r),)](
-            *views, h2, c2, c2b, scale, zp, offset, stats, seed,
-            n_rows, n_cols, *strides, *hp_strides, c2.stride(0), c2.stride(1), *c2b_strides,
-            SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=given,
-            QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
-            FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-            # per tensor without partials, the partials kernel wrote the high-precision value
-            WRITE_HP=write_hp and not (per_tensor and partials is None), WRITE_CODES2=code_layout is CodeLayout.BOTH,
-            BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
-        )
-    keep = 1 if per_tensor else n_rows  # per tensor: every row stored the same numbers
+        per_tensor = spec.granularity is Granularity.TENSOR
+        launch = _Launch(module, views, h2, write_hp, block_r, block_c)
+        if partials is not None:  # reduce the epilogue's column slots: exact (max / min)
+            stats, given, hp_done = (*_given_statistics(partials, n_rows, spec), False)
+        elif per_tensor:  # the chain and the reduction in one pass; the codes in a second
+            stats, given, hp_done = _chain_statistics(launch, spec), 1, write_hp
+        else:
+            stats, given, hp_done = torch.zeros(3, dtype=torch.float32, device=device), 0, False
+        _codes_pass(launch, spec, c2, c2b, scale, zp, offset, stats, seed, given, hp_done, code_layout)
+    keep = 1 if spec.granularity is Granularity.TENSOR else n_rows  # per tensor: every row stored the same numbers
     stats_out = [shape_scale(t[:keep], torch.Size(view_shape), spec.granularity, layout) for t in (scale, zp, offset)]
     return (codes, *stats_out, hp, codes2)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """What both generated kernels of one fused quantizer read: the leaves' grouped views and
+    the high-precision output's."""
+
+    module: object
+    views: list
+    h2: torch.Tensor
+    write_hp: bool
+    block_r: int
+    block_c: int
+
+    @property
+    def strides(self) -> list[int]:
+        return [s for v in self.views for s in v.stride()]
+
+    @property
+    def hp_strides(self) -> tuple[int, int]:
+        return (self.h2.stride(0), self.h2.stride(1)) if self.write_hp else (0, 0)
+
+
+def _given_statistics(partials: torch.Tensor, n_rows: int, spec: QuantSpec) -> tuple[torch.Tensor, int]:
+    """The statistics a GEMM epilogue gathered, reduced over its slots, and how the rows kernel
+    reads them (1: one per tensor, 2: one per row)."""
+    sym = spec.scheme is Scheme.SYMMETRIC
+    per_tensor = spec.granularity is Granularity.TENSOR
+    if not per_tensor and partials.shape[0] != n_rows:
+        raise ValueError(f"GEMM-epilogue statistics for {partials.shape[0]} rows do not fit a quantizer of {n_rows} grouped rows")
+    nan = partials[..., 2 if not sym else 1].amax(1)
+    lo, hi = (partials[..., 0].amax(1), None) if sym else (partials[..., 0].amin(1), partials[..., 1].amax(1))
+    if per_tensor:
+        return torch.stack([lo.amax(), nan.amax()] if sym else [lo.amin(), hi.amax(), nan.amax()]), 1
+    return torch.stack([lo, nan, nan] if sym else [lo, hi, nan], dim=1).contiguous(), 2
+
+
+def _chain_statistics(launch: _Launch, spec: QuantSpec) -> torch.Tensor:
+    """Per-tensor statistics of the chain's value (the partials kernel also writes the
+    high-precision value when asked)."""
+    sym = spec.scheme is Scheme.SYMMETRIC
+    n_rows, n_cols = launch.views[0].shape
+    n_prog = triton.cdiv(n_rows, launch.block_r)
+    partials = torch.empty(n_prog, 2 if sym else 3, dtype=torch.float32, device=launch.h2.device)
+    launch.module.partials_kernel[(n_prog,)](
+        *launch.views, launch.h2, partials, n_rows, n_cols, *launch.strides, *launch.hp_strides,
+        SYMMETRIC=sym, WRITE_HP=launch.write_hp, BLOCK_R=launch.block_r, BLOCK_C=launch.block_c,
+        enable_fp_fusion=False,  # no FMA contraction: the chain rounds like the unfused ops
+    )
+    parts = [partials[:, 0].amax()] if sym else [partials[:, 0].amin(), partials[:, 1].amax()]
+    return torch.stack([*parts, partials[:, -1].amax()])
+
+
+def _codes_pass(launch: _Launch, spec: QuantSpec, c2, c2b, scale, zp, offset, stats, seed, given: int, hp_done: bool,
+                code_layout: CodeLayout) -> None:
+    """The rows kernel: the chain again, the scales, the codes (and the high-precision value,
+    unless the statistics pass already wrote it)."""
+    n_rows, n_cols = c2.shape
+    both = code_layout is CodeLayout.BOTH
+    c2b_strides = (c2b.stride(0), c2b.stride(1)) if both else (0, 0)
+    fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
+    launch.module.rows_kernel[(triton.cdiv(n_rows, launch.block_r),)](
+        *launch.views, launch.h2, c2, c2b, scale, zp, offset, stats, seed,
+        n_rows, n_cols, *launch.strides, *launch.hp_strides, c2.stride(0), c2.stride(1), *c2b_strides,
+        SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=given,
+        QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
+        FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
+        WRITE_HP=launch.write_hp and not hp_done, WRITE_CODES2=both,
+        BLOCK_R=launch.block_r, BLOCK_C=launch.block_c, enable_fp_fusion=False,
+    )

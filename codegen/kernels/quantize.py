@@ -137,55 +137,20 @@ def quantize(
     m = natural_2d(x, layout)
     n_nat, c_nat = m.shape
     codes_nat = torch.empty(m.shape, dtype=spec.code_dtype, device=x.device)
-    per_column = spec.granularity is Granularity.COLUMN
-    block = spec.granularity is Granularity.BLOCK
-    if block:
-        # one scale per run of block_size along a row: the rows kernel on a (rows x blocks,
-        # block) view; a ragged last block is padded with the row's first element, as the
-        # reference does, and the padding's codes are dropped again
-        n = spec.block_size
-        pad = (-c_nat) % n
-        g = torch.cat([m, m[:, :1].expand(n_nat, pad)], dim=1) if pad else m.contiguous()
-        g = g.reshape(-1, n)
-        c2 = torch.empty(g.shape, dtype=spec.code_dtype, device=x.device)
-    else:
-        g, c2 = (m.t(), codes_nat.t()) if per_column else (m, codes_nat)
-    n_rows, n_cols = g.shape
+    g, c2 = _grouped_rows(m, codes_nat, spec)
+    n_rows = g.shape[0]
     # filled, not empty: a tensor with no elements keeps the reference's statistics of an
     # empty group (scale 0, the code offset as zero point where the scheme has one)
     scale = torch.zeros(max(n_rows, 1), dtype=torch.float32, device=x.device)
     offset = torch.zeros_like(scale)
     zp = torch.full_like(scale, 0.0 if spec.scheme is Scheme.SYMMETRIC else float(spec.code_offset))
-    stochastic = spec.is_stochastic
     if seed is None:
-        seed = draw_seed(x.device) if stochastic else torch.zeros(1, dtype=torch.int64, device=x.device)
-    sym = spec.scheme is Scheme.SYMMETRIC
+        seed = draw_seed(x.device) if spec.is_stochastic else torch.zeros(1, dtype=torch.int64, device=x.device)
     per_tensor = spec.granularity is Granularity.TENSOR
-    stats = torch.zeros(3, dtype=torch.float32, device=x.device)
-    # launch
     if x.numel():
-        if per_tensor:
-            n_prog = triton.cdiv(n_rows, 16)
-            partials = torch.empty(n_prog, 2 if sym else 3, dtype=torch.float32, device=x.device)
-            _minmax_partials_kernel[(n_prog,)](
-                g, partials, n_rows, n_cols, g.stride(0), g.stride(1), SYMMETRIC=sym, BLOCK_R=16, BLOCK_C=64,
-                enable_fp_fusion=False,
-            )
-            # torch reductions propagate NaN like the reference's amin/amax
-            parts = [partials[:, 0].amax()] if sym else [partials[:, 0].amin(), partials[:, 1].amax()]
-            stats = torch.stack([*parts, partials[:, -1].amax()])
-        fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
-        quantize_rows_kernel[(triton.cdiv(n_rows, 16),)](
-            g, c2, scale, zp, offset, stats, seed,
-            scale, scale, scale, scale,  # BHQ inputs: unused here
-            n_rows, n_cols,
-            g.stride(0), g.stride(1), c2.stride(0), c2.stride(1), 0,
-            SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=stochastic, STATS_GIVEN=per_tensor,
-            QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
-            FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-            TRANSFORM=False, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,
-        )
-    if block:
+        stats = _tensor_stats(g, spec) if per_tensor else torch.zeros(3, dtype=torch.float32, device=x.device)
+        _launch_rows(g, c2, scale, zp, offset, stats, seed, spec, stats_given=per_tensor)
+    if spec.granularity is Granularity.BLOCK:
         codes_nat.copy_(c2.reshape(n_nat, -1)[:, :c_nat])
         stats_out = [t.reshape(n_nat, -1) for t in (scale, zp, offset)]
     else:
@@ -193,3 +158,50 @@ def quantize(
         scale, zp, offset = scale[:keep], zp[:keep], offset[:keep]
         stats_out = [shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)]
     return (from_natural_2d(codes_nat, x.shape, layout), *stats_out)
+
+
+def _grouped_rows(m: torch.Tensor, codes: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The natural matrix ``m`` and where its codes go, viewed so each row shares one scale."""
+    if spec.granularity is Granularity.BLOCK:
+        # one scale per run of block_size along a row: the rows kernel on a (rows x blocks,
+        # block) view; a ragged last block is padded with the row's first element, as the
+        # reference does, and the padding's codes are dropped again
+        n = spec.block_size
+        pad = (-m.shape[1]) % n
+        g = torch.cat([m, m[:, :1].expand(m.shape[0], pad)], dim=1) if pad else m.contiguous()
+        g = g.reshape(-1, n)
+        return g, torch.empty(g.shape, dtype=spec.code_dtype, device=m.device)
+    # columns: the rows kernel on the transposed views (free: only strides change)
+    return (m.t(), codes.t()) if spec.granularity is Granularity.COLUMN else (m, codes)
+
+
+def _tensor_stats(g: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per-tensor statistics of ``g`` (max |x|, or min and max; then the NaN flag): partial
+    min / max per block of rows in one kernel, reduced by torch."""
+    sym = spec.scheme is Scheme.SYMMETRIC
+    n_rows, n_cols = g.shape
+    n_prog = triton.cdiv(n_rows, 16)
+    partials = torch.empty(n_prog, 2 if sym else 3, dtype=torch.float32, device=g.device)
+    _minmax_partials_kernel[(n_prog,)](
+        g, partials, n_rows, n_cols, g.stride(0), g.stride(1), SYMMETRIC=sym, BLOCK_R=16, BLOCK_C=64,
+        enable_fp_fusion=False,
+    )
+    # torch reductions propagate NaN like the reference's amin/amax
+    parts = [partials[:, 0].amax()] if sym else [partials[:, 0].amin(), partials[:, 1].amax()]
+    return torch.stack([*parts, partials[:, -1].amax()])
+
+
+def _launch_rows(g, codes, scale, zp, offset, stats, seed, spec: QuantSpec, stats_given: bool) -> None:
+    """The rows kernel over ``g`` (one scale per row), writing ``codes`` and the statistics."""
+    fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
+    n_rows, n_cols = g.shape
+    quantize_rows_kernel[(triton.cdiv(n_rows, 16),)](
+        g, codes, scale, zp, offset, stats, seed,
+        scale, scale, scale, scale,  # BHQ inputs: unused here
+        n_rows, n_cols,
+        g.stride(0), g.stride(1), codes.stride(0), codes.stride(1), 0,
+        SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=stats_given,
+        QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
+        FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
+        TRANSFORM=False, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,
+    )
