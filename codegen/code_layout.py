@@ -21,11 +21,11 @@ from torch import fx
 from fqt_compiler.layout import Layout
 from fqt_compiler.specs import GemmKind
 from fqt_compiler.sites import GemmNodeInfo
-from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, arg_index, call, fake_eval, rewire
+from fqt_compiler.passes.dequant_chain import match_operand
+from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, arg_index, call, fake_eval, replay_views, rewire
 
 from fqt_compiler.codegen.epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
 from fqt_compiler.codegen.prologue import fusable_quantize, fused_quantize_op, identity_program
-from fqt_compiler.codegen.lower import match_operand
 from fqt_compiler.codegen.kernel_ops import qmm_op
 from fqt_compiler.codegen.memory_order import SAVED_LAYOUT, CodeLayout, alloc_like, column_major_ok
 
@@ -186,8 +186,7 @@ def _read_column_major_copy(gm: fx.GraphModule, q: fx.Node, codes: fx.Node, want
             continue
         operand = codes2
         with gm.graph.inserting_before(user):
-            for view in path:
-                operand = call(gm.graph, view.target, (operand, *view.args[1:]), dict(view.kwargs), like=view)
+            operand = replay_views(gm.graph, list(path), operand)
         user.update_arg(op, operand)
 
 

@@ -25,7 +25,9 @@ from torch import fx
 from fqt_compiler.layout import Layout
 from fqt_compiler.specs import Granularity, QuantSpec, Scheme
 from fqt_compiler.ops import QUANTIZE_OPS
-from fqt_compiler.passes.graph_utils import PURE_VIEWS, RESHAPES, TRANSPOSES, arg, arg_index, call, rewire, static_tensor
+from fqt_compiler.passes.graph_utils import (
+    PURE_VIEWS, RESHAPES, TRANSPOSES, arg, arg_index, call, replay_view, rewire, static_tensor,
+)
 
 from fqt_compiler.codegen.prologue import fusable_quantize, identity_program
 from fqt_compiler.codegen.fusion_program import OPS, Program, build_program, dtype_name
@@ -159,7 +161,7 @@ def _replay_before(gm: fx.GraphModule, node: fx.Node, g: fx.Node, order: dict) -
     if order[node] < order[g]:
         return node
     base = _replay_before(gm, node.args[0], g, order)
-    return call(gm.graph, node.target, (base, *node.args[1:]), dict(node.kwargs), like=node)
+    return replay_view(gm.graph, node, base)
 
 
 def _leaf_first(steps: tuple, j: int, n_leaves: int) -> tuple:

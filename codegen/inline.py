@@ -21,20 +21,15 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.ops import QUANTIZE_OPS, bhq_inverse_op, bhq_quantize_op
+from fqt_compiler.grid import QOperand
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
-from fqt_compiler.passes.graph_utils import call
+from fqt_compiler.passes.graph_utils import call, is_static_value
 
 from fqt_compiler.codegen.kernel_ops import qmm_cpu, qmm_op
 
 __all__ = ["inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random"]
-
-
-def _static(val: object) -> bool:
-    if not isinstance(val, torch.Tensor):
-        return True
-    return all(isinstance(d, int) for d in (*val.shape, *val.stride()))
 
 
 def _example(val: object) -> object:
@@ -95,7 +90,7 @@ def _inline(gm: fx.GraphModule, node: fx.Node, fn: Callable, args: tuple) -> Non
 
 def _all_static(node: fx.Node) -> bool:
     flat, _ = tree_flatten((node.args, node.kwargs))
-    return all(_static(a.meta.get("val")) for a in flat if isinstance(a, fx.Node))
+    return all(is_static_value(a.meta.get("val")) for a in flat if isinstance(a, fx.Node))
 
 
 def inline_quantize_ops(gm: fx.GraphModule) -> int:
@@ -119,6 +114,11 @@ def inline_quantize_ops(gm: fx.GraphModule) -> int:
     return count
 
 
+def _qmm_cpu_of_op_args(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
+    """``qmm_cpu`` on ``fqt::qmm``'s flat arguments."""
+    return qmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype)
+
+
 def inline_qmm_ops(gm: fx.GraphModule) -> int:
     """Replace every static-shape CPU ``fqt::qmm`` by ``torch._int_mm`` plus its aten epilogue."""
     count = 0
@@ -126,7 +126,7 @@ def inline_qmm_ops(gm: fx.GraphModule) -> int:
         if node.op == "call_function" and node.target is qmm_op and _all_static(node):
             if node.meta["val"].device.type != "cpu" or node.args[0].meta["val"].dtype != torch.int8:
                 continue
-            _inline(gm, node, qmm_cpu, tuple(node.args))
+            _inline(gm, node, _qmm_cpu_of_op_args, tuple(node.args))
             count += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -35,6 +35,7 @@ from torch import fx
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.ops import empty_in_input_layout, in_input_layout, quantize_fake
 from fqt_compiler.quantizers import get_quantizer, run_custom
+from fqt_compiler.grid import QOperand
 from fqt_compiler.layout import Layout, from_natural_2d, natural_2d
 from fqt_compiler.reference import dequantize_accumulator, fake_quantize_ref, qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
@@ -47,13 +48,15 @@ __all__ = [
 ]
 
 
-def qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
+def qmm_cpu(a: QOperand, b: QOperand, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """``reference.qmm_ref`` with the int8 product on ``torch._int_mm``; same numbers."""
-    if a.dtype != torch.int8:
-        return qmm_ref(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
+    if a.codes.dtype != torch.int8:
+        return qmm_ref(a, b, bias, out_dtype)
     # int64 keeps the zero-point terms exact; the reference holds the same integers in fp64
-    acc = torch._int_mm(a, b).to(torch.int64) if za is not None or zb is not None else torch._int_mm(a, b)
-    return dequantize_accumulator(acc, a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
+    acc = torch._int_mm(a.codes, b.codes)
+    if a.zero_point is not None or b.zero_point is not None:
+        acc = acc.to(torch.int64)
+    return dequantize_accumulator(acc, a, b, bias, out_dtype)
 
 
 @torch.library.custom_op("fqt::qmm", mutates_args=())
@@ -72,8 +75,8 @@ def _qmm(
     if a.device.type == "cuda":
         from fqt_compiler.codegen.kernels.qmm import qmm  # Triton: imported on first launch
 
-        return qmm(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
-    return qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
+        return qmm(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype)
+    return qmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype)
 
 
 @_qmm.register_fake
@@ -253,10 +256,10 @@ def _qmm_epilogue(
     if triton_here(a):
         from fqt_compiler.codegen.kernels.qmm_fused import qmm_fused  # Triton: imported on first launch
 
-        out = qmm_fused(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog)
+        out = qmm_fused(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype, list(leaves), prog)
         return out.view(prog.shape)
     # the unfused computation: the GEMM, stored in its dtype, then the consumers op by op
-    gemm = qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype).view(prog.shape)
+    gemm = qmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype).view(prog.shape)
     return run_reference(prog, [gemm, *leaves]).contiguous()
 
 
@@ -299,10 +302,10 @@ def _qmm_epilogue_stats(
     if triton_here(a):
         from fqt_compiler.codegen.kernels.qmm_fused import qmm_fused  # Triton: imported on first launch
 
-        out, partials = qmm_fused(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, list(leaves), prog, qprog, symmetric, columns,
-                                     list(qleaves))
+        qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
+        out, partials = qmm_fused(qa, qb, bias, out_dtype, list(leaves), prog, qprog, symmetric, columns, list(qleaves))
         return out.view(prog.shape), partials
-    gemm = qmm_cpu(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype).view(prog.shape)
+    gemm = qmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype).view(prog.shape)
     out = run_reference(prog, [gemm, *leaves]).contiguous()
     m, n = a.shape[0], b.shape[1]
     x = run_reference(qprog, [out.view(m, n), *qleaves])  # quant's shape is the (M, N) output's

@@ -17,16 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fqt_compiler.ops import bhq_inverse_op, fake_quantize_op
+from fqt_compiler.ops import bhq_inverse_op
 from fqt_compiler.layout import Layout
-from fqt_compiler.sites import GemmNodeInfo, GemmStatus, QuantNodeInfo, QuantNodeKind
-from fqt_compiler.specs import GemmKind, QuantSpec
-from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call
+from fqt_compiler.sites import GemmNodeInfo, GemmStatus
+from fqt_compiler.specs import GemmKind
+from fqt_compiler.passes.dequant_chain import CONVERT, DequantOperand, match_operand
+from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call, replay_view
 
 from fqt_compiler.codegen.kernel_ops import qmm_op
 
 aten = torch.ops.aten
-_CONVERT = torch.ops.prims.convert_element_type.default
 
 __all__ = ["LoweredGemm", "lower_gemms"]
 
@@ -43,59 +43,6 @@ class LoweredGemm:
     kernel: str = ""
 
 
-@dataclass
-class _Operand:
-    codes: fx.Node
-    scale: fx.Node
-    zp: fx.Node | None
-    offset: fx.Node | None
-    spec: QuantSpec
-    views: list[fx.Node]  # from the dequantized value (exclusive) to the GEMM argument
-    transform: fx.Node | None = None  # the fqt::bhq_inverse applied after the dequantization
-
-
-def match_operand(arg: fx.Node) -> _Operand | str:
-    """Walk from a GEMM argument back to its dequantization; return it or the reason not."""
-    views: list[fx.Node] = []
-    cur = arg
-    while isinstance(cur, fx.Node) and cur.op == "call_function" and (cur.target in TRANSPOSES or cur.target in RESHAPES):
-        info = cur.meta.get("fqt")
-        if isinstance(info, QuantNodeInfo) and info.what is QuantNodeKind.DEQUANTIZE:
-            break
-        views.append(cur)
-        cur = cur.args[0]
-    info = cur.meta.get("fqt") if isinstance(cur, fx.Node) else None
-    if not isinstance(info, QuantNodeInfo):
-        return "operand kept in high precision"
-    if cur.target is fake_quantize_op:
-        return f"{info.role.value} quantized with {QuantSpec.from_key(info.spec_key).short()}: no codes-and-scales form"
-    if info.what not in (QuantNodeKind.DEQUANTIZE, QuantNodeKind.TRANSFORM):
-        return f"operand comes from an fqt {info.what} node, not a dequantization"
-    scale = zp = offset = transform = None
-    node = cur
-    # the chain emitted by passes.insert_qdq.emit_quantize, walked backwards
-    if node.target is _CONVERT and isinstance(node.args[0], fx.Node) and _is_dequant(node.args[0]):
-        node = node.args[0]  # the final cast back to the operand's dtype
-    if node.target is bhq_inverse_op:
-        transform, node = node, node.args[0]
-    if node.target is aten.add.Tensor:
-        offset, node = node.args[1], node.args[0]
-    if node.target is not aten.mul.Tensor:
-        return "unrecognised dequantization chain"
-    scale, node = node.args[1], node.args[0]
-    if node.target is aten.sub.Tensor:
-        zp, node = node.args[1], node.args[0]
-    if node.target is not _CONVERT:
-        return "unrecognised dequantization chain"
-    spec = QuantSpec.from_key(info.spec_key)
-    return _Operand(node.args[0], scale, zp, offset, spec, list(reversed(views)), transform)
-
-
-def _is_dequant(node: fx.Node) -> bool:
-    info = node.meta.get("fqt")
-    return isinstance(info, QuantNodeInfo) and info.what is QuantNodeKind.DEQUANTIZE
-
-
 def _shape(node: fx.Node) -> tuple:
     return tuple(node.meta["val"].shape)
 
@@ -110,7 +57,7 @@ def _replay_on_stat(
     if len(s_shape) == 0 or all(d == 1 for d in s_shape) and view.target in RESHAPES:
         return stat
     if view.target in TRANSPOSES:
-        return call(graph, view.target, (stat, *view.args[1:]), dict(view.kwargs), like=like)
+        return replay_view(graph, view, stat, like=like)
     target = tuple(_shape(view))
     if len(s_shape) != len(src_shape) or target[-1] != src_shape[-1]:
         return "operand reshape changes its last dim"
@@ -123,11 +70,11 @@ def _replay_on_stat(
     return call(graph, aten.reshape.default, (stat, list(new)), like=like)
 
 
-def _materialize(graph: fx.Graph, op: _Operand, like: fx.Node) -> tuple[fx.Node, list[fx.Node | None]] | str:
+def _materialize(graph: fx.Graph, op: DequantOperand, like: fx.Node) -> tuple[fx.Node, list[fx.Node | None]] | str:
     codes, stats = op.codes, [op.scale, op.zp, op.offset]
     for view in op.views:
         src_shape = _shape(codes)
-        codes = call(graph, view.target, (codes, *view.args[1:]), dict(view.kwargs), like=like)
+        codes = replay_view(graph, view, codes, like=like)
         new_stats = []
         for s in stats:
             r = _replay_on_stat(graph, s, view, src_shape, like)
@@ -219,7 +166,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
             if bias is not None:
                 new = call(graph, aten.add.Tensor, (new, bias), like=node)
             if out_dtype != torch.float32:
-                new = call(graph, _CONVERT, (new, out_dtype), like=node)
+                new = call(graph, CONVERT, (new, out_dtype), like=node)
     new.meta["fqt"] = info
     node.replace_all_uses_with(new)
     graph.erase_node(node)

@@ -109,15 +109,42 @@ def bhq_transform(x: torch.Tensor) -> BHQTransform:
         return BHQTransform(
             torch.zeros(1, dtype=torch.long, device=dev), torch.ones(1, dtype=torch.bool, device=dev), 0 * one, one, 1
         )
+    v, order = torch.sort(_row_ranges(x, dt), descending=True, stable=True)
+    group_sorted, is_lead_sorted, n_lead, c = _groups(v)
+    s1, s2, n_g = _cube_root_scales(v, group_sorted, n_lead, c)
+
+    # Per-row values in sorted order, then scattered back to the original row positions.
+    g = group_sorted
+    rs = torch.sqrt(n_g[g])
+    unorm = torch.sqrt(2.0 - 2.0 / rs)
+    u_sorted = torch.where(is_lead_sorted, (1.0 / rs - 1.0) / unorm, (1.0 / rs) / unorm)
+    s_sorted = torch.where(is_lead_sorted, s1, s2[g])
+
+    def unsort(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(t)
+        out[order] = t
+        return out
+
+    return BHQTransform(unsort(g), unsort(is_lead_sorted), unsort(u_sorted), unsort(s_sorted), n_rows)
+
+
+def _row_ranges(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """Step 1: every row's range, made positive (a tiny share of the largest, or 1 when all are
+    0) so the grouping arithmetic never divides by zero."""
     if x.shape[1] == 0:  # rows of no elements: every range is 0
-        rng = torch.zeros(n_rows, dtype=dt, device=dev)
+        rng = torch.zeros(x.shape[0], dtype=dt, device=x.device)
     else:
         rng = (x.amax(dim=1) - x.amin(dim=1)).to(dt)
     rng = torch.nan_to_num(rng, nan=0.0, posinf=0.0)  # NaN rows are propagated by the quantizer
     top = rng.max()
-    rng = rng + _REL_EPS * top + torch.where(top > 0, 0.0, 1.0)
-    v, order = torch.sort(rng, descending=True, stable=True)
+    return rng + _REL_EPS * top + torch.where(top > 0, 0.0, 1.0)
 
+
+def _groups(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 2-3 on the ranges ``v`` sorted descending: each sorted row's group (its leader's
+    sorted position), whether it leads, the number of leaders M and the leaders' cumulative
+    shares of small rows."""
+    n_rows, dev, dt = v.shape[0], v.device, v.dtype
     # Step 2: idx = N - k - 1 for k = 1..N-1; the smallest k passing is the largest idx passing.
     idx = torch.arange(n_rows - 1, device=dev)
     k_of_idx = (n_rows - 1 - idx).to(dt)
@@ -138,11 +165,18 @@ def bhq_transform(x: torch.Tensor) -> BHQTransform:
     c = torch.where(is_lead_sorted, c, torch.full_like(c, float("inf")))
     small_rank = (pos - n_lead).to(dt)  # rank among small rows, valid where not leader
     owner = torch.searchsorted(c.contiguous(), small_rank.contiguous(), right=True)
-    group_sorted = torch.where(is_lead_sorted, pos, owner)
+    return torch.where(is_lead_sorted, pos, owner), is_lead_sorted, n_lead, c
 
-    # Step 4: group sizes, lambda1 (leader range) and lambda2 (largest small row of the group).
+
+def _cube_root_scales(
+    v: torch.Tensor, group_sorted: torch.Tensor, n_lead: torch.Tensor, c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 4: per group (by its leader's sorted position) the leader's and the small rows'
+    scales, from lambda1 (the leader's range) and lambda2 (the group's largest small row), and
+    the group sizes (at least 2)."""
+    n_rows, dt = v.shape[0], v.dtype
     size = group_counts(group_sorted, n_rows).to(dt)
-    c_prev = torch.cat([torch.zeros(1, dtype=dt, device=dev), c[:-1]])
+    c_prev = torch.cat([torch.zeros(1, dtype=dt, device=v.device), c[:-1]])
     first_small = (n_lead + c_prev).clamp(max=n_rows - 1).long()
     lam1 = v
     lam2 = v[first_small]
@@ -152,22 +186,7 @@ def bhq_transform(x: torch.Tensor) -> BHQTransform:
     s1 = w1.pow(-1.0 / 3.0)
     s2 = (w2 / (n_g - 1)).pow(-1.0 / 3.0)
     norm = torch.sqrt(1.0 / s1**2 + 1.0 / s2**2)
-    s1, s2 = s1 * norm, s2 * norm
-
-    # Per-row values in sorted order, then scattered back to the original row positions.
-    g = group_sorted
-    n_row = n_g[g]
-    rs = torch.sqrt(n_row)
-    unorm = torch.sqrt(2.0 - 2.0 / rs)
-    u_sorted = torch.where(is_lead_sorted, (1.0 / rs - 1.0) / unorm, (1.0 / rs) / unorm)
-    s_sorted = torch.where(is_lead_sorted, s1, s2[g])
-
-    def unsort(t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(t)
-        out[order] = t
-        return out
-
-    return BHQTransform(unsort(g), unsort(is_lead_sorted), unsort(u_sorted), unsort(s_sorted), n_rows)
+    return s1 * norm, s2 * norm, n_g
 
 
 def bhq_quantize_ref(

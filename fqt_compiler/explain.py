@@ -22,6 +22,21 @@ from .flops import step_flops
 __all__ = ["explain"]
 
 
+def _compile_once(be: FQTBackend, model: Any, example_inputs: tuple, kwargs: dict | None, devices: list) -> DynamoSnapshot:
+    """Compile ``model`` for one forward pass with ``be`` (the backward compiled at once, so the
+    report has its GEMMs' codegen decisions too); what Dynamo did meanwhile."""
+    # A fresh code object per call gives Dynamo a fresh cache: explaining many models (or one
+    # model under many recipes) never runs into the recompile limit or reuses another backend.
+    fresh = types.FunctionType(_call.__code__.replace(), _call.__globals__, "fqt_explain_call")
+    before = DynamoSnapshot.take()
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch._functorch.config.patch(
+        force_non_lazy_backward_lowering=True
+    ):
+        # static shapes: the report shows the shapes of these inputs, not Dynamo's symbols
+        torch.compile(fresh, backend=be, dynamic=False)(model, *example_inputs, **(kwargs or {}))
+    return DynamoSnapshot.take().since(before)
+
+
 def _progress_printer() -> Callable[[str], None]:
     start = time.perf_counter()
 
@@ -69,20 +84,9 @@ def explain(
         be.progress = _progress_printer()
         be.progress(f"explaining {type(model).__name__} (recipe {be.config.recipe.name}, {be.config.execution.value} execution, "
                     f"Inductor {'on' if be.config.inductor else 'off'})")
-    # A fresh code object per call gives Dynamo a fresh cache: explaining many models (or one
-    # model under many recipes) never runs into the recompile limit or reuses another backend.
-    fresh = types.FunctionType(_call.__code__.replace(), _call.__globals__, "fqt_explain_call")
     state = copy.deepcopy(model.state_dict()) if isinstance(model, torch.nn.Module) else None
     devices = [t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"]
-    # compile the backward at once (it is otherwise compiled at the first backward call), so
-    # the report has the codegen decisions of the backward GEMMs too
-    before = DynamoSnapshot.take()
-    with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch._functorch.config.patch(
-        force_non_lazy_backward_lowering=True
-    ):
-        # static shapes: the report shows the shapes of these inputs, not Dynamo's symbols
-        torch.compile(fresh, backend=be, dynamic=False)(model, *example_inputs, **(kwargs or {}))
-    dynamo = DynamoSnapshot.take().since(before)
+    dynamo = _compile_once(be, model, example_inputs, kwargs, devices)
     eager, error = 0, ""
     try:
         with torch.random.fork_rng(devices=devices):

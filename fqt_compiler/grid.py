@@ -7,15 +7,31 @@ the elements sharing one scale along its last dim (:func:`grouped`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
 from .specs import Granularity, QuantSpec, Rounding, Scheme
 
 __all__ = [
-    "compute_dtype", "grouped", "ungrouped", "draw_seed", "hash_uniform", "scaled_values", "quantize_grouped",
+    "QOperand", "compute_dtype", "grouped", "ungrouped", "draw_seed", "hash_uniform", "scaled_values", "quantize_grouped",
     "dequantize_ref",
 ]
+
+
+
+class QOperand(NamedTuple):
+    """One low-bit GEMM operand: codes on a grid, ``x_hat = (codes - zero_point) * scale + offset``.
+
+    ``zero_point`` and ``offset`` are None on symmetric grids. The statistics are per tensor, or
+    constant along the contraction: per row (M, 1) of a left operand, per column (1, N) of a
+    right one -- the layouts a low-bit GEMM applies in its epilogue."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .bhq import bhq_fake_quantize_2d
-from .grid import compute_dtype, dequantize_ref, grouped, quantize_grouped, ungrouped
+from .grid import QOperand, compute_dtype, dequantize_ref, grouped, quantize_grouped, ungrouped
 from .layout import Layout, from_natural_2d, natural_2d, shape_scale
 from .quantizers import run_custom
 from .specs import Granularity, QuantSpec, Transform
@@ -108,21 +108,10 @@ def quantize(x: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None
     return fake_quantize_ref(x, spec, Layout.DIM0, generator=generator)
 
 
-def qmm_ref(
-    a_codes: torch.Tensor,
-    a_scale: torch.Tensor,
-    a_zp: torch.Tensor | None,
-    a_offset: torch.Tensor | None,
-    b_codes: torch.Tensor,
-    b_scale: torch.Tensor,
-    b_zp: torch.Tensor | None,
-    b_offset: torch.Tensor | None,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def qmm_ref(a: QOperand, b: QOperand, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Low-bit GEMM ``A_hat @ B_hat`` computed on the codes, dequantization in the epilogue.
 
-    ``A_hat = (a_codes - a_zp) * a_scale + a_offset`` with per-tensor or per-row (M, 1)
+    ``A_hat = (a.codes - a.zero_point) * a.scale + a.offset`` with per-tensor or per-row (M, 1)
     statistics and ``B_hat`` likewise with per-tensor or per-column (1, N) ones: the layouts a
     low-bit GEMM can realize. With T1 = sum_k (a - za)(b - zb), T2 = rowsum(a) - K za and
     T3 = colsum(b) - K zb (exact integers),
@@ -132,30 +121,22 @@ def qmm_ref(
     in fp32, in this order (the kernels use the same order). Integer codes accumulate exactly;
     fp8 codes accumulate in fp32.
     """
-    is_int = not a_codes.dtype.is_floating_point
+    is_int = not a.codes.dtype.is_floating_point
     acc_dtype = torch.float64 if is_int else torch.float32  # fp64 holds every int32 sum exactly
-    acc = a_codes.to(acc_dtype) @ b_codes.to(acc_dtype)
-    return dequantize_accumulator(acc, a_codes, a_scale, a_zp, a_offset, b_codes, b_scale, b_zp, b_offset, bias, out_dtype)
+    acc = a.codes.to(acc_dtype) @ b.codes.to(acc_dtype)
+    return dequantize_accumulator(acc, a, b, bias, out_dtype)
 
 
 def dequantize_accumulator(
-    acc: torch.Tensor,
-    a_codes: torch.Tensor,
-    a_scale: torch.Tensor,
-    a_zp: torch.Tensor | None,
-    a_offset: torch.Tensor | None,
-    b_codes: torch.Tensor,
-    b_scale: torch.Tensor,
-    b_zp: torch.Tensor | None,
-    b_offset: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
+    acc: torch.Tensor, a: QOperand, b: QOperand, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """The dequantization epilogue of :func:`qmm_ref`, given ``acc = a_codes @ b_codes``.
+    """The dequantization epilogue of :func:`qmm_ref`, given ``acc = a.codes @ b.codes``.
 
     ``acc``'s dtype carries the integer terms: int64, or fp64 (exact for int8 codes), or fp32
     for fp8. Shared by the reference and the CPU ``torch._int_mm`` path, so they agree bit for bit.
     """
+    a_codes, a_scale, a_zp, a_offset = a
+    b_codes, b_scale, b_zp, b_offset = b
     k = a_codes.shape[1]
     sa = a_scale.to(torch.float32).reshape(-1, 1)
     sb = b_scale.to(torch.float32).reshape(1, -1)

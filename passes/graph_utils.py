@@ -149,3 +149,15 @@ def arg_index(target: Any, name: str) -> int:
         if argument.name == name:
             return i
     raise PassError(f"{target._schema.name} has no argument {name!r}")
+
+
+def replay_view(graph: fx.Graph, view: fx.Node, x: Any, *, like: fx.Node | None = None, info: Any = None) -> fx.Node:
+    """``view``'s op (same arguments after its input) applied to ``x`` at the insertion point."""
+    return call(graph, view.target, (x, *view.args[1:]), dict(view.kwargs), like=like if like is not None else view, info=info)
+
+
+def replay_views(graph: fx.Graph, views: list[fx.Node], x: Any, *, like: fx.Node | None = None, info: Any = None) -> Any:
+    """The chain ``views`` (first applied first) replayed on ``x``."""
+    for view in views:
+        x = replay_view(graph, view, x, like=like, info=info)
+    return x

@@ -24,54 +24,15 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from fqt_compiler.ops import (
-    bhq_inverse_op,
-    bhq_quantize_op,
-    fake_quantize_op,
-    needs_fake_quantize,
-    quantize_op,
-    quantize_stochastic_op,
-)
-from fqt_compiler.layout import Layout
 from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo, QuantNodeKind
-from fqt_compiler.specs import GemmKind, QuantSpec, Scheme, TensorRole, Transform
+from fqt_compiler.specs import GemmKind, TensorRole
 
 
 from fqt_compiler.passes.base import BackwardGemm, FQTPass, PassContext, Site
-from fqt_compiler.passes.graph_utils import arg, arg_index, call, dtype_of, tuple_items
+from fqt_compiler.passes.dequant_chain import emit_quantize
+from fqt_compiler.passes.graph_utils import arg, arg_index, call, replay_views
 
 aten = torch.ops.aten
-convert = torch.ops.prims.convert_element_type.default
-
-
-def emit_quantize(
-    graph: fx.Graph, x: fx.Node, spec: QuantSpec, layout: Layout, info: QuantNodeInfo, like: fx.Node, tag: str | None
-) -> fx.Node:
-    """Insert quantize-dequantize of ``x`` at the insertion point; return the dequantized node."""
-    key = spec.key()
-    kw = dict(like=like, tag=tag)
-    if needs_fake_quantize(spec):
-        return call(graph, fake_quantize_op, (x, key, int(layout)), info=info, **kw)
-    bhq = spec.transform is Transform.BLOCK_HOUSEHOLDER
-    op = bhq_quantize_op if bhq else quantize_stochastic_op if spec.is_stochastic else quantize_op
-    q = call(graph, op, (x, key, int(layout)), info=info, **kw)
-    codes, scale, zp, offset, *transform = tuple_items(graph, q, 7 if bhq else 4, info=info, **kw)
-    dq_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, QuantNodeKind.DEQUANTIZE)
-    # casts are prims.convert_element_type, the form Inductor's decompositions produce and its
-    # lowerings expect (aten._to_copy would be a second, conflicting path to the same op)
-    out = call(graph, convert, (codes, dtype_of(scale)), info=dq_info, **kw)
-    # the same op sequence as grid.dequantize_ref, so graph and reference agree bit for bit
-    if spec.scheme is not Scheme.SYMMETRIC:
-        out = call(graph, aten.sub.Tensor, (out, zp), info=dq_info, **kw)
-    out = call(graph, aten.mul.Tensor, (out, scale), info=dq_info, **kw)
-    if spec.scheme is Scheme.ASYMMETRIC:
-        out = call(graph, aten.add.Tensor, (out, offset), info=dq_info, **kw)
-    if bhq:
-        t_info = QuantNodeInfo(info.site_id, info.gemm, info.role, key, QuantNodeKind.TRANSFORM)
-        out = call(graph, bhq_inverse_op, (out, *transform, int(layout)), info=t_info, **kw)
-    if dtype_of(out) != dtype_of(x):
-        out = call(graph, convert, (out, dtype_of(x)), info=dq_info, **kw)
-    return out
 
 
 def _prefer_recompute(dq: fx.Node) -> None:
@@ -85,14 +46,6 @@ def _prefer_recompute(dq: fx.Node) -> None:
     while isinstance(node.meta.get("fqt"), QuantNodeInfo) and node.meta["fqt"].what is QuantNodeKind.DEQUANTIZE:
         node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
         node = node.args[0]
-
-
-def _replay(graph: fx.Graph, start: fx.Node, chain: list[fx.Node], info: QuantNodeInfo) -> fx.Node:
-    """Re-apply the view nodes of ``chain`` on ``start``."""
-    cur = start
-    for node in chain:
-        cur = call(graph, node.target, (cur, *node.args[1:]), dict(node.kwargs), like=node, info=info)
-    return cur
 
 
 class InsertQDQ(FQTPass):
@@ -158,7 +111,7 @@ class InsertQDQ(FQTPass):
                 if fwd_spec is not None:
                     source = dq[bwd.fwd_operand]
                     replay_info = QuantNodeInfo(site.site_id, bwd.kind, role, fwd_spec.key(), QuantNodeKind.REPLAY)
-                    operand = _replay(graph, source, bwd.chain, replay_info)
+                    operand = replay_views(graph, bwd.chain, source, info=replay_info)
                 if bwd.operand_spec != fwd_spec:
                     info = QuantNodeInfo(site.site_id, bwd.kind, role, bwd.operand_spec.key(), QuantNodeKind.QUANTIZE)
                     operand = emit_quantize(graph, operand, bwd.operand_spec, bwd.fwd_layout, info, like=node, tag=tag)

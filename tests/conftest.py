@@ -1,5 +1,6 @@
 """Shared test set-up: fixed seeds, a fresh Dynamo per test, the ``gpu`` and ``interpreter``
-markers.
+markers, and the test tiers: ``--tier fast`` (the default: every test not marked ``slow``),
+``--tier slow`` and ``--tier all`` (CI).
 
 Triton kernels need a GPU or Triton's interpreter. Without CUDA the interpreter runs them on
 CPU tensors (chosen when a kernel is decorated, so set before any ``fqt_compiler.codegen.kernels`` import).
@@ -38,6 +39,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+TIERS = ("fast", "slow", "all")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--tier", choices=TIERS, default="fast",
+        help="fast (default): every test not marked slow; slow: only those; all: both (what CI runs)",
+    )
+
+
 def pytest_configure(config):
     if INTERPRETER:
         from tests.helpers.interpreter import interpreter_problem
@@ -48,6 +59,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    _select_tier(config, items)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         marker = "gpu"
@@ -60,3 +72,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if marker in item.keywords:
             item.add_marker(skip)
+
+
+def _select_tier(config, items) -> None:
+    """Keep the tests of the ``--tier`` asked for; the others are reported as deselected."""
+    tier = config.getoption("--tier")
+    if tier == "all":
+        return
+    keep, drop = [], []
+    for item in items:
+        (keep if ("slow" in item.keywords) == (tier == "slow") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_report_header(config):
+    tier = config.getoption("--tier")
+    if tier != "all":
+        return f"test tier: {tier} (--tier all runs every test, as CI does)"
+    return "test tier: all"

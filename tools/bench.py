@@ -220,6 +220,7 @@ def bench_memory(shape, recipe, device) -> tuple[tuple[int, int], tuple[int, int
 def bench_gemm(shape, device, reps) -> dict[str, float]:
     """Seconds of the fp32/bf16 GEMM, torch._int_mm and fqt's int8 GEMM with its epilogue."""
     from fqt_compiler.codegen.kernel_ops import qmm_op
+    from fqt_compiler.grid import QOperand
 
     torch._dynamo.reset()
     m, k, n = shape
@@ -237,7 +238,7 @@ def bench_gemm(shape, device, reps) -> dict[str, float]:
         fused = torch.compile(qmm_cpu)
 
         def low_bit():
-            return fused(qa, sa, None, None, qb, sb, None, None, None, hp)
+            return fused(QOperand(qa, sa), QOperand(qb, sb), None, hp)
     else:
 
         def low_bit():
@@ -281,79 +282,115 @@ def bench_quantize(shape, spec, device, reps) -> dict[str, float]:
 
 
 def run(sections: list[str], device_name: str, reps: int, recipes: list[str], shapes: list[tuple[int, int, int]] | None) -> str:
+    """The markdown report of ``sections`` (see SECTIONS), each a ratio against a baseline timed beside it."""
     device = torch.device(device_name)
     shapes = shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = [f"# fqt bench\n\ndevice: {device_description(device)}\n"]
-    if "layer" in sections:
-        rows = []
-        for shape in shapes:
-            for r in bench_layer(shape, recipes, device, reps, dtype):
-                rows.append([f"{r.shape[0]}x{r.shape[1]}->{r.shape[2]}", r.recipe, f"{r.speedup:.2f}x", f"{r.baseline_ms:.1f}",
-                             f"{r.candidate_ms:.1f}", r.lowbit_gemms])
-                print(f"  layer {rows[-1]}", flush=True)
-        base = "fp32" if device.type == "cpu" else "bf16"
-        out.append(f"## Per layer, fwd+bwd, vs {base} torch.compile (median of {reps} interleaved)\n")
-        out.append(tabulate(
-            rows, headers=["M x K -> N", "recipe", "speedup", f"{base} ms", "fqt ms", "low-bit GEMMs"], tablefmt="github"
-        ))
-    if "fusion" in sections:
-        rows = []
-        for shape in shapes:
-            for name in recipes:
-                f = bench_fusion(shape, name, device, reps, dtype)
-                rows.append([f"{shape[0]}x{shape[1]}<->{shape[2]}", name, f"{f['off'] / f['auto']:.2f}x",
-                             f"{f['hp'] / f['auto']:.2f}x", f"{f['hp'] / f['off']:.2f}x", f"{1e3 * f['auto']:.1f}",
-                             f"{1e3 * f['off']:.1f}", f["fused"]])
-                print(f"  fusion {rows[-1]}", flush=True)
-        how = "generated Triton prologue kernels" if device.type == "cuda" else "Inductor fusing the inlined quantizers"
-        base = "fp32" if device.type == "cpu" else "bf16"
-        out.append(f"\n## Fusion: MLP block fwd+bwd, fused ({how}) vs unfused (standalone quantizers)\n")
-        out.append(tabulate(rows, headers=["M x K <-> N", "recipe", "fused vs unfused", f"fused vs {base}", f"unfused vs {base}",
-                                           "fused ms", "unfused ms", "generated kernels"], tablefmt="github"))
-    if "gemm" in sections:
-        rows = []
-        for shape in shapes:
-            g = bench_gemm(shape, device, reps)
-            rows.append([f"{shape[0]}x{shape[1]}x{shape[2]}", f"{g['hp'] / g['fqt']:.2f}x", f"{g['int_mm'] / g['fqt']:.2f}",
-                         f"{g['tflops_fqt']:.3g}", f"{g['tflops_hp']:.3g}"])
-            print(f"  gemm {rows[-1]}", flush=True)
-        out.append("\n## GEMM alone: fqt int8 (with epilogue) vs the high-precision GEMM and torch._int_mm\n")
-        out.append(tabulate(
-            rows, headers=["M x K x N", "vs hp GEMM", "int_mm time / fqt time", "fqt TFLOPS", "hp TFLOPS"], tablefmt="github"
-        ))
-    if "quantize" in sections:
-        rows = []
-        specs = {
-            "int8 row": fqt.QuantSpec(granularity="row"), "int8 row SR": fqt.QuantSpec(granularity="row", rounding="stochastic")
-        }
-        for shape in QUANTIZE_SHAPES["cuda" if device.type == "cuda" else "cpu"]:
-            for label, spec in specs.items():
-                q = bench_quantize(shape, spec, device, reps)
-                rows.append([f"{shape[0]}x{shape[1]}", label, f"{q['gbps']:.1f}", f"{q['copy_gbps']:.1f}",
-                             f"{q['gbps'] / q['copy_gbps']:.2f}"])
-                print(f"  quantize {rows[-1]}", flush=True)
-        what = "Triton quantize kernel" if device.type == "cuda" else "Inductor-compiled reference quantizer"
-        out.append(f"\n## Quantize ({what}): bytes moved per second vs a same-run copy\n")
-        out.append(tabulate(rows, headers=["shape", "spec", "GB/s", "copy GB/s", "fraction of copy"], tablefmt="github"))
-    if "memory" in sections:
-        rows = []
-        # distinct M, K, N: the saved GEMM input is then told apart from other saved tensors
-        for shape in [s for s in shapes if len(set(s)) == 3] or [(2048, 768, 3072)]:
-            for name in recipes:
-                (b_all, b_in), (c_all, c_in) = bench_memory(shape, name, device)
-                rows.append(
-                    [f"{shape[0]}x{shape[1]}->{shape[2]}", name, b_in, c_in, f"{c_in / b_in:.2f}", f"{c_all / b_all:.2f}"]
-                )
-                print(f"  memory {rows[-1]}", flush=True)
-        out.append("\n## Bytes saved for backward, fqt vs bf16 torch.compile\n")
-        out.append(
-            tabulate(
-                rows,
-                headers=[
-                    "shape", "recipe", "bf16 GEMM-input bytes", "fqt GEMM-input bytes", "GEMM-input ratio", "all saved, ratio"
-                ],
-                tablefmt="github",
-            )
-        )
+    for name in SECTIONS:
+        if name in sections:
+            out += _SECTION_BUILDERS[name](shapes, recipes, device, reps, dtype)
     return "\n".join(out) + "\n"
+
+
+def _layer_section(shapes: list, recipes: list[str], device: torch.device, reps: int, dtype: torch.dtype) -> list[str]:
+    """The ``layer`` section's markdown."""
+    parts: list[str] = []
+    rows = []
+    for shape in shapes:
+        for r in bench_layer(shape, recipes, device, reps, dtype):
+            rows.append([f"{r.shape[0]}x{r.shape[1]}->{r.shape[2]}", r.recipe, f"{r.speedup:.2f}x", f"{r.baseline_ms:.1f}",
+                         f"{r.candidate_ms:.1f}", r.lowbit_gemms])
+            print(f"  layer {rows[-1]}", flush=True)
+    base = "fp32" if device.type == "cpu" else "bf16"
+    parts.append(f"## Per layer, fwd+bwd, vs {base} torch.compile (median of {reps} interleaved)\n")
+    parts.append(tabulate(
+        rows, headers=["M x K -> N", "recipe", "speedup", f"{base} ms", "fqt ms", "low-bit GEMMs"], tablefmt="github"
+    ))
+    return parts
+
+
+def _fusion_section(shapes: list, recipes: list[str], device: torch.device, reps: int, dtype: torch.dtype) -> list[str]:
+    """The ``fusion`` section's markdown."""
+    parts: list[str] = []
+    rows = []
+    for shape in shapes:
+        for name in recipes:
+            f = bench_fusion(shape, name, device, reps, dtype)
+            rows.append([f"{shape[0]}x{shape[1]}<->{shape[2]}", name, f"{f['off'] / f['auto']:.2f}x",
+                         f"{f['hp'] / f['auto']:.2f}x", f"{f['hp'] / f['off']:.2f}x", f"{1e3 * f['auto']:.1f}",
+                         f"{1e3 * f['off']:.1f}", f["fused"]])
+            print(f"  fusion {rows[-1]}", flush=True)
+    how = "generated Triton prologue kernels" if device.type == "cuda" else "Inductor fusing the inlined quantizers"
+    base = "fp32" if device.type == "cpu" else "bf16"
+    parts.append(f"\n## Fusion: MLP block fwd+bwd, fused ({how}) vs unfused (standalone quantizers)\n")
+    parts.append(tabulate(rows, headers=["M x K <-> N", "recipe", "fused vs unfused", f"fused vs {base}", f"unfused vs {base}",
+                                       "fused ms", "unfused ms", "generated kernels"], tablefmt="github"))
+    return parts
+
+
+def _gemm_section(shapes: list, recipes: list[str], device: torch.device, reps: int, dtype: torch.dtype) -> list[str]:
+    """The ``gemm`` section's markdown."""
+    parts: list[str] = []
+    rows = []
+    for shape in shapes:
+        g = bench_gemm(shape, device, reps)
+        rows.append([f"{shape[0]}x{shape[1]}x{shape[2]}", f"{g['hp'] / g['fqt']:.2f}x", f"{g['int_mm'] / g['fqt']:.2f}",
+                     f"{g['tflops_fqt']:.3g}", f"{g['tflops_hp']:.3g}"])
+        print(f"  gemm {rows[-1]}", flush=True)
+    parts.append("\n## GEMM alone: fqt int8 (with epilogue) vs the high-precision GEMM and torch._int_mm\n")
+    parts.append(tabulate(
+        rows, headers=["M x K x N", "vs hp GEMM", "int_mm time / fqt time", "fqt TFLOPS", "hp TFLOPS"], tablefmt="github"
+    ))
+    return parts
+
+
+def _quantize_section(shapes: list, recipes: list[str], device: torch.device, reps: int, dtype: torch.dtype) -> list[str]:
+    """The ``quantize`` section's markdown."""
+    parts: list[str] = []
+    rows = []
+    specs = {
+        "int8 row": fqt.QuantSpec(granularity="row"), "int8 row SR": fqt.QuantSpec(granularity="row", rounding="stochastic")
+    }
+    for shape in QUANTIZE_SHAPES["cuda" if device.type == "cuda" else "cpu"]:
+        for label, spec in specs.items():
+            q = bench_quantize(shape, spec, device, reps)
+            rows.append([f"{shape[0]}x{shape[1]}", label, f"{q['gbps']:.1f}", f"{q['copy_gbps']:.1f}",
+                         f"{q['gbps'] / q['copy_gbps']:.2f}"])
+            print(f"  quantize {rows[-1]}", flush=True)
+    what = "Triton quantize kernel" if device.type == "cuda" else "Inductor-compiled reference quantizer"
+    parts.append(f"\n## Quantize ({what}): bytes moved per second vs a same-run copy\n")
+    parts.append(tabulate(rows, headers=["shape", "spec", "GB/s", "copy GB/s", "fraction of copy"], tablefmt="github"))
+    return parts
+
+
+def _memory_section(shapes: list, recipes: list[str], device: torch.device, reps: int, dtype: torch.dtype) -> list[str]:
+    """The ``memory`` section's markdown."""
+    parts: list[str] = []
+    rows = []
+    # distinct M, K, N: the saved GEMM input is then told apart from other saved tensors
+    for shape in [s for s in shapes if len(set(s)) == 3] or [(2048, 768, 3072)]:
+        for name in recipes:
+            (b_all, b_in), (c_all, c_in) = bench_memory(shape, name, device)
+            rows.append(
+                [f"{shape[0]}x{shape[1]}->{shape[2]}", name, b_in, c_in, f"{c_in / b_in:.2f}", f"{c_all / b_all:.2f}"]
+            )
+            print(f"  memory {rows[-1]}", flush=True)
+    parts.append("\n## Bytes saved for backward, fqt vs bf16 torch.compile\n")
+    parts.append(
+        tabulate(
+            rows,
+            headers=[
+                "shape", "recipe", "bf16 GEMM-input bytes", "fqt GEMM-input bytes", "GEMM-input ratio", "all saved, ratio"
+            ],
+            tablefmt="github",
+        )
+    )
+    return parts
+
+
+SECTIONS = ("layer", "fusion", "gemm", "quantize", "memory")
+_SECTION_BUILDERS = {
+    "layer": _layer_section, "fusion": _fusion_section, "gemm": _gemm_section, "quantize": _quantize_section,
+    "memory": _memory_section,
+}

@@ -120,8 +120,20 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fqt`` parser: one subcommand per tool."""
     parser = argparse.ArgumentParser(prog="fqt", description="fqt: fully quantized training as a torch.compile backend")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_inspect(sub)
+    _add_variance(sub)
+    _add_results(sub)
+    _add_bench(sub)
+    add_gpu_check(sub)
+    return parser
+
+
+def _add_demo(sub) -> None:
+    """``fqt demo`` and its options."""
     demo = sub.add_parser("demo", help="train a small CNN on the digits data under the paper's recipes and compare")
     demo.add_argument(
         "--recipes", nargs="+", default=None, help="recipes to run (default: exact qat ptq8 psq8 bhq8 ptq4 psq4 bhq4)"
@@ -132,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--var-draws", type=int, default=16, help="backward passes used to measure gradient variance")
     demo.add_argument("--mode", default="reference", choices=["reference", "kernels"], help="execution mode (default: reference)")
     demo.set_defaults(func=_demo)
+
+
+def _add_inspect(sub) -> None:
+    """``fqt inspect`` and its options."""
     inspect = sub.add_parser("inspect", help="compile a model, print its GEMM decision table, write the full report")
     inspect.add_argument("factory", help="path/to/script.py:function returning (model, example_inputs)")
     inspect.add_argument("--recipe", default="int8", help="recipe name (default: int8)")
@@ -147,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", default="fqt_report", help="folder for the report (default: fqt_report)")
     inspect.add_argument("--wide", action="store_true", help="every column (operand specs, rules), not fitted to 120 columns")
     inspect.set_defaults(func=_inspect)
+
+
+def _add_variance(sub) -> None:
+    """``fqt variance`` and its options."""
     var = sub.add_parser("variance", help="bias and variance quantization adds to the gradient, per layer; bit-width advice")
     var.add_argument(
         "factory", nargs="?", default=None,
@@ -160,12 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--out", default=None, help="folder for the PNG plots (needs matplotlib)")
     var.add_argument("--no-sweep", action="store_true", help="skip the bits sweep (and the plots)")
     var.set_defaults(func=_variance)
+
+
+def _add_results(sub) -> None:
+    """``fqt results`` and its options."""
     res = sub.add_parser("results", help="train a byte-level GPT and the demo CNN under every recipe; table and loss curves")
     res.add_argument("--out", default="docs", help="folder for results_lm.png and results_cnn.png")
     res.add_argument("--steps", type=int, default=300)
     res.add_argument("--epochs", type=int, default=3)
     res.add_argument("--recipes", nargs="+", default=None)
     res.set_defaults(func=_results)
+
+
+def _add_bench(sub) -> None:
+    """``fqt bench`` and its options."""
     bench = sub.add_parser(
         "bench", help="benchmarks: ratios against a high-precision torch.compile baseline timed in the same run",
         description="Every number is a ratio against a baseline timed beside it (interleaved repetitions, median); "
@@ -187,9 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--output", default=None, help="also write the markdown here")
     bench.set_defaults(func=_bench)
-    add_gpu_check(sub)
-    return parser
-
 
 def _cuda() -> bool:
     import torch

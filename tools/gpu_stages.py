@@ -160,7 +160,8 @@ def tests(rec: Recorder, cfg: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label, args in runs:
             xml = Path(tmp) / "junit.xml"
-            cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={xml}", *parallel, *args]
+            cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--tier", "all", f"--junitxml={xml}",
+                   *parallel, *args]
             print(f"$ {' '.join(cmd[1:])}", flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=cfg["root"])
@@ -199,6 +200,7 @@ def _gemm_candidates(rows: int, red: int, cols: int, role: str, device: torch.de
     """Callables for one GEMM: high precision, fqt int8 / fp8 (the Triton qmm), the library
     8-bit GEMMs. Operands K-major, as fqt's quantizers write them."""
     from fqt_compiler.codegen.kernels.qmm import qmm
+    from fqt_compiler.grid import QOperand
 
     hp = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(rows + red + cols)  # drawn on the device: large shapes in milliseconds
@@ -213,10 +215,10 @@ def _gemm_candidates(rows: int, red: int, cols: int, role: str, device: torch.de
     af, bf = a.to(a_fmt), b.to(torch.float8_e4m3fn)
     fns = {
         f"{str(hp).split('.')[-1]} torch.mm": lambda: a_hp @ b_hp,
-        "fqt int8 (triton qmm)": lambda: qmm(a8, sa, None, None, b8, sb, None, None, None, hp),
+        "fqt int8 (triton qmm)": lambda: qmm(QOperand(a8, sa), QOperand(b8, sb), None, hp),
         "torch._int_mm": lambda: torch._int_mm(a8, b8),
         f"fqt fp8 {'e4m3' if role == 'fprop' else 'e5m2'} x e4m3 (triton qmm)":
-            lambda: qmm(af, sa, None, None, bf, sb, None, None, None, hp),
+            lambda: qmm(QOperand(af, sa), QOperand(bf, sb), None, hp),
     }
     row_ok = probes.get(f"torch._scaled_mm {'e4m3' if role == 'fprop' else 'e5m2'} x e4m3, row-wise", {}).get("ok")
     tensor_ok = probes.get(f"torch._scaled_mm {'e4m3' if role == 'fprop' else 'e5m2'} x e4m3, tensor-wise", {}).get("ok")
@@ -259,6 +261,7 @@ def _fp8_accuracy(device: torch.device, cfg: dict) -> dict:
     float64 GEMM of the same fp8 values: relative Frobenius and max errors (qmm promotes its fp8
     accumulator once per K tile; ``torch._scaled_mm`` shown with and without fast accumulation)."""
     from fqt_compiler.codegen.kernels.qmm import FP8_PROMOTE_K, qmm
+    from fqt_compiler.grid import QOperand
 
     m, k, n = max(cfg["shapes"], key=lambda s: s[0])
     rows, red, cols = n, m, k  # the weight gradient: contraction over the M tokens
@@ -274,7 +277,7 @@ def _fp8_accuracy(device: torch.device, cfg: dict) -> dict:
         d = got.double() - ref
         return {"rel_fro": float(d.norm() / ref.norm()), "max_rel": float(d.abs().max() / ref.abs().max())}
 
-    out["fqt qmm (fp32 out)"] = _probe(lambda: err(qmm(a, one_a, None, None, b, one_b, None, None, None, torch.float32)))
+    out["fqt qmm (fp32 out)"] = _probe(lambda: err(qmm(QOperand(a, one_a), QOperand(b, one_b), None, torch.float32)))
     for fast in (False, True):
         one = torch.tensor(1.0, device=device)
         out[f"torch._scaled_mm (bf16 out), use_fast_accum={fast}"] = _probe(

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fqt_compiler.grid import QOperand
+
 __all__ = ["qmm", "qmm_kernel", "qmm_tile", "autotune_configs", "FP8_PROMOTE_K", "FP8_DTYPES"]
 
 # The most K elements an fp8 tile accumulates in the tensor cores' reduced-precision fp8
@@ -155,10 +157,12 @@ def _stat(t: torch.Tensor | None, n: int, like: torch.Tensor) -> tuple[torch.Ten
     return t, 1
 
 
-def epilogue_operands(a, a_scale, a_zp, a_offset, b, b_scale, b_zp, b_offset, bias):
+def epilogue_operands(qa: QOperand, qb: QOperand, bias: torch.Tensor | None):
     """The dequantization epilogue's inputs as the kernels take them: fp32 vectors with a
     stride of 0 (per tensor) or 1, every statistic of one operand sharing its scale's stride;
     returns (sa, sb, za, zb, oa, ob, bias, sa_stride, sb_stride, affine)."""
+    a, a_scale, a_zp, a_offset = qa
+    b, b_scale, b_zp, b_offset = qb
     m, n = a.shape[0], b.shape[1]
     sa, sa_stride = _stat(a_scale, m, a)
     sb, sb_stride = _stat(b_scale, n, a)
@@ -171,19 +175,9 @@ def epilogue_operands(a, a_scale, a_zp, a_offset, b, b_scale, b_zp, b_offset, bi
     return sa, sb, za, zb, oa, ob, bias_t, sa_stride, sb_stride, affine
 
 
-def qmm(
-    a_codes: torch.Tensor,
-    a_scale: torch.Tensor,
-    a_zp: torch.Tensor | None,
-    a_offset: torch.Tensor | None,
-    b_codes: torch.Tensor,
-    b_scale: torch.Tensor,
-    b_zp: torch.Tensor | None,
-    b_offset: torch.Tensor | None,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def qmm(a: QOperand, b: QOperand, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Triton twin of ``reference.qmm_ref``."""
+    a_codes, b_codes = a.codes, b.codes
     # check
     if a_codes.dim() != 2 or b_codes.dim() != 2 or a_codes.shape[1] != b_codes.shape[0]:
         raise ValueError(f"qmm: shapes {tuple(a_codes.shape)} @ {tuple(b_codes.shape)} do not form a 2-D GEMM")
@@ -196,9 +190,7 @@ def qmm(
     n = b_codes.shape[1]
     # allocate
     out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
-    sa, sb, za, zb, oa, ob, bias_t, sa_stride, sb_stride, affine = epilogue_operands(
-        a_codes, a_scale, a_zp, a_offset, b_codes, b_scale, b_zp, b_offset, bias
-    )
+    sa, sb, za, zb, oa, ob, bias_t, sa_stride, sb_stride, affine = epilogue_operands(a, b, bias)
     if m == 0 or n == 0:
         return out
     # launch

@@ -19,6 +19,7 @@ import functools
 import torch
 import triton
 
+from fqt_compiler.grid import QOperand
 from fqt_compiler.codegen.fusion_program import Program, triton_lines
 from fqt_compiler.codegen.kernels.fused import load_source
 from fqt_compiler.codegen.kernels.qmm import autotune_configs, epilogue_operands
@@ -127,7 +128,7 @@ def stat_slots(extent: int, device: torch.device, columns: bool = False) -> int:
 
 
 def qmm_fused(
-    a, sa, za, oa, b, sb, zb, ob, bias, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: Program,
+    qa: QOperand, qb: QOperand, bias: torch.Tensor | None, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: Program,
     quant: Program | None = None, symmetric: bool = True, columns: bool = False, qleaves: list[torch.Tensor] = (),
 ):
     """``run_reference(program, [qmm(...), *leaves])`` in one generated kernel; returns the
@@ -137,6 +138,7 @@ def qmm_fused(
     [amax, nan, -] if ``symmetric`` else [min, max, nan], for
     ``kernels.fused.fused_quantize(partials=...)``; ``qleaves``: ``quant``'s other leaves,
     broadcastable to the (M, N) output."""
+    a, b = qa.codes, qb.codes
     m, k = a.shape
     n = b.shape[1]
     out = torch.empty((m, n), dtype=program.dtype, device=a.device)
@@ -150,9 +152,7 @@ def qmm_fused(
     if key not in _TUNED:
         kernel = load_source(generate_epilogue_source(program, out_dtype, quant)).qmm_epilogue_kernel
         _TUNED[key] = triton.autotune(configs=autotune_configs(a.device), key=["M", "N", "K", "IS_INT", "AFFINE"])(kernel)
-    sa_t, sb_t, za_t, zb_t, oa_t, ob_t, bias_t, sa_stride, sb_stride, affine = epilogue_operands(
-        a, sa, za, oa, b, sb, zb, ob, bias
-    )
+    sa_t, sb_t, za_t, zb_t, oa_t, ob_t, bias_t, sa_stride, sb_stride, affine = epilogue_operands(qa, qb, bias)
     # every other leaf broadcast to its program's shape, then seen as the (M, N) output
     views = [_as_output(leaf, program.shape, m, n) for leaf in leaves]
     qviews = [_as_output(leaf, (m, n), m, n) for leaf in qleaves]

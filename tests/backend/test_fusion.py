@@ -207,13 +207,13 @@ def _operand_strides(monkeypatch) -> list:
     seen = []
     plain, epi = ops.qmm_cpu, qe.qmm_fused
 
-    def qmm_cpu(a, sa, za, oa, b, *rest):
-        seen.append((tuple(a.shape), a.stride(), tuple(b.shape), b.stride()))
-        return plain(a, sa, za, oa, b, *rest)
+    def qmm_cpu(a, b, *rest):
+        seen.append((tuple(a.codes.shape), a.codes.stride(), tuple(b.codes.shape), b.codes.stride()))
+        return plain(a, b, *rest)
 
-    def qmm_fused(a, sa, za, oa, b, *rest):
-        seen.append((tuple(a.shape), a.stride(), tuple(b.shape), b.stride()))
-        return epi(a, sa, za, oa, b, *rest)
+    def qmm_fused(a, b, *rest):
+        seen.append((tuple(a.codes.shape), a.codes.stride(), tuple(b.codes.shape), b.codes.stride()))
+        return epi(a, b, *rest)
 
     monkeypatch.setattr(ops, "qmm_cpu", qmm_cpu)
     monkeypatch.setattr(qe, "qmm_fused", qmm_fused)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from fqt_compiler.grid import QOperand
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
 
-__all__ = ["PAIRS", "qmm_operands", "assert_same"]
+__all__ = ["PAIRS", "qmm_operands", "op_args", "to_cpu", "assert_same"]
 
 PAIRS = {
     "int8-sym-row": (QuantSpec(granularity="row"), QuantSpec(granularity="row")),
@@ -21,17 +22,17 @@ PAIRS = {
 
 def qmm_operands(m, k, n, a_spec, b_spec, device):
     """Quantized operands of an m x k by k x n GEMM (A per row, B per column) with a bias:
-    the qmm arguments, and the reference quantizations they came from."""
+    the qmm arguments (two QOperands and the bias), and the reference quantizations they came from."""
     g = torch.Generator().manual_seed(m * 100 + n)
     x = torch.randn(m, k, generator=g).to(device) * 2 + 0.5
     w = torch.randn(n, k, generator=g).to(device)
     qa = quantize_ref(x, a_spec, Layout.PENULTIMATE)  # per row of A
     qb = quantize_ref(w.t(), b_spec, Layout.LAST)  # per column of B = per row of W
     affine = a_spec.scheme.value != "sym" or b_spec.scheme.value != "sym"
-    a_args = (qa[0], qa[1], qa[2] if affine else None, qa[3] if affine else None)
-    b_args = (qb[0], qb[1], qb[2] if affine else None, qb[3] if affine else None)
+    a_op = QOperand(qa[0], qa[1], qa[2] if affine else None, qa[3] if affine else None)
+    b_op = QOperand(qb[0], qb[1], qb[2] if affine else None, qb[3] if affine else None)
     bias = torch.randn(n, generator=g).to(device)
-    return (*a_args, *b_args, bias), (qa, qb)
+    return (a_op, b_op, bias), (qa, qb)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -48,3 +49,19 @@ def assert_same(kernel_out, ref_out):
             assert torch.equal(k.isnan(), r.isnan()), name
             k, r = torch.nan_to_num(k, nan=0.0), torch.nan_to_num(r, nan=0.0)
         assert torch.equal(_bits(k), _bits(r)), name
+
+
+def op_args(args: tuple) -> tuple:
+    """``fqt::qmm``'s flat arguments (codes, scale, zero point, offset of each operand, then the
+    bias) from ``(a, b, bias)``."""
+    a, b, bias = args
+    return (*a, *b, bias)
+
+
+def to_cpu(args: tuple) -> tuple:
+    """``(a, b, bias)`` with every tensor on the CPU."""
+    def move(t):
+        return t.cpu() if isinstance(t, torch.Tensor) else t
+
+    a, b, bias = args
+    return QOperand(*map(move, a)), QOperand(*map(move, b)), move(bias)

@@ -335,8 +335,8 @@ def test_given_partials_replace_the_statistics_pass(spec, write_hp):
 def test_epilogue_statistics_op_reference_path_equals_the_kernel(monkeypatch):
     """``fqt::qmm_epilogue_stats`` off Triton (the eager path: GEMM, chain, statistics in torch)
     and under the interpreter agree once the slots are reduced."""
-    from fqt_compiler.codegen.epilogue import qmm_epilogue_stats_op as op
-    from tests.helpers.kernel_cases import PAIRS, qmm_operands
+    from fqt_compiler.codegen.kernel_ops import qmm_epilogue_stats_op as op
+    from tests.helpers.kernel_cases import PAIRS, op_args, qmm_operands
 
     args, _ = qmm_operands(33, 40, 70, *PAIRS["int8-sym-row"], "cpu")
     prog = Program((33, 70), (("convert", (("L", 0),), "float32", "none"),), 1)
@@ -345,7 +345,7 @@ def test_epilogue_statistics_op_reference_path_equals_the_kernel(monkeypatch):
     outs = []
     for interpret in ("1", "0"):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
-        outs.append(op(*args, torch.float32, [], prog.dumps(), quant.dumps(), False, True, [other]))
+        outs.append(op(*op_args(args), torch.float32, [], prog.dumps(), quant.dumps(), False, True, [other]))
     (k_out, k_part), (r_out, r_part) = outs
     assert torch.equal(k_out, r_out) and k_part.shape == r_part.shape
     assert (torch.equal(k_part[..., 0].amin(1), r_part[..., 0].amin(1))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fqt_compiler as fqt
+from fqt_compiler.grid import QOperand
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import qmm_ref, quantize_ref
 from tests.helpers.kernel_cases import assert_same
@@ -41,7 +42,7 @@ def test_gpu_qmm_matches_reference():
     b = torch.randint(-127, 128, (768, 512), device="cuda", dtype=torch.int8).t()
     sa, sb = torch.rand(1024, 1, device="cuda"), torch.rand(1, 768, device="cuda")
     torch.testing.assert_close(
-        qmm(a, sa, None, None, b, sb, None, None), qmm_ref(a, sa, None, None, b, sb, None, None), rtol=1e-6, atol=1e-3
+        qmm(QOperand(a, sa), QOperand(b, sb)), qmm_ref(QOperand(a, sa), QOperand(b, sb)), rtol=1e-6, atol=1e-3
     )
 
 

@@ -8,18 +8,19 @@ import torch
 
 from fqt_compiler.codegen.kernels.qmm import qmm
 from fqt_compiler.codegen.kernel_ops import qmm_cpu, qmm_op
+from fqt_compiler.grid import QOperand
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import qmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
 from tests.helpers.device import DEVICE
-from tests.helpers.kernel_cases import PAIRS, qmm_operands
+from tests.helpers.kernel_cases import PAIRS, op_args, qmm_operands, to_cpu
 from tests.helpers.sm90 import compile_without_interpreter
 
 @pytest.mark.parametrize("pair", PAIRS, ids=str)
 @pytest.mark.parametrize("mkn", [(5, 7, 3), (33, 70, 40), (1, 1, 1), (64, 16, 1)], ids=str)
 def test_qmm_kernel_matches_reference_bitwise(pair, mkn):
     args, _ = qmm_operands(*mkn, *PAIRS[pair], DEVICE)
-    ref = qmm_ref(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    ref = qmm_ref(*to_cpu(args))
     assert torch.equal(qmm(*args).cpu(), ref)
 
 
@@ -28,7 +29,7 @@ def test_qmm_kernel_matches_reference_bitwise(pair, mkn):
 def test_qmm_cpu_int_mm_path_matches_reference_bitwise(pair, mkn):
     args, _ = qmm_operands(*mkn, *PAIRS[pair], "cpu")
     assert torch.equal(qmm_cpu(*args, torch.float32), qmm_ref(*args))
-    assert torch.equal(qmm_op(*args, torch.float32), qmm_ref(*args))
+    assert torch.equal(qmm_op(*op_args(args), torch.float32), qmm_ref(*args))
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=str)
@@ -46,9 +47,9 @@ def test_qmm_out_dtype_and_errors():
     args, _ = qmm_operands(8, 8, 8, *PAIRS["int8-sym-row"], "cpu")
     assert qmm_ref(*args, out_dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="2-D GEMM"):
-        qmm(args[0], args[1], None, None, args[4][:3], args[5], None, None)  # K = 8 against 3
+        qmm(QOperand(args[0].codes, args[0].scale), QOperand(args[1].codes[:3], args[1].scale))  # K = 8 against 3
     with pytest.raises(TypeError, match="int8 or fp8"):
-        qmm(args[0].float(), args[1], None, None, args[4].float(), args[5], None, None)
+        qmm(QOperand(args[0].codes.float(), args[0].scale), QOperand(args[1].codes.float(), args[1].scale))
 
 
 def test_fp8_qmm_kernel_close_to_reference():
@@ -58,8 +59,8 @@ def test_fp8_qmm_kernel_close_to_reference():
     w = torch.randn(24, 72, device=DEVICE)
     qa = quantize_ref(x, spec, Layout.PENULTIMATE)
     qb = quantize_ref(w.t(), spec, Layout.LAST)
-    got = qmm(qa[0], qa[1], None, None, qb[0], qb[1], None, None)
-    ref = qmm_ref(qa[0], qa[1], None, None, qb[0], qb[1], None, None)
+    got = qmm(QOperand(qa[0], qa[1]), QOperand(qb[0], qb[1]))
+    ref = qmm_ref(QOperand(qa[0], qa[1]), QOperand(qb[0], qb[1]))
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -71,8 +72,8 @@ def test_mixed_fp8_qmm_kernel_close_to_reference(formats):
     qa = quantize_ref(torch.randn(40, 72, generator=g).to(DEVICE), a_spec, Layout.PENULTIMATE)
     qb = quantize_ref(torch.randn(24, 72, generator=g).to(DEVICE).t(), b_spec, Layout.LAST)
     assert qa[0].dtype != qb[0].dtype or formats[0] == formats[1]
-    got = qmm(qa[0], qa[1], None, None, qb[0], qb[1], None, None)
-    ref = qmm_ref(qa[0], qa[1], None, None, qb[0], qb[1], None, None)
+    got = qmm(QOperand(qa[0], qa[1]), QOperand(qb[0], qb[1]))
+    ref = qmm_ref(QOperand(qa[0], qa[1]), QOperand(qb[0], qb[1]))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -86,7 +87,7 @@ def test_fp8_qmm_long_k_error_against_float64():
     a = torch.randn(32, 8192, generator=g).to(DEVICE).to(torch.float8_e5m2)
     b = torch.randn(32, 8192, generator=g).to(DEVICE).to(torch.float8_e4m3fn).t()
     ones_a, ones_b = torch.ones(32, 1, device=DEVICE), torch.ones(1, 32, device=DEVICE)
-    got = qmm(a, ones_a, None, None, b, ones_b, None, None).double()
+    got = qmm(QOperand(a, ones_a), QOperand(b, ones_b)).double()
     ref = a.double() @ b.double()
     assert ((got - ref).norm() / ref.norm()).item() < (1e-5 if DEVICE == "cpu" else 2e-4)
 
@@ -96,7 +97,7 @@ def test_qmm_rejects_int8_by_fp8():
     b = torch.zeros(8, 4, dtype=torch.float8_e4m3fn)
     one = torch.ones(1)
     with pytest.raises(TypeError, match="int8 or fp8"):
-        qmm(a, one, None, None, b, one, None, None)
+        qmm(QOperand(a, one), QOperand(b, one))
 
 
 _PROMOTION = """
