@@ -112,20 +112,6 @@ class Recipe:
         }[gemm]
         return getattr(group, role.value, None)
 
-    @property
-    def quantizes_anything(self) -> bool:
-        return any(
-            s is not None
-            for s in (
-                self.output.activation,
-                self.output.weight,
-                self.grad_input.grad_output,
-                self.grad_input.weight,
-                self.grad_weight.grad_output,
-                self.grad_weight.activation,
-            )
-        )
-
 
 # --------------------------------------------------------------------------- built-ins
 # Asymmetric codes take the 2**b levels 0..B of the paper; ``format="int"`` stores them shifted

@@ -100,10 +100,6 @@ class GemmKind(enum.Enum):
     GRAD_LHS = "grad_lhs"
     GRAD_RHS = "grad_rhs"
 
-    @property
-    def is_backward(self) -> bool:
-        return self is not GemmKind.OUTPUT
-
 
 # Largest finite value of each fp8 format: symmetric fp8 scales map max|x| onto it.
 _FP8_MAX = {ElementFormat.FP8_E4M3: 448.0, ElementFormat.FP8_E5M2: 57344.0}

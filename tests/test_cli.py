@@ -35,6 +35,7 @@ def test_bench_rejects_a_malformed_shape():
         cli.main(["bench", "--sections", "gemm", "--shapes", "64x32", "--device", "cpu"])
 
 
+@pytest.mark.slow  # trains two models under every recipe
 def test_results_command_on_a_tiny_budget(tmp_path, capsys):
     assert cli.main(["results", "--steps", "3", "--epochs", "1", "--recipes", "exact", "bhq4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

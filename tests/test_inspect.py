@@ -37,6 +37,7 @@ def test_explain_text_matches_golden(recipe):
     assert str(fqt.explain(model, *inputs, recipe=recipe, execution="reference")) + "\n" == text
 
 
+@pytest.mark.slow  # about 20 s: every dumped stage runs as a script
 def test_report_stage_files_run(tmp_path):
     model, inputs = _example()
     report = fqt.explain(model, *inputs, recipe="psq8", execution="kernels", inductor=False)

@@ -153,6 +153,7 @@ def test_advisor_more_bits_for_a_tighter_budget():
         advise_bits(model, loss_fn, batches, alpha=0)
 
 
+@pytest.mark.slow  # about 30 s: the whole fqt variance report
 def test_variance_command_writes_its_tables_and_plots(tmp_path, capsys):
     assert cli.main(["variance", "--draws", "8", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

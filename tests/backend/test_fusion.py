@@ -149,6 +149,7 @@ except ImportError:
     pass
 
 
+@pytest.mark.slow  # five Hugging Face models, each fused and unfused
 @pytest.mark.interpreter
 @pytest.mark.skipif(T is None, reason="needs the optional transformers package")
 @pytest.mark.parametrize("name", ["gpt2", "llama", "resnet", "bert", "vit"])

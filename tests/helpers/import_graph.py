@@ -7,6 +7,7 @@ still couples the two modules, it only hides the cycle from the interpreter.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import pkgutil
 from pathlib import Path
@@ -58,8 +59,10 @@ def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
     return {name for name in found if name in known and name != module}
 
 
+@functools.lru_cache(maxsize=None)
 def import_graph(root: str = ROOT) -> nx.DiGraph:
-    """Edges ``a -> b`` for every import of module ``b`` by module ``a`` inside ``root``."""
+    """Edges ``a -> b`` for every import of module ``b`` by module ``a`` inside ``root`` (built
+    once per process: the sources do not change under a test run; do not mutate it)."""
     modules = package_modules(root)
     graph = nx.DiGraph()
     graph.add_nodes_from(modules)
