@@ -27,7 +27,7 @@ from fqt_compiler.codegen.code_layout import LayoutChoice, choose_code_layouts
 from fqt_compiler.codegen.epilogue import FusedEpilogue, fold_statistics, fuse_epilogues
 from fqt_compiler.codegen.prologue import FusedQuantize, fuse_prologues
 from fqt_compiler.codegen.lower import LoweredGemm, lower_gemms
-from fqt_compiler.codegen.kernel_ops import swap_to_kernel_ops
+from fqt_compiler.codegen.kernel_select import swap_to_kernel_ops
 
 __all__ = [
     "compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms", "fuse_prologues", "FusedQuantize",

@@ -26,8 +26,8 @@ from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, arg_index
 
 from fqt_compiler.codegen.epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
 from fqt_compiler.codegen.prologue import fusable_quantize, fused_quantize_op, identity_program
-from fqt_compiler.codegen.kernel_ops import qmm_op
-from fqt_compiler.codegen.memory_order import SAVED_LAYOUT, CodeLayout, alloc_like, column_major_ok
+from fqt_compiler.ops import qmm_op
+from fqt_compiler.memory_order import SAVED_LAYOUT, CodeLayout, alloc_like, column_major_ok
 
 __all__ = ["LayoutChoice", "choose_code_layouts", "mark_saved_codes", "restride_inputs"]
 

@@ -30,9 +30,9 @@ from fqt_compiler.passes.graph_utils import (
 )
 
 from fqt_compiler.codegen.prologue import fusable_quantize, identity_program
-from fqt_compiler.codegen.fusion_program import OPS, Program, build_program, dtype_name
-from fqt_compiler.codegen.memory_order import SAVED_LAYOUT
-from fqt_compiler.codegen.kernel_ops import fused_quantize_op, qmm_epilogue_op, qmm_epilogue_stats_op, qmm_op
+from fqt_compiler.fusion_program import OPS, Program, build_program, dtype_name
+from fqt_compiler.memory_order import SAVED_LAYOUT
+from fqt_compiler.ops import fused_quantize_op, qmm_epilogue_op, qmm_epilogue_stats_op, qmm_op
 
 aten = torch.ops.aten
 

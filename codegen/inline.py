@@ -27,7 +27,7 @@ from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
 from fqt_compiler.passes.graph_utils import call, is_static_value
 
-from fqt_compiler.codegen.kernel_ops import qmm_cpu, qmm_op
+from fqt_compiler.ops import qmm_cpu, qmm_op
 
 __all__ = ["inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random"]
 

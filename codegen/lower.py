@@ -24,7 +24,7 @@ from fqt_compiler.specs import GemmKind
 from fqt_compiler.passes.dequant_chain import CONVERT, DequantOperand, match_operand
 from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call, replay_view
 
-from fqt_compiler.codegen.kernel_ops import qmm_op
+from fqt_compiler.ops import qmm_op
 
 aten = torch.ops.aten
 

@@ -3,7 +3,7 @@
 For every ``fqt::quantize[_stochastic]`` node of a lowered graph, :func:`fuse_prologues` walks
 back through the pointwise ops producing its input (bias / residual adds, GELU / SiLU / ReLU,
 their backward formulas, casts; through a final view) and cuts out the largest chain whose
-interior values nobody else reads. The chain becomes a :class:`~fqt_compiler.codegen.fusion_program.Program`
+interior values nobody else reads. The chain becomes a :class:`~fqt_compiler.fusion_program.Program`
 and the quantize node an ``fqt::fused_quantize`` call on the chain's leaves: one generated
 Triton kernel computes the chain and writes the codes and scales in a single pass over memory
 (``kernels/fused.py``). If other consumers still need the chain's high-precision value, the same
@@ -32,9 +32,9 @@ from fqt_compiler.ops import QUANTIZE_OPS
 from fqt_compiler.specs import Granularity, QuantSpec, Transform
 from fqt_compiler.passes.graph_utils import RESHAPES, call, rewire, static_tensor
 
-from fqt_compiler.codegen.fusion_program import OPS, Program, build_program, dtype_name
-from fqt_compiler.codegen.memory_order import SAVED_LAYOUT, CodeLayout
-from fqt_compiler.codegen.kernel_ops import fused_quantize_op
+from fqt_compiler.fusion_program import OPS, Program, build_program, dtype_name
+from fqt_compiler.memory_order import SAVED_LAYOUT, CodeLayout
+from fqt_compiler.ops import fused_quantize_op
 
 __all__ = ["FusedQuantize", "fuse_prologues", "fusable_quantize", "identity_program"]
 

@@ -17,10 +17,8 @@ from fqt_compiler.specs import QuantSpec
 from fqt_compiler.passes.graph_utils import arg
 from fqt_compiler.codegen.epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
 from fqt_compiler.codegen.prologue import fused_quantize_op
-from fqt_compiler.codegen.fusion_program import Program
-from fqt_compiler.codegen.kernel_ops import (
-    bhq_inverse_kernel_op, bhq_quantize_kernel_op, fake_quantize_kernel_op, qmm_op, quantize_kernel_op,
-)
+from fqt_compiler.fusion_program import Program
+from fqt_compiler.ops import bhq_inverse_kernel_op, bhq_quantize_kernel_op, fake_quantize_kernel_op, qmm_op, quantize_kernel_op
 
 __all__ = ["kernel_sources", "triton_sources", "fusion_programs"]
 

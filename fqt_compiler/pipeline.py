@@ -47,7 +47,8 @@ from fqt_compiler.codegen.epilogue import fold_statistics, fuse_epilogues
 from fqt_compiler.codegen.prologue import fuse_prologues
 from fqt_compiler.codegen.inline import inline_qmm_ops, inline_quantize_ops, replace_random
 from fqt_compiler.codegen.lower import lower_gemms
-from fqt_compiler.codegen.kernel_ops import swap_to_kernel_ops, triton_here
+from fqt_compiler.ops import triton_here
+from fqt_compiler.codegen.kernel_select import swap_to_kernel_ops
 from fqt_compiler.codegen.sources import kernel_sources
 from fqt_compiler.passes import Dedupe, FindSites, InsertQDQ, PassContext, SelectSpecs
 from fqt_compiler.passes.base import FQTPass

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fqt_compiler import codegen  # noqa: F401  (registers the kernel-mode ops)
-from fqt_compiler.codegen.memory_order import CodeLayout
-from fqt_compiler.codegen.fusion_program import Program
+from fqt_compiler.memory_order import CodeLayout
+from fqt_compiler.fusion_program import Program
 from fqt_compiler.bhq import bhq_quantize_ref
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import quantize_ref

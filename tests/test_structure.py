@@ -34,10 +34,31 @@ def test_core_never_imports_passes_codegen_or_tools(module):
 
 
 def test_passes_never_import_codegen_or_tools():
+    """The passes sit below codegen: none imports it; the only way from a pass to codegen is an
+    op body's deferred import of its Triton kernel module (``fqt_compiler.ops``)."""
     graph = import_graph()
     for module in (m for m in graph if m.startswith("fqt_compiler.passes")):
-        upper = sorted(m for m in nx.descendants(graph, module) if m.startswith(("fqt_compiler.codegen", "fqt_compiler.tools")))
+        direct = sorted(m for m in graph.successors(module) if m.startswith(("fqt_compiler.codegen", "fqt_compiler.tools")))
+        assert not direct, f"{module} imports {direct}"
+        reached = nx.descendants(graph, module)
+        upper = sorted(m for m in reached if m.startswith("fqt_compiler.tools")
+                       or m.startswith("fqt_compiler.codegen") and not m.startswith("fqt_compiler.codegen.kernels"))
         assert not upper, f"{module} reaches {upper}"
+
+
+def test_every_fqt_op_is_declared_in_one_module():
+    """Every ``fqt::`` custom op is declared by ``fqt_compiler/ops.py``."""
+    import fqt_compiler  # noqa: F401  (registers every op)
+
+    for path in ROOT.rglob("*.py"):
+        if ".venv" in path.parts or "tests" in path.parts or path.name == "ops.py" and path.parent.name == "fqt_compiler":
+            continue
+        assert 'custom_op("fqt::' not in path.read_text(), f"{path.relative_to(ROOT)} declares an fqt:: op"
+    text = (ROOT / "fqt_compiler" / "ops.py").read_text()
+    for name in ("quantize", "quantize_stochastic", "fake_quantize", "bhq_quantize", "bhq_inverse", "qmm", "quantize_kernel",
+                 "bhq_quantize_kernel", "bhq_inverse_kernel", "fake_quantize_kernel", "fused_quantize", "qmm_epilogue",
+                 "qmm_epilogue_stats"):
+        assert f'custom_op("fqt::{name}"' in text, name
 
 
 def test_backend_holds_no_pass_wiring():

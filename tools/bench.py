@@ -219,7 +219,7 @@ def bench_memory(shape, recipe, device) -> tuple[tuple[int, int], tuple[int, int
 
 def bench_gemm(shape, device, reps) -> dict[str, float]:
     """Seconds of the fp32/bf16 GEMM, torch._int_mm and fqt's int8 GEMM with its epilogue."""
-    from fqt_compiler.codegen.kernel_ops import qmm_op
+    from fqt_compiler.ops import qmm_op
     from fqt_compiler.grid import QOperand
 
     torch._dynamo.reset()
@@ -233,7 +233,7 @@ def bench_gemm(shape, device, reps) -> dict[str, float]:
     sb = torch.rand(1, n, device=device)
     if device.type == "cpu":
         # what kernels mode runs on CPU: torch._int_mm with the epilogue fused by Inductor
-        from fqt_compiler.codegen.kernel_ops import qmm_cpu
+        from fqt_compiler.ops import qmm_cpu
 
         fused = torch.compile(qmm_cpu)
 

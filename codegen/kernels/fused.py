@@ -1,6 +1,6 @@
 """Generated prologue-fused quantize kernels.
 
-For a :class:`~fqt_compiler.codegen.fusion_program.Program` (the pointwise chain producing a quantizer's
+For a :class:`~fqt_compiler.fusion_program.Program` (the pointwise chain producing a quantizer's
 input) this module writes the source of two Triton kernels, imports it from a cache folder and
 launches it:
 
@@ -42,8 +42,8 @@ from fqt_compiler.grid import draw_seed
 from fqt_compiler.layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, shape_scale
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Scheme, Transform
 
-from fqt_compiler.codegen.memory_order import CodeLayout, alloc_like
-from fqt_compiler.codegen.fusion_program import Program, triton_lines
+from fqt_compiler.memory_order import CodeLayout, alloc_like
+from fqt_compiler.fusion_program import Program, triton_lines
 from fqt_compiler.codegen.kernels.quantize import SCHEME_ID
 
 __all__ = ["generate_source", "fused_quantize", "load_source"]

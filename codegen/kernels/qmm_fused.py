@@ -2,7 +2,7 @@
 consume its output (bias / residual adds, activation functions, casts), in one kernel.
 
 The GEMM tile comes from ``qmm.qmm_tile`` (the plain kernel's K loop and dequantization
-epilogue); the generated part applies the consumers' :class:`~fqt_compiler.codegen.fusion_program.Program`
+epilogue); the generated part applies the consumers' :class:`~fqt_compiler.fusion_program.Program`
 to it -- leaf 0 is the GEMM output, rounded to its dtype as the unfused GEMM would store it;
 the other leaves (residuals, per-column vectors) are loaded at the tile's (row, column)
 positions -- and stores only the chain's result: the GEMM output never goes to memory.
@@ -20,7 +20,7 @@ import torch
 import triton
 
 from fqt_compiler.grid import QOperand
-from fqt_compiler.codegen.fusion_program import Program, triton_lines
+from fqt_compiler.fusion_program import Program, triton_lines
 from fqt_compiler.codegen.kernels.fused import load_source
 from fqt_compiler.codegen.kernels.qmm import autotune_configs, epilogue_operands
 

@@ -186,7 +186,7 @@ def test_coverage_models_agree_fused_and_unfused(name):
 def test_standalone_cpu_quantizer_survives_many_shapes():
     """Regression: the ``fusion="off"`` CPU baseline compiled one function for every shape and
     hit Dynamo's recompile limit (a hard error under fullgraph) at the ninth shape."""
-    from fqt_compiler.codegen.kernel_ops import _standalone_cpu
+    from fqt_compiler.ops import _standalone_cpu
     from fqt_compiler.layout import Layout
     from fqt_compiler.reference import quantize_ref
     from fqt_compiler.specs import QuantSpec
@@ -203,7 +203,7 @@ def test_standalone_cpu_quantizer_survives_many_shapes():
 def _operand_strides(monkeypatch) -> list:
     """Record the strides of every low-bit GEMM's operands as the GEMMs run."""
     import fqt_compiler.codegen.kernels.qmm_fused as qe
-    import fqt_compiler.codegen.kernel_ops as ops
+    import fqt_compiler.ops as ops
 
     seen = []
     plain, epi = ops.qmm_cpu, qe.qmm_fused

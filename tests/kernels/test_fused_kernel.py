@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fqt_compiler.codegen.fusion_program import Program, run_reference
+from fqt_compiler.fusion_program import Program, run_reference
 from fqt_compiler.codegen.kernels.fused import fused_quantize
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import quantize_ref
@@ -108,7 +108,7 @@ def test_nan_and_inf_in_a_leaf_propagate():
 _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
-from fqt_compiler.codegen.fusion_program import Program
+from fqt_compiler.fusion_program import Program
 from fqt_compiler.codegen.kernels.fused import _module
 
 EXACT = Program(
@@ -132,7 +132,7 @@ out = triton.compile(triton.compiler.ASTSource(fn=module.rows_kernel, signature=
 print("PTX" if "ptx" in out.asm else "NO PTX", "CUBIN" if out.asm.get("cubin") else "NO CUBIN")
 
 import torch
-from fqt_compiler.codegen.fusion_program import Program
+from fqt_compiler.fusion_program import Program
 from fqt_compiler.codegen.kernels.fused import load_source
 from fqt_compiler.codegen.kernels.qmm_fused import generate_epilogue_source
 
@@ -209,7 +209,7 @@ def test_pow_with_a_negative_base_follows_torch(exponent):
 def test_codes_in_every_memory_order_hold_the_same_values(spec, layout, view):
     """COLUMN_MAJOR writes the codes column by column (strides of a transposed buffer); BOTH
     writes natural codes and a column-major copy from the same registers. Values never change."""
-    from fqt_compiler.codegen.memory_order import CodeLayout
+    from fqt_compiler.memory_order import CodeLayout
 
     seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
     base = fused_quantize(_leaves(), EXACT, view, spec, layout, True, seed=seed)
@@ -229,7 +229,7 @@ def test_codes_in_every_memory_order_hold_the_same_values(spec, layout, view):
 
 
 def test_column_major_codes_without_a_strided_grouped_view_raise():
-    from fqt_compiler.codegen.memory_order import CodeLayout, column_major_ok
+    from fqt_compiler.memory_order import CodeLayout, column_major_ok
 
     assert not column_major_ok((3, 5, 24), Layout.LAST) and not column_major_ok((3, 5, 24), Layout.DIM0)
     with pytest.raises(ValueError, match="no strided LAST grouped view"):
@@ -282,7 +282,7 @@ def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric
     (or per-column) partial statistics; reduced over the slots they are exactly the
     quantizer's statistics pass (33 x 70 leaves ragged last tiles whose padding the chain maps
     to -3)."""
-    from fqt_compiler.codegen.kernel_ops import reference_partials
+    from fqt_compiler.ops import reference_partials
     from fqt_compiler.codegen.kernels.qmm_fused import qmm_fused
     from tests.helpers.kernel_cases import PAIRS, qmm_operands
 
@@ -313,7 +313,7 @@ def test_given_partials_replace_the_statistics_pass(spec, write_hp):
     """With partials the quantizer skips its statistics pass: the codes (and the high-precision
     value, written in the codes pass then) equal the unfused ones when the partials are right,
     and follow the partials when they are not."""
-    from fqt_compiler.codegen.kernel_ops import reference_partials
+    from fqt_compiler.ops import reference_partials
 
     x = torch.randn(15, 24, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     prog = Program((15, 24), (("mul", (("L", 0), 0.5), "float32", "none"), ("add", (("V", 0), 0.25), "float32", "none")), 1)
@@ -335,7 +335,7 @@ def test_given_partials_replace_the_statistics_pass(spec, write_hp):
 def test_epilogue_statistics_op_reference_path_equals_the_kernel(monkeypatch):
     """``fqt::qmm_epilogue_stats`` off Triton (the eager path: GEMM, chain, statistics in torch)
     and under the interpreter agree once the slots are reduced."""
-    from fqt_compiler.codegen.kernel_ops import qmm_epilogue_stats_op as op
+    from fqt_compiler.ops import qmm_epilogue_stats_op as op
     from tests.helpers.kernel_cases import PAIRS, op_args, qmm_operands
 
     args, _ = qmm_operands(33, 40, 70, *PAIRS["int8-sym-row"], "cpu")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fqt_compiler.codegen.kernels.qmm import qmm
-from fqt_compiler.codegen.kernel_ops import qmm_cpu, qmm_op
+from fqt_compiler.ops import qmm_cpu, qmm_op
 from fqt_compiler.grid import QOperand
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import qmm_ref, quantize_ref
