@@ -209,6 +209,7 @@ class _Fold:
     axis: str  # "rows" / "columns": what the partial statistics run along
     leaves: list  # the GEMM epilogue's own leaves and program
     program: Program
+    order: dict  # node -> position in the graph, taken before the fold
 
 
 def _quantizer_input(f: fx.Node) -> tuple[list, Program, str, int] | None:
@@ -252,7 +253,7 @@ def _foldable(gm: fx.GraphModule, f: fx.Node, include_cpu: bool) -> _Fold | None
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     if any(not _defined_before(a, g, order) for a in others):
         return None  # a leaf computed after the GEMM (and not a view of something before it)
-    return _Fold(f, g, j, transposed, quant, others, key, layout, axis, leaves, program)
+    return _Fold(f, g, j, transposed, quant, others, key, layout, axis, leaves, program, order)
 
 
 def _fold(gm: fx.GraphModule, fold: _Fold) -> FusedEpilogue:
@@ -261,7 +262,7 @@ def _fold(gm: fx.GraphModule, fold: _Fold) -> FusedEpilogue:
     g, f, quant = fold.g, fold.f, fold.quant
     fake_mode = g.meta["val"].fake_mode
     m, n = tuple(arg(g, "a").meta["val"].shape)[0], tuple(arg(g, "b").meta["val"].shape)[1]
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    order = fold.order
     with gm.graph.inserting_before(g):
         # the quantizer's other leaves seen at the GEMM output's (row, column) positions
         qleaves = []

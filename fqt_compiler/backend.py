@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -55,7 +55,7 @@ class _Compile:
 
     record: GraphRecord
     param_indices: frozenset[int]
-    saved: SavedStrides = SavedStrides()
+    saved: SavedStrides = field(default_factory=SavedStrides)
 
 
 class FQTBackend:

@@ -52,6 +52,7 @@ from fqt_compiler.codegen.kernel_select import swap_to_kernel_ops
 from fqt_compiler.codegen.sources import kernel_sources
 from fqt_compiler.passes import Dedupe, FindSites, InsertQDQ, PassContext, SelectSpecs
 from fqt_compiler.passes.base import FQTPass
+from fqt_compiler.passes.graph_utils import static_tensor
 from fqt_compiler.passes.verify import verify_graph
 
 from .config import FQTConfig, Fusion, Mode
@@ -90,8 +91,9 @@ class SavedStrides:
 
     @staticmethod
     def output_strides(gm: fx.GraphModule) -> list[tuple[str, tuple[int, ...]] | None]:
-        """(name, strides) of every static tensor output of ``gm`` (None for the others)."""
-        return [(o.name, tuple(o.meta["val"].stride())) if _static_tensor_node(o) else None for o in _outputs(gm)]
+        """(name, strides) of every static tensor output of ``gm`` (None for the others:
+        symbolic tensors are never re-strided)."""
+        return [(o.name, tuple(o.meta["val"].stride())) if static_tensor(o) is not None else None for o in _outputs(gm)]
 
     @classmethod
     def changed(cls, gm: fx.GraphModule, before: list) -> SavedStrides:
@@ -104,7 +106,7 @@ class SavedStrides:
         reported = list(context.output_strides or []) if context is not None and context.output_strides is not None else []
         out = {}
         for i, (b, o) in enumerate(zip(before, _outputs(gm))):
-            if b is None or not _static_tensor_node(o):
+            if b is None or not static_tensor(o) is not None:
                 continue
             new = tuple(o.meta["val"].stride())
             real = reported[i] if i < len(reported) else None
@@ -115,12 +117,6 @@ class SavedStrides:
 
 def _outputs(gm: fx.GraphModule) -> list:
     return list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
-
-
-def _static_tensor_node(node: Any) -> bool:
-    """A node holding a tensor with static strides (symbolic ones are never re-strided)."""
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.stride())
 
 
 @dataclass
@@ -187,7 +183,7 @@ def _tagged(items: list, ctx: GraphContext) -> list:
 
 
 def _fuse_prologues(gm: fx.GraphModule, ctx: GraphContext) -> None:
-    triton = ctx.config.fusion is Fusion.TRITON
+    triton = _include_cpu(ctx)
     if triton and any(isinstance(n.meta.get("val"), torch.Tensor) and not triton_here(n.meta["val"]) for n in gm.graph.nodes):
         raise OptionsError(
             "fusion='triton' runs generated Triton kernels, which need CUDA tensors (or TRITON_INTERPRET=1 "

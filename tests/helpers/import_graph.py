@@ -69,18 +69,3 @@ def import_graph(root: str = ROOT) -> nx.DiGraph:
     for name, path in modules.items():
         graph.add_edges_from((name, dep) for dep in imports_of(name, path, set(modules)))
     return graph
-
-
-def function_level_imports(root: str = ROOT) -> list[tuple[str, int, str]]:
-    """(module, line, imported name) of every import inside a function body."""
-    out: set[tuple[str, int, str]] = set()
-    for name, path in package_modules(root).items():
-        source = path.read_text()
-        lines = source.splitlines()
-        for func in ast.walk(ast.parse(source)):
-            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            for node in ast.walk(func):
-                if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    out.add((name, node.lineno, lines[node.lineno - 1].strip()))
-    return sorted(out)
