@@ -107,3 +107,19 @@ def test_wheel_installs_one_top_level_package(tmp_path):
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "fqt = fqt_compiler.tools.cli:main" in text and "fqt = fqt_compiler.backend:fqt_backend" in text
+
+
+@pytest.mark.parametrize("tier,expected", [("slow", {"test_wheel_installs_one_top_level_package"}), ("fast", None)])
+def test_tiers_select_the_slow_tests_or_the_others(tier, expected):
+    """``--tier slow`` collects exactly the tests marked slow; ``--tier fast`` (the default) none of them."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "--tier", tier,
+         "tests/test_structure.py"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    names = {line.split("::")[-1].split("[")[0] for line in run.stdout.splitlines() if "::" in line}
+    if expected is not None:
+        assert names == expected
+    else:
+        assert names and "test_wheel_installs_one_top_level_package" not in names
