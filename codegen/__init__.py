@@ -28,6 +28,7 @@ from fqt_compiler.codegen.epilogue import FusedEpilogue, fold_statistics, fuse_e
 from fqt_compiler.codegen.prologue import FusedQuantize, fuse_prologues
 from fqt_compiler.codegen.lower import LoweredGemm, lower_gemms
 from fqt_compiler.codegen.kernel_select import swap_to_kernel_ops
+from fqt_compiler.codegen.launches import fqt_calls
 
 __all__ = [
     "compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms", "fuse_prologues", "FusedQuantize",
@@ -44,6 +45,7 @@ class CompiledGraph:
     sources: dict[str, str] = field(default_factory=dict)  # kernel name -> generated / kernel source
     fused: list = field(default_factory=list)  # FusedQuantize (prologues) and FusedEpilogue (GEMM epilogues)
     layouts: list = field(default_factory=list)  # LayoutChoice: codes written in another memory order
+    launches: object = None  # launches.KernelLaunches: what one call launches
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, name: str = "graph") -> CompiledGraph:
@@ -68,21 +70,31 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
 
 
 def _inductor_mode_options(gm: fx.GraphModule, config: FQTConfig) -> dict:
-    """Inductor's settings for torch.compile's ``mode`` (``config.inductor_mode``). fqt's
-    kernels are not yet launched in a form CUDA graph capture takes: on CUDA,
-    ``"reduce-overhead"`` (CUDA graphs and nothing else) is refused, and ``"max-autotune"`` keeps
-    its autotuning and warns that it captures no CUDA graphs. The CPU has no CUDA graphs."""
+    """Inductor's settings for torch.compile's ``mode`` (``config.inductor_mode``). CUDA graphs
+    (``"reduce-overhead"``, ``"max-autotune"``) capture a CUDA graph whose fqt kernels Inductor
+    launches itself (step ``inline_kernel_launches``); an ``fqt::`` op left as a Python call
+    (symbolic sizes, a custom quantizer's kernel hook) cannot be captured: then
+    ``"reduce-overhead"`` (CUDA graphs and nothing else) is refused, and ``"max-autotune"``
+    keeps its autotuning and warns that it captures no CUDA graphs. The CPU has no CUDA graphs."""
     from torch._inductor import list_mode_options  # see compile_graph: Inductor on first use
 
     options = dict(list_mode_options(config.inductor_mode))
-    if options.pop("triton.cudagraphs", False) and _on_cuda(gm):
-        if not options:
-            raise OptionsError(
-                f"mode={config.inductor_mode!r} captures CUDA graphs, which fqt's kernels do not support yet; "
-                "use the default mode or 'max-autotune-no-cudagraphs'"
-            )
-        warnings.warn(f"fqt: mode={config.inductor_mode!r} autotunes but captures no CUDA graphs (not supported by fqt's "
-                      "kernels yet); 'max-autotune-no-cudagraphs' says so without this warning", stacklevel=2)
+    if not _on_cuda(gm):
+        options.pop("triton.cudagraphs", None)
+        return options
+    left = fqt_calls(gm) if options.get("triton.cudagraphs") else []
+    if not left:
+        return options
+    options.pop("triton.cudagraphs")
+    ops = ", ".join(sorted({str(n.target) for n in left}))
+    if not options:
+        raise OptionsError(
+            f"mode={config.inductor_mode!r} captures CUDA graphs, but {len(left)} fqt op(s) of this graph stay Python "
+            f"calls ({ops}: symbolic sizes or a custom quantizer's kernel hook; `fqt inspect` lists why); compile with "
+            "static shapes (dynamic=False), or use the default mode or 'max-autotune-no-cudagraphs'"
+        )
+    warnings.warn(f"fqt: mode={config.inductor_mode!r} autotunes but captures no CUDA graphs: {len(left)} fqt op(s) stay "
+                  f"Python calls ({ops}); 'max-autotune-no-cudagraphs' says so without this warning", stacklevel=2)
     return options
 
 

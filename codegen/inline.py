@@ -29,7 +29,7 @@ from fqt_compiler.passes.graph_utils import call, is_static_value
 
 from fqt_compiler.ops import qmm_cpu, qmm_op
 
-__all__ = ["inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random"]
+__all__ = ["inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static"]
 
 
 def _example(val: object) -> object:
@@ -63,9 +63,16 @@ def _inline(gm: fx.GraphModule, node: fx.Node, fn: Callable, args: tuple) -> Non
     # and its shape environment, and trace with symbolic sizes
     with torch._guards.tracing(None):
         sub = make_fx(traced, decomposition_table=inductor_decompositions(), tracing_mode="fake")(*examples)
-    fake_mode = next(a.meta["val"].fake_mode for a in tensor_args)
+    splice(gm, node, sub, tensor_args)
+
+
+def splice(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, inputs: list[fx.Node]) -> object:
+    """Put the nodes of ``sub`` (traced with one placeholder per node of ``inputs``, in order)
+    in place of ``node``; ``sub``'s outputs replace ``node``'s (a tuple output replaces the
+    ``getitem`` users of ``node``). Returns the replacing nodes (``sub``'s output structure)."""
+    fake_mode = next(a.meta["val"].fake_mode for a in inputs)
     env: dict[fx.Node, object] = {}
-    placeholders = iter(tensor_args)
+    placeholders = iter(inputs)
     outputs = None
     with gm.graph.inserting_before(node):
         for s in sub.graph.nodes:
@@ -86,9 +93,11 @@ def _inline(gm: fx.GraphModule, node: fx.Node, fn: Callable, args: tuple) -> Non
     else:
         node.replace_all_uses_with(outputs)
     gm.graph.erase_node(node)
+    return outputs
 
 
-def _all_static(node: fx.Node) -> bool:
+def all_static(node: fx.Node) -> bool:
+    """Whether every tensor argument of ``node`` has static sizes and strides."""
     flat, _ = tree_flatten((node.args, node.kwargs))
     return all(is_static_value(a.meta.get("val")) for a in flat if isinstance(a, fx.Node))
 
@@ -97,7 +106,7 @@ def inline_quantize_ops(gm: fx.GraphModule) -> int:
     """Replace every static-shape quantize / BHQ node by its traced reference."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not _all_static(node):
+        if node.op != "call_function" or not all_static(node):
             continue
         if node.target in QUANTIZE_OPS or node.target is bhq_quantize_op:
             x, key, layout = node.args
@@ -123,7 +132,7 @@ def inline_qmm_ops(gm: fx.GraphModule) -> int:
     """Replace every static-shape CPU ``fqt::qmm`` by ``torch._int_mm`` plus its aten epilogue."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is qmm_op and _all_static(node):
+        if node.op == "call_function" and node.target is qmm_op and all_static(node):
             if node.meta["val"].device.type != "cpu" or node.args[0].meta["val"].dtype != torch.int8:
                 continue
             _inline(gm, node, _qmm_cpu_of_op_args, tuple(node.args))

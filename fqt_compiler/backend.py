@@ -107,6 +107,8 @@ class FQTBackend:
         record.kernel_sources.update(out.sources)
         record.fused.extend(out.fused)
         record.layouts.extend(out.layouts)
+        if out.launches is not None:
+            record.launches.append(out.launches)
         if self.config.debug:  # the partitioned (and, in kernels mode, lowered) graph
             title = f"fqt graph {record.graph_id}, partitioned {stage.value} ({self.config.execution.value} mode)"
             record.stages.append((stage.value, graph_text(gm), runnable_source(gm, title, f"{stage.value}.py")))

@@ -14,7 +14,7 @@ import torch
 
 from .specs import Granularity
 
-__all__ = ["Layout", "natural_2d", "natural_2d_shape", "from_natural_2d", "scale_shape", "shape_scale"]
+__all__ = ["Layout", "natural_2d", "natural_2d_view", "natural_2d_shape", "from_natural_2d", "scale_shape", "shape_scale"]
 
 
 class Layout(enum.IntEnum):
@@ -39,6 +39,17 @@ def natural_2d(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     if x.dim() >= 2 and layout is Layout.LAST:
         return x.transpose(-1, -2).reshape(rows, cols)
     return x.reshape(rows, cols)
+
+
+def natural_2d_view(x: torch.Tensor, layout: Layout) -> torch.Tensor | None:
+    """:func:`natural_2d` where it is a view of ``x`` (writing it writes ``x``); None where it
+    would need a copy. Decided from shapes and strides alone, so it works on fake tensors."""
+    rows, cols = natural_2d_shape(x.shape, layout)
+    t = x.transpose(-1, -2) if x.dim() >= 2 and layout is Layout.LAST else x
+    try:
+        return t.view(rows, cols)
+    except RuntimeError:  # the strides admit no such view
+        return None
 
 
 def natural_2d_shape(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[int, int]:

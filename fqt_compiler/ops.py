@@ -64,6 +64,8 @@ __all__ = [
     "needs_fake_quantize", "quantize_fake", "QUANTIZE_OPS",
     "qmm_op", "quantize_kernel_op", "bhq_quantize_kernel_op", "bhq_inverse_kernel_op", "fake_quantize_kernel_op",
     "fused_quantize_op", "qmm_epilogue_op", "qmm_epilogue_stats_op", "qmm_cpu", "triton_here", "reference_partials",
+    "TRITON_LAUNCHES", "kernel_hook", "qmm_triton", "quantize_triton", "bhq_quantize_triton", "bhq_inverse_triton",
+    "fake_quantize_inline", "fused_quantize_triton", "qmm_epilogue_triton", "qmm_epilogue_stats_triton",
 ]
 
 
@@ -232,10 +234,15 @@ def _qmm(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     if a.device.type == "cuda":
-        from fqt_compiler.codegen.kernels.qmm import qmm  # Triton: imported on first launch
-
-        return qmm(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype)
+        return qmm_triton(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype)
     return qmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype)
+
+
+def qmm_triton(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
+    """``fqt::qmm``'s Triton launch on its flat arguments."""
+    from fqt_compiler.codegen.kernels.qmm import qmm  # Triton: imported on first launch
+
+    return qmm(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype)
 
 
 @_qmm.register_fake
@@ -277,15 +284,22 @@ def _standalone_cpu(spec: QuantSpec | None, layout: Layout, fn=None, example: to
 def _quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     parsed = QuantSpec.from_key(spec)
     if triton_here(x) and x.dtype != torch.float64:
-        from fqt_compiler.codegen.kernels.quantize import quantize  # Triton: imported on first launch
-
-        out = quantize(x, parsed, Layout(layout))
-    elif x.device.type == "cpu" and x.dtype != torch.float64:
+        return quantize_triton(x, spec, layout)
+    if x.device.type == "cpu" and x.dtype != torch.float64:
         out = _standalone_cpu(parsed, Layout(layout), example=x)(x)
     else:
         out = quantize_ref(x, parsed, Layout(layout))
     # custom ops may not return aliases: the broadcast statistics are materialised
     return (in_input_layout(x, out[0].contiguous()), *(t.contiguous().clone() for t in out[1:]))
+
+
+def quantize_triton(x: torch.Tensor, spec: str, layout: int):
+    """``fqt::quantize_kernel``'s Triton launch: the codes in the fake's memory order, each
+    statistic a buffer of its own (nothing to clone)."""
+    from fqt_compiler.codegen.kernels.quantize import quantize  # Triton: imported on first launch
+
+    out = quantize(x, QuantSpec.from_key(spec), Layout(layout))
+    return (in_input_layout(x, out[0].contiguous()), *(t.contiguous() for t in out[1:]))
 
 
 _quantize_kernel.register_fake(quantize_fake)
@@ -297,27 +311,38 @@ def _bhq_quantize_kernel(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     parsed = QuantSpec.from_key(spec)
     if triton_here(x) and x.dtype != torch.float64:
-        from fqt_compiler.codegen.kernels.bhq import bhq_quantize  # Triton: imported on first launch
-
-        out = bhq_quantize(x, parsed, Layout(layout))
-    elif x.device.type == "cpu" and x.dtype != torch.float64:
+        return bhq_quantize_triton(x, spec, layout)
+    if x.device.type == "cpu" and x.dtype != torch.float64:
         out = _standalone_cpu(parsed, Layout(layout), bhq_quantize_ref, example=x)(x)
     else:
         out = bhq_quantize_ref(x, parsed, Layout(layout))
     return (in_input_layout(x, out[0].contiguous()), *(t.contiguous().clone() for t in out[1:]))
 
 
+def bhq_quantize_triton(x: torch.Tensor, spec: str, layout: int):
+    """``fqt::bhq_quantize_kernel``'s Triton launch (every output a buffer of its own)."""
+    from fqt_compiler.codegen.kernels.bhq import bhq_quantize  # Triton: imported on first launch
+
+    out = bhq_quantize(x, QuantSpec.from_key(spec), Layout(layout))
+    return (in_input_layout(x, out[0].contiguous()), *(t.contiguous() for t in out[1:]))
+
+
 @torch.library.custom_op("fqt::bhq_inverse_kernel", mutates_args=())
 def _bhq_inverse_kernel(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: int) -> torch.Tensor:
     if triton_here(y) and y.dtype != torch.float64:
-        from fqt_compiler.codegen.kernels.bhq import bhq_inverse  # Triton: imported on first launch
-
-        out = bhq_inverse(y, group, u, s, Layout(layout))
-    elif y.device.type == "cpu" and y.dtype != torch.float64:
+        return bhq_inverse_triton(y, group, u, s, layout)
+    if y.device.type == "cpu" and y.dtype != torch.float64:
         out = _standalone_cpu(None, Layout(layout), bhq_inverse_ref, example=y)(y, group, u, s)
     else:
         out = bhq_inverse_ref(y, group, u, s, Layout(layout))
     return in_input_layout(y, out.contiguous())  # the strides its fake declares
+
+
+def bhq_inverse_triton(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: int) -> torch.Tensor:
+    """``fqt::bhq_inverse_kernel``'s Triton launch."""
+    from fqt_compiler.codegen.kernels.bhq import bhq_inverse  # Triton: imported on first launch
+
+    return in_input_layout(y, bhq_inverse(y, group, u, s, Layout(layout)).contiguous())
 
 
 @torch.library.custom_op("fqt::fake_quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -329,7 +354,19 @@ def _fake_quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> torch.Tens
             m = natural_2d(x, Layout(layout)).to(torch.float32)
             out = run_custom(parsed.quantizer, m, parsed, kernel=True)
             return in_input_layout(x, from_natural_2d(out.to(m.dtype), x.shape, Layout(layout)).to(x.dtype).contiguous())
-    return in_input_layout(x, fake_quantize_ref(x, parsed, Layout(layout)).contiguous())  # the strides its fake declares
+    return fake_quantize_inline(x, spec, layout)
+
+
+def fake_quantize_inline(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
+    """``fqt::fake_quantize_kernel`` without a custom kernel hook: the reference, in the strides
+    its fake declares (traced as torch ops, Inductor fuses it)."""
+    return in_input_layout(x, fake_quantize_ref(x, QuantSpec.from_key(spec), Layout(layout)).contiguous())
+
+
+def kernel_hook(spec: str) -> bool:
+    """Whether a spec quantizes through a custom quantizer's own kernel hook (user code)."""
+    parsed = QuantSpec.from_key(spec)
+    return parsed.quantizer is not None and get_quantizer(parsed.quantizer).kernel is not None
 
 
 _fake_quantize_kernel.register_fake(lambda x, spec, layout: empty_in_input_layout(x, x.dtype))
@@ -351,22 +388,31 @@ def _fused_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     prog, parsed, lay, cl = Program.loads(program), QuantSpec.from_key(spec), Layout(layout), CodeLayout(code_layout)
     if triton_here(leaves[0]):
-        from fqt_compiler.codegen.kernels.fused import fused_quantize  # Triton: imported on first launch
-
-        out = fused_quantize(list(leaves), prog, tuple(shape), parsed, lay, write_hp, code_layout=cl, partials=partials)
-    else:  # the unfused computation: the chain op by op, then the reference quantizer (which
-        # recomputes any statistics a GEMM epilogue gathered: the same values)
-        x = run_reference(prog, list(leaves)).reshape(shape)
-        codes, scale, zp, offset = quantize_ref(x, parsed, lay)
-        col = (alloc_like(tuple(shape), codes.dtype, codes.device, True).copy_(codes) if cl is not CodeLayout.NATURAL
-               else codes.new_empty((0,)))
-        out = (col if cl is CodeLayout.COLUMN_MAJOR else codes, scale, zp, offset, x if write_hp else x.new_empty((0,)),
-               col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
+        return fused_quantize_triton(leaves, program, shape, spec, layout, write_hp, code_layout, partials)
+    # the unfused computation: the chain op by op, then the reference quantizer (which
+    # recomputes any statistics a GEMM epilogue gathered: the same values)
+    x = run_reference(prog, list(leaves)).reshape(shape)
+    codes, scale, zp, offset = quantize_ref(x, parsed, lay)
+    col = (alloc_like(tuple(shape), codes.dtype, codes.device, True).copy_(codes) if cl is not CodeLayout.NATURAL
+           else codes.new_empty((0,)))
+    out = (col if cl is CodeLayout.COLUMN_MAJOR else codes, scale, zp, offset, x if write_hp else x.new_empty((0,)),
+           col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
     # outputs keep the memory order the fake declares: column-major codes stay column-major
     return tuple(
         t if i == 0 and cl is CodeLayout.COLUMN_MAJOR or i == 5 else t.contiguous().clone() if 0 < i < 4 else t.contiguous()
         for i, t in enumerate(out)
     )
+
+
+def fused_quantize_triton(leaves, program, shape, spec, layout, write_hp, code_layout, partials=None):
+    """``fqt::fused_quantize``'s Triton launch: every output allocated in the memory order the
+    fake declares (column-major codes stay column-major), each a buffer of its own."""
+    from fqt_compiler.codegen.kernels.fused import fused_quantize  # Triton: imported on first launch
+
+    cl = CodeLayout(code_layout)
+    out = fused_quantize(list(leaves), Program.loads(program), tuple(shape), QuantSpec.from_key(spec), Layout(layout),
+                         write_hp, code_layout=cl, partials=partials)
+    return tuple(t if i == 0 and cl is CodeLayout.COLUMN_MAJOR or i == 5 else t.contiguous() for i, t in enumerate(out))
 
 
 @_fused_quantize.register_fake
@@ -388,16 +434,20 @@ def _qmm_epilogue(
     b: torch.Tensor, sb: torch.Tensor, zb: torch.Tensor | None, ob: torch.Tensor | None,
     bias: torch.Tensor | None, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: str,
 ) -> torch.Tensor:
-    prog = Program.loads(program)
-
     if triton_here(a):
-        from fqt_compiler.codegen.kernels.qmm_fused import qmm_fused  # Triton: imported on first launch
-
-        out = qmm_fused(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype, list(leaves), prog)
-        return out.view(prog.shape)
+        return qmm_epilogue_triton(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program)
     # the unfused computation: the GEMM, stored in its dtype, then the consumers op by op
+    prog = Program.loads(program)
     gemm = qmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype).view(prog.shape)
     return run_reference(prog, [gemm, *leaves]).contiguous()
+
+
+def qmm_epilogue_triton(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program):
+    """``fqt::qmm_epilogue``'s Triton launch (one generated kernel)."""
+    from fqt_compiler.codegen.kernels.qmm_fused import qmm_fused  # Triton: imported on first launch
+
+    prog = Program.loads(program)
+    return qmm_fused(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype, list(leaves), prog).view(prog.shape)
 
 
 @_qmm_epilogue.register_fake
@@ -433,20 +483,29 @@ def _qmm_epilogue_stats(
     bias: torch.Tensor | None, out_dtype: torch.dtype, leaves: list[torch.Tensor], program: str, quant: str, symmetric: bool,
     columns: bool, qleaves: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    prog, qprog = Program.loads(program), Program.loads(quant)
+    if triton_here(a):
+        return qmm_epilogue_stats_triton(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program, quant, symmetric,
+                                         columns, qleaves)
     from fqt_compiler.codegen.kernels.qmm_fused import stat_slots  # Triton: imported on first launch
 
-    if triton_here(a):
-        from fqt_compiler.codegen.kernels.qmm_fused import qmm_fused  # Triton: imported on first launch
-
-        qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
-        out, partials = qmm_fused(qa, qb, bias, out_dtype, list(leaves), prog, qprog, symmetric, columns, list(qleaves))
-        return out.view(prog.shape), partials
+    prog, qprog = Program.loads(program), Program.loads(quant)
     gemm = qmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype).view(prog.shape)
     out = run_reference(prog, [gemm, *leaves]).contiguous()
     m, n = a.shape[0], b.shape[1]
     x = run_reference(qprog, [out.view(m, n), *qleaves])  # quant's shape is the (M, N) output's
     return out, reference_partials(x.t() if columns else x, stat_slots(m if columns else n, a.device, columns), symmetric)
+
+
+def qmm_epilogue_stats_triton(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, program, quant, symmetric, columns,
+                              qleaves):
+    """``fqt::qmm_epilogue_stats``'s Triton launch: the chain's value and the next quantizer's
+    partial statistics from one generated kernel."""
+    from fqt_compiler.codegen.kernels.qmm_fused import qmm_fused  # Triton: imported on first launch
+
+    prog, qprog = Program.loads(program), Program.loads(quant)
+    qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
+    out, partials = qmm_fused(qa, qb, bias, out_dtype, list(leaves), prog, qprog, symmetric, columns, list(qleaves))
+    return out.view(prog.shape), partials
 
 
 @_qmm_epilogue_stats.register_fake
@@ -460,3 +519,19 @@ def _qmm_epilogue_stats_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leav
 
 
 qmm_epilogue_stats_op = torch.ops.fqt.qmm_epilogue_stats.default
+
+
+#: Each kernel op of a lowered graph -> the function of the op's arguments that launches its
+#: Triton kernel(s) (CUDA, or CPU tensors under Triton's interpreter): the op's body there, and
+#: what ``codegen.launches`` traces so that Inductor launches the kernels itself. Same outputs
+#: (shapes, strides, dtypes) as the op's fake.
+TRITON_LAUNCHES = {
+    qmm_op: qmm_triton,
+    quantize_kernel_op: quantize_triton,
+    bhq_quantize_kernel_op: bhq_quantize_triton,
+    bhq_inverse_kernel_op: bhq_inverse_triton,
+    fake_quantize_kernel_op: fake_quantize_inline,
+    fused_quantize_op: fused_quantize_triton,
+    qmm_epilogue_op: qmm_epilogue_triton,
+    qmm_epilogue_stats_op: qmm_epilogue_stats_triton,
+}

@@ -18,12 +18,13 @@ runner (:func:`run_steps`).
      11 choose_code_layouts codes written in the memory order their GEMMs read K-major [kernels, fusion]
      12 swap_to_kernel_ops quantizers on CUDA run as Triton kernels                   [kernels]
      13 collect_sources   the source of every kernel the graph calls (reports)        [kernels]
-     14 inline_quantize_ops the reference quantizers as aten ops, for Inductor to fuse [kernels, inductor]
-     15 inline_qmm_ops    low-bit GEMMs Inductor can lower itself                     [kernels, inductor]
-     16 replace_random    Inductor's random-op rewrite (its own pre-partition step)   [kernels, inductor]
+     14 inline_kernel_launches  CUDA kernel ops traced into kernels Inductor launches [kernels, inductor]
+     15 inline_quantize_ops the reference quantizers as aten ops, for Inductor to fuse [kernels, inductor]
+     16 inline_qmm_ops    low-bit GEMMs Inductor can lower itself                     [kernels, inductor]
+     17 replace_random    Inductor's random-op rewrite (its own pre-partition step)   [kernels, inductor]
     --> Inductor (``inductor=True``) or eager execution: ``codegen.compile_graph``
 
-Graphs traced without autograd (``Stage.INFERENCE``) take steps 1-4, then 7-16 as a forward.
+Graphs traced without autograd (``Stage.INFERENCE``) take steps 1-4, then 7-17 as a forward.
 Each step names the stages it runs on, the configurations it runs under (``when``) and the
 steps it ``requires``. The runner checks those, keeps the graph after every rewrite step in
 debug mode, verifies the graph invariants (after every mutating rewrite in debug mode, and at
@@ -46,6 +47,7 @@ from fqt_compiler.codegen.code_layout import choose_code_layouts, mark_saved_cod
 from fqt_compiler.codegen.epilogue import fold_statistics, fuse_epilogues
 from fqt_compiler.codegen.prologue import fuse_prologues
 from fqt_compiler.codegen.inline import inline_qmm_ops, inline_quantize_ops, replace_random
+from fqt_compiler.codegen.launches import graph_launches, inline_kernel_launches, source_launches
 from fqt_compiler.codegen.lower import lower_gemms
 from fqt_compiler.ops import triton_here
 from fqt_compiler.codegen.kernel_select import swap_to_kernel_ops
@@ -133,6 +135,7 @@ class GraphContext:
     fused: list = field(default_factory=list)  # codegen.FusedQuantize / FusedEpilogue
     layouts: list = field(default_factory=list)  # codegen.LayoutChoice
     sources: dict[str, str] = field(default_factory=dict)
+    python_calls: list = field(default_factory=list)  # (node, reason): kernel ops left as Python calls
     ran: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -227,6 +230,10 @@ def _sources(gm: fx.GraphModule, ctx: GraphContext) -> None:
     ctx.sources.update(kernel_sources(gm, ctx.stage.value))
 
 
+def _launches(gm: fx.GraphModule, ctx: GraphContext) -> None:
+    ctx.python_calls.extend(inline_kernel_launches(gm))
+
+
 _TRAINING_GRAPH = frozenset({Stage.JOINT})
 _BACKWARD = frozenset({Stage.BACKWARD})
 
@@ -251,6 +258,8 @@ STEPS: tuple[Step, ...] = (
     Step("swap_to_kernel_ops", _swap, COMPILE, _kernels, ("lower_gemms",)),
     # before inlining: the reports show each fqt op's kernel while it is still a node of its own
     Step("collect_sources", _sources, COMPILE, _kernels, ("swap_to_kernel_ops",), mutates=False),
+    # before replace_random: the launchers' seed draws become Inductor's random ops too
+    Step("inline_kernel_launches", _launches, COMPILE, _inductor, ("collect_sources",)),
     Step("inline_quantize_ops", lambda gm, ctx: inline_quantize_ops(gm), COMPILE, _inductor, ("collect_sources",)),
     Step("inline_qmm_ops", lambda gm, ctx: inline_qmm_ops(gm), COMPILE, _inductor, ("collect_sources",)),
     Step("replace_random", lambda gm, ctx: replace_random(gm), COMPILE, _inductor, ("inline_quantize_ops",)),
@@ -319,6 +328,9 @@ def compile_partitioned(gm: fx.GraphModule, ctx: GraphContext) -> CompiledGraph:
     if ctx.stage not in COMPILE:
         raise ValueError(f"compile_partitioned runs on a forward or backward graph, not {ctx.stage}")
     run_steps(gm, ctx)
+    # counted before Inductor compiles: it rewrites the graph in place
+    launches = graph_launches(ctx.stage.value, gm, ctx.python_calls, _inductor(ctx.config))
     out = compile_graph(gm, ctx.example_inputs, ctx.config, ctx.name)
+    code = out.sources.get(f"inductor:{ctx.name}")
     return replace(out, lowered=ctx.lowered, sources={**ctx.sources, **out.sources}, fused=ctx.fused,
-                   layouts=ctx.layouts)
+                   layouts=ctx.layouts, launches=source_launches(launches, code) if code else launches)

@@ -24,6 +24,7 @@ class GraphRecord:
     kernel_sources: dict[str, str] = field(default_factory=dict)  # generated code per kernel / graph
     fused: list = field(default_factory=list)  # codegen.FusedQuantize / FusedEpilogue: generated fused kernels
     layouts: list = field(default_factory=list)  # codegen.LayoutChoice: codes in the order their GEMMs read K-major
+    launches: list = field(default_factory=list)  # codegen.launches.KernelLaunches: what one call launches, per stage
 
     def apply_lowering(self, lowered: list) -> None:
         """Fold codegen's per-GEMM results (``fqt_compiler.codegen.LoweredGemm``) into the decisions."""

@@ -77,6 +77,19 @@ class ExplainReport:
             tabulate(body, headers=["graph", "stage", "node", "fused kernel", "absorbed ops"], tablefmt="simple") if body else ""
         )
 
+    def launch_table(self) -> str:
+        """What one call of each compiled graph launches: device kernels (of which fqt's Triton
+        kernels launched by Inductor itself), library calls, and ``fqt::`` ops left as Python
+        calls with the reason each stayed one."""
+        body = []
+        for r in self.records:
+            for launch in r.launches:
+                why = "; ".join(sorted({reason for _, reason in launch.python_calls}))
+                body.append([r.graph_id, launch.stage, launch.kernels, launch.fqt_kernels, launch.library,
+                             len(launch.python_calls), why])
+        headers = ["graph", "stage", "kernels", "fqt kernels (Inductor-launched)", "library calls", "fqt Python calls", "why"]
+        return tabulate(body, headers=headers, tablefmt="simple") if body else ""
+
     def __str__(self) -> str:
         return self.render(wide=False)
 
@@ -91,5 +104,6 @@ class ExplainReport:
             parts += ["", self.summary(), ""]
         parts.append(self.table(wide))
         fusion = self.fusion_table()
-        text = "\n".join(parts)
-        return text + (f"\n\ngenerated fused kernels (sources under kernels/):\n{fusion}" if fusion else "")
+        text = "\n".join(parts) + (f"\n\ngenerated fused kernels (sources under kernels/):\n{fusion}" if fusion else "")
+        launches = self.launch_table() if wide else ""
+        return text + (f"\n\nlaunches per call of each compiled graph:\n{launches}" if launches else "")

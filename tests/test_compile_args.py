@@ -4,6 +4,8 @@ former ``mode`` option (now ``execution``) still works and warns."""
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch import fx, nn
@@ -76,23 +78,38 @@ def test_mode_errors_name_both_meanings():
         fqt.fqt_backend(None, [], options={"inductor_mode": "default"}, mode="max-autotune")
 
 
-def test_cuda_graphs_are_refused_on_cuda_not_dropped():
-    """On a graph for CUDA (traced here, re-typed for CUDA): reduce-overhead raises; max-autotune
-    keeps its autotuning and warns that no CUDA graph is captured; on the CPU neither applies."""
+def test_cuda_graphs_need_every_fqt_kernel_launched_by_inductor():
+    """On a graph for CUDA (traced here, re-typed for CUDA): with no fqt op left as a Python
+    call, CUDA graphs are kept; with one left, reduce-overhead raises and names it, and
+    max-autotune keeps its autotuning and warns that it captures no CUDA graph. The CPU has
+    none either way."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    gm = fx.symbolic_trace(lambda x: x * 2)
+    from fqt_compiler.ops import quantize_kernel_op
+
+    plain = fx.symbolic_trace(lambda x: x * 2)
     with FakeTensorMode() as m:
-        for node in gm.graph.nodes:
+        for node in plain.graph.nodes:
             if node.op != "output":
                 node.meta["val"] = m.from_tensor(torch.empty(2))
-    cuda = as_cuda_graph(gm)
-    with pytest.raises(fqt.OptionsError, match="CUDA graphs"):
-        codegen._inductor_mode_options(cuda, FQTConfig.from_options({"inductor_mode": "reduce-overhead"}))
+    reduce, autotune = ({"inductor_mode": mode} for mode in ("reduce-overhead", "max-autotune"))
+    cuda = as_cuda_graph(plain)
+    assert codegen._inductor_mode_options(cuda, FQTConfig.from_options(reduce)).get("triton.cudagraphs")
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    q = graph.call_function(quantize_kernel_op, (x, fqt.QuantSpec().key(), 0))
+    graph.output(graph.call_function(operator.getitem, (q, 0)))
+    with_op = fx.GraphModule({}, graph)
+    with FakeTensorMode() as m:
+        x.meta["val"] = m.from_tensor(torch.empty(4, 4))
+    cuda = as_cuda_graph(with_op)
+    with pytest.raises(fqt.OptionsError, match="fqt.quantize_kernel.default"):
+        codegen._inductor_mode_options(cuda, FQTConfig.from_options(reduce))
     with pytest.warns(UserWarning, match="captures no CUDA graphs"):
-        opts = codegen._inductor_mode_options(cuda, FQTConfig.from_options({"inductor_mode": "max-autotune"}))
+        opts = codegen._inductor_mode_options(cuda, FQTConfig.from_options(autotune))
     assert opts.get("max_autotune") and "triton.cudagraphs" not in opts
-    assert codegen._inductor_mode_options(gm, FQTConfig.from_options({"inductor_mode": "reduce-overhead"})) == {}
+    assert codegen._inductor_mode_options(with_op, FQTConfig.from_options(reduce)) == {}
 
 
 def test_dynamic_and_fullgraph(monkeypatch):

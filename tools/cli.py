@@ -68,6 +68,8 @@ def _inspect(args: argparse.Namespace) -> int:
         options["never_slower"] = args.never_slower
     report = fqt.explain(model, *inputs, recipe=args.recipe, **options)
     print(report.render(wide=args.wide))
+    if not args.wide:  # the wide report has it already
+        print(f"\nlaunches per call of each compiled graph:\n{report.launch_table()}")
     for line in report.write(args.out):
         print(line)
     return 0

@@ -24,6 +24,7 @@ from fqt_compiler.grid import draw_seed
 from fqt_compiler.layout import Layout, from_natural_2d, natural_2d, shape_scale
 from fqt_compiler.specs import Granularity, QuantSpec, Transform
 
+from fqt_compiler.codegen.kernels.launch import launch
 from fqt_compiler.codegen.kernels.quantize import SCHEME_ID, quantize_rows_kernel
 
 __all__ = ["bhq_quantize", "bhq_inverse"]
@@ -84,11 +85,11 @@ def _projections(m: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch
     n, d = m.shape
     order = torch.sort(group, stable=True).indices
     starts = torch.zeros(n + 1, dtype=torch.int64, device=m.device)
-    starts[1:] = torch.cumsum(group_counts(group, n), 0)
+    starts.narrow(0, 1, n).copy_(torch.cumsum(group_counts(group, n), 0))
     proj = torch.empty((n, d), dtype=torch.float32, device=m.device)
-    _group_projection_kernel[(n, triton.cdiv(d, 64))](
-        m, proj, order, starts, u, s if s is not None else u, d, m.stride(0), m.stride(1), proj.stride(0),
-        SCALED=s is not None, BLOCK_D=64, enable_fp_fusion=False,
+    launch(
+        _group_projection_kernel, (n, triton.cdiv(d, 64)),
+        m, proj, order, starts, u, s, d, m.stride(0), m.stride(1), proj.stride(0), SCALED=s is not None, BLOCK_D=64,
     )
     return proj
 
@@ -110,20 +111,21 @@ def bhq_quantize(
     codes = torch.empty((n, d), dtype=spec.code_dtype, device=x.device)
     scale = torch.empty(n, dtype=torch.float32, device=x.device)
     zp, offset = torch.empty_like(scale), torch.empty_like(scale)
-    if seed is None:
-        seed = draw_seed(x.device) if spec.is_stochastic else torch.zeros(1, dtype=torch.int64, device=x.device)
+    if seed is None and spec.is_stochastic:
+        seed = draw_seed(x.device)
     # launch
     if x.numel():
         proj = _projections(m, group, u, s)
         row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
-        quantize_rows_kernel[(triton.cdiv(n, 16),)](
-            m, codes, scale, zp, offset, scale, seed,
+        launch(
+            quantize_rows_kernel, (triton.cdiv(n, 16),),
+            m, codes, scale, zp, offset, None, seed,
             group, u, s, proj,
             n, d,
             m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0),
             SCHEME=SCHEME_ID[row_spec.scheme], FP8=0, STOCHASTIC=row_spec.is_stochastic, STATS_GIVEN=False,
             QMAX=float(row_spec.qmax), LEVELS=row_spec.levels, CODE_OFFSET=row_spec.code_offset,
-            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,
+            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, BLOCK_R=16, BLOCK_C=64,
         )
     stats = [shape_scale(v, x.shape, Granularity.ROW, layout) for v in (scale, zp, offset)]
     return (from_natural_2d(codes, x.shape, layout), *stats, group, u, s)
@@ -139,9 +141,10 @@ def bhq_inverse(
     if y.numel():
         u, s = u.to(torch.float32), s.to(torch.float32)
         proj = _projections(m, group, u, None)
-        _reflect_kernel[(triton.cdiv(n, 16), triton.cdiv(d, 64))](
+        launch(
+            _reflect_kernel, (triton.cdiv(n, 16), triton.cdiv(d, 64)),
             m, out, proj, group, u, s, n, d, m.stride(0), m.stride(1), out.stride(0), out.stride(1), proj.stride(0),
-            BLOCK_R=16, BLOCK_D=64, enable_fp_fusion=False,
+            BLOCK_R=16, BLOCK_D=64,
         )
     return from_natural_2d(out, y.shape, layout).to(y.dtype)
 

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "rint", "hash_uniform", "bhq_rows", "empty_row_stats", "update_row_stats", "row_scales", "codes_tile", "given_stats",
-    "given_row_stats", "store_partials", "tanh", "gelu_backward", "gelu_tanh_backward", "round_bf16", "round_fp16",
+    "rint", "hash_uniform", "load_seed", "bhq_rows", "empty_row_stats", "update_row_stats", "row_scales", "codes_tile",
+    "given_stats", "given_row_stats", "store_partials", "tanh", "gelu_backward", "gelu_tanh_backward", "round_bf16", "round_fp16",
 ]
 
 
@@ -27,14 +27,26 @@ def rint(v):
 
 @triton.jit
 def hash_uniform(seed, idx):
-    # grid.hash_uniform, operation for operation (int64 with 32-bit masks)
-    h = (idx.to(tl.int64) + seed * 0x9E3779B9) & 0xFFFFFFFF
+    # grid.hash_uniform's bits in 32-bit arithmetic: the reference masks every step to 32 bits,
+    # and unsigned 32-bit integers wrap modulo 2**32 by themselves (half the instructions of
+    # 64-bit multiplies on the GPU)
+    h = idx.to(tl.uint32) + seed.to(tl.uint32) * 0x9E3779B9
     h = h ^ (h >> 16)
-    h = (h * 0x45D9F3B) & 0xFFFFFFFF
+    h = h * 0x45D9F3B
     h = h ^ (h >> 16)
-    h = (h * 0x45D9F3B) & 0xFFFFFFFF
+    h = h * 0x45D9F3B
     h = h ^ (h >> 16)
     return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def load_seed(seed_ptr, STOCHASTIC: tl.constexpr):
+    """The stochastic-rounding seed (an int64 scalar); 0, and nothing read, for nearest
+    rounding: its launchers then pass no seed tensor at all."""
+    seed = 0
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr).to(tl.int64)
+    return seed
 
 
 @triton.jit

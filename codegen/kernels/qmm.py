@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from fqt_compiler.grid import QOperand
+from fqt_compiler.codegen.kernels.launch import launch
 
 __all__ = ["qmm", "qmm_kernel", "qmm_tile", "autotune_configs", "FP8_PROMOTE_K", "FP8_DTYPES"]
 
@@ -145,10 +146,11 @@ def _kernel_for(device: torch.device):
     return _TUNED[key]
 
 
-def _stat(t: torch.Tensor | None, n: int, like: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A per-tensor or per-row/column statistic as a contiguous fp32 vector and its stride."""
+def _stat(t: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, int]:
+    """A per-tensor or per-row/column statistic as a contiguous fp32 vector and its stride
+    (None stays None: the kernel never reads an absent statistic)."""
     if t is None:
-        return torch.zeros(1, dtype=torch.float32, device=like.device), 0
+        return None, 0
     t = t.to(torch.float32).reshape(-1).contiguous()
     if t.numel() == 1:
         return t, 0
@@ -157,21 +159,38 @@ def _stat(t: torch.Tensor | None, n: int, like: torch.Tensor) -> tuple[torch.Ten
     return t, 1
 
 
+def _affine_stats(zp: torch.Tensor | None, offset: torch.Tensor | None, n: int, stride: int, like: torch.Tensor):
+    """An affine operand's zero point and offset as the kernel reads them, at its scale's
+    stride: a missing one (a zero-point-only or offset-only scheme) becomes zeros."""
+    out = []
+    for t in (zp, offset):
+        v, _ = _stat(t, n)
+        if v is None:
+            v = torch.zeros(n if stride else 1, dtype=torch.float32, device=like.device)
+        elif stride and v.numel() == 1:
+            v = v.expand(n).contiguous()
+        out.append(v)
+    return out
+
+
 def epilogue_operands(qa: QOperand, qb: QOperand, bias: torch.Tensor | None):
     """The dequantization epilogue's inputs as the kernels take them: fp32 vectors with a
-    stride of 0 (per tensor) or 1, every statistic of one operand sharing its scale's stride;
-    returns (sa, sb, za, zb, oa, ob, bias, sa_stride, sb_stride, affine)."""
+    stride of 0 (per tensor) or 1, every statistic of one operand sharing its scale's stride,
+    None where the kernel reads nothing (no zero points or offsets, no bias); returns
+    (sa, sb, za, zb, oa, ob, bias, sa_stride, sb_stride, affine)."""
     a, a_scale, a_zp, a_offset = qa
     b, b_scale, b_zp, b_offset = qb
     m, n = a.shape[0], b.shape[1]
-    sa, sa_stride = _stat(a_scale, m, a)
-    sb, sb_stride = _stat(b_scale, n, a)
+    sa, sa_stride = _stat(a_scale, m)
+    sb, sb_stride = _stat(b_scale, n)
+    if sa is None or sb is None:
+        raise ValueError("qmm: both operands need a scale")
     affine = any(t is not None for t in (a_zp, a_offset, b_zp, b_offset))
-    za, oa = _stat(a_zp, m, a)[0], _stat(a_offset, m, a)[0]
-    zb, ob = _stat(b_zp, n, a)[0], _stat(b_offset, n, a)[0]
-    za, oa = (t.expand(m).contiguous() if sa_stride and t.numel() == 1 else t for t in (za, oa))
-    zb, ob = (t.expand(n).contiguous() if sb_stride and t.numel() == 1 else t for t in (zb, ob))
-    bias_t = bias.contiguous() if bias is not None else sa
+    za = oa = zb = ob = None
+    if affine:
+        za, oa = _affine_stats(a_zp, a_offset, m, sa_stride, a)
+        zb, ob = _affine_stats(b_zp, b_offset, n, sb_stride, a)
+    bias_t = bias.contiguous() if bias is not None else None
     return sa, sb, za, zb, oa, ob, bias_t, sa_stride, sb_stride, affine
 
 
@@ -197,12 +216,12 @@ def qmm(a: QOperand, b: QOperand, bias: torch.Tensor | None = None, out_dtype: t
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _kernel_for(a_codes.device)[grid](
+    launch(
+        _kernel_for(a_codes.device), grid,
         a_codes, b_codes, out, sa, sb, za, zb, oa, ob, bias_t,
         m, n, k,
         a_codes.stride(0), a_codes.stride(1), b_codes.stride(0), b_codes.stride(1), out.stride(0), out.stride(1),
         sa_stride, sb_stride,
         IS_INT=a_codes.dtype == torch.int8, AFFINE=affine, HAS_BIAS=bias is not None,
-        enable_fp_fusion=False,  # no FMA contraction: the epilogue rounds like reference.qmm_ref
     )
     return out

@@ -22,6 +22,7 @@ import triton
 from fqt_compiler.grid import QOperand
 from fqt_compiler.fusion_program import Program, triton_lines
 from fqt_compiler.codegen.kernels.fused import load_source
+from fqt_compiler.codegen.kernels.launch import launch
 from fqt_compiler.codegen.kernels.qmm import autotune_configs, epilogue_operands
 
 __all__ = ["generate_epilogue_source", "qmm_fused"]
@@ -142,10 +143,13 @@ def qmm_fused(
     m, k = a.shape
     n = b.shape[1]
     out = torch.empty((m, n), dtype=program.dtype, device=a.device)
-    slots = stat_slots(m if columns else n, a.device, columns) if quant is not None else 1
-    partials = torch.zeros(((n if columns else m) if quant is not None else 1, slots, 3), dtype=torch.float32, device=a.device)
-    if quant is not None and not symmetric:  # the neutral slot: min +inf, max -inf, no NaN
-        partials[..., 0], partials[..., 1] = float("inf"), float("-inf")
+    partials = None  # the kernel stores statistics only when generated with ``quant``
+    if quant is not None:  # a wider tile leaves its other slots neutral: zeros, or min +inf, max -inf, no NaN
+        slots = stat_slots(m if columns else n, a.device, columns)
+        partials = torch.zeros(((n if columns else m), slots, 3), dtype=torch.float32, device=a.device)
+        if not symmetric:
+            partials.select(-1, 0).fill_(float("inf"))
+            partials.select(-1, 1).fill_(float("-inf"))
     if m == 0 or n == 0:
         return (out, partials) if quant is not None else out
     key = (program, out_dtype, quant, str(a.device))
@@ -160,12 +164,13 @@ def qmm_fused(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _TUNED[key][grid](
+    launch(
+        _TUNED[key], grid,
         a, b, out, sa_t, sb_t, za_t, zb_t, oa_t, ob_t, bias_t, *views, *qviews, partials,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), sa_stride, sb_stride,
-        *[s for v in views for s in v.stride()], *[s for v in qviews for s in v.stride()], partials.stride(0),
+        *[s for v in views for s in v.stride()], *[s for v in qviews for s in v.stride()],
+        partials.stride(0) if partials is not None else 0,
         IS_INT=a.dtype == torch.int8, AFFINE=affine, HAS_BIAS=bias is not None, SYMMETRIC=symmetric, COLUMNS=columns,
-        enable_fp_fusion=False,  # no FMA contraction: the epilogue rounds like the unfused ops
     )
     return (out, partials) if quant is not None else out

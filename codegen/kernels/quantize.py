@@ -23,11 +23,12 @@ from fqt_compiler.grid import draw_seed
 from fqt_compiler.layout import Layout, from_natural_2d, natural_2d, shape_scale
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Scheme, Transform
 
+from fqt_compiler.codegen.kernels.launch import launch
 from fqt_compiler.codegen.kernels.common import (
-    bhq_rows, codes_tile, empty_row_stats, given_stats, row_scales, store_partials, update_row_stats,
+    bhq_rows, codes_tile, empty_row_stats, given_stats, load_seed, row_scales, store_partials, update_row_stats,
 )
 
-__all__ = ["quantize", "SCHEME_ID", "quantize_rows_kernel"]
+__all__ = ["quantize", "SCHEME_ID", "quantize_rows_kernel", "row_statistics", "reduce_partials"]
 
 SCHEME_ID = {Scheme.SYMMETRIC: 0, Scheme.ASYMMETRIC: 1, Scheme.ZERO_ON_GRID: 2}
 
@@ -104,7 +105,7 @@ def quantize_rows_kernel(
     tl.store(scale_ptr + rows, scale, mask=rmask)
     tl.store(zp_ptr + rows, zp + CODE_OFFSET, mask=rmask)
     tl.store(offset_ptr + rows, offset, mask=rmask)
-    seed = tl.load(seed_ptr).to(tl.int64)  # unused unless STOCHASTIC
+    seed = load_seed(seed_ptr, STOCHASTIC)
 
     # ---- pass 2: codes
     for c0 in range(0, C, BLOCK_C):
@@ -139,25 +140,33 @@ def quantize(
     codes_nat = torch.empty(m.shape, dtype=spec.code_dtype, device=x.device)
     g, c2 = _grouped_rows(m, codes_nat, spec)
     n_rows = g.shape[0]
-    # filled, not empty: a tensor with no elements keeps the reference's statistics of an
-    # empty group (scale 0, the code offset as zero point where the scheme has one)
-    scale = torch.zeros(max(n_rows, 1), dtype=torch.float32, device=x.device)
-    offset = torch.zeros_like(scale)
-    zp = torch.full_like(scale, 0.0 if spec.scheme is Scheme.SYMMETRIC else float(spec.code_offset))
-    if seed is None:
-        seed = draw_seed(x.device) if spec.is_stochastic else torch.zeros(1, dtype=torch.int64, device=x.device)
+    scale, zp, offset = row_statistics(n_rows, spec, x.device, written=x.numel() > 0)
+    if seed is None and spec.is_stochastic:
+        seed = draw_seed(x.device)
     per_tensor = spec.granularity is Granularity.TENSOR
     if x.numel():
-        stats = _tensor_stats(g, spec) if per_tensor else torch.zeros(3, dtype=torch.float32, device=x.device)
+        stats = _tensor_stats(g, spec) if per_tensor else None
         _launch_rows(g, c2, scale, zp, offset, stats, seed, spec, stats_given=per_tensor)
     if spec.granularity is Granularity.BLOCK:
-        codes_nat.copy_(c2.reshape(n_nat, -1)[:, :c_nat])
+        codes_nat.copy_(c2.reshape(n_nat, -1).narrow(1, 0, c_nat))
         stats_out = [t.reshape(n_nat, -1) for t in (scale, zp, offset)]
     else:
         keep = 1 if per_tensor else n_rows  # per tensor: every row stored the same numbers
-        scale, zp, offset = scale[:keep], zp[:keep], offset[:keep]
+        scale, zp, offset = (t.narrow(0, 0, keep) for t in (scale, zp, offset))
         stats_out = [shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)]
     return (from_natural_2d(codes_nat, x.shape, layout), *stats_out)
+
+
+def row_statistics(n_rows: int, spec: QuantSpec, device: torch.device, written: bool) -> tuple[torch.Tensor, ...]:
+    """The per-row scale, zero point and offset of a rows kernel (at least one row). Left
+    empty where the kernel runs (``written``) and writes every row; otherwise filled as the
+    reference leaves the statistics of an empty group (scale 0, the code offset as zero point
+    where the scheme has one)."""
+    if written:
+        return tuple(torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3))
+    scale = torch.zeros(max(n_rows, 1), dtype=torch.float32, device=device)
+    zp = torch.full_like(scale, 0.0 if spec.scheme is Scheme.SYMMETRIC else float(spec.code_offset))
+    return scale, zp, torch.zeros_like(scale)
 
 
 def _grouped_rows(m: torch.Tensor, codes: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +177,7 @@ def _grouped_rows(m: torch.Tensor, codes: torch.Tensor, spec: QuantSpec) -> tupl
         # reference does, and the padding's codes are dropped again
         n = spec.block_size
         pad = (-m.shape[1]) % n
-        g = torch.cat([m, m[:, :1].expand(m.shape[0], pad)], dim=1) if pad else m.contiguous()
+        g = torch.cat([m, m.narrow(1, 0, 1).expand(m.shape[0], pad)], dim=1) if pad else m.contiguous()
         g = g.reshape(-1, n)
         return g, torch.empty(g.shape, dtype=spec.code_dtype, device=m.device)
     # columns: the rows kernel on the transposed views (free: only strides change)
@@ -182,26 +191,33 @@ def _tensor_stats(g: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     n_rows, n_cols = g.shape
     n_prog = triton.cdiv(n_rows, 16)
     partials = torch.empty(n_prog, 2 if sym else 3, dtype=torch.float32, device=g.device)
-    _minmax_partials_kernel[(n_prog,)](
-        g, partials, n_rows, n_cols, g.stride(0), g.stride(1), SYMMETRIC=sym, BLOCK_R=16, BLOCK_C=64,
-        enable_fp_fusion=False,
+    launch(
+        _minmax_partials_kernel, (n_prog,), g, partials, n_rows, n_cols, g.stride(0), g.stride(1),
+        SYMMETRIC=sym, BLOCK_R=16, BLOCK_C=64,
     )
+    return reduce_partials(partials, sym)
+
+
+def reduce_partials(partials: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Per-program [amax, nan] (symmetric) or [min, max, nan] partials reduced to the tensor's."""
     # torch reductions propagate NaN like the reference's amin/amax
-    parts = [partials[:, 0].amax()] if sym else [partials[:, 0].amin(), partials[:, 1].amax()]
-    return torch.stack([*parts, partials[:, -1].amax()])
+    first = partials.select(1, 0)
+    parts = [first.amax()] if symmetric else [first.amin(), partials.select(1, 1).amax()]
+    return torch.stack([*parts, partials.select(1, -1).amax()])
 
 
 def _launch_rows(g, codes, scale, zp, offset, stats, seed, spec: QuantSpec, stats_given: bool) -> None:
     """The rows kernel over ``g`` (one scale per row), writing ``codes`` and the statistics."""
     fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
     n_rows, n_cols = g.shape
-    quantize_rows_kernel[(triton.cdiv(n_rows, 16),)](
+    launch(
+        quantize_rows_kernel, (triton.cdiv(n_rows, 16),),
         g, codes, scale, zp, offset, stats, seed,
-        scale, scale, scale, scale,  # BHQ inputs: unused here
+        None, None, None, None,  # BHQ inputs: unused here
         n_rows, n_cols,
         g.stride(0), g.stride(1), codes.stride(0), codes.stride(1), 0,
         SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=stats_given,
         QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
         FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-        TRANSFORM=False, BLOCK_R=16, BLOCK_C=64, enable_fp_fusion=False,
+        TRANSFORM=False, BLOCK_R=16, BLOCK_C=64,
     )

@@ -48,3 +48,52 @@ def _to_cuda(val, mode, fake_cls):
     if isinstance(val, (tuple, list)):
         return type(val)(_to_cuda(v, mode, fake_cls) for v in val)
     return val
+
+
+class FakeCudaMethods:
+    """A torch-function mode for tracing on fake CUDA tensors in a CPU-only build of torch.
+
+    A few ``Tensor`` methods (``contiguous``, ``copy_``, indexing) take a CUDA device guard in
+    their Python binding, which a build without CUDA cannot make, before any dispatch (a fake
+    tensor never gets to say it is fake). This mode sends them to their aten operators instead,
+    which reach the fake tensor mode without a guard: indexing by one tensor, or by ints and
+    slices, which is what fqt's launchers and torch's decompositions use. On a machine with
+    CUDA it changes nothing."""
+
+    def __new__(cls):
+        from torch.overrides import TorchFunctionMode
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.Tensor.contiguous and len(args) == 1:
+                    x, fmt = args[0], kwargs.get("memory_format", torch.contiguous_format)
+                    return x if x.is_contiguous(memory_format=fmt) else torch.ops.aten.clone.default(x, memory_format=fmt)
+                if func is torch.Tensor.copy_ and not kwargs and len(args) == 2:
+                    return torch.ops.aten.copy_.default(*args)
+                if func is torch.Tensor.__getitem__ and len(args) == 2:
+                    out = _getitem(*args)
+                    if out is not None:
+                        return out
+                return func(*args, **kwargs)
+
+        return _Mode()
+
+
+def _getitem(x: torch.Tensor, index) -> torch.Tensor | None:
+    """``x[index]`` through aten ops, for ints and slices, or one tensor index after full
+    slices; else None."""
+    items = index if isinstance(index, tuple) else (index,)
+    if items and isinstance(items[-1], torch.Tensor) and all(i == slice(None) for i in items[:-1]):
+        return torch.ops.aten.index.Tensor(x, [None] * (len(items) - 1) + [items[-1]])
+    if not all(isinstance(i, (int, slice)) for i in items):
+        return None
+    dim = 0
+    for i in items:
+        if isinstance(i, int):
+            x = torch.ops.aten.select.int(x, dim, i)
+        else:
+            start, stop, step = i.indices(x.shape[dim])
+            x = torch.ops.aten.slice.Tensor(x, dim, start, stop, step)
+            dim += 1
+    return x

@@ -1,0 +1,97 @@
+"""Kernels Inductor launches itself: on a graph compiled for CUDA, every fqt kernel op becomes
+the trace of its launcher (torch ops plus Triton-kernel nodes), so Inductor's generated code
+launches fqt's kernels with no Python call per op and the step can be captured by CUDA graphs.
+
+Checked without a GPU: the graphs a CPU training step traced are re-typed for a fake CUDA
+device and run through the compile steps as they would be on a GPU, up to the graph handed to
+Inductor (nothing runs, nothing is compiled for the device)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fqt_compiler as fqt
+from fqt_compiler.codegen.launches import KernelLaunches, source_launches
+from tests.helpers.sm90 import ROOT
+
+
+CASES = ["int8:auto", "int8:off", "fp8:auto", "psq8:auto", "ptq4:auto"]
+
+
+@pytest.fixture(scope="module")
+def cuda_steps() -> dict:
+    """What the graphs handed to Inductor hold, for every case: one fresh process, without
+    Triton's interpreter (the traces need the kernels as a GPU sees them)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.fake_cuda_steps", *CASES], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_graph_for_inductor_holds_triton_kernels_and_no_fqt_call(cuda_steps, case):
+    graphs = cuda_steps[case]
+    assert {g["stage"] for g in graphs} == {"forward", "backward"}
+    for g in graphs:
+        # without Inductor every fqt op of the lowered graph is a kernel op with a traceable launcher
+        assert g["ops_before"] and g["kernel_ops_before"] == len(g["ops_before"]), g["ops_before"]
+        assert "inline_kernel_launches" in g["ran"]
+        assert g["fqt_calls_after"] == [] and g["python_calls"] == []
+        # every op launches one kernel or more (per-tensor scales: a statistics kernel too)
+        assert g["kernel_nodes"] >= g["kernel_ops_before"]
+        assert g["fqt_kernels"] == g["kernel_nodes"]
+        assert {"qmm_kernel", "qmm_epilogue_kernel"} & set(g["kernel_names"])
+        # column-major saved codes keep their memory order through the trace
+        assert g["strides_same"]
+
+
+def test_cpu_graphs_keep_no_fqt_call_and_count_library_gemms():
+    """On the CPU under Inductor the int8 GEMMs are ``torch._int_mm`` library calls with the
+    quantizers fused around them: no fqt op is left as a Python call, and the report says so."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32))
+    report = fqt.explain(model, torch.randn(16, 64), recipe="int8", execution="kernels", inductor=True, progress=False)
+    launches = [launch for r in report.records for launch in r.launches]
+    assert [launch.stage for launch in launches] == ["forward", "backward"]
+    assert all(launch.python_calls == () and launch.kernels > 0 for launch in launches)
+    assert sum(launch.library for launch in launches) >= 5  # 2 forward + 3 backward _int_mm (x needs no grad: 2)
+    table = report.launch_table()
+    assert "fqt Python calls" in table and "library calls" in table
+    assert "launches per call" in report.render(wide=True)
+
+
+def test_eager_graphs_report_their_python_calls():
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    report = fqt.explain(model, torch.randn(8, 32), recipe="int8", execution="kernels", inductor=False, progress=False)
+    launches = [launch for r in report.records for launch in r.launches]
+    assert launches and all(launch.python_calls for launch in launches)
+    assert all("inductor=False" in why for launch in launches for _, why in launch.python_calls)
+
+
+def test_source_launches_counts_the_generated_call():
+    """Kernels, fqt's among them, and library calls are counted in Inductor's ``call`` only."""
+    source = '''
+triton_poi_fused_0 = async_compile.triton('triton_poi_fused_0', """...""")
+qmm_kernel_0 = async_compile.triton('qmm_kernel', """...""")
+def call(args):
+    buf0 = empty_strided_cuda((32, 32), (32, 1), torch.int8)
+    triton_poi_fused_0.run(arg0_1, buf0, 1024, stream=stream0)
+    quantize_rows_kernel_1.run(buf0, buf1, grid=grid(2))
+    qmm_kernel_0.run(buf1, buf2, buf3)
+    extern_kernels.mm(buf3, arg1_1, out=buf4)
+    buf5 = torch.ops.aten._int_mm.default(buf1, buf2)
+    cpp_fused_add_2(buf4, buf5)
+    return (buf4,)
+def benchmark_compiled_module():
+    qmm_kernel_0.run(x)
+'''
+    base = KernelLaunches("forward", fqt_kernel_names=("qmm_kernel", "quantize_rows_kernel"))
+    out = source_launches(base, source)
+    assert (out.kernels, out.fqt_kernels, out.library) == (4, 2, 2)

@@ -1,0 +1,94 @@
+"""Run the compile steps on graphs re-typed for a fake CUDA device, as the backend runs them on
+a GPU, and report what the graph handed to Inductor holds (JSON on stdout).
+
+Run as ``python -m tests.helpers.fake_cuda_steps RECIPE:FUSION ...`` in a process without
+Triton's interpreter: the traced launches need the kernels as the GPU sees them (compiled
+``@triton.jit`` functions, not interpreted ones). A CPU training step traces the graphs;
+nothing runs or compiles for the device."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import torch
+from torch import nn
+
+import fqt_compiler as fqt
+from fqt_compiler import pipeline
+from fqt_compiler.codegen.launches import fqt_calls, graph_launches, kernel_nodes
+from fqt_compiler.config import FQTConfig
+from fqt_compiler.ops import TRITON_LAUNCHES
+from tests.helpers.sm90 import FakeCudaMethods, as_cuda_graph
+
+
+def _graphs(recipe: str) -> list:
+    graphs = []
+    real = pipeline.compile_partitioned
+
+    def spy(gm, ctx):
+        graphs.append((as_cuda_graph(gm), ctx.stage, ctx.saved))
+        return real(gm, ctx)
+
+    pipeline.compile_partitioned = spy
+    try:
+        model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
+        torch.compile(model, backend=fqt.backend(recipe=recipe, inductor=False))(torch.randn(4, 8, 32)).square().mean().backward()
+    finally:
+        pipeline.compile_partitioned = real
+    return graphs
+
+
+def _steps(gm, stage, saved, options: dict):
+    ctx = pipeline.GraphContext(FQTConfig.from_options(options), stage, 0, example_inputs=[], saved=saved)
+    with FakeCudaMethods():
+        pipeline.run_steps(gm, ctx)
+    return ctx
+
+
+def _output_strides(gm) -> list:
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    vals = [o.meta.get("val") for o in out if isinstance(o, torch.fx.Node)]
+    return [list(v.stride()) for v in vals if isinstance(v, torch.Tensor)]
+
+
+def case(recipe: str, fusion: str) -> list[dict]:
+    """Per graph: the fqt kernel ops without Inductor, and what is left with it."""
+    out = []
+    for gm, stage, saved in _graphs(recipe):
+        eager = as_cuda_graph(gm)
+        _steps(eager, stage, saved, {"recipe": recipe, "fusion": fusion, "inductor": False})
+        strides = _output_strides(eager)
+        ctx = _steps(gm, stage, saved, {"recipe": recipe, "fusion": fusion, "inductor": True})
+        gm.graph.lint()
+        launches = graph_launches(stage.value, gm, ctx.python_calls, inductor=True)
+        out.append({
+            "stage": stage.value,
+            "ran": list(ctx.ran),
+            "ops_before": [str(n.target) for n in fqt_calls(eager)],
+            "kernel_ops_before": sum(n.target in TRITON_LAUNCHES for n in fqt_calls(eager)),
+            "fqt_calls_after": [str(n.target) for n in fqt_calls(gm)],
+            "python_calls": ctx.python_calls,
+            "kernel_nodes": len(kernel_nodes(gm)),
+            "fqt_kernels": launches.fqt_kernels,
+            "kernel_names": list(launches.fqt_kernel_names),
+            "strides_same": _output_strides(gm) == strides,
+        })
+    return out
+
+
+def main(argv: list[str]) -> None:
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # the kernels' tile lists ask for it
+    # without a GPU torch cannot compile a kernel to see which arguments it writes, assumes all
+    # (a GPU machine finds out exactly), and logs a warning per kernel
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
+    results = {}
+    for item in argv:
+        recipe, fusion = item.split(":")
+        results[item] = case(recipe, fusion)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
