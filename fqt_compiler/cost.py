@@ -10,7 +10,8 @@ time plus the quantization. A site stays low-bit when ``margin x low-bit time < 
 time``; the margin covers what a roofline leaves out (launches, small-kernel inefficiency).
 
 The profiles say where their numbers come from: the H100 one is the datasheet roofline (its
-quantize bandwidth is an assumption until measured there); the CPU one was measured on a
+quantize bandwidth is an assumption until measured there), replaced on a GPU by the profile
+``fqt gpu-check`` measured on a device of the same name (``measured.py``) once a run exists; the CPU one was measured on a
 2-core AVX-512 EPYC with ``fqt bench`` (GEMM throughputs) and ``tools/bench.py``'s quantize
 section (bandwidth, BHQ passes); other CPUs should calibrate with ``set_profile``.
 """
@@ -22,9 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .measured import fields_from_gpu_check, measured_fields
 from .specs import ElementFormat, GemmKind, Granularity, QuantSpec, Transform
 
-__all__ = ["DeviceProfile", "SiteCost", "Slot", "H100", "CPU_EPYC_2CORE", "profile_for", "set_profile", "site_cost"]
+__all__ = [
+    "DeviceProfile", "SiteCost", "Slot", "H100", "CPU_EPYC_2CORE", "profile_for", "set_profile", "site_cost",
+    "profile_from_gpu_check",
+]
 
 
 class Slot(enum.Enum):
@@ -62,18 +67,37 @@ CPU_EPYC_2CORE = DeviceProfile(
     "row-quantize 3.9-4.4 GB/s moved and BHQ = 2.8-3.4 row quantizes at 512-2048 square, measured with Inductor",
 )
 
-_PROFILES: dict[str, DeviceProfile] = {"cuda": H100, "cpu": CPU_EPYC_2CORE}
+_DATASHEET: dict[str, DeviceProfile] = {"cuda": H100, "cpu": CPU_EPYC_2CORE}
+_CHOSEN: dict[str, DeviceProfile] = {}  # set_profile's
 
 
-def set_profile(device_type: str, profile: DeviceProfile) -> None:
-    """Use ``profile`` for every site compiled on ``device_type`` ("cuda" or "cpu")."""
+def set_profile(device_type: str, profile: DeviceProfile | None) -> None:
+    """Use ``profile`` for every site compiled on ``device_type`` ("cuda" or "cpu"); None goes
+    back to the default (a GPU's profile measured by ``fqt gpu-check``, else the datasheet)."""
+    if profile is None:
+        _CHOSEN.pop(device_type, None)
+        return
     if not isinstance(profile, DeviceProfile):
         raise TypeError(f"set_profile needs a DeviceProfile, got {type(profile).__name__}")
-    _PROFILES[device_type] = profile
+    _CHOSEN[device_type] = profile
+
+
+def profile_from_gpu_check(source) -> DeviceProfile:
+    """The profile measured by an ``fqt gpu-check`` run (its ``gpu_check.json`` or the parsed
+    document); ``set_profile("cuda", profile_from_gpu_check(path))`` applies it by hand."""
+    return DeviceProfile(**fields_from_gpu_check(source))
 
 
 def profile_for(device: torch.device) -> DeviceProfile:
-    return _PROFILES.get(device.type, H100 if device.type == "cuda" else CPU_EPYC_2CORE)
+    """The profile of ``device``: ``set_profile``'s, else (a GPU) the one ``fqt gpu-check``
+    measured on a device of that name, else the datasheet's."""
+    if device.type in _CHOSEN:
+        return _CHOSEN[device.type]
+    if device.type == "cuda" and torch.cuda.is_available():
+        fields = measured_fields(torch.cuda.get_device_name(device))
+        if fields is not None:
+            return DeviceProfile(**fields)
+    return _DATASHEET.get(device.type, H100 if device.type == "cuda" else CPU_EPYC_2CORE)
 
 
 @dataclass(frozen=True)

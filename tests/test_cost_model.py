@@ -102,3 +102,78 @@ def test_prologue_fusion_is_what_makes_gpt2_widths_win_on_h100():
     cuda = torch.device("cuda")
     assert not site_cost((16384, 768, 3072), _specs("int8"), cuda, 2).wins
     assert site_cost((16384, 768, 3072), _specs("int8"), cuda, 2, fused=True).wins
+
+
+def _gpu_check_doc(name: str = "NVIDIA H200") -> dict:
+    """A gpu-check results document as a GPU run writes it (the fields the profile reads)."""
+    gemm = []
+    for size, scale in ((1024, 0.5), (4096, 1.0)):
+        for role in ("fprop", "dgrad", "wgrad"):
+            gemm += [
+                {"gemm": [size, size, size], "role": role, "kernel": "bfloat16 torch.mm", "tflops": 600.0 * scale},
+                {"gemm": [size, size, size], "role": role, "kernel": "fqt int8 (triton qmm)", "tflops": 1000.0 * scale},
+                {"gemm": [size, size, size], "role": role, "kernel": "fqt fp8 e4m3 x e4m3 (triton qmm)", "tflops": 900.0},
+            ]
+    quant = [{"shape": [16384, 16384], "spec": s, "gb_s": bw, "copy_gb_s": 4000.0}
+             for s, bw in (("int8 per row", 3000.0), ("int8 per tensor", 2000.0), ("fp8", 3200.0))]
+    quant.append({"shape": [16384, 768], "spec": "int8 per row", "gb_s": 1.0, "copy_gb_s": 1.0})
+    return {"dry_run": False, "started": "2026-11-29T00:00:00Z", "stages": {
+        "preflight": {"results": {"device": {"name": name, "torch": "2.11.0", "triton": "3.6.0"}}},
+        "gemm": {"results": {"items": gemm}},
+        "quantize": {"results": {"items": quant}},
+    }}
+
+
+def test_a_gpu_check_run_becomes_the_devices_profile(tmp_path, monkeypatch):
+    from fqt_compiler.cost import profile_from_gpu_check
+    from fqt_compiler.measured import profile_path, save_measured_fields
+
+    monkeypatch.setenv("FQT_PROFILE_DIR", str(tmp_path))
+    doc = _gpu_check_doc()
+    p = profile_from_gpu_check(doc)  # medians at the largest shape only
+    assert (p.hp_flops, p.lowbit_flops, p.mem_bw, p.quant_bw) == (600e12, 1000e12, 4000e9, 3000e9)
+    assert p.efficiency == 1.0 and p.fp8_gemm and "H200" in p.name and "gpu-check" in p.source
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert profile_for(cuda) is H100  # nothing measured yet: the datasheet
+    path = save_measured_fields(doc)
+    assert path == profile_path("NVIDIA H200") and path.parent == tmp_path
+    assert profile_for(cuda) == p
+    # the measured profile changes decisions: a shape the datasheet roofline calls a win is not
+    # one where bf16 reaches 600 of int8's 1000 TFLOPS and quantization moves 3 TB/s
+    shape = (4096, 1024, 1024)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    datasheet = site_cost(shape, _specs("int8"), cuda, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    measured = site_cost(shape, _specs("int8"), cuda, 2)
+    assert measured.profile == p and measured.hp_s != datasheet.hp_s
+    # set_profile still wins; None goes back to the measured one
+    set_profile("cuda", H100)
+    try:
+        assert profile_for(cuda) is H100
+    finally:
+        set_profile("cuda", None)
+    assert profile_for(cuda) == p
+    # another device name has no measured profile
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
+    assert profile_for(cuda) is H100
+
+
+def test_unusable_gpu_check_results_say_why(tmp_path, monkeypatch):
+    from fqt_compiler.cost import profile_from_gpu_check
+    from fqt_compiler.measured import profile_path
+
+    with pytest.raises(fqt.OptionsError, match="dry run"):
+        profile_from_gpu_check({**_gpu_check_doc(), "dry_run": True})
+    doc = _gpu_check_doc()
+    del doc["stages"]["quantize"]
+    with pytest.raises(fqt.OptionsError, match="'quantize' stage"):
+        profile_from_gpu_check(doc)
+    monkeypatch.setenv("FQT_PROFILE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    profile_path("NVIDIA H200").write_text('{"profile": {"hp_flops": "fast"}}')
+    with pytest.raises(fqt.OptionsError, match="unreadable"):
+        profile_for(torch.device("cuda"))

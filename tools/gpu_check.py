@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fqt_compiler.errors import OptionsError
+from fqt_compiler.measured import save_measured_fields
+
 from fqt_compiler.tools.gpu_report import stage_tables
 
 __all__ = ["STAGES", "GPU_SHAPES", "DRY_SHAPES", "Stage", "run_check", "summary_markdown", "add_parser"]
@@ -180,8 +183,19 @@ def run_check(out: str, deadline_s: float = 420.0, stages: list[str] | None = No
             _archive_logs(work, results.out)
     results.doc["finished"] = _now()
     results.doc["seconds"] = round(time.monotonic() - start, 1)
+    if not dry_run:
+        results.doc["measured_profile"] = _save_profile(results.doc)
     results.write()
     return results.doc
+
+
+def _save_profile(doc: dict) -> str:
+    """Save the run's GEMM and quantize throughputs as this device's cost-model profile
+    (``fqt_compiler.measured``); returns where, or why not."""
+    try:
+        return f"saved to {save_measured_fields(doc)}: the cost model uses it on this device from now on"
+    except (OptionsError, OSError) as exc:
+        return f"not saved: {exc}"
 
 
 # ------------------------------------------------------------------ the markdown summary
