@@ -33,6 +33,11 @@ The compile steps put the ops of lowered graphs (``execution="kernels"``) in the
   consuming its output (and the next quantizer's statistics) in one generated kernel;
   elsewhere the GEMM, then the chain op by op.
 
+Each kernel op's Triton path is a plain function of the op's arguments (``qmm_triton``,
+``quantize_triton``...; the table :data:`TRITON_LAUNCHES`): the op's body calls it eagerly, and
+on graphs Inductor compiles for CUDA the ``inline_kernel_launches`` step traces it, so that
+Inductor launches the kernels itself (``codegen/launches.py``).
+
 Every op is declared here, with its fake. A kernel op imports its Triton kernel module
 (``codegen/kernels``) inside its body, on first launch: importing the package stays fast, the
 reference paths run where Triton is absent, and a device check stays inside the body because
