@@ -11,7 +11,10 @@ time``; the margin covers what a roofline leaves out (launches, small-kernel ine
 
 The profiles say where their numbers come from: the H100 one is the datasheet roofline (its
 quantize bandwidth is an assumption until measured there), replaced on a GPU by the profile
-``fqt gpu-check`` measured on a device of the same name (``measured.py``) once a run exists; the CPU one was measured on a
+``fqt gpu-check`` measured on a device of the same name, and on a CPU by the one ``fqt
+calibrate`` measured on this CPU model and thread count (``measured.py``), once they exist.
+On a CPU with bf16 units the high-precision time of an fp32 site is the faster of fp32 and
+bf16 (``bf16_flops``): ``never_slower`` then promises not to lose to bf16 autocast either; the CPU one was measured on a
 2-core AVX-512 EPYC with ``fqt bench`` (GEMM throughputs) and ``tools/bench.py``'s quantize
 section (bandwidth, BHQ passes); other CPUs should calibrate with ``set_profile``.
 """
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .measured import fields_from_gpu_check, measured_fields
+from .measured import cpu_name, fields_from_gpu_check, measured_fields
 from .specs import ElementFormat, GemmKind, Granularity, QuantSpec, Transform
 
 __all__ = [
@@ -54,6 +57,11 @@ class DeviceProfile:
     margin: float = 1.15  # low-bit must beat high precision by this factor
     fp8_gemm: bool = True  # has an fp8 GEMM (no fast one on CPUs)
     source: str = ""
+    # CPUs: bf16 GEMM FLOP/s where the CPU has bf16 units (AVX-512 BF16, AMX), 0 where it has
+    # none or it was not measured. An fp32 site's high-precision time is then the faster of
+    # fp32 and bf16 (bf16 autocast is what a user picks instead of fp32 there), and a bf16 site's
+    # is bf16's. GPU profiles leave it 0: their hp_flops are bf16 already.
+    bf16_flops: float = 0.0
 
 
 H100 = DeviceProfile(
@@ -89,14 +97,18 @@ def profile_from_gpu_check(source) -> DeviceProfile:
 
 
 def profile_for(device: torch.device) -> DeviceProfile:
-    """The profile of ``device``: ``set_profile``'s, else (a GPU) the one ``fqt gpu-check``
-    measured on a device of that name, else the datasheet's."""
+    """The profile of ``device``: ``set_profile``'s, else the one measured on a device of that
+    name (a GPU: by ``fqt gpu-check``; this CPU: by ``fqt calibrate``), else the default."""
     if device.type in _CHOSEN:
         return _CHOSEN[device.type]
+    name = None
     if device.type == "cuda" and torch.cuda.is_available():
-        fields = measured_fields(torch.cuda.get_device_name(device))
-        if fields is not None:
-            return DeviceProfile(**fields)
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        name = cpu_name()
+    fields = measured_fields(name) if name else None
+    if fields is not None:
+        return DeviceProfile(**fields)
     return _DATASHEET.get(device.type, H100 if device.type == "cuda" else CPU_EPYC_2CORE)
 
 
@@ -122,6 +134,14 @@ class SiteCost:
 def _gemm_s(p: DeviceProfile, m: int, k: int, n: int, flops: float, operand_bytes: float, out_bytes: float) -> float:
     traffic = (m * k + k * n) * operand_bytes + m * n * out_bytes
     return max(2.0 * m * k * n / (p.efficiency * flops), traffic / p.mem_bw)
+
+
+def _hp_gemm_s(p: DeviceProfile, shape: tuple[int, int, int], hp_bytes: int) -> float:
+    """The high-precision GEMM: the graph's dtype, or bf16 where that is faster (see bf16_flops)."""
+    if not p.bf16_flops:
+        return _gemm_s(p, *shape, p.hp_flops, hp_bytes, hp_bytes)
+    bf16 = _gemm_s(p, *shape, p.bf16_flops, 2, 2)
+    return bf16 if hp_bytes <= 2 else min(bf16, _gemm_s(p, *shape, p.hp_flops, hp_bytes, hp_bytes))
 
 
 def _quant_s(p: DeviceProfile, elements: int, in_bytes: float, spec: QuantSpec | None, fused: bool = False) -> float:
@@ -171,7 +191,7 @@ def site_cost(
     for gemm, (shape, roles, sizes) in gemms.items():
         if (gemm, roles[0]) not in specs and (gemm, roles[1]) not in specs:
             continue
-        t_hp = _gemm_s(p, *shape, p.hp_flops, hp_bytes, hp_bytes)
+        t_hp = _hp_gemm_s(p, shape, hp_bytes)
         hp += t_hp
         a, b = (specs.get((gemm, r)) for r in roles)
         quant = 0.0

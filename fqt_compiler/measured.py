@@ -12,15 +12,22 @@ device name; :func:`measured_fields` loads the one for a device, and the cost mo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import platform
 import re
 import statistics
 from pathlib import Path
 
+import torch
+
 from .errors import OptionsError
 
-__all__ = ["fields_from_gpu_check", "profile_dir", "save_measured_fields", "measured_fields", "profile_path"]
+__all__ = [
+    "fields_from_gpu_check", "profile_dir", "save_measured_fields", "save_fields", "measured_fields", "profile_path",
+    "cpu_name",
+]
 
 _HP_KERNEL = "torch.mm"  # gemm stage: the high-precision baseline's name ends so ("bfloat16 torch.mm")
 _FQT_INT8 = "fqt int8 (triton qmm)"
@@ -102,10 +109,30 @@ def fields_from_gpu_check(source: dict | str | Path) -> dict:
     )
 
 
+def cpu_name() -> str:
+    """This CPU as its measured profile is filed: the model name and the threads torch uses
+    (a profile measured on 2 threads says nothing about 32)."""
+    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        found = None
+    return found or platform.processor() or platform.machine() or "unknown CPU"
+
+
 def save_measured_fields(doc: dict) -> Path:
     """Derive the profile of a gpu-check run and save it as its device's measured profile."""
     fields = fields_from_gpu_check(doc)
-    name = doc["stages"]["preflight"]["results"]["device"]["name"]
+    return save_fields(doc["stages"]["preflight"]["results"]["device"]["name"], fields)
+
+
+def save_fields(name: str, fields: dict) -> Path:
+    """Save ``fields`` (a ``DeviceProfile``'s) as the measured profile of the device ``name``."""
     path = profile_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -18,6 +18,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Cost-model profiles measured on this machine (`fqt calibrate`, `fqt gpu-check`) would change
+# never_slower's decisions from one machine to the next: the tests read none of them (a test of
+# the measured profiles points FQT_PROFILE_DIR at its own folder).
+os.environ["FQT_PROFILE_DIR"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_no_measured_profiles")
+
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -177,3 +177,60 @@ def test_unusable_gpu_check_results_say_why(tmp_path, monkeypatch):
     profile_path("NVIDIA H200").write_text('{"profile": {"hp_flops": "fast"}}')
     with pytest.raises(fqt.OptionsError, match="unreadable"):
         profile_for(torch.device("cuda"))
+
+
+def test_never_slower_compares_against_bf16_where_the_cpu_has_it():
+    """With bf16 units an fp32 site must beat the faster of fp32 and bf16; a bf16 site is
+    costed at bf16's rate. Profiles without bf16 (0) keep fp32 alone."""
+    import dataclasses
+
+    shape = (2048, 2048, 2048)
+    no_bf16 = site_cost(shape, _specs("int8"), CPU, 4)
+    assert no_bf16.wins and no_bf16.profile.bf16_flops == 0.0
+    amx = dataclasses.replace(CPU_EPYC_2CORE, name="bf16 CPU", bf16_flops=2.0e12, lowbit_flops=2.2e12)
+    set_profile("cpu", amx)
+    try:
+        fp32 = site_cost(shape, _specs("int8"), CPU, 4)
+        bf16 = site_cost(shape, _specs("int8"), CPU, 2)
+        assert not fp32.wins and "bf16 CPU" in fp32.reason()  # int8 at 1.1x bf16 cannot pay for its quantizers
+        assert fp32.hp_s == pytest.approx(bf16.hp_s)  # the fp32 site is costed as bf16, its faster option
+        assert fp32.hp_s < no_bf16.hp_s / 5
+    finally:
+        set_profile("cpu", None)
+
+
+def test_cpu_profiles_are_filed_by_model_and_threads(tmp_path, monkeypatch):
+    import dataclasses
+
+    from fqt_compiler.measured import cpu_name, save_fields
+
+    monkeypatch.setenv("FQT_PROFILE_DIR", str(tmp_path))
+    assert f"({torch.get_num_threads()} threads)" in cpu_name()
+    assert profile_for(CPU) is CPU_EPYC_2CORE
+    mine = dataclasses.replace(CPU_EPYC_2CORE, name="this CPU (measured by fqt calibrate)", bf16_flops=1e12)
+    save_fields(cpu_name(), dataclasses.asdict(mine))
+    assert profile_for(CPU) == mine
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(before + 1)  # another thread count: not what was measured
+        assert profile_for(CPU) is CPU_EPYC_2CORE
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow  # about 20 s: compiles and times the quantizers
+def test_fqt_calibrate_measures_and_saves_this_cpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FQT_PROFILE_DIR": str(tmp_path)}
+    code = ("import sys; from fqt_compiler.tools.cli import main; rc = main(['calibrate', '--size', '256', '--reps', '2']);"
+            "from fqt_compiler.cost import profile_for; import torch; p = profile_for(torch.device('cpu'));"
+            "print('PROFILE', p.name, p.hp_flops > 0, p.lowbit_flops > 0, p.quant_bw > 0, p.bhq_passes > 0); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved to" in proc.stdout and "PROFILE" in proc.stdout
+    line = proc.stdout.split("PROFILE", 1)[1]
+    assert "measured by fqt calibrate" in line and line.split()[-4:] == ["True"] * 4
+    assert len(list(tmp_path.glob("*.json"))) == 1

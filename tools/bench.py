@@ -5,7 +5,8 @@ candidate (interleaved repetitions, median of several). Sections:
 
 * ``layer``: LayerNorm(no affine) -> Linear(no bias) -> Sigmoid, forward + backward with a
   given grad_output, both sides under torch.compile; candidate ``backend="fqt"`` per recipe,
-  baseline fp32 (CPU) / bf16 (GPU) with the default Inductor backend;
+  baseline fp32 (CPU) / bf16 (GPU) with the default Inductor backend, and on a CPU with bf16
+  units bf16 autocast too; the range of the candidate's repetitions shows its spread;
 * ``gemm``: the low-bit GEMM alone against the high-precision GEMM and ``torch._int_mm``;
 * ``quantize``: the quantize path's bytes moved per second against a same-run copy (the
   Triton kernel on CUDA, the Inductor-compiled reference on CPU);
@@ -85,6 +86,11 @@ def _sync(device: torch.device) -> None:
 
 def interleaved_medians(fns: list[Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> list[float]:
     """Median seconds of each function, timed in interleaved rounds (fair on a noisy machine)."""
+    return [statistics.median(t) for t in interleaved_times(fns, device, reps, warmup)]
+
+
+def interleaved_times(fns: list[Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> list[list[float]]:
+    """Every timed repetition (seconds) of each function, timed in interleaved rounds."""
     for _ in range(warmup):
         for f in fns:
             f()
@@ -103,46 +109,78 @@ def interleaved_medians(fns: list[Callable[[], object]], device: torch.device, r
                 t0 = time.perf_counter()
                 f()
                 times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def spread(samples: list[float], baseline: float) -> str:
+    """The fastest and slowest of ``samples`` as ratios to ``baseline`` seconds ("1.10-1.32x"):
+    a step time that varies shows here, where a median hides it."""
+    return f"{baseline / max(samples):.2f}-{baseline / min(samples):.2f}x"
+
+
+def cpu_bf16_units() -> bool | None:
+    """Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX BF16), from /proc/cpuinfo;
+    None where that cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass
 class LayerResult:
     shape: tuple[int, int, int]
     recipe: str
-    speedup: float
+    speedup: float  # against the first baseline (fp32 on CPUs, bf16 on GPUs)
     baseline_ms: float
     candidate_ms: float
     lowbit_gemms: int
+    spread: str = ""  # fastest-slowest candidate repetition against the baseline's median
+    bf16_ms: float | None = None  # CPU: the bf16-autocast baseline, where the CPU has bf16 units
+    vs_bf16: float | None = None
+
+
+def _training_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, autocast: bool = False) -> Callable[[], None]:
+    def run():
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = model(x)
+        y.backward(grad.to(y.dtype))
+
+    return run
 
 
 def bench_layer(shape, recipes, device, reps, dtype) -> list[LayerResult]:
+    """fwd+bwd of :class:`Layer` per recipe against high precision timed beside it: bf16 on a
+    GPU; on a CPU fp32 and, where the CPU has bf16 units, bf16 autocast (what a user picks
+    instead of fp32 there; both under torch.compile)."""
     m, k, n = shape
     torch.manual_seed(0)
     base = Layer(k, n).to(device=device, dtype=dtype)
     x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(m, n, device=device, dtype=dtype)
-
-    def step(model):
-        def run():
-            x.grad = None
-            for p in model.parameters():
-                p.grad = None
-            model(x).backward(grad)
-
-        return run
-
     torch._dynamo.reset()
-    baseline = step(torch.compile(base))
+    baselines = [_training_step(torch.compile(base), x, grad)]
+    if device.type == "cpu" and cpu_bf16_units():
+        baselines.append(_training_step(torch.compile(base), x, grad, autocast=True))
     results = []
     for name in recipes:
         cand_model = Layer(k, n).to(device=device, dtype=dtype)
         cand_model.load_state_dict(base.state_dict())
         be = fqt.backend(recipe=name)
-        candidate = step(torch.compile(cand_model, backend=be))
-        t_base, t_cand = interleaved_medians([baseline, candidate], device, reps)
+        candidate = _training_step(torch.compile(cand_model, backend=be), x, grad)
+        times = interleaved_times([*baselines, candidate], device, reps)
+        t_base, t_cand = statistics.median(times[0]), statistics.median(times[-1])
         lowbit = sum(g.status is fqt.GemmStatus.LOWBIT_KERNEL for r in be.records for s in r.decisions for g in s.gemms)
-        results.append(LayerResult(shape, name, t_base / t_cand, t_base * 1e3, t_cand * 1e3, lowbit))
+        result = LayerResult(shape, name, t_base / t_cand, t_base * 1e3, t_cand * 1e3, lowbit, spread(times[-1], t_base))
+        if len(baselines) == 2:
+            t_bf16 = statistics.median(times[1])
+            result.bf16_ms, result.vs_bf16 = t_bf16 * 1e3, t_bf16 / t_cand
+        results.append(result)
     return results
 
 
@@ -297,16 +335,23 @@ def _layer_section(shapes: list, recipes: list[str], device: torch.device, reps:
     """The ``layer`` section's markdown."""
     parts: list[str] = []
     rows = []
+    bf16 = device.type == "cpu" and cpu_bf16_units()
     for shape in shapes:
         for r in bench_layer(shape, recipes, device, reps, dtype):
-            rows.append([f"{r.shape[0]}x{r.shape[1]}->{r.shape[2]}", r.recipe, f"{r.speedup:.2f}x", f"{r.baseline_ms:.1f}",
-                         f"{r.candidate_ms:.1f}", r.lowbit_gemms])
+            row = [f"{r.shape[0]}x{r.shape[1]}->{r.shape[2]}", r.recipe, f"{r.speedup:.2f}x", r.spread]
+            if bf16:
+                row += [f"{r.vs_bf16:.2f}x", f"{r.bf16_ms:.1f}"]
+            rows.append(row + [f"{r.baseline_ms:.1f}", f"{r.candidate_ms:.1f}", r.lowbit_gemms])
             print(f"  layer {rows[-1]}", flush=True)
     base = "fp32" if device.type == "cpu" else "bf16"
     parts.append(f"## Per layer, fwd+bwd, vs {base} torch.compile (median of {reps} interleaved)\n")
-    parts.append(tabulate(
-        rows, headers=["M x K -> N", "recipe", "speedup", f"{base} ms", "fqt ms", "low-bit GEMMs"], tablefmt="github"
-    ))
+    if device.type == "cpu":
+        parts.append("The CPU has bf16 units: the bf16-autocast columns time the same layer under `torch.autocast('cpu', "
+                     "torch.bfloat16)`, what a user picks instead of fp32 there.\n" if bf16 else
+                     "This CPU has no bf16 units (no AVX-512 BF16 or AMX BF16 flag): no bf16-autocast baseline.\n")
+    headers = ["M x K -> N", "recipe", f"vs {base}", f"range vs {base}"]
+    headers += ["vs bf16 autocast", "bf16 autocast ms"] if bf16 else []
+    parts.append(tabulate(rows, headers=headers + [f"{base} ms", "fqt ms", "low-bit GEMMs"], tablefmt="github"))
     return parts
 
 

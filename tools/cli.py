@@ -131,7 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_results(sub)
     _add_bench(sub)
     add_gpu_check(sub)
+    _add_calibrate(sub)
     return parser
+
+
+def _add_calibrate(sub) -> None:
+    """``fqt calibrate``: the tool imports torch's compile stack, so only when it runs."""
+    cal = sub.add_parser("calibrate", help="measure this CPU's cost-model profile (never_slower) and save it",
+                         description="Measure this CPU's GEMM throughputs and quantize bandwidth and save them as the "
+                         "cost model's profile for this CPU and thread count.")
+    cal.add_argument("--size", type=int, default=2048, help="square GEMM size timed (default: 2048)")
+    cal.add_argument("--reps", type=int, default=7, help="timed repetitions, median reported (default: 7)")
+    cal.set_defaults(func=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from fqt_compiler.tools.calibrate import main as calibrate
+
+    return calibrate(args)
 
 
 def _add_demo(sub) -> None:
