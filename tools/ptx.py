@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["operand_loads", "qmm_ptx", "main"]
+__all__ = ["operand_loads", "qmm_ptx", "ptxas_usage", "spill_table", "main"]
 
 _NAMES = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "M", "N", "K",
           "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb"]
@@ -24,10 +24,12 @@ _NAMES = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "
 _CODES = {"int8": "*i8", "fp8": "*fp8e4nv", "e4m3": "*fp8e4nv", "e5m2": "*fp8e5"}
 
 
-def qmm_ptx(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str | None = None) -> str:
+def qmm_ptx(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str | None = None, even_k: bool = True,
+            tile: tuple[int, int, int, int, int] = (128, 128, 128, 3, 8)) -> str:
     """PTX of the qmm kernel compiled for sm_90 (128x128x128 tiles, 3 stages, 8 warps, the H100
-    autotune entry) with the given operand memory orders and code dtypes (``int8``, ``fp8`` /
-    ``e4m3``, ``e5m2``; ``b_dtype`` defaults to ``dtype``)."""
+    autotune entry, or ``tile`` = (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)) with the given
+    operand memory orders and code dtypes (``int8``, ``fp8`` / ``e4m3``, ``e5m2``; ``b_dtype``
+    defaults to ``dtype``); ``even_k``: K a multiple of the K tile (no load masks)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -38,13 +40,38 @@ def qmm_ptx(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str 
     # unit strides are what Triton specializes at launch; they tell it which dim is contiguous
     ones = {"stride_ak" if a_k_major else "stride_am": 1, "stride_bk" if b_k_major else "stride_bn": 1, "stride_on": 1,
             "stride_sa": 1, "stride_sb": 1}
-    const = dict(IS_INT=dtype == "int8", AFFINE=False, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, **ones)
+    bm, bn, bk, stages, warps = tile
+    const = dict(IS_INT=dtype == "int8", AFFINE=False, HAS_BIAS=False, EVEN_K=even_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 GROUP_M=8, **ones)
     sig.update({k: "constexpr" for k in const})
     aligned = [i for i, n in enumerate(_NAMES)
                if n not in ones and (n.endswith("ptr") or n in ("M", "N", "K") or n.startswith("stride_"))]
     src = triton.compiler.ASTSource(fn=qmm_kernel, signature=sig, constexprs=const,
                                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
+
+
+def ptxas_usage(ptx: str) -> dict[str, int]:
+    """Registers per thread and spill bytes (stores + loads) of ``ptx`` assembled for sm_90a by
+    the ptxas Triton ships, as its ``-v`` report gives them."""
+    import os
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", src, "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr)
+    regs = re.search(r"Used (\d+) registers", proc.stderr)
+    return {"registers": int(regs.group(1)) if regs else -1,
+            "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else -1}
 
 
 def operand_loads(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str | None = None) -> dict[str, int]:
@@ -60,6 +87,49 @@ def operand_loads(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype
     }
 
 
+def _epilogue_ptx(codes: str, tile: tuple[int, int, int, int, int]) -> str:
+    """PTX of a heavy generated epilogue-fused GEMM for sm_90: ``* 0.5 + residual, GELU (tanh)``
+    in bf16, then the next quantizer's statistics over GELU's backward of the stored value."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fqt_compiler.codegen.kernels.fused import load_source
+    from fqt_compiler.codegen.kernels.qmm_fused import generate_epilogue_source
+    from fqt_compiler.fusion_program import Program
+
+    prog = Program((8, 16), (("mul", (("L", 0), 0.5), "bfloat16", "none"), ("add", (("V", 0), ("L", 1)), "bfloat16", "none"),
+                             ("gelu", (("V", 1),), "bfloat16", "tanh")), 2)
+    quant = Program((8, 16), (("gelu_backward", (("L", 0), ("L", 1)), "bfloat16", "none"),), 2)
+    kernel = load_source(generate_epilogue_source(prog, torch.bfloat16, quant)).qmm_epilogue_kernel
+    strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb", "s1r",
+               "s1c", "qs1r", "qs1c", "stride_pm"]
+    sig = {"a_ptr": _CODES[codes], "b_ptr": _CODES[codes], "out_ptr": "*bf16",
+           **{k: "*fp32" for k in ("sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr")},
+           "in1_ptr": "*bf16", "qin1_ptr": "*bf16", "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           **{k: "i32" for k in strides}}
+    bm, bn, bk, stages, warps = tile
+    const = dict(IS_INT=codes == "int8", AFFINE=False, HAS_BIAS=True, SYMMETRIC=True, COLUMNS=False, EVEN_K=True,
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+    sig.update({k: "constexpr" for k in const})
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
+
+
+def spill_table() -> list[dict]:
+    """Registers and spill bytes of every sm_90 autotune tile (``qmm.SM90_TILES``): the plain
+    GEMM for int8 and fp8 codes, and a heavy generated epilogue (``_epilogue_ptx``) for both."""
+    from fqt_compiler.codegen.kernels.qmm import SM90_TILES, Family
+
+    rows = []
+    for family, tiles in SM90_TILES.items():
+        for tile in tiles:
+            for codes in (("int8", "fp8") if family is Family.EPILOGUE else (family.value,)):
+                ptx = _epilogue_ptx(codes, tile) if family is Family.EPILOGUE else qmm_ptx(True, True, codes, tile=tile)
+                rows.append({"family": family.value, "codes": codes, "tile": tile, **ptxas_usage(ptx)})
+    return rows
+
+
 def main() -> None:
     from tabulate import tabulate
 
@@ -70,6 +140,10 @@ def main() -> None:
                 c = operand_loads(a_k, b_k, dtype)
                 rows.append([dtype, "K-major" if a_k else "M-major", "K-major" if b_k else "N-major", *c.values()])
     print(tabulate(rows, headers=["codes", "A", "B", "cp.async", "st.shared", "prmt", "wgmma", "add.f32"], tablefmt="github"))
+    spills = [[r["family"], r["codes"], "x".join(map(str, r["tile"][:3])) + f", {r['tile'][3]} stages, {r['tile'][4]} warps",
+               r["registers"], r["spill_bytes"]] for r in spill_table()]
+    print()
+    print(tabulate(spills, headers=["kernel", "codes", "tile", "registers", "spill bytes"], tablefmt="github"))
 
 
 if __name__ == "__main__":

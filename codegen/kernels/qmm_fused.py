@@ -23,7 +23,7 @@ from fqt_compiler.grid import QOperand
 from fqt_compiler.fusion_program import Program, triton_lines
 from fqt_compiler.codegen.kernels.fused import load_source
 from fqt_compiler.codegen.kernels.launch import launch
-from fqt_compiler.codegen.kernels.qmm import autotune_configs, epilogue_operands
+from fqt_compiler.codegen.kernels.qmm import Family, autotune_configs, epilogue_operands, tuned
 
 __all__ = ["generate_epilogue_source", "qmm_fused"]
 
@@ -46,12 +46,12 @@ def qmm_epilogue_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_sa, stride_sb,
     {leaf_strides}{qleaf_strides}stride_pm,
     IS_INT: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr, SYMMETRIC: tl.constexpr, COLUMNS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     acc, rows, cols = qmm_tile(
         a_ptr, b_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, oa_ptr, ob_ptr, bias_ptr, M, N, K,
         stride_am, stride_ak, stride_bk, stride_bn, stride_sa, stride_sb,
-        IS_INT, AFFINE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        IS_INT, AFFINE, HAS_BIAS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )
     mask = (rows < M)[:, None] & (cols < N)[None, :]
 {chain}
@@ -107,9 +107,6 @@ def generate_epilogue_source(program: Program, out_dtype: torch.dtype, quant: Pr
     )
 
 
-_TUNED: dict[tuple, object] = {}
-
-
 def _as_output(leaf: torch.Tensor, shape: tuple, m: int, n: int) -> torch.Tensor:
     """``leaf`` broadcast to ``shape`` and seen as the (M, N) GEMM output (a view, or a copy
     where the strides do not allow one)."""
@@ -125,7 +122,8 @@ def stat_slots(extent: int, device: torch.device, columns: bool = False) -> int:
     per-column ones): one per tile of the narrowest configuration (wider tiles leave their
     other slots at the neutral value)."""
     # at least one slot: an empty extent still reduces to the neutral statistics
-    return max(1, triton.cdiv(extent, min(c.kwargs["BLOCK_M" if columns else "BLOCK_N"] for c in autotune_configs(device))))
+    tiles = autotune_configs(device, Family.EPILOGUE)
+    return max(1, triton.cdiv(extent, min(c.kwargs["BLOCK_M" if columns else "BLOCK_N"] for c in tiles)))
 
 
 def qmm_fused(
@@ -152,10 +150,8 @@ def qmm_fused(
             partials.select(-1, 1).fill_(float("-inf"))
     if m == 0 or n == 0:
         return (out, partials) if quant is not None else out
-    key = (program, out_dtype, quant, str(a.device))
-    if key not in _TUNED:
-        kernel = load_source(generate_epilogue_source(program, out_dtype, quant)).qmm_epilogue_kernel
-        _TUNED[key] = triton.autotune(configs=autotune_configs(a.device), key=["M", "N", "K", "IS_INT", "AFFINE"])(kernel)
+    source = generate_epilogue_source(program, out_dtype, quant)
+    kernel = tuned(load_source(source).qmm_epilogue_kernel, a.device, Family.EPILOGUE)
     sa_t, sb_t, za_t, zb_t, oa_t, ob_t, bias_t, sa_stride, sb_stride, affine = epilogue_operands(qa, qb, bias)
     # every other leaf broadcast to its program's shape, then seen as the (M, N) output
     views = [_as_output(leaf, program.shape, m, n) for leaf in leaves]
@@ -165,7 +161,7 @@ def qmm_fused(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     launch(
-        _TUNED[key], grid,
+        kernel, grid,
         a, b, out, sa_t, sb_t, za_t, zb_t, oa_t, ob_t, bias_t, *views, *qviews, partials,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), sa_stride, sb_stride,

@@ -146,8 +146,8 @@ sig.update({"out_ptr": "*bf16", "in1_ptr": "*bf16", "qin1_ptr": "*bf16", "M": "i
 sig.update({k: "i32" for k in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa",
                                "stride_sb", "s1r", "s1c", "qs1r", "qs1c", "stride_pm")})
 for columns in (False, True):
-    const = dict(IS_INT=True, AFFINE=True, HAS_BIAS=True, SYMMETRIC=False, COLUMNS=columns, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
-                 GROUP_M=8)
+    const = dict(IS_INT=True, AFFINE=True, HAS_BIAS=True, SYMMETRIC=False, COLUMNS=columns, EVEN_K=False, BLOCK_M=128,
+                 BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
     sig.update({k: "constexpr" for k in const})
     order = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "in1_ptr",
              "qin1_ptr", "part_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on",
