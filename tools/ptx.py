@@ -116,12 +116,33 @@ def _epilogue_ptx(codes: str, tile: tuple[int, int, int, int, int]) -> str:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
 
 
+def _rows_ptx(block_r: int, block_c: int, one_pass: bool, warps: int) -> str:
+    """PTX of the quantize rows kernel for sm_90: stochastic int8 codes of bf16 rows."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fqt_compiler.codegen.kernels.quantize import quantize_rows_kernel
+
+    names = ["x_ptr", "codes_ptr", "scale_ptr", "zp_ptr", "offset_ptr", "stats_ptr", "seed_ptr", "group_ptr", "u_ptr", "s_ptr",
+             "proj_ptr", "R", "C", "stride_xr", "stride_xc", "stride_cr", "stride_cc", "stride_pg"]
+    types = ["*bf16", "*i8", "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*i64", "*fp32", "*fp32", "*fp32"] + ["i32"] * 7
+    const = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LEVELS=255, CODE_OFFSET=0, FP8_MANT=3,
+                 FP8_EMIN=-6, TRANSFORM=False, ONE_PASS=one_pass, BLOCK_R=block_r, BLOCK_C=block_c)
+    sig = {**dict(zip(names, types)), **{k: "constexpr" for k in const}}
+    src = triton.compiler.ASTSource(fn=quantize_rows_kernel, signature=sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
+
+
 def spill_table() -> list[dict]:
     """Registers and spill bytes of every sm_90 autotune tile (``qmm.SM90_TILES``): the plain
-    GEMM for int8 and fp8 codes, and a heavy generated epilogue (``_epilogue_ptx``) for both."""
+    GEMM for int8 and fp8 codes, and a heavy generated epilogue (``_epilogue_ptx``) for both;
+    then the quantize rows kernel at its largest one-pass tiles and its two-pass chunk."""
     from fqt_compiler.codegen.kernels.qmm import SM90_TILES, Family
 
     rows = []
+    for block_r, block_c, one_pass, warps in ((2, 4096, True, 8), (8, 1024, True, 8), (16, 64, False, 4)):
+        rows.append({"family": "quantize rows" + (" (one pass)" if one_pass else " (two passes)"), "codes": "int8",
+                     "tile": (block_r, block_c, 0, 0, warps), **ptxas_usage(_rows_ptx(block_r, block_c, one_pass, warps))})
     for family, tiles in SM90_TILES.items():
         for tile in tiles:
             for codes in (("int8", "fp8") if family is Family.EPILOGUE else (family.value,)):

@@ -25,7 +25,7 @@ from fqt_compiler.layout import Layout, from_natural_2d, natural_2d, shape_scale
 from fqt_compiler.specs import Granularity, QuantSpec, Transform
 
 from fqt_compiler.codegen.kernels.launch import launch
-from fqt_compiler.codegen.kernels.quantize import SCHEME_ID, quantize_rows_kernel
+from fqt_compiler.codegen.kernels.quantize import SCHEME_ID, rows_grid, rows_kernel_for
 
 __all__ = ["bhq_quantize", "bhq_inverse"]
 
@@ -117,15 +117,16 @@ def bhq_quantize(
     if x.numel():
         proj = _projections(m, group, u, s)
         row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
+        kernel, block_c, one_pass = rows_kernel_for(d, x.device)
         launch(
-            quantize_rows_kernel, (triton.cdiv(n, 16),),
+            kernel, rows_grid(n),
             m, codes, scale, zp, offset, None, seed,
             group, u, s, proj,
             n, d,
             m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0),
             SCHEME=SCHEME_ID[row_spec.scheme], FP8=0, STOCHASTIC=row_spec.is_stochastic, STATS_GIVEN=False,
             QMAX=float(row_spec.qmax), LEVELS=row_spec.levels, CODE_OFFSET=row_spec.code_offset,
-            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, BLOCK_R=16, BLOCK_C=64,
+            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, ONE_PASS=one_pass, BLOCK_C=block_c,
         )
     stats = [shape_scale(v, x.shape, Granularity.ROW, layout) for v in (scale, zp, offset)]
     return (from_natural_2d(codes, x.shape, layout), *stats, group, u, s)

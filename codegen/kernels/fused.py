@@ -45,7 +45,7 @@ from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Scheme, Tr
 from fqt_compiler.memory_order import CodeLayout, alloc_like
 from fqt_compiler.fusion_program import Program, triton_lines
 from fqt_compiler.codegen.kernels.launch import launch
-from fqt_compiler.codegen.kernels.quantize import SCHEME_ID, reduce_partials, row_statistics
+from fqt_compiler.codegen.kernels.quantize import SCHEME_ID, reduce_partials, row_statistics, rows_grid, rows_kernel_for
 
 __all__ = ["generate_source", "fused_quantize", "load_source"]
 
@@ -59,6 +59,7 @@ from fqt_compiler.codegen.kernels.common import (
     codes_tile, empty_row_stats, gelu_backward, gelu_tanh_backward, given_row_stats, given_stats, load_seed, round_bf16,
     round_fp16, row_scales, store_partials, tanh, update_row_stats,
 )
+from fqt_compiler.codegen.kernels.quantize import store_row_scales
 
 '''
 
@@ -70,7 +71,8 @@ def rows_kernel(
     {leaf_strides}stride_hr, stride_hc, stride_cr, stride_cc, stride_c2r, stride_c2c,
     SCHEME: tl.constexpr, FP8: tl.constexpr, STOCHASTIC: tl.constexpr, STATS_GIVEN: tl.constexpr,
     QMAX: tl.constexpr, LEVELS: tl.constexpr, CODE_OFFSET: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
-    WRITE_HP: tl.constexpr, WRITE_CODES2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    WRITE_HP: tl.constexpr, WRITE_CODES2: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -80,30 +82,46 @@ def rows_kernel(
         nan, amax, mn, mx = given_stats(stats_ptr, SCHEME, BLOCK_R)
     elif STATS_GIVEN == 2:  # per row, from the producing GEMM's epilogue
         nan, amax, mn, mx = given_row_stats(stats_ptr, rows, rmask, SCHEME, BLOCK_R)
+    if ONE_PASS:  # the row fits one tile: the chain once, statistics and codes from its registers
+        cols = tl.arange(0, BLOCK_C).to(tl.int64)
+        mask = rmask[:, None] & (cols < C)[None, :]
+{chain}
+        if WRITE_HP:
+            tl.store(hp_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc, x.to(hp_ptr.dtype.element_ty), mask=mask)
+        if STATS_GIVEN == 0:
+            nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
+        scale, zp, offset, mn, qzero, safe, scale_finite = row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
+        store_row_scales(scale_ptr, zp_ptr, offset_ptr, rows, rmask, scale, zp, offset, CODE_OFFSET)
+        code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, load_seed(seed_ptr, STOCHASTIC),
+                          codes_ptr.dtype.element_ty, SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
+        tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
+        if WRITE_CODES2:  # the same codes in the other memory order, from the same registers
+            tl.store(codes2_ptr + rows[:, None] * stride_c2r + cols[None, :] * stride_c2c, code, mask=mask)
     else:
+        if STATS_GIVEN == 0:
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+                mask = rmask[:, None] & (cols < C)[None, :]
+{chain}
+                if WRITE_HP:
+                    tl.store(hp_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc, x.to(hp_ptr.dtype.element_ty),
+                             mask=mask)
+                nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
+        scale, zp, offset, mn, qzero, safe, scale_finite = row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
+        store_row_scales(scale_ptr, zp_ptr, offset_ptr, rows, rmask, scale, zp, offset, CODE_OFFSET)
+        seed = load_seed(seed_ptr, STOCHASTIC)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
             mask = rmask[:, None] & (cols < C)[None, :]
 {chain}
-            if WRITE_HP:
-                tl.store(hp_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc, x.to(hp_ptr.dtype.element_ty), mask=mask)
-            nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
-    scale, zp, offset, mn, qzero, safe, scale_finite = row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
-    tl.store(scale_ptr + rows, scale, mask=rmask)
-    tl.store(zp_ptr + rows, zp + CODE_OFFSET, mask=rmask)
-    tl.store(offset_ptr + rows, offset, mask=rmask)
-    seed = load_seed(seed_ptr, STOCHASTIC)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = rmask[:, None] & (cols < C)[None, :]
-{chain}
-        code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
-                           SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
-        tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
-        if WRITE_HP and STATS_GIVEN != 0:  # no statistics pass ran to write it
-            tl.store(hp_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc, x.to(hp_ptr.dtype.element_ty), mask=mask)
-        if WRITE_CODES2:  # the same codes in the other memory order, from the same registers
-            tl.store(codes2_ptr + rows[:, None] * stride_c2r + cols[None, :] * stride_c2c, code, mask=mask)
+            code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
+                              SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
+            tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
+            if WRITE_HP and STATS_GIVEN != 0:  # no statistics pass ran to write it
+                tl.store(hp_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc, x.to(hp_ptr.dtype.element_ty),
+                         mask=mask)
+            if WRITE_CODES2:  # the same codes in the other memory order, from the same registers
+                tl.store(codes2_ptr + rows[:, None] * stride_c2r + cols[None, :] * stride_c2c, code, mask=mask)
 
 
 @triton.jit
@@ -138,16 +156,20 @@ def generate_source(program: Program) -> str:
         "leaf_strides": "".join(f"s{i}r, s{i}c, " for i in range(n)),
     }
     body = _ROWS
-    # the chain sits at two loop depths in rows_kernel (12 and 8 spaces) and one in partials
-    rows_a, rest = body.split("{chain}", 1)
-    rows_b, rest = rest.split("{chain}", 1)
+    # the chain sits at four places: rows_kernel's one pass (8 spaces), its statistics and codes
+    # passes (16 and 12), and the partials kernel (8)
+    one, rest = body.split("{chain}", 1)
+    stats_pass, rest = rest.split("{chain}", 1)
+    codes_pass, rest = rest.split("{chain}", 1)
     part, tail = rest.split("{chain}", 1)
+
     def chain(indent: str) -> str:
         # padding lanes hold the chain of 0 (sigmoid(0) = 0.5, 0/0 = NaN): zeroed before any
         # statistic sees them
         return "\n".join([*triton_lines(program, load, indent), f"{indent}x = tl.where(mask, x, 0.0)"])
 
-    text = rows_a.format(**fields) + chain(" " * 12) + rows_b + chain(" " * 8) + part.format(**fields) + chain(" " * 8) + tail
+    text = (one.format(**fields) + chain(" " * 8) + stats_pass + chain(" " * 16) + codes_pass + chain(" " * 12)
+            + part.format(**fields) + chain(" " * 8) + tail)
     return _HEADER.format(program=program.dumps()) + text
 
 
@@ -229,7 +251,11 @@ def fused_quantize(
 
     ``partials``: the statistics of the chain's value, already gathered by the GEMM producing
     leaf 0 (``qmm_fused`` with statistics), per grouped row and slot: (rows, slots, 3)
-    as [amax, nan, -] (symmetric) or [min, max, nan]. The statistics pass is skipped."""
+    as [amax, nan, -] (symmetric) or [min, max, nan]. The statistics pass is skipped.
+
+    ``block_r`` x ``block_c``: the per-tensor statistics kernel's tile; the rows kernel takes
+    whole rows of up to ``quantize.ONE_PASS_MAX_C`` elements in one tile (autotuned heights on a
+    GPU), longer ones in 64-wide chunks."""
     if spec.transform is not Transform.NONE or spec.granularity is Granularity.BLOCK:
         raise ValueError(f"fused quantize handles tensor/row/column scales without transforms, not {spec.short()}")
     module = _module(program)
@@ -315,19 +341,19 @@ def _chain_statistics(job: _Launch, spec: QuantSpec) -> torch.Tensor:
 
 def _codes_pass(job: _Launch, spec: QuantSpec, c2, c2b, scale, zp, offset, stats, seed, given: int, hp_done: bool,
                 code_layout: CodeLayout) -> None:
-    """The rows kernel: the chain again, the scales, the codes (and the high-precision value,
-    unless the statistics pass already wrote it)."""
+    """The rows kernel: the chain (again, unless the row fits one tile), the scales, the codes
+    (and the high-precision value, unless the statistics pass already wrote it)."""
     n_rows, n_cols = c2.shape
     both = code_layout is CodeLayout.BOTH
     c2b_strides = (c2b.stride(0), c2b.stride(1)) if both else (0, 0)
     fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
+    kernel, block_c, one_pass = rows_kernel_for(n_cols, c2.device, job.module.rows_kernel)
     launch(
-        job.module.rows_kernel, (triton.cdiv(n_rows, job.block_r),),
+        kernel, rows_grid(n_rows),
         *job.views, job.h2, c2, c2b, scale, zp, offset, stats, seed,
         n_rows, n_cols, *job.strides, *job.hp_strides, c2.stride(0), c2.stride(1), *c2b_strides,
         SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=given,
         QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
         FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-        WRITE_HP=job.write_hp and not hp_done, WRITE_CODES2=both,
-        BLOCK_R=job.block_r, BLOCK_C=job.block_c,
+        WRITE_HP=job.write_hp and not hp_done, WRITE_CODES2=both, ONE_PASS=one_pass, BLOCK_C=block_c,
     )

@@ -28,7 +28,10 @@ from fqt_compiler.codegen.kernels.common import (
     bhq_rows, codes_tile, empty_row_stats, given_stats, load_seed, row_scales, store_partials, update_row_stats,
 )
 
-__all__ = ["quantize", "SCHEME_ID", "quantize_rows_kernel", "row_statistics", "reduce_partials"]
+__all__ = [
+    "quantize", "SCHEME_ID", "quantize_rows_kernel", "row_statistics", "reduce_partials", "rows_kernel_for", "rows_grid",
+    "rows_tiling", "store_row_scales", "ONE_PASS_MAX_C",
+]
 
 SCHEME_ID = {Scheme.SYMMETRIC: 0, Scheme.ASYMMETRIC: 1, Scheme.ZERO_ON_GRID: 2}
 
@@ -79,16 +82,51 @@ def quantize_rows_kernel(
     FP8_MANT: tl.constexpr,  # fp8 mantissa bits (3 for e4m3, 2 for e5m2)
     FP8_EMIN: tl.constexpr,  # fp8 smallest normal exponent (-6 / -14)
     TRANSFORM: tl.constexpr,  # BHQ: quantize y = s x - 2 u proj[group] instead of x
+    ONE_PASS: tl.constexpr,  # the row fits one BLOCK_C tile: the input is read once
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
+    t_group, t_u2, t_s = 0, 0.0, 0.0  # BHQ's per-row description, read only with TRANSFORM
     if TRANSFORM:
         t_group = tl.load(group_ptr + rows, mask=rmask, other=0)
         t_u2 = 2.0 * tl.load(u_ptr + rows, mask=rmask, other=0.0)
         t_s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
 
+    if ONE_PASS:  # the row fits one tile: read once, statistics and codes from the same registers
+        cols = tl.arange(0, BLOCK_C).to(tl.int64)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        if TRANSFORM:
+            x = bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
+        nan, amax, mn, mx = empty_row_stats(BLOCK_R)
+        if STATS_GIVEN:
+            nan, amax, mn, mx = given_stats(stats_ptr, SCHEME, BLOCK_R)
+        else:
+            nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
+        scale, zp, offset, mn, qzero, safe, scale_finite = row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
+        store_row_scales(scale_ptr, zp_ptr, offset_ptr, rows, rmask, scale, zp, offset, CODE_OFFSET)
+        code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, load_seed(seed_ptr, STOCHASTIC),
+                          codes_ptr.dtype.element_ty, SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
+        tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
+    else:
+        _two_passes(
+            x_ptr, codes_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr, proj_ptr, rows, rmask, t_group, t_u2, t_s,
+            C, stride_xr, stride_xc, stride_cr, stride_cc, stride_pg, SCHEME, FP8, STOCHASTIC, STATS_GIVEN, QMAX, LEVELS,
+            CODE_OFFSET, FP8_MANT, FP8_EMIN, TRANSFORM, BLOCK_R, BLOCK_C,
+        )
+
+
+@triton.jit
+def _two_passes(
+    x_ptr, codes_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr, proj_ptr, rows, rmask, t_group, t_u2, t_s,
+    C, stride_xr, stride_xc, stride_cr, stride_cc, stride_pg,
+    SCHEME: tl.constexpr, FP8: tl.constexpr, STOCHASTIC: tl.constexpr, STATS_GIVEN: tl.constexpr, QMAX: tl.constexpr,
+    LEVELS: tl.constexpr, CODE_OFFSET: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
+    TRANSFORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Rows longer than a tile: the statistics over BLOCK_C-wide chunks, then the codes."""
     # ---- pass 1: row statistics (NaN tracked separately: tl.max does not propagate it)
     nan, amax, mn, mx = empty_row_stats(BLOCK_R)
     if STATS_GIVEN:
@@ -102,9 +140,7 @@ def quantize_rows_kernel(
                 x = bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
             nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
     scale, zp, offset, mn, qzero, safe, scale_finite = row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
-    tl.store(scale_ptr + rows, scale, mask=rmask)
-    tl.store(zp_ptr + rows, zp + CODE_OFFSET, mask=rmask)
-    tl.store(offset_ptr + rows, offset, mask=rmask)
+    store_row_scales(scale_ptr, zp_ptr, offset_ptr, rows, rmask, scale, zp, offset, CODE_OFFSET)
     seed = load_seed(seed_ptr, STOCHASTIC)
 
     # ---- pass 2: codes
@@ -117,6 +153,53 @@ def quantize_rows_kernel(
         code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
                            SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
+
+
+@triton.jit
+def store_row_scales(scale_ptr, zp_ptr, offset_ptr, rows, rmask, scale, zp, offset, CODE_OFFSET: tl.constexpr):
+    tl.store(scale_ptr + rows, scale, mask=rmask)
+    tl.store(zp_ptr + rows, zp + CODE_OFFSET, mask=rmask)
+    tl.store(offset_ptr + rows, offset, mask=rmask)
+
+
+# A row of at most this many elements is quantized from one tile held on chip (one read of the
+# input); longer rows take two passes over BLOCK_C-wide chunks.
+ONE_PASS_MAX_C = 4096
+
+
+def rows_tiling(n_cols: int, device: torch.device) -> tuple[list[triton.Config], int, bool]:
+    """(configs over BLOCK_R and warps, BLOCK_C, one pass) for rows of ``n_cols`` elements: the
+    whole row in one tile up to :data:`ONE_PASS_MAX_C`, else 64-wide chunks. Several tile heights
+    on a GPU for the autotuner; one under the CPU interpreter."""
+    one_pass = n_cols <= ONE_PASS_MAX_C
+    block_c = max(16, triton.next_power_of_2(n_cols)) if one_pass else 64
+    if device.type != "cuda":
+        return [triton.Config({"BLOCK_R": 16 if not one_pass else max(1, min(16, 1024 // block_c))})], block_c, one_pass
+    heights = [r for r in (1, 2, 4, 8, 16) if r * block_c <= 8192 and r * block_c >= 256] or [1]
+    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in heights for w in (4, 8)], block_c, one_pass
+
+
+_ROWS_TUNED: dict[tuple, object] = {}
+
+
+def rows_kernel_for(n_cols: int, device: torch.device, kernel=None) -> tuple[object, int, bool]:
+    """A rows kernel (``quantize_rows_kernel``, or a generated fused one) autotuned over
+    :func:`rows_tiling`'s tile heights for rows of ``n_cols``; returns it, BLOCK_C and ONE_PASS."""
+    kernel = kernel if kernel is not None else quantize_rows_kernel
+    configs, block_c, one_pass = rows_tiling(n_cols, device)
+    key = (kernel, str(device), block_c, one_pass, len(configs))
+    if key not in _ROWS_TUNED:
+        names = [n for n in ("R", "C", "STOCHASTIC", "TRANSFORM", "STATS_GIVEN") if n in kernel.arg_names]
+        _ROWS_TUNED[key] = triton.autotune(configs=configs, key=names)(kernel)
+    return _ROWS_TUNED[key], block_c, one_pass
+
+
+def rows_grid(n_rows: int):
+    """The rows kernel's grid for the tile height the autotuner picks."""
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_R"]),)
+
+    return grid
 
 
 def quantize(
@@ -210,8 +293,9 @@ def _launch_rows(g, codes, scale, zp, offset, stats, seed, spec: QuantSpec, stat
     """The rows kernel over ``g`` (one scale per row), writing ``codes`` and the statistics."""
     fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
     n_rows, n_cols = g.shape
+    kernel, block_c, one_pass = rows_kernel_for(n_cols, g.device)
     launch(
-        quantize_rows_kernel, (triton.cdiv(n_rows, 16),),
+        kernel, rows_grid(n_rows),
         g, codes, scale, zp, offset, stats, seed,
         None, None, None, None,  # BHQ inputs: unused here
         n_rows, n_cols,
@@ -219,5 +303,5 @@ def _launch_rows(g, codes, scale, zp, offset, stats, seed, spec: QuantSpec, stat
         SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=stats_given,
         QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
         FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-        TRANSFORM=False, BLOCK_R=16, BLOCK_C=64,
+        TRANSFORM=False, ONE_PASS=one_pass, BLOCK_C=block_c,
     )

@@ -58,6 +58,18 @@ def test_fused_codes_equal_the_unfused_path_bit_for_bit(spec, layout, view):
         ), name
 
 
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[3], SPECS[4]], ids=lambda s: s.short())
+def test_rows_longer_than_a_tile_take_two_passes_same_bits(monkeypatch, spec):
+    """Rows that fit one tile run the chain once; longer rows (here: past a lowered threshold)
+    run it in a statistics pass and a codes pass over chunks. Same bits either way."""
+    from fqt_compiler.codegen.kernels import quantize as qk
+
+    monkeypatch.setattr(qk, "ONE_PASS_MAX_C", 8)
+    fused, ref = _both(EXACT, _leaves(), spec, Layout.PENULTIMATE, (15, 24))
+    for name, a, b in zip(("codes", "scale", "zero point", "offset", "high precision"), fused, ref):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_chain_rounds_every_op_like_eager(dtype):
     name = str(dtype).split(".")[1]
@@ -124,12 +136,13 @@ sig.update({"hp_ptr": "*fp32", "codes_ptr": "*i8", "codes2_ptr": "*i8", "scale_p
             "offset_ptr": "*fp32", "stats_ptr": "*fp32", "seed_ptr": "*i64", "R": "i32", "C": "i32"})
 sig.update({f"s{i}{d}": "i32" for i in range(3) for d in "rc"})
 sig.update({k: "i32" for k in ("stride_hr", "stride_hc", "stride_cr", "stride_cc", "stride_c2r", "stride_c2c")})
-const = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LEVELS=255, CODE_OFFSET=0,
-             FP8_MANT=3, FP8_EMIN=-6, WRITE_HP=True, WRITE_CODES2=True, BLOCK_R=16, BLOCK_C=64)
-sig.update({k: "constexpr" for k in const})
-out = triton.compile(triton.compiler.ASTSource(fn=module.rows_kernel, signature=sig, constexprs=const),
-                     target=GPUTarget("cuda", 90, 32))
-print("PTX" if "ptx" in out.asm else "NO PTX", "CUBIN" if out.asm.get("cubin") else "NO CUBIN")
+for one_pass, block_c in ((False, 64), (True, 1024)):
+    const = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LEVELS=255, CODE_OFFSET=0,
+                 FP8_MANT=3, FP8_EMIN=-6, WRITE_HP=True, WRITE_CODES2=True, ONE_PASS=one_pass, BLOCK_R=4, BLOCK_C=block_c)
+    sig.update({k: "constexpr" for k in const})
+    out = triton.compile(triton.compiler.ASTSource(fn=module.rows_kernel, signature=sig, constexprs=const),
+                         target=GPUTarget("cuda", 90, 32))
+    print("PTX" if "ptx" in out.asm else "NO PTX", "CUBIN" if out.asm.get("cubin") else "NO CUBIN")
 
 import torch
 from fqt_compiler.fusion_program import Program

@@ -83,3 +83,43 @@ def test_gpu_fused_step_reads_k_major_codes_and_folds_statistics(recipe):
     assert layouts and any(c.layout.name in ("COLUMN_MAJOR", "BOTH") for c in layouts)
     assert any(isinstance(f, FusedEpilogue) and f.ops[0].startswith("statistics of") for r in be.records for f in r.fused)
     assert abs(losses["auto"] - losses["off"]) <= 1e-3 * abs(losses["off"])
+
+
+@pytest.mark.parametrize("recipe", ["int8", "fp8", "bhq5"])
+def test_gpu_inductor_launches_fqt_kernels_itself(recipe):
+    """Under Inductor on CUDA no fqt op is left for Python: every fqt Triton kernel is launched
+    from Inductor's generated code (the launch table says so), and the step trains."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    x = torch.randn(4, 64, 256, device="cuda")
+    be = fqt.backend(recipe=recipe)
+    loss = torch.compile(model, backend=be)(x).square().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    launches = [launch for r in be.records for launch in r.launches]
+    assert {launch.stage for launch in launches} == {"forward", "backward"}
+    assert all(launch.python_calls == () for launch in launches), [launch.python_calls for launch in launches]
+    assert all(launch.fqt_kernels > 0 for launch in launches)
+    code = "\n".join(v for r in be.records for k, v in r.kernel_sources.items() if k.startswith("inductor:"))
+    assert "torch.ops.fqt" not in code
+
+
+def test_gpu_reduce_overhead_captures_cuda_graphs():
+    """mode="reduce-overhead" with fqt: the step replays a CUDA graph and trains like the
+    default mode (stochastic rounding aside: losses within 1%)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    x = torch.randn(4, 64, 256, device="cuda")
+    losses = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="fqt", mode=mode, options={"recipe": "int8"}) if mode != "default" else \
+            torch.compile(model, backend="fqt", options={"recipe": "int8"})
+        for _ in range(4):  # warm-up, recording, replays
+            for p in model.parameters():
+                p.grad = None
+            loss = compiled(x).square().mean()
+            loss.backward()
+        losses[mode] = loss.item()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert abs(losses["reduce-overhead"] - losses["default"]) <= 1e-2 * abs(losses["default"])

@@ -103,3 +103,20 @@ def test_quantize_kernel_empty_inputs_match_the_reference(spec, shape, layout):
     got, ref = quantize(x, spec, layout, seed=seed), quantize_ref(x, spec, layout, seed=seed)
     for g, r in zip(got, ref):
         assert g.shape == r.shape and g.dtype == r.dtype and torch.equal(g, r)
+
+
+@pytest.mark.parametrize("cols", [100, 4097])
+@pytest.mark.parametrize("spec", [QuantSpec(granularity="row", rounding="stochastic"), QuantSpec(scheme="asym", bits=4)],
+                         ids=lambda s: s.short().replace(" ", "-"))
+def test_rows_longer_than_a_tile_take_two_passes_same_bits(monkeypatch, spec, cols):
+    """A row that fits one tile is read once; a longer one (here: past a lowered threshold, and
+    past the real one) is read in two passes of chunks. Both give the reference's bits."""
+    from fqt_compiler.codegen.kernels import quantize as qk
+
+    if cols < qk.ONE_PASS_MAX_C:
+        monkeypatch.setattr(qk, "ONE_PASS_MAX_C", 32)
+    assert not qk.rows_tiling(cols, torch.device(DEVICE))[2]
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(cols)).to(DEVICE)
+    seed = torch.tensor([4], device=DEVICE)
+    got = qk.quantize(x, spec, Layout.PENULTIMATE, seed=seed)
+    assert_same(got, quantize_ref(x, spec, Layout.PENULTIMATE, seed=seed))
