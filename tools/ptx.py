@@ -151,6 +151,13 @@ def spill_table() -> list[dict]:
     return rows
 
 
+def _tile_text(row: dict) -> str:
+    bm, bn, bk, stages, warps = row["tile"]
+    if row["family"].startswith("quantize"):
+        return f"{bm} rows x {bn} columns, {warps} warps"
+    return f"{bm}x{bn}x{bk}, {stages} stages, {warps} warps"
+
+
 def main() -> None:
     from tabulate import tabulate
 
@@ -161,8 +168,7 @@ def main() -> None:
                 c = operand_loads(a_k, b_k, dtype)
                 rows.append([dtype, "K-major" if a_k else "M-major", "K-major" if b_k else "N-major", *c.values()])
     print(tabulate(rows, headers=["codes", "A", "B", "cp.async", "st.shared", "prmt", "wgmma", "add.f32"], tablefmt="github"))
-    spills = [[r["family"], r["codes"], "x".join(map(str, r["tile"][:3])) + f", {r['tile'][3]} stages, {r['tile'][4]} warps",
-               r["registers"], r["spill_bytes"]] for r in spill_table()]
+    spills = [[r["family"], r["codes"], _tile_text(r), r["registers"], r["spill_bytes"]] for r in spill_table()]
     print()
     print(tabulate(spills, headers=["kernel", "codes", "tile", "registers", "spill bytes"], tablefmt="github"))
 
