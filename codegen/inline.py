@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.ops import QUANTIZE_OPS, bhq_inverse_op, bhq_quantize_op
@@ -29,7 +29,10 @@ from fqt_compiler.passes.graph_utils import call, is_static_value
 
 from fqt_compiler.ops import qmm_cpu, qmm_op
 
-__all__ = ["inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static"]
+__all__ = [
+    "inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static", "trace_node",
+    "inline_graph_node",
+]
 
 
 def _example(val: object) -> object:
@@ -94,6 +97,42 @@ def splice(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, inputs: list[
         node.replace_all_uses_with(outputs)
     gm.graph.erase_node(node)
     return outputs
+
+
+def trace_node(fn: Callable, node: fx.Node, functionalize: bool = False) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """``fn`` on ``node``'s arguments, traced with fake tensors of the same shapes, strides,
+    dtypes and devices (no memory is touched, on any device) and Inductor's decompositions;
+    ``functionalize``: under functionalization, which turns ``wrap_triton`` launches into
+    ``triton_kernel_wrapper_functional`` nodes. Returns the trace and the graph nodes its
+    placeholders stand for, in order."""
+    # torch internals: fake tensors and Python functionalization, for this trace only
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
+
+    flat, spec = tree_flatten((node.args, node.kwargs))
+    inputs = [a for a in flat if isinstance(a, fx.Node)]
+    mode = FakeTensorMode()
+    with mode:
+        examples = [torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
+                    for v in (a.meta["val"] for a in inputs)]
+
+    def traced(*tensors):
+        it = iter(tensors)
+        args, kwargs = tree_unflatten([next(it) if isinstance(a, fx.Node) else a for a in flat], spec)
+        return fn(*args, **kwargs)
+
+    target = dispatch_functionalize(traced, FunctionalTensorMode()) if functionalize else traced
+    # a private tracing context and fake mode: the ambient compile's would make sizes symbolic
+    with torch._guards.tracing(None), mode:
+        sub = make_fx(target, decomposition_table=inductor_decompositions(), tracing_mode="real")(*examples)
+    return sub, inputs
+
+
+def inline_graph_node(gm: fx.GraphModule, node: fx.Node, fn: Callable, functionalize: bool = False) -> object:
+    """Replace ``node`` by the trace of ``fn`` on its arguments (:func:`trace_node`); returns
+    the replacing nodes."""
+    sub, inputs = trace_node(fn, node, functionalize)
+    return splice(gm, node, sub, inputs)
 
 
 def all_static(node: fx.Node) -> bool:

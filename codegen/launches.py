@@ -22,12 +22,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from fqt_compiler.errors import PassError
 from fqt_compiler.ops import TRITON_LAUNCHES, fake_quantize_kernel_op, kernel_hook
-from fqt_compiler.codegen.inline import all_static, inductor_decompositions, splice
+from fqt_compiler.codegen.inline import all_static, inline_graph_node
 
 __all__ = ["KernelLaunches", "inline_kernel_launches", "kernel_nodes", "fqt_calls", "graph_launches", "source_launches"]
 
@@ -80,35 +79,6 @@ def _blocker(node: fx.Node) -> str | None:
     return None
 
 
-def _trace(fn, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
-    """``fn`` on ``node``'s arguments, traced with fake tensors and functionalized: each Triton
-    launch becomes a ``triton_kernel_wrapper_functional`` node. Returns the trace and the
-    graph nodes its placeholders stand for, in order."""
-    # torch internals used only here, on graphs compiled for CUDA
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
-
-    from fqt_compiler.codegen.kernels.launch import traced_launches  # Triton: only CUDA graphs get here
-
-    flat, spec = tree_flatten((node.args, node.kwargs))
-    inputs = [a for a in flat if isinstance(a, fx.Node)]
-    mode = FakeTensorMode()
-    with mode:
-        examples = [torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
-                    for v in (a.meta["val"] for a in inputs)]
-
-    def traced(*tensors):
-        it = iter(tensors)
-        args, kwargs = tree_unflatten([next(it) if isinstance(a, fx.Node) else a for a in flat], spec)
-        return fn(*args, **kwargs)
-
-    # a private tracing context and fake mode: the ambient compile's would make sizes symbolic
-    with torch._guards.tracing(None), traced_launches(), mode:
-        sub = make_fx(dispatch_functionalize(traced, FunctionalTensorMode()), decomposition_table=inductor_decompositions(),
-                      tracing_mode="real")(*examples)
-    return sub, inputs
-
-
 def _same_outputs(before: object, what: str, replaced: list) -> None:
     """The traced launcher must give what the op's fake promised: the rest of the graph was
     traced on those shapes and strides."""
@@ -136,9 +106,11 @@ def inline_kernel_launches(gm: fx.GraphModule) -> list[tuple[str, str]]:
         if reason is not None:
             kept.append((node.name, reason))
             continue
+        from fqt_compiler.codegen.kernels.launch import traced_launches  # Triton: only CUDA graphs get here
+
         before, target, name = node.meta.get("val"), node.target, node.name
-        sub, inputs = _trace(fn, node)
-        outputs = splice(gm, node, sub, inputs)
+        with traced_launches():
+            outputs = inline_graph_node(gm, node, fn, functionalize=True)
         _same_outputs(before, f"{target} ({name})", outputs if isinstance(outputs, (tuple, list)) else [outputs])
     gm.graph.eliminate_dead_code()
     gm.recompile()

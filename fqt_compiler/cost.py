@@ -14,7 +14,9 @@ quantize bandwidth is an assumption until measured there), replaced on a GPU by 
 ``fqt gpu-check`` measured on a device of the same name, and on a CPU by the one ``fqt
 calibrate`` measured on this CPU model and thread count (``measured.py``), once they exist.
 On a CPU with bf16 units the high-precision time of an fp32 site is the faster of fp32 and
-bf16 (``bf16_flops``): ``never_slower`` then promises not to lose to bf16 autocast either; the CPU one was measured on a
+bf16 (``bf16_flops``): ``never_slower`` then promises not to lose to bf16 autocast either. On
+a GPU the GEMMs themselves are measured, the bf16 GEMM beside the fastest low-bit provider
+(``set_gemm_timer``: ``codegen/providers.py``), and only the quantization is modelled; the CPU one was measured on a
 2-core AVX-512 EPYC with ``fqt bench`` (GEMM throughputs) and ``tools/bench.py``'s quantize
 section (bandwidth, BHQ passes); other CPUs should calibrate with ``set_profile``.
 """
@@ -31,7 +33,7 @@ from .specs import ElementFormat, GemmKind, Granularity, QuantSpec, Transform
 
 __all__ = [
     "DeviceProfile", "SiteCost", "Slot", "H100", "CPU_EPYC_2CORE", "profile_for", "set_profile", "site_cost",
-    "profile_from_gpu_check",
+    "profile_from_gpu_check", "set_gemm_timer",
 ]
 
 
@@ -88,6 +90,19 @@ def set_profile(device_type: str, profile: DeviceProfile | None) -> None:
     if not isinstance(profile, DeviceProfile):
         raise TypeError(f"set_profile needs a DeviceProfile, got {type(profile).__name__}")
     _CHOSEN[device_type] = profile
+
+
+# Times one GEMM of a site on the device, measured: (bf16 seconds, fastest low-bit provider's
+# seconds) for (shape, A spec, B spec, device), or None. The GEMM providers of the codegen stage
+# register it (``set_gemm_timer``); the core cannot import them.
+_GEMM_TIMER = None
+
+
+def set_gemm_timer(timer) -> None:
+    """Let ``never_slower`` on a GPU compare GEMMs by measurement instead of the roofline:
+    ``timer(shape, a_spec, b_spec, device) -> (bf16 seconds, low-bit seconds) | None``."""
+    global _GEMM_TIMER
+    _GEMM_TIMER = timer
 
 
 def profile_from_gpu_check(source) -> DeviceProfile:
@@ -188,12 +203,14 @@ def site_cost(
         GemmKind.GRAD_WEIGHT: ((k, m, n), (Slot.LHS, Slot.GRAD), (m * k, m * n)),
     }
     counted: set = set()  # a forward quantization reused by a backward GEMM is paid once
+    timer = _GEMM_TIMER if device.type == "cuda" and torch.cuda.is_available() else None
     for gemm, (shape, roles, sizes) in gemms.items():
         if (gemm, roles[0]) not in specs and (gemm, roles[1]) not in specs:
             continue
-        t_hp = _hp_gemm_s(p, shape, hp_bytes)
-        hp += t_hp
         a, b = (specs.get((gemm, r)) for r in roles)
+        measured = timer(shape, a, b, device) if timer is not None and gemm_kernel and _lowerable(p, a, b) else None
+        t_hp = measured[0] if measured else _hp_gemm_s(p, shape, hp_bytes)
+        hp += t_hp
         quant = 0.0
         for role, spec, elements in zip(roles, (a, b), sizes):
             key = (role if role is not Slot.GRAD else gemm, spec)
@@ -201,7 +218,7 @@ def site_cost(
                 counted.add(key)
                 quant += _quant_s(p, elements, hp_bytes, spec, fused=fused and role is not Slot.RHS)
         if gemm_kernel and _lowerable(p, a, b):
-            t = _gemm_s(p, *shape, p.lowbit_flops, 1.0, hp_bytes)
+            t = measured[1] if measured else _gemm_s(p, *shape, p.lowbit_flops, 1.0, hp_bytes)
             if (a is not None and a.transform is Transform.BLOCK_HOUSEHOLDER
                     or b is not None and b.transform is Transform.BLOCK_HOUSEHOLDER):
                 t += shape[0] * shape[2] * 2 * hp_bytes * p.bhq_passes / p.quant_bw / 2  # the inverse on the output rows

@@ -17,14 +17,15 @@ runner (:func:`run_steps`).
      10 fold_statistics   the next quantizer's statistics gathered in that epilogue   [kernels, fusion]
      11 choose_code_layouts codes written in the memory order their GEMMs read K-major [kernels, fusion]
      12 swap_to_kernel_ops quantizers on CUDA run as Triton kernels                   [kernels]
-     13 collect_sources   the source of every kernel the graph calls (reports)        [kernels]
-     14 inline_kernel_launches  CUDA kernel ops traced into kernels Inductor launches [kernels, inductor]
-     15 inline_quantize_ops the reference quantizers as aten ops, for Inductor to fuse [kernels, inductor]
-     16 inline_qmm_ops    low-bit GEMMs Inductor can lower itself                     [kernels, inductor]
-     17 replace_random    Inductor's random-op rewrite (its own pre-partition step)   [kernels, inductor]
+     13 choose_gemm_providers  CUDA GEMMs on the measured-fastest of Triton / cuBLASLt [kernels, inductor]
+     14 collect_sources   the source of every kernel the graph calls (reports)        [kernels]
+     15 inline_kernel_launches  CUDA kernel ops traced into kernels Inductor launches [kernels, inductor]
+     16 inline_quantize_ops the reference quantizers as aten ops, for Inductor to fuse [kernels, inductor]
+     17 inline_qmm_ops    low-bit GEMMs Inductor can lower itself                     [kernels, inductor]
+     18 replace_random    Inductor's random-op rewrite (its own pre-partition step)   [kernels, inductor]
     --> Inductor (``inductor=True``) or eager execution: ``codegen.compile_graph``
 
-Graphs traced without autograd (``Stage.INFERENCE``) take steps 1-4, then 7-17 as a forward.
+Graphs traced without autograd (``Stage.INFERENCE``) take steps 1-4, then 7-18 as a forward.
 Each step names the stages it runs on, the configurations it runs under (``when``) and the
 steps it ``requires``. The runner checks those, keeps the graph after every rewrite step in
 debug mode, verifies the graph invariants (after every mutating rewrite in debug mode, and at
@@ -48,6 +49,7 @@ from fqt_compiler.codegen.epilogue import fold_statistics, fuse_epilogues
 from fqt_compiler.codegen.prologue import fuse_prologues
 from fqt_compiler.codegen.inline import inline_qmm_ops, inline_quantize_ops, replace_random
 from fqt_compiler.codegen.launches import graph_launches, inline_kernel_launches, source_launches
+from fqt_compiler.codegen.providers import choose_providers
 from fqt_compiler.codegen.lower import lower_gemms
 from fqt_compiler.ops import triton_here
 from fqt_compiler.codegen.kernel_select import swap_to_kernel_ops
@@ -226,6 +228,14 @@ def _swap(gm: fx.GraphModule, ctx: GraphContext) -> None:
     swap_to_kernel_ops(gm, include_cpu=ctx.config.fusion is Fusion.OFF)
 
 
+def _providers(gm: fx.GraphModule, ctx: GraphContext) -> None:
+    chosen = {(c.site_id, c.gemm): c for c in choose_providers(gm)}
+    for i, lowered in enumerate(ctx.lowered):
+        choice = chosen.get((lowered.site_id, lowered.gemm))
+        if choice is not None:  # the dtype pair and the BHQ inverse stay named after the provider
+            ctx.lowered[i] = replace(lowered, kernel=choice.describe(lowered.kernel.removeprefix("triton qmm")))
+
+
 def _sources(gm: fx.GraphModule, ctx: GraphContext) -> None:
     ctx.sources.update(kernel_sources(gm, ctx.stage.value))
 
@@ -256,6 +266,7 @@ STEPS: tuple[Step, ...] = (
     Step("fold_statistics", _statistics, COMPILE, _fusing, ("fuse_epilogues",)),
     Step("choose_code_layouts", _code_layouts, COMPILE, _fusing, ("fold_statistics",)),
     Step("swap_to_kernel_ops", _swap, COMPILE, _kernels, ("lower_gemms",)),
+    Step("choose_gemm_providers", _providers, COMPILE, _inductor, ("swap_to_kernel_ops",)),
     # before inlining: the reports show each fqt op's kernel while it is still a node of its own
     Step("collect_sources", _sources, COMPILE, _kernels, ("swap_to_kernel_ops",), mutates=False),
     # before replace_random: the launchers' seed draws become Inductor's random ops too

@@ -134,7 +134,10 @@ def test_a_gpu_check_run_becomes_the_devices_profile(tmp_path, monkeypatch):
     assert (p.hp_flops, p.lowbit_flops, p.mem_bw, p.quant_bw) == (600e12, 1000e12, 4000e9, 3000e9)
     assert p.efficiency == 1.0 and p.fp8_gemm and "H200" in p.name and "gpu-check" in p.source
 
+    import fqt_compiler.cost as cost
+
     cuda = torch.device("cuda")
+    monkeypatch.setattr(cost, "_GEMM_TIMER", None)  # the roofline's GEMMs: this test is about the profile
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     assert profile_for(cuda) is H100  # nothing measured yet: the datasheet
@@ -234,3 +237,28 @@ def test_fqt_calibrate_measures_and_saves_this_cpu(tmp_path):
     line = proc.stdout.split("PROFILE", 1)[1]
     assert "measured by fqt calibrate" in line and line.split()[-4:] == ["True"] * 4
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_on_a_gpu_never_slower_compares_measured_gemms(monkeypatch):
+    """With a GPU the site's GEMMs are measured (bf16 beside the fastest low-bit provider,
+    ``codegen.providers.gemm_seconds``); only the quantization is modelled."""
+    import fqt_compiler.cost as cost
+
+    calls = []
+
+    def timer(shape, a, b, device):
+        calls.append(shape)
+        return 1e-3, 2e-3  # low-bit twice as slow as bf16: nothing can win
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU without a measured profile")
+    monkeypatch.setattr(cost, "_GEMM_TIMER", timer)
+    c = site_cost((16384, 8192, 8192), _specs("int8"), torch.device("cuda"), 2)
+    assert sorted(calls) == sorted([(16384, 8192, 8192), (16384, 8192, 8192), (8192, 16384, 8192)])
+    assert c.hp_s == pytest.approx(3e-3) and c.lowbit_s > 6e-3 and not c.wins
+    # the codegen stage registers the device measurement on import
+    import fqt_compiler.codegen.providers as providers
+
+    monkeypatch.setattr(cost, "_GEMM_TIMER", None)
+    cost.set_gemm_timer(providers.gemm_seconds)
+    assert cost._GEMM_TIMER is providers.gemm_seconds

@@ -72,6 +72,9 @@ def test_dry_run_measures_layer_gemm_quantize_e2e(dry_run):
     for item in layer["items"]:
         assert _finite_positive(item["speedup"]) and item["baseline"] == layer["baseline"]
         assert item["fqt_step_profile"]["top_level_ops"] > 0 and _finite_positive(item["fqt_step_profile"]["host_ms"])
+        # a dry run compiles without Inductor: every fqt op is a Python call, and says why
+        assert [launch["stage"] for launch in item["fqt_launches"]] == ["forward", "backward"]
+        assert all(why for launch in item["fqt_launches"] for _, why in launch["python_calls"])
     assert layer["items"][0]["lowbit_gemms"] == 3  # fprop, dgrad, wgrad of the one Linear
     gemm = doc["stages"]["gemm"]["results"]
     roles = {(tuple(i["shape"]), i["role"]) for i in gemm["items"]}

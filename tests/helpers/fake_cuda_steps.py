@@ -1,10 +1,11 @@
 """Run the compile steps on graphs re-typed for a fake CUDA device, as the backend runs them on
 a GPU, and report what the graph handed to Inductor holds (JSON on stdout).
 
-Run as ``python -m tests.helpers.fake_cuda_steps RECIPE:FUSION ...`` in a process without
+Run as ``python -m tests.helpers.fake_cuda_steps [--fastest PROVIDER] RECIPE:FUSION[:DTYPE] ...`` in a process without
 Triton's interpreter: the traced launches need the kernels as the GPU sees them (compiled
 ``@triton.jit`` functions, not interpreted ones). A CPU training step traces the graphs;
-nothing runs or compiles for the device."""
+nothing runs or compiles for the device. ``--fastest``: the GEMM provider the (fake) device
+measurement says is fastest (default: the Triton GEMM)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from fqt_compiler.ops import TRITON_LAUNCHES
 from tests.helpers.sm90 import FakeCudaMethods, as_cuda_graph
 
 
-def _graphs(recipe: str) -> list:
+def _graphs(recipe: str, dtype: torch.dtype = torch.float32) -> list:
     graphs = []
     real = pipeline.compile_partitioned
 
@@ -33,8 +34,9 @@ def _graphs(recipe: str) -> list:
 
     pipeline.compile_partitioned = spy
     try:
-        model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
-        torch.compile(model, backend=fqt.backend(recipe=recipe, inductor=False))(torch.randn(4, 8, 32)).square().mean().backward()
+        model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).to(dtype)
+        x = torch.randn(4, 8, 32, dtype=dtype)
+        torch.compile(model, backend=fqt.backend(recipe=recipe, inductor=False))(x).float().square().mean().backward()
     finally:
         pipeline.compile_partitioned = real
     return graphs
@@ -53,10 +55,10 @@ def _output_strides(gm) -> list:
     return [list(v.stride()) for v in vals if isinstance(v, torch.Tensor)]
 
 
-def case(recipe: str, fusion: str) -> list[dict]:
+def case(recipe: str, fusion: str, dtype: torch.dtype = torch.float32) -> list[dict]:
     """Per graph: the fqt kernel ops without Inductor, and what is left with it."""
     out = []
-    for gm, stage, saved in _graphs(recipe):
+    for gm, stage, saved in _graphs(recipe, dtype):
         eager = as_cuda_graph(gm)
         _steps(eager, stage, saved, {"recipe": recipe, "fusion": fusion, "inductor": False})
         strides = _output_strides(eager)
@@ -74,19 +76,43 @@ def case(recipe: str, fusion: str) -> list[dict]:
             "fqt_kernels": launches.fqt_kernels,
             "kernel_names": list(launches.fqt_kernel_names),
             "strides_same": _output_strides(gm) == strides,
+            "int_mm_nodes": sum(n.target is torch.ops.aten._int_mm.default for n in gm.graph.nodes),
+            "scaled_mm_nodes": sum(n.target is torch.ops.aten._scaled_mm.default for n in gm.graph.nodes),
+            "kernels": [lowered.kernel for lowered in ctx.lowered],
         })
     return out
 
 
+def fake_measure(fastest: str):
+    """A device measurement where ``fastest`` wins: 1 ms for it, 2 ms for the other providers,
+    3 ms for bf16; it counts its calls (``fake_measure.calls``)."""
+    from fqt_compiler.codegen import providers
+
+    def measure(case, device):
+        measure.calls += 1
+        out = {p.value: (1e-3 if p.value == fastest else 2e-3) for p in providers.candidates(case)}
+        return {**out, providers.HP: 3e-3}
+
+    measure.calls = 0
+    return measure
+
+
 def main(argv: list[str]) -> None:
+    from fqt_compiler.codegen import providers
+
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # the kernels' tile lists ask for it
+    fastest = "triton qmm"
+    if argv[:1] == ["--fastest"]:
+        fastest, argv = argv[1], argv[2:]
+    providers.MEASURE = fake_measure(fastest)
     # without a GPU torch cannot compile a kernel to see which arguments it writes, assumes all
     # (a GPU machine finds out exactly), and logs a warning per kernel
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
     results = {}
     for item in argv:
-        recipe, fusion = item.split(":")
-        results[item] = case(recipe, fusion)
+        recipe, fusion, *dtype = item.split(":")
+        results[item] = case(recipe, fusion, getattr(torch, dtype[0]) if dtype else torch.float32)
+    results["measurements"] = providers.MEASURE.calls
     print(json.dumps(results))
 
 
