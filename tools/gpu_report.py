@@ -43,13 +43,23 @@ def _profile(p: dict) -> str:
     return f"{p.get('top_level_ops')} ops, host {p.get('host_ms')} ms"
 
 
+def _launches(items: list | None) -> str:
+    """fqt's compiled code per step: kernels (fqt's), library calls, Python calls."""
+    if not items:
+        return "-"
+    total = {k: sum(i[k] for i in items) for k in ("kernels", "fqt_kernels", "library")}
+    python = sum(len(i["python_calls"]) for i in items)
+    return f"{total['kernels']} kernels ({total['fqt_kernels']} fqt), {total['library']} library, {python} Python calls"
+
+
 def _layer(res: dict) -> list[str]:
     rows = [["x".join(map(str, i["shape"])), i["recipe"], i["fusion"], f"{i['speedup']:.3g}x", i["baseline_ms"], i["fqt_ms"],
-             i["lowbit_gemms"], i["fqt_compile_s"], _profile(i["fqt_step_profile"]), _profile(i["baseline_step_profile"])]
+             i["lowbit_gemms"], i["fqt_compile_s"], _profile(i["fqt_step_profile"]), _launches(i.get("fqt_launches")),
+             _profile(i["baseline_step_profile"])]
             for i in res.get("items", [])]
     return [f"Baseline: {res.get('baseline')}", ""] + _table(
         rows, ["M x K x N", "recipe", "fusion", "speedup", "baseline ms", "fqt ms", "low-bit GEMMs", "fqt compile s",
-               "fqt step", "baseline step"])
+               "fqt step", "fqt launches (compiled code)", "baseline step"])
 
 
 def _gemm(res: dict) -> list[str]:

@@ -23,7 +23,7 @@ from fqt_compiler.tools.bench import Layer, interleaved_medians
 from fqt_compiler.tools.results import Block
 from fqt_compiler.tools.gpu_common import Recorder, sig, stage_device
 
-__all__ = ["GPT", "layer", "e2e", "profile_step", "layer_variants"]
+__all__ = ["GPT", "layer", "e2e", "profile_step", "layer_variants", "launch_counts"]
 
 
 def _setup(cfg: dict) -> tuple[torch.device, torch.dtype, str]:
@@ -69,6 +69,13 @@ def profile_step(fn, device: torch.device) -> dict:
     top = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
     return {"top_level_ops": len(top), "host_ms": round(host * 1e3, 3),
             "op_ms": round(sum(e.time_range.elapsed_us() for e in top) / 1e3, 3)}
+
+
+def launch_counts(be) -> list[dict]:
+    """What each graph's compiled code launches per call (``fqt inspect``'s launch table):
+    kernels, fqt's kernels among them, library calls, and fqt ops left as Python calls."""
+    return [{"stage": launch.stage, "kernels": launch.kernels, "fqt_kernels": launch.fqt_kernels, "library": launch.library,
+             "python_calls": [list(c) for c in launch.python_calls]} for r in be.records for launch in r.launches]
 
 
 # ------------------------------------------------------------------ layer
@@ -125,6 +132,7 @@ def layer(rec: Recorder, cfg: dict) -> None:
             "speedup": sig(t_base / t_cand), "baseline": base_label, "baseline_ms": round(t_base * 1e3, 3),
             "fqt_ms": round(t_cand * 1e3, 3), "fqt_compile_s": round(compile_s, 1), "baseline_compile_s": round(base_compile, 1),
             "fqt_step_profile": profile_step(step, device), "baseline_step_profile": profile_step(base_step, device),
+            "fqt_launches": launch_counts(be),
         })
 
 
