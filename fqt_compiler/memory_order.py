@@ -12,7 +12,12 @@ import torch
 
 from fqt_compiler.layout import Layout
 
-__all__ = ["CodeLayout", "SAVED_LAYOUT", "alloc_like", "column_major_ok"]
+__all__ = ["CodeLayout", "SAVED_LAYOUT", "alloc_like", "alloc_codes", "column_major_ok", "ALIGN_BYTES"]
+
+# GEMM operands whose leading stride is a multiple of 16 bytes are copied asynchronously (and
+# vectorized); an 8-bit operand with an unaligned K (a 50257-entry vocabulary) is not. Codes
+# are therefore allocated with their leading dimension padded to this many bytes.
+ALIGN_BYTES = 16
 
 SAVED_LAYOUT = "fqt_saved_codes_layout"  # meta key on a forward quantizer's codes node
 
@@ -34,15 +39,29 @@ class CodeLayout(enum.IntEnum):
     BOTH = 2
 
 
-def alloc_like(shape: tuple, dtype: torch.dtype, device, column_major: bool) -> torch.Tensor:
+def alloc_like(shape: tuple, dtype: torch.dtype, device, column_major: bool, pad: bool = False) -> torch.Tensor:
     """An empty tensor of ``shape``: contiguous, or column-major in its ``(rows, last dim)``
-    flattening (a view of a contiguous ``(last dim, rows)`` buffer)."""
-    if not column_major or len(shape) < 2:
+    flattening (a view of a contiguous ``(last dim, rows)`` buffer). ``pad``: the contiguous
+    dimension's stride (the last dim's, or the rows' when column-major) rounded up to
+    :data:`ALIGN_BYTES`, the padding never written nor read."""
+    if len(shape) < 2:
         return torch.empty(shape, dtype=dtype, device=device)
     rows = 1
     for d in shape[:-1]:
         rows *= d
-    return torch.empty((shape[-1], rows), dtype=dtype, device=device).t().view(shape)
+    inner, outer = (rows, shape[-1]) if column_major else (shape[-1], rows)
+    step = max(1, ALIGN_BYTES // dtype.itemsize) if pad else 1
+    padded = -(-inner // step) * step
+    buf = torch.empty((outer, padded), dtype=dtype, device=device).narrow(1, 0, inner)
+    return (buf.t() if column_major else buf).view(shape)
+
+
+def alloc_codes(shape: tuple, dtype: torch.dtype, device, column_major: bool, layout: Layout) -> torch.Tensor:
+    """Codes of ``shape`` in their memory order, the leading dimension padded to 16 bytes where
+    a GEMM reads it as K: 8-bit codes, 2-D or grouped along the penultimate dim (the shapes
+    whose rows a strided view merges; others stay unpadded)."""
+    pad = dtype.itemsize == 1 and (len(shape) == 2 or len(shape) > 2 and layout is Layout.PENULTIMATE)
+    return alloc_like(shape, dtype, device, column_major, pad=pad)
 
 
 def column_major_ok(shape: tuple, layout: Layout) -> bool:

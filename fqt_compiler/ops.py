@@ -59,7 +59,7 @@ from .bhq import bhq_inverse_ref, bhq_quantize_ref
 from .fusion_program import Program, run_reference
 from .grid import QOperand
 from .layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, scale_shape
-from .memory_order import CodeLayout, alloc_like
+from .memory_order import CodeLayout, alloc_codes
 from .quantizers import get_quantizer, run_custom
 from .reference import dequantize_accumulator, fake_quantize_ref, qmm_ref, quantize_ref
 from .specs import Granularity, QuantSpec, Transform
@@ -398,15 +398,13 @@ def _fused_quantize(
     # recomputes any statistics a GEMM epilogue gathered: the same values)
     x = run_reference(prog, list(leaves)).reshape(shape)
     codes, scale, zp, offset = quantize_ref(x, parsed, lay)
-    col = (alloc_like(tuple(shape), codes.dtype, codes.device, True).copy_(codes) if cl is not CodeLayout.NATURAL
-           else codes.new_empty((0,)))
-    out = (col if cl is CodeLayout.COLUMN_MAJOR else codes, scale, zp, offset, x if write_hp else x.new_empty((0,)),
-           col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
-    # outputs keep the memory order the fake declares: column-major codes stay column-major
-    return tuple(
-        t if i == 0 and cl is CodeLayout.COLUMN_MAJOR or i == 5 else t.contiguous().clone() if 0 < i < 4 else t.contiguous()
-        for i, t in enumerate(out)
-    )
+    shape = tuple(shape)
+    col = alloc_codes(shape, codes.dtype, codes.device, True, lay).copy_(codes) if cl is not CodeLayout.NATURAL else None
+    nat = alloc_codes(shape, codes.dtype, codes.device, False, lay).copy_(codes) if cl is not CodeLayout.COLUMN_MAJOR else None
+    # outputs in the memory order the fake declares (codes padded where a GEMM reads them)
+    return (col if cl is CodeLayout.COLUMN_MAJOR else nat, scale.contiguous().clone(), zp.contiguous().clone(),
+            offset.contiguous().clone(), x.contiguous() if write_hp else x.new_empty((0,)),
+            col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
 
 
 def fused_quantize_triton(leaves, program, shape, spec, layout, write_hp, code_layout, partials=None):
@@ -414,19 +412,24 @@ def fused_quantize_triton(leaves, program, shape, spec, layout, write_hp, code_l
     fake declares (column-major codes stay column-major), each a buffer of its own."""
     from fqt_compiler.codegen.kernels.fused import fused_quantize  # Triton: imported on first launch
 
-    cl = CodeLayout(code_layout)
-    out = fused_quantize(list(leaves), Program.loads(program), tuple(shape), QuantSpec.from_key(spec), Layout(layout),
-                         write_hp, code_layout=cl, partials=partials)
-    return tuple(t if i == 0 and cl is CodeLayout.COLUMN_MAJOR or i == 5 else t.contiguous() for i, t in enumerate(out))
+    cl, lay, shape = CodeLayout(code_layout), Layout(layout), tuple(shape)
+    out = fused_quantize(list(leaves), Program.loads(program), shape, QuantSpec.from_key(spec), lay, write_hp, code_layout=cl,
+                         partials=partials)
+    codes = out[0]
+    want = alloc_codes(shape, codes.dtype, "meta", cl is CodeLayout.COLUMN_MAJOR, lay)
+    if codes.stride() != want.stride():  # written as the natural matrix (rows along the last dim): as the fake declares
+        codes = alloc_codes(shape, codes.dtype, codes.device, False, lay).copy_(codes)
+    return (codes, *(t.contiguous() for t in out[1:5]), out[5])
 
 
 @_fused_quantize.register_fake
 def _fused_quantize_fake(leaves, program, shape, spec, layout, write_hp, code_layout, partials=None):
-    prog, cl = Program.loads(program), CodeLayout(code_layout)
+    prog, cl, lay, shape = Program.loads(program), CodeLayout(code_layout), Layout(layout), tuple(shape)
     x = leaves[0].new_empty(shape, dtype=prog.dtype)
     codes, scale, zp, offset = quantize_fake(x, spec, layout)
-    col = alloc_like(tuple(shape), codes.dtype, codes.device, True) if cl is not CodeLayout.NATURAL else codes.new_empty((0,))
-    return (col if cl is CodeLayout.COLUMN_MAJOR else codes, scale, zp, offset, x.new_empty(shape if write_hp else (0,)),
+    col = alloc_codes(shape, codes.dtype, codes.device, True, lay) if cl is not CodeLayout.NATURAL else None
+    nat = alloc_codes(shape, codes.dtype, codes.device, False, lay) if cl is not CodeLayout.COLUMN_MAJOR else None
+    return (col if cl is CodeLayout.COLUMN_MAJOR else nat, scale, zp, offset, x.new_empty(shape if write_hp else (0,)),
             col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
 
 

@@ -42,7 +42,7 @@ from fqt_compiler.grid import draw_seed
 from fqt_compiler.layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, natural_2d_view, shape_scale
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Scheme, Transform
 
-from fqt_compiler.memory_order import CodeLayout, alloc_like
+from fqt_compiler.memory_order import CodeLayout, alloc_codes, alloc_like
 from fqt_compiler.fusion_program import Program, triton_lines
 from fqt_compiler.codegen.kernels.launch import launch
 from fqt_compiler.codegen.kernels.quantize import SCHEME_ID, reduce_partials, row_statistics, rows_grid, rows_kernel_for
@@ -225,11 +225,13 @@ def _grouped_views(leaves: list, program: Program, view_shape: tuple, spec: Quan
     return out
 
 
-def _output(shape: tuple, dtype: torch.dtype, device, spec: QuantSpec, layout: Layout, column_major: bool):
-    """An output in its final memory order and the grouped-matrix view the kernels write it
-    through. Where contiguous storage has no such view (3-D+ with rows along the last dim) the
-    natural matrix is written instead and handed back as a strided view of it."""
-    t = alloc_like(shape, dtype, device, column_major)
+def _output(shape: tuple, dtype: torch.dtype, device, spec: QuantSpec, layout: Layout, column_major: bool,
+            codes: bool = True):
+    """An output in its final memory order (codes: ``memory_order.alloc_codes``, padded where a
+    GEMM reads them) and the grouped-matrix view the kernels write it through. Where that
+    storage has no such view (3-D+ with rows along the last dim) the natural matrix is written
+    instead and handed back as a strided view of it."""
+    t = alloc_codes(shape, dtype, device, column_major, layout) if codes else alloc_like(shape, dtype, device, column_major)
     m = natural_2d_view(t, layout)
     if m is None:
         if column_major:
@@ -268,7 +270,8 @@ def fused_quantize(
     empty = torch.empty((0, 0), dtype=spec.code_dtype, device=device)
     codes2, c2b = (_output(view_shape, spec.code_dtype, device, spec, layout, True) if code_layout is CodeLayout.BOTH
                    else (empty.view(0), None))
-    hp, h2 = _output(view_shape, dtype, device, spec, layout, False) if write_hp else (empty.view(0).to(dtype), None)
+    hp, h2 = (_output(view_shape, dtype, device, spec, layout, False, codes=False) if write_hp
+              else (empty.view(0).to(dtype), None))
     views = _grouped_views(leaves, program, view_shape, spec, layout)
     n_rows, n_cols = c2.shape
     scale, zp, offset = row_statistics(n_rows, spec, device, written=n_rows > 0 and n_cols > 0)
