@@ -11,6 +11,7 @@ feed Triton CPU tensors are marked ``interpreter`` and skip there, with the reas
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -18,10 +19,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Cost-model profiles measured on this machine (`fqt calibrate`, `fqt gpu-check`) would change
-# never_slower's decisions from one machine to the next: the tests read none of them (a test of
-# the measured profiles points FQT_PROFILE_DIR at its own folder).
-os.environ["FQT_PROFILE_DIR"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_no_measured_profiles")
+# Cost-model profiles and GEMM-provider timings measured on this machine (`fqt calibrate`, `fqt
+# gpu-check`, a GPU's provider measurements) would change decisions from one machine to the next:
+# the tests (and the processes they start) read and write only a fresh folder of their own.
+os.environ["FQT_PROFILE_DIR"] = tempfile.mkdtemp(prefix="fqt_test_profiles_")
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
