@@ -131,7 +131,7 @@ def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, gen
     dtype = spec.code_dtype
     fmax = spec.qmax
     # one canonical (positive) NaN code, whatever the sign bit of the NaN that reached here
-    v = torch.where(v.isnan(), float("nan"), v.clamp(-fmax, fmax))
+    v = torch.where(v != v, float("nan"), v.clamp(-fmax, fmax))  # self-comparison: vectorized isnan
     nearest = v.to(dtype)
     if spec.rounding is Rounding.NEAREST:
         return nearest
@@ -152,7 +152,7 @@ def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, gen
         noise = _uniform(v, generator)
     p_hi = torch.where(width > 0, (v - lo) / torch.where(width > 0, width, 1), 0)
     picked = torch.where(noise.to(v.dtype) < p_hi, hi, lo)
-    picked = torch.where(v.isnan(), v, picked)
+    picked = torch.where(v != v, v, picked)
     return picked.to(dtype)
 
 
@@ -203,6 +203,13 @@ def scaled_values(g: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     return v, scale, zp, offset
 
 
+def _nan_to_zero(q: torch.Tensor) -> torch.Tensor:
+    """NaN codes (a NaN input) as 0. ``q`` is clamped, so finite or NaN: ``nan_to_num``'s
+    result, written as a self-comparison, which Inductor's CPU code vectorizes (its ``isnan``
+    ran element by element)."""
+    return torch.where(q == q, q, 0.0)
+
+
 def quantize_grouped(
     g: torch.Tensor,
     spec: QuantSpec,
@@ -220,10 +227,10 @@ def quantize_grouped(
             codes = _fp8_round(v, spec, noise, generator)
         else:
             q = _round(v, spec, noise, generator).clamp(-spec.qmax, spec.qmax)
-            codes = torch.nan_to_num(q).to(spec.code_dtype)
+            codes = _nan_to_zero(q).to(spec.code_dtype)
         return codes, scale, zp, offset
     q = _round(v, spec, noise, generator).clamp(0, spec.levels)
-    codes = torch.nan_to_num(q + spec.code_offset).to(spec.code_dtype)
+    codes = _nan_to_zero(q + spec.code_offset).to(spec.code_dtype)
     return codes, scale, zp + spec.code_offset, offset
 
 
