@@ -40,36 +40,37 @@ def test_candidates_follow_the_libraries_constraints():
     assert candidates(_case(a=E4, b=E4, affine=True)) == [Provider.TRITON]
 
 
-def _run(tmp_path, fastest: str, *cases: str) -> dict:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """One fresh process over a fake CUDA device: int8 with ``torch._int_mm`` measured fastest,
+    the same case again (its timings now on disk), then fp8 in bf16 with ``torch._scaled_mm``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["FQT_PROFILE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.fake_cuda_steps", "--fastest", fastest, *cases], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env["FQT_PROFILE_DIR"] = str(tmp_path_factory.mktemp("profiles"))
+    cases = ["int8:auto@torch._int_mm", "int8:auto@torch._int_mm", "fp8:auto:bfloat16@torch._scaled_mm"]
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.fake_cuda_steps", *cases], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"int8": out["cases"][0], "int8 again": out["cases"][1], "fp8": out["cases"][2],
+            "measurements": out["measurements"], "dir": env["FQT_PROFILE_DIR"]}
 
 
-def test_int_mm_measured_fastest_replaces_plain_triton_gemms_and_is_cached(tmp_path):
-    first = _run(tmp_path, "torch._int_mm", "int8:auto")
-    assert first["measurements"] == 2  # the forward's plain GEMM and the backward's one with M > 16
-    kernels = [k for g in first["int8:auto"] for k in g["kernels"]]
+def test_int_mm_measured_fastest_replaces_plain_triton_gemms_and_is_cached(runs):
+    from pathlib import Path
+
+    assert runs["measurements"][:2] == [2, 2]  # the forward's plain GEMM and the backward's one with M > 16; then cached
+    kernels = [k for g in runs["int8"] for k in g["kernels"]]
     assert sum(k.startswith("torch._int_mm, measured 2.00x triton qmm and 3.00x bf16") for k in kernels) == 2
-    for g in first["int8:auto"]:
+    for g in runs["int8"]:
         assert g["int_mm_nodes"] == 1 and g["fqt_calls_after"] == []
         assert g["kernel_nodes"] == g["kernel_ops_before"] - 1  # one Triton GEMM fewer
-    assert len(list(tmp_path.glob("providers_*.json"))) == 1
-    again = _run(tmp_path, "torch._int_mm", "int8:auto")  # another process: read from disk, not measured
-    assert again["measurements"] == 0 and again["int8:auto"] == first["int8:auto"]
+    assert len(list(Path(runs["dir"]).glob("providers_*.json"))) == 1
+    assert runs["int8 again"] == runs["int8"]
 
 
-def test_scaled_mm_for_fp8_and_triton_where_it_wins(tmp_path):
-    out = _run(tmp_path, "torch._scaled_mm", "fp8:auto:bfloat16")
-    graphs = out["fp8:auto:bfloat16"]
-    assert sum(g["scaled_mm_nodes"] for g in graphs) == 3
-    assert any("torch._scaled_mm (e5m2 x e4m3), measured" in k for g in graphs for k in g["kernels"])
-    kept = _run(tmp_path / "other", "triton qmm", "int8:auto")
-    assert all(g["int_mm_nodes"] == 0 for g in kept["int8:auto"])
-    assert any(k.startswith("triton qmm, measured 3.00x bf16") for g in kept["int8:auto"] for k in g["kernels"])
+def test_scaled_mm_for_fp8(runs):
+    assert sum(g["scaled_mm_nodes"] for g in runs["fp8"]) == 3
+    assert any("torch._scaled_mm (e5m2 x e4m3), measured" in k for g in runs["fp8"] for k in g["kernels"])
 
 
 @pytest.mark.gpu

@@ -1,11 +1,12 @@
 """Run the compile steps on graphs re-typed for a fake CUDA device, as the backend runs them on
 a GPU, and report what the graph handed to Inductor holds (JSON on stdout).
 
-Run as ``python -m tests.helpers.fake_cuda_steps [--fastest PROVIDER] RECIPE:FUSION[:DTYPE] ...`` in a process without
+Run as ``python -m tests.helpers.fake_cuda_steps RECIPE:FUSION[:DTYPE][@PROVIDER] ...`` in a process without
 Triton's interpreter: the traced launches need the kernels as the GPU sees them (compiled
 ``@triton.jit`` functions, not interpreted ones). A CPU training step traces the graphs;
-nothing runs or compiles for the device. ``--fastest``: the GEMM provider the (fake) device
-measurement says is fastest (default: the Triton GEMM)."""
+nothing runs or compiles for the device. ``@PROVIDER``: the GEMM provider the (fake) device
+measurement says is fastest for that case (default: the Triton GEMM); the output also counts
+the measurements made (``"measurements"``, after each case: the cache on disk saves the rest)."""
 
 from __future__ import annotations
 
@@ -83,17 +84,17 @@ def case(recipe: str, fusion: str, dtype: torch.dtype = torch.float32) -> list[d
     return out
 
 
-def fake_measure(fastest: str):
-    """A device measurement where ``fastest`` wins: 1 ms for it, 2 ms for the other providers,
-    3 ms for bf16; it counts its calls (``fake_measure.calls``)."""
+def fake_measure():
+    """A device measurement where ``measure.fastest`` wins: 1 ms for it, 2 ms for the other
+    providers, 3 ms for bf16; it counts its calls (``measure.calls``)."""
     from fqt_compiler.codegen import providers
 
     def measure(case, device):
         measure.calls += 1
-        out = {p.value: (1e-3 if p.value == fastest else 2e-3) for p in providers.candidates(case)}
+        out = {p.value: (1e-3 if p.value == measure.fastest else 2e-3) for p in providers.candidates(case)}
         return {**out, providers.HP: 3e-3}
 
-    measure.calls = 0
+    measure.calls, measure.fastest = 0, "triton qmm"
     return measure
 
 
@@ -101,19 +102,18 @@ def main(argv: list[str]) -> None:
     from fqt_compiler.codegen import providers
 
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # the kernels' tile lists ask for it
-    fastest = "triton qmm"
-    if argv[:1] == ["--fastest"]:
-        fastest, argv = argv[1], argv[2:]
-    providers.MEASURE = fake_measure(fastest)
+    providers.MEASURE = measure = fake_measure()
     # without a GPU torch cannot compile a kernel to see which arguments it writes, assumes all
     # (a GPU machine finds out exactly), and logs a warning per kernel
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
-    results = {}
+    results, counts = [], []
     for item in argv:
-        recipe, fusion, *dtype = item.split(":")
-        results[item] = case(recipe, fusion, getattr(torch, dtype[0]) if dtype else torch.float32)
-    results["measurements"] = providers.MEASURE.calls
-    print(json.dumps(results))
+        spec, _, fastest = item.partition("@")
+        measure.fastest = fastest or "triton qmm"
+        recipe, fusion, *dtype = spec.split(":")
+        results.append(case(recipe, fusion, getattr(torch, dtype[0]) if dtype else torch.float32))
+        counts.append(measure.calls)
+    print(json.dumps({"cases": results, "measurements": counts}))
 
 
 if __name__ == "__main__":
