@@ -31,14 +31,8 @@ from fqt_compiler.ops import qmm_cpu, qmm_op
 
 __all__ = [
     "inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static", "trace_node",
-    "inline_graph_node",
+    "inline_graph_node", "qmm_cpu_of_op_args",
 ]
-
-
-def _example(val: object) -> object:
-    if not isinstance(val, torch.Tensor):
-        return val
-    return torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=val.device)
 
 
 def inductor_decompositions() -> dict:
@@ -51,22 +45,6 @@ def inductor_decompositions() -> dict:
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()
-
-
-def _inline(gm: fx.GraphModule, node: fx.Node, fn: Callable, args: tuple) -> None:
-    """Trace ``fn(*args)`` (node args replaced by examples) and splice it in place of ``node``."""
-    tensor_args = [a for a in args if isinstance(a, fx.Node)]
-    examples = [_example(a.meta["val"]) for a in tensor_args]
-
-    def traced(*tensors):
-        it = iter(tensors)
-        return fn(*(next(it) if isinstance(a, fx.Node) else a for a in args))
-
-    # a private tracing context: make_fx would otherwise adopt the ambient compile's fake mode
-    # and its shape environment, and trace with symbolic sizes
-    with torch._guards.tracing(None):
-        sub = make_fx(traced, decomposition_table=inductor_decompositions(), tracing_mode="fake")(*examples)
-    splice(gm, node, sub, tensor_args)
 
 
 def splice(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, inputs: list[fx.Node]) -> object:
@@ -148,21 +126,18 @@ def inline_quantize_ops(gm: fx.GraphModule) -> int:
         if node.op != "call_function" or not all_static(node):
             continue
         if node.target in QUANTIZE_OPS or node.target is bhq_quantize_op:
-            x, key, layout = node.args
-            spec, lay = QuantSpec.from_key(key), Layout(layout)
             ref = quantize_ref if node.target in QUANTIZE_OPS else bhq_quantize_ref
-            _inline(gm, node, lambda t, ref=ref, spec=spec, lay=lay: ref(t, spec, lay), (x,))
+            inline_graph_node(gm, node, lambda x, key, layout, ref=ref: ref(x, QuantSpec.from_key(key), Layout(layout)))
             count += 1
         elif node.target is bhq_inverse_op:
-            y, group, u, s, layout = node.args
-            _inline(gm, node, lambda *t, lay=Layout(layout): bhq_inverse_ref(*t, lay), (y, group, u, s))
+            inline_graph_node(gm, node, lambda y, group, u, s, layout: bhq_inverse_ref(y, group, u, s, Layout(layout)))
             count += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return count
 
 
-def _qmm_cpu_of_op_args(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
+def qmm_cpu_of_op_args(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
     """``qmm_cpu`` on ``fqt::qmm``'s flat arguments."""
     return qmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype)
 
@@ -174,7 +149,7 @@ def inline_qmm_ops(gm: fx.GraphModule) -> int:
         if node.op == "call_function" and node.target is qmm_op and all_static(node):
             if node.meta["val"].device.type != "cpu" or node.args[0].meta["val"].dtype != torch.int8:
                 continue
-            _inline(gm, node, _qmm_cpu_of_op_args, tuple(node.args))
+            inline_graph_node(gm, node, qmm_cpu_of_op_args)
             count += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -30,11 +30,10 @@ from typing import Callable
 import torch
 from torch import fx
 
-from fqt_compiler.grid import QOperand
 from fqt_compiler.cost import set_gemm_timer
 from fqt_compiler.measured import profile_path
-from fqt_compiler.ops import qmm_cpu, qmm_op
-from fqt_compiler.codegen.inline import all_static, inline_graph_node
+from fqt_compiler.ops import qmm_op
+from fqt_compiler.codegen.inline import all_static, inline_graph_node, qmm_cpu_of_op_args
 
 __all__ = [
     "Provider", "GemmCase", "ProviderCache", "ProviderChoice", "candidates", "measure_case", "choose_providers",
@@ -109,11 +108,8 @@ def scaled_mm_of_op_args(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
     return out + bias.to(out_dtype) if bias is not None else out
 
 
-def _int_mm_of_op_args(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
-    return qmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype)
-
-
-_RUNS: dict[Provider, Callable] = {Provider.INT_MM: _int_mm_of_op_args, Provider.SCALED_MM: scaled_mm_of_op_args}
+# torch._int_mm plus the reference epilogue as aten ops: the CPU lowering's function, which runs on CUDA too
+_RUNS: dict[Provider, Callable] = {Provider.INT_MM: qmm_cpu_of_op_args, Provider.SCALED_MM: scaled_mm_of_op_args}
 
 
 # ------------------------------------------------------------------ measurement
@@ -253,11 +249,7 @@ def choose_providers(gm: fx.GraphModule) -> list[ProviderChoice]:
         options = candidates(case)
         if device.type != "cuda" or len(options) == 1:
             continue
-        cache = ProviderCache(_device_name(device))
-        timings = cache.get(case)
-        if timings is None or any(p.value not in timings for p in options):
-            timings = MEASURE(case, device)
-            cache.put(case, timings)
+        timings = _timings(case, device)
         best = min(options, key=lambda p: timings[p.value])
         info = node.meta.get("fqt")
         if best is not Provider.TRITON:
@@ -278,12 +270,18 @@ def gemm_seconds(shape: tuple[int, int, int], a_spec, b_spec, device: torch.devi
     m, k, n = shape
     affine = a_spec.scheme.value != "sym" or b_spec.scheme.value != "sym"
     case = GemmCase(m, k, n, a_spec.code_dtype, b_spec.code_dtype, torch.bfloat16, affine, False, True)
+    timings = _timings(case, device)
+    return timings[HP], min(timings[p.value] for p in candidates(case))
+
+
+def _timings(case: GemmCase, device: torch.device) -> dict[str, float]:
+    """The case's provider timings: from this device's cache on disk, or measured and cached."""
     cache = ProviderCache(_device_name(device))
     timings = cache.get(case)
     if timings is None or any(p.value not in timings for p in candidates(case)):
         timings = MEASURE(case, device)
         cache.put(case, timings)
-    return timings[HP], min(timings[p.value] for p in candidates(case))
+    return timings
 
 
 set_gemm_timer(gemm_seconds)
