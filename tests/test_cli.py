@@ -72,3 +72,34 @@ def test_variance_command_on_a_user_factory(tmp_path, capsys):
             if line.startswith("| ") and "layer" not in line][:2] == ["0", "2"]
     assert cli.main(["variance", f"{script}:wrong"]) == 2
     assert "(model, loss_fn, batches)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # about 20 s: three tiny layers compiled per CPU kind
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_bench_layer_section_times_bf16_autocast_where_the_cpu_has_it(capsys, tmp_path, monkeypatch, bf16_units):
+    """The layer section reports each candidate's range beside its median, and a bf16-autocast
+    baseline on CPUs with bf16 units; elsewhere it says there is none."""
+    from fqt_compiler.tools import bench
+
+    monkeypatch.setattr(bench, "cpu_bf16_units", lambda: bf16_units)
+    out_file = tmp_path / "bench.md"
+    assert cli.main(["bench", "--sections", "layer", "--shapes", "64x32x48", "--reps", "2", "--device", "cpu",
+                     "--output", str(out_file)]) == 0
+    text = out_file.read_text()
+    assert "range vs fp32" in text and "64x32->48" in text
+    assert ("vs bf16 autocast" in text) is bf16_units
+    assert ("no bf16 units" in text) is not bf16_units
+
+
+@pytest.mark.slow  # about 10 s: a fresh process under Triton's interpreter
+def test_host_overhead_tool_times_every_op_with_launches_mocked():
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fqt_compiler.tools.host_overhead", "--reps", "3"],
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if "(2048x768" in line]
+    assert len(rows) == 5 and all(float(r.split()[-1]) > 0 for r in rows)
