@@ -16,10 +16,11 @@ Each backward GEMM gets its own independent quantization of ``grad_output`` ("bi
 The reference code keeps the weight-gradient branch at 8 bits unless ``--bwbits`` is set; these
 recipes use b bits on both branches, as the paper's b-bit results describe (docs/quantizers.md §5).
 
-``int8`` (the default) is the performance recipe: symmetric int8 with per-row activations,
-per-out-channel weights for ``output``, per-in-channel weights for ``grad_input``, per-column
-activations for ``grad_weight``, and stochastic per-row / per-column ``grad_output``: every
-layout is one a real int8 GEMM can apply in its epilogue.
+``int8`` (the default) is the performance recipe: symmetric int8 with per-row (per-sample)
+activations, per-out-channel weights for ``output``, per-in-channel weights for ``grad_input``,
+per-channel activations for ``grad_weight``, and stochastic per-row / per-channel
+``grad_output``: every layout is one a real int8 GEMM or implicit-GEMM convolution can apply in
+its epilogue (``Granularity.CHANNEL``: a matrix's column, a convolution operand's dim-1 channel).
 """
 
 from __future__ import annotations
@@ -169,11 +170,11 @@ def _build() -> dict[str, Recipe]:
         ),
         grad_input=GradInputSpecs(
             grad_output=QuantSpec(granularity=Granularity.ROW, rounding=Rounding.STOCHASTIC, **sym8),
-            weight=QuantSpec(granularity=Granularity.COLUMN, **sym8),
+            weight=QuantSpec(granularity=Granularity.CHANNEL, **sym8),
         ),
         grad_weight=GradWeightSpecs(
-            grad_output=QuantSpec(granularity=Granularity.COLUMN, rounding=Rounding.STOCHASTIC, **sym8),
-            activation=QuantSpec(granularity=Granularity.COLUMN, **sym8),
+            grad_output=QuantSpec(granularity=Granularity.CHANNEL, rounding=Rounding.STOCHASTIC, **sym8),
+            activation=QuantSpec(granularity=Granularity.CHANNEL, **sym8),
         ),
     )
     e4m3 = dict(format="fp8_e4m3", scheme=Scheme.SYMMETRIC)
@@ -187,11 +188,11 @@ def _build() -> dict[str, Recipe]:
         ),
         grad_input=GradInputSpecs(
             grad_output=QuantSpec(granularity=Granularity.ROW, **e5m2),
-            weight=QuantSpec(granularity=Granularity.COLUMN, **e4m3),
+            weight=QuantSpec(granularity=Granularity.CHANNEL, **e4m3),
         ),
         grad_weight=GradWeightSpecs(
-            grad_output=QuantSpec(granularity=Granularity.COLUMN, **e5m2),
-            activation=QuantSpec(granularity=Granularity.COLUMN, **e4m3),
+            grad_output=QuantSpec(granularity=Granularity.CHANNEL, **e5m2),
+            activation=QuantSpec(granularity=Granularity.CHANNEL, **e4m3),
         ),
     )
     return out

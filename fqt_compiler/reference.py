@@ -34,7 +34,7 @@ import torch
 
 from .bhq import bhq_fake_quantize_2d
 from .grid import QOperand, compute_dtype, dequantize_ref, grouped, quantize_grouped, ungrouped
-from .layout import Layout, from_natural_2d, natural_2d, shape_scale
+from .layout import Layout, from_natural_2d, natural_2d, placement, shape_scale
 from .quantizers import run_custom
 from .specs import Granularity, QuantSpec, Transform
 
@@ -60,6 +60,7 @@ def quantize_ref(
     """
     if spec.transform is not Transform.NONE:
         raise ValueError("quantize_ref returns codes only for transform='none'; use fake_quantize_ref or bhq.bhq_quantize_ref")
+    spec, layout = placement(spec, layout, x.dim())
     m = natural_2d(x, layout).to(compute_dtype(x))
     g = grouped(m, spec)
     codes, scale, zp, offset = quantize_grouped(g, spec, noise, generator, seed)
@@ -81,6 +82,7 @@ def fake_quantize_ref(
     """Quantize-dequantize ``x`` with ``spec`` (any granularity, any transform); same dtype as x."""
     if x.numel() == 0:
         return x.clone()
+    spec, layout = placement(spec, layout, x.dim())
     m = natural_2d(x, layout).to(compute_dtype(x))
     if spec.quantizer is not None:
         out = run_custom(spec.quantizer, m, spec, generator=generator)
@@ -95,7 +97,8 @@ def fake_quantize_ref(
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Reference quantize-dequantize of one tensor (rows = dim 0 after flattening to 2-D).
+    """Reference quantize-dequantize of one tensor (rows = dim 0 after flattening to 2-D;
+    ``Granularity.CHANNEL`` on a tensor of 3 or more dims: one scale per dim-1 channel).
 
     This is the public entry point of the reference quantizers; it returns a tensor of ``x``'s
     shape and dtype whose values lie on ``spec``'s grid. With stochastic rounding the draws come

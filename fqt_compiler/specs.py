@@ -10,6 +10,10 @@ Layout convention. A quantizer sees its tensor as a 2-D matrix in the tensor rol
 layout (see docs/design.md, "Scale layouts"): ``activation`` and ``grad_output`` are (tokens or samples) x features,
 ``weight`` is (out channels) x (in channels). ``ROW`` means one scale per row of that matrix,
 ``COLUMN`` one per column, ``BLOCK`` one per run of ``block_size`` consecutive elements of a row.
+``CHANNEL`` is one scale per feature: the column of a matrix operand, and for a convolution
+operand (rows = dim 0) one per channel, dim 1, shared by every spatial position -- the
+per-channel scale a convolution's implicit GEMM can apply, where ``COLUMN`` would give one
+scale per (channel, position).
 For the public :func:`fqt_compiler.quantize`, rows are dim 0 after flattening to 2-D.
 
 Code ranges (b = bits, B = 2**b - 1):
@@ -62,6 +66,7 @@ class Granularity(enum.Enum):
     TENSOR = "tensor"
     ROW = "row"
     COLUMN = "column"
+    CHANNEL = "channel"  # COLUMN on matrices; one scale per dim-1 channel of a convolution operand
     BLOCK = "block"
 
 

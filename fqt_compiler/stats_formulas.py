@@ -24,7 +24,7 @@ import torch
 
 from .bhq import bhq_transform
 from .grid import grouped, scaled_values
-from .layout import Layout, natural_2d
+from .layout import Layout, natural_2d, placement
 from .specs import Granularity, QuantSpec, Scheme, Transform
 
 __all__ = ["exact_variance", "variance_bound", "BOUNDS", "bound_expression"]
@@ -91,6 +91,7 @@ def exact_variance(x: torch.Tensor, spec: QuantSpec, layout: Layout = Layout.DIM
     """Var[Q(x) | x], summed over elements (0 for nearest rounding)."""
     if not spec.is_stochastic:
         return 0.0
+    spec, layout = placement(spec, layout, x.dim())
     v, step, weights, _ = _prepared(x, spec, layout)
     if spec.format.is_float:
         # the two fp8 neighbours of v: one quantum apart, the quantum set by v's exponent
@@ -113,6 +114,7 @@ def variance_bound(x: torch.Tensor, spec: QuantSpec, layout: Layout = Layout.DIM
     """The closed-form bound of ``spec``'s kind, evaluated on ``x`` (see the module docstring)."""
     if not spec.is_stochastic:
         return 0.0
+    spec, layout = placement(spec, layout, x.dim())
     v, step, weights, g = _prepared(x, spec, layout)
     kind = _kind(spec)
     bits = spec.bits if not spec.format.is_float else 8

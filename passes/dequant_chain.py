@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fqt_compiler.layout import Layout
+from fqt_compiler.layout import Layout, placement
 from fqt_compiler.ops import (
     bhq_inverse_op,
     bhq_quantize_op,
@@ -39,6 +39,8 @@ def emit_quantize(
     graph: fx.Graph, x: fx.Node, spec: QuantSpec, layout: Layout, info: QuantNodeInfo, like: fx.Node, tag: str | None
 ) -> fx.Node:
     """Insert quantize-dequantize of ``x`` at the insertion point; return the dequantized node."""
+    val = x.meta.get("val")
+    spec, layout = placement(spec, layout, val.dim() if isinstance(val, torch.Tensor) else 0)
     key = spec.key()
     kw = dict(like=like, tag=tag)
     if needs_fake_quantize(spec):

@@ -462,6 +462,7 @@ def test_non_finite_input_is_never_silently_finite(spec, bad):
         Granularity.TENSOR: out,
         Granularity.ROW: out[1],
         Granularity.COLUMN: out[:, 2],
+        Granularity.CHANNEL: out[:, 2],  # a matrix: one scale per column
     }[spec.granularity]
     assert not group.isfinite().any(), f"part of the non-finite entry's group came back finite: {group}"
 
@@ -544,7 +545,7 @@ def test_non_contiguous_input_equals_contiguous(spec, kind):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("spec", BUILTIN_SPECS)
+@pytest.mark.parametrize("spec", [p for p in BUILTIN_SPECS if p.values[0].granularity is not Granularity.CHANNEL])
 def test_public_quantize_flattens_trailing_dims(spec):
     x = gaussian(6, 12, seed=38, dtype=torch.float32).reshape(6, 3, 4)
     torch.manual_seed(22)
@@ -552,6 +553,27 @@ def test_public_quantize_flattens_trailing_dims(spec):
     torch.manual_seed(22)
     b = fqt.quantize(x.reshape(6, 12), spec)
     assert torch.equal(a, b.reshape(6, 3, 4))
+
+
+@pytest.mark.parametrize("spec", [p for p in BUILTIN_SPECS if p.values[0].granularity is Granularity.CHANNEL])
+@pytest.mark.parametrize("shape", [(4, 3, 5), (2, 3, 4, 5), (2, 3, 2, 2, 3)], ids=["1d", "2d", "3d"])
+def test_channel_granularity_is_one_scale_per_dim1_channel(spec, shape):
+    """CHANNEL on a convolution-shaped tensor: COLUMN of the channels-last matrix, so every
+    spatial position of a channel shares its scale; on a matrix it is COLUMN itself."""
+    x = gaussian(shape[0], int(torch.tensor(shape[1:]).prod()), seed=39, dtype=torch.float32).reshape(shape)
+    torch.manual_seed(23)
+    a = fqt.quantize(x, spec)
+    torch.manual_seed(23)
+    channels_last = x.movedim(1, -1).reshape(-1, shape[1])
+    b = fqt.quantize(channels_last, spec.with_(granularity=Granularity.COLUMN))
+    assert torch.equal(a, b.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1))
+    codes, scale, _, _ = quantize_ref(x, spec)
+    assert scale.shape == (1, shape[1], *(1,) * (len(shape) - 2))
+    m = gaussian(5, 7, seed=40, dtype=torch.float32)
+    torch.manual_seed(24)
+    c = fqt.quantize(m, spec)
+    torch.manual_seed(24)
+    assert torch.equal(c, fqt.quantize(m, spec.with_(granularity=Granularity.COLUMN)))
 
 
 @pytest.mark.parametrize("spec", BUILTIN_SPECS)

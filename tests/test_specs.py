@@ -346,9 +346,10 @@ def test_recipe_int8_layouts():
     check(r.output.activation, S.ROW, Rounding.NEAREST)  # per token / sample
     check(r.output.weight, S.ROW, Rounding.NEAREST)  # per out channel
     check(r.grad_input.grad_output, S.ROW, Rounding.STOCHASTIC)
-    check(r.grad_input.weight, S.COLUMN, Rounding.NEAREST)  # per in channel
-    check(r.grad_weight.grad_output, S.COLUMN, Rounding.STOCHASTIC)
-    check(r.grad_weight.activation, S.COLUMN, Rounding.NEAREST)
+    # per in channel / per channel: a matrix's column, a convolution operand's dim-1 channel
+    check(r.grad_input.weight, S.CHANNEL, Rounding.NEAREST)
+    check(r.grad_weight.grad_output, S.CHANNEL, Rounding.STOCHASTIC)
+    check(r.grad_weight.activation, S.CHANNEL, Rounding.NEAREST)
 
 
 @pytest.mark.parametrize(
