@@ -1,6 +1,7 @@
 """Lowering: turn ``dequantize -> GEMM`` chains of a partitioned graph into low-bit GEMM calls.
 
-Runs on the forward and backward graphs after partitioning (``execution="kernels"``). For every GEMM
+Runs on the forward and backward graphs after partitioning (``execution="kernels"``). Convolution
+GEMMs go to ``lower_conv``; for every matrix GEMM
 the passes marked (``meta["fqt"]`` is a ``GemmNodeInfo``) it matches each operand back through
 transposes / batch reshapes to the aten dequantization ``(codes - zp) * scale + offset`` of an
 ``fqt::quantize`` (forward graph) or of saved codes (backward graph), checks that the layout is
@@ -25,6 +26,7 @@ from fqt_compiler.passes.dequant_chain import CONVERT, DequantOperand, match_ope
 from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call, replay_view
 
 from fqt_compiler.ops import qmm_op
+from fqt_compiler.codegen.lower_conv import CONV_TARGETS, lower_convolution
 
 aten = torch.ops.aten
 
@@ -121,9 +123,13 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
     def simulated(reason: str) -> LoweredGemm:
         return LoweredGemm(info.site_id, info.gemm, GemmStatus.SIMULATED, reason)
 
+    if node.target in CONV_TARGETS:
+        lowered, text = lower_convolution(gm, node, info.gemm, device)
+        if not lowered:
+            return simulated(text)
+        return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=text)
     if node.target not in (aten.mm.default, aten.addmm.default):
-        kind = "convolution" if node.target in (aten.convolution.default, aten.convolution_backward.default) else "batched GEMM"
-        return simulated(f"no low-bit {kind} kernel yet")
+        return simulated("no low-bit batched GEMM kernel yet")
     a_idx, b_idx = (1, 2) if node.target is aten.addmm.default else (0, 1)
     if node.target is aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
         return simulated("addmm with alpha/beta != 1")

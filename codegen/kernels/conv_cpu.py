@@ -1,0 +1,142 @@
+"""CPU int8 convolution GEMMs: ``f(a_codes, b_codes)`` of ``fqt_compiler.conv`` on int8 codes.
+
+* ``output`` and ``grad_input`` run on oneDNN's int8 convolution (``onednn::qconv_pointwise``,
+  AVX-512 VNNI / AMX), prepacking the weight codes on every call: in training both operands
+  change every step, and oneDNN's convolution refuses unpacked weights. Activations enter as
+  uint8 with zero point 128 (``code ^ 0x80``: the same integers), the weight with unit scales
+  and zero points, so the fp32 result is the integer sum itself; every scale, zero point and
+  offset is applied afterwards by ``conv.dequantize_conv_accumulator`` (oneDNN would ignore a
+  nonzero weight zero point without a word).
+* ``grad_input`` is the forward convolution of dY with the spatially flipped, channel-swapped
+  weight. With a stride, dY's rows and columns are spread ``stride`` apart with zero codes in
+  between (an exact zero: a code-domain sum), and the borders padded so the result has x's size.
+* ``grad_weight`` sums over the batch and every output position, a poor fit for a direct
+  convolution (its "kernel" would be dY's whole image), so it runs as one ``torch._int_mm`` per
+  kernel offset and group: ``dY^T (K x N*P) @ x_shifted (N*P x C)``, exact in int32.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from fqt_compiler.conv import ConvGeometry
+from fqt_compiler.specs import GemmKind
+
+__all__ = ["conv_codes_cpu", "onednn_available"]
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's int8 convolution (x86 builds with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
+
+
+def _strided(t: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``t`` with the canonical strides of dims laid out in ``order`` (outermost first). Both
+    oneDNN and ``torch._int_mm`` read leading dimensions from strides, and ``contiguous()``
+    leaves a size-1 dim's stride arbitrary (a (1, 8) matrix with row stride 4 came back garbage)."""
+    strides = [0] * t.dim()
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= t.shape[d]
+    if tuple(t.stride()) == tuple(strides):
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return _strided(t, list(range(t.dim())))
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return _strided(t, [0, *range(2, t.dim()), 1]) if t.dim() in (4, 5) else _dense(t)
+
+
+def _single_windows(x: torch.Tensor, k: tuple, stride: list, padding: list, dilation: list):
+    """Dims with one output position and a stride > 1, rewritten as stride 1 on an input cut
+    to that one window (padding made explicit): oneDNN's int8 convolution returned wrong sums
+    for some of them (a stride-2 dim of output size 1)."""
+    stride, padding = list(stride), list(padding)
+    for i in range(x.dim() - 2):
+        d, kk, p = dilation[i], k[i], padding[i]
+        if stride[i] == 1 or (x.shape[2 + i] + 2 * p - d * (kk - 1) - 1) // stride[i] != 0:
+            continue
+        pad = [0, 0] * (x.dim() - 3 - i) + [p, p]
+        x = F.pad(x, pad).narrow(2 + i, 0, d * (kk - 1) + 1)  # zero codes: contribute nothing
+        stride[i], padding[i] = 1, 0
+    return x, stride, padding
+
+
+def _onednn(x_codes: torch.Tensor, w_codes: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """sum over (in channels x window) of x_codes * w_codes, as fp32 (padding contributes 0)."""
+    x_codes, stride, padding = _single_windows(x_codes, tuple(w_codes.shape[2:]), stride, padding, list(dilation))
+    xu = _channels_last(x_codes.view(torch.uint8) ^ 0x80)  # int8 code c -> uint8 c + 128
+    k = w_codes.shape[0]
+    ones = torch.ones(k, dtype=torch.float32)
+    zeros = torch.zeros(k, dtype=torch.int64)
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    packed = torch.ops.onednn.qconv_prepack(_dense(w_codes), ones, 1.0, 128, stride, padding, dilation, groups, None)
+    return torch.ops.onednn.qconv_pointwise(
+        xu, 1.0, 128, packed, ones, zeros, None, stride, padding, dilation, groups, 1.0, 0, torch.float32, "none", [], "",
+    )
+
+
+def _output(geo: ConvGeometry, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _onednn(x, w, geo.stride, geo.padding, geo.dilation, geo.groups)
+
+
+def _grad_input(geo: ConvGeometry, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    G, n = geo.groups, geo.spatial
+    K, Cg, *k = w.shape
+    # (K, C/G, *k) -> (C, K/G, *k), flipped in space: the weight of the transposed convolution
+    wt = w.reshape(G, K // G, Cg, *k).transpose(1, 2).reshape(G * Cg, K // G, *k).flip(list(range(2, 2 + n)))
+    lo = [d * (kk - 1) - p for d, kk, p in zip(geo.dilation, k, geo.padding)]
+    if all(s == 1 for s in geo.stride) and all(v >= 0 for v in lo):
+        return _onednn(g, wt, [1] * n, lo, geo.dilation, G)
+    # spread dY by the stride (zero codes between), pad each side by `lo` / `hi`; a negative
+    # pad is a crop of the result instead
+    out_sp, in_sp = geo.x_shape[2:], g.shape[2:]
+    extra = [(h + 2 * p - d * (kk - 1) - 1) % s for h, p, d, kk, s in zip(out_sp, geo.padding, geo.dilation, k, geo.stride)]
+    hi = [a + e for a, e in zip(lo, extra)]
+    size = [(q - 1) * s + 1 + max(a, 0) + max(b, 0) for q, s, a, b in zip(in_sp, geo.stride, lo, hi)]
+    spread = g.new_zeros((g.shape[0], g.shape[1], *size))
+    index = tuple(slice(max(a, 0), max(a, 0) + (q - 1) * s + 1, s) for a, q, s in zip(lo, in_sp, geo.stride))
+    spread[(slice(None), slice(None), *index)] = g
+    out = _onednn(spread, wt, [1] * n, [0] * n, geo.dilation, G)
+    crop = tuple(slice(max(-a, 0), max(-a, 0) + h) for a, h in zip(lo, out_sp))
+    return out[(slice(None), slice(None), *crop)]
+
+
+def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    G = geo.groups
+    N, K, *out_sp = g.shape
+    C = x.shape[1]
+    Kg, Cg = K // G, C // G
+    k = geo.w_shape[2:]
+    rows = N
+    for q in out_sp:
+        rows *= q
+    g_t = _dense(g.movedim(1, -1).reshape(rows, K).t())  # (K, N*P)
+    pads = [v for p in reversed(geo.padding) for v in (p, p)]
+    xp = F.pad(x.movedim(1, -1), [0, 0, *pads])  # channels-last, zero codes in the padding
+    result = torch.empty((K, Cg, *k), dtype=torch.int32)
+    for offset in itertools.product(*(range(kk) for kk in k)):
+        window = tuple(slice(r * d, r * d + (q - 1) * s + 1, s) for r, d, q, s in zip(offset, geo.dilation, out_sp, geo.stride))
+        shifted = xp[(slice(None), *window)].reshape(rows, C)
+        for grp in range(G):
+            b = shifted[:, grp * Cg:(grp + 1) * Cg] if G > 1 else shifted
+            result[(slice(grp * Kg, (grp + 1) * Kg), slice(None), *offset)] = torch._int_mm(_dense(g_t[grp * Kg:(grp + 1) * Kg]), _dense(b))
+    return result.to(torch.float32)
+
+
+def conv_codes_cpu(kind: GemmKind, a: torch.Tensor, b: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """``geo.bilinear(kind, a, b)`` on int8 codes, as fp32 (the integer sums, rounded to fp32
+    where they pass 2**24 -- the reference's fp64 sums convert the same way)."""
+    if kind is GemmKind.OUTPUT:
+        return _output(geo, a, b)
+    if kind is GemmKind.GRAD_INPUT:
+        return _grad_input(geo, a, b)
+    return _grad_weight(geo, a, b)

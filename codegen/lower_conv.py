@@ -1,0 +1,131 @@
+"""Lowering of convolution GEMMs: ``dequantize -> convolution`` (forward) and the split
+``dequantize -> convolution_backward`` nodes (dgrad, wgrad) become ``fqt::qconv`` calls.
+
+The legality rules are those of ``fqt_compiler.conv`` (docs/design.md, "Scale layouts"): each
+operand's statistics may vary only along the one axis of it that survives into the result.
+A convolution that cannot be lowered stays simulated with the reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from fqt_compiler.conv import ConvGeometry, is_channels_last, layout_problem
+from fqt_compiler.conv_ops import CONV_KINDS, qconv_op
+from fqt_compiler.layout import Layout
+from fqt_compiler.ops import bhq_inverse_op
+from fqt_compiler.specs import GemmKind
+from fqt_compiler.passes.dequant_chain import CONVERT, DequantOperand, match_operand
+from fqt_compiler.passes.graph_utils import arg, call
+
+aten = torch.ops.aten
+
+__all__ = ["CONV_TARGETS", "lower_convolution"]
+
+CONV_TARGETS = (aten.convolution.default, aten.convolution_backward.default)
+
+
+def _shape(n: fx.Node) -> tuple:
+    return tuple(n.meta["val"].shape)
+
+
+def _operands(node: fx.Node, kind: GemmKind) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(a, b, the node whose value is the GEMM's result) of a convolution GEMM node."""
+    if node.target is aten.convolution.default:
+        return node.args[0], node.args[1], node
+    out_idx = 0 if kind is GemmKind.GRAD_INPUT else 1
+    result = next(u for u in node.users if u.target is operator.getitem and u.args[1] == out_idx)
+    return node.args[0], node.args[2 if kind is GemmKind.GRAD_INPUT else 1], result
+
+
+def _device_problem(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return "no low-bit convolution kernel on CUDA yet: runs simulated (quantize, dequantize, cuDNN convolution)"
+    if device.type != "cpu":
+        return f"no low-bit convolution kernel on {device.type}"
+    from fqt_compiler.codegen.kernels.conv_cpu import onednn_available
+
+    if not onednn_available():
+        return "this torch build has no oneDNN int8 convolution (onednn::qconv_pointwise)"
+    return None
+
+
+def _check(node: fx.Node, kind: GemmKind, ops: list[DequantOperand], device: torch.device) -> str | None:
+    if arg(node, "transposed"):
+        return "transposed convolution: no low-bit kernel (oneDNN has no int8 transposed convolution)"
+    bad = _device_problem(device)
+    if bad:
+        return bad
+    for o in ops:
+        if o.views:
+            return "a convolution operand reaches it through view ops: its statistics cannot follow"
+        if o.spec.code_dtype != torch.int8:
+            return f"{o.spec.code_dtype} codes: the CPU convolution kernels take int8 (format='int')"
+    a_op, b_op = ops
+    if b_op.transform is not None:
+        return "BHQ transform on the right operand: T^-1 does not commute with the convolution there"
+    if a_op.transform is not None and kind is not GemmKind.GRAD_INPUT:
+        return f"BHQ on {kind.value}: T^-1 acts on samples, which {kind.value} contracts"
+    if a_op.transform is not None and arg(a_op.transform, "layout") != int(Layout.DIM0):
+        return "BHQ rows are not the samples of grad_output"
+    return None
+
+
+def lower_convolution(gm: fx.GraphModule, node: fx.Node, kind: GemmKind, device: torch.device) -> tuple[bool, str]:
+    """Replace one convolution GEMM by ``fqt::qconv`` in place: (True, kernel) when lowered,
+    (False, reason) when it stays simulated."""
+    a_arg, b_arg, result = _operands(node, kind)
+    ops = []
+    for x in (a_arg, b_arg):
+        m = match_operand(x)
+        if isinstance(m, str):
+            return False, m
+        ops.append(m)
+    bad = _check(node, kind, ops, device)
+    if bad:
+        return False, bad
+    a_op, b_op = ops
+    stride, padding, dilation, groups = (list(arg(node, n)) if n != "groups" else arg(node, n)
+                                         for n in ("stride", "padding", "dilation", "groups"))
+    a_stats, b_stats = ([s for s in (o.scale, o.zp, o.offset)] for o in ops)
+    out_shape = _shape(result)
+    x_shape, w_shape, y_shape = {
+        GemmKind.OUTPUT: (_shape(a_op.codes), _shape(b_op.codes), out_shape),
+        GemmKind.GRAD_INPUT: (out_shape, _shape(b_op.codes), _shape(a_op.codes)),
+        GemmKind.GRAD_WEIGHT: (_shape(b_op.codes), out_shape, _shape(a_op.codes)),
+    }[kind]
+    geo = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), groups, x_shape, w_shape, y_shape)
+    shapes = [[None if s is None else _shape(s) for s in stats] for stats in (a_stats, b_stats)]
+    bad = layout_problem(kind, geo, *shapes)
+    if bad:
+        return False, bad
+    bias = node.args[2] if kind is GemmKind.OUTPUT else None
+    out_dtype = result.meta["val"].dtype
+    graph = gm.graph
+    with graph.inserting_before(node):
+        bhq = a_op.transform is not None
+        args = (CONV_KINDS.index(kind), a_op.codes, *a_stats, b_op.codes, *b_stats, None if bhq else bias,
+                stride, padding, dilation, groups, list(out_shape), torch.float32 if bhq else out_dtype,
+                is_channels_last(result.meta["val"]))
+        new = call(graph, qconv_op, args, like=result)
+        if bhq:  # GEMM on the codes of T dY; T^-1 acts on the result's samples (its rows)
+            group, u, s_ = a_op.transform.args[1:4]
+            new = call(graph, bhq_inverse_op, (new, group, u, s_, int(Layout.DIM0)), like=result)
+            if out_dtype != torch.float32:
+                new = call(graph, CONVERT, (new, out_dtype), like=result)
+    new.meta["fqt"] = node.meta["fqt"]
+    result.replace_all_uses_with(new)
+    if result is not node:
+        graph.erase_node(result)
+        if not node.users:
+            graph.erase_node(node)
+    else:
+        graph.erase_node(node)
+    kernel = {GemmKind.OUTPUT: "oneDNN int8 conv", GemmKind.GRAD_INPUT: "oneDNN int8 conv (dgrad)",
+              GemmKind.GRAD_WEIGHT: "torch._int_mm per kernel offset (wgrad)"}[kind]
+    if bhq:
+        kernel += ", then T^-1 on the output samples"
+    return True, kernel

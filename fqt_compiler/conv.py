@@ -1,0 +1,245 @@
+"""Convolutions as three low-bit GEMMs: geometry, scale legality and the reference epilogue.
+
+A convolution's forward (``output``), input gradient (``grad_input``, dgrad) and weight gradient
+(``grad_weight``, wgrad) are bilinear maps ``f(a, b)`` of two operands:
+
+==============  ====================  =====================  ==========================
+GEMM            a (row statistics)    b (column statistics)  contracted over
+==============  ====================  =====================  ==========================
+``output``      x, per sample         w, per out channel     in channels x window
+``grad_input``  dY, per sample        w, per in channel      out channels x window
+``grad_weight`` dY, per out channel   x, per in channel      batch x output positions
+==============  ====================  =====================  ==========================
+
+An operand's scale may vary only along its column of that table (or not at all): then it is
+constant along the contraction and factors out of the sum, which is what lets an integer
+convolution run on the codes and apply the scales afterwards (:func:`layout_problem` says why
+not otherwise). Zero points and offsets need more than a rescale, because a convolution sums
+over the *valid* part of each window only (padding contributes zero, not ``-zero_point``):
+
+    f(a_hat, b_hat) = sa sb f(ca - za, cb - zb) + sa ob f(ca - za, 1) + oa sb f(1, cb - zb) + oa ob f(1, 1)
+
+with ``1`` an all-ones operand, so every correction is a *windowed sum* of one operand's codes.
+Each is computed on the operand reduced over the dims the ones cover (a channel sum, a batch
+sum), then convolved with a small all-ones kernel: O(input) work, exact in fp64.
+:func:`qconv_ref` is the pure-torch reference (the integer convolution in fp64, exact);
+the CPU kernels share :func:`dequantize_conv_accumulator`, so both apply the same epilogue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .grid import QOperand
+from .specs import GemmKind
+
+__all__ = [
+    "ConvGeometry", "layout_problem", "qconv_ref", "dequantize_conv_accumulator", "out_memory_format", "is_channels_last",
+]
+
+aten = torch.ops.aten
+
+# the axis of each operand that its statistics may vary along, per GEMM (see the module table)
+_A_AXIS = {GemmKind.OUTPUT: 0, GemmKind.GRAD_INPUT: 0, GemmKind.GRAD_WEIGHT: 1}
+_B_AXIS = {GemmKind.OUTPUT: 0, GemmKind.GRAD_INPUT: 1, GemmKind.GRAD_WEIGHT: 1}
+_WHAT = {
+    GemmKind.OUTPUT: ("activation", "per sample", "weight", "per output channel", "in channels x kernel window"),
+    GemmKind.GRAD_INPUT: ("grad_output", "per sample", "weight", "per input channel", "out channels x kernel window"),
+    GemmKind.GRAD_WEIGHT: ("grad_output", "per output channel", "activation", "per input channel", "batch x output positions"),
+}
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """One (non-transposed) convolution: its hyper-parameters and the shapes of x, w and y."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
+
+    @property
+    def spatial(self) -> int:
+        return len(self.x_shape) - 2
+
+    def out_shape(self, kind: GemmKind) -> tuple[int, ...]:
+        return {GemmKind.OUTPUT: self.y_shape, GemmKind.GRAD_INPUT: self.x_shape, GemmKind.GRAD_WEIGHT: self.w_shape}[kind]
+
+    def operand_shapes(self, kind: GemmKind) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return {
+            GemmKind.OUTPUT: (self.x_shape, self.w_shape),
+            GemmKind.GRAD_INPUT: (self.y_shape, self.w_shape),
+            GemmKind.GRAD_WEIGHT: (self.y_shape, self.x_shape),
+        }[kind]
+
+    # ------------------------------------------------------------- the three bilinear maps
+    def conv(self, x: torch.Tensor, w: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+        g = self.groups if groups is None else groups
+        zeros = [0] * self.spatial
+        return aten.convolution(x, w, None, list(self.stride), list(self.padding), list(self.dilation), False, zeros, g)
+
+    def dgrad(self, g: torch.Tensor, w: torch.Tensor, x_shape: tuple[int, ...], groups: int | None = None) -> torch.Tensor:
+        x = g.new_zeros(()).expand(x_shape)  # read for its shape only
+        return self._backward(g, x, w, groups, (True, False, False))[0]
+
+    def wgrad(self, g: torch.Tensor, x: torch.Tensor, w_shape: tuple[int, ...], groups: int | None = None) -> torch.Tensor:
+        w = g.new_zeros(()).expand(w_shape)  # read for its shape only
+        return self._backward(g, x, w, groups, (False, True, False))[1]
+
+    def _backward(self, g, x, w, groups, mask):
+        grp = self.groups if groups is None else groups
+        return aten.convolution_backward(
+            g, x, w, None, list(self.stride), list(self.padding), list(self.dilation), False, [0] * self.spatial, grp,
+            list(mask),
+        )
+
+    def bilinear(self, kind: GemmKind, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The GEMM ``kind`` of this convolution on high-precision ``a`` and ``b``."""
+        if kind is GemmKind.OUTPUT:
+            return self.conv(a, b)
+        if kind is GemmKind.GRAD_INPUT:
+            return self.dgrad(a, b, self.x_shape)
+        return self.wgrad(a, b, self.w_shape)
+
+    # ------------------------------------------------------------- windowed sums (the corrections)
+    def sum_a(self, kind: GemmKind, a: torch.Tensor) -> torch.Tensor:
+        """``f(a, 1)``: each output element's windowed sum of ``a`` (b all ones)."""
+        G, k = self.groups, self.w_shape[2:]
+        n = self.spatial
+        if kind is GemmKind.OUTPUT:  # sum x over each group's channels, then over the window
+            xs = a.reshape(a.shape[0], G, a.shape[1] // G, *a.shape[2:]).sum(2)
+            out = self.conv(xs, a.new_ones((G, 1, *k)), G)
+            return out.repeat_interleave(self.y_shape[1] // G, 1)
+        if kind is GemmKind.GRAD_INPUT:
+            gs = a.reshape(a.shape[0], G, a.shape[1] // G, *a.shape[2:]).sum(2)
+            out = self.dgrad(gs, a.new_ones((G, 1, *k)), (a.shape[0], G, *self.x_shape[2:]), G)
+            return out.repeat_interleave(self.x_shape[1] // G, 1)
+        gsum = a.sum(0, keepdim=True)  # grad_weight: sum dY over the batch, then over positions
+        ones_x = a.new_ones((1, G, *self.x_shape[2:]))
+        return self.wgrad(gsum, ones_x, (self.w_shape[0], 1, *k), G).expand(*self.w_shape[:2], *[-1] * n)
+
+    def sum_b(self, kind: GemmKind, b: torch.Tensor) -> torch.Tensor:
+        """``f(1, b)``: each output element's windowed sum of ``b`` (a all ones)."""
+        G, k = self.groups, self.w_shape[2:]
+        K = self.w_shape[0]
+        if kind is GemmKind.OUTPUT:  # one output image, broadcast over the batch
+            return self.conv(b.new_ones((1, G, *self.x_shape[2:])), b.sum(1, keepdim=True), G)
+        if kind is GemmKind.GRAD_INPUT:
+            wsum = b.reshape(G, K // G, *b.shape[1:]).sum(1)  # (G, C/G, *k): G "out channels"
+            return self.dgrad(b.new_ones((1, G, *self.y_shape[2:])), wsum, (1, *self.x_shape[1:]), G)
+        xsum = b.sum(0, keepdim=True)
+        ones_g = b.new_ones((1, G, *self.y_shape[2:]))
+        return self.wgrad(ones_g, xsum, (G, *self.w_shape[1:]), G).repeat_interleave(K // G, 0)
+
+    def sum_ones(self, kind: GemmKind, like: torch.Tensor) -> torch.Tensor:
+        """``f(1, 1)``: how many products each output element sums (the valid window size)."""
+        G, k = self.groups, self.w_shape[2:]
+        one_k = like.new_ones((1, 1, *k))
+        if kind is GemmKind.OUTPUT:
+            return self.conv(like.new_ones((1, 1, *self.x_shape[2:])), one_k, 1) * (self.x_shape[1] // G)
+        if kind is GemmKind.GRAD_INPUT:
+            ones_g = like.new_ones((1, 1, *self.y_shape[2:]))
+            return self.dgrad(ones_g, one_k, (1, 1, *self.x_shape[2:]), 1) * (self.w_shape[0] // G)
+        ones_g, ones_x = like.new_ones((1, 1, *self.y_shape[2:])), like.new_ones((1, 1, *self.x_shape[2:]))
+        return self.wgrad(ones_g, ones_x, (1, 1, *k), 1) * self.x_shape[0]
+
+    # ------------------------------------------------------------- statistics onto the output
+    def stat_a(self, kind: GemmKind, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``a``'s statistic as a tensor broadcastable against the output (dim 0)."""
+        if t is None or t.numel() == 1:
+            return None if t is None else t.reshape(())
+        nd = len(self.out_shape(kind))
+        return t.reshape(-1, *(1,) * (nd - 1))
+
+    def stat_b(self, kind: GemmKind, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``b``'s statistic onto the output's dim 1 (input channels repeat per group in dgrad;
+        in wgrad, output (k, c) reads input channel (group of k) * C/G + c)."""
+        if t is None or t.numel() == 1:
+            return None if t is None else t.reshape(())
+        out = self.out_shape(kind)
+        nd, G = len(out), self.groups
+        v = t.reshape(-1)
+        if kind is GemmKind.OUTPUT:
+            return v.reshape(1, -1, *(1,) * (nd - 2))
+        if kind is GemmKind.GRAD_INPUT:
+            return v.repeat(G).reshape(1, -1, *(1,) * (nd - 2))
+        per_group = v.reshape(G, v.shape[0] // G).repeat_interleave(out[0] // G, 0)  # (K, C/G)
+        return per_group.reshape(*out[:2], *(1,) * (nd - 2))
+
+
+def out_memory_format(channels_last: bool, ndim: int) -> torch.memory_format:
+    """The memory order of a low-bit convolution's result: the traced convolution's own
+    (channels-last where it was, else contiguous), so the graph's later views still apply."""
+    if channels_last and ndim == 4:
+        return torch.channels_last
+    if channels_last and ndim == 5:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is laid out channels-last and not also plainly contiguous."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+
+
+def layout_problem(kind: GemmKind, geo: ConvGeometry, a_stats: list, b_stats: list) -> str | None:
+    """Why the statistics of ``a`` / ``b`` (shapes, or None) cannot be applied after the
+    convolution of their codes; None when they can."""
+    a_shape, b_shape = geo.operand_shapes(kind)
+    a_role, a_ok, b_role, b_ok, over = _WHAT[kind]
+    for stats, shape, axis, role, ok in ((a_stats, a_shape, _A_AXIS[kind], a_role, a_ok), (b_stats, b_shape, _B_AXIS[kind], b_role, b_ok)):
+        for s in stats:
+            if s is None or len(s) == 0 or all(d == 1 for d in s):
+                continue
+            if len(s) != len(shape) or any(d != 1 for i, d in enumerate(s) if i != axis) or s[axis] != shape[axis]:
+                return (f"{role} scales of shape {tuple(s)} vary along the contraction ({over}); "
+                        f"{kind.value} can apply per-tensor or {ok} scales (Granularity.CHANNEL / ROW as the recipe's int8)")
+    return None
+
+
+def qconv_ref(
+    kind: GemmKind, a: QOperand, b: QOperand, geo: ConvGeometry, bias: torch.Tensor | None, out_dtype: torch.dtype,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """The GEMM ``kind`` of a convolution on the codes, dequantized in the epilogue (the
+    reference of every low-bit convolution kernel). Integer codes convolve exactly in fp64."""
+    acc_dtype = torch.float64 if not a.codes.dtype.is_floating_point else torch.float32
+    acc = geo.bilinear(kind, a.codes.to(acc_dtype), b.codes.to(acc_dtype))
+    return dequantize_conv_accumulator(kind, acc, a, b, geo, bias, out_dtype, channels_last)
+
+
+def dequantize_conv_accumulator(
+    kind: GemmKind, acc: torch.Tensor, a: QOperand, b: QOperand, geo: ConvGeometry, bias: torch.Tensor | None,
+    out_dtype: torch.dtype, channels_last: bool = False,
+) -> torch.Tensor:
+    """The epilogue of :func:`qconv_ref` given ``acc = f(a.codes, b.codes)`` (fp64 exact, or the
+    fp32 a kernel wrote); the order of operations of ``reference.dequantize_accumulator``."""
+    sa, sb = geo.stat_a(kind, a.scale).to(torch.float32), geo.stat_b(kind, b.scale).to(torch.float32)
+    if a.zero_point is None and b.zero_point is None and a.offset is None and b.offset is None:
+        out = (acc.to(torch.float32) * sa) * sb
+    else:
+        wide = torch.float64  # every correction is a sum of integers: exact here
+        zero = torch.zeros((), dtype=wide, device=acc.device)
+
+        def stat(t, fn):
+            s = fn(kind, t)
+            return zero if s is None else s.to(wide)
+
+        za, zb = stat(a.zero_point, geo.stat_a), stat(b.zero_point, geo.stat_b)
+        oa, ob = stat(a.offset, geo.stat_a).float(), stat(b.offset, geo.stat_b).float()
+        fa1 = geo.sum_a(kind, a.codes.to(wide))
+        f1b = geo.sum_b(kind, b.codes.to(wide))
+        f11 = geo.sum_ones(kind, zero)
+        t1 = acc.to(wide) - zb * fa1 - za * f1b + za * zb * f11
+        t2 = (fa1 - za * f11).to(torch.float32)
+        t3 = (f1b - zb * f11).to(torch.float32)
+        out = (t1.to(torch.float32) * sa) * sb + (sa * ob) * t2 + (oa * sb) * t3 + (oa * ob) * f11.to(torch.float32)
+    if bias is not None:
+        out = out + bias.to(torch.float32).reshape(1, -1, *(1,) * (out.dim() - 2))
+    return out.to(out_dtype).contiguous(memory_format=out_memory_format(channels_last, out.dim()))
