@@ -125,8 +125,7 @@ class ConvGeometry:
 
     def sum_b(self, kind: GemmKind, b: torch.Tensor) -> torch.Tensor:
         """``f(1, b)``: each output element's windowed sum of ``b`` (a all ones)."""
-        G, k = self.groups, self.w_shape[2:]
-        K = self.w_shape[0]
+        G, K = self.groups, self.w_shape[0]
         if kind is GemmKind.OUTPUT:  # one output image, broadcast over the batch
             return self.conv(b.new_ones((1, G, *self.x_shape[2:])), b.sum(1, keepdim=True), G)
         if kind is GemmKind.GRAD_INPUT:
@@ -193,13 +192,14 @@ def layout_problem(kind: GemmKind, geo: ConvGeometry, a_stats: list, b_stats: li
     convolution of their codes; None when they can."""
     a_shape, b_shape = geo.operand_shapes(kind)
     a_role, a_ok, b_role, b_ok, over = _WHAT[kind]
-    for stats, shape, axis, role, ok in ((a_stats, a_shape, _A_AXIS[kind], a_role, a_ok), (b_stats, b_shape, _B_AXIS[kind], b_role, b_ok)):
+    sides = ((a_stats, a_shape, _A_AXIS[kind], a_role, a_ok), (b_stats, b_shape, _B_AXIS[kind], b_role, b_ok))
+    for stats, shape, axis, role, ok in sides:
         for s in stats:
             if s is None or len(s) == 0 or all(d == 1 for d in s):
                 continue
             if len(s) != len(shape) or any(d != 1 for i, d in enumerate(s) if i != axis) or s[axis] != shape[axis]:
                 return (f"{role} scales of shape {tuple(s)} vary along the contraction ({over}); "
-                        f"{kind.value} can apply per-tensor or {ok} scales (Granularity.CHANNEL / ROW as the recipe's int8)")
+                        f"{kind.value} can apply per-tensor or {ok} scales (the int8 recipe's ROW / CHANNEL specs)")
     return None
 
 

@@ -128,7 +128,8 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
         shifted = xp[(slice(None), *window)].reshape(rows, C)
         for grp in range(G):
             b = shifted[:, grp * Cg:(grp + 1) * Cg] if G > 1 else shifted
-            result[(slice(grp * Kg, (grp + 1) * Kg), slice(None), *offset)] = torch._int_mm(_dense(g_t[grp * Kg:(grp + 1) * Kg]), _dense(b))
+            rows_of = slice(grp * Kg, (grp + 1) * Kg)
+            result[(rows_of, slice(None), *offset)] = torch._int_mm(_dense(g_t[rows_of]), _dense(b))
     return result.to(torch.float32)
 
 
