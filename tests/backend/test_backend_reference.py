@@ -187,12 +187,18 @@ N_SAMPLES = 300
 Z_BOUND = 5.0
 
 
-@pytest.mark.parametrize("recipe", ["ptq4", "psq4", "bhq4"])
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_theorem1_mean_fqt_gradient_is_the_qat_gradient(name, recipe):
+THEOREM1_CASES = [(name, recipe, "reference") for name in ("mlp", "cnn") for recipe in ("ptq4", "psq4", "bhq4")]
+# through the real low-bit kernels: every conv GEMM of the CNN under ptq4 runs on int8 convolutions
+# (zero-point corrections included), and bhq4's dgrad on them with T^-1 after
+THEOREM1_CASES += [("cnn", "ptq4", "kernels"), ("cnn", "bhq4", "kernels")]
+
+
+@pytest.mark.parametrize(("name", "recipe", "execution"), THEOREM1_CASES)
+def test_theorem1_mean_fqt_gradient_is_the_qat_gradient(name, recipe, execution):
     case = make_case(name)  # the CNN stays in train mode: BatchNorm uses batch statistics
     _, qat = step(case, compile_fqt(case.model, "qat"))
-    fqt_model = compile_fqt(case.model, recipe)
+    options = {"execution": "kernels", "inductor": False} if execution == "kernels" else {}
+    fqt_model = compile_fqt(case.model, recipe, **options)
     samples: dict[str, list[torch.Tensor]] = {k: [] for k in qat}
     for i in range(N_SAMPLES):
         _, grads = step(case, fqt_model, seed=1000 + i)

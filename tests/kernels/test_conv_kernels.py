@@ -1,0 +1,145 @@
+"""Low-bit convolution GEMMs (forward, dgrad, wgrad): the CPU int8 kernels against the exact
+integer convolution, and ``fqt::qconv`` against quantize -> dequantize -> high-precision
+convolution, on random geometries (1-D / 2-D / 3-D, stride, padding, dilation, groups) and
+every statistics layout the legality rules admit, zero points and offsets included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fqt_compiler.codegen.kernels.conv_cpu import conv_codes_cpu, onednn_available
+from fqt_compiler.conv import ConvGeometry, layout_problem, qconv_ref
+from fqt_compiler.conv_ops import CONV_KINDS, qconv_op
+from fqt_compiler.grid import QOperand
+from fqt_compiler.specs import GemmKind
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN int8 convolution"),
+]
+
+KINDS = list(CONV_KINDS)
+# the axis of a / b whose statistics the GEMM can apply (conv.py's table)
+AXES = {GemmKind.OUTPUT: (0, 0), GemmKind.GRAD_INPUT: (0, 1), GemmKind.GRAD_WEIGHT: (1, 1)}
+
+
+@st.composite
+def geometries(draw) -> ConvGeometry:
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    c, k = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 4))
+    n = draw(st.integers(1, 3))
+    kernel = [draw(st.integers(1, 3)) for _ in range(dims)]
+    stride = [draw(st.integers(1, 3)) for _ in range(dims)]
+    dilation = [draw(st.integers(1, 2)) for _ in range(dims)]
+    padding = [draw(st.integers(0, 2)) for _ in range(dims)]
+    # every dim at least one window long
+    size = [draw(st.integers(max(1, d * (kk - 1) + 1 - 2 * p), 9)) for d, kk, p in zip(dilation, kernel, padding)]
+    x_shape, w_shape = (n, c, *size), (k, c // groups, *kernel)
+    y = torch.ops.aten.convolution(torch.zeros(x_shape), torch.zeros(w_shape), None, stride, padding, dilation, False,
+                                   [0] * dims, groups)
+    return ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), groups, x_shape, w_shape, tuple(y.shape))
+
+
+def _codes(shape, gen) -> torch.Tensor:
+    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+
+
+def _operand(shape, axis, per_axis, zero_point, offset, gen) -> QOperand:
+    s_shape = [1] * len(shape)
+    if per_axis:
+        s_shape[axis] = shape[axis]
+    scale = torch.rand(s_shape, generator=gen) + 0.05
+    zp = torch.randint(-128, 8, s_shape, generator=gen).float() if zero_point else None
+    off = torch.randn(s_shape, generator=gen) if offset else None
+    return QOperand(_codes(shape, gen), scale, zp, off)
+
+
+def _dequantized(q: QOperand) -> torch.Tensor:
+    x = q.codes.double()
+    if q.zero_point is not None:
+        x = x - q.zero_point.double()
+    x = x * q.scale.double()
+    return x + q.offset.double() if q.offset is not None else x
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(geo=geometries(), kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16))
+def test_cpu_kernels_equal_the_integer_convolution(geo, kind, seed):
+    """oneDNN (fprop, dgrad with stride spreading) and the per-offset int_mm wgrad give the
+    exact integer sums, rounded to fp32 once, as the fp64 convolution of the codes does."""
+    gen = torch.Generator().manual_seed(seed)
+    a_shape, b_shape = geo.operand_shapes(kind)
+    a, b = _codes(a_shape, gen), _codes(b_shape, gen)
+    got = conv_codes_cpu(kind, a, b, geo)
+    want = geo.bilinear(kind, a.double(), b.double())
+    assert got.shape == want.shape
+    assert torch.equal(got, want.float()), (got - want).abs().max()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(geo=geometries(), kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16),
+       layout=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.booleans()))
+def test_qconv_equals_dequantize_then_convolve(geo, kind, seed, layout):
+    """fqt::qconv (and its reference) against quantize -> dequantize -> fp64 convolution, for
+    per-tensor / per-axis scales with and without zero points and offsets (the windowed-sum
+    corrections at the borders, padding and groups included): equal to fp32 round-off."""
+    gen = torch.Generator().manual_seed(seed)
+    a_shape, b_shape = geo.operand_shapes(kind)
+    ax_a, ax_b = AXES[kind]
+    a = _operand(a_shape, ax_a, *layout[:3], gen)
+    b = _operand(b_shape, ax_b, *layout[3:], gen)
+    bias = torch.randn(geo.w_shape[0], generator=gen) if kind is GemmKind.OUTPUT else None
+    want = geo.bilinear(kind, _dequantized(a), _dequantized(b))
+    if bias is not None:
+        want = want + bias.double().reshape(1, -1, *(1,) * geo.spatial)
+    out_shape = list(geo.out_shape(kind))
+    got = qconv_op(KINDS.index(kind), *a, *b, bias, list(geo.stride), list(geo.padding), list(geo.dilation), geo.groups,
+                   out_shape, torch.float32, False)
+    ref = qconv_ref(kind, a, b, geo, bias, torch.float32)
+    scale = want.abs().max().item() + 1e-30
+    assert got.shape == want.shape and got.is_contiguous()
+    assert (got.double() - want).abs().max().item() <= 2e-6 * scale
+    assert (ref.double() - want).abs().max().item() <= 2e-6 * scale
+    if a.zero_point is None and b.zero_point is None and a.offset is None and b.offset is None:
+        assert torch.equal(got, ref), "symmetric codes: kernel and reference agree bit for bit"
+
+
+def test_a_nonzero_weight_zero_point_is_applied():
+    """oneDNN ignores a weight zero point without a word (about 5% error); qconv applies it as
+    a windowed sum of the input, so a zero-on-grid weight convolves exactly."""
+    gen = torch.Generator().manual_seed(3)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (2, 8, 6, 6), (16, 8, 3, 3), (2, 16, 6, 6))
+    x = QOperand(_codes(geo.x_shape, gen), torch.tensor(0.02))
+    w = QOperand(_codes(geo.w_shape, gen), torch.tensor(0.01), torch.tensor(-37.0))
+    want = geo.conv(_dequantized(x), _dequantized(w))
+    got = qconv_op(0, *x, *w, None, [1, 1], [1, 1], [1, 1], 1, list(geo.y_shape), torch.float32, False)
+    ignored = qconv_op(0, *x, w.codes, w.scale, None, None, None, [1, 1], [1, 1], [1, 1], 1, list(geo.y_shape),
+                       torch.float32, False)
+    assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
+    assert (ignored.double() - want).abs().max() > 1e-2 * want.abs().max(), "the zero point matters here"
+
+
+def test_channels_last_result_when_the_convolution_was():
+    gen = torch.Generator().manual_seed(4)
+    geo = ConvGeometry((1, 1), (0, 0), (1, 1), 1, (2, 4, 5, 5), (6, 4, 1, 1), (2, 6, 5, 5))
+    x, w = QOperand(_codes(geo.x_shape, gen), torch.tensor(0.1)), QOperand(_codes(geo.w_shape, gen), torch.tensor(0.1))
+    out = qconv_op(0, *x, *w, None, [1, 1], [0, 0], [1, 1], 1, list(geo.y_shape), torch.float32, True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, qconv_ref(GemmKind.OUTPUT, x, w, geo, None, torch.float32))
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
+def test_layout_problem_names_the_varying_operand(kind):
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (2, 4, 5, 5), (6, 4, 3, 3), (2, 6, 5, 5))
+    a_shape, b_shape = geo.operand_shapes(kind)
+    ax_a, ax_b = AXES[kind]
+    ok_a = tuple(s if i == ax_a else 1 for i, s in enumerate(a_shape))
+    ok_b = tuple(s if i == ax_b else 1 for i, s in enumerate(b_shape))
+    assert layout_problem(kind, geo, [ok_a, ()], [ok_b, None]) is None
+    per_position = (1, *a_shape[1:])  # the paper's per-(channel, position) columns
+    why = layout_problem(kind, geo, [per_position], [ok_b])
+    assert why is not None and "vary along the contraction" in why
