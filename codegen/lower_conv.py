@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from fqt_compiler.conv import ConvGeometry, is_channels_last, layout_problem
-from fqt_compiler.conv_ops import CONV_KINDS, qconv_op
+from fqt_compiler.ops import CONV_KINDS, qconv_op
 from fqt_compiler.layout import Layout
 from fqt_compiler.ops import bhq_inverse_op
 from fqt_compiler.specs import GemmKind

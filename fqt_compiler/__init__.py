@@ -21,7 +21,6 @@ from .errors import FQTError, OptionsError, PassError, QuantizerError, SpecError
 # reference numerics
 from .reference import quantize
 from . import ops as _ops  # registers the fqt:: custom ops
-from . import conv_ops as _conv_ops  # noqa: F401  (registers fqt::qconv)
 
 # backend and inspection
 from .backend import FQTBackend, backend, fqt_backend, last_compiles

@@ -63,6 +63,17 @@ class ConvGeometry:
     w_shape: tuple[int, ...]
     y_shape: tuple[int, ...]
 
+    @classmethod
+    def of_call(cls, kind: GemmKind, a_shape, b_shape, out_shape, stride, padding, dilation, groups) -> ConvGeometry:
+        """The convolution behind one ``fqt::qconv`` call: its operands' and result's shapes by role."""
+        a, b, out = tuple(a_shape), tuple(b_shape), tuple(out_shape)
+        x, w, y = {
+            GemmKind.OUTPUT: (a, b, out),
+            GemmKind.GRAD_INPUT: (out, b, a),
+            GemmKind.GRAD_WEIGHT: (b, out, a),
+        }[kind]
+        return cls(tuple(stride), tuple(padding), tuple(dilation), int(groups), x, w, y)
+
     @property
     def spatial(self) -> int:
         return len(self.x_shape) - 2

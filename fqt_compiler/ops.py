@@ -57,12 +57,13 @@ import torch
 from .errors import SpecError
 from .bhq import bhq_inverse_ref, bhq_quantize_ref
 from .fusion_program import Program, run_reference
+from .conv import ConvGeometry, dequantize_conv_accumulator, out_memory_format, qconv_ref
 from .grid import QOperand
 from .layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, scale_shape
 from .memory_order import CodeLayout, alloc_codes
 from .quantizers import get_quantizer, run_custom
 from .reference import dequantize_accumulator, fake_quantize_ref, qmm_ref, quantize_ref
-from .specs import Granularity, QuantSpec, Transform
+from .specs import GemmKind, Granularity, QuantSpec, Transform
 
 __all__ = [
     "quantize_op", "quantize_stochastic_op", "fake_quantize_op", "bhq_quantize_op", "bhq_inverse_op",
@@ -71,6 +72,7 @@ __all__ = [
     "fused_quantize_op", "qmm_epilogue_op", "qmm_epilogue_stats_op", "qmm_cpu", "triton_here", "reference_partials",
     "TRITON_LAUNCHES", "kernel_hook", "qmm_triton", "quantize_triton", "bhq_quantize_triton", "bhq_inverse_triton",
     "fake_quantize_inline", "fused_quantize_triton", "qmm_epilogue_triton", "qmm_epilogue_stats_triton",
+    "CONV_KINDS", "qconv_op", "qconv_cpu",
 ]
 
 
@@ -543,3 +545,62 @@ TRITON_LAUNCHES = {
     qmm_epilogue_op: qmm_epilogue_triton,
     qmm_epilogue_stats_op: qmm_epilogue_stats_triton,
 }
+
+# ---------------------------------------------------------------- convolutions (fqt_compiler.conv)
+# fqt::qconv: one GEMM of a convolution (forward, dgrad or wgrad) on two operands' codes and
+# statistics (``a`` per-row, ``b`` per-column of the result, conv.py's table), dequantized. CPU
+# int8 codes run codegen.kernels.conv_cpu (oneDNN / torch._int_mm); anything else the reference.
+# The result is laid out as the convolution it replaces was (``channels_last``), on every path
+# and in the fake, so the graph's later views and compiled code reading it by strides agree.
+# The GEMM a qconv call computes, by its integer ``kind`` argument:
+CONV_KINDS = (GemmKind.OUTPUT, GemmKind.GRAD_INPUT, GemmKind.GRAD_WEIGHT)
+
+
+def qconv_cpu(
+    kind: GemmKind, a: QOperand, b: QOperand, geo: ConvGeometry, bias, out_dtype, channels_last: bool = False
+) -> torch.Tensor:
+    """The CPU path: int8 codes on oneDNN / ``torch._int_mm``, the shared epilogue after."""
+    from fqt_compiler.codegen.kernels.conv_cpu import conv_codes_cpu, onednn_available
+
+    empty = a.codes.numel() == 0 or b.codes.numel() == 0  # nothing to convolve (a batch of 0)
+    if empty or a.codes.dtype != torch.int8 or b.codes.dtype != torch.int8 or not onednn_available():
+        return qconv_ref(kind, a, b, geo, bias, out_dtype, channels_last)
+    acc = conv_codes_cpu(kind, a.codes, b.codes, geo)
+    return dequantize_conv_accumulator(kind, acc, a, b, geo, bias, out_dtype, channels_last)
+
+
+@torch.library.custom_op("fqt::qconv", mutates_args=())
+def _qconv(
+    kind: int,
+    a: torch.Tensor,
+    sa: torch.Tensor,
+    za: torch.Tensor | None,
+    oa: torch.Tensor | None,
+    b: torch.Tensor,
+    sb: torch.Tensor,
+    zb: torch.Tensor | None,
+    ob: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_shape: list[int],
+    out_dtype: torch.dtype,
+    channels_last: bool,
+) -> torch.Tensor:
+    gemm = CONV_KINDS[kind]
+    geo = ConvGeometry.of_call(gemm, a.shape, b.shape, out_shape, stride, padding, dilation, groups)
+    qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
+    if a.device.type == "cpu":
+        return qconv_cpu(gemm, qa, qb, geo, bias, out_dtype, channels_last)
+    return qconv_ref(gemm, qa, qb, geo, bias, out_dtype, channels_last)
+
+
+@_qconv.register_fake
+def _qconv_fake(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilation, groups, out_shape, out_dtype, channels_last):
+    fmt = out_memory_format(channels_last, len(out_shape))
+    return a.new_empty(out_shape, dtype=out_dtype).contiguous(memory_format=fmt)
+
+
+qconv_op = torch.ops.fqt.qconv.default

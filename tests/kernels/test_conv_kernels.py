@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fqt_compiler.codegen.kernels.conv_cpu import conv_codes_cpu, onednn_available
 from fqt_compiler.conv import ConvGeometry, layout_problem, qconv_ref
-from fqt_compiler.conv_ops import CONV_KINDS, qconv_op
+from fqt_compiler.ops import CONV_KINDS, qconv_op
 from fqt_compiler.grid import QOperand
 from fqt_compiler.specs import GemmKind
 
