@@ -32,13 +32,25 @@ def _shape(n: fx.Node) -> tuple:
     return tuple(n.meta["val"].shape)
 
 
-def _operands(node: fx.Node, kind: GemmKind) -> tuple[fx.Node, fx.Node, fx.Node]:
-    """(a, b, the node whose value is the GEMM's result) of a convolution GEMM node."""
+# A transposed convolution's GEMMs are those of the convolution it transposes, in another order:
+# its forward is that convolution's dgrad, its dgrad that convolution's forward, and its wgrad
+# that convolution's wgrad with the operands' roles swapped (its input plays dY).
+_TRANSPOSED = {
+    GemmKind.OUTPUT: GemmKind.GRAD_INPUT, GemmKind.GRAD_INPUT: GemmKind.OUTPUT, GemmKind.GRAD_WEIGHT: GemmKind.GRAD_WEIGHT,
+}
+
+
+def _operands(node: fx.Node, kind: GemmKind) -> tuple[GemmKind, fx.Node, fx.Node, fx.Node]:
+    """(the GEMM of a plain convolution it computes, a, b, the node whose value is its result)."""
+    transposed = bool(arg(node, "transposed"))
     if node.target is aten.convolution.default:
-        return node.args[0], node.args[1], node
+        return (_TRANSPOSED[kind] if transposed else kind), node.args[0], node.args[1], node
     out_idx = 0 if kind is GemmKind.GRAD_INPUT else 1
     result = next(u for u in node.users if u.target is operator.getitem and u.args[1] == out_idx)
-    return node.args[0], node.args[2 if kind is GemmKind.GRAD_INPUT else 1], result
+    if kind is GemmKind.GRAD_INPUT:
+        return (_TRANSPOSED[kind] if transposed else kind), node.args[0], node.args[2], result
+    a, b = (node.args[1], node.args[0]) if transposed else (node.args[0], node.args[1])
+    return kind, a, b, result
 
 
 def _device_problem(device: torch.device) -> str | None:
@@ -53,9 +65,8 @@ def _device_problem(device: torch.device) -> str | None:
     return None
 
 
-def _check(node: fx.Node, kind: GemmKind, ops: list[DequantOperand], device: torch.device) -> str | None:
-    if arg(node, "transposed"):
-        return "transposed convolution: no low-bit kernel (oneDNN has no int8 transposed convolution)"
+def _check(kind: GemmKind, ops: list[DequantOperand], device: torch.device) -> str | None:
+    """Why the GEMM ``kind`` (of a plain convolution) on these operands stays simulated."""
     bad = _device_problem(device)
     if bad:
         return bad
@@ -67,8 +78,8 @@ def _check(node: fx.Node, kind: GemmKind, ops: list[DequantOperand], device: tor
     a_op, b_op = ops
     if b_op.transform is not None:
         return "BHQ transform on the right operand: T^-1 does not commute with the convolution there"
-    if a_op.transform is not None and kind is not GemmKind.GRAD_INPUT:
-        return f"BHQ on {kind.value}: T^-1 acts on samples, which {kind.value} contracts"
+    if a_op.transform is not None and kind is GemmKind.GRAD_WEIGHT:
+        return "BHQ on grad_weight: T^-1 acts on grad_output's samples, which the weight gradient contracts"
     if a_op.transform is not None and arg(a_op.transform, "layout") != int(Layout.DIM0):
         return "BHQ rows are not the samples of grad_output"
     return None
@@ -76,15 +87,17 @@ def _check(node: fx.Node, kind: GemmKind, ops: list[DequantOperand], device: tor
 
 def lower_convolution(gm: fx.GraphModule, node: fx.Node, kind: GemmKind, device: torch.device) -> tuple[bool, str]:
     """Replace one convolution GEMM by ``fqt::qconv`` in place: (True, kernel) when lowered,
-    (False, reason) when it stays simulated."""
-    a_arg, b_arg, result = _operands(node, kind)
+    (False, reason) when it stays simulated. A transposed convolution's GEMM runs as the GEMM of
+    the plain convolution it transposes (``_TRANSPOSED``)."""
+    transposed = bool(arg(node, "transposed"))
+    kind, a_arg, b_arg, result = _operands(node, kind)
     ops = []
     for x in (a_arg, b_arg):
         m = match_operand(x)
         if isinstance(m, str):
             return False, m
         ops.append(m)
-    bad = _check(node, kind, ops, device)
+    bad = _check(kind, ops, device)
     if bad:
         return False, bad
     a_op, b_op = ops
@@ -92,17 +105,12 @@ def lower_convolution(gm: fx.GraphModule, node: fx.Node, kind: GemmKind, device:
                                          for n in ("stride", "padding", "dilation", "groups"))
     a_stats, b_stats = ([s for s in (o.scale, o.zp, o.offset)] for o in ops)
     out_shape = _shape(result)
-    x_shape, w_shape, y_shape = {
-        GemmKind.OUTPUT: (_shape(a_op.codes), _shape(b_op.codes), out_shape),
-        GemmKind.GRAD_INPUT: (out_shape, _shape(b_op.codes), _shape(a_op.codes)),
-        GemmKind.GRAD_WEIGHT: (_shape(b_op.codes), out_shape, _shape(a_op.codes)),
-    }[kind]
-    geo = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), groups, x_shape, w_shape, y_shape)
+    geo = ConvGeometry.of_call(kind, _shape(a_op.codes), _shape(b_op.codes), out_shape, stride, padding, dilation, groups)
     shapes = [[None if s is None else _shape(s) for s in stats] for stats in (a_stats, b_stats)]
     bad = layout_problem(kind, geo, *shapes)
     if bad:
-        return False, bad
-    bias = node.args[2] if kind is GemmKind.OUTPUT else None
+        return False, f"transposed convolution, run as the {kind.value} of the one it transposes: {bad}" if transposed else bad
+    bias = node.args[2] if node.target is aten.convolution.default else None
     out_dtype = result.meta["val"].dtype
     graph = gm.graph
     with graph.inserting_before(node):
@@ -111,7 +119,7 @@ def lower_convolution(gm: fx.GraphModule, node: fx.Node, kind: GemmKind, device:
                 stride, padding, dilation, groups, list(out_shape), torch.float32 if bhq else out_dtype,
                 is_channels_last(result.meta["val"]))
         new = call(graph, qconv_op, args, like=result)
-        if bhq:  # GEMM on the codes of T dY; T^-1 acts on the result's samples (its rows)
+        if bhq:  # GEMM on the codes of T dY; a per-sample map, so T^-1 acts on the result's samples (rows)
             group, u, s_ = a_op.transform.args[1:4]
             new = call(graph, bhq_inverse_op, (new, group, u, s_, int(Layout.DIM0)), like=result)
             if out_dtype != torch.float32:
@@ -128,4 +136,4 @@ def lower_convolution(gm: fx.GraphModule, node: fx.Node, kind: GemmKind, device:
               GemmKind.GRAD_WEIGHT: "torch._int_mm per kernel offset (wgrad)"}[kind]
     if bhq:
         kernel += ", then T^-1 on the output samples"
-    return True, kernel
+    return True, f"transposed: {kernel}" if transposed else kernel

@@ -25,9 +25,10 @@ from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo, QuantNodeKind
-from fqt_compiler.specs import GemmKind, TensorRole
+from fqt_compiler.specs import GemmKind, Granularity, QuantSpec, TensorRole
 
 
+from fqt_compiler.passes import matchers as m
 from fqt_compiler.passes.base import BackwardGemm, FQTPass, PassContext, Site
 from fqt_compiler.passes.dequant_chain import emit_quantize
 from fqt_compiler.passes.graph_utils import arg, arg_index, call, replay_views
@@ -46,6 +47,19 @@ def _prefer_recompute(dq: fx.Node) -> None:
     while isinstance(node.meta.get("fqt"), QuantNodeInfo) and node.meta["fqt"].what is QuantNodeKind.DEQUANTIZE:
         node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
         node = node.args[0]
+
+
+_SWAPPED = {Granularity.ROW: Granularity.CHANNEL, Granularity.CHANNEL: Granularity.ROW}
+
+
+def _placed(site: Site, role: TensorRole, spec: QuantSpec) -> QuantSpec:
+    """The spec a quantizer of ``role`` runs with at ``site``. A transposed convolution's weight
+    is (in channels, out channels / groups, *kernel): its output channels are dim 1, so the
+    recipe's per-output-channel weight rows (ROW) are placed on dim 1 (CHANNEL) and its
+    per-input-channel weights (CHANNEL) on dim 0 (ROW): the layouts its GEMMs can apply."""
+    if role is not TensorRole.WEIGHT or not (m.is_conv(site.node) and arg(site.node, "transposed")):
+        return spec
+    return spec.with_(granularity=_SWAPPED[spec.granularity]) if spec.granularity in _SWAPPED else spec
 
 
 class InsertQDQ(FQTPass):
@@ -89,7 +103,8 @@ class InsertQDQ(FQTPass):
             x = site.forward_operands[pos]
             info = QuantNodeInfo(site.site_id, GemmKind.OUTPUT, site.roles[pos], spec.key(), QuantNodeKind.QUANTIZE)
             with graph.inserting_before(site.node):
-                dq[pos] = emit_quantize(graph, x, spec, site.layouts[pos], info, like=site.node, tag=None)
+                dq[pos] = emit_quantize(graph, x, _placed(site, site.roles[pos], spec), site.layouts[pos], info, like=site.node,
+                                        tag=None)
             _prefer_recompute(dq[pos])
             site.node.update_arg(site.operand_args[pos], dq[pos])
             quantized.append(site.operand_args[pos])
@@ -114,7 +129,8 @@ class InsertQDQ(FQTPass):
                     operand = replay_views(graph, bwd.chain, source, info=replay_info)
                 if bwd.operand_spec != fwd_spec:
                     info = QuantNodeInfo(site.site_id, bwd.kind, role, bwd.operand_spec.key(), QuantNodeKind.QUANTIZE)
-                    operand = emit_quantize(graph, operand, bwd.operand_spec, bwd.fwd_layout, info, like=node, tag=tag)
+                    spec = _placed(site, role, bwd.operand_spec)
+                    operand = emit_quantize(graph, operand, spec, bwd.fwd_layout, info, like=node, tag=tag)
             if bwd.grad_spec is not None:
                 info = QuantNodeInfo(site.site_id, bwd.kind, TensorRole.GRAD_OUTPUT, bwd.grad_spec.key(), QuantNodeKind.QUANTIZE)
                 grad = emit_quantize(graph, grad, bwd.grad_spec, bwd.grad_layout, info, like=node, tag=tag)

@@ -139,3 +139,49 @@ def test_convolution_gemms_run_on_int8_kernels_and_match_reference(recipe):
             assert g.status is fqt.GemmStatus.SIMULATED and "vary along the contraction" in g.reason, g
         else:
             assert g.status is fqt.GemmStatus.LOWBIT_KERNEL, g
+
+
+class _Transposed(torch.nn.Module):
+    """Transposed convolutions (strided, grouped, output padding, 1-D) after a plain one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.t = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.t1 = nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.t(torch.relu(self.c(x))))
+        return self.t1(h.mean(2))
+
+
+@pytest.mark.parametrize("recipe", ["int8", "ptq8", "bhq8"])
+def test_transposed_convolutions_run_as_the_gemms_they_transpose(recipe):
+    """A transposed convolution's forward runs on the dgrad kernel, its dgrad on the forward
+    kernel, its wgrad on the wgrad kernel with the roles swapped; the recipe's per-output-channel
+    weight is placed on the transposed weight's dim 1. Equal to the reference step."""
+    torch.manual_seed(6)
+    model, x = _Transposed(), torch.randn(3, 3, 5, 5)
+    target = torch.randn(3, 4, 20)
+
+    def run(**options):
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        be = fqt.backend(recipe=recipe, **options)
+        torch.manual_seed(78)
+        loss = torch.nn.functional.mse_loss(torch.compile(model, backend=be)(x), target)
+        loss.backward()
+        return loss.detach(), param_grads(model), be
+
+    loss_r, grads_r, _ = run(execution="reference")
+    loss_k, grads_k, be = run(execution="kernels", inductor=False)
+    assert _close(loss_k, loss_r, 1e-5)
+    _assert_grads_close(grads_k, grads_r, 1e-4)
+    transposed = [g for r in be.records for s in r.decisions[1:] for g in s.gemms]
+    assert len(transposed) == 6
+    for g in transposed:
+        if recipe == "bhq8" and g.kind is GemmKind.GRAD_WEIGHT:
+            assert g.status is fqt.GemmStatus.SIMULATED and "transposed" in g.reason, g
+        else:
+            assert g.status is fqt.GemmStatus.LOWBIT_KERNEL and g.kernel.startswith("transposed: "), g
