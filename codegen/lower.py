@@ -26,6 +26,7 @@ from fqt_compiler.passes.dequant_chain import CONVERT, DequantOperand, match_ope
 from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call, replay_view
 
 from fqt_compiler.ops import qmm_op
+from fqt_compiler.codegen.code_dtypes import FP8_NAMES, unsupported_codes
 from fqt_compiler.codegen.lower_conv import CONV_TARGETS, lower_convolution
 
 aten = torch.ops.aten
@@ -98,27 +99,6 @@ def _check_layout(stats: list[fx.Node | None], axis: int, role: str) -> str | No
     return None
 
 
-_FP8_NAMES = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
-
-
-def _unsupported_codes(a: torch.dtype, b: torch.dtype, device: torch.device) -> str | None:
-    """Why no low-bit GEMM takes codes of these dtypes on ``device`` (None: one does). int8
-    pairs run everywhere; fp8 pairs, mixed e5m2 x e4m3 included (the backward GEMMs of the
-    fp8 recipe), on CUDA, where sm_90's fp8 MMA takes any pair of the two formats."""
-    if torch.uint8 in (a, b):
-        return "uint8 codes: use format='int' (same levels, int8 storage) for an int8 GEMM"
-    if a == b == torch.int8:
-        return None
-    if a in _FP8_NAMES and b in _FP8_NAMES:
-        if device.type != "cuda":
-            return f"no fast fp8 GEMM on {device.type}"
-        # a real device without fp8 MMA (before sm_89); a graph traced for CUDA elsewhere is lowered as for sm_90
-        if torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 9):
-            return f"no fp8 tensor cores on {torch.cuda.get_device_name(device)} (needs sm_89 or later)"
-        return None
-    return f"operand codes differ in dtype ({a} x {b}): no GEMM takes this pair"
-
-
 def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: torch.device) -> LoweredGemm:
     def simulated(reason: str) -> LoweredGemm:
         return LoweredGemm(info.site_id, info.gemm, GemmStatus.SIMULATED, reason)
@@ -139,7 +119,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
         if isinstance(m, str):
             return simulated(m)
         ops.append(m)
-    bad = _unsupported_codes(ops[0].spec.code_dtype, ops[1].spec.code_dtype, device)
+    bad = unsupported_codes(ops[0].spec.code_dtype, ops[1].spec.code_dtype, device)
     if bad:
         return simulated(bad)
     a_op, b_op = ops
@@ -178,7 +158,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
     graph.erase_node(node)
     kernel = "triton qmm" if device.type == "cuda" else "torch._int_mm + epilogue"
     if a_op.spec.code_dtype != b_op.spec.code_dtype:
-        kernel += f" ({_FP8_NAMES[a_op.spec.code_dtype]} x {_FP8_NAMES[b_op.spec.code_dtype]})"
+        kernel += f" ({FP8_NAMES[a_op.spec.code_dtype]} x {FP8_NAMES[b_op.spec.code_dtype]})"
     if a_op.transform is not None:
         kernel += ", then T^-1 on the output rows"
     return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=kernel)

@@ -13,6 +13,7 @@ import operator
 import torch
 from torch import fx
 
+from fqt_compiler.codegen.code_dtypes import unsupported_codes
 from fqt_compiler.conv import ConvGeometry, is_channels_last, layout_problem
 from fqt_compiler.ops import CONV_KINDS, qconv_op
 from fqt_compiler.layout import Layout
@@ -53,9 +54,9 @@ def _operands(node: fx.Node, kind: GemmKind) -> tuple[GemmKind, fx.Node, fx.Node
     return kind, a, b, result
 
 
-def _device_problem(device: torch.device) -> str | None:
+def _device_problem(device: torch.device, geo_dims: int) -> str | None:
     if device.type == "cuda":
-        return "no low-bit convolution kernel on CUDA yet: runs simulated (quantize, dequantize, cuDNN convolution)"
+        return None if geo_dims <= 3 else f"{geo_dims}-D convolution: the Triton kernels take 1-D to 3-D"
     if device.type != "cpu":
         return f"no low-bit convolution kernel on {device.type}"
     from fqt_compiler.codegen.kernels.conv_cpu import onednn_available
@@ -67,15 +68,16 @@ def _device_problem(device: torch.device) -> str | None:
 
 def _check(kind: GemmKind, ops: list[DequantOperand], device: torch.device) -> str | None:
     """Why the GEMM ``kind`` (of a plain convolution) on these operands stays simulated."""
-    bad = _device_problem(device)
+    a_op, b_op = ops
+    bad = _device_problem(device, a_op.codes.meta["val"].dim() - 2)
     if bad:
         return bad
     for o in ops:
         if o.views:
             return "a convolution operand reaches it through view ops: its statistics cannot follow"
-        if o.spec.code_dtype != torch.int8:
-            return f"{o.spec.code_dtype} codes: the CPU convolution kernels take int8 (format='int')"
-    a_op, b_op = ops
+    bad = unsupported_codes(a_op.spec.code_dtype, b_op.spec.code_dtype, device)
+    if bad:
+        return bad
     if b_op.transform is not None:
         return "BHQ transform on the right operand: T^-1 does not commute with the convolution there"
     if a_op.transform is not None and kind is GemmKind.GRAD_WEIGHT:
@@ -83,6 +85,14 @@ def _check(kind: GemmKind, ops: list[DequantOperand], device: torch.device) -> s
     if a_op.transform is not None and arg(a_op.transform, "layout") != int(Layout.DIM0):
         return "BHQ rows are not the samples of grad_output"
     return None
+
+
+def _kernel_name(kind: GemmKind, device: torch.device) -> str:
+    if device.type == "cuda":
+        return {GemmKind.OUTPUT: "triton implicit GEMM", GemmKind.GRAD_INPUT: "triton implicit GEMM (dgrad)",
+                GemmKind.GRAD_WEIGHT: "triton qmm per kernel offset (wgrad)"}[kind]
+    return {GemmKind.OUTPUT: "oneDNN int8 conv", GemmKind.GRAD_INPUT: "oneDNN int8 conv (dgrad)",
+            GemmKind.GRAD_WEIGHT: "torch._int_mm per kernel offset (wgrad)"}[kind]
 
 
 def lower_convolution(gm: fx.GraphModule, node: fx.Node, kind: GemmKind, device: torch.device) -> tuple[bool, str]:
@@ -132,8 +142,7 @@ def lower_convolution(gm: fx.GraphModule, node: fx.Node, kind: GemmKind, device:
             graph.erase_node(node)
     else:
         graph.erase_node(node)
-    kernel = {GemmKind.OUTPUT: "oneDNN int8 conv", GemmKind.GRAD_INPUT: "oneDNN int8 conv (dgrad)",
-              GemmKind.GRAD_WEIGHT: "torch._int_mm per kernel offset (wgrad)"}[kind]
+    kernel = _kernel_name(kind, device)
     if bhq:
         kernel += ", then T^-1 on the output samples"
     return True, f"transposed: {kernel}" if transposed else kernel

@@ -28,7 +28,7 @@ the CPU kernels share :func:`dequantize_conv_accumulator`, so both apply the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -95,19 +95,56 @@ class ConvGeometry:
         return aten.convolution(x, w, None, list(self.stride), list(self.padding), list(self.dilation), False, zeros, g)
 
     def dgrad(self, g: torch.Tensor, w: torch.Tensor, x_shape: tuple[int, ...], groups: int | None = None) -> torch.Tensor:
-        x = g.new_zeros(()).expand(x_shape)  # read for its shape only
-        return self._backward(g, x, w, groups, (True, False, False))[0]
+        """The input gradient of a convolution of this geometry (``groups`` overrides its own)
+        whose input has ``x_shape``: a forward convolution (:meth:`dgrad_as_forward`), so
+        that every device with a convolution runs it."""
+        geo = self if groups is None else replace(self, groups=groups)
+        geo = replace(geo, x_shape=tuple(x_shape), w_shape=tuple(w.shape), y_shape=tuple(g.shape))
+        x, wt, padding, crop = geo.dgrad_as_forward(g, w)
+        zeros = [0] * self.spatial
+        out = aten.convolution(x, wt, None, [1] * self.spatial, padding, list(self.dilation), False, zeros, geo.groups)
+        return out if crop is None else out[crop]
 
     def wgrad(self, g: torch.Tensor, x: torch.Tensor, w_shape: tuple[int, ...], groups: int | None = None) -> torch.Tensor:
-        w = g.new_zeros(()).expand(w_shape)  # read for its shape only
-        return self._backward(g, x, w, groups, (False, True, False))[1]
+        """The weight gradient (of ``w_shape``) of a convolution of this geometry: the forward
+        convolution of x with dY whose batch and channel axes are swapped (x as C/G images of
+        G*N channels, dY as K filters of N channels), stride and dilation exchanged."""
+        G = self.groups if groups is None else groups
+        N, C = x.shape[:2]
+        K, k = w_shape[0], list(w_shape[2:])
+        sp = list(range(3, x.dim() + 1))
+        xt = x.reshape(N, G, C // G, *x.shape[2:]).permute(2, 1, 0, *sp).reshape(C // G, G * N, *x.shape[2:])
+        gt = g.transpose(0, 1)  # (K, N, *out): K filters over N channels, K/G per group
+        zeros = [0] * self.spatial
+        out = aten.convolution(xt, gt, None, list(self.dilation), list(self.padding), list(self.stride), False, zeros, G)
+        out = out[(slice(None), slice(None), *(slice(0, kk) for kk in k))]  # (C/G, K, *k): windows past the kernel dropped
+        return out.transpose(0, 1).reshape(K, C // G, *k)
 
-    def _backward(self, g, x, w, groups, mask):
-        grp = self.groups if groups is None else groups
-        return aten.convolution_backward(
-            g, x, w, None, list(self.stride), list(self.padding), list(self.dilation), False, [0] * self.spatial, grp,
-            list(mask),
-        )
+    def dgrad_as_forward(self, g: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int], tuple | None]:
+        """dgrad as a forward convolution (stride 1, this dilation, this groups): (input, weight,
+        padding, crop of the result or None). The weight is flipped in space with its in / out
+        channels swapped per group; with a stride, or a padding past the window, dY is spread
+        ``stride`` apart with zeros between and padded explicitly (zeros: the sums are of codes,
+        so a zero code contributes nothing), and a negative pad becomes a crop of the result."""
+        G, n = self.groups, self.spatial
+        K, Cg, *k = w.shape
+        swapped = w.reshape(G, K // G, Cg, *k).transpose(1, 2).reshape(G * Cg, K // G, *k)
+        # fp8 has no flip kernel: flip the bytes (a 1-byte dtype's bits move unchanged)
+        raw = swapped.view(torch.uint8) if swapped.dtype.is_floating_point and swapped.element_size() == 1 else swapped
+        wt = raw.flip(list(range(2, 2 + n))).view(swapped.dtype)
+        lo = [d * (kk - 1) - p for d, kk, p in zip(self.dilation, k, self.padding)]
+        if all(s == 1 for s in self.stride) and all(v >= 0 for v in lo):
+            return g, wt, lo, None
+        out_sp, in_sp = self.x_shape[2:], g.shape[2:]
+        dims = zip(out_sp, self.padding, self.dilation, k, self.stride)
+        extra = [(h + 2 * p - d * (kk - 1) - 1) % s for h, p, d, kk, s in dims]  # rows past the last window
+        hi = [a + e for a, e in zip(lo, extra)]
+        size = [(q - 1) * s + 1 + max(a, 0) + max(b, 0) for q, s, a, b in zip(in_sp, self.stride, lo, hi)]
+        spread = g.new_zeros((g.shape[0], g.shape[1], *size))
+        index = tuple(slice(max(a, 0), max(a, 0) + (q - 1) * s + 1, s) for a, q, s in zip(lo, in_sp, self.stride))
+        spread[(slice(None), slice(None), *index)] = g
+        crop = (slice(None), slice(None), *(slice(max(-a, 0), max(-a, 0) + h) for a, h in zip(lo, out_sp)))
+        return spread, wt, [0] * n, crop
 
     def bilinear(self, kind: GemmKind, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The GEMM ``kind`` of this convolution on high-precision ``a`` and ``b``."""
@@ -227,13 +264,15 @@ def qconv_ref(
 
 def dequantize_conv_accumulator(
     kind: GemmKind, acc: torch.Tensor, a: QOperand, b: QOperand, geo: ConvGeometry, bias: torch.Tensor | None,
-    out_dtype: torch.dtype, channels_last: bool = False,
+    out_dtype: torch.dtype, channels_last: bool = False, owned: bool = False,
 ) -> torch.Tensor:
     """The epilogue of :func:`qconv_ref` given ``acc = f(a.codes, b.codes)`` (fp64 exact, or the
-    fp32 a kernel wrote); the order of operations of ``reference.dequantize_accumulator``."""
+    fp32 a kernel wrote; ``owned``: it may be overwritten). Symmetric codes: ``acc * (sa * sb)``
+    in one pass; with zero points or offsets the order of ``reference.dequantize_accumulator``."""
     sa, sb = geo.stat_a(kind, a.scale).to(torch.float32), geo.stat_b(kind, b.scale).to(torch.float32)
     if a.zero_point is None and b.zero_point is None and a.offset is None and b.offset is None:
-        out = (acc.to(torch.float32) * sa) * sb
+        # one pass over the result, in place: the combined scale is (rows x channels), tiny
+        out = acc.to(torch.float32, copy=acc.dtype == torch.float32 and not owned).mul_(sa * sb)
     else:
         wide = torch.float64  # every correction is a sum of integers: exact here
         zero = torch.zeros((), dtype=wide, device=acc.device)
@@ -252,5 +291,5 @@ def dequantize_conv_accumulator(
         t3 = (f1b - zb * f11).to(torch.float32)
         out = (t1.to(torch.float32) * sa) * sb + (sa * ob) * t2 + (oa * sb) * t3 + (oa * ob) * f11.to(torch.float32)
     if bias is not None:
-        out = out + bias.to(torch.float32).reshape(1, -1, *(1,) * (out.dim() - 2))
+        out = out.add_(bias.to(torch.float32).reshape(1, -1, *(1,) * (out.dim() - 2)))
     return out.to(out_dtype).contiguous(memory_format=out_memory_format(channels_last, out.dim()))

@@ -78,10 +78,18 @@ def natural_2d_view(x: torch.Tensor, layout: Layout) -> torch.Tensor | None:
     t = x.transpose(-1, -2) if x.dim() >= 2 and layout is Layout.LAST else x
     if layout is Layout.CHANNELS and _channels(x.shape):
         t = x.movedim(1, -1)
-    try:
-        return t.view(rows, cols)
-    except RuntimeError:  # the strides admit no such view
-        return None
+    # rows merge t's leading dims, columns its trailing ones (DIM0: all but the first)
+    split = 1 if layout is Layout.DIM0 or t.dim() < 2 else t.dim() - 1
+    sizes, strides = list(t.shape), list(t.stride())
+    if not (_mergeable(sizes[:split], strides[:split]) and _mergeable(sizes[split:], strides[split:])):
+        return None  # decided before trying: a failed view would still be recorded by a tracer
+    return t.view(rows, cols)
+
+
+def _mergeable(sizes: list, strides: list) -> bool:
+    """Whether dims of these sizes and strides flatten into one without a copy."""
+    dims = [(n, s) for n, s in zip(sizes, strides) if n != 1]
+    return all(s_outer == s_inner * n_inner for (_, s_outer), (n_inner, s_inner) in zip(dims, dims[1:]))
 
 
 def natural_2d_shape(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[int, int]:

@@ -72,7 +72,7 @@ __all__ = [
     "fused_quantize_op", "qmm_epilogue_op", "qmm_epilogue_stats_op", "qmm_cpu", "triton_here", "reference_partials",
     "TRITON_LAUNCHES", "kernel_hook", "qmm_triton", "quantize_triton", "bhq_quantize_triton", "bhq_inverse_triton",
     "fake_quantize_inline", "fused_quantize_triton", "qmm_epilogue_triton", "qmm_epilogue_stats_triton",
-    "CONV_KINDS", "qconv_op", "qconv_cpu",
+    "CONV_KINDS", "qconv_op", "qconv_cpu", "qconv_triton",
 ]
 
 
@@ -549,7 +549,8 @@ TRITON_LAUNCHES = {
 # ---------------------------------------------------------------- convolutions (fqt_compiler.conv)
 # fqt::qconv: one GEMM of a convolution (forward, dgrad or wgrad) on two operands' codes and
 # statistics (``a`` per-row, ``b`` per-column of the result, conv.py's table), dequantized. CPU
-# int8 codes run codegen.kernels.conv_cpu (oneDNN / torch._int_mm); anything else the reference.
+# int8 codes run codegen.kernels.conv_cpu (oneDNN / torch._int_mm), CUDA codes the Triton implicit
+# GEMMs of codegen.kernels.conv; anything else the reference.
 # The result is laid out as the convolution it replaces was (``channels_last``), on every path
 # and in the fake, so the graph's later views and compiled code reading it by strides agree.
 # The GEMM a qconv call computes, by its integer ``kind`` argument:
@@ -566,7 +567,7 @@ def qconv_cpu(
     if empty or a.codes.dtype != torch.int8 or b.codes.dtype != torch.int8 or not onednn_available():
         return qconv_ref(kind, a, b, geo, bias, out_dtype, channels_last)
     acc = conv_codes_cpu(kind, a.codes, b.codes, geo)
-    return dequantize_conv_accumulator(kind, acc, a, b, geo, bias, out_dtype, channels_last)
+    return dequantize_conv_accumulator(kind, acc, a, b, geo, bias, out_dtype, channels_last, owned=True)
 
 
 @torch.library.custom_op("fqt::qconv", mutates_args=())
@@ -592,9 +593,25 @@ def _qconv(
     gemm = CONV_KINDS[kind]
     geo = ConvGeometry.of_call(gemm, a.shape, b.shape, out_shape, stride, padding, dilation, groups)
     qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
+    if a.device.type == "cuda":
+        return qconv_triton(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilation, groups, out_shape, out_dtype,
+                            channels_last)
     if a.device.type == "cpu":
         return qconv_cpu(gemm, qa, qb, geo, bias, out_dtype, channels_last)
     return qconv_ref(gemm, qa, qb, geo, bias, out_dtype, channels_last)
+
+
+def qconv_triton(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilation, groups, out_shape, out_dtype,
+                 channels_last):
+    """``fqt::qconv``'s Triton launch on its flat arguments: the codes' sums on the implicit-GEMM
+    kernels, the statistics applied by the shared epilogue (torch ops Inductor fuses)."""
+    from fqt_compiler.codegen.kernels.conv import conv_codes_triton  # Triton: imported on first launch
+
+    gemm = CONV_KINDS[kind]
+    geo = ConvGeometry.of_call(gemm, a.shape, b.shape, out_shape, stride, padding, dilation, groups)
+    acc = conv_codes_triton(gemm, a, b, geo)
+    qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
+    return dequantize_conv_accumulator(gemm, acc, qa, qb, geo, bias, out_dtype, channels_last, owned=True)
 
 
 @_qconv.register_fake
@@ -604,3 +621,4 @@ def _qconv_fake(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilat
 
 
 qconv_op = torch.ops.fqt.qconv.default
+TRITON_LAUNCHES[qconv_op] = qconv_triton

@@ -10,7 +10,8 @@ candidate (interleaved repetitions, median of several). Sections:
 * ``gemm``: the low-bit GEMM alone against the high-precision GEMM and ``torch._int_mm``;
 * ``quantize``: the quantize path's bytes moved per second against a same-run copy (the
   Triton kernel on CUDA, the Inductor-compiled reference on CPU);
-* ``memory``: bytes saved for backward by the quantized layer against the baseline.
+* ``memory``: bytes saved for backward by the quantized layer against the baseline;
+* ``conv``: convolution layers and CIFAR networks' training steps (``bench_conv``).
 
 Sections import their kernels and Triton when they run: a CPU-only machine benchmarks
 what it has.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import platform
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +29,8 @@ from tabulate import tabulate
 from torch import nn
 
 import fqt_compiler as fqt
+from fqt_compiler.tools.bench_conv import conv_section
+from fqt_compiler.tools.timing import cpu_bf16_units, interleaved_medians, interleaved_times, spread
 
 CPU_SHAPES = [(512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (2048, 768, 3072)]
 GPU_SHAPES = [
@@ -77,56 +79,6 @@ def _triton_version() -> str:
         return triton.__version__
     except ImportError:  # pragma: no cover
         return "absent"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_medians(fns: list[Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each function, timed in interleaved rounds (fair on a noisy machine)."""
-    return [statistics.median(t) for t in interleaved_times(fns, device, reps, warmup)]
-
-
-def interleaved_times(fns: list[Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> list[list[float]]:
-    """Every timed repetition (seconds) of each function, timed in interleaved rounds."""
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    _sync(device)
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for i, f in enumerate(fns):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                f()
-                end.record()
-                torch.cuda.synchronize(device)
-                times[i].append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                f()
-                times[i].append(time.perf_counter() - t0)
-    return times
-
-
-def spread(samples: list[float], baseline: float) -> str:
-    """The fastest and slowest of ``samples`` as ratios to ``baseline`` seconds ("1.10-1.32x"):
-    a step time that varies shows here, where a median hides it."""
-    return f"{baseline / max(samples):.2f}-{baseline / min(samples):.2f}x"
-
-
-def cpu_bf16_units() -> bool | None:
-    """Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX BF16), from /proc/cpuinfo;
-    None where that cannot be read (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass
@@ -327,7 +279,7 @@ def run(sections: list[str], device_name: str, reps: int, recipes: list[str], sh
     out = [f"# fqt bench\n\ndevice: {device_description(device)}\n"]
     for name in SECTIONS:
         if name in sections:
-            out += _SECTION_BUILDERS[name](shapes, recipes, device, reps, dtype)
+            out += (conv_section if name == "conv" else _SECTION_BUILDERS[name])(shapes, recipes, device, reps, dtype)
     return "\n".join(out) + "\n"
 
 
@@ -434,7 +386,7 @@ def _memory_section(shapes: list, recipes: list[str], device: torch.device, reps
     return parts
 
 
-SECTIONS = ("layer", "fusion", "gemm", "quantize", "memory")
+SECTIONS = ("layer", "fusion", "gemm", "quantize", "memory", "conv")
 _SECTION_BUILDERS = {
     "layer": _layer_section, "fusion": _fusion_section, "gemm": _gemm_section, "quantize": _quantize_section,
     "memory": _memory_section,

@@ -17,7 +17,7 @@ import statistics
 import torch
 
 from fqt_compiler.measured import cpu_name, save_fields
-from fqt_compiler.tools.bench import cpu_bf16_units, interleaved_times
+from fqt_compiler.tools.timing import cpu_bf16_units, interleaved_times
 
 __all__ = ["measure_cpu_fields", "main"]
 

@@ -220,9 +220,10 @@ def _add_bench(sub) -> None:
     )
     bench.add_argument(
         "--sections", nargs="+", default=["layer", "fusion", "gemm", "quantize", "memory"],
-        choices=["layer", "fusion", "gemm", "quantize", "memory"],
+        choices=["layer", "fusion", "gemm", "quantize", "memory", "conv"],
         help="layer: LayerNorm-Linear-Sigmoid fwd+bwd; fusion: MLP block fused vs unfused; gemm: the low-bit GEMM alone; "
-        "quantize: quantizer bandwidth vs a copy; memory: bytes saved for backward (default: all)",
+        "quantize: quantizer bandwidth vs a copy; memory: bytes saved for backward; conv: convolution layers and CIFAR "
+        "ResNet training steps (default: all but conv, which takes minutes on a CPU)",
     )
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if available)")
     bench.add_argument(

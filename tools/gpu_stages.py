@@ -231,7 +231,7 @@ def _gemm_candidates(rows: int, red: int, cols: int, role: str, device: torch.de
 
 
 def gemm(rec: Recorder, cfg: dict) -> None:
-    from fqt_compiler.tools.bench import interleaved_medians
+    from fqt_compiler.tools.timing import interleaved_medians
 
     device = stage_device(cfg)
     pk = peaks(device)
@@ -294,7 +294,7 @@ def quantize(rec: Recorder, cfg: dict) -> None:
     from fqt_compiler.layout import Layout
     from fqt_compiler.specs import QuantSpec
 
-    from fqt_compiler.tools.bench import interleaved_medians
+    from fqt_compiler.tools.timing import interleaved_medians
 
     device = stage_device(cfg)
     pk = peaks(device)

@@ -19,7 +19,8 @@ from torch import nn
 
 import fqt_compiler as fqt
 
-from fqt_compiler.tools.bench import Layer, interleaved_medians
+from fqt_compiler.tools.bench import Layer
+from fqt_compiler.tools.timing import interleaved_medians
 from fqt_compiler.tools.results import Block
 from fqt_compiler.tools.gpu_common import Recorder, sig, stage_device
 

@@ -89,25 +89,9 @@ def _output(geo: ConvGeometry, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor
 
 
 def _grad_input(geo: ConvGeometry, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    G, n = geo.groups, geo.spatial
-    K, Cg, *k = w.shape
-    # (K, C/G, *k) -> (C, K/G, *k), flipped in space: the weight of the transposed convolution
-    wt = w.reshape(G, K // G, Cg, *k).transpose(1, 2).reshape(G * Cg, K // G, *k).flip(list(range(2, 2 + n)))
-    lo = [d * (kk - 1) - p for d, kk, p in zip(geo.dilation, k, geo.padding)]
-    if all(s == 1 for s in geo.stride) and all(v >= 0 for v in lo):
-        return _onednn(g, wt, [1] * n, lo, geo.dilation, G)
-    # spread dY by the stride (zero codes between), pad each side by `lo` / `hi`; a negative
-    # pad is a crop of the result instead
-    out_sp, in_sp = geo.x_shape[2:], g.shape[2:]
-    extra = [(h + 2 * p - d * (kk - 1) - 1) % s for h, p, d, kk, s in zip(out_sp, geo.padding, geo.dilation, k, geo.stride)]
-    hi = [a + e for a, e in zip(lo, extra)]
-    size = [(q - 1) * s + 1 + max(a, 0) + max(b, 0) for q, s, a, b in zip(in_sp, geo.stride, lo, hi)]
-    spread = g.new_zeros((g.shape[0], g.shape[1], *size))
-    index = tuple(slice(max(a, 0), max(a, 0) + (q - 1) * s + 1, s) for a, q, s in zip(lo, in_sp, geo.stride))
-    spread[(slice(None), slice(None), *index)] = g
-    out = _onednn(spread, wt, [1] * n, [0] * n, geo.dilation, G)
-    crop = tuple(slice(max(-a, 0), max(-a, 0) + h) for a, h in zip(lo, out_sp))
-    return out[(slice(None), slice(None), *crop)]
+    x, wt, padding, crop = geo.dgrad_as_forward(g, w)
+    out = _onednn(x, wt, [1] * geo.spatial, padding, geo.dilation, geo.groups)
+    return out if crop is None else out[crop]
 
 
 def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,42 @@ def cuda_steps() -> dict:
     return dict(zip(CASES, out["cases"]))
 
 
+def _fake_cuda_steps(cases: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.fake_cuda_steps", *cases], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(zip(cases, out["cases"]))
+
+
+CONV_CASES = ["conv/int8:auto", "conv/int8:off", "conv/fp8:auto", "conv/ptq8:auto"]
+
+
+@pytest.fixture(scope="module")
+def conv_cuda_steps() -> dict:
+    """The same for a network of convolutions (strided, grouped, 1-D)."""
+    return _fake_cuda_steps(CONV_CASES)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_cuda_convolutions_are_triton_implicit_gemms_inductor_launches(conv_cuda_steps, case):
+    """On CUDA every convolution GEMM is lowered (fprop and dgrad on the implicit-GEMM kernel,
+    wgrad on the GEMM kernel per kernel offset, zero-point corrections as torch ops) and the
+    graph handed to Inductor launches them itself: no fqt op is left as a Python call."""
+    graphs = conv_cuda_steps[case]
+    assert {g["stage"] for g in graphs} == {"forward", "backward"}
+    for g in graphs:
+        assert "fqt.qconv.default" in g["ops_before"]
+        assert g["fqt_calls_after"] == [] and g["python_calls"] == []
+        assert "conv_kernel" in g["kernel_names"] and g["fqt_kernels"] == g["kernel_nodes"]
+        assert g["strides_same"]
+        assert g["kernels"] and all(k.startswith("triton ") for k in g["kernels"]), g["kernels"]
+    backward = next(g for g in graphs if g["stage"] == "backward")
+    assert "qmm_kernel" in backward["kernel_names"]  # wgrad
+    assert any("(dgrad)" in k for k in backward["kernels"]) and any("(wgrad)" in k for k in backward["kernels"])
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_graph_for_inductor_holds_triton_kernels_and_no_fqt_call(cuda_steps, case):
     graphs = cuda_steps[case]

@@ -1,12 +1,13 @@
 """Run the compile steps on graphs re-typed for a fake CUDA device, as the backend runs them on
 a GPU, and report what the graph handed to Inductor holds (JSON on stdout).
 
-Run as ``python -m tests.helpers.fake_cuda_steps RECIPE:FUSION[:DTYPE][@PROVIDER] ...`` in a process without
+Run as ``python -m tests.helpers.fake_cuda_steps [MODEL/]RECIPE:FUSION[:DTYPE][@PROVIDER] ...`` in a process without
 Triton's interpreter: the traced launches need the kernels as the GPU sees them (compiled
 ``@triton.jit`` functions, not interpreted ones). A CPU training step traces the graphs;
 nothing runs or compiles for the device. ``@PROVIDER``: the GEMM provider the (fake) device
 measurement says is fastest for that case (default: the Triton GEMM); the output also counts
-the measurements made (``"measurements"``, after each case: the cache on disk saves the rest)."""
+the measurements made (``"measurements"``, after each case: the cache on disk saves the rest).
+``MODEL/``: ``mlp`` (the default) or ``conv`` (strided, grouped and 1-D convolutions)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,25 @@ from fqt_compiler.ops import TRITON_LAUNCHES
 from tests.helpers.sm90 import FakeCudaMethods, as_cuda_graph
 
 
-def _graphs(recipe: str, dtype: torch.dtype = torch.float32) -> list:
+class _Convs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, groups=2, bias=False)
+        self.c3 = nn.Conv1d(16, 8, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.c3(h.flatten(2))
+
+
+def _model(name: str, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+    if name == "conv":
+        return _Convs().to(dtype), torch.randn(2, 3, 8, 8, dtype=dtype)
+    return nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).to(dtype), torch.randn(4, 8, 32, dtype=dtype)
+
+
+def _graphs(recipe: str, dtype: torch.dtype = torch.float32, model_name: str = "mlp") -> list:
     graphs = []
     real = pipeline.compile_partitioned
 
@@ -35,8 +54,7 @@ def _graphs(recipe: str, dtype: torch.dtype = torch.float32) -> list:
 
     pipeline.compile_partitioned = spy
     try:
-        model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).to(dtype)
-        x = torch.randn(4, 8, 32, dtype=dtype)
+        model, x = _model(model_name, dtype)
         torch.compile(model, backend=fqt.backend(recipe=recipe, inductor=False))(x).float().square().mean().backward()
     finally:
         pipeline.compile_partitioned = real
@@ -56,10 +74,10 @@ def _output_strides(gm) -> list:
     return [list(v.stride()) for v in vals if isinstance(v, torch.Tensor)]
 
 
-def case(recipe: str, fusion: str, dtype: torch.dtype = torch.float32) -> list[dict]:
+def case(recipe: str, fusion: str, dtype: torch.dtype = torch.float32, model: str = "mlp") -> list[dict]:
     """Per graph: the fqt kernel ops without Inductor, and what is left with it."""
     out = []
-    for gm, stage, saved in _graphs(recipe, dtype):
+    for gm, stage, saved in _graphs(recipe, dtype, model):
         eager = as_cuda_graph(gm)
         _steps(eager, stage, saved, {"recipe": recipe, "fusion": fusion, "inductor": False})
         strides = _output_strides(eager)
@@ -110,8 +128,9 @@ def main(argv: list[str]) -> None:
     for item in argv:
         spec, _, fastest = item.partition("@")
         measure.fastest = fastest or "triton qmm"
+        model, _, spec = spec.rpartition("/")
         recipe, fusion, *dtype = spec.split(":")
-        results.append(case(recipe, fusion, getattr(torch, dtype[0]) if dtype else torch.float32))
+        results.append(case(recipe, fusion, getattr(torch, dtype[0]) if dtype else torch.float32, model or "mlp"))
         counts.append(measure.calls)
     print(json.dumps({"cases": results, "measurements": counts}))
 

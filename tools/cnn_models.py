@@ -1,0 +1,104 @@
+"""The convolutional networks of the paper's CIFAR experiments and their common baseline, as
+the benchmarks and examples build them: PreAct-ResNet-20/56 (He et al., "Identity Mappings in
+Deep Residual Networks"; the paper trains PreAct-ResNet-56) and the CIFAR-style ResNet-18
+(3x3 stem, no max-pool, four stages of two basic blocks)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PreActBlock", "PreActResNet", "preact_resnet", "BasicBlock", "ResNet18", "resnet18_cifar", "cnn"]
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if stride != 1 or c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet(nn.Module):
+    def __init__(self, depth: int = 20, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"PreAct-ResNet depth must be 6n + 2 (20, 32, 44, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        self.conv = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        blocks, c = [], width
+        for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+            for i in range(n):
+                blocks.append(PreActBlock(c, c_out, 2 if stage and i == 0 else 1))
+                c = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.conv(x))
+        x = F.relu(self.bn(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def preact_resnet(depth: int = 20, num_classes: int = 10) -> PreActResNet:
+    return PreActResNet(depth, num_classes)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 images: 3x3 stem, stages of 64/128/256/512 channels."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, c = [], 64
+        for i, c_out in enumerate((64, 128, 256, 512)):
+            for j in range(2):
+                layers.append(BasicBlock(c, c_out, 2 if i and j == 0 else 1))
+                c = c_out
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def resnet18_cifar(num_classes: int = 10) -> ResNet18:
+    return ResNet18(num_classes)
+
+
+def cnn(name: str) -> nn.Module:
+    """A network by name: ``resnet18`` (CIFAR-style), ``preact20``, ``preact56``."""
+    factories = {"resnet18": resnet18_cifar, "preact20": lambda: preact_resnet(20), "preact56": lambda: preact_resnet(56)}
+    if name not in factories:
+        raise ValueError(f"unknown network {name!r}; choose one of {', '.join(factories)}")
+    return factories[name]()

@@ -1,0 +1,62 @@
+"""Timing for the benchmarks: interleaved repetitions (fair on a noisy machine), CUDA events
+on a GPU, and what a result's spread and the CPU's bf16 units are."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+__all__ = ["interleaved_medians", "interleaved_times", "spread", "cpu_bf16_units"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(fns: list[Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each function, timed in interleaved rounds (fair on a noisy machine)."""
+    return [statistics.median(t) for t in interleaved_times(fns, device, reps, warmup)]
+
+
+def interleaved_times(fns: list[Callable[[], object]], device: torch.device, reps: int, warmup: int = 2) -> list[list[float]]:
+    """Every timed repetition (seconds) of each function, timed in interleaved rounds."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                f()
+                end.record()
+                torch.cuda.synchronize(device)
+                times[i].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                f()
+                times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def spread(samples: list[float], baseline: float) -> str:
+    """The fastest and slowest of ``samples`` as ratios to ``baseline`` seconds ("1.10-1.32x"):
+    a step time that varies shows here, where a median hides it."""
+    return f"{baseline / max(samples):.2f}-{baseline / min(samples):.2f}x"
+
+
+def cpu_bf16_units() -> bool | None:
+    """Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX BF16), from /proc/cpuinfo;
+    None where that cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
