@@ -20,7 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
-from fqt_compiler.ops import QUANTIZE_OPS, bhq_inverse_op, bhq_quantize_op
+from fqt_compiler.ops import QUANTIZE_OPS, bhq_inverse_op, bhq_quantize_op, in_input_layout
 from fqt_compiler.grid import QOperand
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import quantize_ref
@@ -119,6 +119,15 @@ def all_static(node: fx.Node) -> bool:
     return all(is_static_value(a.meta.get("val")) for a in flat if isinstance(a, fx.Node))
 
 
+def _codes_as_the_op(x: torch.Tensor, out: tuple) -> tuple:
+    """The reference's outputs with the codes in the memory order the op (and its fake) gives
+    a tensor of 3+ dims: ``x``'s. A convolution operand quantized per channel comes out of the
+    channels-last matrix permuted; saved for the backward in that order, it broke the views
+    the backward graph was traced with."""
+    codes, *rest = out
+    return (in_input_layout(x, codes.contiguous()) if x.dim() >= 3 else codes, *rest)
+
+
 def inline_quantize_ops(gm: fx.GraphModule) -> int:
     """Replace every static-shape quantize / BHQ node by its traced reference."""
     count = 0
@@ -127,7 +136,8 @@ def inline_quantize_ops(gm: fx.GraphModule) -> int:
             continue
         if node.target in QUANTIZE_OPS or node.target is bhq_quantize_op:
             ref = quantize_ref if node.target in QUANTIZE_OPS else bhq_quantize_ref
-            inline_graph_node(gm, node, lambda x, key, layout, ref=ref: ref(x, QuantSpec.from_key(key), Layout(layout)))
+            inline_graph_node(gm, node, lambda x, key, layout, ref=ref: _codes_as_the_op(x, ref(x, QuantSpec.from_key(key),
+                                                                                                  Layout(layout))))
             count += 1
         elif node.target is bhq_inverse_op:
             inline_graph_node(gm, node, lambda y, group, u, s, layout: bhq_inverse_ref(y, group, u, s, Layout(layout)))
