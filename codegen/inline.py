@@ -125,7 +125,7 @@ def _codes_as_the_op(x: torch.Tensor, out: tuple) -> tuple:
     channels-last matrix permuted; saved for the backward in that order, it broke the views
     the backward graph was traced with."""
     codes, *rest = out
-    return (in_input_layout(x, codes.contiguous()) if x.dim() >= 3 else codes, *rest)
+    return (in_input_layout(x, codes) if x.dim() >= 3 else codes, *rest)
 
 
 def inline_quantize_ops(gm: fx.GraphModule) -> int:

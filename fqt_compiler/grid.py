@@ -156,24 +156,30 @@ def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, gen
     return picked.to(dtype)
 
 
-def scaled_values(g: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def scaled_values(
+    g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pre-rounding value ``v`` of every element of ``g`` (in units of its group's step)
     and the group's scale, zero point (level index) and offset: rounding ``v`` gives the level.
-    ``g``'s last dim runs over one scale group. Shared by the quantizers and the statistics."""
-    if g.shape[-1] == 0:  # empty groups (a batch of 0 as the contracted dim): no statistics to take
-        none = g.new_zeros((*g.shape[:-1], 1))
+    ``g``'s ``dims`` (by default its last) run over one scale group; the statistics keep them
+    as size-1 dims. Shared by the quantizers and the statistics."""
+    group = 1
+    for d in dims:
+        group *= g.shape[d]
+    if group == 0:  # empty groups (a batch of 0 as the contracted dim): no statistics to take
+        none = g.new_zeros(tuple(1 if i in {d % g.dim() for d in dims} else n for i, n in enumerate(g.shape)))
         return g, none, none, none
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     if spec.scheme is Scheme.SYMMETRIC:
-        amax = g.abs().amax(dim=-1, keepdim=True)
+        amax = g.abs().amax(dim=dims, keepdim=True)
         scale = amax / spec.qmax
         safe = torch.where(scale > 0, scale, 1)
         # NaN/Inf propagate: amax is NaN/Inf, so scale and every dequantized value are too.
         v = torch.where(scale.isfinite(), g / safe, g * scale)
         return v, scale, zero.expand_as(scale), zero.expand_as(scale)
     B = spec.levels
-    mn = g.amin(dim=-1, keepdim=True)
-    mx = g.amax(dim=-1, keepdim=True)
+    mn = g.amin(dim=dims, keepdim=True)
+    mx = g.amax(dim=dims, keepdim=True)
     if spec.scheme is Scheme.ASYMMETRIC:
         # (mx / B - mn / B) rather than (mx - mn) / B: cannot overflow for finite inputs.
         scale = mx / B - mn / B
@@ -216,12 +222,14 @@ def quantize_grouped(
     noise: torch.Tensor | None,
     generator: torch.Generator | None,
     seed: torch.Tensor | None = None,
+    dims: tuple[int, ...] = (-1,),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``g`` whose last dim runs over one scale group. Returns codes, scale, zero_point,
-    offset (the last three with a trailing size-1 dim)."""
+    """Quantize ``g`` whose ``dims`` (by default its last) run over one scale group. Returns
+    codes, scale, zero_point, offset (the last three with those dims of size 1). The noise of
+    stochastic rounding is drawn in ``g``'s row-major order unless ``noise`` is given."""
     if spec.is_stochastic and noise is None:
         noise = hash_uniform(seed if seed is not None else draw_seed(g.device, generator), g.shape, g.device)
-    v, scale, zp, offset = scaled_values(g, spec)
+    v, scale, zp, offset = scaled_values(g, spec, dims)
     if spec.scheme is Scheme.SYMMETRIC:
         if spec.format.is_float:
             codes = _fp8_round(v, spec, noise, generator)

@@ -105,8 +105,8 @@ def needs_fake_quantize(spec: QuantSpec) -> bool:
 
 
 def in_input_layout(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` (contiguous, ``x``'s shape) in ``x``'s memory order where that is a dense layout
-    other than contiguous of a tensor of 3+ dims (a channels-last activation); ``t`` otherwise.
+    """``t`` (``x``'s shape) in ``x``'s memory order where that is a dense layout other than
+    contiguous of a tensor of 3+ dims (a channels-last activation); contiguous otherwise.
 
     A quantizer's output replaces ``x`` in the graph, whose later views were traced on ``x``'s
     strides: a channels-last activation quantized into contiguous codes made a convolution
@@ -114,7 +114,7 @@ def in_input_layout(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     contiguous codes (their memory order is chosen by the code-layout pass). Real ops and
     their fakes share this rule (``empty_in_input_layout``)."""
     if x.dim() < 3 or x.is_contiguous():
-        return t
+        return t.contiguous()
     like = torch.empty_like(x, dtype=t.dtype)  # x's strides where x is dense, else contiguous
     return t if like.stride() == t.stride() else like.copy_(t)
 
@@ -142,7 +142,7 @@ def _run_quantize(x: torch.Tensor, spec: str, layout: int, stochastic: bool):
     codes, scale, zp, offset = quantize_ref(x, parsed, Layout(layout))
     # custom ops may not return views or aliases of each other: materialise the broadcasts
     return (
-        in_input_layout(x, codes.contiguous()), scale.contiguous().clone(), zp.contiguous().clone(), offset.contiguous().clone()
+        in_input_layout(x, codes), scale.contiguous().clone(), zp.contiguous().clone(), offset.contiguous().clone()
     )
 
 

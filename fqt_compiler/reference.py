@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .bhq import bhq_fake_quantize_2d
-from .grid import QOperand, compute_dtype, dequantize_ref, grouped, quantize_grouped, ungrouped
+from .grid import QOperand, compute_dtype, dequantize_ref, draw_seed, grouped, hash_uniform, quantize_grouped, ungrouped
 from .layout import Layout, from_natural_2d, natural_2d, placement, shape_scale
 from .quantizers import run_custom
 from .specs import Granularity, QuantSpec, Transform
@@ -61,6 +61,9 @@ def quantize_ref(
     if spec.transform is not Transform.NONE:
         raise ValueError("quantize_ref returns codes only for transform='none'; use fake_quantize_ref or bhq.bhq_quantize_ref")
     spec, layout = placement(spec, layout, x.dim())
+    dims = _groups_in_place(x, spec, layout) if noise is None else None
+    if dims is not None:
+        return _quantize_in_place(x, spec, dims, generator, seed)
     m = natural_2d(x, layout).to(compute_dtype(x))
     g = grouped(m, spec)
     codes, scale, zp, offset = quantize_grouped(g, spec, noise, generator, seed)
@@ -68,6 +71,44 @@ def quantize_ref(
     if spec.granularity is Granularity.BLOCK:  # (rows, blocks) in the natural layout
         return (codes, *(t.reshape(m.shape[0], -1) for t in (scale, zp, offset)))
     return (codes, *(shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)))
+
+
+def _groups_in_place(x: torch.Tensor, spec: QuantSpec, layout: Layout) -> tuple[int, ...] | None:
+    """The dims of ``x`` one scale group runs over where the grid is computed on ``x`` itself,
+    in its own shape and memory order: per tensor or per dim-0 row (``DIM0``), per dim-1
+    channel (``CHANNELS``) of a tensor of 3+ dims. The natural matrix of a channels-last
+    activation is no view of it, and Inductor compiled the reshape into a gather per element
+    (a per-sample quantizer ran at a tenth of memory speed). None: the natural-matrix path."""
+    if x.dim() < 3 or spec.quantizer is not None or spec.transform is not Transform.NONE:
+        return None
+    every = tuple(range(x.dim()))
+    if layout is Layout.DIM0 and spec.granularity is Granularity.TENSOR:
+        return every
+    if layout is Layout.DIM0 and spec.granularity is Granularity.ROW:
+        return every[1:]
+    if layout is Layout.CHANNELS and spec.granularity is Granularity.COLUMN:
+        return (0, *every[2:])
+    return None
+
+
+def _quantize_in_place(x: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...], generator, seed):
+    """:func:`quantize_ref` on ``x``'s own shape (see :func:`_groups_in_place`): the same
+    statistics (max and min do not depend on order), the same arithmetic and the same noise
+    (each element hashes its index in the natural-matrix path's grouped order), so the
+    same codes as that path and the kernels."""
+    v = x.to(compute_dtype(x))
+    noise = None
+    if spec.is_stochastic:
+        seed = seed if seed is not None else draw_seed(x.device, generator)
+        if spec.granularity is Granularity.COLUMN:  # per channel: the channels-last matrix's columns, channel-major
+            shape = (x.shape[1], x.shape[0], *x.shape[2:])
+            noise = hash_uniform(seed, shape, x.device).movedim(0, 1)
+        else:  # per tensor / per row: x's own row-major order
+            noise = hash_uniform(seed, x.shape, x.device)
+    codes, scale, zp, offset = quantize_grouped(v, spec, noise, generator, seed, dims)
+    if spec.granularity is Granularity.TENSOR:
+        scale, zp, offset = (t.reshape(()) for t in (scale, zp, offset))
+    return codes, scale, zp, offset
 
 
 def fake_quantize_ref(
@@ -83,6 +124,10 @@ def fake_quantize_ref(
     if x.numel() == 0:
         return x.clone()
     spec, layout = placement(spec, layout, x.dim())
+    dims = _groups_in_place(x, spec, layout) if noise is None else None
+    if dims is not None:
+        codes, scale, zp, offset = _quantize_in_place(x, spec, dims, generator, seed)
+        return dequantize_ref(codes, scale, zp, offset, compute_dtype(x)).to(x.dtype)
     m = natural_2d(x, layout).to(compute_dtype(x))
     if spec.quantizer is not None:
         out = run_custom(spec.quantizer, m, spec, generator=generator)

@@ -95,6 +95,8 @@ def _grad_input(geo: ConvGeometry, g: torch.Tensor, w: torch.Tensor) -> torch.Te
 
 
 def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if all(s == 1 for s in geo.stride):
+        return _grad_weight_on_grid(geo, g, x)
     G = geo.groups
     N, K, *out_sp = g.shape
     C = x.shape[1]
@@ -103,7 +105,7 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
     rows = N
     for q in out_sp:
         rows *= q
-    g_t = _dense(g.movedim(1, -1).reshape(rows, K).t())  # (K, N*P)
+    g_t = g.movedim(1, -1).reshape(rows, K).t()  # (K, N*P)
     pads = [v for p in reversed(geo.padding) for v in (p, p)]
     xp = F.pad(x.movedim(1, -1), [0, 0, *pads])  # channels-last, zero codes in the padding
     result = torch.empty((K, Cg, *k), dtype=torch.int32)
@@ -111,10 +113,50 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
         window = tuple(slice(r * d, r * d + (q - 1) * s + 1, s) for r, d, q, s in zip(offset, geo.dilation, out_sp, geo.stride))
         shifted = xp[(slice(None), *window)].reshape(rows, C)
         for grp in range(G):
-            b = shifted[:, grp * Cg:(grp + 1) * Cg] if G > 1 else shifted
             rows_of = slice(grp * Kg, (grp + 1) * Kg)
-            result[(rows_of, slice(None), *offset)] = torch._int_mm(_dense(g_t[rows_of]), _dense(b))
+            b = _dense(shifted[:, grp * Cg:(grp + 1) * Cg])
+            result[(rows_of, slice(None), *offset)] = torch._int_mm(_gemm_ready(g_t[rows_of]), b)
     return result.to(torch.float32)
+
+
+def _grad_weight_on_grid(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """wgrad of a stride-1 convolution with no copy per kernel offset. On the zero-padded
+    input's grid, flattened channels-last into rows, output position p reads input row
+    p + offset(r) for kernel offset r: dY is laid on that grid (zero rows where no output
+    is), and each offset's input operand is a contiguous slice of the padded input's rows."""
+    G = geo.groups
+    N, K, *out_sp = g.shape
+    C = x.shape[1]
+    Kg, Cg = K // G, C // G
+    k = geo.w_shape[2:]
+    grid = [h + 2 * p for h, p in zip(x.shape[2:], geo.padding)]
+    row_stride = [1] * len(grid)
+    for i in range(len(grid) - 2, -1, -1):
+        row_stride[i] = row_stride[i + 1] * grid[i + 1]
+    m = N * row_stride[0] * grid[0]
+    reach = sum((kk - 1) * d * rs for kk, d, rs in zip(k, geo.dilation, row_stride))
+    xp = x.new_zeros((m + reach, C))  # zero rows past the end: the last offsets' slices stay inside
+    inner = tuple(slice(p, p + h) for p, h in zip(geo.padding, x.shape[2:]))
+    xp[:m].view(N, *grid, C)[(slice(None), *inner)] = x.movedim(1, -1)
+    gp = g.new_zeros((m, K))
+    gp.view(N, *grid, K)[(slice(None), *(slice(0, q) for q in out_sp))] = g.movedim(1, -1)
+    a = [_gemm_ready(gp[:, i * Kg:(i + 1) * Kg].t()) for i in range(G)]  # (K/G, m) each
+    result = torch.empty((K, Cg, *k), dtype=torch.int32)
+    for offset in itertools.product(*(range(kk) for kk in k)):
+        start = sum(r * d * rs for r, d, rs in zip(offset, geo.dilation, row_stride))
+        shifted = xp[start:start + m]
+        for i in range(G):
+            b = shifted if G == 1 else _dense(shifted[:, i * Cg:(i + 1) * Cg])
+            result[(slice(i * Kg, (i + 1) * Kg), slice(None), *offset)] = torch._int_mm(a[i], b)
+    return result.to(torch.float32)
+
+
+def _gemm_ready(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D operand ``torch._int_mm`` reads correctly: row- or column-major with no size-1
+    dim (it takes a transposed view as it is; a degenerate stride it misreads is copied)."""
+    if min(t.shape) > 1 and (t.stride(1) == 1 and t.stride(0) == t.shape[1] or t.stride(0) == 1 and t.stride(1) == t.shape[0]):
+        return t
+    return _dense(t)
 
 
 def conv_codes_cpu(kind: GemmKind, a: torch.Tensor, b: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
