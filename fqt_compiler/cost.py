@@ -183,7 +183,7 @@ def _lowerable(p: DeviceProfile, a: QuantSpec | None, b: QuantSpec | None) -> bo
 
 def site_cost(
     dims: tuple[int, int, int], specs: dict, device: torch.device, hp_bytes: int, *, gemm_kernel: bool = True,
-    fused: bool = False,
+    fused: bool = False, operand_elements: tuple[int, int, int] | None = None,
 ) -> SiteCost:
     """Estimate a Linear-like site of forward GEMM ``dims = (M, K, N)``.
 
@@ -192,15 +192,19 @@ def site_cost(
     ``LHS`` and ``GRAD``; a missing backward GEMM is left out. ``gemm_kernel``
     False: no low-bit kernel for this op (convolutions, batched matmuls), every GEMM simulated.
     ``fused``: activation and gradient quantizers are fused into their producers (prologue
-    fusion on CUDA); weights are always quantized on their own.
+    fusion on CUDA); weights are always quantized on their own. ``operand_elements``: the
+    (activation, weight, grad_output) sizes where they are not the GEMM's operands' (a
+    convolution's implicit GEMM reads each activation element once per kernel position, but
+    its quantizer reads it once).
     """
     p = profile_for(device)
     m, k, n = dims
+    act, weight, grad = operand_elements or (m * k, k * n, m * n)
     hp = lowbit = 0.0
     gemms = {
-        GemmKind.OUTPUT: ((m, k, n), (Slot.LHS, Slot.RHS), (m * k, k * n)),
-        GemmKind.GRAD_INPUT: ((m, n, k), (Slot.GRAD, Slot.RHS), (m * n, k * n)),
-        GemmKind.GRAD_WEIGHT: ((k, m, n), (Slot.LHS, Slot.GRAD), (m * k, m * n)),
+        GemmKind.OUTPUT: ((m, k, n), (Slot.LHS, Slot.RHS), (act, weight)),
+        GemmKind.GRAD_INPUT: ((m, n, k), (Slot.GRAD, Slot.RHS), (grad, weight)),
+        GemmKind.GRAD_WEIGHT: ((k, m, n), (Slot.LHS, Slot.GRAD), (act, grad)),
     }
     counted: set = set()  # a forward quantization reused by a backward GEMM is paid once
     timer = _GEMM_TIMER if device.type == "cuda" and torch.cuda.is_available() else None

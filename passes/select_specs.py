@@ -103,10 +103,14 @@ class SelectSpecs(FQTPass):
                 gemm, other = (GemmKind.GRAD_INPUT, Slot.RHS) if bwd.fwd_operand == 1 else (GemmKind.GRAD_WEIGHT, Slot.LHS)
                 specs[(gemm, Slot.GRAD)] = bwd.grad_spec
                 specs[(gemm, other)] = bwd.operand_spec
-        gemm_kernel = site.node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        conv = site.node.target in m.CONV_OPS
+        matrix = site.node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        gemm_kernel = matrix or conv and _conv_kernels(val.device)
         # the generated prologue kernels run on CUDA (fusion "auto" or "triton")
         fused = val.device.type == "cuda" and fusion is not Fusion.OFF
-        cost = site_cost(dims, specs, val.device, val.element_size(), gemm_kernel=gemm_kernel, fused=fused)
+        elements = _conv_elements(site) if conv else None
+        cost = site_cost(dims, specs, val.device, val.element_size(), gemm_kernel=gemm_kernel, fused=fused,
+                         operand_elements=elements)
         if not cost.wins:
             site.skip = (SkipKind.BY_COST, cost.reason())
 
@@ -192,6 +196,21 @@ class SelectSpecs(FQTPass):
                 f"GEMM site {site.site_id} ({site.op} at node {site.node.name}, module {site.module_path}) cannot be quantized: "
                 f"{reason}. Pass strict=False to keep it in high precision with this reason recorded."
             )
+
+
+def _conv_kernels(device: torch.device) -> bool:
+    """Whether convolutions on ``device`` have low-bit kernels (CUDA: Triton; CPU: oneDNN)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
+
+
+def _conv_elements(site: Site) -> tuple[int, int, int] | None:
+    """(activation, weight, grad_output) element counts of a convolution site (None: symbolic)."""
+    x, w = (m.val_shape(a) for a in site.forward_operands)
+    y = m.val_shape(site.node)
+    sizes = [_product(*s) if s is not None else 0 for s in (x, w, y)]
+    return tuple(sizes) if all(sizes) else None
 
 
 def _own_source(spec: QuantSpec | None) -> OperandSource:

@@ -37,8 +37,22 @@ def test_cpu_model_reproduces_the_measured_layer_verdicts():
 
 def test_small_gemms_and_simulated_gemms_never_win():
     assert not site_cost((8, 16, 16), _specs("int8"), CPU, 4).wins  # quantization dominates
-    # no low-bit kernel (convolutions, bmm): quantize-dequantize on top of the same GEMM
+    # no low-bit kernel (batched matmuls): quantize-dequantize on top of the same GEMM
     assert not site_cost((4096, 4096, 4096), _specs("int8"), CPU, 4, gemm_kernel=False).wins
+
+
+def test_convolution_sites_quantize_each_tensor_once():
+    """A convolution's implicit GEMM reads an activation element once per kernel position;
+    its quantizer reads it once: the cost counts the tensors, not the GEMM operands."""
+    n, c, k, hw = 32, 256, 256, 14
+    dims = (n * hw * hw, c * 9, k)  # 3x3, stride 1, 'same' padding
+    tensors = (n * c * hw * hw, k * c * 9, n * k * hw * hw)
+    as_gemm = site_cost(dims, _specs("int8"), CPU, 4)
+    as_conv = site_cost(dims, _specs("int8"), CPU, 4, operand_elements=tensors)
+    assert as_conv.lowbit_s < as_gemm.lowbit_s and as_conv.hp_s == as_gemm.hp_s
+    # depthwise: 9 products per output, nothing for a low-bit GEMM to win back its quantizers with
+    depthwise = site_cost((n * hw * hw, 9, c), _specs("int8"), CPU, 4, operand_elements=(tensors[0], c * 9, tensors[0]))
+    assert not depthwise.wins
 
 
 def test_h100_roofline_wins_at_large_shapes_only():
