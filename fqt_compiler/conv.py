@@ -156,31 +156,35 @@ class ConvGeometry:
 
     # ------------------------------------------------------------- windowed sums (the corrections)
     def sum_a(self, kind: GemmKind, a: torch.Tensor) -> torch.Tensor:
-        """``f(a, 1)``: each output element's windowed sum of ``a`` (b all ones)."""
+        """``f(a, 1)``: each output element's windowed sum of ``a`` (b all ones), in fp64, with
+        size 1 along the output's dim 1 where every channel shares it (no groups). The codes
+        are first summed over the dims the ones cover (integers: exactly), then the small
+        result is convolved with an all-ones kernel."""
         G, k = self.groups, self.w_shape[2:]
         n = self.spatial
-        if kind is GemmKind.OUTPUT:  # sum x over each group's channels, then over the window
-            xs = a.reshape(a.shape[0], G, a.shape[1] // G, *a.shape[2:]).sum(2)
-            out = self.conv(xs, a.new_ones((G, 1, *k)), G)
-            return out.repeat_interleave(self.y_shape[1] // G, 1)
-        if kind is GemmKind.GRAD_INPUT:
-            gs = a.reshape(a.shape[0], G, a.shape[1] // G, *a.shape[2:]).sum(2)
-            out = self.dgrad(gs, a.new_ones((G, 1, *k)), (a.shape[0], G, *self.x_shape[2:]), G)
-            return out.repeat_interleave(self.x_shape[1] // G, 1)
-        gsum = a.sum(0, keepdim=True)  # grad_weight: sum dY over the batch, then over positions
-        ones_x = a.new_ones((1, G, *self.x_shape[2:]))
+        ones = a.new_ones((), dtype=torch.float64)
+        if kind in (GemmKind.OUTPUT, GemmKind.GRAD_INPUT):  # sum each group's channels, then over the window
+            s = channel_sums(a, G)
+            if kind is GemmKind.OUTPUT:
+                out, per = self.conv(s, ones.expand(G, 1, *k), G), self.y_shape[1] // G
+            else:
+                out, per = self.dgrad(s, ones.expand(G, 1, *k), (a.shape[0], G, *self.x_shape[2:]), G), self.x_shape[1] // G
+            return out if G == 1 else out.repeat_interleave(per, 1)
+        gsum = batch_sums(a)  # grad_weight: sum dY over the batch, then over positions
+        ones_x = ones.expand(1, G, *self.x_shape[2:])
         return self.wgrad(gsum, ones_x, (self.w_shape[0], 1, *k), G).expand(*self.w_shape[:2], *[-1] * n)
 
     def sum_b(self, kind: GemmKind, b: torch.Tensor) -> torch.Tensor:
-        """``f(1, b)``: each output element's windowed sum of ``b`` (a all ones)."""
+        """``f(1, b)``: each output element's windowed sum of ``b`` (a all ones), in fp64."""
         G, K = self.groups, self.w_shape[0]
+        ones = b.new_ones((), dtype=torch.float64)
         if kind is GemmKind.OUTPUT:  # one output image, broadcast over the batch
-            return self.conv(b.new_ones((1, G, *self.x_shape[2:])), b.sum(1, keepdim=True), G)
+            return self.conv(ones.expand(1, G, *self.x_shape[2:]), _summed(b, 1, keepdim=True), G)  # a small weight
         if kind is GemmKind.GRAD_INPUT:
-            wsum = b.reshape(G, K // G, *b.shape[1:]).sum(1)  # (G, C/G, *k): G "out channels"
-            return self.dgrad(b.new_ones((1, G, *self.y_shape[2:])), wsum, (1, *self.x_shape[1:]), G)
-        xsum = b.sum(0, keepdim=True)
-        ones_g = b.new_ones((1, G, *self.y_shape[2:]))
+            wsum = _summed(b.reshape(G, K // G, *b.shape[1:]), 1)  # (G, C/G, *k): G "out channels"
+            return self.dgrad(ones.expand(1, G, *self.y_shape[2:]), wsum, (1, *self.x_shape[1:]), G)
+        xsum = batch_sums(b)
+        ones_g = ones.expand(1, G, *self.y_shape[2:])
         return self.wgrad(ones_g, xsum, (G, *self.w_shape[1:]), G).repeat_interleave(K // G, 0)
 
     def sum_ones(self, kind: GemmKind, like: torch.Tensor) -> torch.Tensor:
@@ -217,6 +221,42 @@ class ConvGeometry:
             return v.repeat(G).reshape(1, -1, *(1,) * (nd - 2))
         per_group = v.reshape(G, v.shape[0] // G).repeat_interleave(out[0] // G, 0)  # (K, C/G)
         return per_group.reshape(*out[:2], *(1,) * (nd - 2))
+
+
+def channel_sums(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, G, *spatial): each group's channel sum of ``t`` (N, C, *spatial), as fp64. Int8
+    codes laid out channels-last sum as one int8 GEMM against a block of ones (a reduction
+    with an int64 accumulator converted the whole tensor first: 50x slower)."""
+    n, c = t.shape[:2]
+    rows = t.movedim(1, -1)
+    # torch._int_mm misreads a size-1 dim's stride: both operands keep every dim > 1
+    if t.dtype == torch.int8 and rows.is_contiguous() and c > 1 and t.numel() > c:
+        ones = torch.zeros((c, max(groups, 8)), dtype=torch.int8, device=t.device)
+        for g in range(groups):
+            ones[g * (c // groups):(g + 1) * (c // groups), g] = 1
+        sums = torch._int_mm(rows.reshape(-1, c), ones)[:, :groups].reshape(*rows.shape[:-1], groups)
+        return sums.movedim(-1, 1).to(torch.float64)
+    return _summed(t.reshape(n, groups, c // groups, *t.shape[2:]), 2)
+
+
+def batch_sums(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, ...) summed over the batch, keeping a size-1 dim 0, as fp64 (int8 codes: one
+    int8 GEMM against ones where the rest of each sample is one run of memory)."""
+    n = t.shape[0]
+    order = t.movedim(1, -1) if t.dim() >= 3 and not t.is_contiguous() else t
+    if t.dtype == torch.int8 and order.is_contiguous() and n > 1 and t.numel() > n:
+        ones = torch.ones((8, n), dtype=torch.int8, device=t.device)  # 8 rows: no size-1 dim (see channel_sums)
+        sums = torch._int_mm(ones, order.reshape(n, -1))[:1].reshape(1, *order.shape[1:])
+        return (sums.movedim(-1, 1) if order is not t else sums).to(torch.float64)
+    return _summed(t, 0, keepdim=True)
+
+
+def _summed(t: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """``t`` summed over ``dim`` as fp64: integer codes summed as integers (exact, and no fp64
+    copy of the whole tensor), float codes in fp64."""
+    if t.dtype.is_floating_point:
+        return t.to(torch.float64).sum(dim, keepdim=keepdim)
+    return t.sum(dim, keepdim=keepdim, dtype=torch.int64).to(torch.float64)
 
 
 def out_memory_format(channels_last: bool, ndim: int) -> torch.memory_format:
@@ -268,28 +308,57 @@ def dequantize_conv_accumulator(
 ) -> torch.Tensor:
     """The epilogue of :func:`qconv_ref` given ``acc = f(a.codes, b.codes)`` (fp64 exact, or the
     fp32 a kernel wrote; ``owned``: it may be overwritten). Symmetric codes: ``acc * (sa * sb)``
-    in one pass; with zero points or offsets the order of ``reference.dequantize_accumulator``."""
+    in one pass. Zero points and offsets: from an fp64 ``acc`` the exact integer terms in the
+    order of ``reference.dequantize_accumulator``; from a kernel's fp32 ``acc``, the same terms
+    regrouped by the tensor each multiplies, as in-place fp32 passes over the result."""
     sa, sb = geo.stat_a(kind, a.scale).to(torch.float32), geo.stat_b(kind, b.scale).to(torch.float32)
     if a.zero_point is None and b.zero_point is None and a.offset is None and b.offset is None:
         # one pass over the result, in place: the combined scale is (rows x channels), tiny
         out = acc.to(torch.float32, copy=acc.dtype == torch.float32 and not owned).mul_(sa * sb)
+    elif acc.dtype == torch.float64:
+        out = _exact_affine(kind, acc, a, b, geo, sa, sb)
     else:
-        wide = torch.float64  # every correction is a sum of integers: exact here
-        zero = torch.zeros((), dtype=wide, device=acc.device)
-
-        def stat(t, fn):
-            s = fn(kind, t)
-            return zero if s is None else s.to(wide)
-
-        za, zb = stat(a.zero_point, geo.stat_a), stat(b.zero_point, geo.stat_b)
-        oa, ob = stat(a.offset, geo.stat_a).float(), stat(b.offset, geo.stat_b).float()
-        fa1 = geo.sum_a(kind, a.codes.to(wide))
-        f1b = geo.sum_b(kind, b.codes.to(wide))
-        f11 = geo.sum_ones(kind, zero)
-        t1 = acc.to(wide) - zb * fa1 - za * f1b + za * zb * f11
-        t2 = (fa1 - za * f11).to(torch.float32)
-        t3 = (f1b - zb * f11).to(torch.float32)
-        out = (t1.to(torch.float32) * sa) * sb + (sa * ob) * t2 + (oa * sb) * t3 + (oa * ob) * f11.to(torch.float32)
+        out = _affine_in_place(kind, acc.to(torch.float32, copy=acc.dtype == torch.float32 and not owned), a, b, geo, sa, sb)
     if bias is not None:
         out = out.add_(bias.to(torch.float32).reshape(1, -1, *(1,) * (out.dim() - 2)))
     return out.to(out_dtype).contiguous(memory_format=out_memory_format(channels_last, out.dim()))
+
+
+def _stats(kind: GemmKind, a: QOperand, b: QOperand, geo: ConvGeometry, dtype: torch.dtype) -> tuple:
+    """za, zb, oa, ob onto the output (None where absent)."""
+    def on(t, fn):
+        s = fn(kind, t)
+        return None if s is None else s.to(dtype)
+
+    return on(a.zero_point, geo.stat_a), on(b.zero_point, geo.stat_b), on(a.offset, geo.stat_a), on(b.offset, geo.stat_b)
+
+
+def _exact_affine(kind, acc, a, b, geo, sa, sb) -> torch.Tensor:
+    """The reference: T1 = f(ca - za, cb - zb) and the other terms as exact fp64 integers."""
+    wide = torch.float64
+    zero = torch.zeros((), dtype=wide, device=acc.device)
+    za, zb, oa, ob = (zero if t is None else t for t in _stats(kind, a, b, geo, wide))
+    oa, ob = oa.float(), ob.float()
+    fa1, f1b, f11 = geo.sum_a(kind, a.codes), geo.sum_b(kind, b.codes), geo.sum_ones(kind, zero)
+    t1 = acc.to(wide) - zb * fa1 - za * f1b + za * zb * f11
+    t2 = (fa1 - za * f11).to(torch.float32)
+    t3 = (f1b - zb * f11).to(torch.float32)
+    return (t1.to(torch.float32) * sa) * sb + (sa * ob) * t2 + (oa * sb) * t3 + (oa * ob) * f11.to(torch.float32)
+
+
+def _affine_in_place(kind, out, a, b, geo, sa, sb) -> torch.Tensor:
+    """out = acc * sa sb + f(a, 1) * sa (ob - sb zb) + f(1, b) * sb (oa - sa za) + f(1, 1) * γ,
+    γ = sa sb za zb - sa ob za - oa sb zb + oa ob: every coefficient a (rows x channels) tensor,
+    every windowed sum small or broadcast, so four fp32 passes at most over the result."""
+    za, zb, oa, ob = _stats(kind, a, b, geo, torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=out.device)
+    za_, zb_, oa_, ob_ = (zero if t is None else t for t in (za, zb, oa, ob))
+    out.mul_(sa * sb)
+    if zb is not None or ob is not None:
+        out.addcmul_(geo.sum_a(kind, a.codes).to(torch.float32), sa * (ob_ - sb * zb_))
+    if za is not None or oa is not None:
+        out.addcmul_(geo.sum_b(kind, b.codes).to(torch.float32), sb * (oa_ - sa * za_))
+    gamma = sa * sb * za_ * zb_ - sa * ob_ * za_ - oa_ * sb * zb_ + oa_ * ob_
+    if (za is not None or oa is not None) and (zb is not None or ob is not None):
+        out.addcmul_(geo.sum_ones(kind, zero).to(torch.float32), gamma)
+    return out
