@@ -709,3 +709,34 @@ def test_quantize_custom_op_opcheck(spec, layout, shape):
     ref = quantize_ref(x, spec, layout)
     for got, want in zip((codes, scale, zp, offset), ref):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "column"])
+@pytest.mark.parametrize("scheme", ["sym", "asym", "zog"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last", "3d"])
+def test_convolution_operands_quantize_in_place_like_the_natural_matrix(granularity, scheme, rounding, memory):
+    """Per tensor / per sample (DIM0) and per channel (CHANNELS) quantizers of a convolution
+    operand run on the tensor itself; codes, statistics and stochastic draws are those of the
+    natural-matrix path (which the Triton kernels share), bit for bit."""
+    import fqt_compiler.reference as reference
+
+    layout = Layout.CHANNELS if granularity == "column" else Layout.DIM0
+    spec = QuantSpec(granularity=granularity, scheme=scheme, rounding=rounding, bits=5)
+    x = gaussian(3, 5 * 4 * 6, seed=41, dtype=torch.float32).reshape(3, 5, 4, 6)
+    if memory == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif memory == "3d":
+        x = x.reshape(3, 5, 2, 2, 6)
+    assert reference._groups_in_place(x, spec, layout) is not None
+    seed = torch.tensor([4242])
+    in_place = quantize_ref(x, spec, layout, seed=seed), fake_quantize_ref(x, spec, layout, seed=seed)
+    original = reference._groups_in_place
+    reference._groups_in_place = lambda *args: None
+    try:
+        natural = quantize_ref(x, spec, layout, seed=seed), fake_quantize_ref(x, spec, layout, seed=seed)
+    finally:
+        reference._groups_in_place = original
+    for got, want in zip(in_place[0], natural[0]):
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.equal(in_place[1], natural[1])

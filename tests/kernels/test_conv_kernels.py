@@ -143,3 +143,21 @@ def test_layout_problem_names_the_varying_operand(kind):
     per_position = (1, *a_shape[1:])  # the paper's per-(channel, position) columns
     why = layout_problem(kind, geo, [per_position], [ok_b])
     assert why is not None and "vary along the contraction" in why
+
+
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(3, 6, 5, 4), (1, 6, 7), (2, 6, 2, 3, 4), (4, 3, 1, 1)])
+def test_channel_and_batch_sums_of_codes(shape, groups, memory):
+    """The windowed sums' first reductions (int8 GEMMs against ones where the layout allows,
+    a plain sum elsewhere) equal the fp64 sums, size-1 dims included."""
+    if shape[1] % groups:
+        pytest.skip("channels not divisible by the groups")
+    from fqt_compiler.conv import batch_sums, channel_sums
+
+    t = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(7))
+    if memory == "channels_last" and t.dim() in (4, 5):
+        t = t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    want = t.double().reshape(shape[0], groups, shape[1] // groups, *shape[2:]).sum(2)
+    assert torch.equal(channel_sums(t, groups), want)
+    assert torch.equal(batch_sums(t), t.double().sum(0, keepdim=True))
