@@ -147,12 +147,10 @@ def test_layout_problem_names_the_varying_operand(kind):
 
 @pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("groups", [1, 2, 3])
-@pytest.mark.parametrize("shape", [(3, 6, 5, 4), (1, 6, 7), (2, 6, 2, 3, 4), (4, 3, 1, 1)])
+@pytest.mark.parametrize("shape", [(3, 6, 5, 4), (1, 6, 7), (2, 6, 2, 3, 4), (4, 6, 1, 1)])
 def test_channel_and_batch_sums_of_codes(shape, groups, memory):
     """The windowed sums' first reductions (int8 GEMMs against ones where the layout allows,
     a plain sum elsewhere) equal the fp64 sums, size-1 dims included."""
-    if shape[1] % groups:
-        pytest.skip("channels not divisible by the groups")
     from fqt_compiler.conv import batch_sums, channel_sums
 
     t = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(7))
