@@ -67,6 +67,17 @@ class TokenConv(nn.Module):  # CvT / MobileViT style: tokens viewed as a (channe
         return self.proj(y.flatten(2).transpose(1, 2))
 
 
+class UpBlock(nn.Module):  # a U-Net decoder step: transposed convolution, skip concatenation, 1-D head
+    def __init__(self):
+        super().__init__()
+        self.down, self.up = nn.Conv2d(4, 8, 3, 2, 1), nn.ConvTranspose2d(8, 4, 2, 2)
+        self.mix, self.head = nn.Conv2d(8, 4, 3, padding=1), nn.Conv1d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.cat([x, self.up(F.relu(self.down(x)))], 1)
+        return self.head(F.relu(self.mix(y)).mean(2))
+
+
 g = torch.Generator().manual_seed(0)
 cases = {
     "conv-maxpool-linear": (nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 7 * 7, 10)),
@@ -76,6 +87,9 @@ cases = {
     # regression: the forward's saved convolution output is channels-last in Inductor's code
     # but contiguous in the fake values after fqt's passes; the backward once took the latter
     "token-conv": (TokenConv(), torch.randn(2, 16, 8, generator=g)),
+    # every convolution GEMM on the int8 kernels, transposed ones included, in channels-last memory
+    "unet-channels-last": (UpBlock().to(memory_format=torch.channels_last),
+                           torch.randn(2, 4, 8, 8, generator=g).to(memory_format=torch.channels_last)),
 }
 for name, (model, x) in cases.items():
     loss = torch.compile(model, backend="fqt")(x).square().mean()
@@ -91,5 +105,6 @@ def test_real_models_train_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split() == [
-        "OK", "conv-maxpool-linear", "OK", "resnet-block", "OK", "transformer-block", "OK", "token-conv"
+        "OK", "conv-maxpool-linear", "OK", "resnet-block", "OK", "transformer-block", "OK", "token-conv",
+        "OK", "unet-channels-last",
     ], proc.stdout
