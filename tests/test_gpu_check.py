@@ -65,7 +65,7 @@ def test_dry_run_preflight_and_tests(dry_run):
 
 
 @DRY
-def test_dry_run_measures_layer_gemm_quantize_e2e(dry_run):
+def test_dry_run_measures_layer_gemm_quantize_conv_e2e(dry_run):
     doc, _, _ = dry_run
     layer = doc["stages"]["layer"]["results"]
     assert [(i["recipe"], i["fusion"]) for i in layer["items"]] == [("int8", "auto"), ("fp8", "auto"), ("int8", "off")]
@@ -84,6 +84,9 @@ def test_dry_run_measures_layer_gemm_quantize_e2e(dry_run):
     assert acc["ok"] and acc["rel_fro"] < 1e-5
     quant = doc["stages"]["quantize"]["results"]["items"]
     assert len(quant) == 8 and all(_finite_positive(i["pct_of_copy"]) for i in quant)
+    conv = doc["stages"]["conv"]["results"]["items"]
+    assert [i["recipe"] for i in conv] == ["int8"] and _finite_positive(conv[0]["speedup"])
+    assert conv[0]["lowbit_gemms"] == conv[0]["gemms"] > 50  # every convolution GEMM and the classifier's
     e2e = doc["stages"]["e2e"]["results"]
     assert _finite_positive(e2e["comparison"]["tokens_per_s_ratio"]) and "baseline" in e2e["comparison"]
     for run in ("baseline", "fqt int8"):

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PreActBlock", "PreActResNet", "preact_resnet", "BasicBlock", "ResNet18", "resnet18_cifar", "cnn"]
+__all__ = [
+    "PreActBlock", "PreActResNet", "preact_resnet", "BasicBlock", "ResNet18", "resnet18_cifar", "Bottleneck", "ResNet50",
+    "resnet50", "cnn",
+]
 
 
 class PreActBlock(nn.Module):
@@ -96,9 +99,55 @@ def resnet18_cifar(num_classes: int = 10) -> ResNet18:
     return ResNet18(num_classes)
 
 
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: 1x1 -> 3x3 (with the stride) -> 1x1, four times wider out."""
+
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        c_out = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 v1.5 for ImageNet (the paper's ImageNet network); ``width`` scales every stage
+    (64: the real one)."""
+
+    def __init__(self, num_classes: int = 1000, width: int = 64, blocks: tuple = (3, 4, 6, 3)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        layers, c = [], width
+        for i, n in enumerate(blocks):
+            for j in range(n):
+                layers.append(Bottleneck(c, width * 2**i, 2 if i and j == 0 else 1))
+                c = 4 * width * 2**i
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def resnet50(num_classes: int = 1000) -> ResNet50:
+    return ResNet50(num_classes)
+
+
 def cnn(name: str) -> nn.Module:
-    """A network by name: ``resnet18`` (CIFAR-style), ``preact20``, ``preact56``."""
-    factories = {"resnet18": resnet18_cifar, "preact20": lambda: preact_resnet(20), "preact56": lambda: preact_resnet(56)}
+    """A network by name: ``resnet18`` (CIFAR-style), ``preact20``, ``preact56``, ``resnet50``."""
+    factories = {"resnet18": resnet18_cifar, "preact20": lambda: preact_resnet(20), "preact56": lambda: preact_resnet(56),
+                 "resnet50": resnet50}
     if name not in factories:
         raise ValueError(f"unknown network {name!r}; choose one of {', '.join(factories)}")
     return factories[name]()

@@ -100,7 +100,15 @@ def _e2e(res: dict) -> list[str]:
     return lines
 
 
-_TABLES = {"preflight": _preflight, "tests": _tests, "layer": _layer, "gemm": _gemm, "quantize": _quantize, "e2e": _e2e}
+def _conv(res: dict) -> list[str]:
+    rows = [[i["recipe"], f"{i['speedup']}x", i["baseline_ms"], i["fqt_ms"], f"{i['lowbit_gemms']}/{i['gemms']}",
+             i["fqt_compile_s"], i["fqt_step_profile"]] for i in res.get("items", [])]
+    return [f"Config: {res.get('config')}", ""] + _table(
+        rows, ["recipe", "speedup", "baseline ms", "fqt ms", "low-bit GEMMs", "fqt compile s", "fqt step"])
+
+
+_TABLES = {"preflight": _preflight, "tests": _tests, "layer": _layer, "gemm": _gemm, "quantize": _quantize, "conv": _conv,
+           "e2e": _e2e}
 
 
 def stage_tables(name: str, res: dict) -> list[str]:

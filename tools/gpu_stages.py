@@ -4,7 +4,8 @@
 
 A stage writes what it measures to ``FILE`` as it goes (``Recorder``), so a stage killed at its
 time cap still reports everything it finished. This module holds ``preflight``, ``tests``,
-``gemm`` and ``quantize``; the model stages ``layer`` and ``e2e`` are in ``fqt_compiler.tools.gpu_train``.
+``gemm`` and ``quantize``; the model stages ``layer`` and ``e2e`` are in ``fqt_compiler.tools.gpu_train``,
+``conv`` in ``fqt_compiler.tools.gpu_conv``.
 On the CPU (``--dry-run``) the same code runs at tiny shapes, Triton kernels in the interpreter.
 
 Each stage imports what it measures inside its function: a stage's import failure is that
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fqt_compiler.tools import gpu_train
+from fqt_compiler.tools import gpu_conv, gpu_train
 from fqt_compiler.tools.gpu_common import Recorder, peaks, sig, stage_device
 
 __all__ = ["STAGE_FUNCTIONS", "device_facts", "scaled_mm", "main"]
@@ -323,7 +324,7 @@ def quantize(rec: Recorder, cfg: dict) -> None:
 
 # ------------------------------------------------------------------ entry
 STAGE_FUNCTIONS = {"preflight": preflight, "tests": tests, "layer": gpu_train.layer, "gemm": gemm,
-                   "quantize": quantize, "e2e": gpu_train.e2e}
+                   "quantize": quantize, "conv": gpu_conv.conv, "e2e": gpu_train.e2e}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,12 @@ from fqt_compiler.tools.timing import interleaved_medians
 from fqt_compiler.tools.results import Block
 from fqt_compiler.tools.gpu_common import Recorder, sig, stage_device
 
-__all__ = ["GPT", "layer", "e2e", "profile_step", "layer_variants", "launch_counts"]
+__all__ = [
+    "GPT", "layer", "e2e", "profile_step", "layer_variants", "launch_counts", "setup_stage", "compile_baseline", "lowbit_gemms",
+]
 
 
-def _setup(cfg: dict) -> tuple[torch.device, torch.dtype, str]:
+def setup_stage(cfg: dict) -> tuple[torch.device, torch.dtype, str]:
     """Device, high-precision dtype, baseline label; Dynamo limits raised so that every
     variant compiles (the stage compiles one forward code object many times)."""
     torch._dynamo.config.cache_size_limit = 256
@@ -38,7 +40,8 @@ def _setup(cfg: dict) -> tuple[torch.device, torch.dtype, str]:
     return device, torch.float32, "fp32 torch.compile(backend='aot_eager') (dry run: Inductor off)"
 
 
-def _compile_baseline(model: nn.Module, cfg: dict):
+def compile_baseline(model: nn.Module, cfg: dict):
+    """The high-precision baseline: Inductor on a GPU, ``aot_eager`` in a dry run."""
     return torch.compile(model, backend="aot_eager") if cfg["dry_run"] else torch.compile(model)
 
 
@@ -87,7 +90,8 @@ def layer_variants(shapes: list, dry_run: bool) -> list[tuple[tuple, str, str]]:
     return [(s, "int8", "auto") for s in shapes] + [(s, "fp8", "auto") for s in shapes] + [(shapes[0], "int8", "off")]
 
 
-def _lowbit(be) -> int:
+def lowbit_gemms(be) -> int:
+    """How many GEMMs of the compiled graphs run on low-bit kernels."""
     return sum(g.status is fqt.GemmStatus.LOWBIT_KERNEL for r in be.records for s in r.decisions for g in s.gemms)
 
 
@@ -102,7 +106,7 @@ def _layer_step(model: nn.Module, compiled, x: torch.Tensor, grad: torch.Tensor)
 
 
 def layer(rec: Recorder, cfg: dict) -> None:
-    device, dtype, base_label = _setup(cfg)
+    device, dtype, base_label = setup_stage(cfg)
     reps = 3 if cfg["dry_run"] else 10
     rec.set("baseline", base_label)
     baselines: dict[tuple, tuple] = {}
@@ -113,7 +117,7 @@ def layer(rec: Recorder, cfg: dict) -> None:
             base = Layer(k, n).to(device=device, dtype=dtype)
             x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
             grad = torch.randn(m, n, device=device, dtype=dtype)
-            step = _layer_step(base, _compile_baseline(base, cfg), x, grad)
+            step = _layer_step(base, compile_baseline(base, cfg), x, grad)
             t0 = time.perf_counter()
             step()
             _sync(device)
@@ -129,7 +133,7 @@ def layer(rec: Recorder, cfg: dict) -> None:
         compile_s = time.perf_counter() - t0
         t_base, t_cand = interleaved_medians([base_step, step], device, reps)
         rec.add("items", {
-            "shape": list(shape), "recipe": recipe, "fusion": fusion, "lowbit_gemms": _lowbit(be),
+            "shape": list(shape), "recipe": recipe, "fusion": fusion, "lowbit_gemms": lowbit_gemms(be),
             "speedup": sig(t_base / t_cand), "baseline": base_label, "baseline_ms": round(t_base * 1e3, 3),
             "fqt_ms": round(t_cand * 1e3, 3), "fqt_compile_s": round(compile_s, 1), "baseline_compile_s": round(base_compile, 1),
             "fqt_step_profile": profile_step(step, device), "baseline_step_profile": profile_step(base_step, device),
@@ -232,7 +236,7 @@ def _train(model: nn.Module, data: torch.Tensor, g: dict, device: torch.device, 
 def e2e(rec: Recorder, cfg: dict) -> None:
     """GPT-2 small (12 layers, width 768, vocab 50304, T = 1024, batch 8) trained 20 steps from
     one initialization on the same batches, bf16 ``torch.compile`` then fqt ``int8``."""
-    device, _, base_label = _setup(cfg)
+    device, _, base_label = setup_stage(cfg)
     g = DRY_GPT if cfg["dry_run"] else GPT2_SMALL
     data = _tokens(device)
     rec.set("config", {**g, "data": "bytes of pydoc_data.topics", "optimizer": "AdamW lr 6e-4, wd 0.1",
@@ -244,10 +248,10 @@ def e2e(rec: Recorder, cfg: dict) -> None:
         torch._dynamo.reset()
         model = GPT(g["vocab"], g["context"], g["d"], g["layers"], g["heads"]).to(device)
         be = None if label == "baseline" else fqt.backend(recipe="int8", inductor=not cfg["dry_run"])
-        model.compile_regions((lambda m: _compile_baseline(m, cfg)) if be is None else (lambda m: torch.compile(m, backend=be)))
+        model.compile_regions((lambda m: compile_baseline(m, cfg)) if be is None else (lambda m: torch.compile(m, backend=be)))
         runs[label] = _train(model, data, g, device, rec, label)
         if be is not None:
-            runs[label]["lowbit_gemms"] = _lowbit(be)
+            runs[label]["lowbit_gemms"] = lowbit_gemms(be)
         rec.set(label, runs[label])
         del model
         if device.type == "cuda":
