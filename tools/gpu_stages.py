@@ -153,7 +153,8 @@ def tests(rec: Recorder, cfg: dict) -> None:
     import tempfile
 
     files = (["test_qmm_kernel.py"] if cfg["dry_run"]
-             else ["test_qmm_kernel.py", "test_quantize_kernel.py", "test_fused_kernel.py", "test_bhq_kernel.py"])
+             else ["test_qmm_kernel.py", "test_conv_triton.py", "test_quantize_kernel.py", "test_fused_kernel.py",
+                   "test_bhq_kernel.py"])
     parallel = ["-n", "8"] if not cfg["dry_run"] and importlib.util.find_spec("xdist") else []
     runs = [("gpu-marked tests", ["-m", "gpu", "tests"])] + [
         (f"kernel tests: {f}", ["-m", "not gpu", f"tests/kernels/{f}"]) for f in files
