@@ -112,6 +112,8 @@ class ConvGeometry:
         G = self.groups if groups is None else groups
         N, C = x.shape[:2]
         K, k = w_shape[0], list(w_shape[2:])
+        if N == 0:  # nothing summed (a batch of 0): a convolution over no channels is no answer
+            return x.new_zeros((K, C // G, *k))
         sp = list(range(3, x.dim() + 1))
         xt = x.reshape(N, G, C // G, *x.shape[2:]).permute(2, 1, 0, *sp).reshape(C // G, G * N, *x.shape[2:])
         gt = g.transpose(0, 1)  # (K, N, *out): K filters over N channels, K/G per group
@@ -120,12 +122,15 @@ class ConvGeometry:
         out = out[(slice(None), slice(None), *(slice(0, kk) for kk in k))]  # (C/G, K, *k): windows past the kernel dropped
         return out.transpose(0, 1).reshape(K, C // G, *k)
 
-    def dgrad_as_forward(self, g: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int], tuple | None]:
+    def dgrad_as_forward(
+        self, g: torch.Tensor, w: torch.Tensor, fill: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int], tuple | None]:
         """dgrad as a forward convolution (stride 1, this dilation, this groups): (input, weight,
         padding, crop of the result or None). The weight is flipped in space with its in / out
         channels swapped per group; with a stride, or a padding past the window, dY is spread
-        ``stride`` apart with zeros between and padded explicitly (zeros: the sums are of codes,
-        so a zero code contributes nothing), and a negative pad becomes a crop of the result."""
+        ``stride`` apart with ``fill`` between and padded explicitly with it (the code that
+        contributes nothing: 0, or a zero point the kernel subtracts), and a negative pad
+        becomes a crop of the result."""
         G, n = self.groups, self.spatial
         K, Cg, *k = w.shape
         swapped = w.reshape(G, K // G, Cg, *k).transpose(1, 2).reshape(G * Cg, K // G, *k)
@@ -140,7 +145,7 @@ class ConvGeometry:
         extra = [(h + 2 * p - d * (kk - 1) - 1) % s for h, p, d, kk, s in dims]  # rows past the last window
         hi = [a + e for a, e in zip(lo, extra)]
         size = [(q - 1) * s + 1 + max(a, 0) + max(b, 0) for q, s, a, b in zip(in_sp, self.stride, lo, hi)]
-        spread = g.new_zeros((g.shape[0], g.shape[1], *size))
+        spread = g.new_full((g.shape[0], g.shape[1], *size), fill)
         index = tuple(slice(max(a, 0), max(a, 0) + (q - 1) * s + 1, s) for a, q, s in zip(lo, in_sp, self.stride))
         spread[(slice(None), slice(None), *index)] = g
         crop = (slice(None), slice(None), *(slice(max(-a, 0), max(-a, 0) + h) for a, h in zip(lo, out_sp)))
@@ -162,7 +167,7 @@ class ConvGeometry:
         result is convolved with an all-ones kernel."""
         G, k = self.groups, self.w_shape[2:]
         n = self.spatial
-        ones = a.new_ones((), dtype=torch.float64)
+        ones = _Ones(a)
         if kind in (GemmKind.OUTPUT, GemmKind.GRAD_INPUT):  # sum each group's channels, then over the window
             s = channel_sums(a, G)
             if kind is GemmKind.OUTPUT:
@@ -177,7 +182,7 @@ class ConvGeometry:
     def sum_b(self, kind: GemmKind, b: torch.Tensor) -> torch.Tensor:
         """``f(1, b)``: each output element's windowed sum of ``b`` (a all ones), in fp64."""
         G, K = self.groups, self.w_shape[0]
-        ones = b.new_ones((), dtype=torch.float64)
+        ones = _Ones(b)
         if kind is GemmKind.OUTPUT:  # one output image, broadcast over the batch
             return self.conv(ones.expand(1, G, *self.x_shape[2:]), _summed(b, 1, keepdim=True), G)  # a small weight
         if kind is GemmKind.GRAD_INPUT:
@@ -221,6 +226,17 @@ class ConvGeometry:
             return v.repeat(G).reshape(1, -1, *(1,) * (nd - 2))
         per_group = v.reshape(G, v.shape[0] // G).repeat_interleave(out[0] // G, 0)  # (K, C/G)
         return per_group.reshape(*out[:2], *(1,) * (nd - 2))
+
+
+class _Ones:
+    """All-ones fp64 operands of the windowed sums, materialized (small: kernels, single
+    images): ``expand``-ed ones made some backends' convolutions copy them anyway."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.device = like.device
+
+    def expand(self, *shape: int) -> torch.Tensor:
+        return torch.ones(shape, dtype=torch.float64, device=self.device)
 
 
 def channel_sums(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -304,21 +320,24 @@ def qconv_ref(
 
 def dequantize_conv_accumulator(
     kind: GemmKind, acc: torch.Tensor, a: QOperand, b: QOperand, geo: ConvGeometry, bias: torch.Tensor | None,
-    out_dtype: torch.dtype, channels_last: bool = False, owned: bool = False,
+    out_dtype: torch.dtype, channels_last: bool = False, owned: bool = False, a_zero_folded: int | None = None,
 ) -> torch.Tensor:
     """The epilogue of :func:`qconv_ref` given ``acc = f(a.codes, b.codes)`` (fp64 exact, or the
     fp32 a kernel wrote; ``owned``: it may be overwritten). Symmetric codes: ``acc * (sa * sb)``
     in one pass. Zero points and offsets: from an fp64 ``acc`` the exact integer terms in the
     order of ``reference.dequantize_accumulator``; from a kernel's fp32 ``acc``, the same terms
-    regrouped by the tensor each multiplies, as in-place fp32 passes over the result."""
+    regrouped by the tensor each multiplies, as in-place fp32 passes over the result. An
+    integer ``acc`` (exact sums) takes the exact path. ``a_zero_folded``: the kernel already
+    subtracted ``a``'s (per-tensor) zero point from its codes."""
     sa, sb = geo.stat_a(kind, a.scale).to(torch.float32), geo.stat_b(kind, b.scale).to(torch.float32)
     if a.zero_point is None and b.zero_point is None and a.offset is None and b.offset is None:
         # one pass over the result, in place: the combined scale is (rows x channels), tiny
         out = acc.to(torch.float32, copy=acc.dtype == torch.float32 and not owned).mul_(sa * sb)
-    elif acc.dtype == torch.float64:
+    elif acc.dtype == torch.float64 or not acc.dtype.is_floating_point:
         out = _exact_affine(kind, acc, a, b, geo, sa, sb)
     else:
-        out = _affine_in_place(kind, acc.to(torch.float32, copy=acc.dtype == torch.float32 and not owned), a, b, geo, sa, sb)
+        out = _affine_in_place(kind, acc.to(torch.float32, copy=acc.dtype == torch.float32 and not owned), a, b, geo, sa, sb,
+                               a_zero_folded)
     if bias is not None:
         out = out.add_(bias.to(torch.float32).reshape(1, -1, *(1,) * (out.dim() - 2)))
     return out.to(out_dtype).contiguous(memory_format=out_memory_format(channels_last, out.dim()))
@@ -346,16 +365,22 @@ def _exact_affine(kind, acc, a, b, geo, sa, sb) -> torch.Tensor:
     return (t1.to(torch.float32) * sa) * sb + (sa * ob) * t2 + (oa * sb) * t3 + (oa * ob) * f11.to(torch.float32)
 
 
-def _affine_in_place(kind, out, a, b, geo, sa, sb) -> torch.Tensor:
+def _affine_in_place(kind, out, a, b, geo, sa, sb, a_zero_folded: int | None = None) -> torch.Tensor:
     """out = acc * sa sb + f(a, 1) * sa (ob - sb zb) + f(1, b) * sb (oa - sa za) + f(1, 1) * γ,
     γ = sa sb za zb - sa ob za - oa sb zb + oa ob: every coefficient a (rows x channels) tensor,
-    every windowed sum small or broadcast, so four fp32 passes at most over the result."""
+    every windowed sum small or broadcast, so four fp32 passes at most over the result. With
+    ``a``'s zero point folded into ``acc``, ``za`` is 0 here and f(a, 1) is f(a - za, 1)."""
     za, zb, oa, ob = _stats(kind, a, b, geo, torch.float32)
     zero = torch.zeros((), dtype=torch.float32, device=out.device)
+    if a_zero_folded is not None:
+        za = None
     za_, zb_, oa_, ob_ = (zero if t is None else t for t in (za, zb, oa, ob))
     out.mul_(sa * sb)
     if zb is not None or ob is not None:
-        out.addcmul_(geo.sum_a(kind, a.codes).to(torch.float32), sa * (ob_ - sb * zb_))
+        fa1 = geo.sum_a(kind, a.codes)
+        if a_zero_folded:
+            fa1 = fa1 - a_zero_folded * geo.sum_ones(kind, fa1)
+        out.addcmul_(fa1.to(torch.float32), sa * (ob_ - sb * zb_))
     if za is not None or oa is not None:
         out.addcmul_(geo.sum_b(kind, b.codes).to(torch.float32), sb * (oa_ - sa * za_))
     gamma = sa * sb * za_ * zb_ - sa * ob_ * za_ - oa_ * sb * zb_ + oa_ * ob_

@@ -566,8 +566,19 @@ def qconv_cpu(
     empty = a.codes.numel() == 0 or b.codes.numel() == 0  # nothing to convolve (a batch of 0)
     if empty or a.codes.dtype != torch.int8 or b.codes.dtype != torch.int8 or not onednn_available():
         return qconv_ref(kind, a, b, geo, bias, out_dtype, channels_last)
-    acc = conv_codes_cpu(kind, a.codes, b.codes, geo)
-    return dequantize_conv_accumulator(kind, acc, a, b, geo, bias, out_dtype, channels_last, owned=True)
+    folded = _foldable_zero(a) if kind is not GemmKind.GRAD_WEIGHT else None
+    acc = conv_codes_cpu(kind, a.codes, b.codes, geo, a_zero=folded or 0)
+    return dequantize_conv_accumulator(kind, acc, a, b, geo, bias, out_dtype, channels_last, owned=True, a_zero_folded=folded)
+
+
+def _foldable_zero(a: QOperand) -> int | None:
+    """``a``'s zero point where oneDNN can subtract it in its int32 sums: one integer code (per
+    tensor; the paper's asymmetric activations' -128 among them). Exact, and the largest
+    correction term then never meets the fp32 accumulator."""
+    if a.zero_point is None or a.zero_point.numel() != 1:
+        return None
+    z = float(a.zero_point)
+    return int(z) if z.is_integer() and -128 <= z <= 127 else None
 
 
 @torch.library.custom_op("fqt::qconv", mutates_args=())

@@ -55,7 +55,7 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return _strided(t, [0, *range(2, t.dim()), 1]) if t.dim() in (4, 5) else _dense(t)
 
 
-def _single_windows(x: torch.Tensor, k: tuple, stride: list, padding: list, dilation: list):
+def _single_windows(x: torch.Tensor, k: tuple, stride: list, padding: list, dilation: list, fill: int = 0):
     """Dims with one output position and a stride > 1, rewritten as stride 1 on an input cut
     to that one window (padding made explicit): oneDNN's int8 convolution returned wrong sums
     for some of them (a stride-2 dim of output size 1)."""
@@ -65,14 +65,17 @@ def _single_windows(x: torch.Tensor, k: tuple, stride: list, padding: list, dila
         if stride[i] == 1 or (x.shape[2 + i] + 2 * p - d * (kk - 1) - 1) // stride[i] != 0:
             continue
         pad = [0, 0] * (x.dim() - 3 - i) + [p, p]
-        x = F.pad(x, pad).narrow(2 + i, 0, d * (kk - 1) + 1)  # zero codes: contribute nothing
+        x = F.pad(x, pad, value=fill).narrow(2 + i, 0, d * (kk - 1) + 1)  # the zero point's code: contributes nothing
         stride[i], padding[i] = 1, 0
     return x, stride, padding
 
 
-def _onednn(x_codes: torch.Tensor, w_codes: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """sum over (in channels x window) of x_codes * w_codes, as fp32 (padding contributes 0)."""
-    x_codes, stride, padding = _single_windows(x_codes, tuple(w_codes.shape[2:]), stride, padding, list(dilation))
+def _onednn(
+    x_codes: torch.Tensor, w_codes: torch.Tensor, stride, padding, dilation, groups: int, x_zero: int = 0
+) -> torch.Tensor:
+    """sum over (in channels x window) of (x_codes - x_zero) * w_codes, as fp32 (padding
+    contributes 0): ``x_zero`` is oneDNN's activation zero point, exact in its int32 sums."""
+    x_codes, stride, padding = _single_windows(x_codes, tuple(w_codes.shape[2:]), stride, padding, list(dilation), x_zero)
     xu = _channels_last(x_codes.view(torch.uint8) ^ 0x80)  # int8 code c -> uint8 c + 128
     # one unit weight scale (per tensor): per-channel unit scales cost the prepack a host loop
     # over the channels (0.9 ms at 1024 of them) for the same sums
@@ -81,17 +84,18 @@ def _onednn(x_codes: torch.Tensor, w_codes: torch.Tensor, stride, padding, dilat
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     packed = torch.ops.onednn.qconv_prepack(_dense(w_codes), ones, 1.0, 128, stride, padding, dilation, groups, None)
     return torch.ops.onednn.qconv_pointwise(
-        xu, 1.0, 128, packed, ones, zeros, None, stride, padding, dilation, groups, 1.0, 0, torch.float32, "none", [], "",
+        xu, 1.0, 128 + x_zero, packed, ones, zeros, None, stride, padding, dilation, groups, 1.0, 0, torch.float32, "none", [],
+        "",
     )
 
 
-def _output(geo: ConvGeometry, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return _onednn(x, w, geo.stride, geo.padding, geo.dilation, geo.groups)
+def _output(geo: ConvGeometry, x: torch.Tensor, w: torch.Tensor, x_zero: int) -> torch.Tensor:
+    return _onednn(x, w, geo.stride, geo.padding, geo.dilation, geo.groups, x_zero)
 
 
-def _grad_input(geo: ConvGeometry, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    x, wt, padding, crop = geo.dgrad_as_forward(g, w)
-    out = _onednn(x, wt, [1] * geo.spatial, padding, geo.dilation, geo.groups)
+def _grad_input(geo: ConvGeometry, g: torch.Tensor, w: torch.Tensor, g_zero: int) -> torch.Tensor:
+    x, wt, padding, crop = geo.dgrad_as_forward(g, w, fill=g_zero)
+    out = _onednn(x, wt, [1] * geo.spatial, padding, geo.dilation, geo.groups, g_zero)
     return out if crop is None else out[crop]
 
 
@@ -117,7 +121,7 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
             rows_of = slice(grp * Kg, (grp + 1) * Kg)
             b = _dense(shifted[:, grp * Cg:(grp + 1) * Cg])
             result[(rows_of, slice(None), *offset)] = torch._int_mm(_gemm_ready(g_t[rows_of]), b)
-    return result.to(torch.float32)
+    return result
 
 
 def _grad_weight_on_grid(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +153,7 @@ def _grad_weight_on_grid(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) ->
         for i in range(G):
             b = shifted if G == 1 else _dense(shifted[:, i * Cg:(i + 1) * Cg])
             result[(slice(i * Kg, (i + 1) * Kg), slice(None), *offset)] = torch._int_mm(a[i], b)
-    return result.to(torch.float32)
+    return result
 
 
 def _gemm_ready(t: torch.Tensor) -> torch.Tensor:
@@ -160,11 +164,14 @@ def _gemm_ready(t: torch.Tensor) -> torch.Tensor:
     return _dense(t)
 
 
-def conv_codes_cpu(kind: GemmKind, a: torch.Tensor, b: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
-    """``geo.bilinear(kind, a, b)`` on int8 codes, as fp32 (the integer sums, rounded to fp32
-    where they pass 2**24 -- the reference's fp64 sums convert the same way)."""
+def conv_codes_cpu(kind: GemmKind, a: torch.Tensor, b: torch.Tensor, geo: ConvGeometry, a_zero: int = 0) -> torch.Tensor:
+    """``geo.bilinear(kind, a - a_zero, b)`` on int8 codes: fprop and dgrad as fp32 (oneDNN's
+    int32 sums, rounded to fp32 where they pass 2**24 -- the reference's fp64 sums convert the
+    same way), wgrad as the exact int32 sums (``a_zero`` must be 0 there)."""
     if kind is GemmKind.OUTPUT:
-        return _output(geo, a, b)
+        return _output(geo, a, b, a_zero)
     if kind is GemmKind.GRAD_INPUT:
-        return _grad_input(geo, a, b)
+        return _grad_input(geo, a, b, a_zero)
+    if a_zero:
+        raise ValueError("conv_codes_cpu: wgrad takes no zero point (apply it in the epilogue)")
     return _grad_weight(geo, a, b)
