@@ -37,6 +37,7 @@ from .specs import GemmKind
 
 __all__ = [
     "ConvGeometry", "layout_problem", "qconv_ref", "dequantize_conv_accumulator", "out_memory_format", "is_channels_last",
+    "foldable_zero_point", "channel_sums", "batch_sums",
 ]
 
 aten = torch.ops.aten
@@ -305,6 +306,16 @@ def layout_problem(kind: GemmKind, geo: ConvGeometry, a_stats: list, b_stats: li
                 return (f"{role} scales of shape {tuple(s)} vary along the contraction ({over}); "
                         f"{kind.value} can apply per-tensor or {ok} scales (the int8 recipe's ROW / CHANNEL specs)")
     return None
+
+
+def foldable_zero_point(a: QOperand) -> int | None:
+    """``a``'s zero point where oneDNN can subtract it in its int32 sums: one integer code (per
+    tensor; the paper's asymmetric activations' -128 among them). Exact, and the largest
+    correction term then never meets the fp32 accumulator."""
+    if a.zero_point is None or a.zero_point.numel() != 1:
+        return None
+    z = float(a.zero_point)
+    return int(z) if z.is_integer() and -128 <= z <= 127 else None
 
 
 def qconv_ref(

@@ -57,7 +57,7 @@ import torch
 from .errors import SpecError
 from .bhq import bhq_inverse_ref, bhq_quantize_ref
 from .fusion_program import Program, run_reference
-from .conv import ConvGeometry, dequantize_conv_accumulator, out_memory_format, qconv_ref
+from .conv import ConvGeometry, dequantize_conv_accumulator, foldable_zero_point, out_memory_format, qconv_ref
 from .grid import QOperand
 from .layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, scale_shape
 from .memory_order import CodeLayout, alloc_codes
@@ -566,19 +566,9 @@ def qconv_cpu(
     empty = a.codes.numel() == 0 or b.codes.numel() == 0  # nothing to convolve (a batch of 0)
     if empty or a.codes.dtype != torch.int8 or b.codes.dtype != torch.int8 or not onednn_available():
         return qconv_ref(kind, a, b, geo, bias, out_dtype, channels_last)
-    folded = _foldable_zero(a) if kind is not GemmKind.GRAD_WEIGHT else None
+    folded = foldable_zero_point(a) if kind is not GemmKind.GRAD_WEIGHT else None
     acc = conv_codes_cpu(kind, a.codes, b.codes, geo, a_zero=folded or 0)
     return dequantize_conv_accumulator(kind, acc, a, b, geo, bias, out_dtype, channels_last, owned=True, a_zero_folded=folded)
-
-
-def _foldable_zero(a: QOperand) -> int | None:
-    """``a``'s zero point where oneDNN can subtract it in its int32 sums: one integer code (per
-    tensor; the paper's asymmetric activations' -128 among them). Exact, and the largest
-    correction term then never meets the fp32 accumulator."""
-    if a.zero_point is None or a.zero_point.numel() != 1:
-        return None
-    z = float(a.zero_point)
-    return int(z) if z.is_integer() and -128 <= z <= 127 else None
 
 
 @torch.library.custom_op("fqt::qconv", mutates_args=())

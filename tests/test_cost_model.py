@@ -102,6 +102,30 @@ def test_never_slower_keeps_losing_sites_in_high_precision(recipe, big_quantized
     assert "by-cost" in report.table() or "cost model" in report.table()
 
 
+class DepthwiseThenDense(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False)
+        self.dense = nn.Conv2d(64, 256, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.dense(torch.relu(self.depthwise(x)))
+
+
+def test_never_slower_keeps_depthwise_convolutions_in_high_precision():
+    """Convolutions are costed as the kernels run them: a depthwise one (9 products per output)
+    cannot win back its quantizers and stays in high precision; a dense 3x3 is costed too, with
+    each tensor quantized once (not once per kernel position)."""
+    torch.manual_seed(0)
+    report = fqt.explain(DepthwiseThenDense(), torch.randn(8, 64, 28, 28), recipe="int8", never_slower=True,
+                         inductor=False, progress=False)
+    by_module = {site.module_path: site.gemms for rec in report.records for site in rec.decisions}
+    assert all(g.skip_kind is SkipKind.BY_COST and "cost model" in g.reason for g in by_module["depthwise"])
+    dense = site_cost((8 * 28 * 28, 64 * 9, 256), _specs("int8"), CPU, 4,
+                      operand_elements=(8 * 64 * 28 * 28, 256 * 64 * 9, 8 * 256 * 28 * 28))
+    assert all((g.skip_kind is None) == dense.wins for g in by_module["dense"])
+
+
 def test_never_slower_off_changes_nothing_and_needs_kernels_mode():
     torch.manual_seed(0)
     report = fqt.explain(TwoLinears(), torch.randn(512, 16), recipe="bhq8", inductor=False)
