@@ -105,7 +105,7 @@ def _variance_factory(spec: str | None):
 def _results(args: argparse.Namespace) -> int:
     from fqt_compiler.tools.results import main
 
-    print(main(out_dir=args.out, steps=args.steps, epochs=args.epochs, recipes=args.recipes))
+    print(main(out_dir=args.out, steps=args.steps, epochs=args.epochs, recipes=args.recipes, execution=args.execution))
     return 0
 
 
@@ -208,6 +208,8 @@ def _add_results(sub) -> None:
     res.add_argument("--steps", type=int, default=300)
     res.add_argument("--epochs", type=int, default=3)
     res.add_argument("--recipes", nargs="+", default=None)
+    res.add_argument("--execution", choices=["kernels", "reference"], default="kernels",
+                     help="kernels: low-bit kernels, so ms/step is fqt's (default); reference: everything simulated")
     res.set_defaults(func=_results)
 
 
