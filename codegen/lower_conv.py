@@ -132,6 +132,9 @@ def lower_convolution(gm: fx.GraphModule, node: fx.Node, kind: GemmKind, device:
         if bhq:  # GEMM on the codes of T dY; a per-sample map, so T^-1 acts on the result's samples (rows)
             group, u, s_ = a_op.transform.args[1:4]
             new = call(graph, bhq_inverse_op, (new, group, u, s_, int(Layout.DIM0)), like=result)
+            if bias is not None:  # after T^-1, which must not mix it across samples
+                new = call(graph, aten.add.Tensor, (new, call(graph, aten.reshape.default, (bias, [1, -1, *[1] * geo.spatial]),
+                                                              like=result)), like=result)
             if out_dtype != torch.float32:
                 new = call(graph, CONVERT, (new, out_dtype), like=result)
     new.meta["fqt"] = node.meta["fqt"]
