@@ -83,6 +83,26 @@ def test_kernels_mode_with_inductor_matches_reference():
     assert all("_int_mm" in v for k, v in sources.items() if k.startswith("inductor:"))
 
 
+def _kernels_equal_reference(model, inputs, target, recipe):
+    """One MSE step of ``model`` in reference mode and in kernels mode (no Inductor), same
+    seed: losses and gradients equal to round-off; the kernels-mode backend."""
+
+    def run(**options):
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        be = fqt.backend(recipe=recipe, **options)
+        torch.manual_seed(77)
+        loss = torch.nn.functional.mse_loss(torch.compile(model, backend=be)(*inputs), target)
+        loss.backward()
+        return loss.detach(), param_grads(model), be
+
+    loss_r, grads_r, _ = run(execution="reference")
+    loss_k, grads_k, be = run(execution="kernels", inductor=False)
+    assert _close(loss_k, loss_r, 1e-5)
+    _assert_grads_close(grads_k, grads_r, 1e-4)
+    return be
+
+
 class _ConvZoo(torch.nn.Module):
     """Convolutions of every geometry the CPU kernels take: 1-D, strided and dilated 2-D,
     grouped, 3-D, and a 1x1 with bias."""
@@ -118,20 +138,7 @@ def test_convolution_gemms_run_on_int8_kernels_and_match_reference(recipe):
     them under int8 and ptq8; psq8 / bhq8 keep the paper's per-(channel, position) wgrad
     scales simulated, saying why), and the step equals the reference mode to round-off."""
     model, inputs, target = _conv_zoo_case()
-
-    def run(**options):
-        torch._dynamo.reset()
-        model.zero_grad(set_to_none=True)
-        be = fqt.backend(recipe=recipe, **options)
-        torch.manual_seed(77)
-        loss = torch.nn.functional.mse_loss(torch.compile(model, backend=be)(*inputs), target)
-        loss.backward()
-        return loss.detach(), param_grads(model), be
-
-    loss_r, grads_r, _ = run(execution="reference")
-    loss_k, grads_k, be = run(execution="kernels", inductor=False)
-    assert _close(loss_k, loss_r, 1e-5)
-    _assert_grads_close(grads_k, grads_r, 1e-4)
+    be = _kernels_equal_reference(model, inputs, target, recipe)
     gemms = [g for r in be.records for s in r.decisions for g in s.gemms]
     assert len(gemms) == 13  # 5 convolutions x 3 GEMMs, less c1's and c2's dgrad (the inputs need no grad)
     for g in gemms:
@@ -164,20 +171,7 @@ def test_transposed_convolutions_run_as_the_gemms_they_transpose(recipe):
     torch.manual_seed(6)
     model, x = _Transposed(), torch.randn(3, 3, 5, 5)
     target = torch.randn(3, 4, 20)
-
-    def run(**options):
-        torch._dynamo.reset()
-        model.zero_grad(set_to_none=True)
-        be = fqt.backend(recipe=recipe, **options)
-        torch.manual_seed(78)
-        loss = torch.nn.functional.mse_loss(torch.compile(model, backend=be)(x), target)
-        loss.backward()
-        return loss.detach(), param_grads(model), be
-
-    loss_r, grads_r, _ = run(execution="reference")
-    loss_k, grads_k, be = run(execution="kernels", inductor=False)
-    assert _close(loss_k, loss_r, 1e-5)
-    _assert_grads_close(grads_k, grads_r, 1e-4)
+    be = _kernels_equal_reference(model, (x,), target, recipe)
     transposed = [g for r in be.records for s in r.decisions[1:] for g in s.gemms]
     assert len(transposed) == 6
     for g in transposed:
