@@ -70,12 +70,33 @@ def _single_windows(x: torch.Tensor, k: tuple, stride: list, padding: list, dila
     return x, stride, padding
 
 
+def _explicit_wide_padding(x: torch.Tensor, k: tuple, stride: list, padding: list, dilation: list, fill: int, groups: int):
+    """Padding made explicit, with the zero point's code, where oneDNN's int8 convolution got
+    it wrong in random tests (wrong sums; on one thread, crashes): every padded dim of a grouped
+    or single-channel convolution, and the dims padded at least as wide as the input or the
+    dilated kernel's reach, or where some output's window lies wholly in the padding. Costs one
+    int8 copy of the input; the usual convolutions (3x3 with padding 1, a 7x7 stem) keep
+    oneDNN's own padding."""
+    padding = list(padding)
+    odd = groups > 1 or x.shape[1] == 1
+    for i in range(x.dim() - 2):
+        size, s, p, d, kk = x.shape[2 + i], stride[i], padding[i], dilation[i], k[i]
+        outputs = (size + 2 * p - d * (kk - 1) - 1) // s + 1
+        empty = any(not any(0 <= o * s + r * d - p < size for r in range(kk)) for o in range(outputs))
+        if p and (odd or empty or p >= size or p >= d * (kk - 1)):
+            x = F.pad(x, [0, 0] * (x.dim() - 3 - i) + [p, p], value=fill)
+            padding[i] = 0
+    return x, padding
+
+
 def _onednn(
     x_codes: torch.Tensor, w_codes: torch.Tensor, stride, padding, dilation, groups: int, x_zero: int = 0
 ) -> torch.Tensor:
     """sum over (in channels x window) of (x_codes - x_zero) * w_codes, as fp32 (padding
     contributes 0): ``x_zero`` is oneDNN's activation zero point, exact in its int32 sums."""
     x_codes, stride, padding = _single_windows(x_codes, tuple(w_codes.shape[2:]), stride, padding, list(dilation), x_zero)
+    x_codes, padding = _explicit_wide_padding(x_codes, tuple(w_codes.shape[2:]), stride, padding, list(dilation), x_zero,
+                                              groups)
     xu = _channels_last(x_codes.view(torch.uint8) ^ 0x80)  # int8 code c -> uint8 c + 128
     # one unit weight scale (per tensor): per-channel unit scales cost the prepack a host loop
     # over the channels (0.9 ms at 1024 of them) for the same sums

@@ -159,3 +159,30 @@ def test_channel_and_batch_sums_of_codes(shape, groups, memory):
     want = t.double().reshape(shape[0], groups, shape[1] // groups, *shape[2:]).sum(2)
     assert torch.equal(channel_sums(t, groups), want)
     assert torch.equal(batch_sums(t), t.double().sum(0, keepdim=True))
+
+
+# geometries oneDNN's int8 convolution got wrong (or, on one thread, crashed on) with its own
+# padding: windows wholly in the padding, padding as wide as the input, grouped and
+# single-channel convolutions; the kernels pad those explicitly
+ONEDNN_EDGES = [
+    ((3, 1), (2, 2), (1, 1), 3, (1, 3, 2, 2), (12, 1, 2, 1)),
+    ((2, 3), (0, 2), (1, 2), 1, (1, 1, 3, 1), (1, 1, 2, 1)),
+    ((2,), (1,), (2,), 2, (1, 6, 1), (2, 3, 1)),
+    ((1, 1, 1), (1, 2, 1), (2, 2, 2), 3, (2, 12, 1, 8, 2), (3, 4, 2, 2, 1)),
+    ((2, 1, 2), (2, 1, 0), (2, 1, 1), 3, (3, 3, 1, 3, 8), (6, 1, 2, 2, 3)),
+    ((2, 1, 1), (2, 0, 0), (2, 2, 1), 1, (3, 1, 1, 7, 9), (3, 1, 2, 3, 2)),
+    ((1, 2), (0, 0), (1, 1), 2, (1, 2, 8, 3), (6, 1, 1, 3)),
+]
+
+
+@pytest.mark.parametrize("case", ONEDNN_EDGES, ids=lambda c: f"s{c[0]}p{c[1]}d{c[2]}g{c[3]}x{c[4]}")
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
+def test_onednn_edge_geometries(case, kind):
+    stride, padding, dilation, groups, x_shape, w_shape = case
+    y = torch.ops.aten.convolution(torch.zeros(x_shape), torch.zeros(w_shape), None, list(stride), list(padding),
+                                   list(dilation), False, [0] * len(stride), groups)
+    geo = ConvGeometry(stride, padding, dilation, groups, x_shape, w_shape, tuple(y.shape))
+    gen = torch.Generator().manual_seed(9)
+    a_shape, b_shape = geo.operand_shapes(kind)
+    a, b = _codes(a_shape, gen), _codes(b_shape, gen)
+    assert torch.equal(conv_codes_cpu(kind, a, b, geo).double(), geo.bilinear(kind, a.double(), b.double()).float().double())
