@@ -20,7 +20,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
-from fqt_compiler.ops import QUANTIZE_OPS, bhq_inverse_op, bhq_quantize_op, in_input_layout
+from fqt_compiler.memory_order import in_input_layout
+from fqt_compiler.ops import QUANTIZE_OPS, bhq_inverse_op, bhq_quantize_op
 from fqt_compiler.grid import QOperand
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import quantize_ref

@@ -168,29 +168,27 @@ class ConvGeometry:
         result is convolved with an all-ones kernel."""
         G, k = self.groups, self.w_shape[2:]
         n = self.spatial
-        ones = _Ones(a)
         if kind in (GemmKind.OUTPUT, GemmKind.GRAD_INPUT):  # sum each group's channels, then over the window
             s = channel_sums(a, G)
             if kind is GemmKind.OUTPUT:
-                out, per = self.conv(s, ones.expand(G, 1, *k), G), self.y_shape[1] // G
+                out, per = self.conv(s, _ones(a, G, 1, *k), G), self.y_shape[1] // G
             else:
-                out, per = self.dgrad(s, ones.expand(G, 1, *k), (a.shape[0], G, *self.x_shape[2:]), G), self.x_shape[1] // G
+                out, per = self.dgrad(s, _ones(a, G, 1, *k), (a.shape[0], G, *self.x_shape[2:]), G), self.x_shape[1] // G
             return out if G == 1 else out.repeat_interleave(per, 1)
         gsum = batch_sums(a)  # grad_weight: sum dY over the batch, then over positions
-        ones_x = ones.expand(1, G, *self.x_shape[2:])
+        ones_x = _ones(a, 1, G, *self.x_shape[2:])
         return self.wgrad(gsum, ones_x, (self.w_shape[0], 1, *k), G).expand(*self.w_shape[:2], *[-1] * n)
 
     def sum_b(self, kind: GemmKind, b: torch.Tensor) -> torch.Tensor:
         """``f(1, b)``: each output element's windowed sum of ``b`` (a all ones), in fp64."""
         G, K = self.groups, self.w_shape[0]
-        ones = _Ones(b)
         if kind is GemmKind.OUTPUT:  # one output image, broadcast over the batch
-            return self.conv(ones.expand(1, G, *self.x_shape[2:]), _summed(b, 1, keepdim=True), G)  # a small weight
+            return self.conv(_ones(b, 1, G, *self.x_shape[2:]), _summed(b, 1, keepdim=True), G)  # a small weight
         if kind is GemmKind.GRAD_INPUT:
             wsum = _summed(b.reshape(G, K // G, *b.shape[1:]), 1)  # (G, C/G, *k): G "out channels"
-            return self.dgrad(ones.expand(1, G, *self.y_shape[2:]), wsum, (1, *self.x_shape[1:]), G)
+            return self.dgrad(_ones(b, 1, G, *self.y_shape[2:]), wsum, (1, *self.x_shape[1:]), G)
         xsum = batch_sums(b)
-        ones_g = ones.expand(1, G, *self.y_shape[2:])
+        ones_g = _ones(b, 1, G, *self.y_shape[2:])
         return self.wgrad(ones_g, xsum, (G, *self.w_shape[1:]), G).repeat_interleave(K // G, 0)
 
     def sum_ones(self, kind: GemmKind, like: torch.Tensor) -> torch.Tensor:
@@ -229,15 +227,10 @@ class ConvGeometry:
         return per_group.reshape(*out[:2], *(1,) * (nd - 2))
 
 
-class _Ones:
-    """All-ones fp64 operands of the windowed sums, materialized (small: kernels, single
+def _ones(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """An all-ones fp64 operand of the windowed sums, materialized (small: kernels, single
     images): ``expand``-ed ones made some backends' convolutions copy them anyway."""
-
-    def __init__(self, like: torch.Tensor) -> None:
-        self.device = like.device
-
-    def expand(self, *shape: int) -> torch.Tensor:
-        return torch.ones(shape, dtype=torch.float64, device=self.device)
+    return torch.ones(shape, dtype=torch.float64, device=like.device)
 
 
 def channel_sums(t: torch.Tensor, groups: int) -> torch.Tensor:

@@ -12,7 +12,10 @@ import torch
 
 from fqt_compiler.layout import Layout
 
-__all__ = ["CodeLayout", "SAVED_LAYOUT", "alloc_like", "alloc_codes", "column_major_ok", "ALIGN_BYTES"]
+__all__ = [
+    "CodeLayout", "SAVED_LAYOUT", "alloc_like", "alloc_codes", "column_major_ok", "ALIGN_BYTES", "in_input_layout",
+    "empty_in_input_layout",
+]
 
 # GEMM operands whose leading stride is a multiple of 16 bytes are copied asynchronously (and
 # vectorized); an 8-bit operand with an unaligned K (a 50257-entry vocabulary) is not. Codes
@@ -68,3 +71,23 @@ def column_major_ok(shape: tuple, layout: Layout) -> bool:
     """Whether column-major codes of ``shape`` have a strided grouped view for ``layout``
     (2-D codes always; more dims only where the grouped rows merge the leading dims)."""
     return len(shape) == 2 or len(shape) > 2 and layout is Layout.PENULTIMATE
+
+
+def in_input_layout(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (``x``'s shape) in ``x``'s memory order where that is a dense layout other than
+    contiguous of a tensor of 3+ dims (a channels-last activation); contiguous otherwise.
+
+    A quantizer's output replaces ``x`` in the graph, whose later views were traced on ``x``'s
+    strides: a channels-last activation quantized into contiguous codes made a convolution
+    return another layout than traced, and a later ``view`` fail. 2-D GEMM operands keep
+    contiguous codes (their memory order is chosen by the code-layout pass). Real ops and
+    their fakes share this rule (``empty_in_input_layout``)."""
+    if x.dim() < 3 or x.is_contiguous():
+        return t.contiguous()
+    like = torch.empty_like(x, dtype=t.dtype)  # x's strides where x is dense, else contiguous
+    return t if like.stride() == t.stride() else like.copy_(t)
+
+
+def empty_in_input_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fake twin of :func:`in_input_layout`: an empty tensor of ``x``'s shape and that layout."""
+    return torch.empty_like(x, dtype=dtype) if x.dim() >= 3 else x.new_empty(x.shape, dtype=dtype)

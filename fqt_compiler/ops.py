@@ -60,7 +60,7 @@ from .fusion_program import Program, run_reference
 from .conv import ConvGeometry, dequantize_conv_accumulator, foldable_zero_point, out_memory_format, qconv_ref
 from .grid import QOperand
 from .layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, scale_shape
-from .memory_order import CodeLayout, alloc_codes
+from .memory_order import CodeLayout, alloc_codes, empty_in_input_layout, in_input_layout
 from .quantizers import get_quantizer, run_custom
 from .reference import dequantize_accumulator, fake_quantize_ref, qmm_ref, quantize_ref
 from .specs import GemmKind, Granularity, QuantSpec, Transform
@@ -102,26 +102,6 @@ def needs_fake_quantize(spec: QuantSpec) -> bool:
     """Specs without a codes-plus-affine-scales form: block scales and custom quantizers go
     through ``fqt::fake_quantize``."""
     return spec.granularity is Granularity.BLOCK or spec.quantizer is not None
-
-
-def in_input_layout(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` (``x``'s shape) in ``x``'s memory order where that is a dense layout other than
-    contiguous of a tensor of 3+ dims (a channels-last activation); contiguous otherwise.
-
-    A quantizer's output replaces ``x`` in the graph, whose later views were traced on ``x``'s
-    strides: a channels-last activation quantized into contiguous codes made a convolution
-    return another layout than traced, and a later ``view`` fail. 2-D GEMM operands keep
-    contiguous codes (their memory order is chosen by the code-layout pass). Real ops and
-    their fakes share this rule (``empty_in_input_layout``)."""
-    if x.dim() < 3 or x.is_contiguous():
-        return t.contiguous()
-    like = torch.empty_like(x, dtype=t.dtype)  # x's strides where x is dense, else contiguous
-    return t if like.stride() == t.stride() else like.copy_(t)
-
-
-def empty_in_input_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The fake twin of :func:`in_input_layout`: an empty tensor of ``x``'s shape and that layout."""
-    return torch.empty_like(x, dtype=dtype) if x.dim() >= 3 else x.new_empty(x.shape, dtype=dtype)
 
 
 def quantize_fake(x: torch.Tensor, spec: str, layout: int):
@@ -547,12 +527,8 @@ TRITON_LAUNCHES = {
 }
 
 # ---------------------------------------------------------------- convolutions (fqt_compiler.conv)
-# fqt::qconv: one GEMM of a convolution (forward, dgrad or wgrad) on two operands' codes and
-# statistics (``a`` per-row, ``b`` per-column of the result, conv.py's table), dequantized. CPU
-# int8 codes run codegen.kernels.conv_cpu (oneDNN / torch._int_mm), CUDA codes the Triton implicit
-# GEMMs of codegen.kernels.conv; anything else the reference.
-# The result is laid out as the convolution it replaces was (``channels_last``), on every path
-# and in the fake, so the graph's later views and compiled code reading it by strides agree.
+# fqt::qconv: one GEMM of a convolution on two operands' codes and statistics, dequantized, laid
+# out as the convolution it replaces was (``channels_last``) on every path and in the fake.
 # The GEMM a qconv call computes, by its integer ``kind`` argument:
 CONV_KINDS = (GemmKind.OUTPUT, GemmKind.GRAD_INPUT, GemmKind.GRAD_WEIGHT)
 
@@ -591,12 +567,12 @@ def _qconv(
     out_dtype: torch.dtype,
     channels_last: bool,
 ) -> torch.Tensor:
-    gemm = CONV_KINDS[kind]
-    geo = ConvGeometry.of_call(gemm, a.shape, b.shape, out_shape, stride, padding, dilation, groups)
-    qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
     if a.device.type == "cuda":
         return qconv_triton(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilation, groups, out_shape, out_dtype,
                             channels_last)
+    gemm = CONV_KINDS[kind]
+    geo = ConvGeometry.of_call(gemm, a.shape, b.shape, out_shape, stride, padding, dilation, groups)
+    qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
     if a.device.type == "cpu":
         return qconv_cpu(gemm, qa, qb, geo, bias, out_dtype, channels_last)
     return qconv_ref(gemm, qa, qb, geo, bias, out_dtype, channels_last)
