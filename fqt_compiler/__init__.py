@@ -30,6 +30,11 @@ from .coverage import Coverage, CoverageWarning
 from .distributed import compile_sharded, sharded_modules
 from .sites import GemmStatus
 
+# live monitoring
+from .monitor import Monitor, MonitorWarning, Thresholds
+from .monitor_policy import AdaptivePolicy
+from .monitor_sinks import JsonLinesSink, TensorBoardSink
+
 __all__ = [
     # specs and recipes
     "QuantSpec", "ElementFormat", "Granularity", "Scheme", "Rounding", "Transform", "TensorRole", "GemmKind",
@@ -43,6 +48,8 @@ __all__ = [
     "backend", "fqt_backend", "FQTBackend", "explain", "ExplainReport", "GemmStatus", "last_compiles", "Coverage",
     "CoverageWarning",
     "compile_sharded", "sharded_modules",
+    # live monitoring
+    "Monitor", "Thresholds", "AdaptivePolicy", "MonitorWarning", "JsonLinesSink", "TensorBoardSink",
     # errors
     "FQTError", "SpecError", "OptionsError", "UnsupportedGraphError", "PassError", "RuleError", "QuantizerError",
 ]

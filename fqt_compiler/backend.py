@@ -30,6 +30,7 @@ from fqt_compiler.codegen.inline import inductor_decompositions
 from .config import FQTConfig, Inference, Mode
 from .dump import graph_text, runnable_source
 from .errors import OptionsError
+from .monitor_runtime import GraphWatch, MonitoredGraph
 from fqt_compiler.passes import PassContext
 from .pipeline import GraphContext, SavedStrides, Stage
 from .records import GraphRecord
@@ -55,7 +56,18 @@ class _Compile:
 
     record: GraphRecord
     param_indices: frozenset[int]
+    config: FQTConfig
     saved: SavedStrides = field(default_factory=SavedStrides)
+    watch: GraphWatch | None = None  # the monitored variant's probes (monitor_runtime)
+
+
+def _hide_probe_strides(outputs: int) -> None:
+    """Inductor reports the strides of every output it compiled; AOTAutograd reads the saved
+    tensors' strides from the end of that list, where a monitored graph has its probes (which
+    its wrapper strips): report the graph's own outputs only."""
+    context = torch._guards.TracingContext.try_get()
+    if context is not None and context.output_strides:
+        del context.output_strides[outputs:]
 
 
 class FQTBackend:
@@ -82,7 +94,7 @@ class FQTBackend:
     def _rewrite(self, gm: fx.GraphModule, job: _Compile, stage: Stage) -> None:
         """The pipeline's rewrite steps on the joint (or inference) graph."""
         record = job.record
-        ctx = PassContext(self.config, record.graph_id, job.param_indices)
+        ctx = PassContext(job.config, record.graph_id, job.param_indices)
         pipeline.rewrite_graph(gm, ctx, stage)
         record.decisions = ctx.decisions
         record.passes = list(ctx.ran)
@@ -96,7 +108,7 @@ class FQTBackend:
     def _compile(self, gm: fx.GraphModule, inputs: list[Any], job: _Compile, stage: Stage):
         """The pipeline's compile steps on a partitioned graph; returns the boxed callable."""
         record = job.record
-        ctx = GraphContext(self.config, stage, record.graph_id, example_inputs=list(inputs), saved=job.saved)
+        ctx = GraphContext(job.config, stage, record.graph_id, example_inputs=list(inputs), saved=job.saved, watch=job.watch)
         before = SavedStrides.output_strides(gm)
         t0 = time.perf_counter()
         out = pipeline.compile_partitioned(gm, ctx)
@@ -109,21 +121,43 @@ class FQTBackend:
         record.layouts.extend(out.layouts)
         if out.launches is not None:
             record.launches.append(out.launches)
-        if self.config.debug:  # the partitioned (and, in kernels mode, lowered) graph
-            title = f"fqt graph {record.graph_id}, partitioned {stage.value} ({self.config.execution.value} mode)"
+        if job.config.debug:  # the partitioned (and, in kernels mode, lowered) graph
+            title = f"fqt graph {record.graph_id}, partitioned {stage.value} ({job.config.execution.value} mode)"
             record.stages.append((stage.value, graph_text(gm), runnable_source(gm, title, f"{stage.value}.py")))
         if self.dump_dir:
             report = ExplainReport(self.config.recipe.name, list(self.records))
             for line in report.write(self.dump_dir):
                 log.debug("fqt dump: %s", line)
+        if job.watch is not None:
+            job.watch.set_decisions(record.decisions)
+            _hide_probe_strides(len(before))
+            return job.watch.wrap(out.fn, stage.value, ctx.probes)
         return out.fn
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
-        config = self.config
+        monitor = self.config.monitor
+        graph_id = len(self.records)
+        if monitor is None or not torch.is_grad_enabled():  # inference graphs are not monitored
+            return self._aot(gm, example_inputs, self.config, graph_id)
+
+        def build(watch: GraphWatch | None):
+            config = replace(self.config, rules=(*monitor.rules, *self.config.rules))  # the policy's fixes first
+            return self._aot(gm, example_inputs, config, graph_id, watch)
+
+        return MonitoredGraph(monitor, graph_id, build)
+
+    def _aot(self, gm: fx.GraphModule, example_inputs: list[Any], config: FQTConfig, graph_id: int,
+             watch: GraphWatch | None = None):
+        """AOTAutograd with the pipeline on ``gm``. The plain compile's record is this graph's
+        (a recompile replaces it); a monitored variant's record is its own."""
         params = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
-        job = _Compile(GraphRecord(graph_id=len(self.records)), params)
-        self.records.append(job.record)
-        _RECENT.append(job.record)
+        job = _Compile(GraphRecord(graph_id=graph_id), params, config, watch=watch)
+        if watch is None:
+            if graph_id < len(self.records):
+                self.records[graph_id] = job.record
+            else:
+                self.records.append(job.record)
+            _RECENT.append(job.record)
 
         def partition_fn(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
             job.record.kind = "joint"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import OptionsError, SpecError
+from .monitor import Monitor
 from .recipes import DEFAULT_RECIPE, Recipe, recipe
 from .rules import Rule
 from .specs import GemmKind, TensorRole
@@ -69,6 +70,17 @@ def _resolve_mode(merged: dict[str, Any]) -> None:
     merged[target] = str(value).lower() if target == "inductor_mode" else value
 
 
+def _parse_monitor(value: Any) -> Monitor | None:
+    """``monitor=``: a Monitor, an int sampling period, True (period 100), or None / False."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Monitor()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Monitor(every=value)
+    return value  # validated in __post_init__
+
+
 @dataclass(frozen=True, kw_only=True)
 class FQTConfig:
     """Configuration of the ``fqt`` backend.
@@ -104,6 +116,10 @@ class FQTConfig:
     ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``, ``"reduce-overhead"``. Set by
     ``torch.compile(m, backend="fqt", mode=...)``; inside ``options`` use this name, since torch
     refuses ``mode`` together with ``options``."""
+    monitor: Monitor | None = None
+    """Live numerics monitoring (:class:`fqt_compiler.Monitor`): every ``every``-th call of each
+    training graph runs an instrumented variant and reports per-site records. ``from_options``
+    also takes an int (the period) or True (a period of 100). None: no monitoring, no extra node."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, Recipe):
@@ -116,6 +132,8 @@ class FQTConfig:
             raise OptionsError(f"option rules must be a sequence of fqt.Rule, got {self.rules!r}")
         if not isinstance(self.fusion, Fusion):
             raise OptionsError(f"FQTConfig.fusion must be a Fusion, got {self.fusion!r}")
+        if self.monitor is not None and not isinstance(self.monitor, Monitor):
+            raise OptionsError(f"option monitor must be a fqt.Monitor, an int period or True, got {self.monitor!r}")
         if not isinstance(self.inference, Inference):
             raise OptionsError(f"FQTConfig.inference must be an Inference, got {self.inference!r}")
         for name in ("strict", "debug", "inductor", "never_slower"):
@@ -158,6 +176,7 @@ class FQTConfig:
         merged["execution"] = _parse_enum("execution", merged.get("execution", Mode.KERNELS), Mode)
         merged["fusion"] = _parse_enum("fusion", merged.get("fusion", Fusion.AUTO), Fusion)
         merged["inference"] = _parse_enum("inference", merged.get("inference", Inference.QUANTIZED), Inference)
+        merged["monitor"] = _parse_monitor(merged.get("monitor"))
         rules = merged.get("rules", ())
         if isinstance(rules, (list, tuple)):
             merged["rules"] = tuple(rules)

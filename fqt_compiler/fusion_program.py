@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Program", "OPS", "build_program", "run_reference", "triton_lines"]
+__all__ = ["Program", "OPS", "build_program", "run_reference", "triton_lines", "reference_partials"]
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -185,3 +185,20 @@ def triton_lines(program: Program, leaf_load: str, indent: str, first_leaf: str 
         lines.append(f"{indent}{prefix}v{j} = {expr}")
     lines.append(f"{indent}{prefix}x = {prefix}v{len(program.steps) - 1}")
     return lines
+
+
+def reference_partials(x: torch.Tensor, slots: int, symmetric: bool) -> torch.Tensor:
+    """Per-row statistics of a 2-D ``x`` in the epilogue's partials format: (rows, slots, 3),
+    everything in slot 0, the other slots neutral."""
+    nan = x.isnan()
+    out = torch.zeros((x.shape[0], slots, 3), dtype=torch.float32, device=x.device)
+    if symmetric:
+        out[:, 0, 0] = torch.where(nan, 0.0, x.abs()).float().amax(1) if x.shape[1] else 0.0
+        out[:, 0, 1] = nan.any(1).float()
+    else:
+        out[..., 0], out[..., 1] = float("inf"), float("-inf")
+        if x.shape[1]:
+            out[:, 0, 0] = torch.where(nan, float("inf"), x).float().amin(1)
+            out[:, 0, 1] = torch.where(nan, float("-inf"), x).float().amax(1)
+        out[:, 0, 2] = nan.any(1).float()
+    return out

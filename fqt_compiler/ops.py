@@ -33,6 +33,9 @@ The compile steps put the ops of lowered graphs (``execution="kernels"``) in the
   consuming its output (and the next quantizer's statistics) in one generated kernel;
   elsewhere the GEMM, then the chain op by op.
 
+``fqt::monitor_codes`` / ``monitor_fake`` / ``monitor_error`` / ``monitor_gradient``: the probes of a
+monitored graph (``fqt_compiler.monitor``), a float64 vector each (bodies in ``monitor_stats.py``).
+
 Each kernel op's Triton path is a plain function of the op's arguments (``qmm_triton``,
 ``quantize_triton``...; the table :data:`TRITON_LAUNCHES`): the op's body calls it eagerly, and
 on graphs Inductor compiles for CUDA the ``inline_kernel_launches`` step traces it, so that
@@ -47,8 +50,6 @@ can tell apart.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 import types
 
@@ -56,13 +57,15 @@ import torch
 
 from .errors import SpecError
 from .bhq import bhq_inverse_ref, bhq_quantize_ref
-from .fusion_program import Program, run_reference
+from .fusion_program import Program, reference_partials, run_reference
 from .conv import ConvGeometry, dequantize_conv_accumulator, foldable_zero_point, out_memory_format, qconv_ref
 from .grid import QOperand
 from .layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, scale_shape
+from .monitor_stats import ERROR_FIELDS, GRADIENT_FIELDS, QUANTIZER_FIELDS, error_stats, fake_quantizer_stats, gradient_stats
+from .monitor_stats import quantizer_stats, stats_vector
 from .memory_order import CodeLayout, alloc_codes, empty_in_input_layout, in_input_layout
 from .quantizers import get_quantizer, run_custom
-from .reference import dequantize_accumulator, fake_quantize_ref, qmm_ref, quantize_ref
+from .reference import observe_quantizer_input, dequantize_accumulator, fake_quantize_ref, qmm_ref, quantize_ref
 from .specs import GemmKind, Granularity, QuantSpec, Transform
 
 __all__ = [
@@ -73,29 +76,8 @@ __all__ = [
     "TRITON_LAUNCHES", "kernel_hook", "qmm_triton", "quantize_triton", "bhq_quantize_triton", "bhq_inverse_triton",
     "fake_quantize_inline", "fused_quantize_triton", "qmm_epilogue_triton", "qmm_epilogue_stats_triton",
     "CONV_KINDS", "qconv_op", "qconv_cpu", "qconv_triton",
+    "monitor_codes_op", "monitor_fake_op", "monitor_error_op", "monitor_gradient_op",
 ]
-
-
-_OBSERVER: contextvars.ContextVar[list | None] = contextvars.ContextVar("fqt_quantizer_inputs", default=None)
-
-
-@contextlib.contextmanager
-def capture_quantizer_inputs():
-    """Within this block, every stochastic quantization run by the reference ops records
-    ``(input, spec, layout)``: the gradient tensors the quantizers actually see (statistics).
-    Only graphs executed with the reference ops report (``execution="reference"``)."""
-    seen: list = []
-    token = _OBSERVER.set(seen)
-    try:
-        yield seen
-    finally:
-        _OBSERVER.reset(token)
-
-
-def _observe(x: torch.Tensor, spec: str, layout: int) -> None:
-    seen = _OBSERVER.get()
-    if seen is not None and QuantSpec.from_key(spec).is_stochastic:
-        seen.append((x.detach().clone(), QuantSpec.from_key(spec), Layout(layout)))
 
 
 def needs_fake_quantize(spec: QuantSpec) -> bool:
@@ -114,7 +96,7 @@ def quantize_fake(x: torch.Tensor, spec: str, layout: int):
 
 
 def _run_quantize(x: torch.Tensor, spec: str, layout: int, stochastic: bool):
-    _observe(x, spec, layout)
+    observe_quantizer_input(x, spec, layout)
     parsed = QuantSpec.from_key(spec)
     if parsed.is_stochastic != stochastic:
         op = "quantize_stochastic" if parsed.is_stochastic else "quantize"
@@ -144,7 +126,7 @@ _quantize_stochastic.register_fake(quantize_fake)
 
 @torch.library.custom_op("fqt::fake_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _fake_quantize(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
-    _observe(x, spec, layout)
+    observe_quantizer_input(x, spec, layout)
     # contiguous whatever x's memory order (channels-last, permuted, LAST layouts): the fake
     # declares exactly these strides, and Inductor checks them
     return in_input_layout(x, fake_quantize_ref(x, QuantSpec.from_key(spec), Layout(layout)).contiguous())
@@ -159,7 +141,7 @@ def _fake_quantize_fake(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor
 def _bhq_quantize(
     x: torch.Tensor, spec: str, layout: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _observe(x, spec, layout)
+    observe_quantizer_input(x, spec, layout)
     parsed = QuantSpec.from_key(spec)
     if parsed.transform is not Transform.BLOCK_HOUSEHOLDER:
         raise SpecError(f"fqt::bhq_quantize needs a spec with transform='bhq', got {spec!r}")
@@ -449,23 +431,6 @@ def _qmm_epilogue_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype, leaves, pr
 qmm_epilogue_op = torch.ops.fqt.qmm_epilogue.default
 
 
-def reference_partials(x: torch.Tensor, slots: int, symmetric: bool) -> torch.Tensor:
-    """Per-row statistics of a 2-D ``x`` in the epilogue's partials format: (rows, slots, 3),
-    everything in slot 0, the other slots neutral."""
-    nan = x.isnan()
-    out = torch.zeros((x.shape[0], slots, 3), dtype=torch.float32, device=x.device)
-    if symmetric:
-        out[:, 0, 0] = torch.where(nan, 0.0, x.abs()).float().amax(1) if x.shape[1] else 0.0
-        out[:, 0, 1] = nan.any(1).float()
-    else:
-        out[..., 0], out[..., 1] = float("inf"), float("-inf")
-        if x.shape[1]:
-            out[:, 0, 0] = torch.where(nan, float("inf"), x).float().amin(1)
-            out[:, 0, 1] = torch.where(nan, float("-inf"), x).float().amax(1)
-        out[:, 0, 2] = nan.any(1).float()
-    return out
-
-
 @torch.library.custom_op("fqt::qmm_epilogue_stats", mutates_args=())
 def _qmm_epilogue_stats(
     a: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, oa: torch.Tensor | None,
@@ -599,3 +564,38 @@ def _qconv_fake(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilat
 
 qconv_op = torch.ops.fqt.qconv.default
 TRITON_LAUNCHES[qconv_op] = qconv_triton
+
+
+# ---------------------------------------------------------------- ops of monitored graphs
+# Probes of a monitored graph (passes/monitor_graph.py): a float64 vector each, from the
+# bodies in monitor_stats.py. Only monitored variants contain them.
+@torch.library.custom_op("fqt::monitor_codes", mutates_args=())
+def _monitor_codes(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   offset: torch.Tensor, spec: str) -> torch.Tensor:
+    return stats_vector(quantizer_stats(x, codes, scale, zero_point, offset, QuantSpec.from_key(spec)), x)
+
+
+@torch.library.custom_op("fqt::monitor_fake", mutates_args=())
+def _monitor_fake(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    return stats_vector(fake_quantizer_stats(x, x_hat), x)
+
+
+@torch.library.custom_op("fqt::monitor_error", mutates_args=())
+def _monitor_error(y: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
+    return stats_vector(error_stats(y, y_ref), y)
+
+
+@torch.library.custom_op("fqt::monitor_gradient", mutates_args=())
+def _monitor_gradient(g: torch.Tensor, g_redraw: torch.Tensor, g_exact: torch.Tensor, g_half_a: torch.Tensor | None,
+                      g_half_b: torch.Tensor | None, g_second: torch.Tensor | None, axis: int) -> torch.Tensor:
+    return stats_vector(gradient_stats(g, g_redraw, g_exact, g_half_a, g_half_b, g_second, axis), g)
+
+
+for _op, _n in ((_monitor_codes, QUANTIZER_FIELDS), (_monitor_fake, QUANTIZER_FIELDS), (_monitor_error, ERROR_FIELDS),
+                (_monitor_gradient, GRADIENT_FIELDS)):
+    _op.register_fake(lambda x, *args, _n=len(_n): x.new_empty((_n,), dtype=torch.float64))
+
+monitor_codes_op = torch.ops.fqt.monitor_codes.default
+monitor_fake_op = torch.ops.fqt.monitor_fake.default
+monitor_error_op = torch.ops.fqt.monitor_error.default
+monitor_gradient_op = torch.ops.fqt.monitor_gradient.default

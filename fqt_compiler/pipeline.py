@@ -11,6 +11,7 @@ runner (:func:`run_steps`).
       5 mark_saved_codes  codes the backward reads K-major only column-major      [kernels, fusion]
     --min-cut partitioner--> forward graph (Stage.FORWARD), backward graph (Stage.BACKWARD)
       6 restride_inputs   the backward's inputs take the strides the forward saved them in [backward]
+      6b instrument_monitor probes of a monitored variant, as extra outputs   [monitor; its variant only]
       7 lower_gemms       quantize -> dequantize -> GEMM chains become low-bit GEMMs  [kernels]
       8 fuse_prologues    pointwise chains feeding a quantizer join its kernel        [kernels, fusion]
       9 fuse_epilogues    bias / residual / activation after a low-bit GEMM join it   [kernels, fusion]
@@ -56,6 +57,7 @@ from fqt_compiler.codegen.kernel_select import swap_to_kernel_ops
 from fqt_compiler.codegen.sources import kernel_sources
 from fqt_compiler.passes import Dedupe, FindSites, InsertQDQ, PassContext, SelectSpecs
 from fqt_compiler.passes.base import FQTPass
+from fqt_compiler.passes.monitor_graph import instrument_graph
 from fqt_compiler.passes.graph_utils import static_tensor
 from fqt_compiler.passes.verify import verify_graph
 
@@ -138,6 +140,8 @@ class GraphContext:
     layouts: list = field(default_factory=list)  # codegen.LayoutChoice
     sources: dict[str, str] = field(default_factory=dict)
     python_calls: list = field(default_factory=list)  # (node, reason): kernel ops left as Python calls
+    watch: Any = None  # monitor_runtime.GraphWatch: this is a monitored variant, to instrument
+    probes: list = field(default_factory=list)  # passes.monitor_graph.Probe: the extra outputs it got
     ran: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -207,6 +211,11 @@ def _restride(gm: fx.GraphModule, ctx: GraphContext) -> None:
         ctx.example_inputs = restride_inputs(gm, ctx.saved.by_name, ctx.example_inputs)
 
 
+def _instrument(gm: fx.GraphModule, ctx: GraphContext) -> None:
+    if ctx.watch is not None:
+        ctx.probes = instrument_graph(gm, ctx.stage.value)
+
+
 def _lower(gm: fx.GraphModule, ctx: GraphContext) -> None:
     ctx.lowered = lower_gemms(gm)
 
@@ -257,6 +266,8 @@ STEPS: tuple[Step, ...] = (
     Step("mark_saved_codes", lambda gm, ctx: mark_saved_codes(gm), _TRAINING_GRAPH, _fusing, ("insert_qdq",),
          mutates=False),
     Step("restride_inputs", _restride, _BACKWARD),
+    # before any lowering: the probes read the graph's quantizers and GEMMs as the passes left them
+    Step("instrument_monitor", _instrument, COMPILE, lambda config: config.monitor is not None),
     Step("lower_gemms", _lower, COMPILE, _kernels),
     # prologues first, so quantizers take the chains feeding them; then GEMM epilogues (their
     # consumers, the next quantizer's statistics); the codes' memory order last, once every

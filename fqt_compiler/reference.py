@@ -30,6 +30,9 @@ that group's output NaN: it is never turned into finite numbers silently.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from .bhq import bhq_fake_quantize_2d
@@ -38,7 +41,10 @@ from .layout import Layout, from_natural_2d, natural_2d, placement, shape_scale
 from .quantizers import run_custom
 from .specs import Granularity, QuantSpec, Transform
 
-__all__ = ["quantize", "quantize_ref", "fake_quantize_ref", "qmm_ref", "dequantize_accumulator"]
+__all__ = [
+    "quantize", "quantize_ref", "fake_quantize_ref", "qmm_ref", "dequantize_accumulator", "capture_quantizer_inputs",
+    "observe_quantizer_input",
+]
 
 
 def quantize_ref(
@@ -205,3 +211,26 @@ def dequantize_accumulator(
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(out_dtype)
+
+
+_OBSERVER: contextvars.ContextVar[list | None] = contextvars.ContextVar("fqt_quantizer_inputs", default=None)
+
+
+@contextlib.contextmanager
+def capture_quantizer_inputs():
+    """Within this block, every stochastic quantization run by the reference ops records
+    ``(input, spec, layout)``: the gradient tensors the quantizers actually see (statistics).
+    Only graphs executed with the reference ops report (``execution="reference"``)."""
+    seen: list = []
+    token = _OBSERVER.set(seen)
+    try:
+        yield seen
+    finally:
+        _OBSERVER.reset(token)
+
+
+def observe_quantizer_input(x: torch.Tensor, spec: str, layout: int) -> None:
+    """Record a stochastic quantizer's input inside :func:`capture_quantizer_inputs` (the reference ops call it)."""
+    seen = _OBSERVER.get()
+    if seen is not None and QuantSpec.from_key(spec).is_stochastic:
+        seen.append((x.detach().clone(), QuantSpec.from_key(spec), Layout(layout)))

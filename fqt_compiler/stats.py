@@ -36,9 +36,8 @@ from torch import nn
 
 from .backend import FQTBackend
 from .config import FQTConfig
-from .ops import capture_quantizer_inputs
 from .recipes import GradInputSpecs, GradWeightSpecs, Recipe, recipe as recipe_by_name
-from .reference import fake_quantize_ref
+from .reference import capture_quantizer_inputs, fake_quantize_ref
 from .rules import Rule
 from .stats_formulas import bound_expression, exact_variance, variance_bound
 

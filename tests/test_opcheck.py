@@ -113,3 +113,14 @@ def test_fused_quantize_op(name, code_layout):
         for write_hp in (False, True):
             torch.library.opcheck(fqt_ops.fused_quantize.default,
                                   ([x], prog.dumps(), list(shape), spec.key(), int(layout), write_hp, int(code_layout)))
+
+
+def test_monitor_ops():
+    x = torch.randn(6, 5)
+    spec = SPECS["row"]
+    codes, scale, zp, offset = fqt_ops.quantize.default(x, spec.key(), int(Layout.PENULTIMATE))
+    torch.library.opcheck(fqt_ops.monitor_codes.default, (x, codes, scale, zp, offset, spec.key()))
+    torch.library.opcheck(fqt_ops.monitor_fake.default, (x, x.round()))
+    torch.library.opcheck(fqt_ops.monitor_error.default, (x, x + 0.1))
+    g = torch.randn(4, 3)
+    torch.library.opcheck(fqt_ops.monitor_gradient.default, (g, g + 0.1, g - 0.1, g, -g, None, 0))

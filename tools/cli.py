@@ -1,5 +1,5 @@
 """The ``fqt`` command line: ``fqt demo``, ``fqt inspect``, ``fqt variance``, ``fqt results``, ``fqt bench``,
-``fqt gpu-check``.
+``fqt gpu-check``, ``fqt monitor``.
 
 Each subcommand imports what it runs (torch, the package, matplotlib, scikit-learn) inside its
 handler: ``fqt --help`` and argument errors answer at once, and one subcommand's optional
@@ -121,6 +121,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    from fqt_compiler.tools.monitor_log import render
+
+    print(render(args.log, plot=args.plot, site=args.site))
+    return 0
+
+
+def _add_monitor(sub) -> None:
+    """``fqt monitor LOG``: reads a log; imports nothing of torch's compile stack."""
+    mon = sub.add_parser("monitor", help="per-site table, alerts and plots of a numerics-monitor log (JSON lines)",
+                         description="Render the log an fqt.Monitor wrote (docs/monitor.md).")
+    mon.add_argument("log", help="the JSON-lines log (Monitor(sinks=['log.jsonl']))")
+    mon.add_argument("--plot", default=None, help="also write forward error / variance ratio curves to this image (matplotlib)")
+    mon.add_argument("--site", default=None, help="list one site's records step by step (graph.site, as in the table)")
+    mon.set_defaults(func=_monitor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fqt`` parser: one subcommand per tool."""
     parser = argparse.ArgumentParser(prog="fqt", description="fqt: fully quantized training as a torch.compile backend")
@@ -132,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     add_gpu_check(sub)
     _add_calibrate(sub)
+    _add_monitor(sub)
     return parser
 
 

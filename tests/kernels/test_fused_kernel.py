@@ -299,7 +299,7 @@ def test_epilogue_statistics_equal_the_quantizers_own(pair, out_dtype, symmetric
     (or per-column) partial statistics; reduced over the slots they are exactly the
     quantizer's statistics pass (33 x 70 leaves ragged last tiles whose padding the chain maps
     to -3)."""
-    from fqt_compiler.ops import reference_partials
+    from fqt_compiler.fusion_program import reference_partials
     from fqt_compiler.codegen.kernels.qmm_fused import qmm_fused
     from tests.helpers.kernel_cases import PAIRS, qmm_operands
 
@@ -330,7 +330,7 @@ def test_given_partials_replace_the_statistics_pass(spec, write_hp):
     """With partials the quantizer skips its statistics pass: the codes (and the high-precision
     value, written in the codes pass then) equal the unfused ones when the partials are right,
     and follow the partials when they are not."""
-    from fqt_compiler.ops import reference_partials
+    from fqt_compiler.fusion_program import reference_partials
 
     x = torch.randn(15, 24, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     prog = Program((15, 24), (("mul", (("L", 0), 0.5), "float32", "none"), ("add", (("V", 0), 0.25), "float32", "none")), 1)
