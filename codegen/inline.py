@@ -22,6 +22,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
 from fqt_compiler.memory_order import in_input_layout
 from fqt_compiler.ops import QUANTIZE_OPS, bhq_inverse_op, bhq_quantize_op
+from fqt_compiler.ops import monitor_codes_op, monitor_error_op, monitor_fake_op, monitor_gradient_op
+from fqt_compiler.monitor_stats import error_stats, fake_quantizer_stats, gradient_stats, quantizer_stats
 from fqt_compiler.grid import QOperand
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import quantize_ref
@@ -129,11 +131,25 @@ def _codes_as_the_op(x: torch.Tensor, out: tuple) -> tuple:
     return (in_input_layout(x, codes) if x.dim() >= 3 else codes, *rest)
 
 
+def _monitor_bodies() -> dict:
+    """The monitor probes' ops and the traceable functions they run (``monitor_stats``)."""
+    return {
+        monitor_codes_op: lambda x, c, s, z, o, key: quantizer_stats(x, c, s, z, o, QuantSpec.from_key(key)),
+        monitor_fake_op: fake_quantizer_stats, monitor_error_op: error_stats, monitor_gradient_op: gradient_stats,
+    }
+
+
 def inline_quantize_ops(gm: fx.GraphModule) -> int:
-    """Replace every static-shape quantize / BHQ node by its traced reference."""
+    """Replace every static-shape quantize / BHQ node, and every probe of a monitored graph, by
+    its traced reference: Inductor then fuses them with the ops around them."""
     count = 0
+    monitors = _monitor_bodies()
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not all_static(node):
+            continue
+        if node.target in monitors:
+            inline_graph_node(gm, node, monitors[node.target])
+            count += 1
             continue
         if node.target in QUANTIZE_OPS or node.target is bhq_quantize_op:
             ref = quantize_ref if node.target in QUANTIZE_OPS else bhq_quantize_ref

@@ -98,11 +98,16 @@ class Monitor:
     ``sinks``: callables taking each record (a dict), or paths of JSON-lines logs;
     ``thresholds``: when to alert; ``policy``: an ``AdaptivePolicy`` applying fixes, or None;
     ``window``: monitored steps in the bias check; ``warn``: emit a :class:`MonitorWarning`
-    the first time each (site, quantity) alerts (every alert is logged regardless).
+    the first time each (site, quantity) alerts (every alert is logged regardless);
+    ``total_variance``: on monitored steps, also run the whole backward a second time, every
+    gradient quantizer drawing afresh, for each weight gradient's *total* quantization variance
+    (Theorem 2's, what ``fqt_compiler.stats`` measures offline; about one more backward per
+    monitored step); ``keep``: records kept in memory (``Monitor.records``).
     """
 
     def __init__(self, every: int = 100, *, sinks: tuple | list = (), thresholds: Thresholds | None = None,
-                 policy: Any = None, window: int = 20, warn: bool = True, keep: int = 100_000) -> None:
+                 policy: Any = None, window: int = 20, warn: bool = True, total_variance: bool = False,
+                 keep: int = 100_000) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise OptionsError(f"Monitor(every={every!r}): the sampling period must be an int >= 1 (calls of each graph)")
         if isinstance(window, bool) or not isinstance(window, int) or window < 3:
@@ -111,7 +116,10 @@ class Monitor:
             raise OptionsError(f"Monitor(thresholds=...) must be a fqt.Thresholds, got {type(thresholds).__name__}")
         if policy is not None and not callable(getattr(policy, "fix", None)):
             raise OptionsError(f"Monitor(policy=...) must be a fqt.AdaptivePolicy (or have .fix(alert, site)), got {policy!r}")
+        if not isinstance(total_variance, bool):
+            raise OptionsError(f"Monitor(total_variance={total_variance!r}) must be True or False")
         self.every = every
+        self.total_variance = total_variance
         self.sinks = [_sink(s) for s in (sinks if isinstance(sinks, (list, tuple)) else (sinks,))]
         self.thresholds = thresholds or Thresholds()
         self.policy = policy

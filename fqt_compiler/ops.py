@@ -62,7 +62,7 @@ from .conv import ConvGeometry, dequantize_conv_accumulator, foldable_zero_point
 from .grid import QOperand
 from .layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, scale_shape
 from .monitor_stats import ERROR_FIELDS, GRADIENT_FIELDS, QUANTIZER_FIELDS, error_stats, fake_quantizer_stats, gradient_stats
-from .monitor_stats import quantizer_stats, stats_vector
+from .monitor_stats import quantizer_stats
 from .memory_order import CodeLayout, alloc_codes, empty_in_input_layout, in_input_layout
 from .quantizers import get_quantizer, run_custom
 from .reference import observe_quantizer_input, dequantize_accumulator, fake_quantize_ref, qmm_ref, quantize_ref
@@ -568,27 +568,28 @@ TRITON_LAUNCHES[qconv_op] = qconv_triton
 
 # ---------------------------------------------------------------- ops of monitored graphs
 # Probes of a monitored graph (passes/monitor_graph.py): a float64 vector each, from the
-# bodies in monitor_stats.py. Only monitored variants contain them.
+# bodies in monitor_stats.py (which Inductor-compiled graphs trace in instead, to fuse them).
+# Only monitored variants contain them.
 @torch.library.custom_op("fqt::monitor_codes", mutates_args=())
 def _monitor_codes(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                    offset: torch.Tensor, spec: str) -> torch.Tensor:
-    return stats_vector(quantizer_stats(x, codes, scale, zero_point, offset, QuantSpec.from_key(spec)), x)
+    return quantizer_stats(x, codes, scale, zero_point, offset, QuantSpec.from_key(spec))
 
 
 @torch.library.custom_op("fqt::monitor_fake", mutates_args=())
 def _monitor_fake(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    return stats_vector(fake_quantizer_stats(x, x_hat), x)
+    return fake_quantizer_stats(x, x_hat)
 
 
 @torch.library.custom_op("fqt::monitor_error", mutates_args=())
 def _monitor_error(y: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
-    return stats_vector(error_stats(y, y_ref), y)
+    return error_stats(y, y_ref)
 
 
 @torch.library.custom_op("fqt::monitor_gradient", mutates_args=())
 def _monitor_gradient(g: torch.Tensor, g_redraw: torch.Tensor, g_exact: torch.Tensor, g_half_a: torch.Tensor | None,
                       g_half_b: torch.Tensor | None, g_second: torch.Tensor | None, axis: int) -> torch.Tensor:
-    return stats_vector(gradient_stats(g, g_redraw, g_exact, g_half_a, g_half_b, g_second, axis), g)
+    return gradient_stats(g, g_redraw, g_exact, g_half_a, g_half_b, g_second, axis)
 
 
 for _op, _n in ((_monitor_codes, QUANTIZER_FIELDS), (_monitor_fake, QUANTIZER_FIELDS), (_monitor_error, ERROR_FIELDS),

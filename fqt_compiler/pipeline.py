@@ -213,7 +213,7 @@ def _restride(gm: fx.GraphModule, ctx: GraphContext) -> None:
 
 def _instrument(gm: fx.GraphModule, ctx: GraphContext) -> None:
     if ctx.watch is not None:
-        ctx.probes = instrument_graph(gm, ctx.stage.value)
+        ctx.probes = instrument_graph(gm, ctx.stage.value, ctx.watch.monitor.total_variance)
 
 
 def _lower(gm: fx.GraphModule, ctx: GraphContext) -> None:

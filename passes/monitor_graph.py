@@ -4,14 +4,15 @@ Runs on the forward and backward graphs of a *monitored variant* (``fqt_compiler
 before any lowering, where every quantizer is still an ``fqt::quantize*`` node and every GEMM
 still the aten op it was, reading dequantized operands (``meta["fqt"]`` tells which). It adds:
 
-* a **quantizer probe** after every quantize op: codes, scales, saturation (forward and backward);
+* a **quantizer probe** after every quantize op of a high-precision tensor: codes, scales,
+  saturation (forward and backward; not the re-quantizations of already quantized values);
 * a **forward probe** per forward GEMM: the same GEMM on the high-precision inputs of its
   quantizers, against the quantized one (relative error, SQNR);
 * a **gradient probe** per weight-gradient GEMM whose ``grad_output`` is quantized: the same
   GEMM with that quantizer drawn again (own quantization variance), with the exact
-  ``grad_output`` (the QAT gradient: Theorem 1's check), on each half of the batch with the
-  exact ``grad_output`` (sampling variance), and its value in a second copy of the whole
-  backward with every gradient quantizer drawn afresh (total quantization variance).
+  ``grad_output`` on each half of the batch (sampling variance; their sum is the QAT gradient,
+  Theorem 1's check), and, when asked, its value in a second copy of the whole backward with
+  every gradient quantizer drawn afresh (total quantization variance).
 
 The GEMMs it adds carry no ``meta["fqt"]``, so the lowering leaves them in high precision and
 lowers the watched GEMMs exactly as in the unmonitored graph. Each probe's vector is appended to
@@ -189,14 +190,18 @@ def _gradient_probe(graph: fx.Graph, gemm: fx.Node, info: GemmNodeInfo, second: 
     redraw_args = tuple(env.get(a, a) if i == pos else a for i, a in enumerate(gemm.args))
     g = _output_of(graph, gemm)
     redraw = _output_of(graph, _gemm_copy(graph, gemm, redraw_args))
-    g_exact = _output_of(graph, _gemm_copy(graph, gemm, exact))
     halves = _halves(graph, gemm, exact)
-    notes = [] if halves is not None else ["no sampling variance (a single-sample batch, or a batched GEMM)"]
+    notes = []
+    if halves is not None:  # the exact gradient is the sum of its halves' (one GEMM fewer)
+        g_exact = call(graph, aten.add.Tensor, halves)
+    else:
+        g_exact = _output_of(graph, _gemm_copy(graph, gemm, exact))
+        notes.append("no sampling variance (a single-sample batch, or a batched GEMM)")
     g_second = second.get(gemm)
     if g_second is not None:
         g_second = _output_of(graph, g_second)
-    else:
-        notes.append("no total variance (the backward could not be run twice)")
+    elif second:
+        notes.append("no total variance (this GEMM has no twin in the second backward)")
     half_a, half_b = halves if halves is not None else (None, None)
     # the weight gradient's axis of grad_output's channels: mm(dY^T, X) has them as rows,
     # mm(X^T, dY) as columns; a convolution's weight gradient as dim 0
@@ -226,19 +231,23 @@ def _second_backward(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     return env
 
 
-def instrument_graph(gm: fx.GraphModule, stage: str) -> list[Probe]:
+def instrument_graph(gm: fx.GraphModule, stage: str, total_variance: bool = False) -> list[Probe]:
     """Add every probe to ``gm`` (a ``"forward"`` or ``"backward"`` graph, not yet lowered) and
-    append their vectors to its outputs; returns the probes in output order."""
+    append their vectors to its outputs; returns the probes in output order. ``total_variance``:
+    also run the backward a second time (the gradient probes' ``total_var``)."""
     graph = gm.graph
     output = next(n for n in graph.nodes if n.op == "output")
-    second = _second_backward(gm) if stage == "backward" else {}
+    second = _second_backward(gm) if stage == "backward" and total_variance else {}
     probes: list[tuple[Probe, fx.Node]] = []
     originals = [n for n in graph.nodes if n.op == "call_function" and n not in second.values()]
     for n in originals:
         info = _info(n)
         with graph.inserting_before(output):
             if n.target in _QUANTIZERS and isinstance(info, QuantNodeInfo) and info.what is QuantNodeKind.QUANTIZE:
-                probes.append(_quantizer_probe(graph, n, stage))
+                # a backward GEMM re-quantizing the forward's quantized values (another layout)
+                # has nothing to say that the forward's probe did not
+                if not isinstance(_info(n.args[0]), QuantNodeInfo):
+                    probes.append(_quantizer_probe(graph, n, stage))
             elif isinstance(info, GemmNodeInfo) and info.gemm is GemmKind.OUTPUT and stage == "forward":
                 args = _hp_args(n, info)
                 if args is not None:

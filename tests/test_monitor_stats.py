@@ -16,7 +16,7 @@ from fqt_compiler.reference import quantize_ref
 
 
 def _q(x, spec, layout=Layout.PENULTIMATE):
-    return dict(zip(QUANTIZER_FIELDS, quantizer_stats(x, *quantize_ref(x, spec, layout), spec)))
+    return dict(zip(QUANTIZER_FIELDS, quantizer_stats(x, *quantize_ref(x, spec, layout), spec).tolist()))
 
 
 def test_min_max_quantizers_never_clip():
@@ -45,17 +45,17 @@ def test_nonfinite_inputs_are_counted():
 
 def test_fake_quantizer_clipping():
     x = torch.linspace(-1, 1, 101).reshape(1, -1)
-    s = dict(zip(QUANTIZER_FIELDS, fake_quantizer_stats(x, x.clamp(-0.5, 0.5))))
+    s = dict(zip(QUANTIZER_FIELDS, fake_quantizer_stats(x, x.clamp(-0.5, 0.5)).tolist()))
     assert s["clipped"] == pytest.approx(50 / 101)
     assert s["saturated"] == pytest.approx(52 / 101)  # everything at |0.5| (the two ends included)
     assert s["scale_min"] == MISSING
-    s = dict(zip(QUANTIZER_FIELDS, fake_quantizer_stats(x, x)))
+    s = dict(zip(QUANTIZER_FIELDS, fake_quantizer_stats(x, x).tolist()))
     assert s["clipped"] == 0 and s["zero"] == 0
 
 
 def test_error_stats():
     y_ref = torch.tensor([3.0, 4.0])
-    err, ref, bad = error_stats(y_ref + torch.tensor([0.3, -0.4]), y_ref)
+    err, ref, bad = error_stats(y_ref + torch.tensor([0.3, -0.4]), y_ref).tolist()
     assert (err, ref, bad) == (pytest.approx(0.25), pytest.approx(25.0), 0.0)
 
 
@@ -64,7 +64,7 @@ def test_gradient_stats():
     g = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
     redraw = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, -2.0]])
     halves = torch.ones(3, 2), torch.zeros(3, 2)
-    v = dict(zip(GRADIENT_FIELDS, gradient_stats(g, redraw, g_exact, *halves, g + 1, axis=0)))
+    v = dict(zip(GRADIENT_FIELDS, gradient_stats(g, redraw, g_exact, *halves, g + 1, axis=0).tolist()))
     assert v["own_var"] == pytest.approx(16 / 2)
     assert v["sampling_var"] == pytest.approx(6.0)
     assert v["total_var"] == pytest.approx(6 / 2)
@@ -72,7 +72,7 @@ def test_gradient_stats():
     # per output channel (rows): <d_a[r], d_b[r]> / (||d_a|| ||d_b||) = (1, 0, -4) / 5
     assert v["bias_rows"] == 3 and v["bias_rows_sum"] == pytest.approx(-3 / 5)
     assert v["bias_rows_sq"] == pytest.approx(17 / 25)
-    cols = dict(zip(GRADIENT_FIELDS, gradient_stats(g, redraw, g_exact, None, None, None, axis=1)))
+    cols = dict(zip(GRADIENT_FIELDS, gradient_stats(g, redraw, g_exact, None, None, None, axis=1).tolist()))
     assert cols["bias_rows"] == 2 and cols["sampling_var"] == cols["total_var"] == MISSING
 
 
@@ -86,7 +86,7 @@ def test_unbiased_rounding_passes_the_row_test():
     for _ in range(20):
         draws = [quantize_ref(dy, spec, Layout.PENULTIMATE) for _ in range(2)]
         a, b = ((c.float() * s) .t() @ x for c, s, *_ in draws)
-        v = dict(zip(GRADIENT_FIELDS, gradient_stats(a, b, exact, None, None, None, axis=0)))
+        v = dict(zip(GRADIENT_FIELDS, gradient_stats(a, b, exact, None, None, None, axis=0).tolist()))
         w.append((v["bias_rows_sum"], v["bias_rows_sq"], v["bias_rows"]))
     n = sum(t[2] for t in w)
     mean = sum(t[0] for t in w) / n

@@ -12,6 +12,7 @@ candidate (interleaved repetitions, median of several). Sections:
   Triton kernel on CUDA, the Inductor-compiled reference on CPU);
 * ``memory``: bytes saved for backward by the quantized layer against the baseline;
 * ``conv``: convolution layers and CIFAR networks' training steps (``bench_conv``).
+* ``monitor``: what live numerics monitoring (``fqt.Monitor``, period 100) costs a training step (``bench_monitor``).
 
 Sections import their kernels and Triton when they run: a CPU-only machine benchmarks
 what it has.
@@ -30,6 +31,7 @@ from torch import nn
 
 import fqt_compiler as fqt
 from fqt_compiler.tools.bench_conv import conv_section
+from fqt_compiler.tools.bench_monitor import monitor_section
 from fqt_compiler.tools.timing import cpu_bf16_units, interleaved_medians, interleaved_times, spread
 
 CPU_SHAPES = [(512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (2048, 768, 3072)]
@@ -279,7 +281,7 @@ def run(sections: list[str], device_name: str, reps: int, recipes: list[str], sh
     out = [f"# fqt bench\n\ndevice: {device_description(device)}\n"]
     for name in SECTIONS:
         if name in sections:
-            out += (conv_section if name == "conv" else _SECTION_BUILDERS[name])(shapes, recipes, device, reps, dtype)
+            out += _SECTION_BUILDERS[name](shapes, recipes, device, reps, dtype)
     return "\n".join(out) + "\n"
 
 
@@ -386,8 +388,8 @@ def _memory_section(shapes: list, recipes: list[str], device: torch.device, reps
     return parts
 
 
-SECTIONS = ("layer", "fusion", "gemm", "quantize", "memory", "conv")
+SECTIONS = ("layer", "fusion", "gemm", "quantize", "memory", "conv", "monitor")
 _SECTION_BUILDERS = {
     "layer": _layer_section, "fusion": _fusion_section, "gemm": _gemm_section, "quantize": _quantize_section,
-    "memory": _memory_section,
+    "memory": _memory_section, "conv": conv_section, "monitor": monitor_section,
 }

@@ -240,10 +240,11 @@ def _add_bench(sub) -> None:
     )
     bench.add_argument(
         "--sections", nargs="+", default=["layer", "fusion", "gemm", "quantize", "memory"],
-        choices=["layer", "fusion", "gemm", "quantize", "memory", "conv"],
+        choices=["layer", "fusion", "gemm", "quantize", "memory", "conv", "monitor"],
         help="layer: LayerNorm-Linear-Sigmoid fwd+bwd; fusion: MLP block fused vs unfused; gemm: the low-bit GEMM alone; "
         "quantize: quantizer bandwidth vs a copy; memory: bytes saved for backward; conv: convolution layers and CIFAR "
-        "ResNet training steps (default: all but conv, which takes minutes on a CPU)",
+        "ResNet training steps; monitor: the cost of fqt.Monitor at period 100 (default: all but conv and monitor, which "
+        "take minutes on a CPU)",
     )
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if available)")
     bench.add_argument(
