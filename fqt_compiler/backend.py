@@ -139,6 +139,9 @@ class FQTBackend:
         graph_id = len(self.records)
         if monitor is None or not torch.is_grad_enabled():  # inference graphs are not monitored
             return self._aot(gm, example_inputs, self.config, graph_id)
+        # one monitor may watch graphs of several backends (backend="fqt" makes one per graph):
+        # it numbers them, so that every site has one name
+        graph_id = monitor.claim_graph_id(graph_id)
 
         def build(watch: GraphWatch | None):
             config = replace(self.config, rules=(*monitor.rules, *self.config.rules))  # the policy's fixes first
@@ -153,8 +156,9 @@ class FQTBackend:
         params = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
         job = _Compile(GraphRecord(graph_id=graph_id), params, config, watch=watch)
         if watch is None:
-            if graph_id < len(self.records):
-                self.records[graph_id] = job.record
+            same = [i for i, r in enumerate(self.records) if r.graph_id == graph_id]
+            if same:  # a recompile (the monitor's policy changed the rules): the new record replaces the old
+                self.records[same[0]] = job.record
             else:
                 self.records.append(job.record)
             _RECENT.append(job.record)

@@ -31,11 +31,11 @@ from __future__ import annotations
 import collections
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import FQTError, OptionsError
+from .errors import OptionsError
 from .monitor_stats import ERROR_FIELDS, GRADIENT_FIELDS, QUANTIZER_FIELDS
 from .monitor_sinks import JsonLinesSink, site_table
 from .sites import SiteDecision
@@ -132,11 +132,19 @@ class Monitor:
         self.generation = 0  # bumped when the policy changes the rules: graphs recompile
         self._warned: set = set()
         self._bias: dict[str, collections.deque] = {}
+        self._next_graph = 0
 
     def __repr__(self) -> str:
         return f"Monitor(every={self.every}, sinks={len(self.sinks)}, policy={self.policy!r}, records={len(self.records)})"
 
     # ------------------------------------------------------------------ schedule
+    def claim_graph_id(self, proposed: int) -> int:
+        """A graph number no other graph this monitor watches has: ``proposed`` (the backend's
+        own count) unless taken."""
+        graph_id = max(proposed, self._next_graph)
+        self._next_graph = graph_id + 1
+        return graph_id
+
     def due(self, calls: int) -> bool:
         """Whether a graph's call number ``calls`` (0-based) is a monitored one."""
         return calls % self.every == 0
@@ -172,7 +180,8 @@ class Monitor:
             return {"bias_z": None, "bias_samples": int(n)}
         mean = total / n
         var = max(squares - n * mean * mean, 0.0) / (n - 1)
-        z = mean / math.sqrt(var / n) if var > 0 else (math.inf if mean > 0 else 0.0)
+        # identical samples (no spread at all) can only be a deviation without noise: saturate
+        z = mean / math.sqrt(var / n) if var > 0 else (1e9 if mean > 0 else 0.0)
         return {"bias_z": z, "bias_samples": int(n)}
 
     def _alerts(self, r: dict) -> list[dict]:
@@ -284,17 +293,8 @@ def _message(where: dict, alert: dict, fix: str) -> str:
             f"Fix: {fix}")
 
 
-class MonitorError(FQTError):
-    """A monitored graph could not be instrumented or its probes not read."""
-
-
 def record_where(decision: SiteDecision | None, graph_id: int, site_id: int, gemm: GemmKind, stage: str, step: int) -> dict:
     """The fields naming a record's site, as the decision table does."""
     return {"step": step, "graph": graph_id, "site": f"{graph_id}.{site_id}",
             "module": decision.module_path if decision is not None else "", "op": decision.op if decision is not None else "",
             "gemm": gemm.value, "stage": stage}
-
-
-def thresholds_dict(t: Thresholds) -> dict:
-    """The thresholds as plain values (for a log's header)."""
-    return asdict(t)

@@ -29,7 +29,6 @@ from .specs import GemmKind, QuantSpec, Rounding, TensorRole
 __all__ = ["AdaptivePolicy"]
 
 _GRAD_GEMMS = (GemmKind.GRAD_INPUT, GemmKind.GRAD_WEIGHT)
-_GRAD_KINDS = {"gradient"}
 
 
 def _side(alert: dict) -> str:

@@ -29,7 +29,7 @@ class JsonLinesSink:
         self._file = self.path.open("a", encoding="utf-8")
 
     def __call__(self, record: dict) -> None:
-        self._file.write(json.dumps(record, allow_nan=False, default=_plain) + "\n")
+        self._file.write(json.dumps(_finite(record), allow_nan=False, default=_plain) + "\n")
         if record["kind"] in ("alert", "policy", "gradient"):
             self._file.flush()
 
@@ -45,6 +45,18 @@ class JsonLinesSink:
 
 def _plain(value: object) -> object:
     return str(value)
+
+
+def _finite(value: object) -> object:
+    """JSON has no NaN / Inf: a quantity that came out non-finite (a NaN gradient, say) is written
+    as null; the record's ``nonfinite`` count says why."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class TensorBoardSink:
@@ -109,8 +121,9 @@ def _site_key(r: dict) -> tuple:
 
 
 def site_table(records: list[dict]) -> str:
-    """One row per site: mean forward error and SQNR, worst quantizer shares, mean variances and
-    their ratio, the last bias z, and the alerts raised (with the quantities that raised them)."""
+    """One row per site: mean forward error and SQNR, the worst shares of its forward operands'
+    quantizers (saturated, rounded to zero) and of any of its quantizers (clipped), mean variances
+    and their ratio, the last bias z, and the alerts raised (with the quantities that raised them)."""
     by_site: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r["kind"] in ("forward", "quantizer", "gradient", "alert", "policy"):
@@ -120,18 +133,19 @@ def site_table(records: list[dict]) -> str:
         k = by_site[key]
         fwd, quant, grad = k["forward"], k["quantizer"], k["gradient"]
         alerts = sorted({a["quantity"] for a in k["alert"]})
-        worst = lambda q: max((r[q] for r in quant if r.get(q) is not None), default=None)  # noqa: E731
+        fwd_quant = [r for r in quant if r.get("role") in ("activation", "weight")]
+        worst = lambda q, rs=quant: max((r[q] for r in rs if r.get(q) is not None), default=None)  # noqa: E731
         bias = [r.get("bias_z") for r in grad if r.get("bias_z") is not None]
         rows.append([
             f"{key[0]}.{key[1]}", key[2] or "-", len({r["step"] for r in fwd + quant + grad}),
             _fmt(_mean([r.get("rel_error") for r in fwd])), _fmt(_mean([r.get("sqnr_db") for r in fwd]), ".1f"),
-            _fmt(worst("saturated")), _fmt(worst("zero")), _fmt(worst("clipped")),
+            _fmt(worst("saturated", fwd_quant)), _fmt(worst("zero", fwd_quant)), _fmt(worst("clipped")),
             _fmt(_mean([r.get("own_var") for r in grad])), _fmt(_mean([r.get("sampling_var") for r in grad])),
             _fmt(_mean([r.get("var_ratio") for r in grad])), _fmt(bias[-1] if bias else None, "+.2f"),
             (", ".join(f"{q} x{sum(a['quantity'] == q for a in k['alert'])}" for q in alerts) or "-")
             + (" (policy: fixed)" if k["policy"] else ""),
         ])
-    head = ["site", "module", "steps", "fwd rel err", "SQNR dB", "saturated", "zero", "clipped", "own quant var",
+    head = ["site", "module", "steps", "fwd rel err", "SQNR dB", "fwd saturated", "fwd zero", "clipped", "own quant var",
             "sampling var", "quant/sampling", "bias z", "alerts"]
     return tabulate(rows, headers=head, tablefmt="simple", disable_numparse=True) if rows else "(no monitor records)"
 

@@ -32,7 +32,7 @@ from fqt_compiler.ops import monitor_codes_op, monitor_error_op, monitor_fake_op
 from fqt_compiler.ops import QUANTIZE_OPS, bhq_quantize_op, fake_quantize_op
 from fqt_compiler.passes.graph_utils import call
 from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo, QuantNodeKind
-from fqt_compiler.specs import GemmKind, QuantSpec, TensorRole
+from fqt_compiler.specs import GemmKind, TensorRole
 
 aten = torch.ops.aten
 
@@ -263,8 +263,3 @@ def instrument_graph(gm: fx.GraphModule, stage: str, total_variance: bool = Fals
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return [p for p, _ in probes]
-
-
-def spec_of(probe: Probe) -> QuantSpec | None:
-    """The parsed spec of a quantizer probe."""
-    return QuantSpec.from_key(probe.spec) if probe.spec else None

@@ -42,3 +42,17 @@ def test_preact_resnet20_trains(recipe):
 def test_preact_resnet_depth_is_validated():
     with pytest.raises(ValueError, match="6n"):
         preact_resnet(21)
+
+
+def test_monitor_example_singles_out_the_bad_layer(tmp_path):
+    """examples/monitor_digits.py (docs/monitor.md's worked example), shortened."""
+    pytest.importorskip("sklearn")
+    from examples.monitor_digits import BAD, train
+    from fqt_compiler.tools.monitor_log import render
+
+    torch._dynamo.reset()
+    log = tmp_path / "m.jsonl"
+    mon, losses = train(str(log), "grad", policy=True, steps=30, execution="reference")
+    assert {a["module"] for a in mon.alerts} == {BAD}
+    assert [r["module"] for r in mon.records if r["kind"] == "policy"] == [BAD]
+    assert "(policy: fixed)" in render(str(log))
