@@ -257,15 +257,67 @@ def test_cli_reads_a_log(tmp_path, capsys):
     assert "is not a JSON record" in capsys.readouterr().err
 
 
-def test_tensorboard_sink(tmp_path):
-    try:
-        sink = fqt.TensorBoardSink(tmp_path / "tb")
-    except fqt.OptionsError as exc:
-        assert "pip install tensorboard" in str(exc)
-        pytest.skip("tensorboard is not installed")
-    sink({"kind": "forward", "step": 3, "site": "0.0", "module": "fc", "gemm": "output", "rel_error": 0.1})
+def test_tensorboard_sink(tmp_path, monkeypatch):
+    """The sink's writes, against a stand-in SummaryWriter (tensorboard is an optional extra)."""
+    import sys
+    import types
+
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def add_text(self, tag, text, step):
+            written.append((tag, text, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    sink = fqt.TensorBoardSink(tmp_path / "tb")
+    sink({"kind": "forward", "step": 3, "graph": 0, "site": "0.0", "module": "fc", "gemm": "output", "rel_error": 0.1,
+          "sqnr_db": float("nan"), "nonfinite": 0})
+    sink({"kind": "alert", "step": 4, "message": "fqt monitor: ..."})
     sink.close()
-    assert any((tmp_path / "tb").iterdir())
+    assert ("fqt/forward/rel_error/0.0 fc output", 0.1, 3) in written
+    assert not any("sqnr_db" in str(w[0]) for w in written)  # non-finite values are not written
+    assert ("fqt/alert", "fqt monitor: ...", 4) in written
+
+
+def test_tensorboard_sink_needs_tensorboard(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # an import of it fails
+    with pytest.raises(fqt.OptionsError, match="pip install tensorboard"):
+        fqt.TensorBoardSink("tb")
+
+
+@pytest.mark.parametrize("options", [{"execution": "kernels", "inductor": False},
+                                     {"execution": "kernels", "inductor": False, "recipe": "bhq8"}], ids=["int8", "bhq8"])
+def test_kernels_execution_and_evaluation(options):
+    """Eager kernels execution: the plain graphs keep their low-bit kernels, the monitored one
+    measures; a torch.no_grad call (its own graph) is not monitored."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DigitsNet(8)
+    mon = fqt.Monitor(every=2, warn=False)
+    be = fqt.backend(monitor=mon, **options)
+    step = torch.compile(model, backend=be)
+    for _ in range(3):
+        F.cross_entropy(step(torch.randn(16, 1, 8, 8)), torch.arange(16) % 10).backward()
+    assert {r["step"] for r in mon.records} == {0, 2} and mon.alerts == []
+    assert any(g.status is fqt.GemmStatus.LOWBIT_KERNEL for d in be.records[0].decisions for g in d.gemms)
+    before = len(mon.records)
+    with torch.no_grad():
+        step(torch.randn(16, 1, 8, 8))
+    assert len(mon.records) == before
 
 
 @pytest.mark.parametrize("bad, match", [
