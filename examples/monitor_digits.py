@@ -50,18 +50,25 @@ def train(out: str, bad: str = "grad", policy: bool = False, steps: int = 300, e
     rule = bad_rule(bad)
     mon = fqt.Monitor(every=every, sinks=[out], policy=fqt.AdaptivePolicy() if policy else None)
     step = torch.compile(model, backend=fqt.backend(recipe="int8", rules=[rule] if rule else [], monitor=mon, **options))
+    losses = sgd_steps(model, step, xtr, ytr, steps)
+    mon.sinks[0].close()
+    return mon, losses
+
+
+def sgd_steps(model: nn.Module, step, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int = 64) -> list[float]:
+    """``steps`` SGD steps (momentum 0.9, gradient norm clipped at 1, as training loops do: one
+    bad step stays one step) of the compiled ``step`` on seeded minibatches; the losses."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for i in range(steps):
-        idx = torch.randint(0, len(ytr), (64,), generator=torch.Generator().manual_seed(i))
-        loss = F.cross_entropy(step(xtr[idx]), ytr[idx])
+        idx = torch.randint(0, len(y), (batch,), generator=torch.Generator().manual_seed(i))
+        loss = F.cross_entropy(step(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-    mon.sinks[0].close()
-    return mon, losses
+    return losses
 
 
 def main() -> None:

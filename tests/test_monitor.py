@@ -18,6 +18,7 @@ from torch import nn
 
 import fqt_compiler as fqt
 from fqt_compiler.monitor_sinks import read_log
+from examples.monitor_digits import sgd_steps
 from fqt_compiler.tools.demo import DigitsNet
 from fqt_compiler.tools.monitor_log import render
 
@@ -54,18 +55,7 @@ def train(rules=(), policy=None, every=5, steps=STEPS, sinks=(), recipe="int8", 
     model = DigitsNet(8)
     mon = fqt.Monitor(every=every, policy=policy, warn=False, sinks=sinks)
     be = fqt.backend(recipe=recipe, execution="reference", rules=list(rules), monitor=mon, **options)
-    step = torch.compile(model, backend=be)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for i in range(steps):
-        idx = torch.randint(0, len(y), (64,), generator=torch.Generator().manual_seed(i))
-        loss = F.cross_entropy(step(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as training loops do: one bad step stays one step
-        opt.step()
-        losses.append(loss.item())
-    return mon, be, losses
+    return mon, be, sgd_steps(model, torch.compile(model, backend=be), x, y, steps)
 
 
 def last20(losses) -> float:
@@ -446,3 +436,24 @@ def test_json_lines_write_non_finite_quantities_as_null(tmp_path):
     sink.close()
     (record,) = read_log(tmp_path / "nan.jsonl")
     assert record["own_var"] is None and record["bias_z"] is None and record["nonfinite"] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["int8", "fp8"])
+def test_monitor_on_cuda(recipe):
+    """The monitored variant on CUDA with Inductor: the probes traced into Triton kernels, the
+    plain graphs on the low-bit kernels, records from both passes, no alert."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DigitsNet(16).cuda()
+    mon = fqt.Monitor(every=2, warn=False)
+    be = fqt.backend(recipe=recipe, monitor=mon)
+    step = torch.compile(model, backend=be)
+    x, y = torch.randn(64, 1, 8, 8, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+    for _ in range(3):
+        model.zero_grad()
+        F.cross_entropy(step(x), y).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert sorted({r["kind"] for r in mon.records}) == ["forward", "gradient", "quantizer"]
+    assert {r["step"] for r in mon.records} == {0, 2} and mon.alerts == []
+    assert any(g.status is fqt.GemmStatus.LOWBIT_KERNEL for d in be.records[0].decisions for g in d.gemms)
