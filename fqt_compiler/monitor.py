@@ -114,8 +114,9 @@ class Monitor:
             raise OptionsError(f"Monitor(window={window!r}) must be an int >= 3 (monitored steps in the bias check)")
         if thresholds is not None and not isinstance(thresholds, Thresholds):
             raise OptionsError(f"Monitor(thresholds=...) must be a fqt.Thresholds, got {type(thresholds).__name__}")
-        if policy is not None and not callable(getattr(policy, "fix", None)):
-            raise OptionsError(f"Monitor(policy=...) must be a fqt.AdaptivePolicy (or have .fix(alert, site)), got {policy!r}")
+        if policy is not None and not (callable(getattr(policy, "fix", None)) and callable(getattr(policy, "describe", None))):
+            raise OptionsError(f"Monitor(policy=...) must be a fqt.AdaptivePolicy (or have .fix(alert, monitor) -> Rule | None "
+                               f"and .describe(rule) -> str), got {policy!r}")
         if not isinstance(total_variance, bool):
             raise OptionsError(f"Monitor(total_variance={total_variance!r}) must be True or False")
         self.every = every
