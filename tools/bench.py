@@ -71,7 +71,19 @@ class FusionBlock(nn.Module):
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {_triton_version()}"
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+            f"Inductor's vector ISA: {inductor_vec_isa()}")
+
+
+def inductor_vec_isa() -> str:
+    """The SIMD instruction set Inductor's C++ uses here. Inductor probes it by building and
+    loading a small library in a subprocess, and silently emits scalar code when that fails (a
+    module in the script's folder shadowing one of Python's own, say): CPU timings are only
+    comparable between runs that report the same ISA."""
+    from torch._inductor import cpu_vec_isa
+
+    isa = cpu_vec_isa.pick_vec_isa()
+    return str(isa) if isa else "none (scalar code)"
 
 
 def _triton_version() -> str:
