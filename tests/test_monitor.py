@@ -457,3 +457,22 @@ def test_monitor_on_cuda(recipe):
     assert sorted({r["kind"] for r in mon.records}) == ["forward", "gradient", "quantizer"]
     assert {r["step"] for r in mon.records} == {0, 2} and mon.alerts == []
     assert any(g.status is fqt.GemmStatus.LOWBIT_KERNEL for d in be.records[0].decisions for g in d.gemms)
+
+
+def test_policy_ladder_ends_in_high_precision():
+    """An 8-bit gradient quantizer that still alerts (a threshold set absurdly low) has no more
+    bits to gain: the policy's one rung is high precision for that site's backward GEMMs, and a
+    fixed site's later alerts add nothing more than max_fixes allows."""
+    policy = fqt.AdaptivePolicy(max_fixes=1)
+    x, y = _data()
+    torch.manual_seed(0)
+    model = DigitsNet(8)
+    mon = fqt.Monitor(every=2, policy=policy, warn=False, thresholds=fqt.Thresholds(variance_ratio=1e-12))
+    be = fqt.backend(recipe="int8", execution="reference", monitor=mon)
+    sgd_steps(model, torch.compile(model, backend=be), x, y, 6)
+    assert len(policy.fixes) == 1 and policy.fixes[0].high_precision is not None
+    fixed = policy.fixes[0].module[4:-1].replace("\\", "")
+    site = next(d for d in be.records[0].decisions if d.module_path == fixed)
+    backward = [g for g in site.gemms if g.kind is not fqt.GemmKind.OUTPUT]
+    assert backward and all(g.status is fqt.GemmStatus.SKIPPED and g.rule.startswith("rule monitor:") for g in backward)
+    assert all(r["module"] != fixed for r in mon.records if r["kind"] == "gradient" and r["step"] > 0)
