@@ -130,7 +130,8 @@ class FQTBackend:
                 log.debug("fqt dump: %s", line)
         if job.watch is not None:
             job.watch.set_decisions(record.decisions)
-            _hide_probe_strides(len(before))
+            if stage is Stage.FORWARD:  # the only compile AOTAutograd collects output strides for
+                _hide_probe_strides(len(before))
             return job.watch.wrap(out.fn, stage.value, ctx.probes)
         return out.fn
 
