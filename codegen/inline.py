@@ -131,24 +131,22 @@ def _codes_as_the_op(x: torch.Tensor, out: tuple) -> tuple:
     return (in_input_layout(x, codes) if x.dim() >= 3 else codes, *rest)
 
 
-def _monitor_bodies() -> dict:
-    """The monitor probes' ops and the traceable functions they run (``monitor_stats``)."""
-    return {
-        monitor_codes_op: lambda x, c, s, z, o, key: quantizer_stats(x, c, s, z, o, QuantSpec.from_key(key)),
-        monitor_fake_op: fake_quantizer_stats, monitor_error_op: error_stats, monitor_gradient_op: gradient_stats,
-    }
+# the monitor probes' ops and the traceable functions they run (monitor_stats)
+_MONITOR_BODIES = {
+    monitor_codes_op: lambda x, c, s, z, o, key: quantizer_stats(x, c, s, z, o, QuantSpec.from_key(key)),
+    monitor_fake_op: fake_quantizer_stats, monitor_error_op: error_stats, monitor_gradient_op: gradient_stats,
+}
 
 
 def inline_quantize_ops(gm: fx.GraphModule) -> int:
     """Replace every static-shape quantize / BHQ node, and every probe of a monitored graph, by
     its traced reference: Inductor then fuses them with the ops around them."""
     count = 0
-    monitors = _monitor_bodies()
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not all_static(node):
             continue
-        if node.target in monitors:
-            inline_graph_node(gm, node, monitors[node.target])
+        if node.target in _MONITOR_BODIES:
+            inline_graph_node(gm, node, _MONITOR_BODIES[node.target])
             count += 1
             continue
         if node.target in QUANTIZE_OPS or node.target is bhq_quantize_op:

@@ -18,7 +18,7 @@ import torch
 from .monitor import Monitor, record_where
 from fqt_compiler.passes.monitor_graph import Probe, ProbeKind
 from .sites import SiteDecision
-from .specs import GemmKind, TensorRole
+from .specs import GemmKind, QuantSpec, TensorRole
 
 __all__ = ["GraphWatch", "MonitoredGraph"]
 
@@ -49,7 +49,12 @@ class GraphWatch:
         def run(args: list) -> Any:
             outs = fn(args)
             keep = len(outs) - extra
-            self.report(probes, [v.tolist() for v in outs[keep:]])
+            vectors = outs[keep:]
+            flat = torch.cat(list(vectors)).tolist()  # one device-to-host copy for the whole step
+            bounds = [0]
+            for v in vectors:
+                bounds.append(bounds[-1] + v.numel())
+            self.report(probes, [flat[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
             return outs[:keep] if isinstance(outs, list) else tuple(outs[:keep])
 
         run._boxed_call = True  # type: ignore[attr-defined]
@@ -74,8 +79,6 @@ class GraphWatch:
 
 
 def _short(key: str) -> str:
-    from .specs import QuantSpec
-
     return QuantSpec.from_key(key).short() if key else ""
 
 

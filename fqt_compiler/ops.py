@@ -51,7 +51,6 @@ can tell apart.
 from __future__ import annotations
 
 import os
-import types
 
 import torch
 
@@ -65,6 +64,7 @@ from .monitor_stats import ERROR_FIELDS, GRADIENT_FIELDS, QUANTIZER_FIELDS, erro
 from .monitor_stats import quantizer_stats
 from .memory_order import CodeLayout, alloc_codes, empty_in_input_layout, in_input_layout
 from .quantizers import get_quantizer, run_custom
+from .standalone import standalone_cpu
 from .reference import observe_quantizer_input, dequantize_accumulator, fake_quantize_ref, qmm_ref, quantize_ref
 from .specs import GemmKind, Granularity, QuantSpec, Transform
 
@@ -224,38 +224,13 @@ def triton_here(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_STANDALONE: dict = {}
-
-
-def _standalone_cpu(spec: QuantSpec | None, layout: Layout, fn=None, example: torch.Tensor | None = None):
-    """A reference op compiled on its own by Inductor for one input shape: the CPU twin of a
-    standalone Triton kernel, the baseline that ``fusion="off"`` measures. Same numbers as the
-    reference, except stochastic rounding draws from Inductor's random stream."""
-    fn = fn or quantize_ref
-    shape = (tuple(example.shape), tuple(example.stride()), example.dtype) if example is not None else None
-    key = (fn.__name__, spec.key() if spec is not None else None, layout, shape)
-    if key not in _STANDALONE:
-        if spec is None:
-            def run(*t):
-                return fn(*t, layout)
-        else:
-            def run(x):
-                return fn(x, spec, layout)
-        # a fresh code object per shape: its own Dynamo cache, never a recompile-limit hit
-        fresh = types.FunctionType(
-            run.__code__.replace(), run.__globals__, f"fqt_standalone_{fn.__name__}", None, run.__closure__
-        )
-        _STANDALONE[key] = torch.compile(fresh, dynamic=False, fullgraph=True)
-    return _STANDALONE[key]
-
-
 @torch.library.custom_op("fqt::quantize_kernel", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _quantize_kernel(x: torch.Tensor, spec: str, layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     parsed = QuantSpec.from_key(spec)
     if triton_here(x) and x.dtype != torch.float64:
         return quantize_triton(x, spec, layout)
     if x.device.type == "cpu" and x.dtype != torch.float64:
-        out = _standalone_cpu(parsed, Layout(layout), example=x)(x)
+        out = standalone_cpu(parsed, Layout(layout), example=x)(x)
     else:
         out = quantize_ref(x, parsed, Layout(layout))
     # custom ops may not return aliases: the broadcast statistics are materialised
@@ -282,7 +257,7 @@ def _bhq_quantize_kernel(
     if triton_here(x) and x.dtype != torch.float64:
         return bhq_quantize_triton(x, spec, layout)
     if x.device.type == "cpu" and x.dtype != torch.float64:
-        out = _standalone_cpu(parsed, Layout(layout), bhq_quantize_ref, example=x)(x)
+        out = standalone_cpu(parsed, Layout(layout), bhq_quantize_ref, example=x)(x)
     else:
         out = bhq_quantize_ref(x, parsed, Layout(layout))
     return (in_input_layout(x, out[0].contiguous()), *(t.contiguous().clone() for t in out[1:]))
@@ -301,7 +276,7 @@ def _bhq_inverse_kernel(y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s
     if triton_here(y) and y.dtype != torch.float64:
         return bhq_inverse_triton(y, group, u, s, layout)
     if y.device.type == "cpu" and y.dtype != torch.float64:
-        out = _standalone_cpu(None, Layout(layout), bhq_inverse_ref, example=y)(y, group, u, s)
+        out = standalone_cpu(None, Layout(layout), bhq_inverse_ref, example=y)(y, group, u, s)
     else:
         out = bhq_inverse_ref(y, group, u, s, Layout(layout))
     return in_input_layout(y, out.contiguous())  # the strides its fake declares

@@ -30,6 +30,7 @@ from torch import fx
 
 from fqt_compiler.ops import monitor_codes_op, monitor_error_op, monitor_fake_op, monitor_gradient_op
 from fqt_compiler.ops import QUANTIZE_OPS, bhq_quantize_op, fake_quantize_op
+from fqt_compiler.passes.dequant_chain import match_operand
 from fqt_compiler.passes.graph_utils import call
 from fqt_compiler.sites import GemmNodeInfo, QuantNodeInfo, QuantNodeKind
 from fqt_compiler.specs import GemmKind, TensorRole
@@ -65,18 +66,18 @@ def _info(node: fx.Node):
     return node.meta.get("fqt") if isinstance(node, fx.Node) else None
 
 
-def _quantizer_of(node: fx.Node) -> fx.Node | None:
-    """The quantize op a GEMM operand's dequantization (or transform) comes from."""
-    seen, frontier = set(), [node]
-    while frontier:
-        n = frontier.pop(0)
-        if n in seen or not isinstance(n, fx.Node):
-            continue
-        seen.add(n)
-        if n.op == "call_function" and n.target in _QUANTIZERS:
-            return n
-        if isinstance(_info(n), QuantNodeInfo):
-            frontier.extend(n.all_input_nodes)
+def _quantizer_of(arg: fx.Node) -> fx.Node | None:
+    """The quantize op a GEMM operand comes from: the operand itself for a quantize-dequantize op,
+    else the op whose codes the dequantization chain (``dequant_chain.match_operand``) reads;
+    None for codes made elsewhere (the forward's, saved for the backward)."""
+    if isinstance(arg, fx.Node) and arg.target is fake_quantize_op:
+        return arg
+    match = match_operand(arg)
+    if isinstance(match, str) or match.views:
+        return None
+    codes = match.codes
+    if codes.op == "call_function" and codes.target is operator.getitem and codes.args[0].target in _CODE_OPS:
+        return codes.args[0]
     return None
 
 

@@ -186,7 +186,7 @@ def test_coverage_models_agree_fused_and_unfused(name):
 def test_standalone_cpu_quantizer_survives_many_shapes():
     """Regression: the ``fusion="off"`` CPU baseline compiled one function for every shape and
     hit Dynamo's recompile limit (a hard error under fullgraph) at the ninth shape."""
-    from fqt_compiler.ops import _standalone_cpu
+    from fqt_compiler.standalone import standalone_cpu
     from fqt_compiler.layout import Layout
     from fqt_compiler.reference import quantize_ref
     from fqt_compiler.specs import QuantSpec
@@ -195,7 +195,7 @@ def test_standalone_cpu_quantizer_survives_many_shapes():
     with torch._dynamo.config.patch(recompile_limit=2):  # a low limit: few (slow) compiles show it
         for rows in range(1, 5):
             x = torch.randn(rows, 8, generator=torch.Generator().manual_seed(rows))
-            got = _standalone_cpu(spec, Layout.PENULTIMATE, example=x)(x)
+            got = standalone_cpu(spec, Layout.PENULTIMATE, example=x)(x)
             want = quantize_ref(x, spec, Layout.PENULTIMATE)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
