@@ -487,7 +487,10 @@ def qconv_cpu(
     return dequantize_conv_accumulator(kind, acc, a, b, geo, bias, out_dtype, channels_last, owned=True, a_zero_folded=folded)
 
 
-@torch.library.custom_op("fqt::qconv", mutates_args=())
+# Fixed stride order: Inductor would otherwise choose the layout of every input of an op a pass
+# inserted (it constrains only ops with recorded eager inputs), and it wrote channels-last
+# operands' codes contiguous through transposes, which the kernels then copied back.
+@torch.library.custom_op("fqt::qconv", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def _qconv(
     kind: int,
     a: torch.Tensor,

@@ -132,6 +132,32 @@ def test_channels_last_result_when_the_convolution_was():
     assert torch.equal(out, qconv_ref(GemmKind.OUTPUT, x, w, geo, None, torch.float32))
 
 
+@pytest.mark.parametrize("recipe", ["int8", "psq8"])
+def test_inductor_writes_the_codes_of_a_channels_last_step_channels_last(monkeypatch, recipe):
+    """Every activation / gradient operand of every conv GEMM reaches the kernels in the
+    channels-last order of the step: Inductor is held to the traced strides of ``fqt::qconv``'s
+    inputs (left free, it wrote them contiguous through transposes, and the kernels copied them
+    back)."""
+    import fqt_compiler as fqt
+    from fqt_compiler.codegen.kernels import conv_cpu
+
+    seen = []
+    real = conv_cpu.conv_codes_cpu
+
+    def spy(kind, a, b, geo, a_zero=0):
+        seen.append((kind, a.is_contiguous(memory_format=torch.channels_last),
+                     b.dim() < 4 or kind is GemmKind.OUTPUT or b.is_contiguous(memory_format=torch.channels_last)))
+        return real(kind, a, b, geo, a_zero)
+
+    monkeypatch.setattr(conv_cpu, "conv_codes_cpu", spy)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    torch.compile(conv, backend=fqt.backend(recipe=recipe, execution="kernels"))(x).sum().backward()
+    kinds = {kind for kind, _, _ in seen}
+    assert {GemmKind.OUTPUT, GemmKind.GRAD_INPUT} <= kinds and (recipe != "int8" or GemmKind.GRAD_WEIGHT in kinds)
+    assert all(a_ok and b_ok for _, a_ok, b_ok in seen), seen
+
+
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
 def test_layout_problem_names_the_varying_operand(kind):
     geo = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (2, 4, 5, 5), (6, 4, 3, 3), (2, 6, 5, 5))
