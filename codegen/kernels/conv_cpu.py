@@ -37,14 +37,19 @@ def _strided(t: torch.Tensor, order: list[int]) -> torch.Tensor:
     """``t`` with the canonical strides of dims laid out in ``order`` (outermost first). Both
     oneDNN and ``torch._int_mm`` read leading dimensions from strides, and ``contiguous()``
     leaves a size-1 dim's stride arbitrary (a (1, 8) matrix with row stride 4 came back garbage)."""
+    strides = _canonical_strides(t, order)
+    if tuple(t.stride()) == strides:
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _canonical_strides(t: torch.Tensor, order: list[int]) -> tuple[int, ...]:
     strides = [0] * t.dim()
     step = 1
     for d in reversed(order):
         strides[d] = step
         step *= t.shape[d]
-    if tuple(t.stride()) == tuple(strides):
-        return t
-    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+    return tuple(strides)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -53,6 +58,15 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return _strided(t, [0, *range(2, t.dim()), 1]) if t.dim() in (4, 5) else _dense(t)
+
+
+def _prepack_ready(w: torch.Tensor) -> torch.Tensor:
+    """A weight as oneDNN's prepack reads it: dense, or channels-last as the codes of a
+    channels-last model's weight come (the prepack reorders either into its own blocked
+    layout, so copying one into the other first is wasted); other strides made dense."""
+    if w.dim() in (4, 5) and tuple(w.stride()) == _canonical_strides(w, [0, *range(2, w.dim()), 1]):
+        return w
+    return _dense(w)
 
 
 def _single_windows(x: torch.Tensor, k: tuple, stride: list, padding: list, dilation: list, fill: int = 0):
@@ -103,7 +117,7 @@ def _onednn(
     ones = torch.ones(1, dtype=torch.float32)
     zeros = torch.zeros(1, dtype=torch.int64)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
-    packed = torch.ops.onednn.qconv_prepack(_dense(w_codes), ones, 1.0, 128, stride, padding, dilation, groups, None)
+    packed = torch.ops.onednn.qconv_prepack(_prepack_ready(w_codes), ones, 1.0, 128, stride, padding, dilation, groups, None)
     return torch.ops.onednn.qconv_pointwise(
         xu, 1.0, 128 + x_zero, packed, ones, zeros, None, stride, padding, dilation, groups, 1.0, 0, torch.float32, "none", [],
         "",

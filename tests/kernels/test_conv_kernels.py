@@ -67,13 +67,17 @@ def _dequantized(q: QOperand) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(geo=geometries(), kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16))
-def test_cpu_kernels_equal_the_integer_convolution(geo, kind, seed):
+@given(geo=geometries(), kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16), channels_last=st.booleans())
+def test_cpu_kernels_equal_the_integer_convolution(geo, kind, seed, channels_last):
     """oneDNN (fprop, dgrad with stride spreading) and the per-offset int_mm wgrad give the
-    exact integer sums, rounded to fp32 once, as the fp64 convolution of the codes does."""
+    exact integer sums, rounded to fp32 once, as the fp64 convolution of the codes does, on
+    contiguous and on channels-last codes (a channels-last model's)."""
     gen = torch.Generator().manual_seed(seed)
     a_shape, b_shape = geo.operand_shapes(kind)
     a, b = _codes(a_shape, gen), _codes(b_shape, gen)
+    if channels_last and geo.spatial in (2, 3):
+        fmt = torch.channels_last if geo.spatial == 2 else torch.channels_last_3d
+        a, b = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
     got = conv_codes_cpu(kind, a, b, geo)
     want = geo.bilinear(kind, a.double(), b.double())
     assert got.shape == want.shape
