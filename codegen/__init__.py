@@ -60,10 +60,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
     # A value a quantizer reads twice (its statistics pass, then its codes pass) is stored
     # once instead of recomputed per pass: on CPU recomputing e.g. GELU's erf in both
     # passes lost to the standalone quantizer at 2048^3 (0.95x), storing wins (1.04x).
+    # Inductor stores a pointwise value whose expression, with every producer inlined, counts
+    # more than max(100, realize_opcount_threshold) ops. The stochastic-rounding hash uses each
+    # intermediate twice (h ^ (h >> 16)), so its inlined tree doubles per round and passed 100:
+    # the rounded levels went to an fp32 buffer and were read back, one more write and read
+    # per element for every gradient quantizer. The generated code computes the tree once
+    # (common-subexpression elimination), so a higher cap costs compile time only.
     # fqt's identity in Inductor's FX-graph cache key (cache_key.py)
     key = FQTCacheKey(config, torch._inductor.config.post_grad_custom_pre_pass)
-    with torch._inductor.config.patch({"realize_reads_threshold": 1, "post_grad_custom_pre_pass": key,
-                                       **_inductor_mode_options(gm, config)}):
+    with torch._inductor.config.patch({"realize_reads_threshold": 1, "realize_opcount_threshold": 400,
+                                       "post_grad_custom_pre_pass": key, **_inductor_mode_options(gm, config)}):
         compiled = compile_fx_inner(gm, example_inputs)
     code = getattr(compiled, "source_code", None)
     return CompiledGraph(compiled, sources={f"inductor:{name}": code} if code else {})

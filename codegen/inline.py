@@ -34,7 +34,7 @@ from fqt_compiler.ops import qmm_cpu, qmm_op
 
 __all__ = [
     "inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static", "trace_node",
-    "inline_graph_node", "qmm_cpu_of_op_args",
+    "inline_graph_node", "qmm_cpu_of_op_args", "rematerialize_dequantizations",
 ]
 
 
@@ -191,3 +191,69 @@ def replace_random(gm: fx.GraphModule) -> None:
     fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes if hasattr(n.meta.get("val"), "fake_mode"))
     with V.set_fake_mode(fake_mode):
         replace_random_passes(gm)
+
+
+# Ops a reader fuses a recomputed dequantization into (Inductor inlines pointwise producers
+# into them); any other reader keeps the one shared node.
+_REDUCTIONS = {torch.ops.aten.amax.default, torch.ops.aten.amin.default, torch.ops.aten.sum.dim_IntList}
+_DEQUANT_OPS = {torch.ops.prims.convert_element_type.default, torch.ops.aten.mul.Tensor, torch.ops.aten.sub.Tensor,
+                torch.ops.aten.add.Tensor}
+
+
+def _fuses(node: fx.Node) -> bool:
+    target = node.target
+    return node.op == "call_function" and (target in _REDUCTIONS or isinstance(target, torch._ops.OpOverload)
+                                           and torch.Tag.pointwise in target.tags)
+
+
+def _dequantize_tree(node: fx.Node, depth: int = 0) -> bool:
+    """Whether ``node`` is a dequantization of 8-bit codes: converts, multiplies, adds and
+    subtracts whose only full-size leaf is an 8-bit tensor, the others small statistics."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or node.op != "call_function" or node.target not in _DEQUANT_OPS or depth > 4:
+        return False
+    full = 0
+    for arg in node.args:
+        if not isinstance(arg, fx.Node):
+            continue
+        a = arg.meta.get("val")
+        if not isinstance(a, torch.Tensor):
+            return False
+        if a.numel() < val.numel():
+            continue  # a statistic broadcast over the tensor
+        if a.element_size() == 1 and not a.is_floating_point() or _dequantize_tree(arg, depth + 1):
+            full += 1
+        else:
+            return False
+    return full == 1
+
+
+def _copy_tree(gm: fx.GraphModule, node: fx.Node, before: fx.Node) -> fx.Node:
+    args = [_copy_tree(gm, a, before) if isinstance(a, fx.Node) and a.meta["val"].numel() == node.meta["val"].numel()
+            and a.op == "call_function" else a for a in node.args]
+    with gm.graph.inserting_before(before):
+        copy = gm.graph.call_function(node.target, tuple(args), dict(node.kwargs))
+    copy.meta.update(node.meta)
+    return copy
+
+
+def rematerialize_dequantizations(gm: fx.GraphModule) -> int:
+    """Give each fusing reader of a dequantized 8-bit tensor (``codes * scale``, zero points and
+    offsets included) its own copy of the dequantization, so that Inductor recomputes it from
+    the 8-bit codes in each reader's loop instead of storing it in fp32: a requantization
+    (the int8 recipe's weight-gradient activation, quantized per channel from the forward's
+    per-sample codes) read it from an fp32 buffer in its statistics and codes passes, four
+    bytes written and eight read per element where recomputing reads two. fqt compiles with
+    ``realize_reads_threshold=1`` (a value read twice is stored, so a quantizer's expensive
+    input is computed once), which these cheap values are better without."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if len(node.users) < 2 or not _dequantize_tree(node):
+            continue
+        for user in [u for u in node.users if _fuses(u)][1:]:
+            user.replace_input_with(node, _copy_tree(gm, node, user))
+            count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count

@@ -16,6 +16,7 @@ from .specs import Granularity, QuantSpec, Rounding, Scheme
 
 __all__ = [
     "QOperand", "compute_dtype", "grouped", "ungrouped", "draw_seed", "hash_uniform", "scaled_values", "quantize_grouped",
+    "GroupGrid", "group_grid", "grid_values",
     "dequantize_ref",
 ]
 
@@ -156,6 +157,69 @@ def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, gen
     return picked.to(dtype)
 
 
+class GroupGrid(NamedTuple):
+    """One scale group's grid: the statistics of :func:`quantize_grouped` (size-1 dims where
+    the group runs) and the divisor ``safe`` of :func:`grid_values`."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    offset: torch.Tensor
+    safe: torch.Tensor
+    low: torch.Tensor  # the asymmetric grid's minimum (unused otherwise)
+
+
+def group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,)) -> GroupGrid | None:
+    """The grid of every scale group of ``g`` (its ``dims`` run over one group): the scale, zero
+    point (level index), offset, and the divisor :func:`grid_values` uses. None for empty groups
+    (a batch of 0 as the contracted dim)."""
+    group = 1
+    for d in dims:
+        group *= g.shape[d]
+    if group == 0:
+        return None
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    if spec.scheme is Scheme.SYMMETRIC:
+        amax = g.abs().amax(dim=dims, keepdim=True)
+        scale = amax / spec.qmax
+        return GroupGrid(scale, zero.expand_as(scale), zero.expand_as(scale), torch.where(scale > 0, scale, 1), zero)
+    B = spec.levels
+    mn = g.amin(dim=dims, keepdim=True)
+    mx = g.amax(dim=dims, keepdim=True)
+    if spec.scheme is Scheme.ASYMMETRIC:
+        # (mx / B - mn / B) rather than (mx - mn) / B: cannot overflow for finite inputs.
+        scale = mx / B - mn / B
+        return GroupGrid(scale, zero.expand_as(scale), mn, torch.where(scale > 0, scale, 1), mn)
+    # ZERO_ON_GRID: the range must contain 0 and 0 must be a level
+    mn = mn.clamp(max=0)
+    mx = mx.clamp(min=0)
+    span = mx / B - mn / B
+    # The paper's qzero = floor(-mn * B / (mx - mn)), kept in [1, B] when there are negatives
+    # so the stretch never divides by zero (the reference code's NaN on all-positive
+    # tensors); taking the larger of the two steps keeps both ends of the range covered.
+    qzero = torch.floor(-mn / torch.where(span > 0, span, 1))
+    qzero = torch.where(mn < 0, qzero.clamp(1, B), torch.zeros_like(qzero))
+    down = torch.where(qzero > 0, -mn / torch.where(qzero > 0, qzero, 1), 0)
+    up = torch.where(qzero < B, mx / torch.where(qzero < B, B - qzero, 1), 0)
+    scale = torch.where(span.isfinite(), torch.maximum(down, up), span)  # NaN/Inf propagate
+    return GroupGrid(scale, qzero, zero.expand_as(scale), torch.where(scale > 0, scale, 1), zero)
+
+
+def grid_values(g: torch.Tensor, spec: QuantSpec, grid: GroupGrid) -> torch.Tensor:
+    """The pre-rounding value of every element of ``g`` in units of its group's step: rounding
+    it gives the level."""
+    scale = grid.scale
+    if spec.scheme is Scheme.SYMMETRIC:
+        # NaN/Inf propagate: amax is NaN/Inf, so scale and every dequantized value are too.
+        v = torch.where(scale.isfinite(), g / grid.safe, g * scale)
+    elif spec.scheme is Scheme.ASYMMETRIC:
+        v = (g - grid.low) / grid.safe
+    else:
+        v = g / grid.safe + grid.zero_point
+    # scale == 0: a constant group, reproduced exactly by the zero point / offset alone.
+    # scale NaN/Inf: let it through so the dequantized group is NaN/Inf, never silently finite.
+    return torch.where(scale > 0, v, torch.where(scale.isfinite(), grid.zero_point, scale))
+
+
 def scaled_values(
     g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,57 +227,19 @@ def scaled_values(
     and the group's scale, zero point (level index) and offset: rounding ``v`` gives the level.
     ``g``'s ``dims`` (by default its last) run over one scale group; the statistics keep them
     as size-1 dims. Shared by the quantizers and the statistics."""
-    group = 1
-    for d in dims:
-        group *= g.shape[d]
-    if group == 0:  # empty groups (a batch of 0 as the contracted dim): no statistics to take
+    grid = group_grid(g, spec, dims)
+    if grid is None:
         none = g.new_zeros(tuple(1 if i in {d % g.dim() for d in dims} else n for i, n in enumerate(g.shape)))
         return g, none, none, none
-    zero = torch.zeros((), dtype=g.dtype, device=g.device)
-    if spec.scheme is Scheme.SYMMETRIC:
-        amax = g.abs().amax(dim=dims, keepdim=True)
-        scale = amax / spec.qmax
-        safe = torch.where(scale > 0, scale, 1)
-        # NaN/Inf propagate: amax is NaN/Inf, so scale and every dequantized value are too.
-        v = torch.where(scale.isfinite(), g / safe, g * scale)
-        return v, scale, zero.expand_as(scale), zero.expand_as(scale)
-    B = spec.levels
-    mn = g.amin(dim=dims, keepdim=True)
-    mx = g.amax(dim=dims, keepdim=True)
-    if spec.scheme is Scheme.ASYMMETRIC:
-        # (mx / B - mn / B) rather than (mx - mn) / B: cannot overflow for finite inputs.
-        scale = mx / B - mn / B
-        zp = zero.expand_as(scale)
-        offset = mn
-        safe = torch.where(scale > 0, scale, 1)
-        v = (g - mn) / safe
-    else:  # ZERO_ON_GRID: the range must contain 0 and 0 must be a level
-        mn = mn.clamp(max=0)
-        mx = mx.clamp(min=0)
-        span = mx / B - mn / B
-        # The paper's qzero = floor(-mn * B / (mx - mn)), kept in [1, B] when there are negatives
-        # so the stretch never divides by zero (the reference code's NaN on all-positive
-        # tensors); taking the larger of the two steps keeps both ends of the range covered.
-        qzero = torch.floor(-mn / torch.where(span > 0, span, 1))
-        qzero = torch.where(mn < 0, qzero.clamp(1, B), torch.zeros_like(qzero))
-        down = torch.where(qzero > 0, -mn / torch.where(qzero > 0, qzero, 1), 0)
-        up = torch.where(qzero < B, mx / torch.where(qzero < B, B - qzero, 1), 0)
-        scale = torch.where(span.isfinite(), torch.maximum(down, up), span)  # NaN/Inf propagate
-        zp = qzero
-        offset = zero.expand_as(scale)
-        safe = torch.where(scale > 0, scale, 1)
-        v = g / safe + qzero
-    # scale == 0: a constant group, reproduced exactly by the zero point / offset alone.
-    # scale NaN/Inf: let it through so the dequantized group is NaN/Inf, never silently finite.
-    v = torch.where(scale > 0, v, torch.where(scale.isfinite(), zp, scale))
-    return v, scale, zp, offset
+    return grid_values(g, spec, grid), grid.scale, grid.zero_point, grid.offset
 
 
-def _nan_to_zero(q: torch.Tensor) -> torch.Tensor:
-    """NaN codes (a NaN input) as 0. ``q`` is clamped, so finite or NaN: ``nan_to_num``'s
-    result, written as a self-comparison, which Inductor's CPU code vectorizes (its ``isnan``
-    ran element by element)."""
-    return torch.where(q == q, q, 0.0)
+def _nan_to_zero(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``q`` (the rounded, clamped levels of ``v``) with 0 where ``v`` is NaN: ``nan_to_num``'s
+    result, since rounding, noise and clamping keep a value NaN exactly where ``v`` is.
+    ``nan_to_num``'s ``isnan`` is not vectorized by Inductor's CPU code, hence the
+    self-comparison; ``v`` must be a node of its own (see :func:`quantize_grouped`)."""
+    return torch.where(v == v, q, 0.0)
 
 
 def quantize_grouped(
@@ -229,16 +255,26 @@ def quantize_grouped(
     stochastic rounding is drawn in ``g``'s row-major order unless ``noise`` is given."""
     if spec.is_stochastic and noise is None:
         noise = hash_uniform(seed if seed is not None else draw_seed(g.device, generator), g.shape, g.device)
-    v, scale, zp, offset = scaled_values(g, spec, dims)
+    grid = group_grid(g, spec, dims)
+    if grid is None:  # empty groups: nothing to round
+        v, scale, zp, offset = scaled_values(g, spec, dims)
+        witness = v
+    else:
+        v, scale, zp, offset = grid_values(g, spec, grid), grid.scale, grid.zero_point, grid.offset
+        # The NaN test reads a second, separately traced copy of v (the statistics shared):
+        # Inductor stores a value two ops read (fqt compiles with realize_reads_threshold=1,
+        # so that a quantizer's input is stored once for its two passes), and a shared v -- or
+        # the levels -- was written to an fp32 buffer and read back per element. The two
+        # copies compile to one expression (the kernel's common-subexpression elimination),
+        # and the codes store fuses into the rounding.
+        witness = grid_values(g, spec, grid)
+    if spec.scheme is Scheme.SYMMETRIC and spec.format.is_float:
+        return _fp8_round(v, spec, noise, generator), scale, zp, offset
     if spec.scheme is Scheme.SYMMETRIC:
-        if spec.format.is_float:
-            codes = _fp8_round(v, spec, noise, generator)
-        else:
-            q = _round(v, spec, noise, generator).clamp(-spec.qmax, spec.qmax)
-            codes = _nan_to_zero(q).to(spec.code_dtype)
-        return codes, scale, zp, offset
+        q = _round(v, spec, noise, generator).clamp(-spec.qmax, spec.qmax)
+        return _nan_to_zero(q, witness).to(spec.code_dtype), scale, zp, offset
     q = _round(v, spec, noise, generator).clamp(0, spec.levels)
-    codes = _nan_to_zero(q + spec.code_offset).to(spec.code_dtype)
+    codes = _nan_to_zero(q + spec.code_offset, witness).to(spec.code_dtype)
     return codes, scale, zp + spec.code_offset, offset
 
 

@@ -24,9 +24,10 @@ runner (:func:`run_steps`).
      16 inline_quantize_ops the reference quantizers as aten ops, for Inductor to fuse [kernels, inductor]
      17 inline_qmm_ops    low-bit GEMMs Inductor can lower itself                     [kernels, inductor]
      18 replace_random    Inductor's random-op rewrite (its own pre-partition step)   [kernels, inductor]
+     19 rematerialize_dequantizations  each fusing reader recomputes 8-bit codes * scale  [kernels, inductor]
     --> Inductor (``inductor=True``) or eager execution: ``codegen.compile_graph``
 
-Graphs traced without autograd (``Stage.INFERENCE``) take steps 1-4, then 7-18 as a forward.
+Graphs traced without autograd (``Stage.INFERENCE``) take steps 1-4, then 7-19 as a forward.
 Each step names the stages it runs on, the configurations it runs under (``when``) and the
 steps it ``requires``. The runner checks those, keeps the graph after every rewrite step in
 debug mode, verifies the graph invariants (after every mutating rewrite in debug mode, and at
@@ -48,7 +49,7 @@ from fqt_compiler.codegen import CompiledGraph, compile_graph
 from fqt_compiler.codegen.code_layout import choose_code_layouts, mark_saved_codes, restride_inputs
 from fqt_compiler.codegen.epilogue import fold_statistics, fuse_epilogues
 from fqt_compiler.codegen.prologue import fuse_prologues
-from fqt_compiler.codegen.inline import inline_qmm_ops, inline_quantize_ops, replace_random
+from fqt_compiler.codegen.inline import inline_qmm_ops, inline_quantize_ops, rematerialize_dequantizations, replace_random
 from fqt_compiler.codegen.launches import graph_launches, inline_kernel_launches, source_launches
 from fqt_compiler.codegen.providers import choose_providers
 from fqt_compiler.codegen.lower import lower_gemms
@@ -285,6 +286,8 @@ STEPS: tuple[Step, ...] = (
     Step("inline_quantize_ops", lambda gm, ctx: inline_quantize_ops(gm), COMPILE, _inductor, ("collect_sources",)),
     Step("inline_qmm_ops", lambda gm, ctx: inline_qmm_ops(gm), COMPILE, _inductor, ("collect_sources",)),
     Step("replace_random", lambda gm, ctx: replace_random(gm), COMPILE, _inductor, ("inline_quantize_ops",)),
+    Step("rematerialize_dequantizations", lambda gm, ctx: rematerialize_dequantizations(gm), COMPILE, _inductor,
+         ("inline_quantize_ops",)),
 )
 
 

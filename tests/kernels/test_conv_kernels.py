@@ -162,6 +162,25 @@ def test_inductor_writes_the_codes_of_a_channels_last_step_channels_last(monkeyp
     assert all(a_ok and b_ok for _, a_ok, b_ok in seen), seen
 
 
+def test_inductor_stores_no_activation_sized_fp32_buffer():
+    """An int8 convolution step's quantizers read their fp32 input and write 8-bit codes, nothing in
+    between: no activation-sized fp32 buffer in the forward or the backward. Each once was
+    there -- the rounded levels, read three times by the NaN test; the stochastic-rounding
+    hash, whose inlined expression passed Inductor's size cap; the dequantized activation the
+    int8 wgrad requantizes, read by both of its passes."""
+    from torch._inductor.utils import run_and_get_code  # Inductor internals: the generated source
+
+    import fqt_compiler as fqt
+
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    step = torch.compile(conv, backend=fqt.backend(recipe="int8", execution="kernels"))
+    _, sources = run_and_get_code(lambda: step(x).sum().backward())
+    assert len(sources) == 2
+    for source in sources:
+        assert "(4, 16, 8, 8), (1024, 1, 128, 16), torch.float32)" not in source, source
+
+
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
 def test_layout_problem_names_the_varying_operand(kind):
     geo = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (2, 4, 5, 5), (6, 4, 3, 3), (2, 6, 5, 5))
