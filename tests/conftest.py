@@ -26,6 +26,13 @@ os.environ["FQT_PROFILE_DIR"] = tempfile.mkdtemp(prefix="fqt_test_profiles_")
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per worker process (``pytest -n N``, N workers on N cores): OpenMP
+    # threads of several processes spinning on shared cores slow every op down by 10-50x. The
+    # variable reaches the processes tests start.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
