@@ -22,6 +22,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 
 from fqt_compiler.config import FQTConfig, Mode
 from fqt_compiler.errors import OptionsError
+from fqt_compiler.host_memory import retain_freed_host_memory
 from fqt_compiler.codegen.cache_key import FQTCacheKey
 from fqt_compiler.codegen.code_layout import LayoutChoice, choose_code_layouts
 from fqt_compiler.codegen.epilogue import FusedEpilogue, fold_statistics, fuse_epilogues
@@ -54,6 +55,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
     the graph itself, run eagerly."""
     if config.execution is not Mode.KERNELS or not config.inductor:
         return CompiledGraph(make_boxed_func(gm.forward))
+    if not _on_cuda(gm):
+        retain_freed_host_memory()  # steps reuse their freed memory instead of faulting in fresh pages
     # Inductor is imported on the first Inductor compile, so that ``import fqt_compiler`` stays light
     from torch._inductor.compile_fx import compile_fx_inner
 
