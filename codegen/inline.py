@@ -196,8 +196,8 @@ def replace_random(gm: fx.GraphModule) -> None:
 # Ops a reader fuses a recomputed dequantization into (Inductor inlines pointwise producers
 # into them); any other reader keeps the one shared node.
 _REDUCTIONS = {torch.ops.aten.amax.default, torch.ops.aten.amin.default, torch.ops.aten.sum.dim_IntList}
-_DEQUANT_OPS = {torch.ops.prims.convert_element_type.default, torch.ops.aten.mul.Tensor, torch.ops.aten.sub.Tensor,
-                torch.ops.aten.add.Tensor}
+_DEQUANT_OPS = {torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default, torch.ops.aten.mul.Tensor,
+                torch.ops.aten.sub.Tensor, torch.ops.aten.add.Tensor}
 
 
 def _fuses(node: fx.Node) -> bool:
@@ -210,7 +210,8 @@ def _dequantize_tree(node: fx.Node, depth: int = 0) -> bool:
     """Whether ``node`` is a dequantization of 8-bit codes: converts, multiplies, adds and
     subtracts whose only full-size leaf is an 8-bit tensor, the others small statistics."""
     val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or node.op != "call_function" or node.target not in _DEQUANT_OPS or depth > 4:
+    if (not isinstance(val, torch.Tensor) or not val.is_floating_point() or node.op != "call_function"
+            or node.target not in _DEQUANT_OPS or depth > 4):
         return False
     full = 0
     for arg in node.args:
@@ -229,8 +230,9 @@ def _dequantize_tree(node: fx.Node, depth: int = 0) -> bool:
 
 
 def _copy_tree(gm: fx.GraphModule, node: fx.Node, before: fx.Node) -> fx.Node:
-    args = [_copy_tree(gm, a, before) if isinstance(a, fx.Node) and a.meta["val"].numel() == node.meta["val"].numel()
-            and a.op == "call_function" else a for a in node.args]
+    """A copy of the dequantization ``node`` (a :func:`_dequantize_tree`) reading the same codes
+    and statistics: the codes' producer is shared, never copied."""
+    args = [_copy_tree(gm, a, before) if isinstance(a, fx.Node) and _dequantize_tree(a) else a for a in node.args]
     with gm.graph.inserting_before(before):
         copy = gm.graph.call_function(node.target, tuple(args), dict(node.kwargs))
     copy.meta.update(node.meta)

@@ -132,3 +132,29 @@ def benchmark_compiled_module():
     base = KernelLaunches("forward", fqt_kernel_names=("qmm_kernel", "quantize_rows_kernel"))
     out = source_launches(base, source)
     assert (out.kernels, out.fqt_kernels, out.library) == (4, 2, 2)
+
+
+def test_dequantizations_are_copied_per_fusing_reader_and_their_codes_are_not():
+    """Step 19: each pointwise / reduction reader of ``codes * scale`` gets its own copy (Inductor
+    then recomputes it from the 8-bit codes instead of storing it in fp32); the quantizer that
+    made the codes stays one node, and a reader that does not fuse keeps the shared one."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fqt_compiler.codegen.inline import rematerialize_dequantizations
+
+    def f(x, s, w):
+        codes = (x * 3).round().clamp(-127, 127).to(torch.int8)  # a quantizer's codes
+        deq = codes.to(torch.float32) * s
+        return deq.abs().amax(0), deq / 2, deq.mm(w)
+
+    gm = make_fx(f)(torch.randn(8, 4), torch.rand(8, 1), torch.randn(4, 3))
+    want = gm(*(args := (torch.randn(8, 4), torch.rand(8, 1), torch.randn(4, 3))))
+
+    def count(target):
+        return sum(n.target is target for n in gm.graph.nodes)
+
+    muls, rounds = count(torch.ops.aten.mul.Tensor), count(torch.ops.aten.round.default)
+    assert rematerialize_dequantizations(gm) == 1  # abs and div fuse: one extra copy; mm shares the first
+    assert count(torch.ops.aten.mul.Tensor) == muls + 1 and count(torch.ops.aten.round.default) == rounds
+    for got, expected in zip(gm(*args), want):
+        assert torch.equal(got, expected)
