@@ -35,15 +35,6 @@ def test_bench_rejects_a_malformed_shape():
         cli.main(["bench", "--sections", "gemm", "--shapes", "64x32", "--device", "cpu"])
 
 
-@pytest.mark.slow  # trains two models under every recipe
-def test_results_command_on_a_tiny_budget(tmp_path, capsys):
-    assert cli.main(["results", "--steps", "3", "--epochs", "1", "--recipes", "exact", "bhq4", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "recipe" not in line]
-    assert rows == ["exact", "bhq4"]
-    assert (tmp_path / "results_lm.png").exists() and (tmp_path / "results_cnn.png").exists()
-
-
 _VARIANCE_FACTORY = '''
 import torch
 import torch.nn.functional as F
@@ -103,25 +94,3 @@ def test_host_overhead_tool_times_every_op_with_launches_mocked():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if "(2048x768" in line]
     assert len(rows) == 5 and all(float(r.split()[-1]) > 0 for r in rows)
-
-
-@pytest.mark.slow  # about a minute: a PreAct-ResNet-20 compiled under fqt and three baselines
-def test_bench_conv_section_times_layers_and_networks(tmp_path, monkeypatch):
-    """``--sections conv``: a convolution layer and a CIFAR network's training step against
-    fp32 (both layouts) and bf16 autocast channels-last, with the low-bit GEMMs counted."""
-    from fqt_compiler.tools import bench_conv
-
-    monkeypatch.setattr(bench_conv, "CONV_LAYERS", [(2, 8, 8, 8, 3, 1)])
-    monkeypatch.setattr(bench_conv, "NETWORKS", [("preact20", 4)])
-    monkeypatch.setattr(bench_conv, "cpu_bf16_units", lambda: True)
-    out_file = tmp_path / "bench.md"
-    assert cli.main(["bench", "--sections", "conv", "--recipes", "int8", "--reps", "1", "--device", "cpu",
-                     "--output", str(out_file)]) == 0
-    text = out_file.read_text()
-    assert "vs fp32 channels-last" in text and "vs bf16 channels-last" in text
-    rows = [line for line in text.splitlines() if line.startswith("| 8->8") or line.startswith("| preact20")]
-    assert len(rows) == 2
-    # every convolution GEMM and the classifier's run on low-bit kernels (the layer: 3 of 3)
-    assert rows[0].split("|")[-2].strip() == "3/3"
-    lowbit, total = rows[1].split("|")[-2].strip().split("/")
-    assert lowbit == total and int(total) > 40
