@@ -28,6 +28,7 @@ from fqt_compiler.grid import QOperand
 from fqt_compiler.layout import Layout
 from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
+from fqt_compiler.passes.dequant_chain import DequantOperand, is_dequantization, match_operand
 from fqt_compiler.passes.graph_utils import call, is_static_value
 
 from fqt_compiler.ops import qmm_cpu, qmm_op
@@ -196,8 +197,6 @@ def replace_random(gm: fx.GraphModule) -> None:
 # Ops a reader fuses a recomputed dequantization into (Inductor inlines pointwise producers
 # into them); any other reader keeps the one shared node.
 _REDUCTIONS = {torch.ops.aten.amax.default, torch.ops.aten.amin.default, torch.ops.aten.sum.dim_IntList}
-_DEQUANT_OPS = {torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default, torch.ops.aten.mul.Tensor,
-                torch.ops.aten.sub.Tensor, torch.ops.aten.add.Tensor}
 
 
 def _fuses(node: fx.Node) -> bool:
@@ -206,33 +205,10 @@ def _fuses(node: fx.Node) -> bool:
                                            and torch.Tag.pointwise in target.tags)
 
 
-def _dequantize_tree(node: fx.Node, depth: int = 0) -> bool:
-    """Whether ``node`` is a dequantization of 8-bit codes: converts, multiplies, adds and
-    subtracts whose only full-size leaf is an 8-bit tensor, the others small statistics."""
-    val = node.meta.get("val")
-    if (not isinstance(val, torch.Tensor) or not val.is_floating_point() or node.op != "call_function"
-            or node.target not in _DEQUANT_OPS or depth > 4):
-        return False
-    full = 0
-    for arg in node.args:
-        if not isinstance(arg, fx.Node):
-            continue
-        a = arg.meta.get("val")
-        if not isinstance(a, torch.Tensor):
-            return False
-        if a.numel() < val.numel():
-            continue  # a statistic broadcast over the tensor
-        if a.element_size() == 1 and not a.is_floating_point() or _dequantize_tree(arg, depth + 1):
-            full += 1
-        else:
-            return False
-    return full == 1
-
-
-def _copy_tree(gm: fx.GraphModule, node: fx.Node, before: fx.Node) -> fx.Node:
-    """A copy of the dequantization ``node`` (a :func:`_dequantize_tree`) reading the same codes
-    and statistics: the codes' producer is shared, never copied."""
-    args = [_copy_tree(gm, a, before) if isinstance(a, fx.Node) and _dequantize_tree(a) else a for a in node.args]
+def _copy_chain(gm: fx.GraphModule, node: fx.Node, before: fx.Node) -> fx.Node:
+    """A copy of the dequantization chain ending at ``node`` (``dequant_chain``'s ops) reading the
+    same codes and statistics: the codes' producer is shared, never copied."""
+    args = [_copy_chain(gm, a, before) if isinstance(a, fx.Node) and is_dequantization(a) else a for a in node.args]
     with gm.graph.inserting_before(before):
         copy = gm.graph.call_function(node.target, tuple(args), dict(node.kwargs))
     copy.meta.update(node.meta)
@@ -250,10 +226,10 @@ def rematerialize_dequantizations(gm: fx.GraphModule) -> int:
     input is computed once), which these cheap values are better without."""
     count = 0
     for node in list(gm.graph.nodes):
-        if len(node.users) < 2 or not _dequantize_tree(node):
+        if len(node.users) < 2 or not is_dequantization(node) or not isinstance(match_operand(node), DequantOperand):
             continue
         for user in [u for u in node.users if _fuses(u)][1:]:
-            user.replace_input_with(node, _copy_tree(gm, node, user))
+            user.replace_input_with(node, _copy_chain(gm, node, user))
             count += 1
     if count:
         gm.graph.lint()

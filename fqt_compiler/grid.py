@@ -16,7 +16,6 @@ from .specs import Granularity, QuantSpec, Rounding, Scheme
 
 __all__ = [
     "QOperand", "compute_dtype", "grouped", "ungrouped", "draw_seed", "hash_uniform", "scaled_values", "quantize_grouped",
-    "GroupGrid", "group_grid", "grid_values",
     "dequantize_ref",
 ]
 
@@ -157,20 +156,19 @@ def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, gen
     return picked.to(dtype)
 
 
-class GroupGrid(NamedTuple):
+class _GroupGrid(NamedTuple):
     """One scale group's grid: the statistics of :func:`quantize_grouped` (size-1 dims where
-    the group runs) and the divisor ``safe`` of :func:`grid_values`."""
+    the group runs) and the divisor ``safe`` of :func:`_grid_values`."""
 
     scale: torch.Tensor
     zero_point: torch.Tensor
-    offset: torch.Tensor
+    offset: torch.Tensor  # the asymmetric grid's minimum; 0 otherwise
     safe: torch.Tensor
-    low: torch.Tensor  # the asymmetric grid's minimum (unused otherwise)
 
 
-def group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,)) -> GroupGrid | None:
+def _group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,)) -> _GroupGrid | None:
     """The grid of every scale group of ``g`` (its ``dims`` run over one group): the scale, zero
-    point (level index), offset, and the divisor :func:`grid_values` uses. None for empty groups
+    point (level index), offset, and the divisor :func:`_grid_values` uses. None for empty groups
     (a batch of 0 as the contracted dim)."""
     group = 1
     for d in dims:
@@ -181,14 +179,14 @@ def group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,)) 
     if spec.scheme is Scheme.SYMMETRIC:
         amax = g.abs().amax(dim=dims, keepdim=True)
         scale = amax / spec.qmax
-        return GroupGrid(scale, zero.expand_as(scale), zero.expand_as(scale), torch.where(scale > 0, scale, 1), zero)
+        return _GroupGrid(scale, zero.expand_as(scale), zero.expand_as(scale), torch.where(scale > 0, scale, 1))
     B = spec.levels
     mn = g.amin(dim=dims, keepdim=True)
     mx = g.amax(dim=dims, keepdim=True)
     if spec.scheme is Scheme.ASYMMETRIC:
         # (mx / B - mn / B) rather than (mx - mn) / B: cannot overflow for finite inputs.
         scale = mx / B - mn / B
-        return GroupGrid(scale, zero.expand_as(scale), mn, torch.where(scale > 0, scale, 1), mn)
+        return _GroupGrid(scale, zero.expand_as(scale), mn, torch.where(scale > 0, scale, 1))
     # ZERO_ON_GRID: the range must contain 0 and 0 must be a level
     mn = mn.clamp(max=0)
     mx = mx.clamp(min=0)
@@ -201,10 +199,10 @@ def group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,)) 
     down = torch.where(qzero > 0, -mn / torch.where(qzero > 0, qzero, 1), 0)
     up = torch.where(qzero < B, mx / torch.where(qzero < B, B - qzero, 1), 0)
     scale = torch.where(span.isfinite(), torch.maximum(down, up), span)  # NaN/Inf propagate
-    return GroupGrid(scale, qzero, zero.expand_as(scale), torch.where(scale > 0, scale, 1), zero)
+    return _GroupGrid(scale, qzero, zero.expand_as(scale), torch.where(scale > 0, scale, 1))
 
 
-def grid_values(g: torch.Tensor, spec: QuantSpec, grid: GroupGrid) -> torch.Tensor:
+def _grid_values(g: torch.Tensor, spec: QuantSpec, grid: _GroupGrid) -> torch.Tensor:
     """The pre-rounding value of every element of ``g`` in units of its group's step: rounding
     it gives the level."""
     scale = grid.scale
@@ -212,7 +210,7 @@ def grid_values(g: torch.Tensor, spec: QuantSpec, grid: GroupGrid) -> torch.Tens
         # NaN/Inf propagate: amax is NaN/Inf, so scale and every dequantized value are too.
         v = torch.where(scale.isfinite(), g / grid.safe, g * scale)
     elif spec.scheme is Scheme.ASYMMETRIC:
-        v = (g - grid.low) / grid.safe
+        v = (g - grid.offset) / grid.safe
     else:
         v = g / grid.safe + grid.zero_point
     # scale == 0: a constant group, reproduced exactly by the zero point / offset alone.
@@ -227,11 +225,11 @@ def scaled_values(
     and the group's scale, zero point (level index) and offset: rounding ``v`` gives the level.
     ``g``'s ``dims`` (by default its last) run over one scale group; the statistics keep them
     as size-1 dims. Shared by the quantizers and the statistics."""
-    grid = group_grid(g, spec, dims)
+    grid = _group_grid(g, spec, dims)
     if grid is None:
         none = g.new_zeros(tuple(1 if i in {d % g.dim() for d in dims} else n for i, n in enumerate(g.shape)))
         return g, none, none, none
-    return grid_values(g, spec, grid), grid.scale, grid.zero_point, grid.offset
+    return _grid_values(g, spec, grid), grid.scale, grid.zero_point, grid.offset
 
 
 def _nan_to_zero(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -255,19 +253,19 @@ def quantize_grouped(
     stochastic rounding is drawn in ``g``'s row-major order unless ``noise`` is given."""
     if spec.is_stochastic and noise is None:
         noise = hash_uniform(seed if seed is not None else draw_seed(g.device, generator), g.shape, g.device)
-    grid = group_grid(g, spec, dims)
+    grid = _group_grid(g, spec, dims)
     if grid is None:  # empty groups: nothing to round
         v, scale, zp, offset = scaled_values(g, spec, dims)
         witness = v
     else:
-        v, scale, zp, offset = grid_values(g, spec, grid), grid.scale, grid.zero_point, grid.offset
+        v, scale, zp, offset = _grid_values(g, spec, grid), grid.scale, grid.zero_point, grid.offset
         # The NaN test reads a second, separately traced copy of v (the statistics shared):
         # Inductor stores a value two ops read (fqt compiles with realize_reads_threshold=1,
         # so that a quantizer's input is stored once for its two passes), and a shared v -- or
         # the levels -- was written to an fp32 buffer and read back per element. The two
         # copies compile to one expression (the kernel's common-subexpression elimination),
         # and the codes store fuses into the rounding.
-        witness = grid_values(g, spec, grid)
+        witness = _grid_values(g, spec, grid)
     if spec.scheme is Scheme.SYMMETRIC and spec.format.is_float:
         return _fp8_round(v, spec, noise, generator), scale, zp, offset
     if spec.scheme is Scheme.SYMMETRIC:

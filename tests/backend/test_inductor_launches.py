@@ -141,13 +141,19 @@ def test_dequantizations_are_copied_per_fusing_reader_and_their_codes_are_not():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from fqt_compiler.codegen.inline import rematerialize_dequantizations
+    from fqt_compiler.sites import QuantNodeInfo, QuantNodeKind
+    from fqt_compiler.specs import GemmKind, TensorRole
 
     def f(x, s, w):
         codes = (x * 3).round().clamp(-127, 127).to(torch.int8)  # a quantizer's codes
-        deq = codes.to(torch.float32) * s
+        deq = torch.ops.prims.convert_element_type(codes, torch.float32) * s
         return deq.abs().amax(0), deq / 2, deq.mm(w)
 
     gm = make_fx(f)(torch.randn(8, 4), torch.rand(8, 1), torch.randn(4, 3))
+    # tag the chain as dequant_chain.emit_quantize does: the step finds dequantizations by it
+    info = QuantNodeInfo(0, GemmKind.OUTPUT, TensorRole.ACTIVATION, "int8/sym/row/nearest/none", QuantNodeKind.DEQUANTIZE)
+    deq = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor and len(n.users) == 3)
+    deq.meta["fqt"] = deq.args[0].meta["fqt"] = info
     want = gm(*(args := (torch.randn(8, 4), torch.rand(8, 1), torch.randn(4, 3))))
 
     def count(target):
