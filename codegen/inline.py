@@ -6,7 +6,10 @@ ops around it: an order of magnitude faster than running them eagerly. The numbe
 reference's (the same function is traced), except that stochastic rounding draws from
 Inductor's random stream instead of the eager generator (same distribution).
 
-Only static shapes are inlined; a node with symbolic sizes stays an opaque call.
+Symbolic sizes and strides (a dynamic-shape compile, or Dynamo's automatic dynamic shapes
+after a second size) are inlined too: the trace reads them from the graph's own symbols. Left
+as an opaque call, each quantizer would run eagerly, a dozen passes over its tensor where the
+fused loop makes one or two.
 """
 
 from __future__ import annotations
@@ -93,10 +96,7 @@ def trace_node(fn: Callable, node: fx.Node, functionalize: bool = False) -> tupl
 
     flat, spec = tree_flatten((node.args, node.kwargs))
     inputs = [a for a in flat if isinstance(a, fx.Node)]
-    mode = FakeTensorMode()
-    with mode:
-        examples = [torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
-                    for v in (a.meta["val"] for a in inputs)]
+    vals = [a.meta["val"] for a in inputs]
 
     def traced(*tensors):
         it = iter(tensors)
@@ -104,9 +104,21 @@ def trace_node(fn: Callable, node: fx.Node, functionalize: bool = False) -> tupl
         return fn(*args, **kwargs)
 
     target = dispatch_functionalize(traced, FunctionalTensorMode()) if functionalize else traced
-    # a private tracing context and fake mode: the ambient compile's would make sizes symbolic
-    with torch._guards.tracing(None), mode:
-        sub = make_fx(target, decomposition_table=inductor_decompositions(), tracing_mode="real")(*examples)
+    if all(is_static_value(v) for v in vals):
+        mode = FakeTensorMode()
+        with mode:
+            examples = [torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device) for v in vals]
+        # a private tracing context and fake mode: the ambient compile's would make sizes symbolic
+        with torch._guards.tracing(None), mode:
+            sub = make_fx(target, decomposition_table=inductor_decompositions(), tracing_mode="real")(*examples)
+        return sub, inputs
+    # Symbolic sizes or strides: trace on the graph's own fake values, in its fake mode, so
+    # the trace reads their sizes through ``sym_size`` nodes of the graph's symbols. A branch
+    # the function takes on such a size becomes a guard of this compile, installed with
+    # Dynamo's own (as Inductor's are).
+    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor))
+    with mode:
+        sub = make_fx(target, decomposition_table=inductor_decompositions(), tracing_mode="real")(*vals)
     return sub, inputs
 
 
@@ -140,11 +152,12 @@ _MONITOR_BODIES = {
 
 
 def inline_quantize_ops(gm: fx.GraphModule) -> int:
-    """Replace every static-shape quantize / BHQ node, and every probe of a monitored graph, by
-    its traced reference: Inductor then fuses them with the ops around them."""
+    """Replace every quantize / BHQ node, and every probe of a monitored graph, by its traced
+    reference: Inductor then fuses them with the ops around them (symbolic sizes included:
+    :func:`trace_node`)."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not all_static(node):
+        if node.op != "call_function":
             continue
         if node.target in _MONITOR_BODIES:
             inline_graph_node(gm, node, _MONITOR_BODIES[node.target])
@@ -169,10 +182,10 @@ def qmm_cpu_of_op_args(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
 
 
 def inline_qmm_ops(gm: fx.GraphModule) -> int:
-    """Replace every static-shape CPU ``fqt::qmm`` by ``torch._int_mm`` plus its aten epilogue."""
+    """Replace every CPU ``fqt::qmm`` by ``torch._int_mm`` plus its aten epilogue."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is qmm_op and all_static(node):
+        if node.op == "call_function" and node.target is qmm_op:
             if node.meta["val"].device.type != "cpu" or node.args[0].meta["val"].dtype != torch.int8:
                 continue
             inline_graph_node(gm, node, qmm_cpu_of_op_args)

@@ -47,7 +47,10 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
-    return t.square().sum(dtype=torch.float32) if t.numel() else t.new_zeros((), dtype=torch.float32)
+    # accumulated in float64: exact enough at any size, and Inductor's CPU code guards a float32
+    # sum's length (for its chunked accumulator), which in a dynamic-shape graph would
+    # specialize the compile to a range of batch sizes
+    return t.square().sum(dtype=torch.float64) if t.numel() else t.new_zeros((), dtype=torch.float64)
 
 
 def _nonfinite(*ts: torch.Tensor | None) -> torch.Tensor:
@@ -55,9 +58,9 @@ def _nonfinite(*ts: torch.Tensor | None) -> torch.Tensor:
     return torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.int64)
 
 
-def _share(count: torch.Tensor, total: torch.Tensor | int) -> torch.Tensor:
-    if isinstance(total, int):
-        return count.double() / max(total, 1)
+def _share(count: torch.Tensor, total: torch.Tensor | int | torch.SymInt) -> torch.Tensor:
+    if isinstance(total, (int, torch.SymInt)):  # a size (symbolic in a dynamic-shape graph: no guard on it)
+        return count.double() / torch.sym_max(total, 1)
     return torch.where(total > 0, count.double() / total.clamp_min(1).double(), 0.0)
 
 
@@ -66,7 +69,12 @@ def _rows(like: torch.Tensor, *ts: torch.Tensor) -> list[torch.Tensor]:
     about :data:`SAMPLE` elements remain: the shares of a large tensor are counted on an even
     sample of its rows (a share of 1% then has a standard error under 0.03%)."""
     n = like.shape[0] if like.dim() else 1
-    step = max(1, min(n, -(-like.numel() // SAMPLE)))
+    numel = like.numel()
+    if not isinstance(numel, int):
+        # symbolic sizes (a dynamic-shape graph): every row, since a step computed from them
+        # would specialize the compiled graph to the sizes that give the same step
+        return list(ts)
+    step = max(1, min(n, -(-numel // SAMPLE)))
     if step == 1:
         return list(ts)
     return [t[::step] if t.dim() and t.shape[0] == n else t for t in ts]

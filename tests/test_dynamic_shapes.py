@@ -3,6 +3,9 @@ step: the passes must never specialize a symbolic size (e.g. by int()-ing it).""
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -56,3 +59,84 @@ def test_convolutions_with_a_dynamic_batch_stay_on_int8_kernels():
         grads[execution] = [p.grad.clone() for p in model.parameters()]
     for k, r in zip(grads["kernels"], grads["reference"]):
         assert (k - r).abs().max() <= 1e-4 * r.abs().max()
+
+
+def _nearest_int8() -> fqt.Recipe:
+    """The int8 recipe with round-to-nearest gradients: every quantizer deterministic, so a
+    static and a dynamic compile can be compared number for number."""
+    import dataclasses
+
+    base = fqt.recipe("int8")
+    nearest = lambda spec: dataclasses.replace(spec, rounding=fqt.Rounding.NEAREST)  # noqa: E731
+    return dataclasses.replace(
+        base, name="int8-nearest",
+        grad_input=dataclasses.replace(base.grad_input, grad_output=nearest(base.grad_input.grad_output)),
+        grad_weight=dataclasses.replace(base.grad_weight, grad_output=nearest(base.grad_weight.grad_output)),
+    )
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_inductor_fuses_the_quantizers_of_a_dynamic_graph():
+    """A graph with symbolic sizes (here ``dynamic=True``; in training, Dynamo's automatic dynamic
+    shapes after a second batch size or stride) is compiled like a static one: its quantizers
+    and CPU int8 GEMMs are traced into the graph for Inductor to fuse, not left as Python calls
+    that run every quantizer eagerly (a convolution step took 1.3-1.7x as long), and its gradients
+    are the static compile's."""
+    torch.manual_seed(0)
+    model = _cnn()
+    x = torch.randn(6, 3, 8, 8)
+    grads, records = {}, {}
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        be = fqt.backend(recipe=_nearest_int8())
+        step = torch.compile(model, backend=be, dynamic=dynamic)
+        step(x).square().sum().backward()
+        grads[dynamic] = [p.grad.clone() for p in model.parameters()]
+        records[dynamic] = be.records[-1]
+    dynamic = records[True]
+    assert any("s" in g.shape for s in dynamic.decisions for g in s.gemms)  # the sizes were symbolic
+    calls = [name for launch in dynamic.launches for name, _ in launch.python_calls]
+    assert calls and all(name.startswith("qconv") for name in calls), calls  # only the oneDNN convolutions
+    for d, s in zip(grads[True], grads[False]):
+        assert (d - s).abs().max() <= 1e-3 * s.abs().max()
+
+
+def test_a_second_layout_of_the_same_module_code_keeps_the_fused_quantizers():
+    """Two compiles of one module class share Dynamo's code cache: a baseline compiled on
+    contiguous inputs makes the later fqt compile on channels-last inputs trace with symbolic
+    strides. Its quantizers are fused all the same."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(4, 8, 10, 10)
+    torch.compile(copy.deepcopy(conv))(x).sum().backward()
+    be = fqt.backend(recipe="int8")
+    cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    torch.compile(cl, backend=be)(x.to(memory_format=torch.channels_last)).sum().backward()
+    calls = [name for r in be.records for launch in r.launches for name, _ in launch.python_calls]
+    assert calls and all(name.startswith("qconv") for name in calls), calls
+
+
+def test_a_monitored_dynamic_graph_fuses_its_probes_without_specializing():
+    """The monitor's probes are traced into a dynamic-shape graph too, and they put no guard on
+    the symbolic batch: batch sizes on both sides of Inductor's float32-sum threshold (a
+    512-wide output at batches 7 and 12) and of the probes' row sampling still share one
+    dynamic graph."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 512))
+    mon = fqt.Monitor(every=1, warn=False)
+    be = fqt.backend(recipe="int8", monitor=mon)
+    step = torch.compile(model, backend=be)
+    for batch in (16, 12, 5, 20, 7):
+        step(torch.randn(batch, 16)).square().mean().backward()
+    assert len(be.records) == 2  # the static graph, then one dynamic graph for every later batch
+    calls = [name for launch in be.records[-1].launches for name, _ in launch.python_calls]
+    assert calls == []
+    assert len(mon.records) >= 5 and all(
+        math.isfinite(v) for r in mon.records for k, v in r.items() if isinstance(v, float) and k != "step")
