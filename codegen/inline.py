@@ -14,6 +14,7 @@ fused loop makes one or two.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import Callable
 
@@ -105,20 +106,19 @@ def trace_node(fn: Callable, node: fx.Node, functionalize: bool = False) -> tupl
 
     target = dispatch_functionalize(traced, FunctionalTensorMode()) if functionalize else traced
     if all(is_static_value(v) for v in vals):
-        mode = FakeTensorMode()
+        # a private tracing context and fake mode: the ambient compile's would make sizes symbolic
+        mode, context = FakeTensorMode(), torch._guards.tracing(None)
         with mode:
             examples = [torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device) for v in vals]
-        # a private tracing context and fake mode: the ambient compile's would make sizes symbolic
-        with torch._guards.tracing(None), mode:
-            sub = make_fx(target, decomposition_table=inductor_decompositions(), tracing_mode="real")(*examples)
-        return sub, inputs
-    # Symbolic sizes or strides: trace on the graph's own fake values, in its fake mode, so
-    # the trace reads their sizes through ``sym_size`` nodes of the graph's symbols. A branch
-    # the function takes on such a size becomes a guard of this compile, installed with
-    # Dynamo's own (as Inductor's are).
-    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor))
-    with mode:
-        sub = make_fx(target, decomposition_table=inductor_decompositions(), tracing_mode="real")(*vals)
+    else:
+        # Symbolic sizes or strides: trace on the graph's own fake values, in its fake mode, so
+        # the trace reads their sizes through ``sym_size`` nodes of the graph's symbols. A branch
+        # the function takes on such a size becomes a guard of this compile, installed with
+        # Dynamo's own (as Inductor's are).
+        mode, context = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor)), contextlib.nullcontext()
+        examples = vals
+    with context, mode:
+        sub = make_fx(target, decomposition_table=inductor_decompositions(), tracing_mode="real")(*examples)
     return sub, inputs
 
 
