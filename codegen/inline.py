@@ -35,7 +35,8 @@ from fqt_compiler.specs import QuantSpec
 from fqt_compiler.passes.dequant_chain import DequantOperand, is_dequantization, match_operand
 from fqt_compiler.passes.graph_utils import call, is_static_value
 
-from fqt_compiler.ops import qmm_cpu, qmm_op
+from fqt_compiler.conv_paths import qconv_cpu_of_op_args
+from fqt_compiler.ops import qconv_op, qmm_cpu, qmm_op
 
 __all__ = [
     "inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static", "trace_node",
@@ -182,14 +183,24 @@ def qmm_cpu_of_op_args(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
 
 
 def inline_qmm_ops(gm: fx.GraphModule) -> int:
-    """Replace every CPU ``fqt::qmm`` by ``torch._int_mm`` plus its aten epilogue."""
+    """Replace every CPU int8 ``fqt::qmm`` by ``torch._int_mm`` plus its aten epilogue, and every
+    CPU int8 ``fqt::qconv`` by ``fqt::conv_codes`` (oneDNN / ``torch._int_mm``) plus its
+    epilogue (functionalized: it works in place): Inductor fuses the dequantization and the
+    zero-point corrections with the ops that read the result."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is qmm_op:
-            if node.meta["val"].device.type != "cpu" or node.args[0].meta["val"].dtype != torch.int8:
-                continue
+        if node.op != "call_function" or node.target not in (qmm_op, qconv_op):
+            continue
+        codes = node.args[1] if node.target is qconv_op else node.args[0]
+        b_codes = node.args[5] if node.target is qconv_op else node.args[4]
+        on_cpu = node.meta["val"].device.type == "cpu"
+        if not on_cpu or codes.meta["val"].dtype != torch.int8 or b_codes.meta["val"].dtype != torch.int8:
+            continue
+        if node.target is qmm_op:
             inline_graph_node(gm, node, qmm_cpu_of_op_args)
-            count += 1
+        else:
+            inline_graph_node(gm, node, qconv_cpu_of_op_args, functionalize=True)
+        count += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return count

@@ -33,6 +33,9 @@ The compile steps put the ops of lowered graphs (``execution="kernels"``) in the
   consuming its output (and the next quantizer's statistics) in one generated kernel;
   elsewhere the GEMM, then the chain op by op.
 
+``fqt::qconv``: a low-bit convolution GEMM with its epilogue (CUDA: Triton implicit-GEMM kernels;
+CPU: ``fqt::conv_codes``, oneDNN's int8 convolution or ``torch._int_mm``, then the epilogue).
+
 ``fqt::monitor_codes`` / ``monitor_fake`` / ``monitor_error`` / ``monitor_gradient``: the probes of a
 monitored graph (``fqt_compiler.monitor``), a float64 vector each (bodies in ``monitor_stats.py``).
 
@@ -57,8 +60,9 @@ import torch
 from .errors import SpecError
 from .bhq import bhq_inverse_ref, bhq_quantize_ref
 from .fusion_program import Program, reference_partials, run_reference
-from .conv import ConvGeometry, dequantize_conv_accumulator, foldable_zero_point, out_memory_format, qconv_ref
 from .grid import QOperand
+from .conv import ConvGeometry, out_memory_format, qconv_ref
+from .conv_paths import CONV_KINDS, conv_codes, conv_codes_layout, qconv_cpu_of_op_args, qconv_triton
 from .layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, scale_shape
 from .monitor_stats import ERROR_FIELDS, GRADIENT_FIELDS, QUANTIZER_FIELDS, error_stats, fake_quantizer_stats, gradient_stats
 from .monitor_stats import quantizer_stats
@@ -66,7 +70,7 @@ from .memory_order import CodeLayout, alloc_codes, empty_in_input_layout, in_inp
 from .quantizers import get_quantizer, run_custom
 from .standalone import standalone_cpu
 from .reference import observe_quantizer_input, dequantize_accumulator, fake_quantize_ref, qmm_ref, quantize_ref
-from .specs import GemmKind, Granularity, QuantSpec, Transform
+from .specs import Granularity, QuantSpec, Transform
 
 __all__ = [
     "quantize_op", "quantize_stochastic_op", "fake_quantize_op", "bhq_quantize_op", "bhq_inverse_op",
@@ -75,8 +79,8 @@ __all__ = [
     "fused_quantize_op", "qmm_epilogue_op", "qmm_epilogue_stats_op", "qmm_cpu", "triton_here", "reference_partials",
     "TRITON_LAUNCHES", "kernel_hook", "qmm_triton", "quantize_triton", "bhq_quantize_triton", "bhq_inverse_triton",
     "fake_quantize_inline", "fused_quantize_triton", "qmm_epilogue_triton", "qmm_epilogue_stats_triton",
-    "CONV_KINDS", "qconv_op", "qconv_cpu", "qconv_triton",
     "monitor_codes_op", "monitor_fake_op", "monitor_error_op", "monitor_gradient_op",
+    "CONV_KINDS", "qconv_op", "conv_codes_op", "qconv_triton",
 ]
 
 
@@ -466,84 +470,6 @@ TRITON_LAUNCHES = {
     qmm_epilogue_stats_op: qmm_epilogue_stats_triton,
 }
 
-# ---------------------------------------------------------------- convolutions (fqt_compiler.conv)
-# fqt::qconv: one GEMM of a convolution on two operands' codes and statistics, dequantized, laid
-# out as the convolution it replaces was (``channels_last``) on every path and in the fake.
-# The GEMM a qconv call computes, by its integer ``kind`` argument:
-CONV_KINDS = (GemmKind.OUTPUT, GemmKind.GRAD_INPUT, GemmKind.GRAD_WEIGHT)
-
-
-def qconv_cpu(
-    kind: GemmKind, a: QOperand, b: QOperand, geo: ConvGeometry, bias, out_dtype, channels_last: bool = False
-) -> torch.Tensor:
-    """The CPU path: int8 codes on oneDNN / ``torch._int_mm``, the shared epilogue after."""
-    from fqt_compiler.codegen.kernels.conv_cpu import conv_codes_cpu, onednn_available
-
-    empty = a.codes.numel() == 0 or b.codes.numel() == 0  # nothing to convolve (a batch of 0)
-    if empty or a.codes.dtype != torch.int8 or b.codes.dtype != torch.int8 or not onednn_available():
-        return qconv_ref(kind, a, b, geo, bias, out_dtype, channels_last)
-    folded = foldable_zero_point(a) if kind is not GemmKind.GRAD_WEIGHT else None
-    acc = conv_codes_cpu(kind, a.codes, b.codes, geo, a_zero=folded or 0)
-    return dequantize_conv_accumulator(kind, acc, a, b, geo, bias, out_dtype, channels_last, owned=True, a_zero_folded=folded)
-
-
-# Fixed stride order: Inductor would otherwise choose the layout of every input of an op a pass
-# inserted (it constrains only ops with recorded eager inputs), and it wrote channels-last
-# operands' codes contiguous through transposes, which the kernels then copied back.
-@torch.library.custom_op("fqt::qconv", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
-def _qconv(
-    kind: int,
-    a: torch.Tensor,
-    sa: torch.Tensor,
-    za: torch.Tensor | None,
-    oa: torch.Tensor | None,
-    b: torch.Tensor,
-    sb: torch.Tensor,
-    zb: torch.Tensor | None,
-    ob: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    out_shape: list[int],
-    out_dtype: torch.dtype,
-    channels_last: bool,
-) -> torch.Tensor:
-    if a.device.type == "cuda":
-        return qconv_triton(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilation, groups, out_shape, out_dtype,
-                            channels_last)
-    gemm = CONV_KINDS[kind]
-    geo = ConvGeometry.of_call(gemm, a.shape, b.shape, out_shape, stride, padding, dilation, groups)
-    qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
-    if a.device.type == "cpu":
-        return qconv_cpu(gemm, qa, qb, geo, bias, out_dtype, channels_last)
-    return qconv_ref(gemm, qa, qb, geo, bias, out_dtype, channels_last)
-
-
-def qconv_triton(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilation, groups, out_shape, out_dtype,
-                 channels_last):
-    """``fqt::qconv``'s Triton launch on its flat arguments: the codes' sums on the implicit-GEMM
-    kernels, the statistics applied by the shared epilogue (torch ops Inductor fuses)."""
-    from fqt_compiler.codegen.kernels.conv import conv_codes_triton  # Triton: imported on first launch
-
-    gemm = CONV_KINDS[kind]
-    geo = ConvGeometry.of_call(gemm, a.shape, b.shape, out_shape, stride, padding, dilation, groups)
-    acc = conv_codes_triton(gemm, a, b, geo)
-    qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
-    return dequantize_conv_accumulator(gemm, acc, qa, qb, geo, bias, out_dtype, channels_last, owned=True)
-
-
-@_qconv.register_fake
-def _qconv_fake(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilation, groups, out_shape, out_dtype, channels_last):
-    fmt = out_memory_format(channels_last, len(out_shape))
-    return a.new_empty(out_shape, dtype=out_dtype).contiguous(memory_format=fmt)
-
-
-qconv_op = torch.ops.fqt.qconv.default
-TRITON_LAUNCHES[qconv_op] = qconv_triton
-
-
 # ---------------------------------------------------------------- ops of monitored graphs
 # Probes of a monitored graph (passes/monitor_graph.py): a float64 vector each, from the
 # bodies in monitor_stats.py (which Inductor-compiled graphs trace in instead, to fuse them).
@@ -578,3 +504,64 @@ monitor_codes_op = torch.ops.fqt.monitor_codes.default
 monitor_fake_op = torch.ops.fqt.monitor_fake.default
 monitor_error_op = torch.ops.fqt.monitor_error.default
 monitor_gradient_op = torch.ops.fqt.monitor_gradient.default
+
+
+# ---------------------------------------------------------------- convolutions (fqt_compiler.conv)
+# fqt::qconv: one GEMM of a convolution (``output``, ``grad_input`` or ``grad_weight``, by its
+# integer ``kind``: conv_paths.CONV_KINDS) on two operands' codes and statistics, dequantized,
+# laid out as the convolution it replaces was (``channels_last``) on every path and in the fake.
+# fqt::conv_codes: the CPU int8 sums alone (conv_paths.conv_codes), in a fixed memory order.
+# Fixed stride order: Inductor would otherwise choose the layout of every input of an op a pass
+# inserted (it constrains only ops with recorded eager inputs), and it wrote channels-last
+# operands' codes contiguous through transposes, which the kernels then copied back.
+@torch.library.custom_op("fqt::qconv", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
+def _qconv(
+    kind: int,
+    a: torch.Tensor,
+    sa: torch.Tensor,
+    za: torch.Tensor | None,
+    oa: torch.Tensor | None,
+    b: torch.Tensor,
+    sb: torch.Tensor,
+    zb: torch.Tensor | None,
+    ob: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_shape: list[int],
+    out_dtype: torch.dtype,
+    channels_last: bool,
+) -> torch.Tensor:
+    args = (kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilation, groups, out_shape, out_dtype, channels_last)
+    if a.device.type == "cuda":
+        return qconv_triton(*args)
+    if a.device.type == "cpu":
+        return qconv_cpu_of_op_args(*args)
+    gemm = CONV_KINDS[kind]
+    geo = ConvGeometry.of_call(gemm, a.shape, b.shape, out_shape, stride, padding, dilation, groups)
+    return qconv_ref(gemm, QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), geo, bias, out_dtype, channels_last)
+
+
+@_qconv.register_fake
+def _qconv_fake(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilation, groups, out_shape, out_dtype, channels_last):
+    fmt = out_memory_format(channels_last, len(out_shape))
+    return a.new_empty(out_shape, dtype=out_dtype).contiguous(memory_format=fmt)
+
+
+@torch.library.custom_op("fqt::conv_codes", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
+def _conv_codes(kind: int, a: torch.Tensor, b: torch.Tensor, a_zero: torch.Tensor | None, stride: list[int],
+                padding: list[int], dilation: list[int], groups: int, out_shape: list[int]) -> torch.Tensor:
+    return conv_codes(kind, a, b, a_zero, stride, padding, dilation, groups, out_shape)
+
+
+@_conv_codes.register_fake
+def _conv_codes_fake(kind, a, b, a_zero, stride, padding, dilation, groups, out_shape):
+    dtype, strides = conv_codes_layout(kind, out_shape)
+    return a.new_empty_strided(out_shape, strides, dtype=dtype)
+
+
+qconv_op = torch.ops.fqt.qconv.default
+conv_codes_op = torch.ops.fqt.conv_codes.default
+TRITON_LAUNCHES[qconv_op] = qconv_triton

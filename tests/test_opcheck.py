@@ -124,3 +124,41 @@ def test_monitor_ops():
     torch.library.opcheck(fqt_ops.monitor_error.default, (x, x + 0.1))
     g = torch.randn(4, 3)
     torch.library.opcheck(fqt_ops.monitor_gradient.default, (g, g + 0.1, g - 0.1, g, -g, None, 0))
+
+
+# (stride, padding, x shape, w shape, channels-last operands): a 3x3 image, a strided 1-D and a 3-D case
+CONVS = [((1, 1), (1, 1), (2, 4, 5, 6), (3, 4, 3, 3), True), ((2, 2), (1, 0), (2, 4, 7, 6), (3, 4, 3, 2), False),
+         ((2,), (1,), (2, 4, 9), (3, 4, 3), False), ((1, 1, 1), (1, 1, 1), (2, 2, 3, 4, 5), (3, 2, 3, 3, 3), True)]
+
+
+@pytest.mark.parametrize("case", CONVS, ids=lambda c: f"s{c[0]}x{c[2]}cl{c[4]}")
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["output", "grad_input", "grad_weight"])
+def test_conv_ops(case, kind):
+    """``fqt::conv_codes`` (a zero point oneDNN folds, one it cannot, none) and ``fqt::qconv``:
+    the fakes' strides are the kernels' whatever order the codes come in."""
+    from fqt_compiler.codegen.kernels.conv_cpu import onednn_available
+    from fqt_compiler.conv import ConvGeometry
+    from fqt_compiler.ops import CONV_KINDS
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN int8 convolution")
+    stride, padding, x_shape, w_shape, channels_last = case
+    n = len(x_shape) - 2
+    y = torch.ops.aten.convolution(torch.zeros(x_shape), torch.zeros(w_shape), None, stride, padding, [1] * n, False,
+                                   [0] * n, 1)
+    gemm = CONV_KINDS[kind]
+    geo = ConvGeometry(stride, padding, (1,) * n, 1, x_shape, w_shape, tuple(y.shape))
+    a_shape, b_shape = geo.operand_shapes(gemm)
+    g = torch.Generator().manual_seed(kind)
+    a, b = (torch.randint(-128, 128, s, dtype=torch.int8, generator=g) for s in (a_shape, b_shape))
+    if channels_last:
+        fmt = torch.channels_last if n == 2 else torch.channels_last_3d
+        a = a.contiguous(memory_format=fmt)
+    geometry = (list(stride), list(padding), [1] * n, 1, list(geo.out_shape(gemm)))
+    zeros = [None] if kind == 2 else [None, torch.tensor(-128.0), torch.tensor(0.5)]
+    for zero in zeros:
+        torch.library.opcheck(fqt_ops.conv_codes.default, (kind, a, b, zero, *geometry))
+    sa, sb = torch.rand(()) + 0.1, torch.rand(()) + 0.1
+    for zb in (None, torch.tensor(3.0)):
+        args = (kind, a, sa, torch.tensor(-128.0), None, b, sb, zb, None, None, *geometry, torch.float32, channels_last)
+        torch.library.opcheck(fqt_ops.qconv.default, args)

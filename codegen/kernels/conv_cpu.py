@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from fqt_compiler.conv import ConvGeometry
 from fqt_compiler.specs import GemmKind
 
-__all__ = ["conv_codes_cpu", "onednn_available"]
+__all__ = ["conv_codes_cpu", "onednn_available", "in_order", "order_strides", "acc_order"]
 
 
 def onednn_available() -> bool:
@@ -33,38 +33,47 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
 
 
-def _strided(t: torch.Tensor, order: list[int]) -> torch.Tensor:
+def in_order(t: torch.Tensor, order: list[int]) -> torch.Tensor:
     """``t`` with the canonical strides of dims laid out in ``order`` (outermost first). Both
     oneDNN and ``torch._int_mm`` read leading dimensions from strides, and ``contiguous()``
     leaves a size-1 dim's stride arbitrary (a (1, 8) matrix with row stride 4 came back garbage)."""
-    strides = _canonical_strides(t, order)
+    strides = order_strides(t.shape, order)
     if tuple(t.stride()) == strides:
         return t
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
-def _canonical_strides(t: torch.Tensor, order: list[int]) -> tuple[int, ...]:
-    strides = [0] * t.dim()
+def order_strides(shape, order: list[int]) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape`` whose dims are laid out in ``order``."""
+    strides = [0] * len(shape)
     step = 1
     for d in reversed(order):
         strides[d] = step
-        step *= t.shape[d]
+        step *= shape[d]
     return tuple(strides)
 
 
+def acc_order(kind: GemmKind, ndim: int) -> list[int]:
+    """The memory order of :func:`conv_codes_cpu`'s result: oneDNN's channels-last for an
+    image or volume (fprop, dgrad), dense otherwise."""
+    if kind is not GemmKind.GRAD_WEIGHT and ndim in (4, 5):
+        return [0, *range(2, ndim), 1]
+    return list(range(ndim))
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    return _strided(t, list(range(t.dim())))
+    return in_order(t, list(range(t.dim())))
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    return _strided(t, [0, *range(2, t.dim()), 1]) if t.dim() in (4, 5) else _dense(t)
+    return in_order(t, [0, *range(2, t.dim()), 1]) if t.dim() in (4, 5) else _dense(t)
 
 
 def _prepack_ready(w: torch.Tensor) -> torch.Tensor:
     """A weight as oneDNN's prepack reads it: dense, or channels-last as the codes of a
     channels-last model's weight come (the prepack reorders either into its own blocked
     layout, so copying one into the other first is wasted); other strides made dense."""
-    if w.dim() in (4, 5) and tuple(w.stride()) == _canonical_strides(w, [0, *range(2, w.dim()), 1]):
+    if w.dim() in (4, 5) and tuple(w.stride()) == order_strides(w.shape, [0, *range(2, w.dim()), 1]):
         return w
     return _dense(w)
 

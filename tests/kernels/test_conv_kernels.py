@@ -112,6 +112,48 @@ def test_qconv_equals_dequantize_then_convolve(geo, kind, seed, layout):
         assert torch.equal(got, ref), "symmetric codes: kernel and reference agree bit for bit"
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(geo=geometries(), kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16), channels_last=st.booleans())
+def test_windowed_sums_by_views_equal_the_convolution_with_ones(geo, kind, seed, channels_last):
+    """The zero-point corrections' windowed sums, written as one strided view per kernel offset
+    (integer, exact), equal the fp64 convolutions with all-ones operands that large kernels use."""
+    from fqt_compiler import conv
+
+    gen = torch.Generator().manual_seed(seed)
+    a_shape, b_shape = geo.operand_shapes(kind)
+    a, b = _codes(a_shape, gen), _codes(b_shape, gen)
+    if channels_last and geo.spatial in (2, 3):
+        fmt = torch.channels_last if geo.spatial == 2 else torch.channels_last_3d
+        a = a.contiguous(memory_format=fmt)
+    zero = torch.zeros((), dtype=torch.float64)
+    by_views = geo.sum_a(kind, a), geo.sum_b(kind, b), geo.sum_ones(kind, zero)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(conv, "WINDOW_OFFSETS", 0)
+        by_conv = geo.sum_a(kind, a), geo.sum_b(kind, b), geo.sum_ones(kind, zero)
+    for got, want in zip(by_views, by_conv):
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        assert torch.equal(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
+def test_zero_point_corrections_of_a_kernel_with_many_offsets(kind):
+    """A 1-D kernel longer than ``WINDOW_OFFSETS`` takes the convolved windowed sums, with the
+    same result as dequantize-then-convolve."""
+    from fqt_compiler.conv import WINDOW_OFFSETS
+
+    gen = torch.Generator().manual_seed(3)
+    k = WINDOW_OFFSETS + 6
+    geo = ConvGeometry((2,), (5,), (1,), 1, (2, 3, 90), (4, 3, k), (2, 4, (90 + 10 - k) // 2 + 1))
+    a_shape, b_shape = geo.operand_shapes(kind)
+    ax_a, ax_b = AXES[kind]
+    a = _operand(a_shape, ax_a, True, True, True, gen)
+    b = _operand(b_shape, ax_b, False, True, False, gen)
+    want = geo.bilinear(kind, _dequantized(a), _dequantized(b))
+    got = qconv_op(KINDS.index(kind), *a, *b, None, list(geo.stride), list(geo.padding), list(geo.dilation), geo.groups,
+                   list(geo.out_shape(kind)), torch.float32, False)
+    assert (got.double() - want).abs().max().item() <= 2e-6 * want.abs().max().item()
+
+
 def test_a_nonzero_weight_zero_point_is_applied():
     """oneDNN ignores a weight zero point without a word (about 5% error); qconv applies it as
     a windowed sum of the input, so a zero-on-grid weight convolves exactly."""
@@ -181,6 +223,54 @@ def test_inductor_stores_no_activation_sized_fp32_buffer():
         assert "(4, 16, 8, 8), (1024, 1, 128, 16), torch.float32)" not in source, source
 
 
+def _nearest(name: str):
+    """The recipe ``name`` with round-to-nearest gradients (deterministic: comparable number for number)."""
+    import dataclasses
+
+    import fqt_compiler as fqt
+
+    base = fqt.recipe(name)
+    nearest = lambda spec: dataclasses.replace(spec, rounding=fqt.Rounding.NEAREST)  # noqa: E731
+    return dataclasses.replace(
+        base, name=f"{name}-nearest",
+        grad_input=dataclasses.replace(base.grad_input, grad_output=nearest(base.grad_input.grad_output)),
+        grad_weight=dataclasses.replace(base.grad_weight, grad_output=nearest(base.grad_weight.grad_output)),
+    )
+
+
+@pytest.mark.parametrize("recipe", ["ptq8", "int8"])
+def test_inductor_fuses_the_convolution_epilogue(recipe):
+    """Inductor compiles each CPU conv GEMM as ``fqt::conv_codes`` (the oneDNN / int_mm sums) and
+    the epilogue traced in after it, so the dequantization and the zero-point corrections
+    (every GEMM of ``ptq8`` has some) fuse with their readers: no other Python call, no fp64
+    convolution (the windowed sums are strided views), and the eager kernels' gradients."""
+    from torch._inductor.utils import run_and_get_code  # Inductor internals: the generated source
+
+    import fqt_compiler as fqt
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1),
+    ).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
+    grads, records = {}, {}
+    for inductor in (False, True):
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        be = fqt.backend(recipe=_nearest(recipe), inductor=inductor)
+        step = torch.compile(model, backend=be)
+        _, sources = run_and_get_code(lambda: step(x).square().sum().backward())
+        grads[inductor], records[inductor] = [p.grad.clone() for p in model.parameters()], be.records[-1]
+    lowered = [g for s in records[True].decisions for g in s.gemms if g.status.value == "lowbit-kernel"]
+    assert len(lowered) == 8  # three convolutions, the first without grad_input
+    calls = [name for launch in records[True].launches for name, _ in launch.python_calls]
+    assert len(calls) == 8 and all(name.startswith("conv_codes") for name in calls), calls
+    assert all("aten.convolution.default" not in source for source in sources)
+    for got, want in zip(grads[True], grads[False]):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
 def test_layout_problem_names_the_varying_operand(kind):
     geo = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (2, 4, 5, 5), (6, 4, 3, 3), (2, 6, 5, 5))
@@ -199,15 +289,16 @@ def test_layout_problem_names_the_varying_operand(kind):
 @pytest.mark.parametrize("shape", [(3, 6, 5, 4), (1, 6, 7), (2, 6, 2, 3, 4), (4, 6, 1, 1)])
 def test_channel_and_batch_sums_of_codes(shape, groups, memory):
     """The windowed sums' first reductions (int8 GEMMs against ones where the layout allows,
-    a plain sum elsewhere) equal the fp64 sums, size-1 dims included."""
+    a plain sum elsewhere) equal the fp64 sums as exact int64, size-1 dims included."""
     from fqt_compiler.conv import batch_sums, channel_sums
 
     t = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(7))
     if memory == "channels_last" and t.dim() in (4, 5):
         t = t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
     want = t.double().reshape(shape[0], groups, shape[1] // groups, *shape[2:]).sum(2)
-    assert torch.equal(channel_sums(t, groups), want)
-    assert torch.equal(batch_sums(t), t.double().sum(0, keepdim=True))
+    assert channel_sums(t, groups).dtype == batch_sums(t).dtype == torch.int64
+    assert torch.equal(channel_sums(t, groups).double(), want)
+    assert torch.equal(batch_sums(t).double(), t.double().sum(0, keepdim=True))
 
 
 # geometries oneDNN's int8 convolution got wrong (or, on one thread, crashed on) with its own
