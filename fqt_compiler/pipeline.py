@@ -22,7 +22,7 @@ runner (:func:`run_steps`).
      14 collect_sources   the source of every kernel the graph calls (reports)        [kernels]
      15 inline_kernel_launches  CUDA kernel ops traced into kernels Inductor launches [kernels, inductor]
      16 inline_quantize_ops the reference quantizers as aten ops, for Inductor to fuse [kernels, inductor]
-     17 inline_qmm_ops    low-bit GEMMs Inductor can lower itself                     [kernels, inductor]
+     17 inline_qmm_ops    CPU int8 GEMMs and convolutions: library call + epilogue   [kernels, inductor]
      18 replace_random    Inductor's random-op rewrite (its own pre-partition step)   [kernels, inductor]
      19 rematerialize_dequantizations  each fusing reader recomputes 8-bit codes * scale  [kernels, inductor]
     --> Inductor (``inductor=True``) or eager execution: ``codegen.compile_graph``
