@@ -81,10 +81,12 @@ def quantize_ref(
 
 def _groups_in_place(x: torch.Tensor, spec: QuantSpec, layout: Layout) -> tuple[int, ...] | None:
     """The dims of ``x`` one scale group runs over where the grid is computed on ``x`` itself,
-    in its own shape and memory order: per tensor or per dim-0 row (``DIM0``), per dim-1
-    channel (``CHANNELS``) of a tensor of 3+ dims. The natural matrix of a channels-last
-    activation is no view of it, and Inductor compiled the reshape into a gather per element
-    (a per-sample quantizer ran at a tenth of memory speed). None: the natural-matrix path."""
+    in its own shape and memory order: per tensor, per dim-0 row or per column (one element
+    position across the batch: the paper's per-column gradients of a convolution) of ``DIM0``,
+    per dim-1 channel (``CHANNELS``) of a tensor of 3+ dims. The natural matrix of a
+    channels-last activation is no view of it, and Inductor compiled the reshape into a gather
+    per element (a per-sample quantizer ran at a tenth of memory speed; a per-column one at a
+    thirtieth, its statistics a scalar loop). None: the natural-matrix path."""
     if x.dim() < 3 or spec.quantizer is not None or spec.transform is not Transform.NONE:
         return None
     every = tuple(range(x.dim()))
@@ -92,6 +94,8 @@ def _groups_in_place(x: torch.Tensor, spec: QuantSpec, layout: Layout) -> tuple[
         return every
     if layout is Layout.DIM0 and spec.granularity is Granularity.ROW:
         return every[1:]
+    if layout is Layout.DIM0 and spec.granularity is Granularity.COLUMN:
+        return (0,)
     if layout is Layout.CHANNELS and spec.granularity is Granularity.COLUMN:
         return (0, *every[2:])
     return None
@@ -106,7 +110,9 @@ def _quantize_in_place(x: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...], 
     noise = None
     if spec.is_stochastic:
         seed = seed if seed is not None else draw_seed(x.device, generator)
-        if spec.granularity is Granularity.COLUMN:  # per channel: the channels-last matrix's columns, channel-major
+        if spec.granularity is Granularity.COLUMN and dims == (0,):  # per column of x.view(N, -1), column-major
+            noise = hash_uniform(seed, (*x.shape[1:], x.shape[0]), x.device).movedim(-1, 0)
+        elif spec.granularity is Granularity.COLUMN:  # per channel: the channels-last matrix's columns, channel-major
             shape = (x.shape[1], x.shape[0], *x.shape[2:])
             noise = hash_uniform(seed, shape, x.device).movedim(0, 1)
         else:  # per tensor / per row: x's own row-major order

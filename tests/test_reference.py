@@ -711,17 +711,19 @@ def test_quantize_custom_op_opcheck(spec, layout, shape):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("granularity", ["tensor", "row", "column"])
+@pytest.mark.parametrize("granularity", ["tensor", "row", "column", "position"])
 @pytest.mark.parametrize("scheme", ["sym", "asym", "zog"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("memory", ["contiguous", "channels_last", "3d"])
 def test_convolution_operands_quantize_in_place_like_the_natural_matrix(granularity, scheme, rounding, memory):
-    """Per tensor / per sample (DIM0) and per channel (CHANNELS) quantizers of a convolution
-    operand run on the tensor itself; codes, statistics and stochastic draws are those of the
-    natural-matrix path (which the Triton kernels share), bit for bit."""
+    """Per tensor / per sample / per (channel, position) column (DIM0: the paper's per-column
+    gradients) and per channel (CHANNELS) quantizers of a convolution operand run on the tensor
+    itself; codes, statistics and stochastic draws are those of the natural-matrix path (which
+    the Triton kernels share), bit for bit."""
     import fqt_compiler.reference as reference
 
     layout = Layout.CHANNELS if granularity == "column" else Layout.DIM0
+    granularity = "column" if granularity == "position" else granularity
     spec = QuantSpec(granularity=granularity, scheme=scheme, rounding=rounding, bits=5)
     x = gaussian(3, 5 * 4 * 6, seed=41, dtype=torch.float32).reshape(3, 5, 4, 6)
     if memory == "channels_last":
