@@ -62,14 +62,18 @@ def test_convolutions_with_a_dynamic_batch_stay_on_int8_kernels():
 
 
 def _nearest_int8() -> fqt.Recipe:
-    """The int8 recipe with round-to-nearest gradients: every quantizer deterministic, so a
+    return _nearest("int8")
+
+
+def _nearest(name: str) -> fqt.Recipe:
+    """The recipe ``name`` with round-to-nearest gradients: every quantizer deterministic, so a
     static and a dynamic compile can be compared number for number."""
     import dataclasses
 
-    base = fqt.recipe("int8")
+    base = fqt.recipe(name)
     nearest = lambda spec: dataclasses.replace(spec, rounding=fqt.Rounding.NEAREST)  # noqa: E731
     return dataclasses.replace(
-        base, name="int8-nearest",
+        base, name=f"{name}-nearest",
         grad_input=dataclasses.replace(base.grad_input, grad_output=nearest(base.grad_input.grad_output)),
         grad_weight=dataclasses.replace(base.grad_weight, grad_output=nearest(base.grad_weight.grad_output)),
     )
@@ -104,6 +108,27 @@ def test_inductor_fuses_the_quantizers_of_a_dynamic_graph():
     assert calls and all(name.startswith("conv_codes") for name in calls), calls  # only the oneDNN sums
     for d, s in zip(grads[True], grads[False]):
         assert (d - s).abs().max() <= 1e-3 * s.abs().max()
+
+
+def test_zero_point_corrections_of_a_dynamic_convolution_graph():
+    """The zero-point corrections of the conv epilogue (every GEMM of ``ptq8`` has some) traced on
+    symbolic sizes: windowed sums over symbolic image sizes, with the static compile's gradients."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    x = torch.randn(5, 3, 7, 7, requires_grad=True)
+    grads, records = {}, {}
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        be = fqt.backend(recipe=_nearest("ptq8"))
+        torch.compile(model, backend=be, dynamic=dynamic)(x).square().sum().backward()
+        grads[dynamic], records[dynamic] = [x.grad.clone(), *(p.grad.clone() for p in model.parameters())], be.records[-1]
+    assert any("s" in g.shape for s in records[True].decisions for g in s.gemms)
+    calls = [name for launch in records[True].launches for name, _ in launch.python_calls]
+    assert calls and all(name.startswith("conv_codes") for name in calls), calls
+    for d, s in zip(grads[True], grads[False]):
+        assert (d - s).abs().max() <= 1e-4 * s.abs().max()
 
 
 def test_a_second_layout_of_the_same_module_code_keeps_the_fused_quantizers():
