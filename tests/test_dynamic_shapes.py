@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import fqt_compiler as fqt
+from tests.helpers.recipes import nearest_gradients
 
 
 @pytest.mark.parametrize("mode", ["reference", "kernels"])
@@ -61,24 +62,6 @@ def test_convolutions_with_a_dynamic_batch_stay_on_int8_kernels():
         assert (k - r).abs().max() <= 1e-4 * r.abs().max()
 
 
-def _nearest_int8() -> fqt.Recipe:
-    return _nearest("int8")
-
-
-def _nearest(name: str) -> fqt.Recipe:
-    """The recipe ``name`` with round-to-nearest gradients: every quantizer deterministic, so a
-    static and a dynamic compile can be compared number for number."""
-    import dataclasses
-
-    base = fqt.recipe(name)
-    nearest = lambda spec: dataclasses.replace(spec, rounding=fqt.Rounding.NEAREST)  # noqa: E731
-    return dataclasses.replace(
-        base, name=f"{name}-nearest",
-        grad_input=dataclasses.replace(base.grad_input, grad_output=nearest(base.grad_input.grad_output)),
-        grad_weight=dataclasses.replace(base.grad_weight, grad_output=nearest(base.grad_weight.grad_output)),
-    )
-
-
 def _cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Flatten(),
                          nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -97,7 +80,7 @@ def test_inductor_fuses_the_quantizers_of_a_dynamic_graph():
     for dynamic in (False, True):
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
-        be = fqt.backend(recipe=_nearest_int8())
+        be = fqt.backend(recipe=nearest_gradients("int8"))
         step = torch.compile(model, backend=be, dynamic=dynamic)
         step(x).square().sum().backward()
         grads[dynamic] = [p.grad.clone() for p in model.parameters()]
@@ -121,7 +104,7 @@ def test_zero_point_corrections_of_a_dynamic_convolution_graph():
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
         x.grad = None
-        be = fqt.backend(recipe=_nearest("ptq8"))
+        be = fqt.backend(recipe=nearest_gradients("ptq8"))
         torch.compile(model, backend=be, dynamic=dynamic)(x).square().sum().backward()
         grads[dynamic], records[dynamic] = [x.grad.clone(), *(p.grad.clone() for p in model.parameters())], be.records[-1]
     assert any("s" in g.shape for s in records[True].decisions for g in s.gemms)

@@ -15,6 +15,7 @@ from fqt_compiler.conv import ConvGeometry, layout_problem, qconv_ref
 from fqt_compiler.ops import CONV_KINDS, qconv_op
 from fqt_compiler.grid import QOperand
 from fqt_compiler.specs import GemmKind
+from tests.helpers.recipes import nearest_gradients
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -223,21 +224,6 @@ def test_inductor_stores_no_activation_sized_fp32_buffer():
         assert "(4, 16, 8, 8), (1024, 1, 128, 16), torch.float32)" not in source, source
 
 
-def _nearest(name: str):
-    """The recipe ``name`` with round-to-nearest gradients (deterministic: comparable number for number)."""
-    import dataclasses
-
-    import fqt_compiler as fqt
-
-    base = fqt.recipe(name)
-    nearest = lambda spec: dataclasses.replace(spec, rounding=fqt.Rounding.NEAREST)  # noqa: E731
-    return dataclasses.replace(
-        base, name=f"{name}-nearest",
-        grad_input=dataclasses.replace(base.grad_input, grad_output=nearest(base.grad_input.grad_output)),
-        grad_weight=dataclasses.replace(base.grad_weight, grad_output=nearest(base.grad_weight.grad_output)),
-    )
-
-
 def test_inductor_fuses_the_convolution_epilogue():
     """Inductor compiles each CPU conv GEMM as ``fqt::conv_codes`` (the oneDNN / int_mm sums) and
     the epilogue traced in after it, so the dequantization and the zero-point corrections
@@ -258,7 +244,7 @@ def test_inductor_fuses_the_convolution_epilogue():
     for inductor in (False, True):
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
-        be = fqt.backend(recipe=_nearest("ptq8"), inductor=inductor)
+        be = fqt.backend(recipe=nearest_gradients("ptq8"), inductor=inductor)
         step = torch.compile(model, backend=be)
         _, sources = run_and_get_code(lambda: step(x).square().sum().backward())
         grads[inductor], records[inductor] = [p.grad.clone() for p in model.parameters()], be.records[-1]
