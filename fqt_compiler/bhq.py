@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import dequantize_ref, quantize_grouped
+from .grid import dequantize_ref, draw_seed, hash_uniform, quantize_grouped
 
 from .layout import Layout, from_natural_2d, natural_2d, shape_scale
 from .specs import Granularity, QuantSpec, Transform
@@ -208,13 +208,20 @@ def bhq_quantize_ref(
 
     The transform is applied in fp32: its rounding is far below one quantization step.
     """
-    m = natural_2d(x, layout)
+    order = _memory_rows(x, layout) if noise is None else None
+    if order is not None:  # a channels-last batch: its rows in memory order, the same numbers (below)
+        m = x.permute(order).reshape(x.shape[0], -1)
+        if spec.is_stochastic:
+            seed = seed if seed is not None else draw_seed(x.device, generator)
+            noise = hash_uniform(seed, x.shape, x.device).permute(order).reshape(m.shape)
+    else:
+        m = natural_2d(x, layout)
     m = m.to(torch.float64 if m.dtype == torch.float64 else torch.float32)
     t = bhq_transform(m)
     y = t.apply(m)
     row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
     codes, scale, zp, offset = quantize_grouped(y, row_spec, noise, generator, seed)
-    codes = from_natural_2d(codes, x.shape, layout)
+    codes = _unpermuted(codes, x, order) if order is not None else from_natural_2d(codes, x.shape, layout)
     stats = [shape_scale(t_, x.shape, Granularity.ROW, layout) for t_ in (scale, zp, offset)]
     return (codes, *stats, t.group, t.u.to(m.dtype), t.scale.to(m.dtype))
 
@@ -223,9 +230,32 @@ def bhq_inverse_ref(
     y: torch.Tensor, group: torch.Tensor, u: torch.Tensor, s: torch.Tensor, layout: Layout = Layout.DIM0
 ) -> torch.Tensor:
     """T^-1 applied to the rows of ``y``'s natural matrix (``y``'s shape and dtype are kept)."""
-    m = natural_2d(y, layout)
+    order = _memory_rows(y, layout)
+    m = y.permute(order).reshape(y.shape[0], -1) if order is not None else natural_2d(y, layout)
     t = BHQTransform(group, group == group, u.to(m.dtype), s.to(m.dtype), group.numel())
-    return from_natural_2d(t.inverse(m), y.shape, layout)
+    out = t.inverse(m)
+    return _unpermuted(out, y, order) if order is not None else from_natural_2d(out, y.shape, layout)
+
+
+def _memory_rows(x: torch.Tensor, layout: Layout) -> list[int] | None:
+    """``x``'s dims in memory order (outermost first) where its samples' rows are a view of it
+    in that order but not in the natural matrix's (a channels-last batch); else None.
+
+    BHQ treats a row's elements alike (row ranges, and each column's reflection, do not depend
+    on the column order) and its stochastic draws follow the natural order's indices (passed as
+    noise), so the memory-order matrix gives the same codes. Reading a channels-last gradient
+    through its natural matrix, Inductor gathered every element (BHQ's quantizer and inverse
+    ran at a thirtieth of memory speed)."""
+    if layout is not Layout.DIM0 or x.dim() < 3 or x.is_contiguous():
+        return None
+    order = [0, *sorted(range(1, x.dim()), key=lambda d: -x.stride(d))]
+    return order if x.permute(order).is_contiguous() else None
+
+
+def _unpermuted(m: torch.Tensor, like: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """The rows ``m`` of :func:`_memory_rows`'s matrix back in ``like``'s shape (and memory order)."""
+    inverse = [order.index(d) for d in range(len(order))]
+    return m.reshape([like.shape[d] for d in order]).permute(inverse)
 
 
 def bhq_fake_quantize_2d(

@@ -374,3 +374,35 @@ def test_one_dominant_row_variance_matches_the_model(bits):
     spec = QuantSpec(format="uint", bits=bits, scheme="asym", granularity="row", rounding="stochastic", transform="bhq")
     ratio = exact_variance(x, spec) / model
     assert 0.5 < ratio < 1.0, ratio
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("shape", [(6, 5, 4, 3), (5, 3, 2, 4, 2)])
+def test_channels_last_batch_quantizes_in_memory_order_like_the_natural_matrix(shape, rounding):
+    """A channels-last batch runs BHQ on its rows in memory order (a view: the natural matrix
+    of such a tensor is a gather per element); codes, statistics, the transform and the inverse
+    are the natural path's bit for bit, stochastic draws included."""
+    import fqt_compiler.bhq as bhq
+    from fqt_compiler.layout import Layout
+
+    spec = QuantSpec(transform="bhq", scheme="asym", granularity="row", rounding=rounding, bits=5)
+    spread = torch.logspace(0, 3, shape[0]).reshape(-1, *[1] * (len(shape) - 1))  # rows of unequal ranges: groups
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)) * spread
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = x.contiguous(memory_format=fmt)
+    assert bhq._memory_rows(x, Layout.DIM0) is not None
+    seed = torch.tensor([77])
+    fast = bhq.bhq_quantize_ref(x, spec, seed=seed)
+    y = fast[0].float()
+    fast_inv = bhq.bhq_inverse_ref(y, *fast[4:])
+    original = bhq._memory_rows
+    bhq._memory_rows = lambda *args: None
+    try:
+        slow = bhq.bhq_quantize_ref(x, spec, seed=seed)
+        slow_inv = bhq.bhq_inverse_ref(y, *slow[4:])
+    finally:
+        bhq._memory_rows = original
+    for got, want in zip(fast, slow):
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert fast[0].is_contiguous(memory_format=fmt)
+    assert torch.equal(fast_inv, slow_inv)
