@@ -137,19 +137,16 @@ class ConvGeometry:
         # fp8 has no flip kernel: flip the bytes (a 1-byte dtype's bits move unchanged)
         raw = swapped.view(torch.uint8) if swapped.dtype.is_floating_point and swapped.element_size() == 1 else swapped
         wt = raw.flip(list(range(2, 2 + n))).view(swapped.dtype)
-        x, padding, crop = self._dgrad_spread(g, tuple(k), fill)
+        x, padding, crop = self._dgrad_spread(g, fill)
         return x, wt, padding, crop
 
-    def _dgrad_spread(
-        self, g: torch.Tensor, k: tuple[int, ...] | None = None, fill: int = 0
-    ) -> tuple[torch.Tensor, list[int], tuple | None]:
-        """dY laid out for dgrad as a stride-1 forward convolution of a ``k`` kernel (this
-        geometry's by default): (input, padding, crop of the result or None). With a stride, or
+    def _dgrad_spread(self, g: torch.Tensor, fill: int = 0) -> tuple[torch.Tensor, list[int], tuple | None]:
+        """dY laid out for dgrad as a stride-1 forward convolution of this geometry's kernel
+        (``w_shape``): (input, padding, crop of the result or None). With a stride, or
         a padding past the window, dY is spread ``stride`` apart with ``fill`` between and
         padded explicitly with it (the code that contributes nothing: 0, or a zero point the
         kernel subtracts), and a negative pad becomes a crop of the result."""
-        n = self.spatial
-        k = tuple(self.w_shape[2:]) if k is None else k
+        n, k = self.spatial, self.w_shape[2:]
         lo = [d * (kk - 1) - p for d, kk, p in zip(self.dilation, k, self.padding)]
         if all(s == 1 for s in self.stride) and all(v >= 0 for v in lo):
             return g, lo, None
