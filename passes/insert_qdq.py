@@ -10,8 +10,9 @@ For each site that is not skipped:
   (reuse), optionally followed by a re-quantization; ``grad_output`` gets its own stochastic
   quantization per backward GEMM, so the two copies are independent (biprecision).
 * ``convolution_backward`` computes grad_input, grad_weight and grad_bias in one node: it is
-  split into one node per GEMM so each gets its own quantized ``grad_output``; grad_bias keeps
-  the high-precision ``grad_output`` (the paper quantizes GEMM inputs only).
+  split into one node per GEMM so each gets its own quantized ``grad_output``; grad_bias is the
+  sum of the high-precision ``grad_output`` over all dims but its channels (the paper quantizes
+  GEMM inputs only), a reduction Inductor fuses, which reads neither the input nor the weight.
 
 Policy is never decided here: every choice comes from the Site objects.
 """
@@ -152,6 +153,10 @@ class InsertQDQ(FQTPass):
             for out_idx in (0, 1, 2):
                 if not mask[out_idx]:
                     continue
+                if out_idx == 2:  # grad_bias: dY summed over all but its channels (transposed too)
+                    dims = [0, *range(2, args[0].meta["val"].dim())]
+                    new_outputs[2] = call(graph, aten.sum.dim_IntList, (args[0], dims), like=node)
+                    continue
                 new_args = list(args)
                 new_args[1], new_args[2] = shape_input, shape_weight
                 new_args[mask_at] = [i == out_idx for i in range(3)]
@@ -161,7 +166,7 @@ class InsertQDQ(FQTPass):
                     new_args[bwd.fwd_arg] = operand
                     quantized = tuple(i for i, s in ((bwd.fwd_arg, bwd.operand_spec), (0, bwd.grad_spec)) if s is not None)
                     info = GemmNodeInfo(site.site_id, bwd.kind, quantized)
-                else:  # grad_bias, or a GEMM whose quantization was skipped: high precision
+                else:  # a GEMM whose quantization was skipped: high precision
                     new_args[1], new_args[2] = args[1], args[2]
                     info = None
                 split = call(graph, node.target, tuple(new_args), dict(node.kwargs), like=node)
