@@ -40,7 +40,7 @@ from fqt_compiler.ops import qconv_op, qmm_cpu, qmm_op
 
 __all__ = [
     "inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static", "trace_node",
-    "inline_graph_node", "qmm_cpu_of_op_args", "rematerialize_dequantizations",
+    "inline_graph_node", "qmm_cpu_of_op_args", "rematerialize_dequantizations", "record_input_strides",
 ]
 
 
@@ -258,4 +258,22 @@ def rematerialize_dequantizations(gm: fx.GraphModule) -> int:
     if count:
         gm.graph.lint()
         gm.recompile()
+    return count
+
+
+def record_input_strides(gm: fx.GraphModule) -> int:
+    """Hold Inductor to the traced strides of the inputs of every fqt op tagged
+    ``needs_exact_strides`` (the convolution kernels, which read their codes in the memory order
+    of the step): Inductor applies that tag only where a node records the values its inputs were
+    traced with, as ``eager_input_vals``, and a node a pass inserted has none. Returns how many."""
+    count = 0
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.namespace != "fqt" or torch.Tag.needs_exact_strides not in target.tags:
+            continue
+        node.meta["eager_input_vals"] = tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a,
+                                                 (node.args, node.kwargs))
+        count += 1
     return count

@@ -21,6 +21,7 @@ from fqt_compiler.ops import bhq_inverse_op
 from fqt_compiler.specs import GemmKind
 from fqt_compiler.passes.dequant_chain import CONVERT, DequantOperand, match_operand
 from fqt_compiler.passes.graph_utils import arg, call
+from fqt_compiler.passes.sym_sizes import size_args
 
 aten = torch.ops.aten
 
@@ -87,22 +88,6 @@ def _check(kind: GemmKind, ops: list[DequantOperand], device: torch.device) -> s
     return None
 
 
-def _shape_arg(graph: fx.Graph, out_shape: tuple, kind: GemmKind, a_codes: fx.Node, like: fx.Node) -> list | None:
-    """The result's shape as an op argument: ints, and a symbolic batch size as the graph node
-    that reads it off ``a`` (whose dim 0 is the result's for fprop and dgrad); None where another
-    dim is symbolic (the kernels then cannot be sized from the graph)."""
-    batch = a_codes.meta["val"].shape[0]
-    out = []
-    for i, d in enumerate(out_shape):
-        if isinstance(d, int):
-            out.append(d)
-        elif i == 0 and kind is not GemmKind.GRAD_WEIGHT and isinstance(batch, torch.SymInt) and batch.node.expr == d.node.expr:
-            out.append(call(graph, aten.sym_size.int, (a_codes, 0), like=like))
-        else:
-            return None
-    return out
-
-
 def _kernel_name(kind: GemmKind, device: torch.device) -> str:
     if device.type == "cuda":
         return {GemmKind.OUTPUT: "triton implicit GEMM", GemmKind.GRAD_INPUT: "triton implicit GEMM (dgrad)",
@@ -140,9 +125,9 @@ def lower_convolution(gm: fx.GraphModule, node: fx.Node, kind: GemmKind, device:
     out_dtype = result.meta["val"].dtype
     graph = gm.graph
     with graph.inserting_before(node):
-        shape_arg = _shape_arg(graph, out_shape, kind, a_op.codes, result)
-        if shape_arg is None:
-            return False, "symbolic sizes other than the batch: the convolution kernels are sized per call"
+        shape_arg = size_args(graph, out_shape, like=result)
+        if isinstance(shape_arg, str):
+            return False, f"symbolic result size: {shape_arg}"
         bhq = a_op.transform is not None
         args = (CONV_KINDS.index(kind), a_op.codes, *a_stats, b_op.codes, *b_stats, None if bhq else bias,
                 stride, padding, dilation, groups, shape_arg, torch.float32 if bhq else out_dtype,

@@ -154,7 +154,11 @@ class ConvGeometry:
         dims = zip(out_sp, self.padding, self.dilation, k, self.stride)
         extra = [(h + 2 * p - d * (kk - 1) - 1) % s for h, p, d, kk, s in dims]  # rows past the last window
         hi = [a + e for a, e in zip(lo, extra)]
-        size = [(q - 1) * s + 1 + max(a, 0) + max(b, 0) for q, s, a, b in zip(in_sp, self.stride, lo, hi)]
+        # (q - 1) s + 1 + e is h + 2p - d (k - 1) exactly; with lo >= 0 the size is then
+        # h + d (k - 1), written so: the floor and remainder of a symbolic h would not cancel,
+        # and the result would not be provably x's size (h) where the epilogue broadcasts it
+        size = [h + d * (kk - 1) if a >= 0 else (q - 1) * s + 1 + max(b, 0)
+                for h, d, kk, q, s, a, b in zip(out_sp, self.dilation, k, in_sp, self.stride, lo, hi)]
         spread = g.new_full((g.shape[0], g.shape[1], *size), fill)
         index = tuple(slice(max(a, 0), max(a, 0) + (q - 1) * s + 1, s) for a, q, s in zip(lo, in_sp, self.stride))
         spread[(slice(None), slice(None), *index)] = g
@@ -519,10 +523,10 @@ def _affine_in_place(kind, out, a, b, geo, sa, sb, a_zero_folded: bool = False) 
         fa1 = geo.sum_a(kind, a.codes)
         if a_zero_folded:
             fa1 = fa1 - a.zero_point.reshape(()).to(fa1.dtype) * geo.sum_ones(kind, fa1)
-        out.addcmul_(fa1.to(torch.float32), sa * (ob_ - sb * zb_))
+        out.add_(fa1.to(torch.float32) * (sa * (ob_ - sb * zb_)))
     if za is not None or oa is not None:
-        out.addcmul_(geo.sum_b(kind, b.codes).to(torch.float32), sb * (oa_ - sa * za_))
+        out.add_(geo.sum_b(kind, b.codes).to(torch.float32) * (sb * (oa_ - sa * za_)))
     gamma = sa * sb * za_ * zb_ - sa * ob_ * za_ - oa_ * sb * zb_ + oa_ * ob_
     if (za is not None or oa is not None) and (zb is not None or ob is not None):
-        out.addcmul_(geo.sum_ones(kind, zero).to(torch.float32), gamma)
+        out.add_(geo.sum_ones(kind, zero).to(torch.float32) * gamma)
     return out

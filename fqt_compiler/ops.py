@@ -511,10 +511,12 @@ monitor_gradient_op = torch.ops.fqt.monitor_gradient.default
 # integer ``kind``: conv_paths.CONV_KINDS) on two operands' codes and statistics, dequantized,
 # laid out as the convolution it replaces was (``channels_last``) on every path and in the fake.
 # fqt::conv_codes: the CPU int8 sums alone (conv_paths.conv_codes), in a fixed memory order.
-# Fixed stride order: Inductor would otherwise choose the layout of every input of an op a pass
-# inserted (it constrains only ops with recorded eager inputs), and it wrote channels-last
-# operands' codes contiguous through transposes, which the kernels then copied back.
-@torch.library.custom_op("fqt::qconv", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
+# Exact strides: Inductor would otherwise choose the layout of every input of an op a pass
+# inserted, and it wrote channels-last operands' codes contiguous through transposes, which the
+# kernels then copied back. It constrains only ops whose traced inputs are recorded, which the
+# last pipeline step does (codegen.inline.record_input_strides). A fixed stride order held it
+# too, but on symbolic image sizes its stride comparisons raised inside torch's range analysis.
+@torch.library.custom_op("fqt::qconv", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def _qconv(
     kind: int,
     a: torch.Tensor,
@@ -550,7 +552,7 @@ def _qconv_fake(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilat
     return a.new_empty(out_shape, dtype=out_dtype).contiguous(memory_format=fmt)
 
 
-@torch.library.custom_op("fqt::conv_codes", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
+@torch.library.custom_op("fqt::conv_codes", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def _conv_codes(kind: int, a: torch.Tensor, b: torch.Tensor, a_zero: torch.Tensor | None, stride: list[int],
                 padding: list[int], dilation: list[int], groups: int, out_shape: list[int]) -> torch.Tensor:
     return conv_codes(kind, a, b, a_zero, stride, padding, dilation, groups, out_shape)

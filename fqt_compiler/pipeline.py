@@ -25,9 +25,10 @@ runner (:func:`run_steps`).
      17 inline_qmm_ops    CPU int8 GEMMs and convolutions: library call + epilogue   [kernels, inductor]
      18 replace_random    Inductor's random-op rewrite (its own pre-partition step)   [kernels, inductor]
      19 rematerialize_dequantizations  each fusing reader recomputes 8-bit codes * scale  [kernels, inductor]
+     20 record_input_strides  the conv kernels' inputs keep their traced strides     [kernels, inductor]
     --> Inductor (``inductor=True``) or eager execution: ``codegen.compile_graph``
 
-Graphs traced without autograd (``Stage.INFERENCE``) take steps 1-4, then 7-19 as a forward.
+Graphs traced without autograd (``Stage.INFERENCE``) take steps 1-4, then 7-20 as a forward.
 Each step names the stages it runs on, the configurations it runs under (``when``) and the
 steps it ``requires``. The runner checks those, keeps the graph after every rewrite step in
 debug mode, verifies the graph invariants (after every mutating rewrite in debug mode, and at
@@ -49,7 +50,8 @@ from fqt_compiler.codegen import CompiledGraph, compile_graph
 from fqt_compiler.codegen.code_layout import choose_code_layouts, mark_saved_codes, restride_inputs
 from fqt_compiler.codegen.epilogue import fold_statistics, fuse_epilogues
 from fqt_compiler.codegen.prologue import fuse_prologues
-from fqt_compiler.codegen.inline import inline_qmm_ops, inline_quantize_ops, rematerialize_dequantizations, replace_random
+from fqt_compiler.codegen.inline import inline_qmm_ops, inline_quantize_ops, record_input_strides, rematerialize_dequantizations
+from fqt_compiler.codegen.inline import replace_random
 from fqt_compiler.codegen.launches import graph_launches, inline_kernel_launches, source_launches
 from fqt_compiler.codegen.providers import choose_providers
 from fqt_compiler.codegen.lower import lower_gemms
@@ -288,6 +290,8 @@ STEPS: tuple[Step, ...] = (
     Step("replace_random", lambda gm, ctx: replace_random(gm), COMPILE, _inductor, ("inline_quantize_ops",)),
     Step("rematerialize_dequantizations", lambda gm, ctx: rematerialize_dequantizations(gm), COMPILE, _inductor,
          ("inline_quantize_ops",)),
+    # last: the recorded input values must be those of the nodes' final arguments
+    Step("record_input_strides", lambda gm, ctx: record_input_strides(gm), COMPILE, _inductor, mutates=False),
 )
 
 
