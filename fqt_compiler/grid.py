@@ -100,12 +100,34 @@ def draw_seed(device: torch.device | str, generator: torch.Generator | None = No
     return seed
 
 
+def _row_major_index(shape: tuple, device: torch.device | str, seed: torch.Tensor) -> torch.Tensor:
+    """Each element's row-major index on symbolic sizes: one broadcast ``arange`` per dim times
+    its stride, the strides read from a tensor (``seed * 0 + stride``). Inductor folds index
+    arithmetic into one index expression, and on CPU it builds a vector of such an index
+    element by element wherever the vectorized dim's stride is symbolic (a channels-last batch
+    of symbolic image size); a stride it must load keeps every ``arange`` vectorized."""
+    zero = seed.reshape(()) * 0
+    index = zero
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        size = shape[dim]
+        term = torch.arange(size, device=device, dtype=torch.int64).reshape(size, *[1] * (len(shape) - 1 - dim))
+        index = index + term * (zero + stride)
+        stride = stride * size
+    return index.expand(shape)
+
+
 def hash_uniform(seed: torch.Tensor, shape: tuple[int, ...] | torch.Size, device: torch.device | str) -> torch.Tensor:
     """U[0, 1) noise for every element of ``shape`` (row-major index), as fp32 multiples of 2**-24."""
-    n = 1
-    for d in shape:
-        n *= d
-    h = (torch.arange(n, device=device, dtype=torch.int64).reshape(shape) + seed.to(torch.int64) * _GOLDEN) & _MASK32
+    seed = seed.to(torch.int64)
+    if any(isinstance(d, torch.SymInt) for d in shape):
+        index = _row_major_index(tuple(shape), device, seed)
+    else:
+        n = 1
+        for d in shape:
+            n *= d
+        index = torch.arange(n, device=device, dtype=torch.int64).reshape(shape)
+    h = (index + seed * _GOLDEN) & _MASK32
     h = h ^ (h >> 16)
     h = (h * _MIX) & _MASK32
     h = h ^ (h >> 16)

@@ -127,3 +127,27 @@ def test_size_arithmetic_uses_python_operators():
     assert isinstance(node, fx.Node) and node.target is operator.floordiv
     assert all(n.target in (operator.floordiv, operator.add, torch.ops.aten.sym_size.int)
                for n in gm.graph.nodes if n.op == "call_function" and n.target is not torch.ops.aten.add.Tensor)
+
+
+def test_stochastic_rounding_noise_on_symbolic_sizes_is_the_static_noise():
+    """The hash noise traced on symbolic sizes (its index built per dim, so that Inductor's CPU
+    code vectorizes it on channels-last batches) is the row-major index's noise bit for bit, in
+    eager mode and compiled by Inductor with dynamic shapes."""
+    from fqt_compiler.grid import hash_uniform
+
+    seed = torch.tensor([12345])
+
+    def noise(x, seed):
+        return hash_uniform(seed, x.shape, x.device) + 0 * x
+
+    for shape in [(3, 5, 7, 2), (4, 9), (11,)]:
+        x = torch.zeros(shape)
+        want = noise(x, seed)
+        traced = make_fx(noise, tracing_mode="symbolic")(x, seed)
+        assert any(isinstance(d, torch.SymInt) for n in traced.graph.nodes
+                   if isinstance(n.meta.get("val"), torch.Tensor) for d in n.meta["val"].shape)
+        assert torch.equal(traced(x, seed), want)
+        compiled = torch.compile(noise, dynamic=True)
+        assert torch.equal(compiled(x, seed), want)
+        y = torch.zeros(tuple(d + 1 for d in shape))
+        assert torch.equal(compiled(y, seed), noise(y, seed))
