@@ -72,7 +72,7 @@ def _step(compiled, model, x):
 def test_symbolic_image_sizes_lower_every_convolution():
     """A model seeing a second image size recompiles once with symbolic image sizes; that graph
     runs every conv GEMM on the int8 kernels (only the oneDNN sums stay calls) for every later
-    size, with the gradients of a static compile."""
+    size, with the gradients of the reference ops (quantize, dequantize, convolve)."""
     torch.manual_seed(0)
     model = _Net()
     sizes = [(4, 3, 12, 12), (4, 3, 15, 15), (4, 3, 9, 14)]
@@ -88,9 +88,9 @@ def test_symbolic_image_sizes_lower_every_convolution():
     assert all(g.status is fqt.GemmStatus.LOWBIT_KERNEL for g in gemms), [g.label for g in gemms]
     calls = [name for launch in record.launches for name, _ in launch.python_calls]
     assert len(calls) == 9 and all(name.startswith("conv_codes") for name in calls), calls
-    torch._dynamo.reset()  # the last (non-square) size against its static compile
-    static = _step(torch.compile(model, backend=fqt.backend(recipe=nearest_gradients("int8")), dynamic=False),
-                   model, xs[-1])
+    torch._dynamo.reset()  # the last (non-square) size against the eager reference ops
+    ref = fqt.backend(recipe=nearest_gradients("int8"), execution="reference", inductor=False)
+    static = _step(torch.compile(model, backend=ref, dynamic=False), model, xs[-1])
     for g, s in zip(dynamic[-1], static):
         assert g.shape == s.shape
         assert (g - s).abs().max() <= 1e-4 * s.abs().max()
@@ -99,7 +99,8 @@ def test_symbolic_image_sizes_lower_every_convolution():
 def test_bhq_gradient_of_a_strided_convolution_on_symbolic_sizes():
     """BHQ's transformed gradient into a strided convolution's dgrad, on symbolic image sizes:
     its zero-point corrections are windowed sums over the spread gradient, whose size must come
-    out provably the input's (it did not: floor and remainder of a symbolic size do not cancel)."""
+    out provably the input's (it did not: floor and remainder of a symbolic size do not cancel);
+    the gradients are the reference ops'."""
     torch.manual_seed(0)
     model = nn.Conv2d(4, 8, 3, stride=2, padding=1)
     x = torch.randn(3, 4, 10, 11)
@@ -110,7 +111,8 @@ def test_bhq_gradient_of_a_strided_convolution_on_symbolic_sizes():
     assert dgrad and all(g.status is fqt.GemmStatus.LOWBIT_KERNEL for g in dgrad), [g.label for g in dgrad]
     assert any("s" in g.shape for g in dgrad)
     torch._dynamo.reset()
-    static = _step(torch.compile(model, backend=fqt.backend(recipe=nearest_gradients("bhq8")), dynamic=False), model, x)
+    ref = fqt.backend(recipe=nearest_gradients("bhq8"), execution="reference", inductor=False)
+    static = _step(torch.compile(model, backend=ref, dynamic=False), model, x)
     for g, s in zip(got, static):
         assert (g - s).abs().max() <= 1e-4 * s.abs().max()
 
