@@ -55,6 +55,8 @@ def fake_eval(target: Any, args: tuple, kwargs: dict, fake_mode: Any = None) -> 
     if target is operator.getitem:
         return fargs[0][fargs[1]]
     mode = _fake_mode(vals) or fake_mode
+    if mode is None and any(isinstance(v, torch.SymInt) for v in vals) and not any(isinstance(v, torch.Tensor) for v in vals):
+        return target(*fargs, **fkwargs)  # arithmetic on symbolic sizes: SymInts compute their own value
     if mode is None:
         raise PassError(f"no fake mode found on the inputs of {target}")
     with mode:

@@ -18,6 +18,8 @@ import torch
 from torch import fx
 from torch.utils._sympy import functions as symfn
 
+from fqt_compiler.passes.graph_utils import call
+
 aten = torch.ops.aten
 
 __all__ = ["size_args"]
@@ -37,10 +39,20 @@ def _symbol_sources(graph: fx.Graph) -> dict[sympy.Symbol, tuple[fx.Node, int | 
     return sources
 
 
-# sympy functions of integer size expressions, and the Python operation each one is
-_BINARY = {symfn.FloorDiv: operator.floordiv, symfn.PythonMod: operator.mod, symfn.Mod: operator.mod,
-           symfn.PowByNatural: operator.pow, sympy.Pow: operator.pow}
+# sympy functions of integer size expressions, and the Python operation each one is (FloorDiv
+# covers its exact-division subclass CleanDiv); a sympy Pow only with a natural exponent
+_BINARY = ((symfn.FloorDiv, operator.floordiv), (symfn.PythonMod, operator.mod), (symfn.Mod, operator.mod),
+           (symfn.PowByNatural, operator.pow))
 _FOLDS = {sympy.Add: operator.add, sympy.Mul: operator.mul, symfn.Max: torch.sym_max, symfn.Min: torch.sym_min}
+
+
+def _binary(expr: sympy.Expr) -> Any:
+    for cls, target in _BINARY:
+        if isinstance(expr, cls):
+            return target
+    if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp >= 0:
+        return operator.pow
+    return None
 
 
 class _Emitter:
@@ -52,11 +64,7 @@ class _Emitter:
         self.done: dict[sympy.Expr, Any] = {}
 
     def _node(self, target: Any, args: tuple) -> fx.Node:
-        node = self.graph.call_function(target, args)
-        node.meta["val"] = target(*(a.meta["val"] if isinstance(a, fx.Node) else a for a in args))
-        if self.like is not None and "seq_nr" in self.like.meta:
-            node.meta["seq_nr"] = self.like.meta["seq_nr"]
-        return node
+        return call(self.graph, target, args, like=self.like)
 
     def emit(self, expr: sympy.Expr) -> Any:
         """An int or a node whose value is ``expr``; raises ``LookupError`` naming what has no
@@ -76,8 +84,8 @@ class _Emitter:
             out = terms[0]
             for t in terms[1:]:
                 out = self._node(target, (out, t))
-        elif type(expr) in _BINARY:
-            out = self._node(_BINARY[type(expr)], tuple(self.emit(a) for a in expr.args))
+        elif _binary(expr) is not None:
+            out = self._node(_binary(expr), tuple(self.emit(a) for a in expr.args))
         elif isinstance(expr, symfn.CeilDiv):  # ceil(a / b) = -((-a) // b)
             a, b = (self.emit(x) for x in expr.args)
             out = self._node(operator.neg, (self._node(operator.floordiv, (self._node(operator.neg, (a,)), b)),))

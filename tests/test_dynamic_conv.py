@@ -17,12 +17,12 @@ from tests.helpers.recipes import nearest_gradients
 
 
 def test_size_args_computes_each_symbolic_size_from_the_graph_inputs():
-    """Floor division, remainder, products, max / min and ceil division of input sizes are
+    """Floor division, remainder, products, powers, max / min and ceil division of input sizes are
     written as nodes, and the graph computes them for inputs of other sizes."""
     gm = make_fx(lambda x: x + 1, tracing_mode="symbolic")(torch.randn(4, 10, 7))
     ph = next(iter(gm.graph.find_nodes(op="placeholder")))
     n, h, w = ph.meta["val"].shape
-    exprs = [(h - 1) // 2 + 1, h * w + n, h % 3, torch.sym_max(h, w), torch.sym_min(h, w), -(-h // 4), 5]
+    exprs = [(h - 1) // 2 + 1, h * w + n, h % 3, torch.sym_max(h, w), torch.sym_min(h, w), -(-h // 4), h * h, 5]
     out = next(iter(gm.graph.find_nodes(op="output")))
     with gm.graph.inserting_before(out):
         sizes = size_args(gm.graph, tuple(exprs))
@@ -33,7 +33,7 @@ def test_size_args_computes_each_symbolic_size_from_the_graph_inputs():
     for shape in [(3, 11, 6), (2, 5, 9), (1, 16, 16)]:
         _, *got = gm(torch.randn(shape))
         N, H, W = shape
-        assert got == [(H - 1) // 2 + 1, H * W + N, H % 3, max(H, W), min(H, W), -(-H // 4), 5]
+        assert got == [(H - 1) // 2 + 1, H * W + N, H % 3, max(H, W), min(H, W), -(-H // 4), H * H, 5]
 
 
 def test_size_args_names_a_size_no_graph_input_holds():
