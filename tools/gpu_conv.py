@@ -23,7 +23,7 @@ from fqt_compiler.tools.timing import interleaved_medians
 __all__ = ["conv", "FULL", "DRY"]
 
 FULL = {"batch": 64, "size": 224, "width": 64, "blocks": (3, 4, 6, 3), "recipes": ("int8", "fp8"), "reps": 10}
-DRY = {"batch": 2, "size": 32, "width": 8, "blocks": (1, 1, 1, 1), "recipes": ("int8",), "reps": 2}
+DRY = {"batch": 2, "size": 16, "width": 8, "blocks": (1, 1, 1, 1), "recipes": ("int8",), "reps": 2}
 
 
 def _step(model, compiled, x: torch.Tensor, y: torch.Tensor, autocast: bool):

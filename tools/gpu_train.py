@@ -193,7 +193,7 @@ class GPT(nn.Module):
 
 
 GPT2_SMALL = {"vocab": 50304, "context": 1024, "d": 768, "layers": 12, "heads": 12, "batch": 8, "steps": 20}
-DRY_GPT = {"vocab": 512, "context": 64, "d": 64, "layers": 2, "heads": 4, "batch": 4, "steps": 6}
+DRY_GPT = {"vocab": 512, "context": 32, "d": 64, "layers": 2, "heads": 4, "batch": 4, "steps": 4}
 
 
 def _tokens(device: torch.device) -> torch.Tensor:
