@@ -60,6 +60,13 @@ def _layer_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else "<root>"
 
 
+# The reference quantizers run op by op: a report compiles one graph per configuration (per
+# recipe, per layer of the profile), and Inductor's code generation would cost more than the
+# draws it speeds up. The draws are the same bits either way (the noise is a hash of the seed and
+# the element's index).
+_STATS_OPTIONS = {"execution": "reference", "inductor": False}
+
+
 class _Runner:
     """One compiled model per configuration, its gradients, and the model state restored."""
 
@@ -72,7 +79,7 @@ class _Runner:
         """(len(seeds) * len(batches), n_params) flat gradients; seeds x batches."""
         state = copy.deepcopy(self.model.state_dict())
         torch._dynamo.reset()  # one compile per configuration, none reused across them
-        be = FQTBackend(FQTConfig.from_options({"recipe": recipe, "execution": "reference", "rules": list(rules)}))
+        be = FQTBackend(FQTConfig.from_options(_STATS_OPTIONS | {"recipe": recipe, "rules": list(rules)}))
         compiled = torch.compile(self.model, backend=be)
         out = []
         try:
@@ -249,7 +256,7 @@ def gradient_stats(
 def _quantizer_stats(model, loss_fn, batch, r: Recipe, n: int) -> list[QuantizerStats]:
     state = copy.deepcopy(model.state_dict())
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=FQTBackend(FQTConfig.from_options({"recipe": r, "execution": "reference"})))
+    compiled = torch.compile(model, backend=FQTBackend(FQTConfig.from_options(_STATS_OPTIONS | {"recipe": r})))
     try:
         with capture_quantizer_inputs() as seen:
             loss_fn(compiled, batch).backward()

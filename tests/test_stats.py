@@ -153,9 +153,34 @@ def test_advisor_more_bits_for_a_tighter_budget():
         advise_bits(model, loss_fn, batches, alpha=0)
 
 
-@pytest.mark.slow  # about 30 s: the whole fqt variance report
+_SMALL_FACTORY = """
+import torch
+import torch.nn.functional as F
+
+
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
+    return model, (lambda m, b: F.cross_entropy(m(b[0]), b[1])), batches
+"""
+
+
+@pytest.mark.slow  # about 15 s: the whole fqt variance report (bits sweep, advice, plots) on a small MLP
 def test_variance_command_writes_its_tables_and_plots(tmp_path, capsys):
-    assert cli.main(["variance", "--draws", "8", "--out", str(tmp_path)]) == 0
+    script = tmp_path / "model.py"
+    script.write_text(_SMALL_FACTORY)
+    assert cli.main(["variance", f"{script}:make", "--draws", "8", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "bit-width advice" in out and "variance by gradient bits" in out and "exact var" in out
     assert {p.name for p in tmp_path.glob("*.png")} == {"variance_vs_bits.png", "per_layer.png", "split.png"}
+
+
+def test_the_default_variance_model_is_the_demo_cnn_on_its_data():
+    from fqt_compiler.tools.demo import DigitsNet
+    from fqt_compiler.tools.variance import demo_factory
+
+    model, loss_fn, batches = demo_factory(n_batches=2)
+    assert isinstance(model, DigitsNet) and len(batches) == 2 and batches[0][0].shape[0] == 64
+    assert torch.isfinite(loss_fn(model, batches[0]))

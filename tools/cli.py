@@ -210,7 +210,8 @@ def _add_variance(sub) -> None:
         help="path/to/script.py:function returning (model, loss_fn, batches); default: the demo CNN",
     )
     var.add_argument("--recipe", default="psq4")
-    var.add_argument("--draws", type=int, default=32, help="backward passes per Monte-Carlo estimate")
+    var.add_argument("--draws", type=int, default=32,
+                     help="backward passes per Monte-Carlo estimate (the bits sweep and the advice: at most 16)")
     var.add_argument(
         "--alpha", type=float, default=0.1, help="advisor: quantization variance budget as a fraction of the sampling variance"
     )

@@ -97,12 +97,15 @@ def main(
     stats = gradient_stats(model, loss_fn, batches, recipe, draws=draws)
     lines = [str(stats)]
     bits = (4, 5, 6, 7, 8)
-    swept = bits_sweep(model, loss_fn, batches, bits) if sweep else {}
+    # The sweep and the advice are many estimates each (15 recipes; 3 families): at most 16 draws
+    # apiece by default, fewer when fewer are asked for.
+    many = min(draws, 16)
+    swept = bits_sweep(model, loss_fn, batches, bits, draws=many) if sweep else {}
     if swept:
         rows = [[fam.upper(), *[f"{v:.3g}" for v in vals]] for fam, vals in swept.items()]
         lines.append("\nquantization variance by gradient bits (sampling variance: %.4g)" % stats.sampling_variance)
         lines.append(tabulate(rows, headers=["quantizer", *[f"{b} bits" for b in bits]], tablefmt="github"))
-    advice, totals, sampling = advise_bits(model, loss_fn, batches, alpha=alpha)
+    advice, totals, sampling = advise_bits(model, loss_fn, batches, alpha=alpha, draws=many)
     rows = [[a.layer, *[a.bits[f] if a.bits[f] else "> 8" for f in FAMILIES]] for a in advice]
     lines.append(
         f"\nbit-width advice: smallest bits keeping each layer's quantization variance <= {alpha} x sampling / "
