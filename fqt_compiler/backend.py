@@ -32,6 +32,7 @@ from .dump import graph_text, runnable_source
 from .errors import OptionsError
 from .monitor_runtime import GraphWatch, MonitoredGraph
 from fqt_compiler.passes import PassContext
+from fqt_compiler.passes.matchers import GEMM_PACKETS
 from .pipeline import GraphContext, SavedStrides, Stage
 from .records import GraphRecord
 from .report import ExplainReport
@@ -135,20 +136,34 @@ class FQTBackend:
             return job.watch.wrap(out.fn, stage.value, ctx.probes)
         return out.fn
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
-        monitor = self.config.monitor
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, mode: str | None = None):
+        """Compile one Dynamo graph. ``torch.compile`` passes its ``mode`` (Inductor's, for the
+        high-precision rest of the graph) and ``options`` to a backend object."""
+        config = self._with_compile_args(options, mode)
+        monitor = config.monitor
         graph_id = len(self.records)
         if monitor is None or not torch.is_grad_enabled():  # inference graphs are not monitored
-            return self._aot(gm, example_inputs, self.config, graph_id)
+            return self._aot(gm, example_inputs, config, graph_id)
         # one monitor may watch graphs of several backends (backend="fqt" makes one per graph):
         # it numbers them, so that every site has one name
         graph_id = monitor.claim_graph_id(graph_id)
 
         def build(watch: GraphWatch | None):
-            config = replace(self.config, rules=(*monitor.rules, *self.config.rules))  # the policy's fixes first
-            return self._aot(gm, example_inputs, config, graph_id, watch)
+            watched = replace(config, rules=(*monitor.rules, *config.rules))  # the policy's fixes first
+            return self._aot(gm, example_inputs, watched, graph_id, watch)
 
         return MonitoredGraph(monitor, graph_id, build)
+
+    def _with_compile_args(self, options: dict | None, mode: str | None) -> FQTConfig:
+        if options:
+            raise OptionsError(f"torch.compile(options={options!r}) with a configured fqt.backend(...): give these options "
+                               "to fqt.backend(...) instead (or use backend='fqt' with options=)")
+        if mode is None or mode == self.config.inductor_mode:
+            return self.config
+        if self.config.inductor_mode != "default":
+            raise OptionsError(f"torch.compile's mode={mode!r} and fqt.backend(inductor_mode="
+                               f"{self.config.inductor_mode!r}) both given; give one")
+        return replace(self.config, inductor_mode=str(mode).lower())  # validated like the option
 
     def _aot(self, gm: fx.GraphModule, example_inputs: list[Any], config: FQTConfig, graph_id: int,
              watch: GraphWatch | None = None):
@@ -180,7 +195,9 @@ class FQTBackend:
 
         kwargs: dict[str, Any] = {}
         if config.execution is Mode.KERNELS and config.inductor:
-            kwargs["decompositions"] = inductor_decompositions()  # what Inductor's lowerings expect
+            # what Inductor's lowerings expect, less its GEMM rewrites (see GEMM_PACKETS)
+            kwargs["decompositions"] = {op: fn for op, fn in inductor_decompositions().items()
+                                        if getattr(op, "overloadpacket", None) not in GEMM_PACKETS}
         return aot_autograd(
             fw_compiler=lambda graph, inputs: self._compile(graph, inputs, job, Stage.FORWARD),
             bw_compiler=lambda graph, inputs: self._compile(graph, inputs, job, Stage.BACKWARD),

@@ -182,12 +182,25 @@ QUANTIZE_OPS = (quantize_op, quantize_stochastic_op)
 
 
 # ---------------------------------------------------------------- ops of lowered graphs
+def int8_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of (M, K) and (K, N) int8 codes as exact int32 sums.
+
+    ``torch._int_mm`` on the CPU misreads the stride of a size-1 dim (a (1, 32) operand with
+    strides (1, 1) -- a transposed one-column weight -- came back as garbage, no error), and
+    Inductor hands it such views. A GEMM with a dim of 1 (a Linear with one input or one output
+    feature, a single row) is a matrix-vector product, where the int8 kernel gains nothing: it
+    sums broadcast int32 products instead, exactly."""
+    if a.shape[0] > 1 and a.shape[1] > 1 and b.shape[1] > 1:
+        return torch._int_mm(a, b)
+    return (a.to(torch.int32).unsqueeze(2) * b.to(torch.int32).unsqueeze(0)).sum(1, dtype=torch.int32)
+
+
 def qmm_cpu(a: QOperand, b: QOperand, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """``reference.qmm_ref`` with the int8 product on ``torch._int_mm``; same numbers."""
     if a.codes.dtype != torch.int8:
         return qmm_ref(a, b, bias, out_dtype)
     # int64 keeps the zero-point terms exact; the reference holds the same integers in fp64
-    acc = torch._int_mm(a.codes, b.codes)
+    acc = int8_product(a.codes, b.codes)
     if a.zero_point is not None or b.zero_point is not None:
         acc = acc.to(torch.int64)
     return dequantize_accumulator(acc, a, b, bias, out_dtype)

@@ -64,14 +64,25 @@ _register_unsupported(["addbmm"], "addbmm (batch-reduced GEMM) is not supported 
 _register_unsupported(["_int_mm", "_scaled_mm", "_weight_int8pack_mm", "_weight_int4pack_mm"], "already a low-bit GEMM")
 
 
+# Ops whose decompositions must not run before the pass: Inductor's table rewrites a GEMM with a
+# dim of 1 (a one-row batch, a one-feature Linear) into multiplies and sums on some devices and
+# sizes, and the site would vanish from the graph unquantized and unrecorded. The attention ops
+# keep theirs (their GEMMs are opaque either way).
+GEMM_PACKETS = frozenset(
+    op.overloadpacket
+    for op in (*MATMUL_OPERANDS, *CONV_OPS, CONV_BACKWARD,
+               *(op for op, reason in UNSUPPORTED_GEMMS.items() if reason != _ATTENTION_REASON))
+)
 
 # ops allowed between a parameter placeholder and a GEMM operand for that operand to count as
-# the weight (einsum and broadcasting matmuls unsqueeze/expand it; autocast casts it)
+# the weight (einsum and broadcasting matmuls unsqueeze/expand it; autocast casts it: aten's
+# _to_copy, or prims.convert_element_type where Inductor's decompositions ran)
 PARAM_PATH_OPS = VIEW_OPS | {
     aten.unsqueeze.default,
     aten.squeeze.dim,
     aten.squeeze.dims,
     aten._to_copy.default,
+    torch.ops.prims.convert_element_type.default,
 }
 
 

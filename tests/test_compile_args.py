@@ -45,6 +45,21 @@ def test_torch_compile_mode_reaches_inductor(mode, monkeypatch):
     assert sum(g.status is fqt.GemmStatus.LOWBIT_KERNEL for s in rec.decisions for g in s.gemms) == 5
 
 
+def test_torch_compile_mode_reaches_a_configured_backend(monkeypatch):
+    """torch.compile passes ``mode`` to a backend object too: it sets that object's Inductor
+    mode for this compile (the object itself is unchanged); a conflicting ``inductor_mode`` and
+    ``options=`` (which belong in fqt.backend(...)) are errors that say so."""
+    seen = _spy_modes(monkeypatch)
+    be = fqt.backend(recipe="psq8")
+    torch.compile(_mlp(), backend=be, mode="max-autotune-no-cudagraphs")(torch.randn(4, 16)).sum().backward()
+    assert set(seen) == {"max-autotune-no-cudagraphs"} and be.config.inductor_mode == "default"
+    assert sum(g.status is fqt.GemmStatus.LOWBIT_KERNEL for r in be.records for s in r.decisions for g in s.gemms) == 5
+    for kwargs, match in ((dict(mode="max-autotune"), "both given"), (dict(options={"strict": True}), "fqt.backend")):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=match):
+            torch.compile(_mlp(), backend=fqt.backend(inductor_mode="reduce-overhead"), **kwargs)(torch.randn(4, 16))
+
+
 def test_inductor_mode_inside_options(monkeypatch):
     seen = _spy_modes(monkeypatch)
     torch.compile(

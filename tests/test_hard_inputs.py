@@ -149,3 +149,61 @@ def test_integer_inputs_raise_like_eager(mode):
         torch.compile(lin, backend=be)(x)
     reasons = [g.reason for r in be.records for s in r.decisions for g in s.gemms]
     assert reasons and all("torch.int64 x torch.float32" in why for why in reasons), reasons
+
+
+class _SizeOneGemms(nn.Module):
+    """A one-feature input (a time or noise-level embedding), a one-feature head (a value or
+    regression head), and a one-column weight: every GEMM of the step has a dim of 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(1, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, t, x):
+        return self.head(torch.relu(self.body(x + self.embed(t))))
+
+
+@pytest.mark.parametrize("inductor", [False, True], ids=["eager-kernels", "inductor"])
+@pytest.mark.parametrize("recipe", ["int8", "psq8"])
+@pytest.mark.parametrize("rows", [8, 1])
+def test_gemms_with_a_dim_of_one_equal_the_reference(recipe, inductor, rows):
+    """Regression: a GEMM with a dim of 1 gave garbage on the CPU's int8 kernel (a loss of 1e15
+    on a model with a one-feature head): ``torch._int_mm`` misreads a size-1 dim's stride, and
+    Inductor hands it such views. Every GEMM of the step is the reference's to round-off
+    (gradients rounded to nearest: Inductor draws its own random numbers)."""
+    recipe = nearest_gradients(recipe)
+    grads = {}
+    for mode in (dict(execution="reference", inductor=False), dict(execution="kernels", inductor=inductor)):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = _SizeOneGemms()
+        t, x = torch.randn(rows, 1), torch.randn(rows, 16)
+        torch.manual_seed(1)
+        be = fqt.backend(recipe=recipe, **mode)
+        loss = torch.compile(model, backend=be)(t, x).square().sum()
+        loss.backward()
+        grads[mode["execution"]] = [loss.detach()] + [p.grad for p in model.parameters()]
+    # Inductor's decompositions rewrite some GEMMs with a dim of 1 into multiplies and sums: every
+    # site must still reach the pass, and run on the int8 kernel
+    statuses = [g.status for s in be.records[0].decisions for g in s.gemms]
+    assert statuses == [fqt.GemmStatus.LOWBIT_KERNEL] * 8, statuses  # 3 Linears x 3, less the input's gradient
+    for ref, got in zip(grads["reference"], grads["kernels"]):
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (got, ref)
+
+
+@pytest.mark.parametrize("inductor", [False, True], ids=["eager-kernels", "inductor"])
+def test_weights_cast_by_autocast_stay_weights(inductor):
+    """Regression: under autocast the weight reaches its GEMM through a cast; with Inductor's
+    decompositions that cast is ``prims.convert_element_type``, which hid the weight: the
+    Linear's backward GEMMs were classified activation x activation and stayed simulated."""
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    be = fqt.backend(recipe="int8", inductor=inductor)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.compile(model, backend=be)(torch.randn(4, 6, 16))
+    y.float().sum().backward()
+    gemms = [g for s in be.records[0].decisions for g in s.gemms]
+    assert [g.status for g in gemms] == [fqt.GemmStatus.LOWBIT_KERNEL] * 6, [(g.status, g.reason) for g in gemms]
+    assert {g.kind.value for g in gemms} == {"output", "grad_input", "grad_weight"}
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
