@@ -79,8 +79,11 @@ FAMILIES = [convnext, cvt, wav2vec2, t5, whisper]
 MIN_SHARE = {"convnext": 0.99, "cvt": 0.99, "wav2vec2": 0.5, "t5": 0.99, "whisper": 0.8}
 
 
-@pytest.mark.parametrize("recipe", ["int8", "psq8"])
-@pytest.mark.parametrize("factory", FAMILIES, ids=lambda f: f.__name__)
+# int8 (the default recipe) on convnext, cvt and whisper runs in the fresh process below
+_CASES = [(f, "psq8") for f in FAMILIES] + [(wav2vec2, "int8"), (t5, "int8")]
+
+
+@pytest.mark.parametrize(("factory", "recipe"), _CASES, ids=[f"{f.__name__}-{r}" for f, r in _CASES])
 def test_family_trains_one_step(factory, recipe, capsys):
     torch.manual_seed(0)
     model, inputs, loss_fn = factory()

@@ -145,9 +145,12 @@ def resnet50(num_classes: int = 1000) -> ResNet50:
 
 
 def cnn(name: str) -> nn.Module:
-    """A network by name: ``resnet18`` (CIFAR-style), ``preact20``, ``preact56``, ``resnet50``."""
-    factories = {"resnet18": resnet18_cifar, "preact20": lambda: preact_resnet(20), "preact56": lambda: preact_resnet(56),
-                 "resnet50": resnet50}
-    if name not in factories:
-        raise ValueError(f"unknown network {name!r}; choose one of {', '.join(factories)}")
-    return factories[name]()
+    """A network by name: ``resnet18`` (CIFAR-style), ``preact<depth>`` (a PreAct-ResNet of depth
+    6n + 2: ``preact20``, ``preact56``, ...), ``resnet50``."""
+    factories = {"resnet18": resnet18_cifar, "resnet50": resnet50}
+    if name in factories:
+        return factories[name]()
+    if name.startswith("preact") and name[len("preact"):].isdigit():
+        return preact_resnet(int(name[len("preact"):]))
+    raise ValueError(f"unknown network {name!r}; choose one of resnet18, preact<depth> (6n + 2: preact20, preact56, ...), "
+                     "resnet50")
