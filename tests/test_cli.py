@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fqt_compiler.tools import cli
+from tests.helpers import variance_factory
 
 
 def test_demo_runs_and_prints_one_row_per_recipe(capsys):
@@ -35,22 +36,7 @@ def test_bench_rejects_a_malformed_shape():
         cli.main(["bench", "--sections", "gemm", "--shapes", "64x32", "--device", "cpu"])
 
 
-_VARIANCE_FACTORY = '''
-import torch
-import torch.nn.functional as F
-
-
-def make():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
-    return model, (lambda m, b: F.cross_entropy(m(b[0]), b[1])), batches
-
-
-def wrong():
-    return make()[:2]
-'''
+_VARIANCE_FACTORY = variance_factory.SOURCE
 
 
 def test_variance_command_on_a_user_factory(tmp_path, capsys):

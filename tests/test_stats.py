@@ -14,6 +14,7 @@ from fqt_compiler.recipes import GradInputSpecs, GradWeightSpecs, Recipe
 from fqt_compiler.stats import advise_bits, gradient_stats
 from fqt_compiler.stats_formulas import bound_expression, exact_variance, variance_bound
 from fqt_compiler.tools import cli
+from tests.helpers import variance_factory
 from tests.helpers.recipes import nearest_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,24 +154,10 @@ def test_advisor_more_bits_for_a_tighter_budget():
         advise_bits(model, loss_fn, batches, alpha=0)
 
 
-_SMALL_FACTORY = """
-import torch
-import torch.nn.functional as F
-
-
-def make():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
-    return model, (lambda m, b: F.cross_entropy(m(b[0]), b[1])), batches
-"""
-
-
 @pytest.mark.slow  # about 15 s: the whole fqt variance report (bits sweep, advice, plots) on a small MLP
 def test_variance_command_writes_its_tables_and_plots(tmp_path, capsys):
     script = tmp_path / "model.py"
-    script.write_text(_SMALL_FACTORY)
+    script.write_text(variance_factory.SOURCE)
     assert cli.main(["variance", f"{script}:make", "--draws", "8", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "bit-width advice" in out and "variance by gradient bits" in out and "exact var" in out
