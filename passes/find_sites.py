@@ -62,17 +62,22 @@ class FindSites(FQTPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         ph = _placeholder_index(gm)
         by_seq: dict[object, Site] = {}
+        # backward nodes carry no module stack: they take their forward op's (same seq_nr)
+        forward_paths: dict[object, str] = {}
         backward_gemms: list[fx.Node] = []
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
+            path = m.module_path(node)
+            if path != "-" and not m.is_backward_node(node):
+                forward_paths.setdefault(node.meta.get("seq_nr"), path)
+            elif path == "-" and m.is_backward_node(node):
+                path = forward_paths.get(node.meta.get("seq_nr"), "-")
             if not (m.is_matmul(node) or m.is_conv(node) or node.target is m.CONV_BACKWARD):
                 # every other op FlopCounterMode counts is a row with its reason, never dropped
                 reason = self._unmatched_reason(node)
                 if reason is not None:
-                    ctx.sites.append(
-                        Site(len(ctx.sites), node, m.op_name(node), m.module_path(node), skip=(SkipKind.UNSUPPORTED, reason))
-                    )
+                    ctx.sites.append(Site(len(ctx.sites), node, m.op_name(node), path, skip=(SkipKind.UNSUPPORTED, reason)))
                 continue
             if m.is_backward_node(node) or node.target is m.CONV_BACKWARD:
                 backward_gemms.append(node)

@@ -99,6 +99,19 @@ def test_sdpa_is_reported_skipped_and_strict_raises():
     assert report.counts()["simulated"] == 3 * 2  # q, k, v: output + grad_weight (x needs no grad)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="fused attention"):
         fqt.explain(Attn(), x, recipe="int8", execution="reference", strict=True)
+    # the attention's backward row names the module too (backward nodes carry no module stack)
+    report = fqt.explain(_Wrapped(Attn()), x, recipe="int8", execution="reference")
+    paths = [s.module_path for s, g in report.rows() if g.status is fqt.GemmStatus.SKIPPED]
+    assert len(paths) >= 2 and set(paths) == {"attn"}, paths
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        return self.attn(x)
 
 
 def test_variants_kernels_mode_lowers_every_realizable_gemm():
