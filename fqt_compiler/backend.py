@@ -158,12 +158,13 @@ class FQTBackend:
         if options:
             raise OptionsError(f"torch.compile(options={options!r}) with a configured fqt.backend(...): give these options "
                                "to fqt.backend(...) instead (or use backend='fqt' with options=)")
+        mode = None if mode is None else str(mode).lower()
         if mode is None or mode == self.config.inductor_mode:
             return self.config
         if self.config.inductor_mode != "default":
             raise OptionsError(f"torch.compile's mode={mode!r} and fqt.backend(inductor_mode="
                                f"{self.config.inductor_mode!r}) both given; give one")
-        return replace(self.config, inductor_mode=str(mode).lower())  # validated like the option
+        return replace(self.config, inductor_mode=mode)  # validated like the option
 
     def _aot(self, gm: fx.GraphModule, example_inputs: list[Any], config: FQTConfig, graph_id: int,
              watch: GraphWatch | None = None):

@@ -92,7 +92,7 @@ class FindSites(FQTPass):
             if site is None or site.skip is not None:
                 why = ("backward GEMM with no forward GEMM to pair with (seq_nr)" if site is None
                        else f"backward of a skipped GEMM: {site.skip[1]}")
-                path = "-" if site is None else site.module_path
+                path = forward_paths.get(node.meta.get("seq_nr"), "-") if site is None else site.module_path
                 ctx.sites.append(Site(len(ctx.sites), node, m.op_name(node), path, skip=(SkipKind.UNSUPPORTED, why)))
                 continue
             self._attach_backward(site, node)

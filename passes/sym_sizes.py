@@ -84,8 +84,8 @@ class _Emitter:
             out = terms[0]
             for t in terms[1:]:
                 out = self._node(target, (out, t))
-        elif _binary(expr) is not None:
-            out = self._node(_binary(expr), tuple(self.emit(a) for a in expr.args))
+        elif (binary := _binary(expr)) is not None:
+            out = self._node(binary, tuple(self.emit(a) for a in expr.args))
         elif isinstance(expr, symfn.CeilDiv):  # ceil(a / b) = -((-a) // b)
             a, b = (self.emit(x) for x in expr.args)
             out = self._node(operator.neg, (self._node(operator.floordiv, (self._node(operator.neg, (a,)), b)),))
