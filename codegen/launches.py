@@ -79,6 +79,15 @@ def _blocker(node: fx.Node) -> str | None:
     return None
 
 
+def _strides(t: torch.Tensor) -> tuple:
+    """``t``'s strides where they address memory: a size-1 dim's stride is never used (a
+    1x1 convolution's channels-last weight is the same memory as its contiguous one), and
+    an empty tensor has none."""
+    if t.numel() == 0:
+        return ()
+    return tuple(st if n > 1 else None for n, st in zip(t.shape, t.stride()))
+
+
 def _same_outputs(before: object, what: str, replaced: list) -> None:
     """The traced launcher must give what the op's fake promised: the rest of the graph was
     traced on those shapes and strides."""
@@ -87,7 +96,7 @@ def _same_outputs(before: object, what: str, replaced: list) -> None:
         got = got.meta.get("val") if isinstance(got, fx.Node) else got
         if not isinstance(want, torch.Tensor):
             continue
-        if (tuple(want.shape), tuple(want.stride()), want.dtype) != (tuple(got.shape), tuple(got.stride()), got.dtype):
+        if (tuple(want.shape), _strides(want), want.dtype) != (tuple(got.shape), _strides(got), got.dtype):
             raise PassError(
                 f"the traced launch of {what} output {i} is {tuple(got.shape)}/{tuple(got.stride())} "
                 f"{got.dtype}; its fake declares {tuple(want.shape)}/{tuple(want.stride())} {want.dtype}"

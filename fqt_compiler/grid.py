@@ -200,19 +200,22 @@ def _group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,))
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     if spec.scheme is Scheme.SYMMETRIC:
         amax = g.abs().amax(dim=dims, keepdim=True)
-        scale = amax / spec.qmax
+        # times the constant's reciprocal, not a division by it: CUDA's eager division by a
+        # Python scalar and Inductor's division by a constant both multiply by the
+        # reciprocal, the CPU's divides; written out, every device and kernel rounds alike
+        scale = amax * (1.0 / spec.qmax)
         return _GroupGrid(scale, zero.expand_as(scale), zero.expand_as(scale), torch.where(scale > 0, scale, 1))
     B = spec.levels
     mn = g.amin(dim=dims, keepdim=True)
     mx = g.amax(dim=dims, keepdim=True)
     if spec.scheme is Scheme.ASYMMETRIC:
         # (mx / B - mn / B) rather than (mx - mn) / B: cannot overflow for finite inputs.
-        scale = mx / B - mn / B
+        scale = mx * (1.0 / B) - mn * (1.0 / B)
         return _GroupGrid(scale, zero.expand_as(scale), mn, torch.where(scale > 0, scale, 1))
     # ZERO_ON_GRID: the range must contain 0 and 0 must be a level
     mn = mn.clamp(max=0)
     mx = mx.clamp(min=0)
-    span = mx / B - mn / B
+    span = mx * (1.0 / B) - mn * (1.0 / B)
     # The paper's qzero = floor(-mn * B / (mx - mn)), kept in [1, B] when there are negatives
     # so the stretch never divides by zero (the reference code's NaN on all-positive
     # tensors); taking the larger of the two steps keeps both ends of the range covered.

@@ -562,7 +562,8 @@ def _qconv(
 @_qconv.register_fake
 def _qconv_fake(kind, a, sa, za, oa, b, sb, zb, ob, bias, stride, padding, dilation, groups, out_shape, out_dtype, channels_last):
     fmt = out_memory_format(channels_last, len(out_shape))
-    return a.new_empty(out_shape, dtype=out_dtype).contiguous(memory_format=fmt)
+    # allocated in its memory format: no copy of an empty tensor to reach it
+    return torch.empty(out_shape, dtype=out_dtype, device=a.device, memory_format=fmt)
 
 
 @torch.library.custom_op("fqt::conv_codes", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))

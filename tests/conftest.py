@@ -105,3 +105,14 @@ def pytest_report_header(config):
     if tier != "all":
         return f"test tier: {tier} (--tier all runs every test, as CI does)"
     return "test tier: all"
+
+
+def pytest_runtest_logreport(report):
+    """With ``FQT_FAILURE_LOG`` set (``fqt gpu-check``'s tests stage), every failure is appended
+    to that file the moment it is reported: a run killed at its time cap never prints its
+    summary, and a GPU's minutes are too few to run it again to see what failed."""
+    path = os.environ.get("FQT_FAILURE_LOG")
+    if not path or not report.failed:
+        return
+    with open(path, "a") as log:
+        log.write(f"FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{str(report.longrepr)[-4000:]}\n\n")

@@ -155,13 +155,13 @@ def tests(rec: Recorder, cfg: dict) -> None:
     # A dry run rehearses the mechanism (the suite runs these files in full anyway): the GPU
     # marker collected from the kernel tests only, and the GEMM file's split-K tests.
     files = (["test_qmm_kernel.py"] if cfg["dry_run"]
-             else ["test_qmm_kernel.py", "test_conv_triton.py", "test_quantize_kernel.py", "test_fused_kernel.py",
+             else ["test_quantize_kernel.py", "test_conv_triton.py", "test_qmm_kernel.py", "test_fused_kernel.py",
                    "test_bhq_kernel.py"])
     parallel = ["-n", "8"] if not cfg["dry_run"] and importlib.util.find_spec("xdist") else []
     narrow = ["-k", "split_k"] if cfg["dry_run"] else []
-    runs = [("gpu-marked tests", ["-m", "gpu", "tests/kernels" if cfg["dry_run"] else "tests"])] + [
-        (f"kernel tests: {f}", ["-m", "not gpu", *narrow, f"tests/kernels/{f}"]) for f in files
-    ]
+    # the quantize kernels' file first: the cheapest check of bit-exactness on the device
+    kernel_runs = [(f"kernel tests: {f}", ["-m", "not gpu", *narrow, f"tests/kernels/{f}"]) for f in files]
+    runs = kernel_runs[:1] + [("gpu-marked tests", ["-m", "gpu", "tests/kernels" if cfg["dry_run"] else "tests"])] + kernel_runs[1:]
     with tempfile.TemporaryDirectory() as tmp:
         for label, args in runs:
             xml = Path(tmp) / "junit.xml"
@@ -169,7 +169,9 @@ def tests(rec: Recorder, cfg: dict) -> None:
                    *parallel, *args]
             print(f"$ {' '.join(cmd[1:])}", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=cfg["root"])
+            # failures land in their own log as they happen (archived with the stage logs)
+            env = dict(os.environ, FQT_FAILURE_LOG=str(rec.path.with_name("tests_failures.log")))
+            proc = subprocess.run(cmd, cwd=cfg["root"], env=env)
             summary = _junit_summary(xml) if xml.exists() else {"error": "pytest wrote no report (see the stage log)"}
             xml.unlink(missing_ok=True)
             rec.add("runs", {"run": label, "command": " ".join(cmd[1:]), "exit": proc.returncode,

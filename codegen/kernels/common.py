@@ -83,13 +83,13 @@ def row_scales(nan, amax, mn, mx, SCHEME: tl.constexpr, QMAX: tl.constexpr, LEVE
     qzero = tl.zeros((BLOCK_R,), tl.float32)
     if SCHEME == 0:
         amax = tl.where(is_nan, float("nan"), amax)
-        scale = tl.math.div_rn(amax, QMAX)
+        scale = amax * (1.0 / QMAX)  # the reference's reciprocal product
         zp = tl.zeros((BLOCK_R,), tl.float32)
         offset = tl.zeros((BLOCK_R,), tl.float32)
     elif SCHEME == 1:
         mn = tl.where(is_nan, float("nan"), mn)
         mx = tl.where(is_nan, float("nan"), mx)
-        scale = tl.math.div_rn(mx, LEVELS * 1.0) - tl.math.div_rn(mn, LEVELS * 1.0)
+        scale = mx * (1.0 / LEVELS) - mn * (1.0 / LEVELS)
         zp = tl.zeros((BLOCK_R,), tl.float32)
         offset = mn
     else:
@@ -97,7 +97,7 @@ def row_scales(nan, amax, mn, mx, SCHEME: tl.constexpr, QMAX: tl.constexpr, LEVE
         mx = tl.maximum(tl.where(is_nan, float("nan"), mx), 0.0)
         mn = tl.where(is_nan, float("nan"), mn)  # tl.minimum may drop NaN against 0
         mx = tl.where(is_nan, float("nan"), mx)
-        span = tl.math.div_rn(mx, LEVELS * 1.0) - tl.math.div_rn(mn, LEVELS * 1.0)
+        span = mx * (1.0 / LEVELS) - mn * (1.0 / LEVELS)
         qzero = tl.floor(tl.math.div_rn(-mn, tl.where(span > 0, span, 1.0)))
         qzero = tl.where(mn < 0, tl.minimum(tl.maximum(qzero, 1.0), LEVELS * 1.0), 0.0)
         down = tl.where(qzero > 0, tl.math.div_rn(-mn, tl.where(qzero > 0, qzero, 1.0)), 0.0)

@@ -41,7 +41,7 @@ def _fake_cuda_steps(cases: list[str]) -> dict:
     return dict(zip(cases, out["cases"]))
 
 
-CONV_CASES = ["conv/int8:auto", "conv/int8:off", "conv/fp8:auto", "conv/ptq8:auto"]
+CONV_CASES = ["conv/int8:auto", "conv/int8:off", "conv/fp8:auto", "conv/ptq8:auto", "resnet/int8:auto"]
 
 
 @pytest.fixture(scope="module")

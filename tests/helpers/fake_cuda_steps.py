@@ -7,7 +7,8 @@ Triton's interpreter: the traced launches need the kernels as the GPU sees them 
 nothing runs or compiles for the device. ``@PROVIDER``: the GEMM provider the (fake) device
 measurement says is fastest for that case (default: the Triton GEMM); the output also counts
 the measurements made (``"measurements"``, after each case: the cache on disk saves the rest).
-``MODEL/``: ``mlp`` (the default) or ``conv`` (strided, grouped and 1-D convolutions)."""
+``MODEL/``: ``mlp`` (the default), ``conv`` (strided, grouped, 1-D and channels-last 1x1
+convolutions) or ``resnet`` (a narrow ResNet-50 in channels-last memory)."""
 
 from __future__ import annotations
 
@@ -32,15 +33,24 @@ class _Convs(nn.Module):
         self.c1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
         self.c2 = nn.Conv2d(16, 16, 3, padding=1, groups=2, bias=False)
         self.c3 = nn.Conv1d(16, 8, 3, padding=1, bias=False)
+        self.pointwise = nn.Conv2d(16, 16, 1, bias=False)  # channels-last: a 1x1 weight's size-1 dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        h = self.pointwise(h.contiguous(memory_format=torch.channels_last))
         return self.c3(h.flatten(2))
 
 
 def _model(name: str, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+    if name == "resnet":  # the conv stage's network, narrow and shallow: bottlenecks, strided 1x1s
+        from fqt_compiler.tools.cnn_models import ResNet50
+
+        model = ResNet50(width=8, blocks=(1, 1, 1, 1)).to(dtype).to(memory_format=torch.channels_last)
+        return model, torch.randn(2, 3, 16, 16, dtype=dtype).to(memory_format=torch.channels_last)
     if name == "conv":
-        return _Convs().to(dtype), torch.randn(2, 3, 8, 8, dtype=dtype)
+        model = _Convs().to(dtype)
+        model.pointwise.to(memory_format=torch.channels_last)
+        return model, torch.randn(2, 3, 8, 8, dtype=dtype)
     return nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).to(dtype), torch.randn(4, 8, 32, dtype=dtype)
 
 
@@ -71,7 +81,8 @@ def _steps(gm, stage, saved, options: dict):
 def _output_strides(gm) -> list:
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     vals = [o.meta.get("val") for o in out if isinstance(o, torch.fx.Node)]
-    return [list(v.stride()) for v in vals if isinstance(v, torch.Tensor)]
+    # a size-1 dim's stride addresses nothing (a 1x1 convolution's channels-last weight)
+    return [[st if n > 1 else None for n, st in zip(v.shape, v.stride())] for v in vals if isinstance(v, torch.Tensor)]
 
 
 def case(recipe: str, fusion: str, dtype: torch.dtype = torch.float32, model: str = "mlp") -> list[dict]:

@@ -53,7 +53,7 @@ def _to_cuda(val, mode, fake_cls):
 class FakeCudaMethods:
     """A torch-function mode for tracing on fake CUDA tensors in a CPU-only build of torch.
 
-    A few ``Tensor`` methods (``contiguous``, ``copy_``, indexing) take a CUDA device guard in
+    A few ``Tensor`` methods (``contiguous``, ``copy_``, indexing, index assignment) take a CUDA device guard in
     their Python binding, which a build without CUDA cannot make, before any dispatch (a fake
     tensor never gets to say it is fake). This mode sends them to their aten operators instead,
     which reach the fake tensor mode without a guard: indexing by one tensor, or by ints and
@@ -75,6 +75,11 @@ class FakeCudaMethods:
                     out = _getitem(*args)
                     if out is not None:
                         return out
+                if func is torch.Tensor.__setitem__ and len(args) == 3 and isinstance(args[2], torch.Tensor):
+                    view = _getitem(args[0], args[1])  # a strided convolution's dgrad spreads its gradient
+                    if view is not None:
+                        torch.ops.aten.copy_.default(view, args[2])
+                        return None
                 return func(*args, **kwargs)
 
         return _Mode()
