@@ -106,7 +106,7 @@ def _same_outputs(before: object, what: str, replaced: list) -> None:
 def inline_kernel_launches(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """Replace every static-shape fqt kernel op on CUDA by the trace of its Triton launcher;
     returns (node, reason) for each kernel op that stays a Python call."""
-    kept = []
+    kept, traces = [], {}
     for node in list(gm.graph.nodes):
         fn = TRITON_LAUNCHES.get(node.target) if node.op == "call_function" else None
         if fn is None or not _on_cuda(node):
@@ -119,7 +119,7 @@ def inline_kernel_launches(gm: fx.GraphModule) -> list[tuple[str, str]]:
 
         before, target, name = node.meta.get("val"), node.target, node.name
         with traced_launches():
-            outputs = inline_graph_node(gm, node, fn, functionalize=True)
+            outputs = inline_graph_node(gm, node, fn, functionalize=True, traces=traces)
         _same_outputs(before, f"{target} ({name})", outputs if isinstance(outputs, (tuple, list)) else [outputs])
     gm.graph.eliminate_dead_code()
     gm.recompile()

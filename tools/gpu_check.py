@@ -59,7 +59,7 @@ STAGES = (
     Stage("layer", "LayerNorm -> Linear -> Sigmoid fwd+bwd against the high-precision torch.compile baseline", 140, 40),
     Stage("gemm", "fqt's GEMMs alone against cuBLAS bf16, torch._int_mm and torch._scaled_mm; fp8 error at long K", 45, 20),
     Stage("quantize", "quantize-kernel bandwidth against a same-run device copy", 25, 15),
-    Stage("conv", "a ResNet-50 training step (batch 64, 224x224) under int8 / fp8 against bf16 channels-last", 150, 60),
+    Stage("conv", "a ResNet-50 training step (batch 64, 224x224) under int8 against bf16 channels-last", 150, 60),
     Stage("e2e", "a GPT-2-small training step under int8 against bf16 torch.compile", 110, 40),
 )
 _NAMES = [s.name for s in STAGES]

@@ -161,7 +161,8 @@ def tests(rec: Recorder, cfg: dict) -> None:
     narrow = ["-k", "split_k"] if cfg["dry_run"] else []
     # the quantize kernels' file first: the cheapest check of bit-exactness on the device
     kernel_runs = [(f"kernel tests: {f}", ["-m", "not gpu", *narrow, f"tests/kernels/{f}"]) for f in files]
-    runs = kernel_runs[:1] + [("gpu-marked tests", ["-m", "gpu", "tests/kernels" if cfg["dry_run"] else "tests"])] + kernel_runs[1:]
+    gpu_marked = ("gpu-marked tests", ["-m", "gpu", "tests/kernels" if cfg["dry_run"] else "tests"])
+    runs = [*kernel_runs[:1], gpu_marked, *kernel_runs[1:]]
     with tempfile.TemporaryDirectory() as tmp:
         for label, args in runs:
             xml = Path(tmp) / "junit.xml"

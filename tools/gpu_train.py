@@ -25,7 +25,8 @@ from fqt_compiler.tools.results import Block
 from fqt_compiler.tools.gpu_common import Recorder, sig, stage_device
 
 __all__ = [
-    "GPT", "layer", "e2e", "profile_step", "layer_variants", "launch_counts", "setup_stage", "compile_baseline", "lowbit_gemms",
+    "GPT", "layer", "e2e", "profile_step", "layer_variants", "launch_counts", "setup_stage", "compile_baseline", "compile_fqt",
+    "lowbit_gemms",
 ]
 
 
@@ -41,8 +42,17 @@ def setup_stage(cfg: dict) -> tuple[torch.device, torch.dtype, str]:
 
 
 def compile_baseline(model: nn.Module, cfg: dict):
-    """The high-precision baseline: Inductor on a GPU, ``aot_eager`` in a dry run."""
-    return torch.compile(model, backend="aot_eager") if cfg["dry_run"] else torch.compile(model)
+    """The high-precision baseline: Inductor on a GPU, ``aot_eager`` in a dry run; static
+    shapes, as :func:`compile_fqt`."""
+    return torch.compile(model, backend="aot_eager" if cfg["dry_run"] else "inductor", dynamic=False)
+
+
+def compile_fqt(model: nn.Module, backend):
+    """fqt's compile of ``model`` with static shapes: the stages compile one forward code
+    object at several shapes, and Dynamo would otherwise recompile the second shape with
+    symbolic sizes (``automatic_dynamic_shapes``), where fqt's launchers run per call from
+    Python instead of from Inductor's code -- not what a model of one shape gets."""
+    return torch.compile(model, backend=backend, dynamic=False)
 
 
 def _sync(device: torch.device) -> None:
@@ -126,7 +136,7 @@ def layer(rec: Recorder, cfg: dict) -> None:
         cand = Layer(k, n).to(device=device, dtype=dtype)
         cand.load_state_dict(base.state_dict())
         be = fqt.backend(recipe=recipe, fusion=fusion, inductor=not cfg["dry_run"])
-        step = _layer_step(cand, torch.compile(cand, backend=be), x, grad)
+        step = _layer_step(cand, compile_fqt(cand, be), x, grad)
         t0 = time.perf_counter()
         step()
         _sync(device)
@@ -248,7 +258,7 @@ def e2e(rec: Recorder, cfg: dict) -> None:
         torch._dynamo.reset()
         model = GPT(g["vocab"], g["context"], g["d"], g["layers"], g["heads"]).to(device)
         be = None if label == "baseline" else fqt.backend(recipe="int8", inductor=not cfg["dry_run"])
-        model.compile_regions((lambda m: compile_baseline(m, cfg)) if be is None else (lambda m: torch.compile(m, backend=be)))
+        model.compile_regions((lambda m: compile_baseline(m, cfg)) if be is None else (lambda m: compile_fqt(m, be)))
         runs[label] = _train(model, data, g, device, rec, label)
         if be is not None:
             runs[label]["lowbit_gemms"] = lowbit_gemms(be)

@@ -140,7 +140,8 @@ def spill_table() -> list[dict]:
     from fqt_compiler.codegen.kernels.qmm import SM90_TILES, Family
 
     rows = []
-    for block_r, block_c, one_pass, warps in ((2, 4096, True, 8), (8, 1024, True, 8), (16, 64, False, 4)):
+    for block_r, block_c, one_pass, warps in ((2, 4096, True, 8), (8, 1024, True, 8), (1, 16384, True, 16), (1, 1024, False, 4),
+                                              (4, 512, False, 8), (16, 64, False, 4)):
         rows.append({"family": "quantize rows" + (" (one pass)" if one_pass else " (two passes)"), "codes": "int8",
                      "tile": (block_r, block_c, 0, 0, warps), **ptxas_usage(_rows_ptx(block_r, block_c, one_pass, warps))})
     for family, tiles in SM90_TILES.items():

@@ -117,7 +117,7 @@ def bhq_quantize(
     if x.numel():
         proj = _projections(m, group, u, s)
         row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
-        kernel, block_c, one_pass = rows_kernel_for(d, x.device)
+        kernel, tiling = rows_kernel_for(d, x.device)
         launch(
             kernel, rows_grid(n),
             m, codes, scale, zp, offset, None, seed,
@@ -126,7 +126,7 @@ def bhq_quantize(
             m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0),
             SCHEME=SCHEME_ID[row_spec.scheme], FP8=0, STOCHASTIC=row_spec.is_stochastic, STATS_GIVEN=False,
             QMAX=float(row_spec.qmax), LEVELS=row_spec.levels, CODE_OFFSET=row_spec.code_offset,
-            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, ONE_PASS=one_pass, BLOCK_C=block_c,
+            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, **tiling,
         )
     stats = [shape_scale(v, x.shape, Granularity.ROW, layout) for v in (scale, zp, offset)]
     return (from_natural_2d(codes, x.shape, layout), *stats, group, u, s)

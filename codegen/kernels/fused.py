@@ -350,7 +350,7 @@ def _codes_pass(job: _Launch, spec: QuantSpec, c2, c2b, scale, zp, offset, stats
     both = code_layout is CodeLayout.BOTH
     c2b_strides = (c2b.stride(0), c2b.stride(1)) if both else (0, 0)
     fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
-    kernel, block_c, one_pass = rows_kernel_for(n_cols, c2.device, job.module.rows_kernel)
+    kernel, tiling = rows_kernel_for(n_cols, c2.device, job.module.rows_kernel)
     launch(
         kernel, rows_grid(n_rows),
         *job.views, job.h2, c2, c2b, scale, zp, offset, stats, seed,
@@ -358,5 +358,5 @@ def _codes_pass(job: _Launch, spec: QuantSpec, c2, c2b, scale, zp, offset, stats
         SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=given,
         QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
         FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-        WRITE_HP=job.write_hp and not hp_done, WRITE_CODES2=both, ONE_PASS=one_pass, BLOCK_C=block_c,
+        WRITE_HP=job.write_hp and not hp_done, WRITE_CODES2=both, **tiling,
     )

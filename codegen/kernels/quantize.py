@@ -30,7 +30,7 @@ from fqt_compiler.codegen.kernels.common import (
 
 __all__ = [
     "quantize", "SCHEME_ID", "quantize_rows_kernel", "row_statistics", "reduce_partials", "rows_kernel_for", "rows_grid",
-    "rows_tiling", "store_row_scales", "ONE_PASS_MAX_C",
+    "rows_tiling", "store_row_scales", "ONE_PASS_MAX_C", "PLAIN_ONE_PASS_MAX_C", "TWO_PASS_TILES",
 ]
 
 SCHEME_ID = {Scheme.SYMMETRIC: 0, Scheme.ASYMMETRIC: 1, Scheme.ZERO_ON_GRID: 2}
@@ -163,35 +163,60 @@ def store_row_scales(scale_ptr, zp_ptr, offset_ptr, rows, rmask, scale, zp, offs
 
 
 # A row of at most this many elements is quantized from one tile held on chip (one read of the
-# input); longer rows take two passes over BLOCK_C-wide chunks.
+# input); longer rows take two passes over chunks. The plain quantizer holds up to
+# PLAIN_ONE_PASS_MAX_C (16 warps, 124 registers and no spills on sm_90); a generated kernel's
+# fused chain keeps more values per element alive, so it stops at ONE_PASS_MAX_C.
 ONE_PASS_MAX_C = 4096
+PLAIN_ONE_PASS_MAX_C = 16384
+# Two-pass chunks (rows, columns) the autotuner picks from on a GPU. The first H200 run had only
+# 16x64 chunks: 119 registers a thread at 4 warps on sm_90, 2 KB loaded per step, and the
+# kernel reached a quarter of copy bandwidth. Wide chunks suit rows contiguous in memory; tall
+# narrow ones a transposed read, where a column's elements are what lie side by side.
+TWO_PASS_TILES = ((1, 1024), (2, 1024), (4, 512), (16, 64))
 
 
-def rows_tiling(n_cols: int, device: torch.device) -> tuple[list[triton.Config], int, bool]:
-    """(configs over BLOCK_R and warps, BLOCK_C, one pass) for rows of ``n_cols`` elements: the
-    whole row in one tile up to :data:`ONE_PASS_MAX_C`, else 64-wide chunks. Several tile heights
-    on a GPU for the autotuner; one under the CPU interpreter."""
-    one_pass = n_cols <= ONE_PASS_MAX_C
-    block_c = max(16, triton.next_power_of_2(n_cols)) if one_pass else 64
-    if device.type != "cuda":
-        return [triton.Config({"BLOCK_R": 16 if not one_pass else max(1, min(16, 1024 // block_c))})], block_c, one_pass
-    heights = [r for r in (1, 2, 4, 8, 16) if r * block_c <= 8192 and r * block_c >= 256] or [1]
-    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in heights for w in (4, 8)], block_c, one_pass
+def rows_tiling(
+    n_cols: int, device: torch.device, one_pass_max: int | None = None
+) -> tuple[list[triton.Config], int | None, bool]:
+    """(configs, BLOCK_C, one pass) for rows of ``n_cols`` elements: the whole row in one tile
+    up to ``one_pass_max`` (default :data:`ONE_PASS_MAX_C`; the configs pick tile heights and
+    warps), else two passes over chunks whose shape the configs pick (BLOCK_C is then None:
+    it is the config's). Several configs on a GPU for the autotuner; one under the CPU
+    interpreter."""
+    one_pass = n_cols <= (ONE_PASS_MAX_C if one_pass_max is None else one_pass_max)
+    cuda = device.type == "cuda"
+    if not one_pass:
+        tiles = TWO_PASS_TILES if cuda else ((16, 64),)
+        warps = (4, 8) if cuda else (4,)
+        return [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w) for r, c in tiles for w in warps], None, False
+    block_c = max(16, triton.next_power_of_2(n_cols))
+    if not cuda:
+        return [triton.Config({"BLOCK_R": max(1, min(16, 1024 // block_c))})], block_c, True
+    heights = [r for r in (1, 2, 4, 8, 16) if 256 <= r * block_c <= 8192] or [1]
+    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in heights for w in _warps(r * block_c)], block_c, True
+
+
+def _warps(tile: int) -> tuple[int, ...]:
+    """Warp counts for a one-pass tile of ``tile`` elements: at most 32 elements a thread
+    (a 16384-wide row takes 16 warps; at 8 it needs 218 registers a thread on sm_90)."""
+    return (4, 8) if tile <= 4096 else (8, 16) if tile <= 8192 else (16,)
 
 
 _ROWS_TUNED: dict[tuple, object] = {}
 
 
-def rows_kernel_for(n_cols: int, device: torch.device, kernel=None) -> tuple[object, int, bool]:
+def rows_kernel_for(n_cols: int, device: torch.device, kernel=None, one_pass_max: int | None = None) -> tuple[object, dict]:
     """A rows kernel (``quantize_rows_kernel``, or a generated fused one) autotuned over
-    :func:`rows_tiling`'s tile heights for rows of ``n_cols``; returns it, BLOCK_C and ONE_PASS."""
+    :func:`rows_tiling`'s configs for rows of ``n_cols``; returns it and the tiling constants
+    its launch passes (``ONE_PASS``, and ``BLOCK_C`` where the configs do not choose it)."""
     kernel = kernel if kernel is not None else quantize_rows_kernel
-    configs, block_c, one_pass = rows_tiling(n_cols, device)
+    configs, block_c, one_pass = rows_tiling(n_cols, device, one_pass_max)
     key = (kernel, str(device), block_c, one_pass, len(configs))
     if key not in _ROWS_TUNED:
-        names = [n for n in ("R", "C", "STOCHASTIC", "TRANSFORM", "STATS_GIVEN") if n in kernel.arg_names]
+        # the input's column stride too: a transposed read wants another chunk shape
+        names = [n for n in ("R", "C", "STOCHASTIC", "TRANSFORM", "STATS_GIVEN", "stride_xc") if n in kernel.arg_names]
         _ROWS_TUNED[key] = triton.autotune(configs=configs, key=names)(kernel)
-    return _ROWS_TUNED[key], block_c, one_pass
+    return _ROWS_TUNED[key], {"ONE_PASS": one_pass} | ({} if block_c is None else {"BLOCK_C": block_c})
 
 
 def rows_grid(n_rows: int):
@@ -293,7 +318,7 @@ def _launch_rows(g, codes, scale, zp, offset, stats, seed, spec: QuantSpec, stat
     """The rows kernel over ``g`` (one scale per row), writing ``codes`` and the statistics."""
     fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
     n_rows, n_cols = g.shape
-    kernel, block_c, one_pass = rows_kernel_for(n_cols, g.device)
+    kernel, tiling = rows_kernel_for(n_cols, g.device, one_pass_max=PLAIN_ONE_PASS_MAX_C)
     launch(
         kernel, rows_grid(n_rows),
         g, codes, scale, zp, offset, stats, seed,
@@ -303,5 +328,5 @@ def _launch_rows(g, codes, scale, zp, offset, stats, seed, spec: QuantSpec, stat
         SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=stats_given,
         QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
         FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-        TRANSFORM=False, ONE_PASS=one_pass, BLOCK_C=block_c,
+        TRANSFORM=False, **tiling,
     )

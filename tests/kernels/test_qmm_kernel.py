@@ -165,7 +165,7 @@ def test_sm90_fp8_qmm_promotes_its_accumulator_and_takes_mixed_formats():
 @pytest.mark.slow  # about 40 s: 16 kernels compiled for sm_90 and assembled by ptxas
 def test_sm90_autotune_tiles_do_not_spill():
     """Every sm_90 tile in the autotune lists assembles without register spills for the plain
-    GEMM (int8 and fp8 codes) and the quantize rows kernel (one pass over rows of up to 4096
+    GEMM (int8 and fp8 codes) and the quantize rows kernel (one pass over rows of up to 16384
     elements, or chunks); a heavy generated epilogue (GELU in bf16 and the next quantizer's
     statistics) spills at most a couple of hundred bytes, where the 128-row tiles it no longer
     lists spilled 2-20 KB."""
@@ -175,7 +175,7 @@ def test_sm90_autotune_tiles_do_not_spill():
         "import json; from fqt_compiler.tools.ptx import spill_table; print(json.dumps(spill_table()))"
     )
     rows = json.loads(out.strip().splitlines()[-1])
-    assert len(rows) == 16
+    assert len(rows) == 19
     for r in rows:
         assert r["registers"] > 0, r
         assert r["spill_bytes"] <= (256 if r["family"] == "epilogue" else 0), r

@@ -105,7 +105,27 @@ def test_quantize_kernel_empty_inputs_match_the_reference(spec, shape, layout):
         assert g.shape == r.shape and g.dtype == r.dtype and torch.equal(g, r)
 
 
-@pytest.mark.parametrize("cols", [100, 4097])
+def test_gpu_row_tilings_hold_at_most_32_elements_a_thread_and_long_rows_choose_their_chunks():
+    """The configs the autotuner gets on a GPU (nothing launched): one-pass tiles of at most 32
+    elements a thread (the plain quantizer up to 16384-wide rows, generated kernels up to
+    4096), and for longer rows chunk shapes of both kinds: wide for rows contiguous in memory,
+    tall for transposed reads, each config naming its own BLOCK_C."""
+    from fqt_compiler.codegen.kernels import quantize as qk
+
+    cuda = torch.device("cuda")
+    for n_cols in (16, 100, 1024, 4096, 8192, 16384):
+        configs, block_c, one_pass = qk.rows_tiling(n_cols, cuda, qk.PLAIN_ONE_PASS_MAX_C)
+        assert one_pass and block_c >= n_cols and configs
+        for c in configs:
+            assert "BLOCK_C" not in c.kwargs and c.kwargs["BLOCK_R"] * block_c <= 32 * 32 * c.num_warps, (n_cols, c)
+    assert not qk.rows_tiling(8192, cuda)[2]  # a generated kernel's limit
+    configs, block_c, one_pass = qk.rows_tiling(qk.PLAIN_ONE_PASS_MAX_C + 1, cuda, qk.PLAIN_ONE_PASS_MAX_C)
+    assert not one_pass and block_c is None
+    shapes = {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"]) for c in configs}
+    assert any(r == 1 and c >= 1024 for r, c in shapes) and any(r >= 16 for r, c in shapes)
+
+
+@pytest.mark.parametrize("cols", [100, 16385])
 @pytest.mark.parametrize("spec", [QuantSpec(granularity="row", rounding="stochastic"), QuantSpec(scheme="asym", bits=4)],
                          ids=lambda s: s.short().replace(" ", "-"))
 def test_rows_longer_than_a_tile_take_two_passes_same_bits(monkeypatch, spec, cols):
@@ -113,9 +133,9 @@ def test_rows_longer_than_a_tile_take_two_passes_same_bits(monkeypatch, spec, co
     past the real one) is read in two passes of chunks. Both give the reference's bits."""
     from fqt_compiler.codegen.kernels import quantize as qk
 
-    if cols < qk.ONE_PASS_MAX_C:
-        monkeypatch.setattr(qk, "ONE_PASS_MAX_C", 32)
-    assert not qk.rows_tiling(cols, torch.device(DEVICE))[2]
+    if cols < qk.PLAIN_ONE_PASS_MAX_C:
+        monkeypatch.setattr(qk, "PLAIN_ONE_PASS_MAX_C", 32)
+    assert not qk.rows_tiling(cols, torch.device(DEVICE), qk.PLAIN_ONE_PASS_MAX_C)[2]
     x = torch.randn(3, cols, generator=torch.Generator().manual_seed(cols)).to(DEVICE)
     seed = torch.tensor([4], device=DEVICE)
     got = qk.quantize(x, spec, Layout.PENULTIMATE, seed=seed)
