@@ -209,13 +209,14 @@ def _group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,))
     mn = g.amin(dim=dims, keepdim=True)
     mx = g.amax(dim=dims, keepdim=True)
     if spec.scheme is Scheme.ASYMMETRIC:
-        # (mx / B - mn / B) rather than (mx - mn) / B: cannot overflow for finite inputs.
-        scale = mx * (1.0 / B) - mn * (1.0 / B)
+        # (mx - mn) / B from halves: cannot overflow for finite inputs, and halving is exact,
+        # so a compiler's fused multiply-add of the first half gives the same bits
+        scale = (mx * 0.5 - mn * 0.5) * (2.0 / B)
         return _GroupGrid(scale, zero.expand_as(scale), mn, torch.where(scale > 0, scale, 1))
     # ZERO_ON_GRID: the range must contain 0 and 0 must be a level
     mn = mn.clamp(max=0)
     mx = mx.clamp(min=0)
-    span = mx * (1.0 / B) - mn * (1.0 / B)
+    span = (mx * 0.5 - mn * 0.5) * (2.0 / B)
     # The paper's qzero = floor(-mn * B / (mx - mn)), kept in [1, B] when there are negatives
     # so the stretch never divides by zero (the reference code's NaN on all-positive
     # tensors); taking the larger of the two steps keeps both ends of the range covered.

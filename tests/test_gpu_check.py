@@ -59,9 +59,9 @@ def test_dry_run_preflight_and_tests(dry_run):
     assert pre["probes"]["torch._int_mm int8"] == {"ok": True, "rel_err": 0.0}
     assert len(pre["probes"]) == 5  # int_mm and the four torch._scaled_mm combinations
     runs = doc["stages"]["tests"]["results"]["runs"]
-    assert [r["run"] for r in runs] == ["gpu-marked tests", "kernel tests: test_qmm_kernel.py"]
-    assert runs[0]["tests"] > 0 and runs[0]["skipped"] == runs[0]["tests"]  # no GPU here: all skip
-    assert runs[1]["passed"] > 0 and runs[1]["failures"] == runs[1]["errors"] == 0
+    assert [r["run"] for r in runs] == ["kernel tests: test_qmm_kernel.py", "gpu-marked tests"]
+    assert runs[1]["tests"] > 0 and runs[1]["skipped"] == runs[1]["tests"]  # no GPU here: all skip
+    assert runs[0]["passed"] > 0 and runs[0]["failures"] == runs[0]["errors"] == 0
 
 
 @DRY
@@ -141,3 +141,19 @@ def test_cli_errors(capsys):
     assert cli.main(["gpu-check", "--dry-run", "--deadline", "3"]) == 2
     with pytest.raises(SystemExit):
         cli.main(["gpu-check", "--stages", "nosuchstage"])
+
+
+def test_failures_are_logged_as_they_are_reported(tmp_path, monkeypatch):
+    """The tests stage's pytest may be killed at its cap before its summary: with
+    FQT_FAILURE_LOG set, each failure is in that file the moment it is reported."""
+    from types import SimpleNamespace
+
+    from tests.conftest import pytest_runtest_logreport
+
+    log = tmp_path / "failures.log"
+    monkeypatch.setenv("FQT_FAILURE_LOG", str(log))
+    pytest_runtest_logreport(SimpleNamespace(failed=False, nodeid="t.py::ok", when="call", duration=0.1, longrepr=None))
+    assert not log.exists()
+    pytest_runtest_logreport(SimpleNamespace(failed=True, nodeid="t.py::bad", when="call", duration=1.5, longrepr="E  boom"))
+    text = log.read_text()
+    assert "FAILED t.py::bad (call, 1.5 s)" in text and "E  boom" in text

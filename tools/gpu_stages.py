@@ -161,7 +161,7 @@ def tests(rec: Recorder, cfg: dict) -> None:
     narrow = ["-k", "split_k"] if cfg["dry_run"] else []
     # the quantize kernels' file first: the cheapest check of bit-exactness on the device
     kernel_runs = [(f"kernel tests: {f}", ["-m", "not gpu", *narrow, f"tests/kernels/{f}"]) for f in files]
-    gpu_marked = ("gpu-marked tests", ["-m", "gpu", "tests/kernels" if cfg["dry_run"] else "tests"])
+    gpu_marked = ("gpu-marked tests", ["-m", "gpu", *_gpu_marked_files(Path(cfg["root"]), cfg["dry_run"])])
     runs = [*kernel_runs[:1], gpu_marked, *kernel_runs[1:]]
     with tempfile.TemporaryDirectory() as tmp:
         for label, args in runs:
@@ -177,6 +177,13 @@ def tests(rec: Recorder, cfg: dict) -> None:
             xml.unlink(missing_ok=True)
             rec.add("runs", {"run": label, "command": " ".join(cmd[1:]), "exit": proc.returncode,
                              "seconds": round(time.perf_counter() - t0, 1), **summary})
+
+
+def _gpu_marked_files(root: Path, dry_run: bool) -> list[str]:
+    """The test files that mark tests ``gpu``: pytest then imports those alone (collecting the
+    whole suite took most of the first run's 70 s). A dry run: the kernel tests' only."""
+    tests = root / "tests" / ("kernels" if dry_run else "")
+    return sorted(str(p.relative_to(root)) for p in tests.rglob("test_*.py") if "mark.gpu" in p.read_text())
 
 
 def _junit_summary(xml: Path) -> dict:

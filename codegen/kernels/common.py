@@ -89,7 +89,7 @@ def row_scales(nan, amax, mn, mx, SCHEME: tl.constexpr, QMAX: tl.constexpr, LEVE
     elif SCHEME == 1:
         mn = tl.where(is_nan, float("nan"), mn)
         mx = tl.where(is_nan, float("nan"), mx)
-        scale = mx * (1.0 / LEVELS) - mn * (1.0 / LEVELS)
+        scale = (mx * 0.5 - mn * 0.5) * (2.0 / LEVELS)  # the reference's halves: no overflow
         zp = tl.zeros((BLOCK_R,), tl.float32)
         offset = mn
     else:
@@ -97,7 +97,7 @@ def row_scales(nan, amax, mn, mx, SCHEME: tl.constexpr, QMAX: tl.constexpr, LEVE
         mx = tl.maximum(tl.where(is_nan, float("nan"), mx), 0.0)
         mn = tl.where(is_nan, float("nan"), mn)  # tl.minimum may drop NaN against 0
         mx = tl.where(is_nan, float("nan"), mx)
-        span = mx * (1.0 / LEVELS) - mn * (1.0 / LEVELS)
+        span = (mx * 0.5 - mn * 0.5) * (2.0 / LEVELS)
         qzero = tl.floor(tl.math.div_rn(-mn, tl.where(span > 0, span, 1.0)))
         qzero = tl.where(mn < 0, tl.minimum(tl.maximum(qzero, 1.0), LEVELS * 1.0), 0.0)
         down = tl.where(qzero > 0, tl.math.div_rn(-mn, tl.where(qzero > 0, qzero, 1.0)), 0.0)

@@ -140,3 +140,15 @@ def test_rows_longer_than_a_tile_take_two_passes_same_bits(monkeypatch, spec, co
     seed = torch.tensor([4], device=DEVICE)
     got = qk.quantize(x, spec, Layout.PENULTIMATE, seed=seed)
     assert_same(got, quantize_ref(x, spec, Layout.PENULTIMATE, seed=seed))
+
+
+@pytest.mark.parametrize("scheme", ["asym", "zog"])
+def test_a_range_wider_than_float32_max_keeps_a_finite_grid(scheme):
+    """Rows spanning -3e38..3e38: max - min overflows float32, the grid's step must not (it is
+    computed from halves, which also makes it immune to a compiler's fused multiply-adds)."""
+    x = torch.tensor([[-3e38, 3e38, 1.0, -2.0], [0.5, -0.25, 2.0, 1.0]]).to(DEVICE)
+    spec = QuantSpec(scheme=scheme, granularity="row")
+    got = quantize(x, spec, Layout.PENULTIMATE)
+    ref = quantize_ref(x, spec, Layout.PENULTIMATE)
+    assert_same(got, ref)
+    assert torch.isfinite(ref[1]).all() and (ref[1] > 0).all()
