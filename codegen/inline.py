@@ -34,6 +34,7 @@ from fqt_compiler.reference import quantize_ref
 from fqt_compiler.specs import QuantSpec
 from fqt_compiler.passes.dequant_chain import DequantOperand, is_dequantization, match_operand
 from fqt_compiler.passes.graph_utils import call, is_static_value
+from fqt_compiler.passes.matchers import GEMM_PACKETS
 
 from fqt_compiler.conv_paths import qconv_cpu_of_op_args
 from fqt_compiler.ops import qconv_op, qmm_cpu, qmm_op
@@ -41,6 +42,7 @@ from fqt_compiler.ops import qconv_op, qmm_cpu, qmm_op
 __all__ = [
     "inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static", "trace_node",
     "inline_graph_node", "qmm_cpu_of_op_args", "rematerialize_dequantizations", "record_input_strides",
+    "decompose_unlowered_gemms",
 ]
 
 
@@ -161,6 +163,27 @@ def _trace_key(fn: Callable, node: fx.Node, functionalize: bool) -> tuple | None
     except TypeError:
         return None
     return key
+
+
+def decompose_unlowered_gemms(gm: fx.GraphModule) -> int:
+    """Decompose, for Inductor, the GEMM-like ops the backend kept out of AOTAutograd's
+    decompositions (so that the pass sees and records them) and that Inductor has no lowering
+    for: a matrix-vector product (``aten.mv``, ``dot``, ``addmv``...) the pass skipped. Inductor
+    expects them decomposed, and asserts on an op in its decomposition table that reaches its
+    fallback. Returns how many were decomposed."""
+    from torch._inductor.lowering import lowerings  # torch internals: what Inductor can lower
+
+    table = inductor_decompositions()
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = node.target if node.op == "call_function" else None
+        if op in table and op not in lowerings and getattr(op, "overloadpacket", None) in GEMM_PACKETS:
+            inline_graph_node(gm, node, op)
+            count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
 
 
 def all_static(node: fx.Node) -> bool:

@@ -98,6 +98,8 @@ class FQTBackend:
         ctx = PassContext(job.config, record.graph_id, job.param_indices)
         pipeline.rewrite_graph(gm, ctx, stage)
         record.decisions = ctx.decisions
+        if job.config.execution is Mode.KERNELS:
+            record.mark_pending()
         record.passes = list(ctx.ran)
         record.graph_texts = ctx.graph_texts
         record.stages = list(ctx.stages)

@@ -51,7 +51,7 @@ from fqt_compiler.codegen.code_layout import choose_code_layouts, mark_saved_cod
 from fqt_compiler.codegen.epilogue import fold_statistics, fuse_epilogues
 from fqt_compiler.codegen.prologue import fuse_prologues
 from fqt_compiler.codegen.inline import inline_qmm_ops, inline_quantize_ops, record_input_strides, rematerialize_dequantizations
-from fqt_compiler.codegen.inline import replace_random
+from fqt_compiler.codegen.inline import decompose_unlowered_gemms, replace_random
 from fqt_compiler.codegen.launches import graph_launches, inline_kernel_launches, source_launches
 from fqt_compiler.codegen.providers import choose_providers
 from fqt_compiler.codegen.lower import lower_gemms
@@ -290,6 +290,8 @@ STEPS: tuple[Step, ...] = (
     Step("replace_random", lambda gm, ctx: replace_random(gm), COMPILE, _inductor, ("inline_quantize_ops",)),
     Step("rematerialize_dequantizations", lambda gm, ctx: rematerialize_dequantizations(gm), COMPILE, _inductor,
          ("inline_quantize_ops",)),
+    Step("decompose_unlowered_gemms", lambda gm, ctx: decompose_unlowered_gemms(gm), COMPILE, _inductor,
+         ("inline_qmm_ops",)),
     # last: the recorded input values must be those of the nodes' final arguments
     Step("record_input_strides", lambda gm, ctx: record_input_strides(gm), COMPILE, _inductor, mutates=False),
 )

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field, replace
 
 from .sites import GemmStatus, SiteDecision
 
-__all__ = ["GraphRecord"]
+__all__ = ["GraphRecord", "PENDING"]
+
+#: The reason a kernels-mode GEMM carries until its graph has compiled.
+PENDING = "pending: its graph has not compiled yet (the backward compiles at the first backward call)"
 
 
 @dataclass
@@ -25,6 +28,17 @@ class GraphRecord:
     fused: list = field(default_factory=list)  # codegen.FusedQuantize / FusedEpilogue: generated fused kernels
     layouts: list = field(default_factory=list)  # codegen.LayoutChoice: codes in the order their GEMMs read K-major
     launches: list = field(default_factory=list)  # codegen.launches.KernelLaunches: what one call launches, per stage
+
+    def mark_pending(self) -> None:
+        """Say, on every GEMM the kernels stage has yet to lower, that it has not run yet: a
+        graph's GEMMs are lowered when that graph compiles, and AOTAutograd compiles the
+        backward at the first backward call (until then its GEMMs read "simulated")."""
+        self.decisions = [
+            replace(site, gemms=tuple(
+                replace(g, reason=PENDING) if g.status is GemmStatus.SIMULATED and not g.reason else g for g in site.gemms
+            ))
+            for site in self.decisions
+        ]
 
     def apply_lowering(self, lowered: list) -> None:
         """Fold codegen's per-GEMM results (``fqt_compiler.codegen.LoweredGemm``) into the decisions."""

@@ -60,6 +60,12 @@ _register_unsupported(
 _register_unsupported(
     ["mv", "addmv", "dot", "vdot", "addr", "outer"], "matrix-vector/outer product: memory bound, not a GEMM worth quantizing"
 )
+# nn.TransformerEncoderLayer's and nn.MultiheadAttention's inference fast path (eval mode, no
+# grad): the whole layer's projections and feed-forward GEMMs inside one op
+_FASTPATH_REASON = ("PyTorch's fused inference fast path (nn.TransformerEncoderLayer / nn.MultiheadAttention in eval "
+                    "mode without grad): its GEMMs run inside one opaque op, in high precision; call "
+                    "torch.backends.mha.set_fastpath_enabled(False) before compiling to quantize them")
+_register_unsupported(["_transformer_encoder_layer_fwd", "_native_multi_head_attention"], _FASTPATH_REASON)
 _register_unsupported(["addbmm"], "addbmm (batch-reduced GEMM) is not supported yet")
 _register_unsupported(["_int_mm", "_scaled_mm", "_weight_int8pack_mm", "_weight_int4pack_mm"], "already a low-bit GEMM")
 
@@ -67,11 +73,11 @@ _register_unsupported(["_int_mm", "_scaled_mm", "_weight_int8pack_mm", "_weight_
 # Ops whose decompositions must not run before the pass: Inductor's table rewrites a GEMM with a
 # dim of 1 (a one-row batch, a one-feature Linear) into multiplies and sums on some devices and
 # sizes, and the site would vanish from the graph unquantized and unrecorded. The attention ops
-# keep theirs (their GEMMs are opaque either way).
+# and the inference fast path keep theirs (their GEMMs are opaque either way).
 GEMM_PACKETS = frozenset(
     op.overloadpacket
     for op in (*MATMUL_OPERANDS, *CONV_OPS, CONV_BACKWARD,
-               *(op for op, reason in UNSUPPORTED_GEMMS.items() if reason != _ATTENTION_REASON))
+               *(op for op, reason in UNSUPPORTED_GEMMS.items() if reason not in (_ATTENTION_REASON, _FASTPATH_REASON)))
 )
 
 # ops allowed between a parameter placeholder and a GEMM operand for that operand to count as

@@ -207,3 +207,41 @@ def test_weights_cast_by_autocast_stay_weights(inductor):
     assert [g.status for g in gemms] == [fqt.GemmStatus.LOWBIT_KERNEL] * 6, [(g.status, g.reason) for g in gemms]
     assert {g.kind.value for g in gemms} == {"output", "grad_input", "grad_weight"}
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+class _VectorProducts(nn.Module):
+    """Matrix-vector and vector-vector products next to a Linear: an attention-pooling score
+    (``h @ v``), ``dot``, ``addmv``, ``vdot`` and ``addr``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.v = nn.Parameter(torch.randn(8))
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return (torch.matmul(h, self.v).sum() + torch.dot(self.w, h[:4, 0]) + torch.addmv(self.w, h[:4, :4], self.v[:4]).sum()
+                + torch.vdot(self.v, h[0]) + torch.addr(h[:, :4], self.v, self.w).sum())
+
+
+@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "no-inductor"])
+def test_matrix_vector_products_are_skipped_and_compile(inductor):
+    """The pass records matrix-vector products as skipped (memory bound) and leaves them in
+    high precision; under Inductor, which has no lowering for them, they are then decomposed
+    (Inductor's own fallback asserted on them: 'both a fallback and a decomp for same op')."""
+    torch.manual_seed(0)
+    model, x = _VectorProducts(), torch.randn(8, 8)
+    ref = model(x)
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    be = fqt.backend(recipe="int8", inductor=inductor)
+    out = torch.compile(model, backend=be)(x)
+    out.backward()
+    torch.testing.assert_close(out, ref, rtol=0.02, atol=0.05)
+    for name, p in model.named_parameters():
+        assert ((p.grad - want[name]).norm() / want[name].norm()) < 0.05, name
+    labels = [g.label for r in be.records for s in r.decisions for g in s.gemms]
+    assert sum("matrix-vector" in label for label in labels) >= 5
+    assert any(label.startswith("lowbit") for label in labels)  # the Linear still runs low-bit

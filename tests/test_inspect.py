@@ -214,3 +214,27 @@ def test_default_tables_fit_120_columns_with_a_summary():
     assert "addmm" in report.summary() and "_trilinear" in report.summary()
     wide = report.render(wide=True)
     assert "operands" in wide and "bhq" in wide and max(len(line) for line in wide.splitlines()) > 120
+
+
+def test_backward_gemms_read_pending_until_the_first_backward_compiles_them():
+    """AOTAutograd compiles the backward graph at the first backward call: until then its
+    GEMMs say so in the records, instead of a bare 'simulated' that the lowering later
+    contradicts."""
+    from fqt_compiler.records import PENDING
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    be = fqt.backend(recipe="int8")
+    out = torch.compile(model, backend=be)(torch.randn(3, 8))
+
+    def by_kind():
+        return {(s.module_path, g.kind.value): g for r in be.records for s in r.decisions for g in s.gemms}
+
+    before = by_kind()
+    assert before[("0", "output")].status is fqt.GemmStatus.LOWBIT_KERNEL
+    pending = [k for k, g in before.items() if g.reason == PENDING]
+    assert sorted(pending) == [("0", "grad_weight"), ("2", "grad_input"), ("2", "grad_weight")]
+    assert all("pending" in before[k].label for k in pending)
+    out.sum().backward()
+    after = by_kind()
+    assert all(after[k].status is fqt.GemmStatus.LOWBIT_KERNEL and after[k].reason != PENDING for k in pending)

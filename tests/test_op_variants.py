@@ -105,6 +105,32 @@ def test_sdpa_is_reported_skipped_and_strict_raises():
     assert len(paths) >= 2 and set(paths) == {"attn"}, paths
 
 
+def test_the_transformer_inference_fast_path_is_reported_with_its_fix():
+    """In eval mode without grad, nn.TransformerEncoderLayer runs PyTorch's fused fast path:
+    one opaque op holding every GEMM of the layer. It is reported skipped, naming the switch
+    that turns it off; with the fast path off, the layer's Linears are quantized."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 6, 16)
+    be = fqt.backend(recipe="int8")
+    with torch.no_grad():
+        out = torch.compile(layer, backend=be)(x)
+    torch.testing.assert_close(out, layer(x))  # high precision: nothing silently different
+    labels = [g.label for r in be.records for s in r.decisions for g in s.gemms]
+    assert labels and all("set_fastpath_enabled(False)" in label for label in labels), labels
+    torch._dynamo.reset()
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        be = fqt.backend(recipe="int8")
+        with torch.no_grad():
+            torch.compile(layer, backend=be)(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+    labels = [g.label for r in be.records for s in r.decisions for g in s.gemms]
+    assert sum(label.startswith("lowbit") for label in labels) == 4, labels  # in-projection, out-projection, 2 FFN
+
+
 class _Wrapped(nn.Module):
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
