@@ -25,10 +25,11 @@ runner (:func:`run_steps`).
      17 inline_qmm_ops    CPU int8 GEMMs and convolutions: library call + epilogue   [kernels, inductor]
      18 replace_random    Inductor's random-op rewrite (its own pre-partition step)   [kernels, inductor]
      19 rematerialize_dequantizations  each fusing reader recomputes 8-bit codes * scale  [kernels, inductor]
-     20 record_input_strides  the conv kernels' inputs keep their traced strides     [kernels, inductor]
+     20 decompose_unlowered_gemms  skipped matrix-vector products, decomposed         [kernels, inductor]
+     21 record_input_strides  the conv kernels' inputs keep their traced strides     [kernels, inductor]
     --> Inductor (``inductor=True``) or eager execution: ``codegen.compile_graph``
 
-Graphs traced without autograd (``Stage.INFERENCE``) take steps 1-4, then 7-20 as a forward.
+Graphs traced without autograd (``Stage.INFERENCE``) take steps 1-4, then 7-21 as a forward.
 Each step names the stages it runs on, the configurations it runs under (``when``) and the
 steps it ``requires``. The runner checks those, keeps the graph after every rewrite step in
 debug mode, verifies the graph invariants (after every mutating rewrite in debug mode, and at
