@@ -224,7 +224,7 @@ def test_backward_gemms_read_pending_until_the_first_backward_compiles_them():
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    be = fqt.backend(recipe="int8")
+    be = fqt.backend(recipe="int8", inductor=False)  # the lowering runs without Inductor too
     out = torch.compile(model, backend=be)(torch.randn(3, 8))
 
     def by_kind():

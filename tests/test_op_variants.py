@@ -131,6 +131,38 @@ def test_the_transformer_inference_fast_path_is_reported_with_its_fix():
     assert sum(label.startswith("lowbit") for label in labels) == 4, labels  # in-projection, out-projection, 2 FFN
 
 
+class _PartsOfParameters(nn.Module):
+    """A slice of a (tied or padded) weight matrix and one expert of a stacked tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(12, 8) * 0.3)
+        self.experts = nn.Parameter(torch.randn(3, 8, 8) * 0.3)
+
+    def forward(self, x):
+        return F.linear(x, self.table[:8]) @ self.experts[1].t()
+
+
+def test_a_slice_or_an_element_of_a_parameter_is_a_weight():
+    """Parts of a parameter reach the GEMM through slice / select: they are weights (weight
+    specs; backward GEMMs grad_input / grad_weight on the low-bit kernels), not activations
+    (whose per-row scales left the backward GEMMs simulated)."""
+    torch.manual_seed(0)
+    model, x = _PartsOfParameters(), torch.randn(16, 8)
+    model(x).square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    be = fqt.backend(recipe="int8")
+    torch.compile(model, backend=be)(x).square().mean().backward()
+    gemms = [g for r in be.records for s in r.decisions for g in s.gemms]
+    assert sorted(g.kind.value for g in gemms) == sorted(["output", "grad_weight"] * 2 + ["grad_input"])
+    assert all(g.status is fqt.GemmStatus.LOWBIT_KERNEL for g in gemms), [g.label for g in gemms]
+    outputs = [g for g in gemms if g.kind is GemmKind.OUTPUT]
+    assert all(g.operands[1].role is TensorRole.WEIGHT for g in outputs)
+    for name, p in model.named_parameters():
+        assert ((p.grad - want[name]).norm() / want[name].norm()) < 0.05, name
+
+
 class _Wrapped(nn.Module):
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
