@@ -99,7 +99,7 @@ def trace_node(fn: Callable, node: fx.Node, functionalize: bool = False) -> tupl
     from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
 
     flat, spec = tree_flatten((node.args, node.kwargs))
-    inputs = [a for a in flat if isinstance(a, fx.Node)]
+    inputs = _node_inputs(node)
     vals = [a.meta["val"] for a in inputs]
 
     def traced(*tensors):
@@ -135,13 +135,17 @@ def inline_graph_node(
     of a second (a ResNet-50 has some 500 launches)."""
     key = _trace_key(fn, node, functionalize) if traces is not None else None
     if key is not None and key in traces:
-        sub = traces[key]
-        inputs = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node)]
+        sub, inputs = traces[key], _node_inputs(node)
     else:
         sub, inputs = trace_node(fn, node, functionalize)
         if key is not None:
             traces[key] = sub
     return splice(gm, node, sub, inputs)
+
+
+def _node_inputs(node: fx.Node) -> list[fx.Node]:
+    """The graph nodes among ``node``'s arguments, in the order a trace's placeholders take them."""
+    return [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node)]
 
 
 def _trace_key(fn: Callable, node: fx.Node, functionalize: bool) -> tuple | None:

@@ -39,8 +39,9 @@ def interleaved_times(fns: list[Callable[[], object]], device: torch.device, rep
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 # The device spins while the host issues the call: the events then time the
-                # device's work, not a Python launcher's issue time (which made a 0.2 ms
-                # eager kernel read 0.4 ms); a step's host time past the spin still counts.
+                # device's work, not a Python launcher's issue time (recorded right after a
+                # synchronize, the device idled while the host issued); a step's host time
+                # past the spin still counts.
                 torch.cuda._sleep(_HOST_HEAD_START_CYCLES)
                 start.record()
                 f()
