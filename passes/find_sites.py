@@ -35,16 +35,26 @@ def _placeholder_index(gm: fx.GraphModule) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
 
 
-def _is_param(node: fx.Node, ctx: PassContext, ph: dict[fx.Node, int]) -> bool:
-    """A weight is an operand that reaches a parameter placeholder through view ops."""
-    cur = node
-    for _ in range(16):
-        if cur.op == "placeholder":
-            return ph.get(cur) in ctx.param_indices
-        if cur.op != "call_function" or cur.target not in m.PARAM_PATH_OPS:
-            return False
-        cur = cur.args[0]
-    return False
+def _param_derived(gm: fx.GraphModule, ctx: PassContext, ph: dict[fx.Node, int]) -> set[fx.Node]:
+    """The forward nodes computed from parameters alone: a weight is such an operand.
+
+    Besides a parameter seen through views and casts, that covers the weights users compute
+    from parameters: weight normalization (``g * v / ||v||``), weight standardization, spectral
+    normalization's ``W / sigma``, a frozen base plus a low-rank update, DropConnect. Anything
+    that also reads a model input (or a gradient) is an activation.
+    """
+    derived: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if ph.get(node) in ctx.param_indices:
+                derived.add(node)
+        elif node.op == "get_attr":
+            derived.add(node)  # a constant lifted into the graph: batch-independent, like a weight
+        elif node.op == "call_function" and not m.is_backward_node(node):
+            inputs = node.all_input_nodes
+            if inputs and all(x in derived for x in inputs):
+                derived.add(node)
+    return derived
 
 
 def _backward_kind(roles: tuple[TensorRole, TensorRole], consumed: int) -> GemmKind:
@@ -61,6 +71,7 @@ class FindSites(FQTPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         ph = _placeholder_index(gm)
+        weights = _param_derived(gm, ctx, ph)
         by_seq: dict[object, Site] = {}
         # backward nodes carry no module stack: they take their forward op's (same seq_nr)
         forward_paths: dict[object, str] = {}
@@ -82,7 +93,7 @@ class FindSites(FQTPass):
             if m.is_backward_node(node) or node.target is m.CONV_BACKWARD:
                 backward_gemms.append(node)
                 continue
-            site = self._forward_site(node, ctx, ph)
+            site = self._forward_site(node, len(ctx.sites), weights)
             ctx.sites.append(site)
             seq = node.meta.get("seq_nr")
             if seq is not None:
@@ -109,8 +120,8 @@ class FindSites(FQTPass):
             return None
         return f"{reason} (backward)" if m.is_backward_node(node) else reason
 
-    def _forward_site(self, node: fx.Node, ctx: PassContext, ph: dict[fx.Node, int]) -> Site:
-        site = Site(len(ctx.sites), node, m.op_name(node), m.module_path(node))
+    def _forward_site(self, node: fx.Node, site_id: int, weights: set[fx.Node]) -> Site:
+        site = Site(site_id, node, m.op_name(node), m.module_path(node))
         val = node.meta.get("val")
         if val is None or not val.is_floating_point():
             site.skip = (SkipKind.UNSUPPORTED, f"non-floating-point GEMM ({getattr(val, 'dtype', 'unknown dtype')})")
@@ -128,7 +139,7 @@ class FindSites(FQTPass):
             site.layouts = (Layout.DIM0, Layout.DIM0)
             return site
         lhs, rhs = site.forward_operands
-        roles = [TensorRole.WEIGHT if _is_param(x, ctx, ph) else TensorRole.ACTIVATION for x in (lhs, rhs)]
+        roles = [TensorRole.WEIGHT if x in weights else TensorRole.ACTIVATION for x in (lhs, rhs)]
         site.roles = (roles[0], roles[1])
         site.layouts = (Layout.PENULTIMATE, Layout.LAST)
         return site

@@ -80,22 +80,6 @@ GEMM_PACKETS = frozenset(
                *(op for op, reason in UNSUPPORTED_GEMMS.items() if reason not in (_ATTENTION_REASON, _FASTPATH_REASON)))
 )
 
-# ops allowed between a parameter placeholder and a GEMM operand for that operand to count as
-# the weight (einsum and broadcasting matmuls unsqueeze/expand it; autocast casts it: aten's
-# _to_copy, or prims.convert_element_type where Inductor's decompositions ran; a part of a
-# parameter is a weight too: a slice of a tied or padded matrix, one expert of a stacked
-# mixture-of-experts tensor)
-PARAM_PATH_OPS = VIEW_OPS | {
-    aten.unsqueeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten._to_copy.default,
-    torch.ops.prims.convert_element_type.default,
-    aten.slice.Tensor,
-    aten.select.int,
-}
-
-
 def is_matmul(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in MATMUL_OPERANDS
 

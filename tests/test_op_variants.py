@@ -163,6 +163,49 @@ def test_a_slice_or_an_element_of_a_parameter_is_a_weight():
         assert ((p.grad - want[name]).norm() / want[name].norm()) < 0.05, name
 
 
+class _ComputedWeights(nn.Module):
+    """Weights users compute from parameters: weight normalization (a parametrization),
+    weight standardization, and a frozen base plus a trainable low-rank update (LoRA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wn = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+        self.ws = nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.base = nn.Parameter(torch.randn(8, 8) * 0.3, requires_grad=False)
+        self.a = nn.Parameter(torch.randn(2, 8) * 0.3)
+        self.b = nn.Parameter(torch.randn(8, 2) * 0.3)
+
+    def forward(self, x):
+        standardized = (self.ws - self.ws.mean(1, keepdim=True)) / (self.ws.std(1, keepdim=True) + 1e-5)
+        h = F.linear(torch.tanh(self.wn(x)), standardized)
+        return F.linear(h, self.base + self.b @ self.a)
+
+
+def test_a_weight_computed_from_parameters_is_a_weight():
+    """An operand computed from parameters alone is a weight (per-output-channel specs, the
+    backward GEMMs grad_input / grad_weight on the low-bit kernels), whatever ops compute it;
+    the low-rank product of two parameters is a weight x weight GEMM."""
+    torch.manual_seed(0)
+    model, x = _ComputedWeights(), torch.randn(16, 8)
+    model(x).square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    be = fqt.backend(recipe="int8", inductor=False)  # the decisions do not depend on Inductor
+    torch.compile(model, backend=be)(x).square().mean().backward()
+    sites = [s for r in be.records for s in r.decisions]
+    linears = [s for s in sites if s.gemms[0].operands[0].role is TensorRole.ACTIVATION]
+    assert len(linears) == 3, [s.op for s in sites]
+    for s in linears:
+        assert s.gemms[0].operands[1].role is TensorRole.WEIGHT, s.op
+        assert {g.kind.value for g in s.gemms} >= {"output", "grad_weight"}, s.op
+        assert all(g.status is fqt.GemmStatus.LOWBIT_KERNEL for g in s.gemms), [g.label for g in s.gemms]
+    lora = [s for s in sites if s not in linears]
+    assert len(lora) == 1 and all(o.role is TensorRole.WEIGHT for o in lora[0].gemms[0].operands)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert ((p.grad - want[name]).norm() / want[name].norm()) < 0.05, name
+
+
 class _Wrapped(nn.Module):
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
