@@ -60,11 +60,9 @@ def _device_problem(device: torch.device, geo_dims: int) -> str | None:
         return None if geo_dims <= 3 else f"{geo_dims}-D convolution: the Triton kernels take 1-D to 3-D"
     if device.type != "cpu":
         return f"no low-bit convolution kernel on {device.type}"
-    from fqt_compiler.codegen.kernels.conv_cpu import onednn_available
+    from fqt_compiler.codegen.kernels.conv_cpu import onednn_problem
 
-    if not onednn_available():
-        return "this torch build has no oneDNN int8 convolution (onednn::qconv_pointwise)"
-    return None
+    return onednn_problem()
 
 
 def _check(kind: GemmKind, ops: list[DequantOperand], device: torch.device) -> str | None:

@@ -202,7 +202,11 @@ def _conv_kernels(device: torch.device) -> bool:
     """Whether convolutions on ``device`` have low-bit kernels (CUDA: Triton; CPU: oneDNN)."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
+    if device.type != "cpu":
+        return False
+    from fqt_compiler.codegen.kernels.conv_cpu import onednn_available  # codegen: imported on use
+
+    return onednn_available()
 
 
 def _conv_elements(site: Site) -> tuple[int, int, int] | None:

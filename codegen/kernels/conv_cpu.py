@@ -1,12 +1,18 @@
 """CPU int8 convolution GEMMs: ``f(a_codes, b_codes)`` of ``fqt_compiler.conv`` on int8 codes.
 
-* ``output`` and ``grad_input`` run on oneDNN's int8 convolution (``onednn::qconv_pointwise``,
-  AVX-512 VNNI / AMX), prepacking the weight codes on every call: in training both operands
-  change every step, and oneDNN's convolution refuses unpacked weights. Activations enter as
-  uint8 with zero point 128 (``code ^ 0x80``: the same integers), the weight with unit scales
-  and zero points, so the fp32 result is the integer sum itself; every scale, zero point and
-  offset is applied afterwards by ``conv.dequantize_conv_accumulator`` (oneDNN would ignore a
-  nonzero weight zero point without a word).
+* ``output`` and ``grad_input`` run on oneDNN's int8 convolution (``onednn::qconv_pointwise``),
+  prepacking the weight codes on every call: in training both operands change every step, and
+  oneDNN's convolution refuses unpacked weights. Activations enter as uint8 with zero point 128
+  (``code ^ 0x80``: the same integers), the weight with unit scales and zero points, so the fp32
+  result is the integer sum itself; every scale, zero point and offset is applied afterwards by
+  ``conv.dequantize_conv_accumulator`` (oneDNN would ignore a nonzero weight zero point without
+  a word).
+* On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) oneDNN multiplies uint8 by int8 with
+  ``vpmaddubsw``, which adds two products in int16 and *saturates*: a pair 255 x 127 + 255 x 127
+  comes back as 32767, and the sums are wrong by tens of percent. Each CPU is probed once
+  (:func:`onednn_int8_mode`); where the sums saturate, every weight code is split into two
+  halves of at most 64 in magnitude (``w = (w >> 1) + (w - (w >> 1))``), which no pair can
+  saturate, run as one convolution with twice the output channels whose halves are added.
 * ``grad_input`` is the forward convolution of dY with the spatially flipped, channel-swapped
   weight. With a stride, dY's rows and columns are spread ``stride`` apart with zero codes in
   between (an exact zero: a code-domain sum), and the borders padded so the result has x's size.
@@ -17,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -25,12 +32,39 @@ import torch.nn.functional as F
 from fqt_compiler.conv import ConvGeometry
 from fqt_compiler.specs import GemmKind
 
-__all__ = ["conv_codes_cpu", "onednn_available", "in_order", "order_strides", "acc_order"]
+__all__ = ["conv_codes_cpu", "onednn_available", "onednn_int8_mode", "onednn_problem", "in_order", "order_strides",
+           "acc_order"]
 
 
 def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's int8 convolution (x86 builds with mkldnn)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
+    """Whether this torch build has oneDNN's int8 convolution (x86 builds with mkldnn) and it
+    gives exact integer sums on this CPU (directly, or with split weights)."""
+    return onednn_problem() is None
+
+
+def onednn_problem() -> str | None:
+    """Why convolutions on this CPU cannot run on oneDNN's int8 convolution (None: they can)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")):
+        return "this torch build has no oneDNN int8 convolution (onednn::qconv_pointwise)"
+    if onednn_int8_mode() is None:
+        return ("oneDNN's int8 convolution does not return exact integer sums on this CPU, even with weights split "
+                "into 7-bit halves")
+    return None
+
+
+@functools.cache
+def onednn_int8_mode() -> str | None:
+    """How oneDNN's int8 convolution gives exact sums on this CPU: ``"direct"`` (VNNI / AMX: int32
+    products), ``"split"`` (int16 pair sums that saturate: weights split into halves of at most
+    64 in magnitude) or None (neither is exact). Measured once per process on the worst codes:
+    activations at 127 (uint8 255) against weights at 127 and -128, then at 64 and -64."""
+    x = torch.full((1, 8, 3, 3), 127, dtype=torch.int8)
+    for mode, levels in (("direct", (127, -128)), ("split", (64, -64))):
+        w = torch.tensor(levels, dtype=torch.int8).repeat_interleave(8 * 9).view(2, 8, 3, 3)
+        got = _onednn_sums(x, w, [1, 1], [0, 0], [1, 1], 1, 0)
+        if got.flatten().tolist() == [float(8 * 9 * 127 * v) for v in levels]:
+            return mode
+    return None
 
 
 def in_order(t: torch.Tensor, order: list[int]) -> torch.Tensor:
@@ -117,6 +151,22 @@ def _onednn(
 ) -> torch.Tensor:
     """sum over (in channels x window) of (x_codes - x_zero) * w_codes, as fp32 (padding
     contributes 0): ``x_zero`` is oneDNN's activation zero point, exact in its int32 sums."""
+    if onednn_int8_mode() != "split":
+        return _onednn_sums(x_codes, w_codes, stride, padding, dilation, groups, x_zero)
+    # halves within [-64, 64]: a pair of products is at most 2 x 255 x 64 = 32640 < 2^15
+    high = w_codes >> 1
+    low = w_codes - high
+    K = w_codes.shape[0]
+    both = torch.cat([high.unflatten(0, (groups, 1, K // groups)), low.unflatten(0, (groups, 1, K // groups))], 1)
+    sums = _onednn_sums(x_codes, both.flatten(0, 2), stride, padding, dilation, groups, x_zero)
+    halves = sums.unflatten(1, (groups, 2, K // groups))
+    return _channels_last((halves[:, :, 0] + halves[:, :, 1]).flatten(1, 2))
+
+
+def _onednn_sums(
+    x_codes: torch.Tensor, w_codes: torch.Tensor, stride, padding, dilation, groups: int, x_zero: int
+) -> torch.Tensor:
+    """One oneDNN int8 convolution (see :func:`_onednn`), as this CPU computes it."""
     x_codes, stride, padding = _single_windows(x_codes, tuple(w_codes.shape[2:]), stride, padding, list(dilation), x_zero)
     x_codes, padding = _explicit_wide_padding(x_codes, tuple(w_codes.shape[2:]), stride, padding, list(dilation), x_zero,
                                               groups)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fqt_compiler.codegen.kernels.conv_cpu import conv_codes_cpu, onednn_available
+from fqt_compiler.codegen.kernels.conv_cpu import conv_codes_cpu, onednn_available, onednn_int8_mode
 from fqt_compiler.conv import ConvGeometry, layout_problem, qconv_ref
 from fqt_compiler.ops import CONV_KINDS, qconv_op
 from fqt_compiler.grid import QOperand
@@ -83,6 +83,39 @@ def test_cpu_kernels_equal_the_integer_convolution(geo, kind, seed, channels_las
     want = geo.bilinear(kind, a.double(), b.double())
     assert got.shape == want.shape
     assert torch.equal(got, want.float()), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("level", [127, -128])
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
+def test_the_worst_codes_give_exact_sums(kind, level):
+    """Activations at 127 (uint8 255 inside oneDNN) against weights at 127 / -128: on a CPU
+    without VNNI a pair of such products overflows int16, which oneDNN saturates; the sums
+    must come back exact on every CPU (split weights there)."""
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), 1, (2, 16, 5, 5), (4, 16, 3, 3), (2, 4, 5, 5))
+    a_shape, b_shape = geo.operand_shapes(kind)
+    a = torch.full(a_shape, 127 if kind is not GemmKind.GRAD_WEIGHT else level, dtype=torch.int8)
+    b = torch.full(b_shape, level if kind is not GemmKind.GRAD_WEIGHT else 127, dtype=torch.int8)
+    got = conv_codes_cpu(kind, a, b, geo)
+    assert torch.equal(got, geo.bilinear(kind, a.double(), b.double()).float())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(geo=geometries(), kind=st.sampled_from([GemmKind.OUTPUT, GemmKind.GRAD_INPUT]), seed=st.integers(0, 2**16))
+def test_split_weights_give_the_same_sums(geo, kind, seed):
+    """The path of CPUs whose oneDNN saturates int16 pair sums (weights split into two halves
+    of at most 64 in magnitude, one convolution with both), run here whatever this CPU is."""
+    gen = torch.Generator().manual_seed(seed)
+    a_shape, b_shape = geo.operand_shapes(kind)
+    a, b = _codes(a_shape, gen), _codes(b_shape, gen)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fqt_compiler.codegen.kernels.conv_cpu.onednn_int8_mode", lambda: "split")
+        got = conv_codes_cpu(kind, a, b, geo)
+    assert torch.equal(got, geo.bilinear(kind, a.double(), b.double()).float())
+
+
+def test_the_cpu_probe_picks_an_exact_mode():
+    """oneDNN is probed once per process; on x86 one of the two modes is exact."""
+    assert onednn_int8_mode() in ("direct", "split")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
