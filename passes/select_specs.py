@@ -30,6 +30,7 @@ from fqt_compiler.cost import Slot, site_cost
 from fqt_compiler.specs import GemmKind, QuantSpec, TensorRole
 
 from fqt_compiler.passes import matchers as m
+from fqt_compiler.passes.graph_utils import arg as call_arg
 from fqt_compiler.passes.base import FQTPass, PassContext, Site
 
 
@@ -65,7 +66,10 @@ def _shape_and_flops(node: fx.Node, site: Site) -> tuple[str, int]:
         x, w = (m.val_shape(a) for a in site.forward_operands)
         if out is None or w is None:
             return "?", 0
-        return f"x{list(x)} w{list(w)}", _product(2, *out, *w[1:])
+        # every (input, weight) product once: a convolution's output positions times the weight's
+        # window, a transposed one's input positions (each spread over its output window)
+        spread = x if call_arg(site.node, "transposed") else out
+        return f"x{list(x)} w{list(w)}", _product(2, *spread, *w[1:])
     a, b = (m.val_shape(node.args[i]) for i in m.MATMUL_OPERANDS[node.target])
     if a is None or b is None:
         return "?", 0

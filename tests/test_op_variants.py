@@ -288,3 +288,19 @@ def test_a_fully_quantized_model_reports_full_coverage(recwarn):
     report = fqt.explain(model, torch.randn(3, 8, requires_grad=True), progress=False)
     assert report.coverage.share == 1.0 and report.coverage.quantized_flops == report.coverage.eager_flops
     assert not [w for w in recwarn if issubclass(w.category, fqt.CoverageWarning)]
+
+
+@pytest.mark.parametrize("conv", [
+    nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+    nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+    nn.ConvTranspose1d(3, 5, 4, stride=3),
+], ids=["transposed-2d", "conv-2d", "transposed-1d"])
+def test_convolution_flops_match_the_flop_counter(conv):
+    """Each convolution GEMM counts the FLOPs torch's counter does (a transposed convolution's
+    are its input positions times the weight, not its output positions), so the coverage
+    share is whole, never above it."""
+    x = torch.randn(2, conv.in_channels, *([5] * (conv.weight.dim() - 2)), requires_grad=True)
+    report = fqt.explain(conv, x, recipe="int8", progress=False)
+    flops = [g.flops for _, g in report.rows()]
+    assert len(flops) == 3 and len(set(flops)) == 1, flops
+    assert sum(flops) == report.coverage.eager_flops and report.coverage.share == 1.0

@@ -57,13 +57,15 @@ def onednn_int8_mode() -> str | None:
     """How oneDNN's int8 convolution gives exact sums on this CPU: ``"direct"`` (VNNI / AMX: int32
     products), ``"split"`` (int16 pair sums that saturate: weights split into halves of at most
     64 in magnitude) or None (neither is exact). Measured once per process on the worst codes:
-    activations at 127 (uint8 255) against weights at 127 and -128, then at 64 and -64."""
-    x = torch.full((1, 8, 3, 3), 127, dtype=torch.int8)
-    for mode, levels in (("direct", (127, -128)), ("split", (64, -64))):
-        w = torch.tensor(levels, dtype=torch.int8).repeat_interleave(8 * 9).view(2, 8, 3, 3)
-        got = _onednn_sums(x, w, [1, 1], [0, 0], [1, 1], 1, 0)
-        if got.flatten().tolist() == [float(8 * 9 * 127 * v) for v in levels]:
-            return mode
+    activations at 127 (uint8 255) against weights at 127 and -128, then at 64 and -64. Asked
+    while a graph is traced too: the probe runs on real tensors, outside every tracing mode."""
+    with torch.utils._python_dispatch._disable_current_modes(), torch.no_grad():
+        x = torch.full((1, 8, 3, 3), 127, dtype=torch.int8)
+        for mode, levels in (("direct", (127, -128)), ("split", (64, -64))):
+            w = torch.tensor(levels, dtype=torch.int8).repeat_interleave(8 * 9).view(2, 8, 3, 3)
+            got = _onednn_sums(x, w, [1, 1], [0, 0], [1, 1], 1, 0)
+            if got.flatten().tolist() == [float(8 * 9 * 127 * v) for v in levels]:
+                return mode
     return None
 
 
