@@ -18,16 +18,23 @@ from .conv import ConvGeometry, dequantize_conv_accumulator, foldable_zero_point
 from .grid import QOperand
 from .specs import GemmKind
 
-__all__ = ["CONV_KINDS", "qconv_cpu", "qconv_cpu_of_op_args", "qconv_triton", "conv_codes", "conv_codes_layout"]
+__all__ = ["CONV_KINDS", "cpu_conv_problem", "qconv_cpu", "qconv_cpu_of_op_args", "qconv_triton", "conv_codes",
+           "conv_codes_layout"]
 
 # The GEMM a qconv / conv_codes call computes, by its integer ``kind`` argument:
 CONV_KINDS = (GemmKind.OUTPUT, GemmKind.GRAD_INPUT, GemmKind.GRAD_WEIGHT)
 
 
 def _onednn() -> bool:
-    from fqt_compiler.codegen.kernels.conv_cpu import onednn_available  # codegen: imported on use
+    return cpu_conv_problem() is None
 
-    return onednn_available()
+
+def cpu_conv_problem() -> str | None:
+    """Why convolutions on this CPU have no int8 kernel (None: oneDNN's int8 convolution gives
+    exact sums here, directly or with split weights; ``codegen/kernels/conv_cpu.py``)."""
+    from fqt_compiler.codegen.kernels.conv_cpu import onednn_problem  # codegen: imported on use
+
+    return onednn_problem()
 
 
 def qconv_cpu(

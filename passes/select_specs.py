@@ -26,6 +26,7 @@ from fqt_compiler.errors import UnsupportedGraphError
 from fqt_compiler.rules import Rule, SiteInfo, first_matching
 from fqt_compiler.flops import node_flops
 from fqt_compiler.sites import GemmDecision, GemmStatus, OperandDecision, OperandSource, SiteDecision, SkipKind
+from fqt_compiler.conv_paths import cpu_conv_problem
 from fqt_compiler.cost import Slot, site_cost
 from fqt_compiler.specs import GemmKind, QuantSpec, TensorRole
 
@@ -208,9 +209,7 @@ def _conv_kernels(device: torch.device) -> bool:
         return True
     if device.type != "cpu":
         return False
-    from fqt_compiler.codegen.kernels.conv_cpu import onednn_available  # codegen: imported on use
-
-    return onednn_available()
+    return cpu_conv_problem() is None
 
 
 def _conv_elements(site: Site) -> tuple[int, int, int] | None:
