@@ -59,7 +59,10 @@ def test_fused_and_unfused_paths_agree(recipe):
     assert {"aten.gelu.default", "aten.add.Tensor", "aten.mul.Tensor"} <= ops, ops
     if recipe != "qat":  # quantized gradients: the backward chains fuse too
         assert {"aten.gelu_backward.default", "aten.threshold_backward.default"} <= ops, ops
-    assert torch.equal(l0, l1)  # the forward: GELU, adds and muls, same codes, same loss
+    # the forward: GELU, adds and muls, the same codes; GELU's erf rounds its last ulp as this
+    # CPU's vector math does (numpy's under the interpreter), and a per-row scale of its output
+    # (int8) carries that ulp into the loss
+    torch.testing.assert_close(l1, l0, rtol=2e-7, atol=0)
     for name in g0:
         # the backward's GELU derivative is a transcendental chain: last-ulp agreement
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -94,8 +97,8 @@ def test_internal_models_agree_fused_and_unfused(name):
     l0, g0, _ = _run(model_fn, case.inputs, case.loss_fn, "ptq8", "off")
     l1, g1, be = _run(model_fn, case.inputs, case.loss_fn, "ptq8", "triton")
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+    for n in g0:  # last-ulp differences of the transcendental chains, at the gradient's scale
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6 * float(g0[n].abs().max()), msg=n)
 
 
 class ResidualHead(nn.Module):
