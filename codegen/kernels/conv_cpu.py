@@ -162,7 +162,11 @@ def _onednn(
     both = torch.cat([high.unflatten(0, (groups, 1, K // groups)), low.unflatten(0, (groups, 1, K // groups))], 1)
     sums = _onednn_sums(x_codes, both.flatten(0, 2), stride, padding, dilation, groups, x_zero)
     halves = sums.unflatten(1, (groups, 2, K // groups))
-    return _channels_last((halves[:, :, 0] + halves[:, :, 1]).flatten(1, 2))
+    # added straight into the result's own layout: one pass over the sums, no copy after
+    shape = (sums.shape[0], K, *sums.shape[2:])
+    out = torch.empty_strided(shape, order_strides(shape, acc_order(GemmKind.OUTPUT, len(shape))), dtype=sums.dtype)
+    torch.add(halves[:, :, 0], halves[:, :, 1], out=out.unflatten(1, (groups, K // groups)))
+    return out
 
 
 def _onednn_sums(
