@@ -35,5 +35,21 @@ def standalone_cpu(spec: QuantSpec | None, layout: Layout, fn=None, example: tor
         fresh = types.FunctionType(
             run.__code__.replace(), run.__globals__, f"fqt_standalone_{fn.__name__}", None, run.__closure__
         )
-        _STANDALONE[key] = torch.compile(fresh, dynamic=False, fullgraph=True)
+        _STANDALONE[key] = _below_autograd(torch.compile(fresh, dynamic=False, fullgraph=True))
     return _STANDALONE[key]
+
+
+def _below_autograd(compiled):
+    """Call ``compiled`` with the autograd and ADInplaceOrView keys always excluded.
+
+    Dynamo guards each input's dispatch keys as seen through the caller's excluded keys. These
+    ops are first run while a graph is compiled (every key but the backend's excluded) and later
+    from a compiled step (ADInplaceOrView not excluded), so without a fixed view every
+    standalone quantizer recompiled on the second training step. The ops run below autograd
+    either way: excluding the keys changes nothing they compute."""
+
+    def run(*args):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return compiled(*args)
+
+    return run

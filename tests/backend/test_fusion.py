@@ -310,3 +310,22 @@ def test_codes_saved_column_major_cross_into_an_inductor_compiled_backward():
         if name == "fc.weight":
             assert torch.equal(grads[1][name], grads[0][name]), name
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_standalone_cpu_quantizers_do_not_recompile_after_the_first_step(monkeypatch):
+    """Regression: the ``fusion="off"`` CPU quantizers are first run while the step is compiled
+    (every dispatch key excluded) and then from the compiled step (ADInplaceOrView not excluded);
+    Dynamo's dispatch-key guard failed and every quantizer recompiled on the second step."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU standalone ops, not Triton's
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    compiled = torch.compile(model, backend=fqt.backend(recipe="int8", fusion="off"))
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        compiled(torch.randn(4, 16, generator=gen)).square().sum().backward()
+
+    step()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        step()
+        step()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
