@@ -14,6 +14,7 @@ fused loop makes one or two.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import operator
 from typing import Callable
@@ -21,6 +22,7 @@ from typing import Callable
 import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fqt_compiler.bhq import bhq_inverse_ref, bhq_quantize_ref
@@ -42,7 +44,7 @@ from fqt_compiler.ops import qconv_op, qmm_cpu, qmm_op
 __all__ = [
     "inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static", "trace_node",
     "inline_graph_node", "qmm_cpu_of_op_args", "rematerialize_dequantizations", "record_input_strides",
-    "decompose_unlowered_gemms",
+    "decompose_unlowered_gemms", "TraceCache", "REFERENCE_TRACES",
 ]
 
 
@@ -75,7 +77,8 @@ def splice(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, inputs: list[
             else:
                 a = tree_map(lambda x: env[x] if isinstance(x, fx.Node) else x, s.args)
                 k = tree_map(lambda x: env[x] if isinstance(x, fx.Node) else x, s.kwargs)
-                env[s] = call(gm.graph, s.target, a, k, like=node, info=node.meta.get("fqt"), fake_mode=fake_mode)
+                env[s] = call(gm.graph, s.target, a, k, like=node, info=node.meta.get("fqt"), fake_mode=fake_mode,
+                              val=_traced_value(s, fake_mode))
     if isinstance(outputs, (tuple, list)):
         for user in list(node.users):
             if user.target is not operator.getitem:
@@ -86,6 +89,26 @@ def splice(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, inputs: list[
         node.replace_all_uses_with(outputs)
     gm.graph.erase_node(node)
     return outputs
+
+
+def _traced_value(s: fx.Node, fake_mode) -> object | None:
+    """The fake value of the copy of trace node ``s`` in a graph of ``fake_mode``, taken from
+    the trace instead of running the op again (re-running every op of every inlined quantizer
+    on fake tensors was half of a small model's compile time). None where it must be run: no
+    tensor value, or an output that aliases an input (its storage must be the new input's)."""
+    val = s.meta.get("val")
+    tensors = [t for t in tree_flatten(val)[0] if isinstance(t, torch.Tensor)]
+    if not tensors or s.target is operator.getitem:
+        return None
+    if all(getattr(t, "fake_mode", None) is fake_mode for t in tensors):
+        return val  # traced on the graph's own values (symbolic sizes): already the graph's
+    inputs = {StorageWeakRef(t.untyped_storage()) for a in tree_flatten((s.args, s.kwargs))[0] if isinstance(a, fx.Node)
+              for t in tree_flatten(a.meta.get("val"))[0] if isinstance(t, torch.Tensor)}
+    if any(StorageWeakRef(t.untyped_storage()) in inputs for t in tensors):
+        return None
+    with fake_mode:  # a functional op's fresh outputs, with the trace's sizes, strides and dtypes
+        return tree_map(lambda t: torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
+                        if isinstance(t, torch.Tensor) else t, val)
 
 
 def trace_node(fn: Callable, node: fx.Node, functionalize: bool = False) -> tuple[fx.GraphModule, list[fx.Node]]:
@@ -130,9 +153,9 @@ def inline_graph_node(
 ) -> object:
     """Replace ``node`` by the trace of ``fn`` on its arguments (:func:`trace_node`); returns
     the replacing nodes. ``traces``: a cache of traces by ``fn``, the arguments that are not
-    tensors and the tensors' sizes, strides, dtypes and devices (static ones only), shared by
-    the calls of one pass: a network repeats its blocks, and tracing a launcher costs a tenth
-    of a second (a ResNet-50 has some 500 launches)."""
+    tensors and the tensors' sizes, strides, dtypes and devices (static ones only): a network
+    repeats its blocks, and tracing a launcher costs a tenth of a second (a ResNet-50 has some
+    500 launches)."""
     key = _trace_key(fn, node, functionalize) if traces is not None else None
     if key is not None and key in traces:
         sub, inputs = traces[key], _node_inputs(node)
@@ -141,6 +164,38 @@ def inline_graph_node(
         if key is not None:
             traces[key] = sub
     return splice(gm, node, sub, inputs)
+
+
+class TraceCache:
+    """A bounded least-recently-used cache of traces for :func:`inline_graph_node`. Process-wide
+    for the pure reference functions (:data:`REFERENCE_TRACES`): the same quantizer on the same
+    sizes recurs across a network's blocks, its forward and backward graphs and every
+    recompile, and tracing one is the bulk of the passes' compile time."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size, self._items = size, collections.OrderedDict()
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+    def __getitem__(self, key):
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def __setitem__(self, key, sub) -> None:
+        self._items[key] = sub
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+REFERENCE_TRACES = TraceCache()
 
 
 def _node_inputs(node: fx.Node) -> list[fx.Node]:
@@ -161,7 +216,8 @@ def _trace_key(fn: Callable, node: fx.Node, functionalize: bool) -> tuple | None
             parts.append(("tensor", tuple(v.shape), tuple(v.stride()), v.dtype, v.device))
         else:
             parts.append(a)
-    key = (fn, functionalize, str(spec), tuple(parts))
+    # Inductor's table differs with its random-number configuration
+    key = (fn, functionalize, id(inductor_decompositions()), str(spec), tuple(parts))
     try:
         hash(key)
     except TypeError:
@@ -212,6 +268,18 @@ _MONITOR_BODIES = {
 }
 
 
+def _quantize_body(x, key, layout):
+    return _codes_as_the_op(x, quantize_ref(x, QuantSpec.from_key(key), Layout(layout)))
+
+
+def _bhq_quantize_body(x, key, layout):
+    return _codes_as_the_op(x, bhq_quantize_ref(x, QuantSpec.from_key(key), Layout(layout)))
+
+
+def _bhq_inverse_body(y, group, u, s, layout):
+    return bhq_inverse_ref(y, group, u, s, Layout(layout))
+
+
 def inline_quantize_ops(gm: fx.GraphModule) -> int:
     """Replace every quantize / BHQ node, and every probe of a monitored graph, by its traced
     reference: Inductor then fuses them with the ops around them (symbolic sizes included:
@@ -221,16 +289,17 @@ def inline_quantize_ops(gm: fx.GraphModule) -> int:
         if node.op != "call_function":
             continue
         if node.target in _MONITOR_BODIES:
-            inline_graph_node(gm, node, _MONITOR_BODIES[node.target])
+            inline_graph_node(gm, node, _MONITOR_BODIES[node.target], traces=REFERENCE_TRACES)
             count += 1
             continue
-        if node.target in QUANTIZE_OPS or node.target is bhq_quantize_op:
-            ref = quantize_ref if node.target in QUANTIZE_OPS else bhq_quantize_ref
-            inline_graph_node(gm, node, lambda x, key, layout, ref=ref: _codes_as_the_op(x, ref(x, QuantSpec.from_key(key),
-                                                                                                  Layout(layout))))
+        if node.target in QUANTIZE_OPS:
+            inline_graph_node(gm, node, _quantize_body, traces=REFERENCE_TRACES)
+            count += 1
+        elif node.target is bhq_quantize_op:
+            inline_graph_node(gm, node, _bhq_quantize_body, traces=REFERENCE_TRACES)
             count += 1
         elif node.target is bhq_inverse_op:
-            inline_graph_node(gm, node, lambda y, group, u, s, layout: bhq_inverse_ref(y, group, u, s, Layout(layout)))
+            inline_graph_node(gm, node, _bhq_inverse_body, traces=REFERENCE_TRACES)
             count += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -257,9 +326,9 @@ def inline_qmm_ops(gm: fx.GraphModule) -> int:
         if not on_cpu or codes.meta["val"].dtype != torch.int8 or b_codes.meta["val"].dtype != torch.int8:
             continue
         if node.target is qmm_op:
-            inline_graph_node(gm, node, qmm_cpu_of_op_args)
+            inline_graph_node(gm, node, qmm_cpu_of_op_args, traces=REFERENCE_TRACES)
         else:
-            inline_graph_node(gm, node, qconv_cpu_of_op_args, functionalize=True)
+            inline_graph_node(gm, node, qconv_cpu_of_op_args, functionalize=True, traces=REFERENCE_TRACES)
         count += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()

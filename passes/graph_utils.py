@@ -73,11 +73,13 @@ def call(
     info: Any = None,
     tag: str | None = None,
     fake_mode: Any = None,
+    val: Any = None,
 ) -> fx.Node:
-    """Insert ``target(*args, **kwargs)`` at the graph's current insertion point."""
+    """Insert ``target(*args, **kwargs)`` at the graph's current insertion point. Its fake value
+    is ``val`` where the caller has it, else computed from the arguments' (fake tensors)."""
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
-    node.meta["val"] = fake_eval(target, args, kwargs, fake_mode)
+    node.meta["val"] = val if val is not None else fake_eval(target, args, kwargs, fake_mode)
     if like is not None:
         for key in _COPIED_META:
             if key in like.meta:

@@ -71,3 +71,49 @@ def test_a_different_constant_argument_is_traced_again(monkeypatch):
     assert calls == [0.5, 2.0]
     x = torch.randn(4, 8)
     torch.testing.assert_close(out(x)[0], _body(x, 2.0), rtol=0, atol=0)
+
+
+def _viewing_body(x, scale):
+    """Views of the input and of a fresh result, and a reduction."""
+    y = (x.t() * scale).reshape(-1)
+    return y.view(x.shape[1], x.shape[0]).transpose(0, 1) + x.amax(1, keepdim=True).expand(x.shape)
+
+
+def test_spliced_values_equal_the_ops_run_again_aliasing_included():
+    """Spliced nodes take their fake values from the trace (running every op again was half of
+    a small model's compile time): sizes, strides and dtypes equal those of the op run on the
+    graph's own values, views share their input's storage, and every value belongs to the
+    graph's fake mode."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from fqt_compiler.passes.graph_utils import fake_eval
+
+    gm = _graph([(4, 8), (3, 5)], 0.5)
+    mode = gm.graph.find_nodes(op="placeholder")[0].meta["val"].fake_mode
+    for node in [n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor]:
+        inline.inline_graph_node(gm, node, _viewing_body, traces={})
+    checked = views = 0
+    for node in [n for n in gm.graph.nodes if n.op == "call_function"]:
+        want = fake_eval(node.target, node.args, node.kwargs, mode)
+        got = node.meta["val"]
+        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            if not isinstance(w, torch.Tensor):
+                continue
+            assert g.fake_mode is mode, node.name
+            assert (g.shape, g.stride(), g.dtype) == (w.shape, w.stride(), w.dtype), node.name
+            inputs = [a.meta["val"] for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+            aliases = any(StorageWeakRef(w.untyped_storage()) == StorageWeakRef(i.untyped_storage()) for i in inputs)
+            assert aliases == any(StorageWeakRef(g.untyped_storage()) == StorageWeakRef(i.untyped_storage())
+                                  for i in inputs), node.name
+            checked, views = checked + 1, views + aliases
+    assert checked > 10 and views > 2
+
+
+def test_trace_cache_keeps_the_most_recently_used_traces():
+    cache = inline.TraceCache(size=2)
+    cache["a"], cache["b"] = 1, 2
+    assert cache["a"] == 1  # "a" is now the most recent
+    cache["c"] = 3
+    assert "b" not in cache and "a" in cache and "c" in cache and len(cache) == 2
+    cache.clear()
+    assert len(cache) == 0
