@@ -36,8 +36,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
+    # traces cached by an earlier test would hide a function a test replaces (monkeypatch)
+    from fqt_compiler.codegen.inline import REFERENCE_TRACES
+
     torch.manual_seed(0)
     torch._dynamo.reset()
+    REFERENCE_TRACES.clear()
     yield
     torch._dynamo.reset()
 
@@ -73,6 +77,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     _select_tier(config, items)
+    _longest_first(items)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         marker = "gpu"
@@ -98,6 +103,15 @@ def _select_tier(config, items) -> None:
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def _longest_first(items) -> None:
+    """Slow tests first, in a stable order. A parallel run (``-n auto --dist loadgroup``, the
+    README's) hands tests to its workers in this order, so the minutes-long tests start first
+    and the run does not end with one worker still on a long test while the others idle.
+    Tests that share a module-scoped fixture carry an ``xdist_group`` mark: one worker runs
+    them all, and the fixture once."""
+    items.sort(key=lambda item: "slow" not in item.keywords)
 
 
 def pytest_report_header(config):
