@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import operator
 
+import pytest
 import torch
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -69,6 +70,7 @@ def _step(compiled, model, x):
     return [x.grad, *(p.grad for p in model.parameters())]
 
 
+@pytest.mark.slow
 def test_symbolic_image_sizes_lower_every_convolution():
     """A model seeing a second image size recompiles once with symbolic image sizes; that graph
     runs every conv GEMM on the int8 kernels (only the oneDNN sums stay calls) for every later
@@ -96,6 +98,7 @@ def test_symbolic_image_sizes_lower_every_convolution():
         assert (g - s).abs().max() <= 1e-4 * s.abs().max()
 
 
+@pytest.mark.slow
 def test_bhq_gradient_of_a_strided_convolution_on_symbolic_sizes():
     """BHQ's transformed gradient into a strided convolution's dgrad, on symbolic image sizes:
     its zero-point corrections are windowed sums over the spread gradient, whose size must come

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
 import fqt_compiler as fqt
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_monitored_dynamic_graph_fuses_its_probes_without_specializing():

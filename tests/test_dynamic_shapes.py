@@ -66,6 +66,7 @@ def _cnn() -> nn.Module:
                          nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
+@pytest.mark.slow
 def test_inductor_fuses_the_quantizers_of_a_dynamic_graph():
     """A graph with symbolic sizes (here ``dynamic=True``; in training, Dynamo's automatic dynamic
     shapes after a second batch size or stride) is compiled like a static one: its quantizers
@@ -92,6 +93,7 @@ def test_inductor_fuses_the_quantizers_of_a_dynamic_graph():
         assert (d - s).abs().max() <= 1e-3 * s.abs().max()
 
 
+@pytest.mark.slow
 def test_zero_point_corrections_of_a_dynamic_convolution_graph():
     """The zero-point corrections of the conv epilogue (every GEMM of ``ptq8`` has some) traced on
     symbolic sizes: windowed sums over symbolic image sizes, with the static compile's gradients."""

@@ -21,6 +21,9 @@ import fqt_compiler as fqt
 from fqt_compiler.codegen.launches import KernelLaunches, source_launches
 from tests.helpers.sm90 import ROOT
 
+# its module-scoped fixture runs once: one worker takes the whole file (``--dist loadgroup``)
+pytestmark = pytest.mark.xdist_group("test_inductor_launches")
+
 
 CASES = ["int8:auto", "int8:off", "fp8:auto", "psq8:auto", "ptq4:auto"]
 
@@ -50,6 +53,7 @@ def conv_cuda_steps() -> dict:
     return _fake_cuda_steps(CONV_CASES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_cuda_convolutions_are_triton_implicit_gemms_inductor_launches(conv_cuda_steps, case):
     """On CUDA every convolution GEMM is lowered (fprop and dgrad on the implicit-GEMM kernel,

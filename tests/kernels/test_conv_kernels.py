@@ -257,6 +257,7 @@ def test_inductor_stores_no_activation_sized_fp32_buffer():
         assert "(4, 16, 8, 8), (1024, 1, 128, 16), torch.float32)" not in source, source
 
 
+@pytest.mark.slow
 def test_inductor_fuses_the_convolution_epilogue():
     """Inductor compiles each CPU conv GEMM as ``fqt::conv_codes`` (the oneDNN / int_mm sums) and
     the epilogue traced in after it, so the dequantization and the zero-point corrections

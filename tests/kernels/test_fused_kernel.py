@@ -171,6 +171,7 @@ print("EPILOGUE-PTX" if "ptx" in out.asm else "NO EPILOGUE PTX")
 """
 
 
+@pytest.mark.slow
 def test_generated_kernels_compile_for_sm90():
     """The interpreter is lenient; the real compiler (to PTX and, with ptxas, a cubin) is not.
     Compiling needs no GPU; it runs without the interpreter, in a subprocess."""
