@@ -26,6 +26,7 @@ from fqt_compiler.passes.dequant_chain import CONVERT, DequantOperand, match_ope
 from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call, replay_view
 
 from fqt_compiler.ops import qmm_op
+from fqt_compiler.int8_gemm import int8_gemm_name
 from fqt_compiler.codegen.code_dtypes import FP8_NAMES, unsupported_codes
 from fqt_compiler.codegen.lower_conv import CONV_TARGETS, lower_convolution
 
@@ -156,7 +157,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
     new.meta["fqt"] = info
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-    kernel = "triton qmm" if device.type == "cuda" else "torch._int_mm + epilogue"
+    kernel = "triton qmm" if device.type == "cuda" else f"{int8_gemm_name()} + epilogue"
     if a_op.spec.code_dtype != b_op.spec.code_dtype:
         kernel += f" ({FP8_NAMES[a_op.spec.code_dtype]} x {FP8_NAMES[b_op.spec.code_dtype]})"
     if a_op.transform is not None:

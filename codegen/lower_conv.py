@@ -15,6 +15,7 @@ from torch import fx
 
 from fqt_compiler.codegen.code_dtypes import unsupported_codes
 from fqt_compiler.conv import ConvGeometry, is_channels_last, layout_problem
+from fqt_compiler.int8_gemm import int8_gemm_name
 from fqt_compiler.ops import CONV_KINDS, qconv_op
 from fqt_compiler.layout import Layout
 from fqt_compiler.ops import bhq_inverse_op
@@ -91,7 +92,7 @@ def _kernel_name(kind: GemmKind, device: torch.device) -> str:
         return {GemmKind.OUTPUT: "triton implicit GEMM", GemmKind.GRAD_INPUT: "triton implicit GEMM (dgrad)",
                 GemmKind.GRAD_WEIGHT: "triton qmm per kernel offset (wgrad)"}[kind]
     return {GemmKind.OUTPUT: "oneDNN int8 conv", GemmKind.GRAD_INPUT: "oneDNN int8 conv (dgrad)",
-            GemmKind.GRAD_WEIGHT: "torch._int_mm per kernel offset (wgrad)"}[kind]
+            GemmKind.GRAD_WEIGHT: f"{int8_gemm_name()} per kernel offset (wgrad)"}[kind]
 
 
 def lower_convolution(gm: fx.GraphModule, node: fx.Node, kind: GemmKind, device: torch.device) -> tuple[bool, str]:

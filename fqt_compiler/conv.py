@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .grid import QOperand
+from .int8_gemm import int8_mm
 from .specs import GemmKind
 
 __all__ = [
@@ -377,11 +378,11 @@ def channel_sums(t: torch.Tensor, groups: int) -> torch.Tensor:
     tensor first: 50x slower)."""
     n, c = t.shape[:2]
     rows = t.movedim(1, -1)
-    # torch._int_mm misreads a size-1 dim's stride: both operands keep every dim > 1
+    # torch._int_mm misreads a size-1 dim's stride: both operands keep every dim > 1 (int8_mm may run it)
     if t.dtype == torch.int8 and rows.is_contiguous() and c > 1 and t.numel() > c:
         column = torch.arange(max(groups, 8), device=t.device)
         ones = (torch.arange(c, device=t.device).unsqueeze(1) // (c // groups) == column).to(torch.int8)
-        sums = torch._int_mm(rows.reshape(-1, c), ones)[:, :groups].reshape(*rows.shape[:-1], groups)
+        sums = int8_mm(rows.reshape(-1, c), ones)[:, :groups].reshape(*rows.shape[:-1], groups)
         return sums.movedim(-1, 1).to(torch.int64)
     return _summed(t.reshape(n, groups, c // groups, *t.shape[2:]), 2)
 
@@ -394,7 +395,7 @@ def batch_sums(t: torch.Tensor) -> torch.Tensor:
     order = t.movedim(1, -1) if t.dim() >= 3 and not t.is_contiguous() else t
     if t.dtype == torch.int8 and order.is_contiguous() and n > 1 and t.numel() > n:
         ones = torch.ones((8, n), dtype=torch.int8, device=t.device)  # 8 rows: no size-1 dim (see channel_sums)
-        sums = torch._int_mm(ones, order.reshape(n, -1))[:1].reshape(1, *order.shape[1:])
+        sums = int8_mm(ones, order.reshape(n, -1))[:1].reshape(1, *order.shape[1:])
         return (sums.movedim(-1, 1) if order is not t else sums).to(torch.int64)
     return _summed(t, 0, keepdim=True)
 

@@ -16,9 +16,12 @@ calibrate`` measured on this CPU model and thread count (``measured.py``), once 
 On a CPU with bf16 units the high-precision time of an fp32 site is the faster of fp32 and
 bf16 (``bf16_flops``): ``never_slower`` then promises not to lose to bf16 autocast either. On
 a GPU the GEMMs themselves are measured, the bf16 GEMM beside the fastest low-bit provider
-(``set_gemm_timer``: ``codegen/providers.py``), and only the quantization is modelled; the CPU one was measured on a
-2-core AVX-512 EPYC with ``fqt bench`` (GEMM throughputs) and ``tools/bench.py``'s quantize
-section (bandwidth, BHQ passes); other CPUs should calibrate with ``set_profile``.
+(``set_gemm_timer``: ``codegen/providers.py``), and only the quantization is modelled. The CPU
+default was measured on a 2-core AVX-512 VNNI EPYC with ``fqt bench`` (GEMM throughputs) and
+``tools/bench.py``'s quantize section (bandwidth, BHQ passes); on a CPU without int8
+dot-product instructions, where fqt's int8 GEMM runs on fp32 units (``int8_gemm.py``), the
+default is the one ``fqt calibrate`` measured on a 2-core AVX2 EPYC. Other CPUs should run
+``fqt calibrate``.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .int8_gemm import INT_MM, int8_gemm_provider
 from .measured import cpu_name, fields_from_gpu_check, measured_fields
 from .specs import ElementFormat, GemmKind, Granularity, QuantSpec, Transform
 
 __all__ = [
-    "DeviceProfile", "SiteCost", "Slot", "H100", "CPU_EPYC_2CORE", "profile_for", "set_profile", "site_cost",
+    "DeviceProfile", "SiteCost", "Slot", "H100", "CPU_EPYC_2CORE", "CPU_AVX2_2CORE", "default_profile", "profile_for",
+    "set_profile", "site_cost",
     "profile_from_gpu_check", "set_gemm_timer",
 ]
 
@@ -77,7 +82,22 @@ CPU_EPYC_2CORE = DeviceProfile(
     "row-quantize 3.9-4.4 GB/s moved and BHQ = 2.8-3.4 row quantizes at 512-2048 square, measured with Inductor",
 )
 
-_DATASHEET: dict[str, DeviceProfile] = {"cuda": H100, "cpu": CPU_EPYC_2CORE}
+CPU_AVX2_2CORE = DeviceProfile(
+    "CPU, 2-core AVX2 EPYC without VNNI (measured)", hp_flops=0.078e12, lowbit_flops=0.071e12, mem_bw=13.5e9,
+    quant_bw=1.43e9, bhq_passes=3.3, fp8_gemm=False,
+    source="`fqt calibrate` (2048^3 GEMMs, torch 2.13): no int8 dot-product instructions, so the int8 GEMM is its exact "
+    "sums on fp32 units (torch._int_mm measured 25-33x slower than fp32 there); oneDNN's split int8 convolutions measured "
+    "0.5-0.8x fp32",
+)
+
+
+def default_profile(device_type: str) -> DeviceProfile:
+    """The profile of a device type before any measurement of this machine: the H100 datasheet
+    for CUDA; for a CPU the one measured on a CPU like it, with int8 dot-product instructions
+    (``torch._int_mm`` is fqt's int8 GEMM there) or without (the int8 GEMM runs on fp32 units)."""
+    if device_type != "cpu":
+        return H100
+    return CPU_EPYC_2CORE if int8_gemm_provider() == INT_MM else CPU_AVX2_2CORE
 _CHOSEN: dict[str, DeviceProfile] = {}  # set_profile's
 
 
@@ -124,7 +144,7 @@ def profile_for(device: torch.device) -> DeviceProfile:
     fields = measured_fields(name) if name else None
     if fields is not None:
         return DeviceProfile(**fields)
-    return _DATASHEET.get(device.type, H100 if device.type == "cuda" else CPU_EPYC_2CORE)
+    return default_profile(device.type)
 
 
 @dataclass(frozen=True)

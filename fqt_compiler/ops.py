@@ -61,6 +61,7 @@ from .errors import SpecError
 from .bhq import bhq_inverse_ref, bhq_quantize_ref
 from .fusion_program import Program, reference_partials, run_reference
 from .grid import QOperand
+from .int8_gemm import int8_mm
 from .conv import ConvGeometry, out_memory_format, qconv_ref
 from .conv_paths import CONV_KINDS, conv_codes, conv_codes_layout, qconv_cpu_of_op_args, qconv_triton
 from .layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, scale_shape
@@ -191,12 +192,13 @@ def int8_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     feature, a single row) is a matrix-vector product, where the int8 kernel gains nothing: it
     sums broadcast int32 products instead, exactly."""
     if a.shape[0] > 1 and a.shape[1] > 1 and b.shape[1] > 1:
-        return torch._int_mm(a, b)
+        return int8_mm(a, b)
     return (a.to(torch.int32).unsqueeze(2) * b.to(torch.int32).unsqueeze(0)).sum(1, dtype=torch.int32)
 
 
 def qmm_cpu(a: QOperand, b: QOperand, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``reference.qmm_ref`` with the int8 product on ``torch._int_mm``; same numbers."""
+    """``reference.qmm_ref`` with the int8 product exact in int32 (``int8_gemm.int8_mm``:
+    ``torch._int_mm``, or fp32 units where this CPU multiplies int8 slowly); same numbers."""
     if a.codes.dtype != torch.int8:
         return qmm_ref(a, b, bias, out_dtype)
     # int64 keeps the zero-point terms exact; the reference holds the same integers in fp64

@@ -32,6 +32,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # variable reaches the processes tests start.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    # Inductor's C++ compiles in the worker itself: with a worker per core, its default pool of
+    # compile processes (each importing torch) only adds start-up time and contention
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -106,12 +109,13 @@ def _select_tier(config, items) -> None:
 
 
 def _longest_first(items) -> None:
-    """Slow tests first, in a stable order. A parallel run (``-n auto --dist loadgroup``, the
-    README's) hands tests to its workers in this order, so the minutes-long tests start first
-    and the run does not end with one worker still on a long test while the others idle.
-    Tests that share a module-scoped fixture carry an ``xdist_group`` mark: one worker runs
-    them all, and the fixture once."""
-    items.sort(key=lambda item: "slow" not in item.keywords)
+    """The files holding slow tests first, each file's tests in their order. The parallel run
+    (``-n auto --dist loadfile --no-loadscope-reorder``, the README's) hands whole files to its
+    workers in this order, so the files of minutes-long tests start first and the run does
+    not end with one worker on such a file while the other idles; a file stays on one
+    worker, so its module-scoped fixtures run once."""
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 def pytest_report_header(config):

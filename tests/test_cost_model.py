@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import fqt_compiler as fqt
-from fqt_compiler.cost import CPU_EPYC_2CORE, H100, DeviceProfile, Slot, profile_for, set_profile, site_cost
+from fqt_compiler import int8_gemm
+from fqt_compiler.cost import (CPU_AVX2_2CORE, CPU_EPYC_2CORE, H100, DeviceProfile, Slot, default_profile, profile_for,
+                               set_profile, site_cost)
 from fqt_compiler.sites import SkipKind
 from fqt_compiler.specs import GemmKind
 
@@ -24,6 +26,15 @@ def _specs(recipe: str) -> dict:
 
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _vnni_cpu_profile():
+    """The verdicts below are those of the profile measured on a VNNI CPU, whatever CPU runs them
+    (this one's default depends on its int8 GEMM: :func:`test_the_default_cpu_profile_follows_the_int8_gemm`)."""
+    set_profile("cpu", CPU_EPYC_2CORE)
+    yield
+    set_profile("cpu", None)
 
 
 def test_cpu_model_reproduces_the_measured_layer_verdicts():
@@ -246,17 +257,33 @@ def test_cpu_profiles_are_filed_by_model_and_threads(tmp_path, monkeypatch):
     from fqt_compiler.measured import cpu_name, save_fields
 
     monkeypatch.setenv("FQT_PROFILE_DIR", str(tmp_path))
+    set_profile("cpu", None)
     assert f"({torch.get_num_threads()} threads)" in cpu_name()
-    assert profile_for(CPU) is CPU_EPYC_2CORE
+    assert profile_for(CPU) is default_profile("cpu")
     mine = dataclasses.replace(CPU_EPYC_2CORE, name="this CPU (measured by fqt calibrate)", bf16_flops=1e12)
     save_fields(cpu_name(), dataclasses.asdict(mine))
     assert profile_for(CPU) == mine
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(before + 1)  # another thread count: not what was measured
-        assert profile_for(CPU) is CPU_EPYC_2CORE
+        assert profile_for(CPU) is default_profile("cpu")
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("provider,profile", [("int_mm", CPU_EPYC_2CORE), ("fp32", CPU_AVX2_2CORE)])
+def test_the_default_cpu_profile_follows_the_int8_gemm(provider, profile, monkeypatch):
+    """A CPU whose int8 GEMM is ``torch._int_mm`` (int8 dot-product instructions) defaults to the
+    VNNI profile; one whose int8 GEMM runs on fp32 units to the AVX2 one, where no int8 site
+    can beat fp32 and ``never_slower`` keeps them all in high precision."""
+    monkeypatch.setenv("FQT_CPU_INT8_GEMM", provider)
+    int8_gemm.int8_gemm_provider.cache_clear()
+    set_profile("cpu", None)
+    try:
+        assert default_profile("cpu") is profile and profile_for(CPU) is profile
+        assert site_cost((2048, 2048, 2048), _specs("int8"), CPU, 4).wins == (profile is CPU_EPYC_2CORE)
+    finally:
+        int8_gemm.int8_gemm_provider.cache_clear()
 
 
 @pytest.mark.slow  # about 10 s: compiles and times the quantizers
@@ -264,6 +291,7 @@ def test_fqt_calibrate_measures_and_saves_this_cpu(tmp_path, monkeypatch, capsys
     from fqt_compiler.tools.cli import main
 
     monkeypatch.setenv("FQT_PROFILE_DIR", str(tmp_path))
+    set_profile("cpu", None)  # the measured profile, not the pinned one
     assert main(["calibrate", "--size", "128", "--reps", "2"]) == 0
     assert "saved to" in capsys.readouterr().out
     p = profile_for(CPU)

@@ -18,9 +18,6 @@ from torch import nn
 import fqt_compiler as fqt
 from fqt_compiler.grid import draw_seed
 
-# its module-scoped fixture runs once: one worker takes the whole file (``--dist loadgroup``)
-pytestmark = pytest.mark.xdist_group("test_distributed")
-
 WORLD = 2
 DRAWS = 24  # seeded steps averaged for the in-expectation comparison
 

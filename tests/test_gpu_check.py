@@ -17,9 +17,6 @@ import torch
 from fqt_compiler.tools import cli, gpu_check
 from fqt_compiler.tools.gpu_check import JSON_NAME, LOGS_NAME, MD_NAME, Stage, run_check, summary_markdown
 
-# its module-scoped fixture runs once: one worker takes the whole file (``--dist loadgroup``)
-pytestmark = pytest.mark.xdist_group("test_gpu_check")
-
 ALL = [s.name for s in gpu_check.STAGES]
 
 

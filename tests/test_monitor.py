@@ -22,9 +22,6 @@ from examples.monitor_digits import sgd_steps
 from fqt_compiler.tools.demo import DigitsNet
 from fqt_compiler.tools.monitor_log import render
 
-# its module-scoped fixtures run once: one worker takes the whole file (``--dist loadgroup``)
-pytestmark = pytest.mark.xdist_group("test_monitor")
-
 BAD = "block.conv1"
 TWO_BIT = fqt.QuantSpec(bits=2, granularity="tensor", rounding="stochastic")
 STEPS = 150

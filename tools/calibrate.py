@@ -3,7 +3,8 @@
 The cost model behind ``never_slower=True`` ships one CPU profile, measured on another
 machine; CPUs differ by several times in their bf16 and int8 GEMM throughput (AMX against
 AVX-512 alone) and in memory bandwidth. This command times, on this machine and its thread
-count: the fp32, bf16 (where the CPU has bf16 units) and int8 (``torch._int_mm``) GEMMs at one
+count: the fp32, bf16 (where the CPU has bf16 units) and int8 (the int8 GEMM fqt runs on this
+CPU: ``torch._int_mm``, or its exact sums on fp32 units where that is faster) GEMMs at one
 square size, a tensor copy, and the Inductor-compiled quantizer kernels mode runs on the CPU
 (stochastic per-row int8, and BHQ's cost in units of it). The profile is saved where
 ``cost.profile_for`` finds it for this CPU from then on (``fqt_compiler.measured``).
@@ -16,6 +17,7 @@ import statistics
 
 import torch
 
+from fqt_compiler.int8_gemm import int8_gemm_name, int8_mm
 from fqt_compiler.measured import cpu_name, save_fields
 from fqt_compiler.tools.timing import cpu_bf16_units, interleaved_times
 
@@ -34,7 +36,7 @@ def _gemm_flops(size: int, reps: int) -> dict[str, float]:
     qb = torch.randint(-127, 128, (size, size), generator=g, dtype=torch.int8).t()  # K-major, as fqt writes codes
     flops = 2.0 * size**3
     out = {"hp_flops": flops / _median_s(lambda: a @ b, reps),
-           "lowbit_flops": flops / _median_s(lambda: torch._int_mm(qa, qb), reps)}
+           "lowbit_flops": flops / _median_s(lambda: int8_mm(qa, qb), reps)}
     if cpu_bf16_units():
         ab, bb = a.bfloat16(), b.bfloat16()
         out["bf16_flops"] = flops / _median_s(lambda: ab @ bb, reps)
@@ -70,7 +72,8 @@ def measure_cpu_fields(size: int = 2048, reps: int = 7) -> dict:
     return dict(
         name=f"{name} (measured by fqt calibrate)", efficiency=1.0, fp8_gemm=False, **fields,
         source=f"fqt calibrate, torch {torch.__version__}: {size}^3 GEMMs (TFLOPS fp32 {fields['hp_flops'] / 1e12:.2f}{bf16}, "
-        f"int8 {fields['lowbit_flops'] / 1e12:.2f}), copy and Inductor-compiled stochastic row / BHQ quantizers",
+        f"int8 {fields['lowbit_flops'] / 1e12:.2f} on {int8_gemm_name()}), copy and Inductor-compiled stochastic row / BHQ "
+        "quantizers",
     )
 
 

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from fqt_compiler.measured import cpu_flags
+
 __all__ = ["interleaved_medians", "interleaved_times", "spread", "cpu_bf16_units"]
 
 
@@ -64,9 +66,5 @@ def spread(samples: list[float], baseline: float) -> str:
 def cpu_bf16_units() -> bool | None:
     """Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX BF16), from /proc/cpuinfo;
     None where that cannot be read (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    flags = cpu_flags()
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & flags)

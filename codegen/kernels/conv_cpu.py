@@ -17,8 +17,9 @@
   weight. With a stride, dY's rows and columns are spread ``stride`` apart with zero codes in
   between (an exact zero: a code-domain sum), and the borders padded so the result has x's size.
 * ``grad_weight`` sums over the batch and every output position, a poor fit for a direct
-  convolution (its "kernel" would be dY's whole image), so it runs as one ``torch._int_mm`` per
-  kernel offset and group: ``dY^T (K x N*P) @ x_shifted (N*P x C)``, exact in int32.
+  convolution (its "kernel" would be dY's whole image), so it runs as one int8 GEMM per kernel
+  offset and group: ``dY^T (K x N*P) @ x_shifted (N*P x C)``, exact in int32
+  (``int8_gemm.int8_mm``: ``torch._int_mm``, or fp32 units where this CPU multiplies int8 slowly).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fqt_compiler.conv import ConvGeometry
+from fqt_compiler.int8_gemm import int8_mm
 from fqt_compiler.specs import GemmKind
 
 __all__ = ["conv_codes_cpu", "onednn_available", "onednn_int8_mode", "onednn_problem", "in_order", "order_strides",
@@ -220,7 +222,7 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
         for grp in range(G):
             rows_of = slice(grp * Kg, (grp + 1) * Kg)
             b = _dense(shifted[:, grp * Cg:(grp + 1) * Cg])
-            result[(rows_of, slice(None), *offset)] = torch._int_mm(_gemm_ready(g_t[rows_of]), b)
+            result[(rows_of, slice(None), *offset)] = int8_mm(_gemm_ready(g_t[rows_of]), b)
     return result
 
 
@@ -252,7 +254,7 @@ def _grad_weight_on_grid(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) ->
         shifted = xp[start:start + m]
         for i in range(G):
             b = shifted if G == 1 else _dense(shifted[:, i * Cg:(i + 1) * Cg])
-            result[(slice(i * Kg, (i + 1) * Kg), slice(None), *offset)] = torch._int_mm(a[i], b)
+            result[(slice(i * Kg, (i + 1) * Kg), slice(None), *offset)] = int8_mm(a[i], b)
     return result
 
 

@@ -19,9 +19,6 @@ import torch
 from fqt_compiler.codegen.providers import GemmCase, Provider, candidates
 from tests.helpers.sm90 import ROOT
 
-# its module-scoped fixture runs once: one worker takes the whole file (``--dist loadgroup``)
-pytestmark = pytest.mark.xdist_group("test_gemm_providers")
-
 E4, E5, I8, BF16, F32 = torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.bfloat16, torch.float32
 
 

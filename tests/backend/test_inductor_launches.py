@@ -21,9 +21,6 @@ import fqt_compiler as fqt
 from fqt_compiler.codegen.launches import KernelLaunches, source_launches
 from tests.helpers.sm90 import ROOT
 
-# its module-scoped fixture runs once: one worker takes the whole file (``--dist loadgroup``)
-pytestmark = pytest.mark.xdist_group("test_inductor_launches")
-
 
 CASES = ["int8:auto", "int8:off", "fp8:auto", "psq8:auto", "ptq4:auto"]
 
