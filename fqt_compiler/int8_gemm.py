@@ -35,10 +35,10 @@ _ENV = "FQT_CPU_INT8_GEMM"
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of (M, K) and (K, N) int8 CPU tensors as exact int32 sums, on the provider
-    measured fastest here. ``torch._int_mm``'s operand rules apply to its path (callers keep
-    every dim > 1 and operands row- or column-major)."""
-    if int8_gemm_provider() == INT_MM:
+    """``a @ b`` of (M, K) and (K, N) int8 tensors as exact int32 sums: on a CPU, on the provider
+    measured fastest here; elsewhere ``torch._int_mm``. ``torch._int_mm``'s operand rules apply
+    to its path (callers keep every dim > 1 and operands row- or column-major)."""
+    if a.device.type != "cpu" or int8_gemm_provider() == INT_MM:
         return torch._int_mm(a, b)
     return _on_fp32_units(a, b)
 
