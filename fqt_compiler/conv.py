@@ -378,7 +378,7 @@ def channel_sums(t: torch.Tensor, groups: int) -> torch.Tensor:
     tensor first: 50x slower)."""
     n, c = t.shape[:2]
     rows = t.movedim(1, -1)
-    # torch._int_mm misreads a size-1 dim's stride: both operands keep every dim > 1 (int8_mm may run it)
+    # int8_mm may run torch._int_mm, which misreads a size-1 dim's stride: both operands keep every dim > 1
     if t.dtype == torch.int8 and rows.is_contiguous() and c > 1 and t.numel() > c:
         column = torch.arange(max(groups, 8), device=t.device)
         ones = (torch.arange(c, device=t.device).unsqueeze(1) // (c // groups) == column).to(torch.int8)

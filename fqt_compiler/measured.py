@@ -26,7 +26,7 @@ from .errors import OptionsError
 
 __all__ = [
     "fields_from_gpu_check", "profile_dir", "save_measured_fields", "save_fields", "measured_fields", "profile_path",
-    "cpu_name", "cpu_flags", "cpu_int8_dot_product",
+    "cpu_name", "cpu_flags",
 ]
 
 _HP_KERNEL = "torch.mm"  # gemm stage: the high-precision baseline's name ends so ("bfloat16 torch.mm")
@@ -123,16 +123,6 @@ def cpu_flags() -> frozenset[str] | None:
             return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
         return None
-
-
-def cpu_int8_dot_product() -> bool | None:
-    """Whether this x86 CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX
-    int8), which int8 GEMMs and convolutions need to beat fp32; None where unknown (not Linux,
-    or not x86)."""
-    flags = cpu_flags()
-    if not flags or not ({"avx2", "sse2"} & flags):
-        return None
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
 
 
 @functools.lru_cache(maxsize=1)
