@@ -24,7 +24,8 @@ import torch
 
 from .errors import OptionsError
 
-__all__ = ["int8_mm", "int8_gemm_provider", "int8_gemm_name", "INT_MM", "FP32_UNITS"]
+__all__ = ["int8_mm", "int8_bmm", "int8_bmm_runs_int_mm", "exact_bmm", "int8_gemm_provider", "int8_gemm_name", "INT_MM",
+           "FP32_UNITS"]
 
 INT_MM = "torch._int_mm"
 FP32_UNITS = "fp32 units"
@@ -32,6 +33,10 @@ FP32_UNITS = "fp32 units"
 _EXACT_CHUNK = 1024  # 1024 products of at most 2**14: every partial sum an exact fp32 integer
 _BATCHED_LIMIT = 1 << 24  # chunk results held at once (elements) before summing chunk by chunk
 _ENV = "FQT_CPU_INT8_GEMM"
+# the least M and N of a batch entry that torch._int_mm runs one by one: below it, a library
+# call per entry costs more than the batch's fp32 GEMM (a depthwise convolution's weight
+# gradient is hundreds of 1 x 1 products per kernel offset)
+_INT_MM_LOOP_MIN = 16
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -59,6 +64,47 @@ def _on_fp32_units(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         part = (a[:, k0:k0 + _EXACT_CHUNK].float() @ b[k0:k0 + _EXACT_CHUNK].float()).to(torch.int32)
         out = part if out is None else out.add_(part)
     return out
+
+
+def int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of (B, M, K) and (B, K, N) int8 tensors as exact int32 sums, batched: the
+    per-group GEMMs of a grouped convolution in one call. ``torch._int_mm`` (one call per batch
+    entry) where this CPU multiplies int8 fast and every entry is a real GEMM (M and N at least
+    16); else :func:`exact_bmm` on the codes as fp32. Any strides."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"int8_bmm: expected (B, M, K) @ (B, K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
+    batch, m, _ = a.shape
+    n = b.shape[2]
+    if int8_bmm_runs_int_mm(a.device, m, n):
+        out = torch.empty((batch, m, n), dtype=torch.int32, device=a.device)
+        for i in range(batch):
+            torch._int_mm(_row_or_column_major(a[i]), _row_or_column_major(b[i]), out=out[i])
+        return out
+    return exact_bmm(a.float(), b.float())
+
+
+def int8_bmm_runs_int_mm(device: torch.device, m: int, n: int) -> bool:
+    """Whether :func:`int8_bmm` of (M, K) @ (K, N) entries runs ``torch._int_mm`` per entry."""
+    return (device.type != "cpu" or int8_gemm_provider() == INT_MM) and min(m, n) >= _INT_MM_LOOP_MIN
+
+
+def exact_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of (B, M, K) and (B, K, N) fp32 tensors holding int8 codes, as exact int32 sums:
+    one batched fp32 GEMM per 1024 of K (every partial sum an exact fp32 integer), added in
+    int32. For callers that convert their codes once and multiply many views of them."""
+    out = None
+    for k0 in range(0, a.shape[2], _EXACT_CHUNK):
+        part = torch.bmm(a[:, :, k0:k0 + _EXACT_CHUNK], b[:, k0:k0 + _EXACT_CHUNK]).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def _row_or_column_major(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D operand as ``torch._int_mm`` reads it: row- or column-major (a view it misreads is copied)."""
+    rows, cols = t.shape
+    if t.stride() == (cols, 1) or t.stride() == (1, rows):
+        return t
+    return t.contiguous()
 
 
 @functools.cache

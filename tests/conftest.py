@@ -10,7 +10,9 @@ feed Triton CPU tensors are marked ``interpreter`` and skip there, with the reas
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -23,6 +25,7 @@ if not torch.cuda.is_available():
 # gpu-check`, a GPU's provider measurements) would change decisions from one machine to the next:
 # the tests (and the processes they start) read and write only a fresh folder of their own.
 os.environ["FQT_PROFILE_DIR"] = tempfile.mkdtemp(prefix="fqt_test_profiles_")
+atexit.register(shutil.rmtree, os.environ["FQT_PROFILE_DIR"], ignore_errors=True)
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -18,8 +18,9 @@
   between (an exact zero: a code-domain sum), and the borders padded so the result has x's size.
 * ``grad_weight`` sums over the batch and every output position, a poor fit for a direct
   convolution (its "kernel" would be dY's whole image), so it runs as one int8 GEMM per kernel
-  offset and group: ``dY^T (K x N*P) @ x_shifted (N*P x C)``, exact in int32
-  (``int8_gemm.int8_mm``: ``torch._int_mm``, or fp32 units where this CPU multiplies int8 slowly).
+  offset: ``dY^T (K x N*P) @ x_shifted (N*P x C)``, exact in int32 (``int8_gemm.int8_mm``:
+  ``torch._int_mm``, or fp32 units where this CPU multiplies int8 slowly); a grouped
+  convolution's groups are one batched GEMM per offset (``int8_gemm.int8_bmm``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fqt_compiler.conv import ConvGeometry
-from fqt_compiler.int8_gemm import int8_mm
+from fqt_compiler.int8_gemm import exact_bmm, int8_bmm, int8_bmm_runs_int_mm, int8_mm
 from fqt_compiler.specs import GemmKind
 
 __all__ = ["conv_codes_cpu", "onednn_available", "onednn_int8_mode", "onednn_problem", "in_order", "order_strides",
@@ -204,25 +205,19 @@ def _grad_input(geo: ConvGeometry, g: torch.Tensor, w: torch.Tensor, g_zero: int
 def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if all(s == 1 for s in geo.stride):
         return _grad_weight_on_grid(geo, g, x)
-    G = geo.groups
     N, K, *out_sp = g.shape
-    C = x.shape[1]
-    Kg, Cg = K // G, C // G
-    k = geo.w_shape[2:]
     rows = N
     for q in out_sp:
         rows *= q
-    g_t = g.movedim(1, -1).reshape(rows, K).t()  # (K, N*P)
+    g_rows = g.movedim(1, -1).reshape(rows, K)  # (N*P, K)
     pads = [v for p in reversed(geo.padding) for v in (p, p)]
-    xp = F.pad(x.movedim(1, -1), [0, 0, *pads])  # channels-last, zero codes in the padding
-    result = torch.empty((K, Cg, *k), dtype=torch.int32)
-    for offset in itertools.product(*(range(kk) for kk in k)):
+    sums = _OffsetSums(geo.groups, g_rows, x)
+    xp = F.pad(sums.codes(x).movedim(1, -1), [0, 0, *pads])  # channels-last, zero codes in the padding
+    result = torch.empty((K, x.shape[1] // geo.groups, *geo.w_shape[2:]), dtype=torch.int32)
+    for offset in itertools.product(*(range(kk) for kk in geo.w_shape[2:])):
         window = tuple(slice(r * d, r * d + (q - 1) * s + 1, s) for r, d, q, s in zip(offset, geo.dilation, out_sp, geo.stride))
-        shifted = xp[(slice(None), *window)].reshape(rows, C)
-        for grp in range(G):
-            rows_of = slice(grp * Kg, (grp + 1) * Kg)
-            b = _dense(shifted[:, grp * Cg:(grp + 1) * Cg])
-            result[(rows_of, slice(None), *offset)] = int8_mm(_gemm_ready(g_t[rows_of]), b)
+        shifted = xp[(slice(None), *window)].reshape(rows, x.shape[1])
+        result[(slice(None), slice(None), *offset)] = sums(shifted)
     return result
 
 
@@ -231,10 +226,8 @@ def _grad_weight_on_grid(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) ->
     input's grid, flattened channels-last into rows, output position p reads input row
     p + offset(r) for kernel offset r: dY is laid on that grid (zero rows where no output
     is), and each offset's input operand is a contiguous slice of the padded input's rows."""
-    G = geo.groups
     N, K, *out_sp = g.shape
     C = x.shape[1]
-    Kg, Cg = K // G, C // G
     k = geo.w_shape[2:]
     grid = [h + 2 * p for h, p in zip(x.shape[2:], geo.padding)]
     row_stride = [1] * len(grid)
@@ -242,20 +235,52 @@ def _grad_weight_on_grid(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) ->
         row_stride[i] = row_stride[i + 1] * grid[i + 1]
     m = N * row_stride[0] * grid[0]
     reach = sum((kk - 1) * d * rs for kk, d, rs in zip(k, geo.dilation, row_stride))
-    xp = x.new_zeros((m + reach, C))  # zero rows past the end: the last offsets' slices stay inside
-    inner = tuple(slice(p, p + h) for p, h in zip(geo.padding, x.shape[2:]))
-    xp[:m].view(N, *grid, C)[(slice(None), *inner)] = x.movedim(1, -1)
     gp = g.new_zeros((m, K))
     gp.view(N, *grid, K)[(slice(None), *(slice(0, q) for q in out_sp))] = g.movedim(1, -1)
-    a = [_gemm_ready(gp[:, i * Kg:(i + 1) * Kg].t()) for i in range(G)]  # (K/G, m) each
-    result = torch.empty((K, Cg, *k), dtype=torch.int32)
+    sums = _OffsetSums(geo.groups, gp, x)
+    xp = x.new_zeros((m + reach, C), dtype=sums.dtype)  # zero rows past the end: the last offsets' slices stay inside
+    inner = tuple(slice(p, p + h) for p, h in zip(geo.padding, x.shape[2:]))
+    xp[:m].view(N, *grid, C)[(slice(None), *inner)] = x.movedim(1, -1)  # converted by the copy
+    result = torch.empty((K, C // geo.groups, *k), dtype=torch.int32)
     for offset in itertools.product(*(range(kk) for kk in k)):
         start = sum(r * d * rs for r, d, rs in zip(offset, geo.dilation, row_stride))
-        shifted = xp[start:start + m]
-        for i in range(G):
-            b = shifted if G == 1 else _dense(shifted[:, i * Cg:(i + 1) * Cg])
-            result[(slice(i * Kg, (i + 1) * Kg), slice(None), *offset)] = int8_mm(a[i], b)
+        result[(slice(None), slice(None), *offset)] = sums(xp[start:start + m])
     return result
+
+
+class _OffsetSums:
+    """One kernel offset's weight gradient ``dY^T @ x_shifted`` (K, C/G), exact int32, from
+    (rows, K) and (rows, C) codes. One int8 GEMM per offset without groups. With groups the
+    per-group GEMMs are small (a depthwise convolution's are 1 x 1), and a library call per
+    group and offset cost 100x the work: the codes are converted once, to int16 for a
+    depthwise convolution (products of int8 codes fit; one multiply-and-sum pass per offset)
+    or to fp32 for batched GEMMs in exact chunks, unless each group's GEMM is large enough for
+    one ``torch._int_mm`` call per group on a CPU that multiplies int8 fast."""
+
+    def __init__(self, groups: int, g_rows: torch.Tensor, x: torch.Tensor) -> None:
+        self.groups = groups
+        kg, cg = g_rows.shape[1] // groups, x.shape[1] // groups
+        if groups == 1 or int8_bmm_runs_int_mm(x.device, kg, cg):
+            self.dtype = torch.int8
+        else:
+            self.dtype = torch.int16 if kg == cg == 1 else torch.float32
+        self.g_rows = self.codes(g_rows)
+
+    def codes(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s codes in the dtype the sums run in."""
+        return t.to(self.dtype)
+
+    def __call__(self, x_rows: torch.Tensor) -> torch.Tensor:
+        g_rows, groups = self.g_rows, self.groups
+        if groups == 1:
+            return int8_mm(_gemm_ready(g_rows.t()), _gemm_ready(x_rows))
+        rows, K = g_rows.shape
+        if self.dtype == torch.int16:  # depthwise: K == C == groups
+            return (g_rows * x_rows).sum(0, dtype=torch.int32).view(K, 1)
+        a = g_rows.view(rows, groups, K // groups).permute(1, 2, 0)  # (G, K/G, rows)
+        b = x_rows.reshape(rows, groups, -1).transpose(0, 1)  # (G, rows, C/G)
+        sums = int8_bmm(a, b) if self.dtype == torch.int8 else exact_bmm(a, b)
+        return sums.reshape(K, -1)
 
 
 def _gemm_ready(t: torch.Tensor) -> torch.Tensor:

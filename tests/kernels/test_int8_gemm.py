@@ -3,6 +3,9 @@ runs faster; both bit-identical to the integer product."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -71,3 +74,59 @@ def test_the_measurement_runs_outside_a_fake_tensor_trace():
         out = int8_gemm.int8_mm(a, b)
     assert out.shape == (16, 8) and out.dtype == torch.int32
     assert int8_gemm.int8_gemm_provider() in (int8_gemm.INT_MM, int8_gemm.FP32_UNITS)
+
+
+@contextlib.contextmanager
+def _forced(provider: str):
+    """The CPU int8 GEMM provider forced (``int_mm`` or ``fp32``), the measured one restored after."""
+    before = os.environ.get("FQT_CPU_INT8_GEMM")
+    os.environ["FQT_CPU_INT8_GEMM"] = provider
+    int8_gemm.int8_gemm_provider.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FQT_CPU_INT8_GEMM"]
+        else:
+            os.environ["FQT_CPU_INT8_GEMM"] = before
+        int8_gemm.int8_gemm_provider.cache_clear()
+
+
+@pytest.fixture(params=["int_mm", "fp32"])
+def provider(request):
+    """Each CPU int8 GEMM provider in turn."""
+    with _forced(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("forced", ["int_mm", "fp32"])
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 40), m=st.integers(1, 24), k=st.integers(1, 2600), n=st.integers(1, 24),
+       strided=st.booleans(), seed=st.integers(0, 99))
+def test_int8_bmm_gives_the_exact_int32_sums(forced, batch, m, k, n, strided, seed):
+    """Grouped convolutions' weight gradients: depthwise (1 x 1 per group) to real GEMMs, long
+    reductions in chunks, operands as the convolution's permuted views hand them over."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-128, 128, (batch, m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (batch, k, n), generator=g, dtype=torch.int8)
+    if strided:  # the layouts of conv_cpu's (rows, groups, channels) views
+        a = a.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        b = b.transpose(0, 1).contiguous().transpose(0, 1)
+    with _forced(forced):
+        got = int8_gemm.int8_bmm(a, b)
+    assert got.dtype == torch.int32 and torch.equal(got, (a.long() @ b.long()).to(torch.int32))
+
+
+@pytest.mark.parametrize("limit", [None, 0])
+def test_int8_bmm_worst_codes_in_both_chunkings(provider, limit, monkeypatch):
+    if limit is not None:
+        monkeypatch.setattr(int8_gemm, "_BATCHED_LIMIT", limit)
+    a = torch.full((3, 2, 2049), -128, dtype=torch.int8)
+    b = torch.full((3, 2049, 1), -128, dtype=torch.int8)
+    got = int8_gemm.int8_bmm(a, b)
+    assert torch.equal(got, torch.full((3, 2, 1), 2049 * 128 * 128, dtype=torch.int32))
+
+
+def test_int8_bmm_names_mismatched_operands():
+    with pytest.raises(ValueError, match=r"\(B, M, K\) @ \(B, K, N\)"):
+        int8_gemm.int8_bmm(torch.zeros(2, 3, 4, dtype=torch.int8), torch.zeros(3, 4, 5, dtype=torch.int8))
