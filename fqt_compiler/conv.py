@@ -40,8 +40,13 @@ from .specs import GemmKind
 
 __all__ = [
     "ConvGeometry", "layout_problem", "qconv_ref", "dequantize_conv_accumulator", "out_memory_format", "is_channels_last",
-    "foldable_zero_point", "channel_sums", "batch_sums",
+    "foldable_zero_point", "channel_sums", "batch_sums", "GROUP_GEMM_MIN",
 ]
+
+# The least output and input channels per group for which a grouped convolution's weight
+# gradient runs on the GPU's Triton GEMM, one launch per group and kernel offset; smaller groups
+# (a depthwise layer's are 1 x 1) are one batched GEMM per offset instead
+GROUP_GEMM_MIN = 16
 
 aten = torch.ops.aten
 
@@ -377,6 +382,8 @@ def channel_sums(t: torch.Tensor, groups: int) -> torch.Tensor:
     GEMM against a block of ones (a reduction with an int64 accumulator converted the whole
     tensor first: 50x slower)."""
     n, c = t.shape[:2]
+    if c == groups:  # a depthwise convolution's: each group's sum is its one channel
+        return t.to(torch.float64 if t.dtype.is_floating_point else torch.int64)
     rows = t.movedim(1, -1)
     # int8_mm may run torch._int_mm, which misreads a size-1 dim's stride: both operands keep every dim > 1
     if t.dtype == torch.int8 and rows.is_contiguous() and c > 1 and t.numel() > c:

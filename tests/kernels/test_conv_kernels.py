@@ -305,7 +305,7 @@ def test_layout_problem_names_the_varying_operand(kind):
 
 
 @pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 3, 6])
 @pytest.mark.parametrize("shape", [(3, 6, 5, 4), (1, 6, 7), (2, 6, 2, 3, 4), (4, 6, 1, 1)])
 def test_channel_and_batch_sums_of_codes(shape, groups, memory):
     """The windowed sums' first reductions (int8 GEMMs against ones where the layout allows,

@@ -95,3 +95,19 @@ def test_implicit_gemm_kernel_compiles_for_sm90_without_spills():
     assert len(lines) == 2, stdout
     for _, codes, registers, spills in lines:
         assert int(registers) > 0 and int(spills) == 0, (codes, registers, spills)
+
+
+@pytest.mark.parametrize("groups, per_group", [(8, 1), (3, 2), (2, 16)], ids=["depthwise", "small-groups", "gemm-groups"])
+def test_grouped_weight_gradients_equal_the_integer_convolution(groups, per_group):
+    """Small groups' wgrad is one batched GEMM per kernel offset (not a launch per group),
+    groups of at least GROUP_GEMM_MIN channels the Triton GEMM per group: both the exact
+    integer sums, over more than 1024 output positions, random and worst codes."""
+    c = groups * per_group
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), groups, (2, c, 24, 24), (c, per_group, 3, 3), (2, c, 24, 24))
+    gen = torch.Generator().manual_seed(groups)
+    for dy, x in ((_codes(geo.y_shape, torch.int8, gen), _codes(geo.x_shape, torch.int8, gen)),
+                  (torch.full(geo.y_shape, -128, dtype=torch.int8, device=DEVICE),
+                   torch.full(geo.x_shape, -128, dtype=torch.int8, device=DEVICE))):
+        got = conv_codes_triton(GemmKind.GRAD_WEIGHT, dy, x, geo).cpu()
+        want = geo.bilinear(GemmKind.GRAD_WEIGHT, dy.cpu().double(), x.cpu().double())
+        assert torch.equal(got, want.float())
