@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from fqt_compiler.codegen.code_dtypes import unsupported_codes
-from fqt_compiler.conv import GROUP_GEMM_MIN, ConvGeometry, is_channels_last, layout_problem
+from fqt_compiler.conv import ConvGeometry, is_channels_last, layout_problem
 from fqt_compiler.int8_gemm import int8_gemm_name
 from fqt_compiler.ops import CONV_KINDS, qconv_op
 from fqt_compiler.layout import Layout
@@ -89,8 +89,7 @@ def _check(kind: GemmKind, ops: list[DequantOperand], device: torch.device) -> s
 
 def _kernel_name(kind: GemmKind, device: torch.device, geo: ConvGeometry) -> str:
     if device.type == "cuda":
-        small = geo.groups > 1 and min(geo.w_shape[0] // geo.groups, geo.w_shape[1]) < GROUP_GEMM_MIN
-        wgrad = "fp64 batched GEMM of the codes per kernel offset (grouped wgrad, exact)" if small else \
+        wgrad = "fp64 batched GEMM of the codes per kernel offset (grouped wgrad, exact)" if geo.small_groups else \
             "triton qmm per kernel offset (wgrad)"
         return {GemmKind.OUTPUT: "triton implicit GEMM", GemmKind.GRAD_INPUT: "triton implicit GEMM (dgrad)",
                 GemmKind.GRAD_WEIGHT: wgrad}[kind]

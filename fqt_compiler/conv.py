@@ -84,6 +84,12 @@ class ConvGeometry:
         return cls(tuple(stride), tuple(padding), tuple(dilation), int(groups), x, w, y)
 
     @property
+    def small_groups(self) -> bool:
+        """Grouped, with fewer than ``GROUP_GEMM_MIN`` output or input channels per group: its
+        weight gradient on the GPU runs as one batched GEMM per kernel offset."""
+        return self.groups > 1 and min(self.w_shape[0] // self.groups, self.w_shape[1]) < GROUP_GEMM_MIN
+
+    @property
     def spatial(self) -> int:
         return len(self.x_shape) - 2
 

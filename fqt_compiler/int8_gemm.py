@@ -59,11 +59,7 @@ def _on_fp32_units(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         af = torch.nn.functional.pad(a.float(), (0, pad)).view(a.shape[0], chunks, _EXACT_CHUNK).transpose(0, 1)
         bf = torch.nn.functional.pad(b.float(), (0, 0, 0, pad)).view(chunks, _EXACT_CHUNK, b.shape[1])
         return torch.bmm(af, bf).to(torch.int32).sum(0, dtype=torch.int32)
-    out = None
-    for k0 in range(0, k, _EXACT_CHUNK):
-        part = (a[:, k0:k0 + _EXACT_CHUNK].float() @ b[k0:k0 + _EXACT_CHUNK].float()).to(torch.int32)
-        out = part if out is None else out.add_(part)
-    return out
+    return exact_bmm(a.unsqueeze(0), b.unsqueeze(0))[0]
 
 
 def int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -80,7 +76,7 @@ def int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         for i in range(batch):
             torch._int_mm(_row_or_column_major(a[i]), _row_or_column_major(b[i]), out=out[i])
         return out
-    return exact_bmm(a.float(), b.float())
+    return exact_bmm(a, b)
 
 
 def int8_bmm_runs_int_mm(device: torch.device, m: int, n: int) -> bool:
@@ -89,12 +85,13 @@ def int8_bmm_runs_int_mm(device: torch.device, m: int, n: int) -> bool:
 
 
 def exact_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of (B, M, K) and (B, K, N) fp32 tensors holding int8 codes, as exact int32 sums:
-    one batched fp32 GEMM per 1024 of K (every partial sum an exact fp32 integer), added in
-    int32. For callers that convert their codes once and multiply many views of them."""
+    """``a @ b`` of (B, M, K) and (B, K, N) int8 codes, or fp32 tensors holding them (callers
+    that convert their codes once and multiply many views of them), as exact int32 sums: one
+    batched fp32 GEMM per 1024 of K (every partial sum an exact fp32 integer; int8 operands
+    converted a chunk at a time), added in int32."""
     out = None
     for k0 in range(0, a.shape[2], _EXACT_CHUNK):
-        part = torch.bmm(a[:, :, k0:k0 + _EXACT_CHUNK], b[:, k0:k0 + _EXACT_CHUNK]).to(torch.int32)
+        part = torch.bmm(a[:, :, k0:k0 + _EXACT_CHUNK].float(), b[:, k0:k0 + _EXACT_CHUNK].float()).to(torch.int32)
         out = part if out is None else out.add_(part)
     return out
 

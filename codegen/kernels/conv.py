@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fqt_compiler.conv import GROUP_GEMM_MIN, ConvGeometry
+from fqt_compiler.conv import ConvGeometry
 from fqt_compiler.grid import QOperand
 from fqt_compiler.specs import GemmKind
 from fqt_compiler.codegen.kernels.launch import launch
@@ -157,8 +157,8 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
     for q in out_sp:
         rows *= q
     g_rows = g.movedim(1, -1).reshape(rows, K)  # (N*P, K)
-    grouped = G > 1 and min(Kg, Cg) < GROUP_GEMM_MIN
-    if grouped:  # (G, K/G, N*P) codes in fp64, converted once for every kernel offset
+    g_t = g_rows.t()  # (K, N*P): a strided view, qmm reads strides
+    if geo.small_groups:  # (G, K/G, N*P) codes in fp64, converted once for every kernel offset
         g_groups = g_rows.view(rows, G, Kg).permute(1, 2, 0).to(torch.float64)
     pads = [v for p in reversed(geo.padding) for v in (p, p)]
     xp = F.pad(x.movedim(1, -1), [0, 0, *pads])
@@ -167,14 +167,13 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
     for offset in itertools.product(*(range(kk) for kk in geo.w_shape[2:])):
         window = tuple(slice(r * d, r * d + (q - 1) * s + 1, s) for r, d, q, s in zip(offset, geo.dilation, out_sp, geo.stride))
         shifted = xp[(slice(None), *window)].reshape(rows, C)
-        if grouped:
+        if geo.small_groups:
             # small groups (a depthwise layer's are 1 x 1): one batched GEMM, not a launch per
             # group; fp64 holds every product of two codes and their sums exactly for int8
             # (rounded to fp32 once, as the kernel's int32 sums are) and to fp64 for fp8
             b = shifted.view(rows, G, Cg).transpose(0, 1).to(torch.float64)  # (G, N*P, C/G)
             parts.append(torch.bmm(g_groups, b).reshape(K, Cg).to(torch.float32))
             continue
-        g_t = g_rows.t()  # (K, N*P): a strided view, qmm reads strides
         groups = [qmm(QOperand(g_t[i * Kg:(i + 1) * Kg], one), QOperand(shifted[:, i * Cg:(i + 1) * Cg], one))
                   for i in range(G)]
         parts.append(torch.cat(groups, 0) if G > 1 else groups[0])  # (K, C/G)

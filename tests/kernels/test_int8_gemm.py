@@ -117,14 +117,12 @@ def test_int8_bmm_gives_the_exact_int32_sums(forced, batch, m, k, n, strided, se
     assert got.dtype == torch.int32 and torch.equal(got, (a.long() @ b.long()).to(torch.int32))
 
 
-@pytest.mark.parametrize("limit", [None, 0])
-def test_int8_bmm_worst_codes_in_both_chunkings(provider, limit, monkeypatch):
-    if limit is not None:
-        monkeypatch.setattr(int8_gemm, "_BATCHED_LIMIT", limit)
-    a = torch.full((3, 2, 2049), -128, dtype=torch.int8)
-    b = torch.full((3, 2049, 1), -128, dtype=torch.int8)
+@pytest.mark.parametrize("k", [1024, 1025, 2049])
+def test_int8_bmm_worst_codes_across_chunk_boundaries(provider, k):
+    a = torch.full((3, 2, k), -128, dtype=torch.int8)
+    b = torch.full((3, k, 1), -128, dtype=torch.int8)
     got = int8_gemm.int8_bmm(a, b)
-    assert torch.equal(got, torch.full((3, 2, 1), 2049 * 128 * 128, dtype=torch.int32))
+    assert torch.equal(got, torch.full((3, 2, 1), k * 128 * 128, dtype=torch.int32))
 
 
 def test_int8_bmm_names_mismatched_operands():
