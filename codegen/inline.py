@@ -40,10 +40,12 @@ from fqt_compiler.passes.matchers import GEMM_PACKETS
 
 from fqt_compiler.conv_paths import qconv_cpu_of_op_args
 from fqt_compiler.ops import qconv_op, qmm_cpu, qmm_op
+from fqt_compiler.cpu_gemm import qbmm_cpu
+from fqt_compiler.ops import qbmm_op
 
 __all__ = [
     "inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static", "trace_node",
-    "inline_graph_node", "qmm_cpu_of_op_args", "rematerialize_dequantizations", "record_input_strides",
+    "inline_graph_node", "qmm_cpu_of_op_args", "qbmm_cpu_of_op_args", "rematerialize_dequantizations", "record_input_strides",
     "decompose_unlowered_gemms", "TraceCache", "REFERENCE_TRACES",
 ]
 
@@ -311,14 +313,20 @@ def qmm_cpu_of_op_args(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
     return qmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), bias, out_dtype)
 
 
+def qbmm_cpu_of_op_args(a, sa, za, oa, b, sb, zb, ob, out_dtype):
+    """``qbmm_cpu`` on ``fqt::qbmm``'s flat arguments."""
+    return qbmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), out_dtype)
+
+
 def inline_qmm_ops(gm: fx.GraphModule) -> int:
-    """Replace every CPU int8 ``fqt::qmm`` by ``torch._int_mm`` plus its aten epilogue, and every
-    CPU int8 ``fqt::qconv`` by ``fqt::conv_codes`` (oneDNN / ``torch._int_mm``) plus its
-    epilogue (functionalized: it works in place): Inductor fuses the dequantization and the
-    zero-point corrections with the ops that read the result."""
+    """Replace every CPU int8 ``fqt::qmm`` by ``torch._int_mm`` plus its aten epilogue, every
+    CPU int8 ``fqt::qbmm`` by ``fqt::int8_bmm`` plus its epilogue, and every CPU int8
+    ``fqt::qconv`` by ``fqt::conv_codes`` (oneDNN / ``torch._int_mm``) plus its epilogue
+    (functionalized: it works in place): Inductor fuses the dequantization and the zero-point
+    corrections with the ops that read the result."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (qmm_op, qconv_op):
+        if node.op != "call_function" or node.target not in (qmm_op, qbmm_op, qconv_op):
             continue
         codes = node.args[1] if node.target is qconv_op else node.args[0]
         b_codes = node.args[5] if node.target is qconv_op else node.args[4]
@@ -327,6 +335,8 @@ def inline_qmm_ops(gm: fx.GraphModule) -> int:
             continue
         if node.target is qmm_op:
             inline_graph_node(gm, node, qmm_cpu_of_op_args, traces=REFERENCE_TRACES)
+        elif node.target is qbmm_op:
+            inline_graph_node(gm, node, qbmm_cpu_of_op_args, traces=REFERENCE_TRACES)
         else:
             inline_graph_node(gm, node, qconv_cpu_of_op_args, functionalize=True, traces=REFERENCE_TRACES)
         count += 1

@@ -1,9 +1,10 @@
 """Lowering: turn ``dequantize -> GEMM`` chains of a partitioned graph into low-bit GEMM calls.
 
 Runs on the forward and backward graphs after partitioning (``execution="kernels"``). Convolution
-GEMMs go to ``lower_conv``; for every matrix GEMM
-the passes marked (``meta["fqt"]`` is a ``GemmNodeInfo``) it matches each operand back through
-transposes / batch reshapes to the aten dequantization ``(codes - zp) * scale + offset`` of an
+GEMMs go to ``lower_conv``; for every matrix GEMM (``mm`` / ``addmm``, and ``bmm`` / ``baddbmm``,
+which become the batched ``fqt::qbmm``) the passes marked (``meta["fqt"]`` is a
+``GemmNodeInfo``) it matches each operand back through transposes / batch reshapes to the aten
+dequantization ``(codes - zp) * scale + offset`` of an
 ``fqt::quantize`` (forward graph) or of saved codes (backward graph), checks that the layout is
 realizable -- A's statistics constant along K (per-tensor or per-row), B's constant along K
 (per-tensor or per-column) -- and replaces the GEMM by ``fqt::qmm`` on the codes with the
@@ -25,8 +26,8 @@ from fqt_compiler.specs import GemmKind
 from fqt_compiler.passes.dequant_chain import CONVERT, DequantOperand, match_operand
 from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call, replay_view
 
-from fqt_compiler.ops import qmm_op
-from fqt_compiler.int8_gemm import int8_gemm_name
+from fqt_compiler.ops import qbmm_op, qmm_op
+from fqt_compiler.int8_gemm import INT_MM, int8_bmm_runs_int_mm, int8_gemm_name
 from fqt_compiler.codegen.code_dtypes import FP8_NAMES, unsupported_codes
 from fqt_compiler.codegen.lower_conv import CONV_TARGETS, lower_convolution
 
@@ -100,6 +101,14 @@ def _check_layout(stats: list[fx.Node | None], axis: int, role: str) -> str | No
     return None
 
 
+# GEMM op -> (bias / input index or None, A index, B index)
+_MATRIX_OPS = {
+    aten.mm.default: (None, 0, 1), aten.addmm.default: (0, 1, 2),
+    aten.bmm.default: (None, 0, 1), aten.baddbmm.default: (0, 1, 2),
+}
+_BATCHED = (aten.bmm.default, aten.baddbmm.default)
+
+
 def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: torch.device) -> LoweredGemm:
     def simulated(reason: str) -> LoweredGemm:
         return LoweredGemm(info.site_id, info.gemm, GemmStatus.SIMULATED, reason)
@@ -109,11 +118,10 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
         if not lowered:
             return simulated(text)
         return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=text)
-    if node.target not in (aten.mm.default, aten.addmm.default):
-        return simulated("no low-bit batched GEMM kernel yet")
-    a_idx, b_idx = (1, 2) if node.target is aten.addmm.default else (0, 1)
-    if node.target is aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
-        return simulated("addmm with alpha/beta != 1")
+    if node.target not in _MATRIX_OPS:
+        return simulated(f"no low-bit kernel for {node.target}")
+    _, a_idx, b_idx = _MATRIX_OPS[node.target]
+    batched = node.target in _BATCHED
     ops = []
     for idx in (a_idx, b_idx):
         m = match_operand(node.args[idx])
@@ -128,6 +136,9 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
         return simulated("BHQ transform on the right operand: T^-1 does not commute with the GEMM there")
     if a_op.transform is not None and (a_op.views or arg(a_op.transform, "layout") != int(Layout.PENULTIMATE)):
         return simulated("BHQ rows are not the rows of the GEMM's left operand")
+    if a_op.transform is not None and batched:
+        # T^-1 mixes rows of different batch entries, which the GEMM multiplies by different matrices
+        return simulated("BHQ transform on a batched GEMM: T^-1 mixes batch entries and does not commute with the GEMM")
     graph = gm.graph
     with graph.inserting_before(node):
         mats = [_materialize(graph, o, node) for o in ops]
@@ -136,33 +147,74 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
                 return simulated(r)
         (a, sa), (b, sb) = mats
         for stats, axis, role in ((sa, -1, "lhs"), (sb, -2, "rhs")):
-            bad = _check_layout(stats, axis, role)
+            bad = _check_layout(stats, axis, role) or (_check_batched(stats, role) if batched else None)
             if bad:
                 return simulated(bad)
-        bias = node.args[0] if node.target is aten.addmm.default else None
-        out_dtype = node.meta["val"].dtype
-        if a_op.transform is None:
-            new = call(graph, qmm_op, (a, sa[0], sa[1], sa[2], b, sb[0], sb[1], sb[2], bias, out_dtype), like=node)
-        else:
-            # BHQ: the GEMM runs on the codes of T dY; T^-1 acts on rows, so it commutes with
-            # the right multiplication and is applied to the GEMM's output rows (O(M N)), then
-            # the bias (docs/design.md, "Scale layouts": BHQ on grad_input).
-            group, u, s_ = a_op.transform.args[1:4]
-            acc = call(graph, qmm_op, (a, sa[0], sa[1], sa[2], b, sb[0], sb[1], sb[2], None, torch.float32), like=node)
-            new = call(graph, bhq_inverse_op, (acc, group, u, s_, int(Layout.PENULTIMATE)), like=node)
-            if bias is not None:
-                new = call(graph, aten.add.Tensor, (new, bias), like=node)
-            if out_dtype != torch.float32:
-                new = call(graph, CONVERT, (new, out_dtype), like=node)
+        new = _emit(graph, node, (a, *sa), (b, *sb), a_op.transform, batched)
     new.meta["fqt"] = info
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-    kernel = "triton qmm" if device.type == "cuda" else f"{int8_gemm_name()} + epilogue"
+    return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=_kernel_name(node, a_op, b_op, device))
+
+
+def _check_batched(stats: list[fx.Node | None], role: str) -> str | None:
+    """A batched GEMM's statistics: per tensor or one 3-D (batch, row, column) broadcast each."""
+    for s in stats:
+        if s is not None and len(_shape(s)) not in (0, 3) and not all(d == 1 for d in _shape(s)):
+            return f"{role} statistics of a batched GEMM are not per tensor or per (batch, row / column)"
+    return None
+
+
+def _emit(graph: fx.Graph, node: fx.Node, a: tuple, b: tuple, transform: fx.Node | None, batched: bool) -> fx.Node:
+    """The low-bit GEMM standing in for ``node``, and what ``node`` adds around the product:
+    ``addmm`` / ``baddbmm``'s input (scaled by ``beta``; a Linear's bias vector rides in the
+    GEMM's epilogue), ``alpha``, BHQ's inverse transform on the output rows."""
+    out_dtype = node.meta["val"].dtype
+    inp = node.args[0] if _MATRIX_OPS[node.target][0] is not None else None
+    alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    n = _shape(node)[-1]
+    vector_bias = inp is not None and not batched and alpha == 1 and beta == 1 and _shape(inp) == (n,)
+
+    def gemm(bias, dtype):
+        if batched:
+            return call(graph, qbmm_op, (*a, *b, dtype), like=node)
+        return call(graph, qmm_op, (*a, *b, bias, dtype), like=node)
+
+    if transform is None and alpha == 1 and (inp is None or vector_bias):
+        return gemm(inp, out_dtype)
+    new = gemm(None, torch.float32)
+    if transform is not None:
+        # BHQ: the GEMM runs on the codes of T dY; T^-1 acts on rows, so it commutes with the
+        # right multiplication and is applied to the GEMM's output rows (O(M N)), then the
+        # bias (docs/design.md, "Scale layouts": BHQ on grad_input).
+        group, u, s_ = transform.args[1:4]
+        new = call(graph, bhq_inverse_op, (new, group, u, s_, int(Layout.PENULTIMATE)), like=node)
+    if alpha != 1:
+        new = call(graph, aten.mul.Tensor, (new, alpha), like=node)
+    if inp is not None and beta != 0:  # beta = 0 ignores the input, NaN included (torch's rule)
+        scaled = inp if beta == 1 else call(graph, aten.mul.Tensor, (inp, beta), like=node)
+        new = call(graph, aten.add.Tensor, (new, scaled), like=node)
+    if out_dtype != torch.float32:
+        new = call(graph, CONVERT, (new, out_dtype), like=node)
+    return new
+
+
+def _kernel_name(node: fx.Node, a_op: DequantOperand, b_op: DequantOperand, device: torch.device) -> str:
+    """How the decision table names the kernel a lowered GEMM runs on."""
+    if node.target not in _BATCHED:
+        kernel = "triton qmm" if device.type == "cuda" else f"{int8_gemm_name()} + epilogue"
+    elif device.type == "cuda":
+        kernel = "triton qbmm (batched)"
+    else:
+        m, n = _shape(node)[-2:]
+        per_entry = isinstance(m, int) and isinstance(n, int) and int8_bmm_runs_int_mm(device, m, n)
+        kernel = f"batched {INT_MM} per entry + epilogue" if per_entry else \
+            "batched int8 GEMM on fp32 units (exact int32 sums) + epilogue"
     if a_op.spec.code_dtype != b_op.spec.code_dtype:
         kernel += f" ({FP8_NAMES[a_op.spec.code_dtype]} x {FP8_NAMES[b_op.spec.code_dtype]})"
     if a_op.transform is not None:
         kernel += ", then T^-1 on the output rows"
-    return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=kernel)
+    return kernel
 
 
 def lower_gemms(gm: fx.GraphModule) -> list[LoweredGemm]:

@@ -18,7 +18,8 @@ from fqt_compiler.passes.graph_utils import arg
 from fqt_compiler.codegen.epilogue import qmm_epilogue_op, qmm_epilogue_stats_op
 from fqt_compiler.codegen.prologue import fused_quantize_op
 from fqt_compiler.fusion_program import Program
-from fqt_compiler.ops import bhq_inverse_kernel_op, bhq_quantize_kernel_op, fake_quantize_kernel_op, qmm_op, quantize_kernel_op
+from fqt_compiler.ops import bhq_inverse_kernel_op, bhq_quantize_kernel_op, fake_quantize_kernel_op, qbmm_op, qmm_op
+from fqt_compiler.ops import quantize_kernel_op
 
 __all__ = ["kernel_sources", "triton_sources", "fusion_programs"]
 
@@ -28,6 +29,7 @@ def triton_sources(gm: fx.GraphModule) -> dict[str, str]:
     per constexpr combination at launch)."""
     families = {
         qmm_op: ("fqt_compiler.codegen.kernels.qmm", ["qmm_kernel"]),
+        qbmm_op: ("fqt_compiler.codegen.kernels.qbmm", ["qbmm_kernel"]),
         quantize_kernel_op: ("fqt_compiler.codegen.kernels.quantize", ["quantize_rows_kernel", "_minmax_partials_kernel"]),
         bhq_quantize_kernel_op: ("fqt_compiler.codegen.kernels.bhq", ["_group_projection_kernel"]),
         bhq_inverse_kernel_op: ("fqt_compiler.codegen.kernels.bhq", ["_group_projection_kernel", "_reflect_kernel"]),

@@ -118,7 +118,7 @@ class FQTBackend:
         self._say(f"graph {record.graph_id}: {stage.value} compiled in {time.perf_counter() - t0:.1f} s")
         if stage is Stage.FORWARD:
             job.saved = SavedStrides.changed(gm, before)
-        record.apply_lowering(out.lowered)
+        record.apply_lowering(out.lowered, backward=stage is Stage.BACKWARD)
         record.kernel_sources.update(out.sources)
         record.fused.extend(out.fused)
         record.layouts.extend(out.layouts)

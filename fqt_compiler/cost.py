@@ -5,7 +5,7 @@ Model (docs/benchmarks.md): a GEMM takes ``max(2MKN / (efficiency x peak), bytes
 bandwidth)``. A quantization moves ``elements x (input bytes + 1)`` at the device's quantize
 bandwidth, plus one more read for a per-tensor scale (its min / max pass) and ``bhq_passes``
 for BHQ (grouping, transform; its inverse on the output rows). A GEMM that no low-bit kernel can
-run (convolutions, batched matmuls, block scales, fp8 on CPU) is simulated: its high-precision
+run (block scales, fp8 on CPU, convolutions where no low-bit convolution exists) is simulated: its high-precision
 time plus the quantization. A site stays low-bit when ``margin x low-bit time < high-precision
 time``; the margin covers what a roofline leaves out (launches, small-kernel inefficiency).
 
@@ -210,7 +210,7 @@ def site_cost(
     ``specs`` maps ``(GemmKind, Slot)`` to the chosen QuantSpec or None: ``output`` reads
     ``LHS`` and ``RHS``, ``grad_input`` reads ``GRAD`` and ``RHS``, ``grad_weight`` reads
     ``LHS`` and ``GRAD``; a missing backward GEMM is left out. ``gemm_kernel``
-    False: no low-bit kernel for this op (convolutions, batched matmuls), every GEMM simulated.
+    False: no low-bit kernel for this op on this device, every GEMM simulated.
     ``fused``: activation and gradient quantizers are fused into their producers (prologue
     fusion on CUDA); weights are always quantized on their own. ``operand_elements``: the
     (activation, weight, grad_output) sizes where they are not the GEMM's operands' (a

@@ -24,6 +24,9 @@ The compile steps put the ops of lowered graphs (``execution="kernels"``) in the
   Triton kernel of ``codegen/kernels/qmm.py``. CPU: ``torch._int_mm`` (VNNI int8, exact int32
   accumulation) plus the same epilogue as ``reference.qmm_ref`` (bit-identical to it); fp8 on
   CPU runs the reference (there is no fast fp8 GEMM on this CPU; the decision table says so).
+* ``fqt::qbmm``: the batched low-bit GEMM (attention's ``bmm``), statistics per batch entry and
+  row / column. CUDA: ``codegen/kernels/qbmm.py``. CPU: ``fqt::int8_bmm`` (the exact int32
+  sums) plus the epilogue of ``reference.qbmm_ref`` (``cpu_gemm.qbmm_cpu``).
 * ``fqt::quantize_kernel``, ``fqt::bhq_quantize_kernel``, ``fqt::bhq_inverse_kernel``,
   ``fqt::fake_quantize_kernel``: the Triton quantize / fused BHQ kernels on CUDA (and under
   Triton's interpreter), elsewhere a compiled standalone reference; twins of the ops above.
@@ -61,7 +64,8 @@ from .errors import SpecError
 from .bhq import bhq_inverse_ref, bhq_quantize_ref
 from .fusion_program import Program, reference_partials, run_reference
 from .grid import QOperand
-from .int8_gemm import int8_mm
+from .int8_gemm import int8_bmm
+from .cpu_gemm import qbmm_cpu, qmm_cpu
 from .conv import ConvGeometry, out_memory_format, qconv_ref
 from .conv_paths import CONV_KINDS, conv_codes, conv_codes_layout, qconv_cpu_of_op_args, qconv_triton
 from .layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, scale_shape
@@ -70,7 +74,7 @@ from .monitor_stats import quantizer_stats
 from .memory_order import CodeLayout, alloc_codes, empty_in_input_layout, in_input_layout
 from .quantizers import get_quantizer, run_custom
 from .standalone import standalone_cpu
-from .reference import observe_quantizer_input, dequantize_accumulator, fake_quantize_ref, qmm_ref, quantize_ref
+from .reference import check_qbmm, observe_quantizer_input, fake_quantize_ref, quantize_ref
 from .specs import Granularity, QuantSpec, Transform
 
 __all__ = [
@@ -81,7 +85,7 @@ __all__ = [
     "TRITON_LAUNCHES", "kernel_hook", "qmm_triton", "quantize_triton", "bhq_quantize_triton", "bhq_inverse_triton",
     "fake_quantize_inline", "fused_quantize_triton", "qmm_epilogue_triton", "qmm_epilogue_stats_triton",
     "monitor_codes_op", "monitor_fake_op", "monitor_error_op", "monitor_gradient_op",
-    "CONV_KINDS", "qconv_op", "conv_codes_op", "qconv_triton",
+    "CONV_KINDS", "qconv_op", "conv_codes_op", "qconv_triton", "qbmm_op", "qbmm_triton", "int8_bmm_op", "qbmm_cpu",
 ]
 
 
@@ -183,31 +187,6 @@ QUANTIZE_OPS = (quantize_op, quantize_stochastic_op)
 
 
 # ---------------------------------------------------------------- ops of lowered graphs
-def int8_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of (M, K) and (K, N) int8 codes as exact int32 sums.
-
-    ``torch._int_mm`` on the CPU misreads the stride of a size-1 dim (a (1, 32) operand with
-    strides (1, 1) -- a transposed one-column weight -- came back as garbage, no error), and
-    Inductor hands it such views. A GEMM with a dim of 1 (a Linear with one input or one output
-    feature, a single row) is a matrix-vector product, where the int8 kernel gains nothing: it
-    sums broadcast int32 products instead, exactly."""
-    if a.shape[0] > 1 and a.shape[1] > 1 and b.shape[1] > 1:
-        return int8_mm(a, b)
-    return (a.to(torch.int32).unsqueeze(2) * b.to(torch.int32).unsqueeze(0)).sum(1, dtype=torch.int32)
-
-
-def qmm_cpu(a: QOperand, b: QOperand, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``reference.qmm_ref`` with the int8 product exact in int32 (``int8_gemm.int8_mm``:
-    ``torch._int_mm``, or fp32 units where this CPU multiplies int8 slowly); same numbers."""
-    if a.codes.dtype != torch.int8:
-        return qmm_ref(a, b, bias, out_dtype)
-    # int64 keeps the zero-point terms exact; the reference holds the same integers in fp64
-    acc = int8_product(a.codes, b.codes)
-    if a.zero_point is not None or b.zero_point is not None:
-        acc = acc.to(torch.int64)
-    return dequantize_accumulator(acc, a, b, bias, out_dtype)
-
-
 @torch.library.custom_op("fqt::qmm", mutates_args=())
 def _qmm(
     a: torch.Tensor,
@@ -236,6 +215,35 @@ def qmm_triton(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
 @_qmm.register_fake
 def _qmm_fake(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fqt::qbmm", mutates_args=())
+def _qbmm(a: torch.Tensor, sa: torch.Tensor, za: torch.Tensor | None, oa: torch.Tensor | None, b: torch.Tensor,
+          sb: torch.Tensor, zb: torch.Tensor | None, ob: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The batched low-bit GEMM (attention's ``bmm``): see ``reference.qbmm_ref``."""
+    qa, qb = QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob)
+    check_qbmm(qa, qb)
+    if a.device.type == "cuda":
+        return qbmm_triton(a, sa, za, oa, b, sb, zb, ob, out_dtype)
+    return qbmm_cpu(qa, qb, out_dtype)
+
+
+def qbmm_triton(a, sa, za, oa, b, sb, zb, ob, out_dtype):
+    """``fqt::qbmm``'s Triton launch on its flat arguments."""
+    from fqt_compiler.codegen.kernels.qbmm import qbmm  # Triton: imported on first launch
+
+    return qbmm(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), out_dtype)
+
+
+# the int32 sums of a CPU batched GEMM as one opaque node (``cpu_gemm.qbmm_cpu``)
+@torch.library.custom_op("fqt::int8_bmm", mutates_args=())
+def _int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return int8_bmm(a, b)
+
+
+_qbmm.register_fake(lambda a, sa, za, oa, b, sb, zb, ob, out_dtype: a.new_empty((a.shape[0], a.shape[1], b.shape[2]),
+                                                                                 dtype=out_dtype))
+_int8_bmm.register_fake(lambda a, b: a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32))
 
 
 def triton_here(x: torch.Tensor) -> bool:
@@ -337,6 +345,8 @@ _bhq_quantize_kernel.register_fake(lambda x, spec, layout: torch.ops.fqt.bhq_qua
 _bhq_inverse_kernel.register_fake(lambda y, group, u, s, layout: empty_in_input_layout(y, y.dtype))
 
 qmm_op = torch.ops.fqt.qmm.default
+qbmm_op = torch.ops.fqt.qbmm.default
+int8_bmm_op = torch.ops.fqt.int8_bmm.default
 quantize_kernel_op = torch.ops.fqt.quantize_kernel.default
 bhq_quantize_kernel_op = torch.ops.fqt.bhq_quantize_kernel.default
 bhq_inverse_kernel_op = torch.ops.fqt.bhq_inverse_kernel.default
@@ -476,6 +486,7 @@ qmm_epilogue_stats_op = torch.ops.fqt.qmm_epilogue_stats.default
 #: (shapes, strides, dtypes) as the op's fake.
 TRITON_LAUNCHES = {
     qmm_op: qmm_triton,
+    qbmm_op: qbmm_triton,
     quantize_kernel_op: quantize_triton,
     bhq_quantize_kernel_op: bhq_quantize_triton,
     bhq_inverse_kernel_op: bhq_inverse_triton,

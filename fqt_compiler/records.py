@@ -5,11 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .sites import GemmStatus, SiteDecision
+from .specs import GemmKind
 
-__all__ = ["GraphRecord", "PENDING"]
+__all__ = ["GraphRecord", "PENDING", "NOT_IN_GRAPH"]
 
 #: The reason a kernels-mode GEMM carries until its graph has compiled.
 PENDING = "pending: its graph has not compiled yet (the backward compiles at the first backward call)"
+#: ... and once its graph has compiled without it (the partitioner's common-subexpression
+#: elimination merges a GEMM computed twice from the same operands, e.g. a module called twice
+#: on one input; dead-code elimination drops one whose result nothing reads).
+NOT_IN_GRAPH = ("not in the compiled graph: removed before lowering, as a duplicate of an identical GEMM (which computes "
+                "its result) or as unused")
 
 
 @dataclass
@@ -40,8 +46,10 @@ class GraphRecord:
             for site in self.decisions
         ]
 
-    def apply_lowering(self, lowered: list) -> None:
-        """Fold codegen's per-GEMM results (``fqt_compiler.codegen.LoweredGemm``) into the decisions."""
+    def apply_lowering(self, lowered: list, backward: bool | None = None) -> None:
+        """Fold codegen's per-GEMM results (``fqt_compiler.codegen.LoweredGemm``) into the
+        decisions. ``backward``: which graph was compiled (True: the backward, False: the forward
+        or inference graph); its GEMMs that are still pending were not in it (``NOT_IN_GRAPH``)."""
         by_key = {(r.site_id, r.gemm): r for r in lowered}
         updated = []
         for site in self.decisions:
@@ -50,6 +58,8 @@ class GraphRecord:
                 r = by_key.get((site.site_id, g.kind))
                 if r is not None and g.status is not GemmStatus.SKIPPED:
                     g = replace(g, status=r.status, reason=r.reason, kernel=r.kernel)
+                elif g.reason == PENDING and backward is not None and (g.kind is not GemmKind.OUTPUT) == backward:
+                    g = replace(g, reason=NOT_IN_GRAPH)
                 gemms.append(g)
             updated.append(replace(site, gemms=tuple(gemms)))
         self.decisions = updated

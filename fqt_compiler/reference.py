@@ -42,8 +42,8 @@ from .quantizers import run_custom
 from .specs import Granularity, QuantSpec, Transform
 
 __all__ = [
-    "quantize", "quantize_ref", "fake_quantize_ref", "qmm_ref", "dequantize_accumulator", "capture_quantizer_inputs",
-    "observe_quantizer_input",
+    "quantize", "quantize_ref", "fake_quantize_ref", "qmm_ref", "qbmm_ref", "check_qbmm", "dequantize_accumulator",
+    "capture_quantizer_inputs", "observe_quantizer_input",
 ]
 
 
@@ -187,29 +187,71 @@ def qmm_ref(a: QOperand, b: QOperand, bias: torch.Tensor | None = None, out_dtyp
     return dequantize_accumulator(acc, a, b, bias, out_dtype)
 
 
+def qbmm_ref(a: QOperand, b: QOperand, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Batched low-bit GEMM: :func:`qmm_ref` for each entry of (B, M, K) @ (B, K, N) codes.
+
+    A's statistics are per tensor or broadcastable to (B, M, 1) -- constant along K, free to
+    vary per batch entry and row -- and B's likewise to (B, 1, N): each entry of the batch is an
+    independent GEMM with its own epilogue (attention's ``bmm`` of two activations)."""
+    check_qbmm(a, b)
+    return qmm_ref(a, b, None, out_dtype)
+
+
+def check_qbmm(a: QOperand, b: QOperand) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` form a batched GEMM whose statistics are
+    constant along its contraction (per tensor; A's (B or 1, M or 1, 1), B's (B or 1, 1, N or 1))."""
+    ac, bc = a.codes, b.codes
+    if ac.dim() != 3 or bc.dim() != 3 or ac.shape[0] != bc.shape[0] or ac.shape[2] != bc.shape[1]:
+        raise ValueError(f"qbmm: codes {tuple(ac.shape)} @ {tuple(bc.shape)} do not form a batched (B, M, K) @ (B, K, N) GEMM")
+    batch, m, _ = ac.shape
+    n = bc.shape[2]
+    for name, stats, allowed in (("A", a[1:], (batch, m, 1)), ("B", b[1:], (batch, 1, n))):
+        for t in stats:
+            if t is None or t.numel() == 1:
+                continue
+            shape = tuple(t.shape)
+            if len(shape) != 3 or any(s not in (1, full) for s, full in zip(shape, allowed)):
+                raise ValueError(
+                    f"qbmm: {name}'s statistics have shape {shape}; expected per tensor or broadcastable to {allowed} "
+                    "(constant along the contracted dim)"
+                )
+
+
+def _stat(t: torch.Tensor | None, acc: torch.Tensor, dtype: torch.dtype, axis: int) -> torch.Tensor:
+    """A statistic broadcastable against ``acc`` along ``axis`` (-2: one per row, -1: one per
+    column). A 2-D GEMM's arrive as vectors, (M, 1) or (1, N); a batched GEMM's keep their
+    (B or 1, M or 1, N or 1) shape."""
+    if t is None:
+        return torch.zeros((), dtype=dtype, device=acc.device)
+    t = t.to(dtype)
+    if acc.dim() == 2 or t.numel() == 1:
+        return t.reshape(-1, 1) if axis == -2 else t.reshape(1, -1)
+    return t
+
+
 def dequantize_accumulator(
     acc: torch.Tensor, a: QOperand, b: QOperand, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """The dequantization epilogue of :func:`qmm_ref`, given ``acc = a.codes @ b.codes``.
+    """The dequantization epilogue of :func:`qmm_ref` (and :func:`qbmm_ref`, batched), given
+    ``acc = a.codes @ b.codes``.
 
     ``acc``'s dtype carries the integer terms: int64, or fp64 (exact for int8 codes), or fp32
     for fp8. Shared by the reference and the CPU ``torch._int_mm`` path, so they agree bit for bit.
     """
     a_codes, a_scale, a_zp, a_offset = a
     b_codes, b_scale, b_zp, b_offset = b
-    k = a_codes.shape[1]
-    sa = a_scale.to(torch.float32).reshape(-1, 1)
-    sb = b_scale.to(torch.float32).reshape(1, -1)
+    k = a_codes.shape[-1]
+    sa = _stat(a_scale, acc, torch.float32, -2)
+    sb = _stat(b_scale, acc, torch.float32, -1)
     if a_zp is None and b_zp is None and a_offset is None and b_offset is None:
         out = (acc.to(torch.float32) * sa) * sb
     else:
-        zero = torch.zeros((), device=acc.device)
-        za = (a_zp if a_zp is not None else zero).to(acc.dtype).reshape(-1, 1)
-        zb = (b_zp if b_zp is not None else zero).to(acc.dtype).reshape(1, -1)
-        oa = (a_offset if a_offset is not None else zero).to(torch.float32).reshape(-1, 1)
-        ob = (b_offset if b_offset is not None else zero).to(torch.float32).reshape(1, -1)
-        rsa = a_codes.sum(1, keepdim=True, dtype=acc.dtype)
-        csb = b_codes.sum(0, keepdim=True, dtype=acc.dtype)
+        za = _stat(a_zp, acc, acc.dtype, -2)
+        zb = _stat(b_zp, acc, acc.dtype, -1)
+        oa = _stat(a_offset, acc, torch.float32, -2)
+        ob = _stat(b_offset, acc, torch.float32, -1)
+        rsa = a_codes.sum(-1, keepdim=True, dtype=acc.dtype)
+        csb = b_codes.sum(-2, keepdim=True, dtype=acc.dtype)
         t1 = acc - za * csb - zb * rsa + k * za * zb
         t2 = (rsa - k * za).to(torch.float32)
         t3 = (csb - k * zb).to(torch.float32)

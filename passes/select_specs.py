@@ -28,7 +28,7 @@ from fqt_compiler.flops import node_flops
 from fqt_compiler.sites import GemmDecision, GemmStatus, OperandDecision, OperandSource, SiteDecision, SkipKind
 from fqt_compiler.conv_paths import cpu_conv_problem
 from fqt_compiler.cost import Slot, site_cost
-from fqt_compiler.specs import GemmKind, QuantSpec, TensorRole
+from fqt_compiler.specs import GemmKind, Granularity, QuantSpec, TensorRole
 
 from fqt_compiler.passes import matchers as m
 from fqt_compiler.passes.graph_utils import arg as call_arg
@@ -109,7 +109,7 @@ class SelectSpecs(FQTPass):
                 specs[(gemm, Slot.GRAD)] = bwd.grad_spec
                 specs[(gemm, other)] = bwd.operand_spec
         conv = site.node.target in m.CONV_OPS
-        matrix = site.node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        matrix = site.node.target in _MATRIX_KERNELS
         gemm_kernel = matrix or conv and _conv_kernels(val.device)
         # the generated prologue kernels run on CUDA (fusion "auto" or "triton")
         fused = val.device.type == "cuda" and fusion is not Fusion.OFF
@@ -138,6 +138,8 @@ class SelectSpecs(FQTPass):
             fwd_spec = site.fwd_specs[bwd.fwd_operand]
             if bwd.kind in (GemmKind.GRAD_LHS, GemmKind.GRAD_RHS):
                 want = fwd_spec if decided.get(bwd.kind) is None or decided[bwd.kind].high_precision is None else None
+                if decided.get(bwd.kind) is None:
+                    want = _batched_backward_operand(recipe, bwd.kind, fwd_spec)
             else:
                 want = spec(bwd.kind, site.roles[bwd.fwd_operand])
             bwd.operand_spec = want
@@ -201,6 +203,29 @@ class SelectSpecs(FQTPass):
                 f"GEMM site {site.site_id} ({site.op} at node {site.node.name}, module {site.module_path}) cannot be quantized: "
                 f"{reason}. Pass strict=False to keep it in high precision with this reason recorded."
             )
+
+
+# matrix GEMMs with low-bit kernels (a batched one's dims are one batch entry's: its costs and
+# the high-precision ones scale alike with the batch)
+_MATRIX_KERNELS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                   torch.ops.aten.baddbmm.default)
+
+
+def _batched_backward_operand(recipe, kind: GemmKind, fwd_spec: QuantSpec | None) -> QuantSpec | None:
+    """The forward operand of an activation x activation GEMM (attention's ``bmm``) as its
+    backward GEMM reads it. The paper's semantics reuse the forward codes; that is realizable
+    unless they are scaled per row, which varies along both backward contractions (``grad_lhs``
+    contracts the right operand's rows, ``grad_rhs`` the left operand's columns). Per-row codes
+    are then re-quantized as the recipe re-quantizes a Linear's operand for the same GEMM
+    (``grad_lhs``: grad_input's weight spec; ``grad_rhs``: grad_weight's activation spec), where
+    that spec is realizable (per tensor or per channel); otherwise they are reused (simulated)."""
+    if fwd_spec is None or fwd_spec.granularity is not Granularity.ROW:
+        return fwd_spec
+    group = recipe.grad_input if kind is GemmKind.GRAD_LHS else recipe.grad_weight
+    analog = getattr(group, "weight" if kind is GemmKind.GRAD_LHS else "activation", None)
+    if analog is None or analog.granularity not in (Granularity.TENSOR, Granularity.CHANNEL, Granularity.COLUMN):
+        return fwd_spec
+    return analog
 
 
 def _conv_kernels(device: torch.device) -> bool:

@@ -25,11 +25,12 @@ _CODES = {"int8": "*i8", "fp8": "*fp8e4nv", "e4m3": "*fp8e4nv", "e5m2": "*fp8e5"
 
 
 def qmm_ptx(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str | None = None, even_k: bool = True,
-            tile: tuple[int, int, int, int, int] = (128, 128, 128, 3, 8)) -> str:
+            tile: tuple[int, int, int, int, int] = (128, 128, 128, 3, 8), affine: bool = False) -> str:
     """PTX of the qmm kernel compiled for sm_90 (128x128x128 tiles, 3 stages, 8 warps, the H100
     autotune entry, or ``tile`` = (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)) with the given
     operand memory orders and code dtypes (``int8``, ``fp8`` / ``e4m3``, ``e5m2``; ``b_dtype``
-    defaults to ``dtype``); ``even_k``: K a multiple of the K tile (no load masks)."""
+    defaults to ``dtype``); ``even_k``: K a multiple of the K tile (no load masks); ``affine``:
+    zero points (row and column sums in the K loop)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -41,12 +42,38 @@ def qmm_ptx(a_k_major: bool, b_k_major: bool, dtype: str = "int8", b_dtype: str 
     ones = {"stride_ak" if a_k_major else "stride_am": 1, "stride_bk" if b_k_major else "stride_bn": 1, "stride_on": 1,
             "stride_sa": 1, "stride_sb": 1}
     bm, bn, bk, stages, warps = tile
-    const = dict(IS_INT=dtype == "int8", AFFINE=False, HAS_BIAS=False, EVEN_K=even_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    const = dict(IS_INT=dtype == "int8", AFFINE=affine, HAS_BIAS=False, EVEN_K=even_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                  GROUP_M=8, **ones)
     sig.update({k: "constexpr" for k in const})
     aligned = [i for i, n in enumerate(_NAMES)
                if n not in ones and (n.endswith("ptr") or n in ("M", "N", "K") or n.startswith("stride_"))]
     src = triton.compiler.ASTSource(fn=qmm_kernel, signature=sig, constexprs=const,
+                                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
+
+
+_QBMM_NAMES = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "M", "N", "K",
+               "stride_ab", "stride_am", "stride_ak", "stride_bb", "stride_bk", "stride_bn", "stride_ob", "stride_om",
+               "stride_on", "stride_sab", "stride_sa", "stride_sbb", "stride_sb"]
+
+
+def qbmm_ptx(dtype: str = "int8", affine: bool = False, tile: tuple[int, int, int, int, int] = (128, 128, 128, 3, 8)) -> str:
+    """PTX of the batched GEMM kernel (``kernels/qbmm.py``) compiled for sm_90 with K-major
+    operands, ``dtype`` codes (``int8``, ``e4m3``, ``e5m2``) and, with ``affine``, zero points
+    and offsets (their row and column sums in the K loop)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fqt_compiler.codegen.kernels.qbmm import qbmm_kernel
+
+    sig = {n: ("*fp32" if n.endswith("ptr") else "i32") for n in _QBMM_NAMES}
+    sig.update(a_ptr=_CODES[dtype], b_ptr=_CODES[dtype], out_ptr="*bf16")
+    ones = {"stride_ak": 1, "stride_bk": 1, "stride_on": 1, "stride_sa": 1, "stride_sb": 1}
+    bm, bn, bk, stages, warps = tile
+    const = dict(IS_INT=dtype == "int8", AFFINE=affine, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, **ones)
+    sig.update({k: "constexpr" for k in const})
+    aligned = [i for i, n in enumerate(_QBMM_NAMES) if n not in ones and not n.startswith("stride_s")]
+    src = triton.compiler.ASTSource(fn=qbmm_kernel, signature=sig, constexprs=const,
                                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
 
@@ -135,7 +162,7 @@ def _rows_ptx(block_r: int, block_c: int, one_pass: bool, warps: int) -> str:
 
 def spill_table() -> list[dict]:
     """Registers and spill bytes of every sm_90 autotune tile (``qmm.SM90_TILES``): the plain
-    GEMM for int8 and fp8 codes, and a heavy generated epilogue (``_epilogue_ptx``) for both;
+    GEMM for int8 codes (with zero points too) and fp8 codes, and a heavy generated epilogue (``_epilogue_ptx``) for both;
     then the quantize rows kernel at its largest one-pass tiles and its two-pass chunk."""
     from fqt_compiler.codegen.kernels.qmm import SM90_TILES, Family
 
@@ -146,8 +173,9 @@ def spill_table() -> list[dict]:
                      "tile": (block_r, block_c, 0, 0, warps), **ptxas_usage(_rows_ptx(block_r, block_c, one_pass, warps))})
     for family, tiles in SM90_TILES.items():
         for tile in tiles:
-            for codes in (("int8", "fp8") if family is Family.EPILOGUE else (family.value,)):
-                ptx = _epilogue_ptx(codes, tile) if family is Family.EPILOGUE else qmm_ptx(True, True, codes, tile=tile)
+            for codes in (("int8", "fp8") if family is Family.EPILOGUE else ("fp8",) if family is Family.FP8 else ("int8",)):
+                ptx = _epilogue_ptx(codes, tile) if family is Family.EPILOGUE else \
+                    qmm_ptx(True, True, codes, tile=tile, affine=family is Family.INT8_AFFINE)
                 rows.append({"family": family.value, "codes": codes, "tile": tile, **ptxas_usage(ptx)})
     return rows
 

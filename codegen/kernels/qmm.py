@@ -18,7 +18,8 @@ from fqt_compiler.codegen.kernels.launch import launch
 
 __all__ = [
     "qmm", "qmm_kernel", "qmm_tile", "qmm_split_kernel", "qmm_split_reduce_kernel", "tile_indices", "accumulate",
-    "dequantize_tile", "autotune_configs", "tuned", "split_k", "EVEN_K", "FP8_PROMOTE_K", "FP8_DTYPES", "Family", "SM90_TILES",
+    "dequantize_tile", "autotune_configs", "tuned", "family", "split_k", "EVEN_K", "FP8_PROMOTE_K", "FP8_DTYPES", "Family",
+    "SM90_TILES",
 ]
 
 # The most K elements an fp8 tile accumulates in the tensor cores' reduced-precision fp8
@@ -35,6 +36,7 @@ class Family(enum.Enum):
     accumulator, a generated epilogue's chain), and a tile that spills registers loses."""
 
     INT8 = "int8"
+    INT8_AFFINE = "int8 zero points"  # int8 with zero points: row and column sums in the K loop
     FP8 = "fp8"
     EPILOGUE = "epilogue"  # the generated epilogue-fused kernels, int8 or fp8
 
@@ -46,6 +48,8 @@ class Family(enum.Enum):
 SM90_TILES = {
     Family.INT8: [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
                   (64, 128, 128, 4, 4)],
+    # the row and column sums of zero-point GEMMs spill 72-560 bytes in the other int8 tiles
+    Family.INT8_AFFINE: [(128, 128, 128, 4, 8), (64, 128, 128, 4, 4)],
     Family.FP8: [(256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4), (64, 128, 128, 4, 4)],
     Family.EPILOGUE: [(64, 128, 128, 4, 8), (64, 64, 128, 3, 8)],
 }
@@ -240,6 +244,13 @@ def qmm_split_reduce_kernel(
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def family(is_int: bool, affine: bool) -> Family:
+    """The tile family of a plain (not epilogue-fused) GEMM."""
+    if not is_int:
+        return Family.FP8
+    return Family.INT8_AFFINE if affine else Family.INT8
+
+
 _TUNED: dict[tuple, object] = {}
 
 #: Sets EVEN_K after the autotuner picked BLOCK_K (a heuristic under the autotuner runs per config).
@@ -360,7 +371,7 @@ def qmm(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     launch(
-        tuned(qmm_kernel, a_codes.device, Family.INT8 if is_int else Family.FP8), grid,
+        tuned(qmm_kernel, a_codes.device, family(is_int, affine)), grid,
         a_codes, b_codes, out, sa, sb, za, zb, oa, ob, bias_t,
         m, n, k,
         a_codes.stride(0), a_codes.stride(1), b_codes.stride(0), b_codes.stride(1), out.stride(0), out.stride(1),

@@ -192,3 +192,25 @@ def test_transposed_convolutions_run_as_the_gemms_they_transpose(recipe):
             assert g.status is fqt.GemmStatus.SIMULATED and "transposed" in g.reason, g
         else:
             assert g.status is fqt.GemmStatus.LOWBIT_KERNEL and g.kernel.startswith("transposed: "), g
+
+
+class _Twice(torch.nn.Module):
+    """One Linear called twice on one input: the partitioner computes the GEMM once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) * self.fc(x).sigmoid()
+
+
+def test_a_gemm_merged_with_an_identical_one_says_so_not_pending():
+    report = fqt.explain(_Twice(), torch.randn(4, 8), recipe="int8", progress=False, forward_error=False)
+    outputs = [g for _, g in report.rows() if g.kind is GemmKind.OUTPUT]
+    assert len(outputs) == 2
+    statuses = sorted(g.status.value for g in outputs)
+    assert statuses == ["lowbit-kernel", "simulated"], outputs
+    merged = next(g for g in outputs if g.status is fqt.GemmStatus.SIMULATED)
+    assert "duplicate of an identical GEMM" in merged.reason and "pending" not in merged.reason
+    assert not any("pending" in g.reason for _, g in report.rows())

@@ -95,6 +95,28 @@ def test_cuda_graph_for_inductor_holds_triton_kernels_and_no_fqt_call(cuda_steps
         assert any(k.startswith("triton qmm, measured 3.00x bf16") for g in graphs for k in g["kernels"])
 
 
+ATTN_CASES = ["attn/int8:auto", "attn/psq8:off"]
+
+
+@pytest.fixture(scope="module")
+def attn_cuda_steps() -> dict:
+    """The same for a GPT block (attention as two batched GEMMs of activations)."""
+    return _fake_cuda_steps(ATTN_CASES)
+
+
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_cuda_attention_bmm_is_a_batched_triton_gemm_inductor_launches(attn_cuda_steps, case):
+    """Attention's batched GEMMs (forward, grad_lhs, grad_rhs) run on the batched Triton GEMM,
+    launched by Inductor like every other fqt kernel: no fqt op is left as a Python call."""
+    graphs = attn_cuda_steps[case]
+    batched = [k for g in graphs for k in g["kernels"] if k.startswith("triton qbmm")]
+    assert len(batched) == 6, [g["kernels"] for g in graphs]  # 2 bmm sites x 3 GEMMs
+    for g in graphs:
+        assert g["fqt_calls_after"] == [] and g["python_calls"] == []
+        assert "qbmm_kernel" in g["kernel_names"] and g["fqt_kernels"] == g["kernel_nodes"]
+        assert g["strides_same"]
+
+
 def test_cpu_graphs_keep_no_fqt_call_and_count_library_gemms():
     """On the CPU under Inductor the int8 GEMMs are ``torch._int_mm`` library calls with the
     quantizers fused around them: no fqt op is left as a Python call, and the report says so."""

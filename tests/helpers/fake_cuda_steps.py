@@ -8,7 +8,8 @@ nothing runs or compiles for the device. ``@PROVIDER``: the GEMM provider the (f
 measurement says is fastest for that case (default: the Triton GEMM); the output also counts
 the measurements made (``"measurements"``, after each case: the cache on disk saves the rest).
 ``MODEL/``: ``mlp`` (the default), ``conv`` (strided, grouped, 1-D and channels-last 1x1
-convolutions) or ``resnet`` (a narrow ResNet-50 in channels-last memory)."""
+convolutions), ``attn`` (a GPT block: attention's batched GEMMs) or ``resnet`` (a narrow
+ResNet-50 in channels-last memory)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def _model(name: str, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
 
         model = ResNet50(width=8, blocks=(1, 1, 1, 1)).to(dtype).to(memory_format=torch.channels_last)
         return model, torch.randn(2, 3, 16, 16, dtype=dtype).to(memory_format=torch.channels_last)
+    if name == "attn":  # a transformer block whose attention is two bmm's of activations
+        from tests.helpers.models import GPTBlock
+
+        return GPTBlock(d=16).to(dtype), torch.randint(0, 16, (2, 6))
     if name == "conv":
         model = _Convs().to(dtype)
         model.pointwise.to(memory_format=torch.channels_last)

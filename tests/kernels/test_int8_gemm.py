@@ -3,9 +3,6 @@ runs faster; both bit-identical to the integer product."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +10,7 @@ from hypothesis import strategies as st
 
 from fqt_compiler import int8_gemm
 from fqt_compiler.errors import OptionsError
+from tests.helpers.int8_provider import PROVIDERS, forced_provider
 
 
 def _exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -43,7 +41,7 @@ def test_worst_codes_stay_exact_in_both_chunkings(k, batched, monkeypatch):
     assert int(got[0, 0]) == k * 128 * 128
 
 
-def test_int8_mm_runs_the_provider_measured_or_forced(monkeypatch):
+def test_int8_mm_runs_the_provider_measured_orforced_provider(monkeypatch):
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (32, 64), generator=g, dtype=torch.int8)
     b = torch.randint(-128, 128, (48, 64), generator=g, dtype=torch.int8).t()
@@ -76,26 +74,10 @@ def test_the_measurement_runs_outside_a_fake_tensor_trace():
     assert int8_gemm.int8_gemm_provider() in (int8_gemm.INT_MM, int8_gemm.FP32_UNITS)
 
 
-@contextlib.contextmanager
-def _forced(provider: str):
-    """The CPU int8 GEMM provider forced (``int_mm`` or ``fp32``), the measured one restored after."""
-    before = os.environ.get("FQT_CPU_INT8_GEMM")
-    os.environ["FQT_CPU_INT8_GEMM"] = provider
-    int8_gemm.int8_gemm_provider.cache_clear()
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["FQT_CPU_INT8_GEMM"]
-        else:
-            os.environ["FQT_CPU_INT8_GEMM"] = before
-        int8_gemm.int8_gemm_provider.cache_clear()
-
-
-@pytest.fixture(params=["int_mm", "fp32"])
+@pytest.fixture(params=PROVIDERS)
 def provider(request):
     """Each CPU int8 GEMM provider in turn."""
-    with _forced(request.param):
+    with forced_provider(request.param):
         yield request.param
 
 
@@ -112,7 +94,7 @@ def test_int8_bmm_gives_the_exact_int32_sums(forced, batch, m, k, n, strided, se
     if strided:  # the layouts of conv_cpu's (rows, groups, channels) views
         a = a.permute(2, 0, 1).contiguous().permute(1, 2, 0)
         b = b.transpose(0, 1).contiguous().transpose(0, 1)
-    with _forced(forced):
+    with forced_provider(forced):
         got = int8_gemm.int8_bmm(a, b)
     assert got.dtype == torch.int32 and torch.equal(got, (a.long() @ b.long()).to(torch.int32))
 
