@@ -314,13 +314,13 @@ def qmm_cpu_of_op_args(a, sa, za, oa, b, sb, zb, ob, bias, out_dtype):
 
 
 def qbmm_cpu_of_op_args(a, sa, za, oa, b, sb, zb, ob, out_dtype):
-    """``qbmm_cpu`` on ``fqt::qbmm``'s flat arguments."""
-    return qbmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), out_dtype)
+    """``qbmm_cpu`` on ``fqt::qbmm``'s flat arguments, as traced for Inductor."""
+    return qbmm_cpu(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), out_dtype, traced=True)
 
 
 def inline_qmm_ops(gm: fx.GraphModule) -> int:
     """Replace every CPU int8 ``fqt::qmm`` by ``torch._int_mm`` plus its aten epilogue, every
-    CPU int8 ``fqt::qbmm`` by ``fqt::int8_bmm`` plus its epilogue, and every CPU int8
+    CPU int8 ``fqt::qbmm`` by batched GEMMs of the codes plus its epilogue, and every CPU int8
     ``fqt::qconv`` by ``fqt::conv_codes`` (oneDNN / ``torch._int_mm``) plus its epilogue
     (functionalized: it works in place): Inductor fuses the dequantization and the zero-point
     corrections with the ops that read the result."""

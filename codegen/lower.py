@@ -109,7 +109,7 @@ _MATRIX_OPS = {
 _BATCHED = (aten.bmm.default, aten.baddbmm.default)
 
 
-def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: torch.device) -> LoweredGemm:
+def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: torch.device, inductor: bool) -> LoweredGemm:
     def simulated(reason: str) -> LoweredGemm:
         return LoweredGemm(info.site_id, info.gemm, GemmStatus.SIMULATED, reason)
 
@@ -154,7 +154,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
     new.meta["fqt"] = info
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-    return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=_kernel_name(node, a_op, b_op, device))
+    return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=_kernel_name(node, a_op, b_op, device, inductor))
 
 
 def _check_batched(stats: list[fx.Node | None], role: str) -> str | None:
@@ -199,15 +199,15 @@ def _emit(graph: fx.Graph, node: fx.Node, a: tuple, b: tuple, transform: fx.Node
     return new
 
 
-def _kernel_name(node: fx.Node, a_op: DequantOperand, b_op: DequantOperand, device: torch.device) -> str:
+def _kernel_name(node: fx.Node, a_op: DequantOperand, b_op: DequantOperand, device: torch.device, inductor: bool) -> str:
     """How the decision table names the kernel a lowered GEMM runs on."""
     if node.target not in _BATCHED:
         kernel = "triton qmm" if device.type == "cuda" else f"{int8_gemm_name()} + epilogue"
     elif device.type == "cuda":
         kernel = "triton qbmm (batched)"
-    else:
+    else:  # under Inductor the trace runs batched GEMMs of the codes (``cpu_gemm.qbmm_cpu``)
         m, n = _shape(node)[-2:]
-        per_entry = isinstance(m, int) and isinstance(n, int) and int8_bmm_runs_int_mm(device, m, n)
+        per_entry = not inductor and isinstance(m, int) and isinstance(n, int) and int8_bmm_runs_int_mm(device, m, n)
         kernel = f"batched {INT_MM} per entry + epilogue" if per_entry else \
             "batched int8 GEMM on fp32 units (exact int32 sums) + epilogue"
     if a_op.spec.code_dtype != b_op.spec.code_dtype:
@@ -217,8 +217,9 @@ def _kernel_name(node: fx.Node, a_op: DequantOperand, b_op: DequantOperand, devi
     return kernel
 
 
-def lower_gemms(gm: fx.GraphModule) -> list[LoweredGemm]:
-    """Lower every realizable quantized GEMM of ``gm`` in place; one record per GEMM."""
+def lower_gemms(gm: fx.GraphModule, inductor: bool = False) -> list[LoweredGemm]:
+    """Lower every realizable quantized GEMM of ``gm`` in place; one record per GEMM.
+    ``inductor``: the graph goes on to Inductor (which changes how a CPU batched GEMM runs)."""
     results = []
     for node in list(gm.graph.nodes):
         info = node.meta.get("fqt")
@@ -228,7 +229,7 @@ def lower_gemms(gm: fx.GraphModule) -> list[LoweredGemm]:
             (a.meta["val"].device for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)),
             torch.device("cpu"),
         )
-        results.append(_lower_one(gm, node, info, device))
+        results.append(_lower_one(gm, node, info, device, inductor))
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return results

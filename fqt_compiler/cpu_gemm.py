@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .grid import QOperand
-from .int8_gemm import int8_mm
+from .int8_gemm import exact_bmm, int8_bmm, int8_mm
 from .reference import dequantize_accumulator, qbmm_ref, qmm_ref
 
 __all__ = ["int8_product", "qmm_cpu", "qbmm_cpu"]
@@ -40,14 +40,26 @@ def qmm_cpu(a: QOperand, b: QOperand, bias: torch.Tensor | None, out_dtype: torc
     return dequantize_accumulator(acc, a, b, bias, out_dtype)
 
 
-def qbmm_cpu(a: QOperand, b: QOperand, out_dtype: torch.dtype) -> torch.Tensor:
-    """``reference.qbmm_ref`` with the int8 product exact in int32; same numbers. The product is
-    the opaque ``fqt::int8_bmm`` call (``int8_gemm.int8_bmm`` loops over the batch with
-    ``torch._int_mm`` where int8 GEMMs are fast; traced, that loop would unroll into a node per
-    batch entry), the epilogue plain torch ops."""
+def qbmm_cpu(a: QOperand, b: QOperand, out_dtype: torch.dtype, *, traced: bool = False) -> torch.Tensor:
+    """``reference.qbmm_ref`` with the int8 product exact in int32; same numbers. Run eagerly
+    (the op's body) the product is ``int8_gemm.int8_bmm``: ``torch._int_mm`` per batch entry
+    where int8 GEMMs are fast and entries are at least 16 x 16, else exact fp32 GEMMs of the
+    codes. ``traced`` (the trace Inductor compiles in place of the op): always the batched
+    GEMMs on fp32 units, which Inductor calls as library GEMMs with no Python in between (a
+    ``torch._int_mm`` per entry would be a node per entry, or a Python call)."""
     if a.codes.dtype != torch.int8 or b.codes.dtype != torch.int8:
         return qbmm_ref(a, b, out_dtype)
-    acc = torch.ops.fqt.int8_bmm.default(a.codes, b.codes)  # declared in ops.py, which imports this module
+    acc = _traceable_bmm(a.codes, b.codes) if traced else int8_bmm(a.codes, b.codes)
     if a.zero_point is not None or b.zero_point is not None:
         acc = acc.to(torch.int64)  # the zero-point terms exact, as the reference's fp64 holds them
     return dequantize_accumulator(acc, a, b, None, out_dtype)
+
+
+def _traceable_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 sums of a batched int8 product as plain torch GEMMs: fp32 in exact chunks of
+    K (``int8_gemm.exact_bmm``) where K is a static size; where it is symbolic (a contraction
+    over a dynamic sequence length) one fp64 GEMM, exact for any K below 2**39, so the trace
+    holds for every size without a guard on K."""
+    if isinstance(a.shape[2], int):
+        return exact_bmm(a, b)
+    return torch.bmm(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)

@@ -25,7 +25,7 @@ The compile steps put the ops of lowered graphs (``execution="kernels"``) in the
   accumulation) plus the same epilogue as ``reference.qmm_ref`` (bit-identical to it); fp8 on
   CPU runs the reference (there is no fast fp8 GEMM on this CPU; the decision table says so).
 * ``fqt::qbmm``: the batched low-bit GEMM (attention's ``bmm``), statistics per batch entry and
-  row / column. CUDA: ``codegen/kernels/qbmm.py``. CPU: ``fqt::int8_bmm`` (the exact int32
+  row / column. CUDA: ``codegen/kernels/qbmm.py``. CPU: ``int8_gemm.int8_bmm`` (the exact int32
   sums) plus the epilogue of ``reference.qbmm_ref`` (``cpu_gemm.qbmm_cpu``).
 * ``fqt::quantize_kernel``, ``fqt::bhq_quantize_kernel``, ``fqt::bhq_inverse_kernel``,
   ``fqt::fake_quantize_kernel``: the Triton quantize / fused BHQ kernels on CUDA (and under
@@ -64,7 +64,6 @@ from .errors import SpecError
 from .bhq import bhq_inverse_ref, bhq_quantize_ref
 from .fusion_program import Program, reference_partials, run_reference
 from .grid import QOperand
-from .int8_gemm import int8_bmm
 from .cpu_gemm import qbmm_cpu, qmm_cpu
 from .conv import ConvGeometry, out_memory_format, qconv_ref
 from .conv_paths import CONV_KINDS, conv_codes, conv_codes_layout, qconv_cpu_of_op_args, qconv_triton
@@ -85,7 +84,7 @@ __all__ = [
     "TRITON_LAUNCHES", "kernel_hook", "qmm_triton", "quantize_triton", "bhq_quantize_triton", "bhq_inverse_triton",
     "fake_quantize_inline", "fused_quantize_triton", "qmm_epilogue_triton", "qmm_epilogue_stats_triton",
     "monitor_codes_op", "monitor_fake_op", "monitor_error_op", "monitor_gradient_op",
-    "CONV_KINDS", "qconv_op", "conv_codes_op", "qconv_triton", "qbmm_op", "qbmm_triton", "int8_bmm_op", "qbmm_cpu",
+    "CONV_KINDS", "qconv_op", "conv_codes_op", "qconv_triton", "qbmm_op", "qbmm_triton", "qbmm_cpu",
 ]
 
 
@@ -235,15 +234,8 @@ def qbmm_triton(a, sa, za, oa, b, sb, zb, ob, out_dtype):
     return qbmm(QOperand(a, sa, za, oa), QOperand(b, sb, zb, ob), out_dtype)
 
 
-# the int32 sums of a CPU batched GEMM as one opaque node (``cpu_gemm.qbmm_cpu``)
-@torch.library.custom_op("fqt::int8_bmm", mutates_args=())
-def _int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return int8_bmm(a, b)
-
-
 _qbmm.register_fake(lambda a, sa, za, oa, b, sb, zb, ob, out_dtype: a.new_empty((a.shape[0], a.shape[1], b.shape[2]),
                                                                                  dtype=out_dtype))
-_int8_bmm.register_fake(lambda a, b: a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32))
 
 
 def triton_here(x: torch.Tensor) -> bool:
@@ -346,7 +338,6 @@ _bhq_inverse_kernel.register_fake(lambda y, group, u, s, layout: empty_in_input_
 
 qmm_op = torch.ops.fqt.qmm.default
 qbmm_op = torch.ops.fqt.qbmm.default
-int8_bmm_op = torch.ops.fqt.int8_bmm.default
 quantize_kernel_op = torch.ops.fqt.quantize_kernel.default
 bhq_quantize_kernel_op = torch.ops.fqt.bhq_quantize_kernel.default
 bhq_inverse_kernel_op = torch.ops.fqt.bhq_inverse_kernel.default

@@ -221,7 +221,7 @@ def _instrument(gm: fx.GraphModule, ctx: GraphContext) -> None:
 
 
 def _lower(gm: fx.GraphModule, ctx: GraphContext) -> None:
-    ctx.lowered = lower_gemms(gm)
+    ctx.lowered = lower_gemms(gm, inductor=ctx.config.inductor)
 
 
 def _epilogues(gm: fx.GraphModule, ctx: GraphContext) -> None:

@@ -58,7 +58,7 @@ def test_every_fqt_op_is_declared_in_one_module():
     for name in ("quantize", "quantize_stochastic", "fake_quantize", "bhq_quantize", "bhq_inverse", "qmm", "quantize_kernel",
                  "bhq_quantize_kernel", "bhq_inverse_kernel", "fake_quantize_kernel", "fused_quantize", "qmm_epilogue",
                  "qmm_epilogue_stats", "qconv", "conv_codes", "monitor_codes", "monitor_fake", "monitor_error",
-                 "monitor_gradient", "qbmm", "int8_bmm"):
+                 "monitor_gradient", "qbmm"):
         assert f'custom_op("fqt::{name}"' in text, name
 
 

@@ -13,7 +13,7 @@ from fqt_compiler.codegen.kernels import qbmm as qbmm_module
 from fqt_compiler.codegen.kernels.qbmm import qbmm
 from fqt_compiler.grid import QOperand, dequantize_ref
 from fqt_compiler.layout import Layout
-from fqt_compiler.ops import int8_bmm_op, qbmm_cpu, qbmm_op
+from fqt_compiler.ops import qbmm_cpu, qbmm_op
 from fqt_compiler.reference import qbmm_ref, quantize_ref
 from fqt_compiler.specs import QuantSpec
 from tests.helpers.device import DEVICE
@@ -75,15 +75,15 @@ def test_qbmm_kernel_launches_a_large_batch_in_slices(monkeypatch):
 @given(batch=st.integers(1, 6), m=st.integers(1, 40), k=st.integers(1, 1500), n=st.integers(1, 40),
        pair=st.sampled_from(sorted(PAIRS)), shared=st.booleans(), seed=st.integers(0, 99))
 def test_qbmm_cpu_matches_reference_bitwise(forced, batch, m, k, n, pair, shared, seed):
-    """The CPU path (``fqt::int8_bmm``'s exact int32 sums and the shared epilogue) equals the
-    reference bit for bit with either int8 provider, K past the fp32 units' exact chunk included."""
+    """The CPU path (exact int32 sums and the shared epilogue) equals the reference bit for bit
+    with either int8 provider, and as traced for Inductor, K past the fp32 units' exact chunk
+    included."""
     a, b = qbmm_operands(batch, m, k, n, *PAIRS[pair], "cpu", shared=shared, seed=seed)
     with forced_provider(forced):
         ref = qbmm_ref(a, b)
         assert torch.equal(qbmm_cpu(a, b, torch.float32), ref)
         assert torch.equal(qbmm_op(*a, *b, torch.float32), ref)
-        exact = (a.codes.to(torch.int64) @ b.codes.to(torch.int64)).to(torch.int32)
-        assert torch.equal(int8_bmm_op(a.codes, b.codes), exact)
+        assert torch.equal(qbmm_cpu(a, b, torch.float32, traced=True), ref)
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=str)
