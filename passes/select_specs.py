@@ -9,7 +9,9 @@ biprecision) and the forward operand it consumes is treated as follows:
 * None: the backward GEMM uses the unquantized operand;
 * another spec: re-quantize the forward's quantized value in this GEMM's layout (``int8``:
   per-in-channel weights for ``grad_input``, per-column activations for ``grad_weight``);
-* activation x activation GEMMs (``grad_lhs`` / ``grad_rhs``) always reuse the forward's.
+* activation x activation GEMMs (``grad_lhs`` / ``grad_rhs``) reuse the forward's, unless it is
+  scaled per row, which no backward GEMM can realize: then it is re-quantized with the spec the
+  recipe gives a Linear's operand in the same GEMM (``_batched_backward_operand``).
 
 Placement rules (``fqt_compiler.rules``) come first: per GEMM, the first matching rule decides,
 and the recipe decides the rest. Then every GEMM is given its status: simulated, or skipped
@@ -17,6 +19,8 @@ with a reason. Never mutates.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import fx
@@ -116,6 +120,9 @@ class SelectSpecs(FQTPass):
         elements = _conv_elements(site) if conv else None
         cost = site_cost(dims, specs, val.device, val.element_size(), gemm_kernel=gemm_kernel, fused=fused,
                          operand_elements=elements)
+        if site.node.target in _MATRIX_KERNELS[2:] and isinstance(val.shape[0], int):
+            # a batched GEMM's dims are one entry's: the whole batch costs that many times over
+            cost = dataclasses.replace(cost, lowbit_s=cost.lowbit_s * val.shape[0], hp_s=cost.hp_s * val.shape[0])
         if not cost.wins:
             site.skip = (SkipKind.BY_COST, cost.reason())
 
