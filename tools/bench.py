@@ -12,6 +12,7 @@ candidate (interleaved repetitions, median of several). Sections:
   Triton kernel on CUDA, the Inductor-compiled reference on CPU);
 * ``memory``: bytes saved for backward by the quantized layer against the baseline;
 * ``conv``: convolution layers and CIFAR networks' training steps (``bench_conv``).
+* ``attention``: the attention core's two batched GEMMs, fwd+bwd (``bench_attention``).
 * ``monitor``: what live numerics monitoring (``fqt.Monitor``, period 100) costs a training step (``bench_monitor``).
 
 Sections import their kernels and Triton when they run: a CPU-only machine benchmarks
@@ -30,6 +31,7 @@ from tabulate import tabulate
 from torch import nn
 
 import fqt_compiler as fqt
+from fqt_compiler.tools.bench_attention import attention_section
 from fqt_compiler.tools.bench_conv import conv_section
 from fqt_compiler.tools.bench_monitor import monitor_section
 from fqt_compiler.tools.timing import cpu_bf16_units, interleaved_medians, interleaved_times, spread
@@ -400,8 +402,8 @@ def _memory_section(shapes: list, recipes: list[str], device: torch.device, reps
     return parts
 
 
-SECTIONS = ("layer", "fusion", "gemm", "quantize", "memory", "conv", "monitor")
+SECTIONS = ("layer", "fusion", "gemm", "quantize", "memory", "conv", "attention", "monitor")
 _SECTION_BUILDERS = {
     "layer": _layer_section, "fusion": _fusion_section, "gemm": _gemm_section, "quantize": _quantize_section,
-    "memory": _memory_section, "conv": conv_section, "monitor": monitor_section,
+    "memory": _memory_section, "conv": conv_section, "attention": attention_section, "monitor": monitor_section,
 }
