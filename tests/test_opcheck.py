@@ -102,6 +102,21 @@ def test_gemm_ops(a_t, b_k_major, affine):
                                   (*args, torch.float32, [residual], prog.dumps(), quant.dumps(), symmetric, columns, []))
 
 
+@pytest.mark.parametrize("affine", [False, True], ids=["sym", "affine"])
+@pytest.mark.parametrize("a_t", [False, True], ids=["A-row-major", "A-col-major"])
+def test_batched_gemm_op(a_t, affine):
+    """``fqt::qbmm`` on (3, 12, 16) @ (3, 16, 10) codes: A per (entry, row), stored row- or
+    column-major per entry; B per column shared by the batch, K-major."""
+    g = torch.Generator().manual_seed(2)
+    spec = QuantSpec(scheme="asym" if affine else "sym", granularity="row")
+    x = torch.randn(3, 16, 12, generator=g).transpose(1, 2) if a_t else torch.randn(3, 12, 16, generator=g)
+    qa = quantize_ref(x, spec, Layout.PENULTIMATE)
+    qb = quantize_ref(torch.randn(3, 10, 16, generator=g).transpose(1, 2), QuantSpec(granularity="column"), Layout.PENULTIMATE)
+    za, oa = (qa[2], qa[3]) if affine else (None, None)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(fqt_ops.qbmm.default, (qa[0], qa[1], za, oa, qb[0], qb[1], None, None, out_dtype))
+
+
 @pytest.mark.parametrize("code_layout", list(CodeLayout), ids=lambda c: c.name)
 @pytest.mark.parametrize("name", ["contiguous", "transposed", "slice", "3-d", "expanded"])
 def test_fused_quantize_op(name, code_layout):
