@@ -82,4 +82,11 @@ def test_transformers_model_trains_under_fqt(factory, recipe):
         if g.status is fqt.GemmStatus.SKIPPED:
             assert "attention" in g.reason  # only LLaMA's fused SDPA, with its reason
         elif g.status is fqt.GemmStatus.SIMULATED:
-            assert g.reason  # conv / batched GEMMs say why they are simulated
+            assert g.reason  # what cannot be realized says why
+    batched = [(s.op, g) for r in be.records for s in r.decisions for g in s.gemms if s.op == "aten.bmm"]
+    if factory in (gpt2, bert, vit):  # eager attention: its matmuls are batched GEMMs of activations
+        assert batched
+        for op, g in batched:  # on the batched low-bit GEMM, but BHQ's grad_lhs (T^-1 mixes batch entries)
+            want = fqt.GemmStatus.SIMULATED if recipe == "bhq5" and g.kind is fqt.GemmKind.GRAD_LHS else \
+                fqt.GemmStatus.LOWBIT_KERNEL
+            assert g.status is want, (op, g.kind, g.reason)
