@@ -89,6 +89,8 @@ def exact_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     that convert their codes once and multiply many views of them), as exact int32 sums: one
     batched fp32 GEMM per 1024 of K (every partial sum an exact fp32 integer; int8 operands
     converted a chunk at a time), added in int32."""
+    if a.shape[2] == 0:  # an empty contraction: every sum is 0
+        return torch.zeros((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32, device=a.device)
     out = None
     for k0 in range(0, a.shape[2], _EXACT_CHUNK):
         part = torch.bmm(a[:, :, k0:k0 + _EXACT_CHUNK].float(), b[:, k0:k0 + _EXACT_CHUNK].float()).to(torch.int32)

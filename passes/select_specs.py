@@ -32,6 +32,7 @@ from fqt_compiler.flops import node_flops
 from fqt_compiler.sites import GemmDecision, GemmStatus, OperandDecision, OperandSource, SiteDecision, SkipKind
 from fqt_compiler.conv_paths import cpu_conv_problem
 from fqt_compiler.cost import Slot, site_cost
+from fqt_compiler.int8_gemm import INT_MM, int8_gemm_provider
 from fqt_compiler.specs import GemmKind, Granularity, QuantSpec, TensorRole
 
 from fqt_compiler.passes import matchers as m
@@ -95,11 +96,11 @@ class SelectSpecs(FQTPass):
                 info = _site_info(site, live.index(site), len(live))
                 self._choose(site, info, ctx)
                 if ctx.config.never_slower:
-                    self._apply_cost_model(site, info, ctx.config.fusion)
+                    self._apply_cost_model(site, info, ctx.config)
             ctx.decisions.append(self._decide(site, ctx))
 
     @staticmethod
-    def _apply_cost_model(site: Site, info: SiteInfo, fusion: Fusion) -> None:
+    def _apply_cost_model(site: Site, info: SiteInfo, config) -> None:
         """``never_slower``: a site the roofline says cannot win stays in high precision."""
         val = site.node.meta.get("val")
         dims = info.dims
@@ -113,14 +114,15 @@ class SelectSpecs(FQTPass):
                 specs[(gemm, Slot.GRAD)] = bwd.grad_spec
                 specs[(gemm, other)] = bwd.operand_spec
         conv = site.node.target in m.CONV_OPS
-        matrix = site.node.target in _MATRIX_KERNELS
+        batched = site.node.target in _MATRIX_KERNELS[2:]
+        matrix = site.node.target in _MATRIX_KERNELS and not (batched and _batched_on_fp32_units(val.device, config))
         gemm_kernel = matrix or conv and _conv_kernels(val.device)
         # the generated prologue kernels run on CUDA (fusion "auto" or "triton")
-        fused = val.device.type == "cuda" and fusion is not Fusion.OFF
+        fused = val.device.type == "cuda" and config.fusion is not Fusion.OFF
         elements = _conv_elements(site) if conv else None
         cost = site_cost(dims, specs, val.device, val.element_size(), gemm_kernel=gemm_kernel, fused=fused,
                          operand_elements=elements)
-        if site.node.target in _MATRIX_KERNELS[2:] and isinstance(val.shape[0], int):
+        if batched and isinstance(val.shape[0], int):
             # a batched GEMM's dims are one entry's: the whole batch costs that many times over
             cost = dataclasses.replace(cost, lowbit_s=cost.lowbit_s * val.shape[0], hp_s=cost.hp_s * val.shape[0])
         if not cost.wins:
@@ -233,6 +235,13 @@ def _batched_backward_operand(recipe, kind: GemmKind, fwd_spec: QuantSpec | None
     if analog is None or analog.granularity not in (Granularity.TENSOR, Granularity.CHANNEL, Granularity.COLUMN):
         return fwd_spec
     return analog
+
+
+def _batched_on_fp32_units(device: torch.device, config) -> bool:
+    """Whether a batched GEMM's integer sums run as fp32 GEMMs of the codes, as fast as the
+    fp32 GEMM (``cpu_gemm.qbmm_cpu``): on a CPU under Inductor, or where the int8 GEMM runs on
+    fp32 units anyway."""
+    return device.type == "cpu" and (config.inductor or int8_gemm_provider() != INT_MM)
 
 
 def _conv_kernels(device: torch.device) -> bool:

@@ -3,6 +3,8 @@ precision, recorded as ``by-cost`` with the estimate; sites that win are untouch
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -135,6 +137,37 @@ def test_never_slower_keeps_depthwise_convolutions_in_high_precision():
     dense = site_cost((8 * 28 * 28, 64 * 9, 256), _specs("int8"), CPU, 4,
                       operand_elements=(8 * 64 * 28 * 28, 256 * 64 * 9, 8 * 256 * 28 * 28))
     assert all((g.skip_kind is None) == dense.wins for g in by_module["dense"])
+
+
+class BigScores(nn.Module):
+    """Two batched GEMMs of activations, the first (4, 1024, 256) @ (4, 256, 1024)."""
+
+    def forward(self, a, b, c):
+        return torch.bmm(torch.bmm(a, b), c)
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_never_slower_costs_batched_gemms_as_they_run(inductor, monkeypatch):
+    """On a CPU with fast int8 GEMMs a batched GEMM run eagerly multiplies int8 per entry, and
+    a large one wins; under Inductor it runs as fp32 GEMMs of the codes, so quantizing only
+    costs, and the site stays in high precision. The estimate covers the whole batch."""
+    from tests.helpers.int8_provider import forced_provider
+
+    torch.manual_seed(0)
+    args = (torch.randn(4, 1024, 256), torch.randn(4, 256, 1024), torch.randn(4, 1024, 64))
+    with forced_provider("int_mm"):
+        report = fqt.explain(BigScores(), *args, recipe="int8", never_slower=True, inductor=inductor, progress=False,
+                             forward_error=False)
+    first = report.sites[0].gemms[0]
+    if inductor:
+        assert first.skip_kind is SkipKind.BY_COST, first
+        low, high = (float(x) for x in re.findall(r"~(\d+) us", first.reason))
+        whole = site_cost((1024, 256, 1024), {(GemmKind.OUTPUT, Slot.LHS): fqt.recipe("int8").output.activation,
+                                             (GemmKind.OUTPUT, Slot.RHS): fqt.recipe("int8").output.activation},
+                          CPU, 4, gemm_kernel=False)
+        assert high == pytest.approx(4 * whole.hp_s * 1e6, rel=0.01)
+    else:
+        assert first.skip_kind is None and first.status is fqt.GemmStatus.LOWBIT_KERNEL, first
 
 
 def test_never_slower_off_changes_nothing_and_needs_kernels_mode():

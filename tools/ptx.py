@@ -57,10 +57,12 @@ _QBMM_NAMES = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_pt
                "stride_on", "stride_sab", "stride_sa", "stride_sbb", "stride_sb"]
 
 
-def qbmm_ptx(dtype: str = "int8", affine: bool = False, tile: tuple[int, int, int, int, int] = (128, 128, 128, 3, 8)) -> str:
-    """PTX of the batched GEMM kernel (``kernels/qbmm.py``) compiled for sm_90 with K-major
-    operands, ``dtype`` codes (``int8``, ``e4m3``, ``e5m2``) and, with ``affine``, zero points
-    and offsets (their row and column sums in the K loop)."""
+def qbmm_ptx(dtype: str = "int8", affine: bool = False, tile: tuple[int, int, int, int, int] = (128, 128, 128, 3, 8),
+             b_k_major: bool = True) -> str:
+    """PTX of the batched GEMM kernel (``kernels/qbmm.py``) compiled for sm_90 with ``dtype``
+    codes (``int8``, ``e4m3``, ``e5m2``), A K-major, B K-major or N-major (``b_k_major``: attention's
+    ``P V`` reads V N-major) and, with ``affine``, zero points and offsets (their row and column
+    sums in the K loop)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -68,7 +70,7 @@ def qbmm_ptx(dtype: str = "int8", affine: bool = False, tile: tuple[int, int, in
 
     sig = {n: ("*fp32" if n.endswith("ptr") else "i32") for n in _QBMM_NAMES}
     sig.update(a_ptr=_CODES[dtype], b_ptr=_CODES[dtype], out_ptr="*bf16")
-    ones = {"stride_ak": 1, "stride_bk": 1, "stride_on": 1, "stride_sa": 1, "stride_sb": 1}
+    ones = {"stride_ak": 1, "stride_bk" if b_k_major else "stride_bn": 1, "stride_on": 1, "stride_sa": 1, "stride_sb": 1}
     bm, bn, bk, stages, warps = tile
     const = dict(IS_INT=dtype == "int8", AFFINE=affine, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, **ones)
     sig.update({k: "constexpr" for k in const})

@@ -106,6 +106,16 @@ def test_qbmm_out_dtype_and_fp8_close_to_reference():
     torch.testing.assert_close(qbmm(fa, fb).cpu(), qbmm_ref(_cpu(fa), _cpu(fb)), rtol=1e-5, atol=1e-5)
 
 
+def test_qbmm_of_an_empty_contraction_is_zero():
+    """K = 0 (an empty sequence on the contracted side): every sum is 0, as torch.bmm gives."""
+    a = QOperand(torch.zeros(2, 5, 0, dtype=torch.int8), torch.ones(2, 5, 1))
+    b = QOperand(torch.zeros(2, 0, 3, dtype=torch.int8), torch.ones(1, 1, 3))
+    on_device = [QOperand(op.codes.to(DEVICE), op.scale.to(DEVICE)) for op in (a, b)]
+    for got in (qbmm_cpu(a, b, torch.float32), qbmm_cpu(a, b, torch.float32, traced=True), qbmm_ref(a, b),
+                qbmm(*on_device).cpu()):
+        assert torch.equal(got, torch.zeros(2, 5, 3))
+
+
 def test_qbmm_errors_name_the_problem():
     a, b = qbmm_operands(2, 4, 8, 3, *PAIRS["int8-sym-row"], "cpu")
     with pytest.raises(ValueError, match="do not form a batched"):
@@ -123,18 +133,20 @@ _SM90 = """
 import json, re
 from fqt_compiler.tools.ptx import ptxas_usage, qbmm_ptx
 rows = []
-for dtype, affine, tile in (("int8", False, (128, 128, 128, 4, 8)), ("int8", True, (64, 128, 128, 4, 4)),
-                            ("e4m3", False, (256, 128, 128, 3, 8))):
-    ptx = qbmm_ptx(dtype, affine, tile)
+CASES = (("int8", False, (128, 128, 128, 4, 8), True), ("int8", True, (64, 128, 128, 4, 4), True),
+         ("e4m3", False, (256, 128, 128, 3, 8), True), ("int8", False, (128, 256, 128, 3, 8), False))
+for dtype, affine, tile, b_k_major in CASES:
+    ptx = qbmm_ptx(dtype, affine, tile, b_k_major)
     rows.append([dtype, affine, len(re.findall(r"wgmma\\.mma_async", ptx)), ptxas_usage(ptx)["spill_bytes"]])
 print(json.dumps(rows))
 """
 
 
-@pytest.mark.slow  # about 15 s: three kernels compiled for sm_90 and assembled by ptxas
+@pytest.mark.slow  # about 20 s: four kernels compiled for sm_90 and assembled by ptxas
 def test_sm90_qbmm_compiles_to_tensor_core_gemms_without_spills():
     """Compiled for sm_90 (Hopper): the batched kernel's K loop is wgmma instructions (int8,
-    with and without zero points, and fp8), and it assembles without register spills."""
+    with and without zero points, and fp8; B K-major, and N-major as attention's ``P V`` reads
+    V), and it assembles without register spills."""
     import json
 
     rows = json.loads(compile_without_interpreter(_SM90).strip().splitlines()[-1])
