@@ -155,8 +155,8 @@ def tests(rec: Recorder, cfg: dict) -> None:
     # A dry run rehearses the mechanism (the suite runs these files in full anyway): the GPU
     # marker collected from the kernel tests only, and the GEMM file's split-K tests.
     files = (["test_qmm_kernel.py"] if cfg["dry_run"]
-             else ["test_quantize_kernel.py", "test_conv_triton.py", "test_qmm_kernel.py", "test_fused_kernel.py",
-                   "test_bhq_kernel.py"])
+             else ["test_quantize_kernel.py", "test_conv_triton.py", "test_qmm_kernel.py", "test_qbmm_kernel.py",
+                   "test_fused_kernel.py", "test_bhq_kernel.py"])
     parallel = ["-n", "8"] if not cfg["dry_run"] and importlib.util.find_spec("xdist") else []
     narrow = ["-k", "split_k"] if cfg["dry_run"] else []
     # the quantize kernels' file first: the cheapest check of bit-exactness on the device
