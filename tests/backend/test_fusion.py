@@ -159,7 +159,8 @@ except ImportError:
 def test_coverage_models_agree_fused_and_unfused(name):
     """The Hugging Face coverage models under a deterministic recipe (ptq8 with nearest
     gradient rounding): the generated kernels reproduce the unfused run bit for bit, except
-    where a fused chain holds erf (BERT's and ViT's GELU), which agrees to the last ulp.
+    where a fused chain holds erf (BERT's and ViT's GELU), which agrees to the last ulp, and so
+    the loss and gradients to round-off.
 
     (Stochastic recipes agree in distribution only: a fused quantizer draws its seed where its
     kernel runs, so seeds are assigned in another order than unfused.)"""
@@ -178,9 +179,12 @@ def test_coverage_models_agree_fused_and_unfused(name):
     l1, g1, be = _run(model_fn, inputs, loss_fn, recipe, "triton")
     if name != "resnet":  # convolutions have no low-bit kernel, so nothing to fuse around them
         assert [f for r in be.records for f in r.fused], "no fused kernel"
-    assert torch.equal(l0, l1)
+    erf = name in ("bert", "vit")
+    # a last-ulp difference in a GELU can move a later quantizer's input across a rounding
+    # boundary: then a code differs by one step, and so does the loss, by round-off
+    assert torch.equal(l0, l1) or erf and torch.allclose(l1, l0, rtol=1e-5, atol=0), (l0.item(), l1.item())
     for n in g0:
-        if name in ("bert", "vit"):
+        if erf:
             torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-5 * float(g0[n].abs().max()) + 1e-12, msg=n)
         else:
             assert torch.equal(g1[n], g0[n]), n
