@@ -39,9 +39,8 @@ from fqt_compiler.passes.graph_utils import call, is_static_value
 from fqt_compiler.passes.matchers import GEMM_PACKETS
 
 from fqt_compiler.conv_paths import qconv_cpu_of_op_args
-from fqt_compiler.ops import qconv_op, qmm_cpu, qmm_op
-from fqt_compiler.cpu_gemm import qbmm_cpu
-from fqt_compiler.ops import qbmm_op
+from fqt_compiler.cpu_gemm import qbmm_cpu, qmm_cpu
+from fqt_compiler.ops import qbmm_op, qconv_op, qmm_op
 
 __all__ = [
     "inline_quantize_ops", "inline_qmm_ops", "inductor_decompositions", "replace_random", "splice", "all_static", "trace_node",

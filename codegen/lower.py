@@ -25,6 +25,7 @@ from fqt_compiler.sites import GemmNodeInfo, GemmStatus
 from fqt_compiler.specs import GemmKind
 from fqt_compiler.passes.dequant_chain import CONVERT, DequantOperand, match_operand
 from fqt_compiler.passes.graph_utils import RESHAPES, TRANSPOSES, arg, call, replay_view
+from fqt_compiler.passes.matchers import BATCHED_MATMULS, MATMUL_OPERANDS
 
 from fqt_compiler.ops import qbmm_op, qmm_op
 from fqt_compiler.int8_gemm import INT_MM, int8_bmm_runs_int_mm, int8_gemm_name
@@ -101,14 +102,6 @@ def _check_layout(stats: list[fx.Node | None], axis: int, role: str) -> str | No
     return None
 
 
-# GEMM op -> (bias / input index or None, A index, B index)
-_MATRIX_OPS = {
-    aten.mm.default: (None, 0, 1), aten.addmm.default: (0, 1, 2),
-    aten.bmm.default: (None, 0, 1), aten.baddbmm.default: (0, 1, 2),
-}
-_BATCHED = (aten.bmm.default, aten.baddbmm.default)
-
-
 def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: torch.device, inductor: bool) -> LoweredGemm:
     def simulated(reason: str) -> LoweredGemm:
         return LoweredGemm(info.site_id, info.gemm, GemmStatus.SIMULATED, reason)
@@ -118,10 +111,10 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, info: GemmNodeInfo, device: to
         if not lowered:
             return simulated(text)
         return LoweredGemm(info.site_id, info.gemm, GemmStatus.LOWBIT_KERNEL, kernel=text)
-    if node.target not in _MATRIX_OPS:
+    if node.target not in MATMUL_OPERANDS:
         return simulated(f"no low-bit kernel for {node.target}")
-    _, a_idx, b_idx = _MATRIX_OPS[node.target]
-    batched = node.target in _BATCHED
+    a_idx, b_idx = MATMUL_OPERANDS[node.target]
+    batched = node.target in BATCHED_MATMULS
     ops = []
     for idx in (a_idx, b_idx):
         m = match_operand(node.args[idx])
@@ -170,7 +163,7 @@ def _emit(graph: fx.Graph, node: fx.Node, a: tuple, b: tuple, transform: fx.Node
     ``addmm`` / ``baddbmm``'s input (scaled by ``beta``; a Linear's bias vector rides in the
     GEMM's epilogue), ``alpha``, BHQ's inverse transform on the output rows."""
     out_dtype = node.meta["val"].dtype
-    inp = node.args[0] if _MATRIX_OPS[node.target][0] is not None else None
+    inp = node.args[0] if MATMUL_OPERANDS[node.target][0] == 1 else None  # addmm / baddbmm: the input first
     alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
     n = _shape(node)[-1]
     vector_bias = inp is not None and not batched and alpha == 1 and beta == 1 and _shape(inp) == (n,)
@@ -201,7 +194,7 @@ def _emit(graph: fx.Graph, node: fx.Node, a: tuple, b: tuple, transform: fx.Node
 
 def _kernel_name(node: fx.Node, a_op: DequantOperand, b_op: DequantOperand, device: torch.device, inductor: bool) -> str:
     """How the decision table names the kernel a lowered GEMM runs on."""
-    if node.target not in _BATCHED:
+    if node.target not in BATCHED_MATMULS:
         kernel = "triton qmm" if device.type == "cuda" else f"{int8_gemm_name()} + epilogue"
     elif device.type == "cuda":
         kernel = "triton qbmm (batched)"

@@ -19,6 +19,8 @@ MATMUL_OPERANDS = {
     aten.bmm.default: (0, 1),
     aten.baddbmm.default: (1, 2),
 }
+# the batched ones: a GEMM per entry of a (B, M, K) @ (B, K, N) batch
+BATCHED_MATMULS = frozenset({aten.bmm.default, aten.baddbmm.default})
 CONV_OPS = {aten.convolution.default}
 CONV_BACKWARD = aten.convolution_backward.default
 

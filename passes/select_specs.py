@@ -114,8 +114,8 @@ class SelectSpecs(FQTPass):
                 specs[(gemm, Slot.GRAD)] = bwd.grad_spec
                 specs[(gemm, other)] = bwd.operand_spec
         conv = site.node.target in m.CONV_OPS
-        batched = site.node.target in _MATRIX_KERNELS[2:]
-        matrix = site.node.target in _MATRIX_KERNELS and not (batched and _batched_on_fp32_units(val.device, config))
+        batched = site.node.target in m.BATCHED_MATMULS
+        matrix = site.node.target in m.MATMUL_OPERANDS and not (batched and _batched_on_fp32_units(val.device, config))
         gemm_kernel = matrix or conv and _conv_kernels(val.device)
         # the generated prologue kernels run on CUDA (fusion "auto" or "triton")
         fused = val.device.type == "cuda" and config.fusion is not Fusion.OFF
@@ -146,9 +146,11 @@ class SelectSpecs(FQTPass):
             bwd.grad_spec = spec(bwd.kind, TensorRole.GRAD_OUTPUT)
             fwd_spec = site.fwd_specs[bwd.fwd_operand]
             if bwd.kind in (GemmKind.GRAD_LHS, GemmKind.GRAD_RHS):
-                want = fwd_spec if decided.get(bwd.kind) is None or decided[bwd.kind].high_precision is None else None
-                if decided.get(bwd.kind) is None:
+                rule = decided.get(bwd.kind)
+                if rule is None:
                     want = _batched_backward_operand(recipe, bwd.kind, fwd_spec)
+                else:  # a rule reuses the forward's codes, or keeps the operand in high precision
+                    want = fwd_spec if rule.high_precision is None else None
             else:
                 want = spec(bwd.kind, site.roles[bwd.fwd_operand])
             bwd.operand_spec = want
@@ -212,12 +214,6 @@ class SelectSpecs(FQTPass):
                 f"GEMM site {site.site_id} ({site.op} at node {site.node.name}, module {site.module_path}) cannot be quantized: "
                 f"{reason}. Pass strict=False to keep it in high precision with this reason recorded."
             )
-
-
-# matrix GEMMs with low-bit kernels (a batched one's dims are one batch entry's: its costs and
-# the high-precision ones scale alike with the batch)
-_MATRIX_KERNELS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-                   torch.ops.aten.baddbmm.default)
 
 
 def _batched_backward_operand(recipe, kind: GemmKind, fwd_spec: QuantSpec | None) -> QuantSpec | None:
