@@ -214,33 +214,38 @@ def _tokens(device: torch.device) -> torch.Tensor:
     return torch.tensor(list(text), dtype=torch.long, device=device)
 
 
-def _train(model: nn.Module, data: torch.Tensor, g: dict, device: torch.device, rec: Recorder, label: str) -> dict:
+def _train(model: nn.Module, data: torch.Tensor, g: dict, device: torch.device, rec: Recorder, label: str):
+    """``g["steps"]`` AdamW steps on batches drawn from ``data``; returns the run's summary and
+    a function that runs one more step (on the last batch), for the profile."""
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
     gen = torch.Generator(device="cpu").manual_seed(1234)  # the same batches for every run
     losses, times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for step in range(g["steps"]):
-        starts = torch.randint(0, data.numel() - g["context"] - 1, (g["batch"],), generator=gen).to(device)
-        idx = starts[:, None] + torch.arange(g["context"] + 1, device=device)
-        chunk = data[idx]
-        t0 = time.perf_counter()
+
+    def step(chunk: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(chunk[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, g["vocab"]), chunk[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # synchronizes
+        return loss
+
+    for _ in range(g["steps"]):
+        starts = torch.randint(0, data.numel() - g["context"] - 1, (g["batch"],), generator=gen).to(device)
+        chunk = data[starts[:, None] + torch.arange(g["context"] + 1, device=device)]
+        t0 = time.perf_counter()
+        losses.append(step(chunk).item())  # synchronizes
         times.append(time.perf_counter() - t0)
-        rec.set(f"{label} progress", {"steps_done": step + 1, "losses": [round(v, 4) for v in losses]})
+        rec.set(f"{label} progress", {"steps_done": len(losses), "losses": [round(v, 4) for v in losses]})
     steady = times[min(3, len(times) - 1):]
     out = {"compile_and_first_step_s": round(times[0], 1), "median_step_ms": round(statistics.median(steady) * 1e3, 2),
            "tokens_per_s": round(g["batch"] * g["context"] / statistics.median(steady), 1),
            "losses": [round(v, 4) for v in losses]}
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    return out
+    return out, lambda: step(chunk)
 
 
 def e2e(rec: Recorder, cfg: dict) -> None:
@@ -252,17 +257,20 @@ def e2e(rec: Recorder, cfg: dict) -> None:
     rec.set("config", {**g, "data": "bytes of pydoc_data.topics", "optimizer": "AdamW lr 6e-4, wd 0.1",
                        "compilation": "regional: every block and the head (one graph shared by the blocks)",
                        "precision": "bf16 autocast (both runs)" if device.type == "cuda" else "fp32"})
-    runs = {}
+    runs, profiles = {}, {}
     for label in ("baseline", "fqt int8"):
         torch.manual_seed(0)
         torch._dynamo.reset()
         model = GPT(g["vocab"], g["context"], g["d"], g["layers"], g["heads"]).to(device)
         be = None if label == "baseline" else fqt.backend(recipe="int8", inductor=not cfg["dry_run"])
         model.compile_regions((lambda m: compile_baseline(m, cfg)) if be is None else (lambda m: compile_fqt(m, be)))
-        runs[label] = _train(model, data, g, device, rec, label)
+        runs[label], one_step = _train(model, data, g, device, rec, label)
         if be is not None:
             runs[label]["lowbit_gemms"] = lowbit_gemms(be)
+            runs[label]["launches"] = launch_counts(be)
         rec.set(label, runs[label])
+        profiles[label] = profile_step(one_step, device)  # after the numbers above are safe
+        rec.set("step profiles", profiles)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
