@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 from fqt_compiler.errors import PassError
 from fqt_compiler.ops import TRITON_LAUNCHES, fake_quantize_kernel_op, kernel_hook
 from fqt_compiler.codegen.inline import all_static, inline_graph_node
+from fqt_compiler.codegen.kernel_access import install as install_access_cache
 
 __all__ = ["KernelLaunches", "inline_kernel_launches", "kernel_nodes", "fqt_calls", "graph_launches", "source_launches"]
 
@@ -107,6 +108,7 @@ def inline_kernel_launches(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """Replace every static-shape fqt kernel op on CUDA by the trace of its Triton launcher;
     returns (node, reason) for each kernel op that stays a Python call."""
     kept, traces = [], {}
+    install_access_cache()  # torch re-analyses every launch's kernel, here and in Inductor
     for node in list(gm.graph.nodes):
         fn = TRITON_LAUNCHES.get(node.target) if node.op == "call_function" else None
         if fn is None or not _on_cuda(node):

@@ -59,9 +59,9 @@ def test_dry_run_preflight_and_tests(dry_run):
     assert pre["probes"]["torch._int_mm int8"] == {"ok": True, "rel_err": 0.0}
     assert len(pre["probes"]) == 5  # int_mm and the four torch._scaled_mm combinations
     runs = doc["stages"]["tests"]["results"]["runs"]
-    assert [r["run"] for r in runs] == ["kernel tests: test_qmm_kernel.py", "gpu-marked tests"]
-    assert runs[1]["tests"] > 0 and runs[1]["skipped"] == runs[1]["tests"]  # no GPU here: all skip
-    assert runs[0]["passed"] > 0 and runs[0]["failures"] == runs[0]["errors"] == 0
+    assert [r["run"] for r in runs] == ["gpu-marked tests", "kernel tests: test_qmm_kernel.py"]
+    assert runs[0]["tests"] > 0 and runs[0]["skipped"] == runs[0]["tests"]  # no GPU here: all skip
+    assert runs[1]["passed"] > 0 and runs[1]["failures"] == runs[1]["errors"] == 0
 
 
 @DRY

@@ -137,14 +137,17 @@ def codes_tile(
         exponent = ((tl.abs(v).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         q_exp = tl.maximum(exponent, FP8_EMIN) - FP8_MANT
         quantum = ((q_exp + 127) << 23).to(tl.float32, bitcast=True)
+        # times the exact reciprocal, not ``/``: on a GPU ``/`` is div.full.f32, an
+        # approximation that moved fp8 codes off the reference's on the H200
+        per_quantum = ((127 - q_exp) << 23).to(tl.float32, bitcast=True)
         if STOCHASTIC:
-            lo = tl.floor(v / quantum) * quantum
+            lo = tl.floor(v * per_quantum) * quantum
             hi = tl.minimum(lo + quantum, QMAX)
             width = hi - lo
             p_hi = tl.where(width > 0, tl.math.div_rn(v - lo, tl.where(width > 0, width, 1.0)), 0.0)
             grid = tl.where(noise < p_hi, hi, lo)
         else:
-            grid = rint(v / quantum) * quantum
+            grid = rint(v * per_quantum) * quantum
         if FP8 == 1:
             bits = grid.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         else:

@@ -113,8 +113,8 @@ def test_gpu_reduce_overhead_captures_cuda_graphs():
     losses = {}
     for mode in ("default", "reduce-overhead"):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="fqt", mode=mode, options={"recipe": "int8"}) if mode != "default" else \
-            torch.compile(model, backend="fqt", options={"recipe": "int8"})
+        # torch.compile takes mode= or options=, not both: the recipe goes in fqt.backend(...)
+        compiled = torch.compile(model, backend=fqt.backend(recipe="int8"), mode=mode)
         for _ in range(4):  # warm-up, recording, replays
             for p in model.parameters():
                 p.grad = None
