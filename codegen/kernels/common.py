@@ -122,10 +122,11 @@ def codes_tile(
         v = tl.where(scale_finite[:, None], tl.math.div_rn(x, safe[:, None]), x * scale[:, None])
     elif SCHEME == 1:
         v = tl.math.div_rn(x - mn[:, None], safe[:, None])
-        v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
     else:
         v = tl.math.div_rn(x, safe[:, None]) + qzero[:, None]
-        v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
+    # a constant group (scale 0) is its zero point (+0 for a symmetric grid, even for -0.0
+    # inputs); a NaN scale passes through, as in the reference
+    v = tl.where(scale[:, None] > 0, v, tl.where(scale_finite[:, None], zp[:, None], scale[:, None]))
     if STOCHASTIC:
         noise = hash_uniform(seed, rows[:, None].to(tl.int64) * C + cols[None, :])
     if FP8 != 0:
@@ -138,7 +139,7 @@ def codes_tile(
         q_exp = tl.maximum(exponent, FP8_EMIN) - FP8_MANT
         quantum = ((q_exp + 127) << 23).to(tl.float32, bitcast=True)
         # times the exact reciprocal, not ``/``: on a GPU ``/`` is div.full.f32, an
-        # approximation that moved fp8 codes off the reference's on the H200
+        # approximation (up to 2 ulp) the interpreter does not reproduce
         per_quantum = ((127 - q_exp) << 23).to(tl.float32, bitcast=True)
         if STOCHASTIC:
             lo = tl.floor(v * per_quantum) * quantum
@@ -148,6 +149,10 @@ def codes_tile(
             grid = tl.where(noise < p_hi, hi, lo)
         else:
             grid = rint(v * per_quantum) * quantum
+        # a value that rounds to zero keeps its sign, as torch's cast writes it (-0 is 0x80):
+        # the arithmetic above makes +0 of a small negative value
+        signed_zero = (v.to(tl.uint32, bitcast=True) & 0x80000000).to(tl.float32, bitcast=True)
+        grid = tl.where(grid == 0, signed_zero, grid)
         if FP8 == 1:
             bits = grid.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         else:

@@ -1,8 +1,8 @@
 """Every division in the quantize kernels is IEEE-rounded on a GPU.
 
 Triton compiles fp32 ``a / b`` for CUDA to ``div.full.f32``, an approximation (up to 2 ulp) that
-the interpreter does not reproduce: fp8 codes from such a division differed from the reference's
-on an H200 while every interpreter test passed. The kernels divide with ``tl.math.div_rn`` or
+the interpreter does not reproduce, so a kernel using it can pass every interpreter test and
+still differ from its reference on a GPU. The kernels divide with ``tl.math.div_rn`` or
 multiply by an exact power-of-two reciprocal; this reads the sm_90 PTX of every quantizer
 variant (scheme, fp8 format, rounding, BHQ's transform) for an approximate division.
 """
