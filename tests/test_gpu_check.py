@@ -114,6 +114,7 @@ def test_a_stage_over_its_cap_is_cut_and_keeps_what_it_measured(tmp_path, monkey
     assert time.perf_counter() - t0 < 30
     st = doc["stages"]["tests"]
     assert st["status"] == "timed out" and "log_tail" in st
+    assert "most recent call first" in st["log_tail"]  # its threads' stacks: where the time went
     assert len(st["results"].get("runs", [])) <= 1
     assert json.loads((tmp_path / JSON_NAME).read_text())["stages"]["tests"]["status"] == "timed out"
 

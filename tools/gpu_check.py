@@ -71,6 +71,7 @@ GPU_SHAPES = [(8192, 8192, 8192), (4096, 4096, 4096), (16384, 768, 3072), (8192,
 DRY_SHAPES = [(64, 64, 96), (96, 48, 64)]
 _MIN_STAGE_S = 8.0  # below this a stage cannot even import torch and its kernels: skip it
 _POLL_S = 2.0
+_STACKS_S = 1.5  # for a stage cut at its cap to write its threads' stacks before it is killed
 JSON_NAME, MD_NAME, LOGS_NAME = "gpu_check.json", "gpu_check.md", "gpu_check_logs.tar.gz"
 
 
@@ -142,7 +143,14 @@ def _run_stage(stage: Stage, budget_s: float, config: dict, work: Path, results:
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """The stage's whole process group (pytest workers, compile workers) goes."""
+    """The stage's whole process group (pytest workers, compile workers) goes, after the
+    stage's own process has written every thread's stack to its log (``SIGUSR1``, which the
+    stage registers with ``faulthandler``)."""
+    try:
+        os.kill(proc.pid, signal.SIGUSR1)
+        proc.wait(timeout=_STACKS_S)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

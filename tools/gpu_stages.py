@@ -343,6 +343,22 @@ STAGE_FUNCTIONS = {"preflight": preflight, "tests": tests, "layer": gpu_train.la
                    "quantize": quantize, "conv": gpu_conv.conv, "e2e": gpu_train.e2e}
 
 
+def _show_progress() -> None:
+    """What a stage cut at its cap leaves in its log: fqt's passes as they finish, timed from
+    the stage's start, and every thread's stack when ``fqt gpu-check`` signals the cut
+    (``SIGUSR1``) -- where the time went, not only that it ran out."""
+    import faulthandler
+    import logging
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(relativeCreated)9.0f ms %(name)s: %(message)s"))
+    passes = logging.getLogger("fqt_compiler.passes")
+    passes.addHandler(handler)
+    passes.setLevel(logging.DEBUG)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fqt_compiler.tools.gpu_stages", description="one stage of fqt gpu-check")
     parser.add_argument("stage", choices=list(STAGE_FUNCTIONS))
@@ -350,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the run's configuration (JSON)")
     args = parser.parse_args(argv)
     cfg = json.loads(args.config)
+    _show_progress()
     torch.manual_seed(0)
     STAGE_FUNCTIONS[args.stage](Recorder(args.partial), cfg)
     return 0
