@@ -2,7 +2,8 @@
 fqt's ``int8`` and ``fp8`` recipes against bf16 ``torch.compile`` in channels-last memory (cuDNN),
 the baseline a user runs instead; every convolution GEMM on fqt's Triton kernels. Both networks
 are compiled by region (stem, each bottleneck, classifier; ``ResNet50.compile_regions``): the
-first two H200 runs spent minutes on one whole-network fqt graph without finishing.
+first two H200 runs spent minutes on one whole-network fqt graph without finishing. The GEMM
+counts are those of the distinct compiled graphs: blocks that share a graph count once.
 
 In a dry run (CPU) the network is a narrow, shallow ResNet-50 at 32x32, the baseline fp32
 ``aot_eager`` and fqt without Inductor: the same code paths in seconds.
