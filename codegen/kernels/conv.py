@@ -10,11 +10,12 @@
   tile, as the GEMM kernel does).
 * ``grad_input``: the same kernel on dY spread ``stride`` apart (zero codes between) with the
   spatially flipped, channel-swapped weight, as the CPU path.
-* ``grad_weight``: per kernel offset, the GEMM ``dY^T (K x N*P) @ x_shifted (N*P x C)`` on the
-  Triton GEMM kernel (``qmm`` with unit scales: the exact sums, as fp32), one launch per group.
-  Groups smaller than ``GROUP_GEMM_MIN`` (a depthwise layer's 1 x 1 products: a launch per
-  group and offset was thousands of launches a layer) run instead as one batched fp64 GEMM of
-  the codes per offset: exact for int8, rounded to fp32 once as the kernel's int32 sums are.
+* ``grad_weight``: the GEMM ``dY^T (K x N*P) @ cols (N*P x offsets*C)``, where ``cols`` holds
+  the input codes shifted to every kernel offset side by side (im2col), on the Triton GEMM
+  kernel (``qmm`` with unit scales: the exact sums, as fp32), one launch per group for all
+  offsets. Groups smaller than ``GROUP_GEMM_MIN`` (a depthwise layer's 1 x 1 products: a
+  launch per group was thousands of launches a layer) run instead as one batched fp64 GEMM of
+  the codes over the groups: exact for int8, rounded to fp32 once as the kernel's int32 sums are.
 
 The result is the accumulator as fp32; ``conv.dequantize_conv_accumulator`` applies the
 statistics, as on the CPU. Tested against the fp64 convolution of the codes under Triton's
@@ -157,27 +158,31 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
     for q in out_sp:
         rows *= q
     g_rows = g.movedim(1, -1).reshape(rows, K)  # (N*P, K)
-    g_t = g_rows.t()  # (K, N*P): a strided view, qmm reads strides
-    if geo.small_groups:  # (G, K/G, N*P) codes in fp64, converted once for every kernel offset
-        g_groups = g_rows.view(rows, G, Kg).permute(1, 2, 0).to(torch.float64)
     pads = [v for p in reversed(geo.padding) for v in (p, p)]
     xp = F.pad(x.movedim(1, -1), [0, 0, *pads])
-    one = torch.ones((), dtype=torch.float32, device=x.device)
-    parts = []
-    for offset in itertools.product(*(range(kk) for kk in geo.w_shape[2:])):
+    offsets = list(itertools.product(*(range(kk) for kk in geo.w_shape[2:])))
+    windows = []
+    for offset in offsets:
         window = tuple(slice(r * d, r * d + (q - 1) * s + 1, s) for r, d, q, s in zip(offset, geo.dilation, out_sp, geo.stride))
-        shifted = xp[(slice(None), *window)].reshape(rows, C)
-        if geo.small_groups:
-            # small groups (a depthwise layer's are 1 x 1): one batched GEMM, not a launch per
-            # group; fp64 holds every product of two codes and their sums exactly for int8
-            # (rounded to fp32 once, as the kernel's int32 sums are) and to fp64 for fp8
-            b = shifted.view(rows, G, Cg).transpose(0, 1).to(torch.float64)  # (G, N*P, C/G)
-            parts.append(torch.bmm(g_groups, b).reshape(K, Cg).to(torch.float32))
-            continue
-        groups = [qmm(QOperand(g_t[i * Kg:(i + 1) * Kg], one), QOperand(shifted[:, i * Cg:(i + 1) * Cg], one))
-                  for i in range(G)]
-        parts.append(torch.cat(groups, 0) if G > 1 else groups[0])  # (K, C/G)
-    return torch.stack(parts, -1).reshape(geo.w_shape)
+        windows.append(xp[(slice(None), *window)].reshape(rows, G, Cg))
+    # the windows side by side, (N*P, G, offsets, C/G): one GEMM per group covers every kernel
+    # offset (its columns are (offset, channel) pairs), where a GEMM per offset was 9 launches
+    # and 9 copies of the activation codes for a 3x3 layer
+    cols = torch.stack(windows, 2)
+    R = len(offsets)
+    if geo.small_groups:
+        # small groups (a depthwise layer's are 1 x 1): one batched GEMM over the groups, not a
+        # launch per group; fp64 holds every product of two codes and their sums exactly for
+        # int8 (rounded to fp32 once, as the kernel's int32 sums are) and to fp64 for fp8
+        a = g_rows.view(rows, G, Kg).permute(1, 2, 0).to(torch.float64)  # (G, K/G, N*P)
+        b = cols.permute(1, 0, 2, 3).reshape(G, rows, R * Cg).to(torch.float64)
+        out = torch.bmm(a, b).to(torch.float32).reshape(K, R, Cg)
+    else:
+        one = torch.ones((), dtype=torch.float32, device=x.device)
+        g_t = g_rows.t()  # (K, N*P): a strided view, qmm reads strides
+        out = torch.cat([qmm(QOperand(g_t[i * Kg:(i + 1) * Kg], one), QOperand(cols[:, i].reshape(rows, R * Cg), one))
+                         for i in range(G)], 0).view(K, R, Cg)
+    return out.permute(0, 2, 1).reshape(geo.w_shape)  # (K, C/G, *kernel)
 
 
 def conv_codes_triton(kind: GemmKind, a: torch.Tensor, b: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
