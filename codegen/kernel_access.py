@@ -47,6 +47,8 @@ def _is_fqt_kernel(kernel) -> bool:
 
 
 def _value_key(value, constexpr: bool):
+    if getattr(value, "is_Integer", False):  # Inductor passes static sizes as sympy integers
+        value = int(value)
     if isinstance(value, torch.Tensor):
         return ("tensor", value.dtype)
     get_dtype = getattr(value, "get_dtype", None)  # Inductor's buffers (TensorBox and the like)

@@ -38,6 +38,8 @@ outs = []
 for R, C, const in [(64, 768, {}), (128, 3072, {}), (96, 512, {}), (64, 768, {"STOCHASTIC": True}), (1, 768, {}),
                     (64, 768, {"BLOCK_C": 2048})]:
     outs.append(cached(quantize_rows_kernel, kwargs(R, C, **const), {}))
+import sympy
+outs.append(cached(quantize_rows_kernel, {**kwargs(2, 768), "R": sympy.Integer(1)}, {}))  # Inductor's R == 1
 first = kernel_access.cache_info()
 outs[0].append("changed by its caller")
 
@@ -55,7 +57,7 @@ def test_kernel_access_analysis_runs_once_per_kernel_variant():
     out = json.loads(compile_without_interpreter(_SCRIPT).strip().splitlines()[-1])
     # sizes 64x768, 128x3072, 96x512 share one analysis; a stochastic variant, R == 1 (a
     # constant to Triton) and another BLOCK_C are their own; the user's kernel runs twice, uncached
-    assert out["first"] == {"hits": 2, "misses": 4, "entries": 4}
+    assert out["first"] == {"hits": 3, "misses": 4, "entries": 4}  # sympy's 1 is the int 1
     assert out["calls"] == 4 + 2
     assert out["after"] == out["first"]
     assert out["again"] == ["codes_ptr"]  # a caller changing its result does not change the cache's
