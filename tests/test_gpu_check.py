@@ -80,6 +80,8 @@ def test_dry_run_measures_layer_gemm_quantize_conv_e2e(dry_run):
     roles = {(tuple(i["shape"]), i["role"]) for i in gemm["items"]}
     assert len(roles) == 3 * len(doc["shapes"])
     assert all(_finite_positive(i["tflops"]) and _finite_positive(i["vs_high_precision"]) for i in gemm["items"])
+    assert [i["gemm"] for i in gemm["batched"]] == ["scores Q K^T", "context P V"]
+    assert all(_finite_positive(i["speedup"]) for i in gemm["batched"])
     acc = gemm["fp8_accuracy"]["fqt qmm (fp32 out)"]
     assert acc["ok"] and acc["rel_fro"] < 1e-5
     quant = doc["stages"]["quantize"]["results"]["items"]

@@ -62,7 +62,8 @@ STAGES = (
     # 100 s: the quantize kernels' file alone took 58 s on the H200 (a Triton compile per case)
     Stage("tests", "the GPU-marked tests, then the kernel tests file by file, on the device", 100, 45),
     Stage("layer", "LayerNorm -> Linear -> Sigmoid fwd+bwd against the high-precision torch.compile baseline", 140, 40),
-    Stage("gemm", "fqt's GEMMs alone against cuBLAS bf16, torch._int_mm and torch._scaled_mm; fp8 error at long K", 45, 20),
+    Stage("gemm", "fqt's GEMMs alone against cuBLAS bf16, torch._int_mm and torch._scaled_mm; attention's batched GEMMs "
+          "against torch.bmm; fp8 error at long K", 50, 20),
     Stage("quantize", "quantize-kernel bandwidth against a same-run device copy", 25, 15),
 )
 _NAMES = [s.name for s in STAGES]

@@ -67,6 +67,12 @@ def _gemm(res: dict) -> list[str]:
              i.get("pct_of_peak", "-"), f"{i['vs_high_precision']:.3g}x"] for i in res.get("items", [])]
     lines = [f"Baseline: {res.get('baseline')}", ""] + _table(
         rows, ["layer M x K x N", "GEMM", "rows x K x cols", "kernel", "ms", "TFLOPS", "% of peak", "vs high precision"])
+    batched = res.get("batched")
+    if batched:
+        lines += ["", "Attention's batched GEMMs (fqt int8 qbmm against torch.bmm):", ""]
+        lines += _table([[i["gemm"], "x".join(map(str, i["shape"])), i["baseline"], i["baseline_ms"], i["fqt_int8_qbmm_ms"],
+                          f"{i['speedup']}x"] for i in batched],
+                        ["GEMM", "batch x M x K x N", "baseline", "baseline ms", "fqt ms", "speedup"])
     acc = res.get("fp8_accuracy")
     if acc:
         lines += ["", f"fp8 accuracy, {acc['operands']} at {'x'.join(map(str, acc['gemm']))}, against a {acc['baseline']}:", ""]

@@ -269,7 +269,34 @@ def gemm(rec: Recorder, cfg: dict) -> None:
                     peak = pk["bf16_tflops"] if name == names[0] else pk["int8_tflops"]
                     item["pct_of_peak"] = sig(100 * flops / t / 1e12 / peak, 3)
                 rec.add("items", item)
+    _batched(rec, device, reps, cfg["dry_run"])
     rec.set("fp8_accuracy", _fp8_accuracy(device, cfg))
+
+
+# GPT-2 small's attention at batch 8, T = 1024: (batch x heads, M, K, N) of Q K^T and of P V
+_ATTENTION = [("scores Q K^T", 96, 1024, 64, 1024), ("context P V", 96, 1024, 1024, 64)]
+_DRY_ATTENTION = [("scores Q K^T", 4, 32, 16, 32), ("context P V", 4, 32, 32, 16)]
+
+
+def _batched(rec: Recorder, device: torch.device, reps: int, dry_run: bool) -> None:
+    """Attention's batched GEMMs: fqt's ``qbmm`` (int8, per-row / per-column scales) against the
+    high-precision ``torch.bmm`` of the same shape, timed interleaved."""
+    from fqt_compiler.codegen.kernels.qbmm import qbmm
+    from fqt_compiler.grid import QOperand
+    from fqt_compiler.tools.timing import interleaved_medians
+
+    hp = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name, batch, m, k, n in _DRY_ATTENTION if dry_run else _ATTENTION:
+        g = torch.Generator(device=device).manual_seed(batch + m + k + n)
+        a, b = torch.randn(batch, m, k, generator=g, device=device), torch.randn(batch, k, n, generator=g, device=device)
+        a8 = torch.randint(-127, 128, (batch, m, k), generator=g, device=device, dtype=torch.int8)
+        b8 = torch.randint(-127, 128, (batch, k, n), generator=g, device=device, dtype=torch.int8)
+        sa, sb = torch.rand(batch, m, 1, device=device) + 0.5, torch.rand(batch, 1, n, device=device) + 0.5
+        a_hp, b_hp = a.to(hp), b.to(hp)
+        t_hp, t_q = interleaved_medians([lambda: torch.bmm(a_hp, b_hp), lambda: qbmm(QOperand(a8, sa), QOperand(b8, sb), hp)],
+                                        device, reps)
+        rec.add("batched", {"gemm": name, "shape": [batch, m, k, n], "baseline": f"{str(hp).split('.')[-1]} torch.bmm",
+                            "baseline_ms": sig(t_hp * 1e3), "fqt_int8_qbmm_ms": sig(t_q * 1e3), "speedup": sig(t_hp / t_q)})
 
 
 def _fp8_accuracy(device: torch.device, cfg: dict) -> dict:
