@@ -86,6 +86,8 @@ def test_dry_run_measures_layer_gemm_quantize_conv_e2e(dry_run):
     assert acc["ok"] and acc["rel_fro"] < 1e-5
     quant = doc["stages"]["quantize"]["results"]["items"]
     assert len(quant) == 8 and all(_finite_positive(i["pct_of_copy"]) for i in quant)
+    layer = doc["stages"]["conv"]["results"]["layer"]
+    assert _finite_positive(layer["speedup"]) and layer["lowbit_gemms"] == 3  # fprop, dgrad, wgrad
     conv = doc["stages"]["conv"]["results"]["items"]
     assert [i["recipe"] for i in conv] == ["int8"] and _finite_positive(conv[0]["speedup"])
     assert conv[0]["lowbit_gemms"] == conv[0]["gemms"] > 50  # every convolution GEMM and the classifier's

@@ -63,14 +63,49 @@ def _timed_first(step, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+# one 3x3 convolution of ResNet-50's third stage (batch, channels, size): a conv number that a
+# short cap still reaches, before the whole network
+LAYER, DRY_LAYER = (64, 256, 14), (2, 8, 8)
+
+
+def _layer(rec: Recorder, cfg: dict, device: torch.device, autocast: bool, base_label: str) -> None:
+    """One 3x3 convolution's fwd+bwd (channels-last, no bias) under ``int8`` against the baseline."""
+    batch, channels, size = DRY_LAYER if cfg["dry_run"] else LAYER
+    x = torch.randn(batch, channels, size, size, device=device).to(memory_format=torch.channels_last)
+    dy = torch.randn(batch, channels, size, size, device=device).to(memory_format=torch.channels_last)
+    runs = []
+    for be in (None, fqt.backend(recipe="int8", inductor=not cfg["dry_run"])):
+        torch.manual_seed(0)
+        layer = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device).to(memory_format=torch.channels_last)
+        compiled = compile_baseline(layer, cfg) if be is None else compile_fqt(layer, be)
+        use_autocast = autocast and be is None
+
+        def run(layer=layer, compiled=compiled, use_autocast=use_autocast):
+            layer.weight.grad = None
+            xg = x.detach().requires_grad_()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                out = compiled(xg)
+            out.backward(dy.to(out.dtype))
+
+        runs.append((run, _timed_first(run, device), be))
+    (base, _, _), (cand, compile_s, be) = runs
+    t_base, t_cand = interleaved_medians([base, cand], device, 10 if not cfg["dry_run"] else 2)
+    rec.set("layer", {"conv": f"3x3, {channels} -> {channels} channels, {size}x{size}, batch {batch}", "recipe": "int8",
+                      "baseline": base_label, "speedup": sig(t_base / t_cand), "baseline_ms": round(t_base * 1e3, 3),
+                      "fqt_ms": round(t_cand * 1e3, 3), "fqt_compile_s": round(compile_s, 1), "lowbit_gemms": lowbit_gemms(be),
+                      "fqt_launches": launch_counts(be)})
+
+
 def conv(rec: Recorder, cfg: dict) -> None:
-    """ResNet-50 steps: the bf16 channels-last baseline, then each recipe, timed interleaved."""
+    """One convolution layer, then ResNet-50 steps: the bf16 channels-last baseline, then each
+    recipe, timed interleaved."""
     device, _, _ = setup_stage(cfg)
     g = DRY if cfg["dry_run"] else FULL
     autocast = device.type == "cuda"
     base_label = ("bf16 autocast, channels-last, torch.compile (Inductor, cuDNN)" if autocast
                   else "fp32 channels-last torch.compile(backend='aot_eager') (dry run)")
     rec.set("config", {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} | {"baseline": base_label})
+    _layer(rec, cfg, device, autocast, base_label)
     torch.manual_seed(0)
     x = torch.randn(g["batch"], 3, g["size"], g["size"], device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (g["batch"],), device=device)

@@ -107,10 +107,14 @@ def _e2e(res: dict) -> list[str]:
 
 
 def _conv(res: dict) -> list[str]:
+    lines = [f"Config: {res.get('config')}", ""]
+    layer = res.get("layer")
+    if layer:
+        lines += [f"One layer ({layer['conv']}), {layer['recipe']}: {layer['speedup']}x ({layer['fqt_ms']} ms against "
+                  f"{layer['baseline_ms']} ms; {layer['lowbit_gemms']} low-bit GEMMs; compile {layer['fqt_compile_s']} s)", ""]
     rows = [[i["recipe"], f"{i['speedup']}x", i["baseline_ms"], i["fqt_ms"], f"{i['lowbit_gemms']}/{i['gemms']}",
              i["fqt_compile_s"], i["fqt_step_profile"]] for i in res.get("items", [])]
-    return [f"Config: {res.get('config')}", ""] + _table(
-        rows, ["recipe", "speedup", "baseline ms", "fqt ms", "low-bit GEMMs", "fqt compile s", "fqt step"])
+    return lines + _table(rows, ["recipe", "speedup", "baseline ms", "fqt ms", "low-bit GEMMs", "fqt compile s", "fqt step"])
 
 
 _TABLES = {"preflight": _preflight, "tests": _tests, "layer": _layer, "gemm": _gemm, "quantize": _quantize, "conv": _conv,
