@@ -131,7 +131,16 @@ def pytest_report_header(config):
 def pytest_runtest_logreport(report):
     """With ``FQT_FAILURE_LOG`` set (``fqt gpu-check``'s tests stage), every failure is appended
     to that file the moment it is reported: a run killed at its time cap never prints its
-    summary, and a GPU's minutes are too few to run it again to see what failed."""
+    summary, and a GPU's minutes are too few to run it again to see what failed. With
+    ``FQT_OUTCOME_LOG``, every test's outcome gets a line there too (which passed before the
+    cap). Written by the controlling process only: under xdist it also receives every
+    worker's reports."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    outcomes = os.environ.get("FQT_OUTCOME_LOG")
+    if outcomes and (report.when == "call" or not report.passed):
+        with open(outcomes, "a") as log:
+            log.write(f"{report.outcome.upper()} {report.nodeid} ({report.when}, {report.duration:.1f} s)\n")
     path = os.environ.get("FQT_FAILURE_LOG")
     if not path or not report.failed:
         return

@@ -104,7 +104,14 @@ def test_dry_run_writes_summary_and_logs(dry_run):
     md = (out / MD_NAME).read_text()
     assert "dry run on the CPU" in md and all(f"## {name}" in md for name in ALL)
     with tarfile.open(out / LOGS_NAME) as tar:
-        assert sorted(m.name.rsplit("/", 1)[-1] for m in tar.getmembers()) == sorted(f"{n}.log" for n in ALL)
+        names = sorted(m.name.rsplit("/", 1)[-1] for m in tar.getmembers())
+        assert names == sorted([f"{n}.log" for n in ALL] + ["tests_outcomes.log"])
+        outcomes = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("tests_outcomes.log"))).read().decode()
+    # one line per test as it finished, once each though pytest-xdist reports every test twice
+    lines = outcomes.splitlines()
+    assert any(line.startswith("PASSED tests/kernels/test_qmm_kernel.py::") for line in lines)
+    assert any(line.startswith("SKIPPED tests/") for line in lines)  # the GPU-marked tests, on a CPU
+    assert len(lines) == len(set(lines))
     assert sorted(p.name for p in out.iterdir()) == sorted([JSON_NAME, MD_NAME, LOGS_NAME])  # three files, as the device returns
 
 
@@ -155,10 +162,21 @@ def test_failures_are_logged_as_they_are_reported(tmp_path, monkeypatch):
 
     from tests.conftest import pytest_runtest_logreport
 
-    log = tmp_path / "failures.log"
+    log, outcomes = tmp_path / "failures.log", tmp_path / "outcomes.log"
     monkeypatch.setenv("FQT_FAILURE_LOG", str(log))
-    pytest_runtest_logreport(SimpleNamespace(failed=False, nodeid="t.py::ok", when="call", duration=0.1, longrepr=None))
+    monkeypatch.setenv("FQT_OUTCOME_LOG", str(outcomes))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # the controlling process writes
+
+    def report(nodeid, outcome, duration, longrepr=None):
+        return SimpleNamespace(failed=outcome == "failed", passed=outcome == "passed", outcome=outcome, nodeid=nodeid,
+                               when="call", duration=duration, longrepr=longrepr)
+
+    pytest_runtest_logreport(report("t.py::ok", "passed", 0.1))
     assert not log.exists()
-    pytest_runtest_logreport(SimpleNamespace(failed=True, nodeid="t.py::bad", when="call", duration=1.5, longrepr="E  boom"))
+    pytest_runtest_logreport(report("t.py::bad", "failed", 1.5, "E  boom"))
     text = log.read_text()
     assert "FAILED t.py::bad (call, 1.5 s)" in text and "E  boom" in text
+    assert outcomes.read_text().splitlines() == ["PASSED t.py::ok (call, 0.1 s)", "FAILED t.py::bad (call, 1.5 s)"]
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # a worker's copy of the report: not written twice
+    pytest_runtest_logreport(report("t.py::again", "failed", 0.2, "E  boom"))
+    assert "again" not in log.read_text() + outcomes.read_text()

@@ -172,7 +172,9 @@ def tests(rec: Recorder, cfg: dict) -> None:
             print(f"$ {' '.join(cmd[1:])}", flush=True)
             t0 = time.perf_counter()
             # failures land in their own log as they happen (archived with the stage logs)
-            env = dict(os.environ, FQT_FAILURE_LOG=str(rec.path.with_name("tests_failures.log")))
+            env = dict(os.environ, FQT_FAILURE_LOG=str(rec.path.with_name("tests_failures.log")),
+                       FQT_OUTCOME_LOG=str(rec.path.with_name("tests_outcomes.log")))
+            env.pop("PYTEST_XDIST_WORKER", None)  # its own session, also when this runs inside a test
             proc = subprocess.run(cmd, cwd=cfg["root"], env=env)
             summary = _junit_summary(xml) if xml.exists() else {"error": "pytest wrote no report (see the stage log)"}
             xml.unlink(missing_ok=True)
