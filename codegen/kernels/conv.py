@@ -15,7 +15,8 @@
   kernel (``qmm`` with unit scales: the exact sums, as fp32), one launch per group for all
   offsets. Groups smaller than ``GROUP_GEMM_MIN`` (a depthwise layer's 1 x 1 products: a
   launch per group was thousands of launches a layer) run instead as one batched fp64 GEMM of
-  the codes over the groups: exact for int8, rounded to fp32 once as the kernel's int32 sums are.
+  the codes over the groups per offset: exact for int8, rounded to fp32 once as the kernel's
+  int32 sums are.
 
 The result is the accumulator as fp32; ``conv.dequantize_conv_accumulator`` applies the
 statistics, as on the CPU. Tested against the fp64 convolution of the codes under Triton's
@@ -171,12 +172,13 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
     cols = torch.stack(windows, 2)
     R = len(offsets)
     if geo.small_groups:
-        # small groups (a depthwise layer's are 1 x 1): one batched GEMM over the groups, not a
-        # launch per group; fp64 holds every product of two codes and their sums exactly for
-        # int8 (rounded to fp32 once, as the kernel's int32 sums are) and to fp64 for fp8
+        # small groups (a depthwise layer's are 1 x 1): one batched GEMM over the groups per
+        # offset, not a launch per group; fp64 holds every product of two codes and their sums
+        # exactly for int8 (rounded to fp32 once, as the kernel's int32 sums are) and to fp64 for
+        # fp8. Per offset: the fp64 copy of all offsets at once would be 8 x offsets x the codes
         a = g_rows.view(rows, G, Kg).permute(1, 2, 0).to(torch.float64)  # (G, K/G, N*P)
-        b = cols.permute(1, 0, 2, 3).reshape(G, rows, R * Cg).to(torch.float64)
-        out = torch.bmm(a, b).to(torch.float32).reshape(K, R, Cg)
+        parts = [torch.bmm(a, cols[:, :, r].transpose(0, 1).to(torch.float64)) for r in range(R)]  # (G, K/G, C/G)
+        out = torch.stack(parts, 2).to(torch.float32).reshape(K, R, Cg)
     else:
         one = torch.ones((), dtype=torch.float32, device=x.device)
         g_t = g_rows.t()  # (K, N*P): a strided view, qmm reads strides
