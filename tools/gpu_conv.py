@@ -123,13 +123,14 @@ def conv(rec: Recorder, cfg: dict) -> None:
         compile_s = _timed_first(step, device)
         # recorded as soon as known: a run cut later still shows the compile and the decisions
         rec.set(f"{recipe}_compile_s", round(compile_s, 1))
-        rec.set(f"{recipe}_launches", launch_counts(be))
+        launches = launch_counts(be)
+        rec.set(f"{recipe}_launches", launches)
         t_base, t_cand = interleaved_medians([base, step], device, g["reps"])
         item = {
             "recipe": recipe, "speedup": sig(t_base / t_cand), "baseline": base_label,
             "baseline_ms": round(t_base * 1e3, 3), "fqt_ms": round(t_cand * 1e3, 3), "fqt_compile_s": round(compile_s, 1),
             "lowbit_gemms": lowbit_gemms(be), "gemms": sum(len(s.gemms) for r in be.records for s in r.decisions),
-            "fqt_launches": launch_counts(be), "fqt_step_profile": "not profiled (the stage's cap came first)",
+            "fqt_launches": launches, "fqt_step_profile": "not profiled (the stage's cap came first)",
         }
         rec.add("items", item)
         item["fqt_step_profile"] = profile_step(step, device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["operand_loads", "qmm_ptx", "ptxas_usage", "spill_table", "main"]
+__all__ = ["operand_loads", "qmm_ptx", "rows_ptx", "ptxas_usage", "spill_table", "main"]
 
 _NAMES = ["a_ptr", "b_ptr", "out_ptr", "sa_ptr", "sb_ptr", "za_ptr", "zb_ptr", "oa_ptr", "ob_ptr", "bias_ptr", "M", "N", "K",
           "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on", "stride_sa", "stride_sb"]
@@ -145,8 +145,14 @@ def _epilogue_ptx(codes: str, tile: tuple[int, int, int, int, int]) -> str:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
 
 
-def _rows_ptx(block_r: int, block_c: int, one_pass: bool, warps: int) -> str:
-    """PTX of the quantize rows kernel for sm_90: stochastic int8 codes of bf16 rows."""
+_ROWS_DEFAULTS = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LEVELS=255, CODE_OFFSET=0, FP8_MANT=3,
+                     FP8_EMIN=-6, TRANSFORM=False)
+
+
+def rows_ptx(block_r: int, block_c: int, one_pass: bool, warps: int, x_type: str = "*bf16", codes_type: str = "*i8",
+             **constexprs) -> str:
+    """PTX of the quantize rows kernel for sm_90; by default stochastic int8 codes of bf16 rows,
+    ``constexprs`` overriding the kernel's meta-parameters (``SCHEME``, ``FP8``, ``QMAX``...)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -154,9 +160,8 @@ def _rows_ptx(block_r: int, block_c: int, one_pass: bool, warps: int) -> str:
 
     names = ["x_ptr", "codes_ptr", "scale_ptr", "zp_ptr", "offset_ptr", "stats_ptr", "seed_ptr", "group_ptr", "u_ptr", "s_ptr",
              "proj_ptr", "R", "C", "stride_xr", "stride_xc", "stride_cr", "stride_cc", "stride_pg"]
-    types = ["*bf16", "*i8", "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*i64", "*fp32", "*fp32", "*fp32"] + ["i32"] * 7
-    const = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LEVELS=255, CODE_OFFSET=0, FP8_MANT=3,
-                 FP8_EMIN=-6, TRANSFORM=False, ONE_PASS=one_pass, BLOCK_R=block_r, BLOCK_C=block_c)
+    types = [x_type, codes_type, "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*i64", "*fp32", "*fp32", "*fp32"] + ["i32"] * 7
+    const = {**_ROWS_DEFAULTS, **constexprs, "ONE_PASS": one_pass, "BLOCK_R": block_r, "BLOCK_C": block_c}
     sig = {**dict(zip(names, types)), **{k: "constexpr" for k in const}}
     src = triton.compiler.ASTSource(fn=quantize_rows_kernel, signature=sig, constexprs=const)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
@@ -172,7 +177,7 @@ def spill_table() -> list[dict]:
     for block_r, block_c, one_pass, warps in ((2, 4096, True, 8), (8, 1024, True, 8), (1, 16384, True, 16), (1, 1024, False, 4),
                                               (4, 512, False, 8), (16, 64, False, 4)):
         rows.append({"family": "quantize rows" + (" (one pass)" if one_pass else " (two passes)"), "codes": "int8",
-                     "tile": (block_r, block_c, 0, 0, warps), **ptxas_usage(_rows_ptx(block_r, block_c, one_pass, warps))})
+                     "tile": (block_r, block_c, 0, 0, warps), **ptxas_usage(rows_ptx(block_r, block_c, one_pass, warps))})
     for family, tiles in SM90_TILES.items():
         for tile in tiles:
             for codes in (("int8", "fp8") if family is Family.EPILOGUE else ("fp8",) if family is Family.FP8 else ("int8",)):

@@ -15,24 +15,15 @@ from tests.helpers.sm90 import compile_without_interpreter
 
 _SCRIPT = r"""
 import itertools, re
-import triton
-from triton.backends.compiler import GPUTarget
-from fqt_compiler.codegen.kernels.quantize import quantize_rows_kernel
+from fqt_compiler.tools.ptx import rows_ptx
 
-names = ["x_ptr", "codes_ptr", "scale_ptr", "zp_ptr", "offset_ptr", "stats_ptr", "seed_ptr", "group_ptr", "u_ptr",
-         "s_ptr", "proj_ptr", "R", "C", "stride_xr", "stride_xc", "stride_cr", "stride_cc", "stride_pg"]
 codes = {0: "*i8", 1: "*fp8e4nv", 2: "*fp8e5"}
 for scheme, fp8, stochastic, transform in itertools.product((0, 1, 2), (0, 1, 2), (False, True), (False, True)):
     if fp8 and scheme or transform and (fp8 or scheme):  # fp8 grids are symmetric; BHQ quantizes int codes
         continue
-    types = ["*fp32", codes[fp8], "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*i64", "*fp32", "*fp32", "*fp32"] + ["i32"] * 7
-    const = dict(SCHEME=scheme, FP8=fp8, STOCHASTIC=stochastic, STATS_GIVEN=False,
-                 QMAX=448.0 if fp8 == 1 else 57344.0 if fp8 == 2 else 127.0, LEVELS=255, CODE_OFFSET=0,
-                 FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14, TRANSFORM=transform,
-                 ONE_PASS=True, BLOCK_R=4, BLOCK_C=256)
-    sig = {**dict(zip(names, types)), **{k: "constexpr" for k in const}}
-    src = triton.compiler.ASTSource(fn=quantize_rows_kernel, signature=sig, constexprs=const)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+    ptx = rows_ptx(4, 256, True, 4, x_type="*fp32", codes_type=codes[fp8], SCHEME=scheme, FP8=fp8, STOCHASTIC=stochastic,
+                   QMAX=448.0 if fp8 == 1 else 57344.0 if fp8 == 2 else 127.0, FP8_MANT=3 if fp8 == 1 else 2,
+                   FP8_EMIN=-6 if fp8 == 1 else -14, TRANSFORM=transform)
     approx = sorted(set(re.findall(r"\b(?:div\.(?:full|approx)[a-z0-9.]*|rcp\.approx[a-z0-9.]*)", ptx)))
     print(f"scheme={scheme} fp8={fp8} stochastic={stochastic} transform={transform}: {approx}")
 """
