@@ -26,10 +26,11 @@ from torch.utils._pytree import tree_flatten
 
 from fqt_compiler.errors import PassError
 from fqt_compiler.ops import TRITON_LAUNCHES, fake_quantize_kernel_op, kernel_hook
-from fqt_compiler.codegen.inline import all_static, inline_graph_node
+from fqt_compiler.codegen.inline import TraceCache, all_static, inline_graph_node
 from fqt_compiler.codegen.kernel_access import install as install_access_cache
 
-__all__ = ["KernelLaunches", "inline_kernel_launches", "kernel_nodes", "fqt_calls", "graph_launches", "source_launches"]
+__all__ = ["KernelLaunches", "LaunchTraces", "LAUNCH_TRACES", "inline_kernel_launches", "kernel_nodes", "fqt_calls",
+           "graph_launches", "source_launches"]
 
 TRITON_KERNEL_NODE = "triton_kernel_wrapper_functional"
 
@@ -104,10 +105,40 @@ def _same_outputs(before: object, what: str, replaced: list) -> None:
             )
 
 
+class LaunchTraces(TraceCache):
+    """Traces of launchers, shared by every graph of the process: a network's forward and
+    backward graphs, its compiled regions and its recompiles launch the same kernels on the
+    same sizes, and tracing one launcher costs a tenth of a second or more. A trace names its
+    kernels by their index in torch's kernel side table, which ``torch._dynamo.reset()``
+    empties and renumbers: the traces are dropped when the table is replaced."""
+
+    def __init__(self, size: int = 1024) -> None:
+        super().__init__(size)
+        self._table: object = None
+
+    def _same_table(self) -> None:
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # torch internals
+
+        if self._table is not kernel_side_table.id_to_kernel:
+            self.clear()
+            self._table = kernel_side_table.id_to_kernel  # held: its id cannot be reused
+
+    def __contains__(self, key) -> bool:
+        self._same_table()
+        return super().__contains__(key)
+
+    def __setitem__(self, key, sub) -> None:
+        self._same_table()
+        super().__setitem__(key, sub)
+
+
+LAUNCH_TRACES = LaunchTraces()
+
+
 def inline_kernel_launches(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """Replace every static-shape fqt kernel op on CUDA by the trace of its Triton launcher;
     returns (node, reason) for each kernel op that stays a Python call."""
-    kept, traces = [], {}
+    kept, traces = [], LAUNCH_TRACES
     install_access_cache()  # torch re-analyses every launch's kernel, here and in Inductor
     for node in list(gm.graph.nodes):
         fn = TRITON_LAUNCHES.get(node.target) if node.op == "call_function" else None

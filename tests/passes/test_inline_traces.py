@@ -117,3 +117,35 @@ def test_trace_cache_keeps_the_most_recently_used_traces():
     assert "b" not in cache and "a" in cache and "c" in cache and len(cache) == 2
     cache.clear()
     assert len(cache) == 0
+
+
+def _dead_views_body(x, scale):
+    """Views computed and dropped (as functionalization replays them after a kernel writes its
+    buffer), then the result."""
+    x.t()
+    x.reshape(-1).view(x.shape[1], x.shape[0])
+    return x * scale
+
+
+def test_traces_keep_no_unused_nodes():
+    """A trace is pruned of values nothing uses before it is spliced: each spliced node costs
+    a fake-tensor evaluation."""
+    gm = _graph([(4, 8)], 0.5)
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor)
+    sub, _ = inline.trace_node(_dead_views_body, node)
+    ops = [n for n in sub.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in ops] == [torch.ops.aten.mul.Tensor] and all(n.users for n in ops)
+
+
+def test_launch_traces_are_dropped_when_torch_renumbers_its_kernels():
+    """Launch traces name kernels by their index in torch's kernel side table, shared by every
+    graph of the process until ``torch._dynamo.reset()`` replaces the table."""
+    from fqt_compiler.codegen.launches import LaunchTraces
+
+    traces = LaunchTraces()
+    traces["key"] = "trace"
+    assert "key" in traces and traces["key"] == "trace"
+    torch._dynamo.reset()
+    assert "key" not in traces and len(traces) == 0
+    traces["key"] = "again"
+    assert "key" in traces
