@@ -117,7 +117,7 @@ def bhq_quantize(
     if x.numel():
         proj = _projections(m, group, u, s)
         row_spec = spec.with_(transform=Transform.NONE, granularity=Granularity.ROW)
-        kernel, tiling = rows_kernel_for(d, x.device)
+        kernel, tiling = rows_kernel_for(d, x.device, n_rows=n, col_stride=m.stride(1))
         launch(
             kernel, rows_grid(n),
             m, codes, scale, zp, offset, None, seed,

@@ -350,7 +350,8 @@ def _codes_pass(job: _Launch, spec: QuantSpec, c2, c2b, scale, zp, offset, stats
     both = code_layout is CodeLayout.BOTH
     c2b_strides = (c2b.stride(0), c2b.stride(1)) if both else (0, 0)
     fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
-    kernel, tiling = rows_kernel_for(n_cols, c2.device, job.module.rows_kernel)
+    kernel, tiling = rows_kernel_for(n_cols, c2.device, job.module.rows_kernel, n_rows=n_rows,
+                                     col_stride=job.strides[1] if job.strides else 1)
     launch(
         kernel, rows_grid(n_rows),
         *job.views, job.h2, c2, c2b, scale, zp, offset, stats, seed,

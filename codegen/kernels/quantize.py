@@ -30,7 +30,7 @@ from fqt_compiler.codegen.kernels.common import (
 
 __all__ = [
     "quantize", "SCHEME_ID", "quantize_rows_kernel", "row_statistics", "reduce_partials", "rows_kernel_for", "rows_grid",
-    "rows_tiling", "store_row_scales", "ONE_PASS_MAX_C", "PLAIN_ONE_PASS_MAX_C", "TWO_PASS_TILES",
+    "rows_tiling", "store_row_scales", "ONE_PASS_MAX_C", "PLAIN_ONE_PASS_MAX_C", "TWO_PASS_TILES", "WAVE_PROGRAMS",
 ]
 
 SCHEME_ID = {Scheme.SYMMETRIC: 0, Scheme.ASYMMETRIC: 1, Scheme.ZERO_ON_GRID: 2}
@@ -168,32 +168,54 @@ def store_row_scales(scale_ptr, zp_ptr, offset_ptr, rows, rmask, scale, zp, offs
 # fused chain keeps more values per element alive, so it stops at ONE_PASS_MAX_C.
 ONE_PASS_MAX_C = 4096
 PLAIN_ONE_PASS_MAX_C = 16384
-# Two-pass chunks (rows, columns) the autotuner picks from on a GPU. The first H200 run had only
-# 16x64 chunks: 119 registers a thread at 4 warps on sm_90, 2 KB loaded per step, and the
-# kernel reached a quarter of copy bandwidth. Wide chunks suit rows contiguous in memory; tall
-# narrow ones a transposed read, where a column's elements are what lie side by side.
+# Two-pass chunks (rows, columns) for long rows on a GPU. The first H200 run had only 16x64
+# chunks: 119 registers a thread at 4 warps on sm_90, 2 KB loaded per step, and the kernel
+# reached a quarter of copy bandwidth. Wide chunks suit rows contiguous in memory; tall narrow
+# ones a transposed read, where a column's elements are what lie side by side.
 TWO_PASS_TILES = ((1, 1024), (2, 1024), (4, 512), (16, 64))
+# Programs that keep every SM of a large GPU busy for two waves (an H200 has 132 SMs): a tile
+# height that leaves fewer programs than this idles SMs on a memory-bound kernel.
+WAVE_PROGRAMS = 264
 
 
 def rows_tiling(
-    n_cols: int, device: torch.device, one_pass_max: int | None = None
+    n_cols: int, device: torch.device, one_pass_max: int | None = None, n_rows: int | None = None,
+    col_stride: int = 1,
 ) -> tuple[list[triton.Config], int | None, bool]:
     """(configs, BLOCK_C, one pass) for rows of ``n_cols`` elements: the whole row in one tile
     up to ``one_pass_max`` (default :data:`ONE_PASS_MAX_C`; the configs pick tile heights and
     warps), else two passes over chunks whose shape the configs pick (BLOCK_C is then None:
-    it is the config's). Several configs on a GPU for the autotuner; one under the CPU
-    interpreter."""
+    it is the config's). One config under the CPU interpreter.
+
+    On a GPU, given ``n_rows`` (and the input's ``col_stride``), the tile shape is chosen by
+    rule and the autotuner chooses among warp counts only: the kernel is memory-bound, and
+    every config is one more compile and one more benchmark per shape at a network's first
+    step (a ResNet-50 quantizes some 90 distinct shapes; all tile shapes were 600 benchmarks
+    and 230 compiles). The rule: the tallest one-pass tile that still gives
+    :data:`WAVE_PROGRAMS` programs (else the shortest), wide chunks for contiguous rows, tall
+    ones for a transposed read. Without ``n_rows`` every candidate is returned."""
     one_pass = n_cols <= (ONE_PASS_MAX_C if one_pass_max is None else one_pass_max)
     cuda = device.type == "cuda"
     if not one_pass:
         tiles = TWO_PASS_TILES if cuda else ((16, 64),)
+        if cuda and n_rows is not None:
+            tiles = [(16, 64)] if col_stride != 1 else [_tallest(((1, 1024), (2, 1024)), n_rows)]
         warps = (4, 8) if cuda else (4,)
         return [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w) for r, c in tiles for w in warps], None, False
     block_c = max(16, triton.next_power_of_2(n_cols))
     if not cuda:
         return [triton.Config({"BLOCK_R": max(1, min(16, 1024 // block_c))})], block_c, True
     heights = [r for r in (1, 2, 4, 8, 16) if 256 <= r * block_c <= 8192] or [1]
+    if n_rows is not None:
+        heights = [_tallest([(r, block_c) for r in heights], n_rows)[0]]
     return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in heights for w in _warps(r * block_c)], block_c, True
+
+
+def _tallest(tiles, n_rows: int) -> tuple[int, int]:
+    """The tallest of ``tiles`` (ascending heights) leaving :data:`WAVE_PROGRAMS` programs over
+    ``n_rows`` rows, else the shortest."""
+    fit = [t for t in tiles if triton.cdiv(n_rows, t[0]) >= WAVE_PROGRAMS]
+    return fit[-1] if fit else tiles[0]
 
 
 def _warps(tile: int) -> tuple[int, ...]:
@@ -205,13 +227,18 @@ def _warps(tile: int) -> tuple[int, ...]:
 _ROWS_TUNED: dict[tuple, object] = {}
 
 
-def rows_kernel_for(n_cols: int, device: torch.device, kernel=None, one_pass_max: int | None = None) -> tuple[object, dict]:
+def rows_kernel_for(
+    n_cols: int, device: torch.device, kernel=None, one_pass_max: int | None = None, n_rows: int | None = None,
+    col_stride: int = 1,
+) -> tuple[object, dict]:
     """A rows kernel (``quantize_rows_kernel``, or a generated fused one) autotuned over
-    :func:`rows_tiling`'s configs for rows of ``n_cols``; returns it and the tiling constants
-    its launch passes (``ONE_PASS``, and ``BLOCK_C`` where the configs do not choose it)."""
+    :func:`rows_tiling`'s configs for ``n_rows`` rows of ``n_cols`` (read ``col_stride`` apart);
+    returns it and the tiling constants its launch passes (``ONE_PASS``, and ``BLOCK_C`` where
+    the configs do not choose it)."""
     kernel = kernel if kernel is not None else quantize_rows_kernel
-    configs, block_c, one_pass = rows_tiling(n_cols, device, one_pass_max)
-    key = (kernel, str(device), block_c, one_pass, len(configs))
+    configs, block_c, one_pass = rows_tiling(n_cols, device, one_pass_max, n_rows, col_stride)
+    shapes = tuple((tuple(sorted(c.kwargs.items())), c.num_warps) for c in configs)
+    key = (kernel, str(device), block_c, one_pass, shapes)
     if key not in _ROWS_TUNED:
         # the input's column stride too: a transposed read wants another chunk shape
         names = [n for n in ("R", "C", "STOCHASTIC", "TRANSFORM", "STATS_GIVEN", "stride_xc") if n in kernel.arg_names]
@@ -318,7 +345,8 @@ def _launch_rows(g, codes, scale, zp, offset, stats, seed, spec: QuantSpec, stat
     """The rows kernel over ``g`` (one scale per row), writing ``codes`` and the statistics."""
     fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
     n_rows, n_cols = g.shape
-    kernel, tiling = rows_kernel_for(n_cols, g.device, one_pass_max=PLAIN_ONE_PASS_MAX_C)
+    kernel, tiling = rows_kernel_for(n_cols, g.device, one_pass_max=PLAIN_ONE_PASS_MAX_C, n_rows=n_rows,
+                                     col_stride=g.stride(1))
     launch(
         kernel, rows_grid(n_rows),
         g, codes, scale, zp, offset, stats, seed,

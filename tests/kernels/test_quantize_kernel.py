@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import triton
 import torch
 
 from fqt_compiler.codegen.kernels.quantize import quantize
@@ -165,3 +166,31 @@ def test_a_range_wider_than_float32_max_keeps_a_finite_grid(scheme):
     ref = quantize_ref(x, spec, Layout.PENULTIMATE)
     assert_same(got, ref)
     assert torch.isfinite(ref[1]).all() and (ref[1] > 0).all()
+
+
+@pytest.mark.parametrize("n_cols,one_pass_max", [(64, None), (768, None), (4096, None), (16384, 16384), (20000, None)])
+def test_gpu_row_tilings_for_a_known_shape_keep_one_tile_and_its_warp_counts(n_cols, one_pass_max):
+    """Given the row count, a GPU launch autotunes over warp counts of one tile shape, chosen
+    from the full candidate list: the tallest one-pass tile that still gives two waves of
+    programs (else the shortest); wide chunks for contiguous long rows, tall ones for a
+    transposed read. Every config costs a compile and a benchmark per shape."""
+    from fqt_compiler.codegen.kernels import quantize as qk
+
+    cuda = torch.device("cuda")
+    full, block_c, one_pass = qk.rows_tiling(n_cols, cuda, one_pass_max)
+    every = {(tuple(sorted(c.kwargs.items())), c.num_warps) for c in full}
+    shapes = {}
+    for n_rows, col_stride in ((10**6, 1), (7, 1), (10**6, 10**6)):
+        configs, bc, op = qk.rows_tiling(n_cols, cuda, one_pass_max, n_rows, col_stride)
+        assert (bc, op) == (block_c, one_pass) and 1 <= len(configs) <= 2
+        assert {(tuple(sorted(c.kwargs.items())), c.num_warps) for c in configs} <= every
+        tiles = {(c.kwargs["BLOCK_R"], c.kwargs.get("BLOCK_C", block_c)) for c in configs}
+        assert len(tiles) == 1
+        shapes[(n_rows, col_stride)] = tiles.pop()
+    many, few, transposed = shapes[(10**6, 1)], shapes[(7, 1)], shapes[(10**6, 10**6)]
+    assert triton.cdiv(10**6, many[0]) >= qk.WAVE_PROGRAMS and few[0] <= many[0]
+    if one_pass:
+        heights = sorted({c.kwargs["BLOCK_R"] for c in full})
+        assert few[0] == heights[0] and transposed == many
+    else:
+        assert few[1] >= 1024 and many[1] >= 1024 and transposed == (16, 64)
