@@ -262,7 +262,8 @@ def quantize_triton(x: torch.Tensor, spec: str, layout: int):
     from fqt_compiler.codegen.kernels.quantize import quantize  # Triton: imported on first launch
 
     out = quantize(x, QuantSpec.from_key(spec), Layout(layout))
-    return (in_input_layout(x, out[0].contiguous()), *(t.contiguous() for t in out[1:]))
+    # codes a channels-last input was quantized into are already in its memory order
+    return (in_input_layout(x, out[0]), *(t.contiguous() for t in out[1:]))
 
 
 _quantize_kernel.register_fake(quantize_fake)

@@ -146,7 +146,7 @@ def _epilogue_ptx(codes: str, tile: tuple[int, int, int, int, int]) -> str:
 
 
 _ROWS_DEFAULTS = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LEVELS=255, CODE_OFFSET=0, FP8_MANT=3,
-                     FP8_EMIN=-6, TRANSFORM=False)
+                     FP8_EMIN=-6, TRANSFORM=False, PERMUTED=False)
 
 
 def rows_ptx(block_r: int, block_c: int, one_pass: bool, warps: int, x_type: str = "*bf16", codes_type: str = "*i8",
@@ -159,8 +159,8 @@ def rows_ptx(block_r: int, block_c: int, one_pass: bool, warps: int, x_type: str
     from fqt_compiler.codegen.kernels.quantize import quantize_rows_kernel
 
     names = ["x_ptr", "codes_ptr", "scale_ptr", "zp_ptr", "offset_ptr", "stats_ptr", "seed_ptr", "group_ptr", "u_ptr", "s_ptr",
-             "proj_ptr", "R", "C", "stride_xr", "stride_xc", "stride_cr", "stride_cc", "stride_pg"]
-    types = [x_type, codes_type, "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*i64", "*fp32", "*fp32", "*fp32"] + ["i32"] * 7
+             "proj_ptr", "R", "C", "stride_xr", "stride_xc", "stride_cr", "stride_cc", "stride_pg", "perm_inner", "perm_outer"]
+    types = [x_type, codes_type, "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*i64", "*fp32", "*fp32", "*fp32"] + ["i32"] * 9
     const = {**_ROWS_DEFAULTS, **constexprs, "ONE_PASS": one_pass, "BLOCK_R": block_r, "BLOCK_C": block_c}
     sig = {**dict(zip(names, types)), **{k: "constexpr" for k in const}}
     src = triton.compiler.ASTSource(fn=quantize_rows_kernel, signature=sig, constexprs=const)

@@ -123,10 +123,10 @@ def bhq_quantize(
             m, codes, scale, zp, offset, None, seed,
             group, u, s, proj,
             n, d,
-            m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0),
+            m.stride(0), m.stride(1), codes.stride(0), codes.stride(1), proj.stride(0), 1, 1,
             SCHEME=SCHEME_ID[row_spec.scheme], FP8=0, STOCHASTIC=row_spec.is_stochastic, STATS_GIVEN=False,
             QMAX=float(row_spec.qmax), LEVELS=row_spec.levels, CODE_OFFSET=row_spec.code_offset,
-            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, **tiling,
+            FP8_MANT=3, FP8_EMIN=-6, TRANSFORM=True, PERMUTED=False, **tiling,
         )
     stats = [shape_scale(v, x.shape, Granularity.ROW, layout) for v in (scale, zp, offset)]
     return (from_natural_2d(codes, x.shape, layout), *stats, group, u, s)

@@ -71,6 +71,9 @@ def quantize_rows_kernel(
     R, C,
     # strides of the input, of the codes, of proj
     stride_xr, stride_xc, stride_cr, stride_cc, stride_pg,
+    # with PERMUTED, a row's column j (memory order) is the natural column
+    # (j % perm_inner) * perm_outer + j // perm_inner: the random stream's index
+    perm_inner, perm_outer,
     # meta-parameters
     SCHEME: tl.constexpr,  # 0 symmetric, 1 asymmetric, 2 zero-on-grid
     FP8: tl.constexpr,  # 0 int codes, 1 e4m3, 2 e5m2
@@ -83,6 +86,7 @@ def quantize_rows_kernel(
     FP8_EMIN: tl.constexpr,  # fp8 smallest normal exponent (-6 / -14)
     TRANSFORM: tl.constexpr,  # BHQ: quantize y = s x - 2 u proj[group] instead of x
     ONE_PASS: tl.constexpr,  # the row fits one BLOCK_C tile: the input is read once
+    PERMUTED: tl.constexpr,  # rows read in another order than the natural one (channels-last)
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -107,24 +111,35 @@ def quantize_rows_kernel(
             nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
         scale, zp, offset, mn, qzero, safe, scale_finite = row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
         store_row_scales(scale_ptr, zp_ptr, offset_ptr, rows, rmask, scale, zp, offset, CODE_OFFSET)
-        code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, load_seed(seed_ptr, STOCHASTIC),
-                          codes_ptr.dtype.element_ty, SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
+        code = codes_tile(x, rows, natural_cols(cols, perm_inner, perm_outer, STOCHASTIC and PERMUTED), C, scale, zp, mn,
+                          qzero, safe, scale_finite, load_seed(seed_ptr, STOCHASTIC), codes_ptr.dtype.element_ty, SCHEME, FP8,
+                          STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
     else:
         _two_passes(
             x_ptr, codes_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr, proj_ptr, rows, rmask, t_group, t_u2, t_s,
-            C, stride_xr, stride_xc, stride_cr, stride_cc, stride_pg, SCHEME, FP8, STOCHASTIC, STATS_GIVEN, QMAX, LEVELS,
-            CODE_OFFSET, FP8_MANT, FP8_EMIN, TRANSFORM, BLOCK_R, BLOCK_C,
+            C, stride_xr, stride_xc, stride_cr, stride_cc, stride_pg, perm_inner, perm_outer, SCHEME, FP8, STOCHASTIC,
+            STATS_GIVEN, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN, TRANSFORM, STOCHASTIC and PERMUTED, BLOCK_R, BLOCK_C,
         )
+
+
+@triton.jit
+def natural_cols(cols, perm_inner, perm_outer, PERMUTED: tl.constexpr):
+    """The natural column of each memory-order column of a row (the index the random stream
+    is drawn at), in 32-bit arithmetic: a row holds fewer than 2**31 elements."""
+    if PERMUTED:
+        c = cols.to(tl.int32)
+        return ((c % perm_inner) * perm_outer + c // perm_inner).to(tl.int64)
+    return cols
 
 
 @triton.jit
 def _two_passes(
     x_ptr, codes_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr, proj_ptr, rows, rmask, t_group, t_u2, t_s,
-    C, stride_xr, stride_xc, stride_cr, stride_cc, stride_pg,
+    C, stride_xr, stride_xc, stride_cr, stride_cc, stride_pg, perm_inner, perm_outer,
     SCHEME: tl.constexpr, FP8: tl.constexpr, STOCHASTIC: tl.constexpr, STATS_GIVEN: tl.constexpr, QMAX: tl.constexpr,
     LEVELS: tl.constexpr, CODE_OFFSET: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
-    TRANSFORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    TRANSFORM: tl.constexpr, PERMUTED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Rows longer than a tile: the statistics over BLOCK_C-wide chunks, then the codes."""
     # ---- pass 1: row statistics (NaN tracked separately: tl.max does not propagate it)
@@ -150,8 +165,9 @@ def _two_passes(
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
         if TRANSFORM:
             x = bhq_rows(x, proj_ptr, t_group, t_u2, t_s, cols, mask, stride_pg)
-        code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
-                           SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
+        code = codes_tile(x, rows, natural_cols(cols, perm_inner, perm_outer, PERMUTED), C, scale, zp, mn, qzero, safe,
+                          scale_finite, seed, codes_ptr.dtype.element_ty, SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET,
+                          FP8_MANT, FP8_EMIN)
         tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
 
 
@@ -269,10 +285,17 @@ def quantize(
         raise ValueError(f"the quantize kernel handles specs without transforms (BHQ: kernels.bhq), not {spec.short()}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"the quantize kernel takes fp32/fp16/bf16 inputs, got {x.dtype}")
-    # allocate: codes in the natural layout, handed back as a view in x's layout
-    m = natural_2d(x, layout)
+    # allocate: codes in the natural layout, handed back as a view in x's layout; a
+    # channels-last tensor with one scale per sample (or per tensor) is read and written in its
+    # own memory order instead (a copy to the natural order and back was two more passes)
+    cl = _channels_last_rows(x, spec, layout)
+    if cl is not None:
+        m, codes_cl, perm = cl
+        codes_nat = codes_cl.view(m.shape)
+    else:
+        m, perm = natural_2d(x, layout), None
+        codes_nat = torch.empty(m.shape, dtype=spec.code_dtype, device=x.device)
     n_nat, c_nat = m.shape
-    codes_nat = torch.empty(m.shape, dtype=spec.code_dtype, device=x.device)
     g, c2 = _grouped_rows(m, codes_nat, spec)
     n_rows = g.shape[0]
     scale, zp, offset = row_statistics(n_rows, spec, x.device, written=x.numel() > 0)
@@ -281,7 +304,7 @@ def quantize(
     per_tensor = spec.granularity is Granularity.TENSOR
     if x.numel():
         stats = _tensor_stats(g, spec) if per_tensor else None
-        _launch_rows(g, c2, scale, zp, offset, stats, seed, spec, stats_given=per_tensor)
+        _launch_rows(g, c2, scale, zp, offset, stats, seed, spec, stats_given=per_tensor, perm=perm)
     if spec.granularity is Granularity.BLOCK:
         codes_nat.copy_(c2.reshape(n_nat, -1).narrow(1, 0, c_nat))
         stats_out = [t.reshape(n_nat, -1) for t in (scale, zp, offset)]
@@ -289,7 +312,23 @@ def quantize(
         keep = 1 if per_tensor else n_rows  # per tensor: every row stored the same numbers
         scale, zp, offset = (t.narrow(0, 0, keep) for t in (scale, zp, offset))
         stats_out = [shape_scale(t, x.shape, spec.granularity, layout) for t in (scale, zp, offset)]
-    return (from_natural_2d(codes_nat, x.shape, layout), *stats_out)
+    codes = codes_cl.movedim(-1, 1) if cl is not None else from_natural_2d(codes_nat, x.shape, layout)
+    return (codes, *stats_out)
+
+
+def _channels_last_rows(x: torch.Tensor, spec: QuantSpec, layout: Layout) -> tuple | None:
+    """For a channels-last (N, C, *spatial) ``x`` quantized per sample or per tensor: its rows in
+    memory order (a view), codes allocated channels-last, and the permutation (C, spatial size)
+    that maps a memory-order column to its natural one (the random stream's index). None where
+    the natural matrix is the way (any other layout, scale or memory order)."""
+    if layout is not Layout.DIM0 or spec.granularity not in (Granularity.ROW, Granularity.TENSOR) or x.dim() < 3:
+        return None
+    if x.is_contiguous() or not x.movedim(1, -1).is_contiguous() or x.numel() // max(x.shape[0], 1) >= 2**31:
+        return None
+    rows_cl = x.movedim(1, -1)
+    codes_cl = torch.empty(rows_cl.shape, dtype=spec.code_dtype, device=x.device)
+    channels = x.shape[1]
+    return rows_cl.reshape(x.shape[0], -1), codes_cl, (channels, rows_cl[0].numel() // max(channels, 1))
 
 
 def row_statistics(n_rows: int, spec: QuantSpec, device: torch.device, written: bool) -> tuple[torch.Tensor, ...]:
@@ -341,8 +380,10 @@ def reduce_partials(partials: torch.Tensor, symmetric: bool) -> torch.Tensor:
     return torch.stack([*parts, partials.select(1, -1).amax()])
 
 
-def _launch_rows(g, codes, scale, zp, offset, stats, seed, spec: QuantSpec, stats_given: bool) -> None:
-    """The rows kernel over ``g`` (one scale per row), writing ``codes`` and the statistics."""
+def _launch_rows(g, codes, scale, zp, offset, stats, seed, spec: QuantSpec, stats_given: bool,
+                 perm: tuple[int, int] | None = None) -> None:
+    """The rows kernel over ``g`` (one scale per row), writing ``codes`` and the statistics;
+    ``perm``: (inner, outer) of rows read in memory order (``_channels_last_rows``)."""
     fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
     n_rows, n_cols = g.shape
     kernel, tiling = rows_kernel_for(n_cols, g.device, one_pass_max=PLAIN_ONE_PASS_MAX_C, n_rows=n_rows,
@@ -352,9 +393,9 @@ def _launch_rows(g, codes, scale, zp, offset, stats, seed, spec: QuantSpec, stat
         g, codes, scale, zp, offset, stats, seed,
         None, None, None, None,  # BHQ inputs: unused here
         n_rows, n_cols,
-        g.stride(0), g.stride(1), codes.stride(0), codes.stride(1), 0,
+        g.stride(0), g.stride(1), codes.stride(0), codes.stride(1), 0, *(perm or (1, 1)),
         SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=stats_given,
         QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
         FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
-        TRANSFORM=False, **tiling,
+        TRANSFORM=False, PERMUTED=perm is not None, **tiling,
     )

@@ -26,12 +26,15 @@ for scheme, fp8, stochastic, transform in itertools.product((0, 1, 2), (0, 1, 2)
                    FP8_EMIN=-6 if fp8 == 1 else -14, TRANSFORM=transform)
     approx = sorted(set(re.findall(r"\b(?:div\.(?:full|approx)[a-z0-9.]*|rcp\.approx[a-z0-9.]*)", ptx)))
     print(f"scheme={scheme} fp8={fp8} stochastic={stochastic} transform={transform}: {approx}")
+# channels-last rows: the random stream's index mapped back to the natural order
+ptx = rows_ptx(4, 256, True, 4, x_type="*fp32", SCHEME=1, PERMUTED=True)
+print("permuted:", sorted(set(re.findall(r"\b(?:div\.(?:full|approx)[a-z0-9.]*|rcp\.approx[a-z0-9.]*)", ptx))))
 """
 
 
 @pytest.mark.slow
 def test_quantize_kernels_divide_with_ieee_rounding_on_sm90():
     lines = compile_without_interpreter(_SCRIPT).strip().splitlines()
-    assert len(lines) == 12, lines  # int codes: 3 schemes x 2 roundings, BHQ 2; fp8: 2 formats x 2 roundings
+    assert len(lines) == 13, lines  # int codes: 3 schemes x 2 roundings, BHQ 2; fp8: 2 formats x 2 roundings; permuted
     approximate = [line for line in lines if not line.endswith(": []")]
     assert not approximate, approximate

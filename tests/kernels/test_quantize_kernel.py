@@ -194,3 +194,27 @@ def test_gpu_row_tilings_for_a_known_shape_keep_one_tile_and_its_warp_counts(n_c
         assert few[0] == heights[0] and transposed == many
     else:
         assert few[1] >= 1024 and many[1] >= 1024 and transposed == (16, 64)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 3, 2, 5, 4), (4, 7, 9)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("spec", [QuantSpec(granularity="row", rounding="stochastic"), QuantSpec(granularity="tensor"),
+                                  QuantSpec(granularity="row", scheme="asym", bits=5, rounding="stochastic"),
+                                  QuantSpec(format="fp8_e4m3", granularity="row")], ids=lambda s: s.short().replace(" ", "-"))
+@pytest.mark.parametrize("two_pass", [False, True], ids=["one-pass", "two-pass"])
+def test_channels_last_inputs_quantize_in_their_memory_order_same_bits(monkeypatch, spec, shape, two_pass):
+    """A channels-last activation or gradient quantized per sample or per tensor is read and
+    its codes written in its own memory order (no copy to the natural order and back), with
+    the reference's bits: the random stream is drawn at each element's natural index."""
+    from fqt_compiler.codegen.kernels import quantize as qk
+
+    if two_pass:  # rows longer than a tile (the threshold lowered): chunks in memory order
+        monkeypatch.setattr(qk, "PLAIN_ONE_PASS_MAX_C", 16)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 3
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape))
+    x = (x.to(memory_format=fmt) if fmt else x.transpose(1, 2).contiguous().transpose(1, 2)).to(DEVICE)
+    assert not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+    seed = torch.tensor([11], device=DEVICE)
+    got = quantize(x, spec, Layout.DIM0, seed=seed)
+    assert got[0].stride() == x.stride()  # the input's memory order, written in place
+    assert_same(got, quantize_ref(x, spec, Layout.DIM0, seed=seed))
+    assert_same(quantize(x.contiguous(), spec, Layout.DIM0, seed=seed), got)
