@@ -165,11 +165,12 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
     windows = []
     for offset in offsets:
         window = tuple(slice(r * d, r * d + (q - 1) * s + 1, s) for r, d, q, s in zip(offset, geo.dilation, out_sp, geo.stride))
-        windows.append(xp[(slice(None), *window)].reshape(rows, G, Cg))
-    # the windows side by side, (N*P, G, offsets, C/G): one GEMM per group covers every kernel
+        windows.append(xp[(slice(None), *window)].unflatten(-1, (G, Cg)))  # (N, *P, G, C/G): a view
+    # the windows side by side, (N*P, G, offsets, C/G), written once by the stack (a window
+    # reshaped to rows first was a copy of its own): one GEMM per group covers every kernel
     # offset (its columns are (offset, channel) pairs), where a GEMM per offset was 9 launches
     # and 9 copies of the activation codes for a 3x3 layer
-    cols = torch.stack(windows, 2)
+    cols = torch.stack(windows, -2).view(rows, G, len(offsets), Cg)
     R = len(offsets)
     if geo.small_groups:
         # small groups (a depthwise layer's are 1 x 1): one batched GEMM over the groups per
