@@ -201,7 +201,12 @@ class FQTBackend:
             # what Inductor's lowerings expect, less its GEMM rewrites (see GEMM_PACKETS)
             kwargs["decompositions"] = {op: fn for op, fn in inductor_decompositions().items()
                                         if getattr(op, "overloadpacket", None) not in GEMM_PACKETS}
+        # keep_inference_input_mutations, as torch's own backends (aot_eager, Inductor) pass it:
+        # without it a buffer mutated in the forward (BatchNorm's running statistics) and
+        # recomputed in the backward (activation checkpointing) is saved, then bumped by the
+        # copy back into the buffer, and the backward refuses the changed tensor
         return aot_autograd(
+            keep_inference_input_mutations=True,
             fw_compiler=lambda graph, inputs: self._compile(graph, inputs, job, Stage.FORWARD),
             bw_compiler=lambda graph, inputs: self._compile(graph, inputs, job, Stage.BACKWARD),
             inference_compiler=inference_compiler,

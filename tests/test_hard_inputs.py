@@ -87,6 +87,41 @@ def test_activation_checkpointing_recomputes_identical_quantized_values(mode):
         assert torch.equal(a, b)
 
 
+class _CheckpointedBN(nn.Module):
+    """A BatchNorm inside a checkpointed block: its running statistics are a buffer the
+    forward mutates and the backward's recomputation reads again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + checkpoint(self.block, x, use_reentrant=False)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_batchnorm_inside_activation_checkpointing_trains(mode):
+    """Its buffer update stays in the compiled graph (as torch's own backends keep it): the
+    backward used to refuse the saved running mean that the copy back had bumped. Compiled,
+    the statistics update once per step (eager checkpointing updates them again when it
+    recomputes), as under torch's ``aot_eager``."""
+    torch.manual_seed(0)
+    model = _CheckpointedBN()
+    ref = _CheckpointedBN()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 6, 6)
+    _compile(model, "exact", mode)(x).square().sum().backward()
+    torch.compile(ref, backend="aot_eager")(x).square().sum().backward()
+    for got, want in ((model.block[1].running_mean, ref.block[1].running_mean), (model.stem.weight.grad, ref.stem.weight.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert model.block[1].num_batches_tracked.item() == 1
+    _compile(_CheckpointedBN(), "psq8", mode)(x).square().sum().backward()
+
+
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("recipe", ["int8", "ptq4", "psq4", "bhq4"])
 @pytest.mark.parametrize("magnitude", [0.0, 1e-30, 1e30], ids=["zero", "tiny", "huge"])
