@@ -170,7 +170,9 @@ def _grad_weight(geo: ConvGeometry, g: torch.Tensor, x: torch.Tensor) -> torch.T
     # reshaped to rows first was a copy of its own): one GEMM per group covers every kernel
     # offset (its columns are (offset, channel) pairs), where a GEMM per offset was 9 launches
     # and 9 copies of the activation codes for a 3x3 layer
-    cols = torch.stack(windows, -2).view(rows, G, len(offsets), Cg)
+    # reshape, not view: stacking a 1-D convolution's 4-D windows can pick a channels-last
+    # memory format for the result (torch.cat follows its inputs' suggested format)
+    cols = torch.stack(windows, -2).reshape(rows, G, len(offsets), Cg)
     R = len(offsets)
     if geo.small_groups:
         # small groups (a depthwise layer's are 1 x 1): one batched GEMM over the groups per

@@ -39,6 +39,20 @@ def test_int8_triton_convolutions_equal_the_integer_convolution(geo, kind, seed)
     assert got.shape == want.shape and torch.equal(got, want.float())
 
 
+@pytest.mark.parametrize("geo", [ConvGeometry((1,), (0,), (1,), 1, (2, 2, 2), (1, 2, 1), (2, 1, 2)),
+                                 ConvGeometry((1,), (1,), (1,), 2, (3, 4, 5), (2, 2, 3), (3, 2, 5)),
+                                 ConvGeometry((1, 1), (0, 0), (1, 1), 1, (2, 3, 1, 2), (2, 3, 1, 1), (2, 2, 1, 2))],
+                         ids=["1d-1x1", "1d-grouped", "2d-1x1"])
+def test_int8_weight_gradient_of_small_convolutions(geo):
+    """A weight gradient whose stacked windows torch.cat lays out channels-last (a 1-D
+    convolution's 4-D windows with a unit dim): the im2col columns are re-viewed by shape."""
+    gen = torch.Generator().manual_seed(3)
+    a_shape, b_shape = geo.operand_shapes(GemmKind.GRAD_WEIGHT)
+    a, b = _codes(a_shape, torch.int8, gen), _codes(b_shape, torch.int8, gen)
+    got = conv_codes_triton(GemmKind.GRAD_WEIGHT, a, b, geo).cpu()
+    assert torch.equal(got, geo.bilinear(GemmKind.GRAD_WEIGHT, a.cpu().double(), b.cpu().double()).float())
+
+
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
 @pytest.mark.parametrize("pair", [(torch.float8_e4m3fn, torch.float8_e4m3fn), (torch.float8_e5m2, torch.float8_e4m3fn)],
                          ids=["e4m3xe4m3", "e5m2xe4m3"])
