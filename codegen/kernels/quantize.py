@@ -206,8 +206,8 @@ def rows_tiling(
     On a GPU, given ``n_rows`` (and the input's ``col_stride``), the tile shape is chosen by
     rule and the autotuner chooses among warp counts only: the kernel is memory-bound, and
     every config is one more compile and one more benchmark per shape at a network's first
-    step (a ResNet-50 quantizes some 90 distinct shapes; all tile shapes were 600 benchmarks
-    and 230 compiles). The rule: the tallest one-pass tile that still gives
+    step (a ResNet-50 step quantizes some 90 distinct shapes: every tile shape a candidate was
+    over 600 benchmarks and about 230 compiles). The rule: the tallest one-pass tile that still gives
     :data:`WAVE_PROGRAMS` programs (else the shortest), wide chunks for contiguous rows, tall
     ones for a transposed read. Without ``n_rows`` every candidate is returned."""
     one_pass = n_cols <= (ONE_PASS_MAX_C if one_pass_max is None else one_pass_max)
@@ -323,12 +323,14 @@ def _channels_last_rows(x: torch.Tensor, spec: QuantSpec, layout: Layout) -> tup
     the natural matrix is the way (any other layout, scale or memory order)."""
     if layout is not Layout.DIM0 or spec.granularity not in (Granularity.ROW, Granularity.TENSOR) or x.dim() < 3:
         return None
-    if x.is_contiguous() or not x.movedim(1, -1).is_contiguous() or x.numel() // max(x.shape[0], 1) >= 2**31:
+    spatial = 1
+    for d in x.shape[2:]:
+        spatial *= d
+    if x.numel() == 0 or x.is_contiguous() or not x.movedim(1, -1).is_contiguous() or x.shape[1] * spatial >= 2**31:
         return None
     rows_cl = x.movedim(1, -1)
     codes_cl = torch.empty(rows_cl.shape, dtype=spec.code_dtype, device=x.device)
-    channels = x.shape[1]
-    return rows_cl.reshape(x.shape[0], -1), codes_cl, (channels, rows_cl[0].numel() // max(channels, 1))
+    return rows_cl.reshape(x.shape[0], x.shape[1] * spatial), codes_cl, (x.shape[1], spatial)
 
 
 def row_statistics(n_rows: int, spec: QuantSpec, device: torch.device, written: bool) -> tuple[torch.Tensor, ...]:
