@@ -215,7 +215,9 @@ def rows_tiling(
     if not one_pass:
         tiles = TWO_PASS_TILES if cuda else ((16, 64),)
         if cuda and n_rows is not None:
-            tiles = [(16, 64)] if col_stride != 1 else [_tallest(((1, 1024), (2, 1024)), n_rows)]
+            tall = [t for t in TWO_PASS_TILES if t[0] >= 16]
+            wide = sorted(t for t in TWO_PASS_TILES if t[1] >= 1024)
+            tiles = tall[:1] if col_stride != 1 else [_tallest(wide, n_rows)]
         warps = (4, 8) if cuda else (4,)
         return [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w) for r, c in tiles for w in warps], None, False
     block_c = max(16, triton.next_power_of_2(n_cols))
