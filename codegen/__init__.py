@@ -30,6 +30,7 @@ from fqt_compiler.codegen.prologue import FusedQuantize, fuse_prologues
 from fqt_compiler.codegen.lower import LoweredGemm, lower_gemms
 from fqt_compiler.codegen.kernel_select import swap_to_kernel_ops
 from fqt_compiler.codegen.launches import fqt_calls
+from fqt_compiler.lowerings import register_lowerings
 
 __all__ = [
     "compile_graph", "CompiledGraph", "swap_to_kernel_ops", "LoweredGemm", "lower_gemms", "fuse_prologues", "FusedQuantize",
@@ -60,15 +61,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: FQTConfig, n
     # Inductor is imported on the first Inductor compile, so that ``import fqt_compiler`` stays light
     from torch._inductor.compile_fx import compile_fx_inner
 
+    register_lowerings()
     # A value a quantizer reads twice (its statistics pass, then its codes pass) is stored
     # once instead of recomputed per pass: on CPU recomputing e.g. GELU's erf in both
     # passes lost to the standalone quantizer at 2048^3 (0.95x), storing wins (1.04x).
     # Inductor stores a pointwise value whose expression, with every producer inlined, counts
-    # more than max(100, realize_opcount_threshold) ops. The stochastic-rounding hash uses each
-    # intermediate twice (h ^ (h >> 16)), so its inlined tree doubles per round and passed 100:
-    # the rounded levels went to an fp32 buffer and were read back, one more write and read
-    # per element for every gradient quantizer. The generated code computes the tree once
-    # (common-subexpression elimination), so a higher cap costs compile time only.
+    # more than max(100, realize_opcount_threshold) ops. A stochastic quantizer's element
+    # expression with the pointwise chain producing its input inlined can pass 100: the rounded
+    # levels then went to an fp32 buffer and were read back, one more write and read per
+    # element. The generated code computes each shared part once (common-subexpression
+    # elimination), so a higher cap costs compile time only.
     # fqt's identity in Inductor's FX-graph cache key (cache_key.py)
     key = FQTCacheKey(config, torch._inductor.config.post_grad_custom_pre_pass)
     with torch._inductor.config.patch({"realize_reads_threshold": 1, "realize_opcount_threshold": 400,

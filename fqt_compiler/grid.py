@@ -7,6 +7,7 @@ the elements sharing one scale along its last dim (:func:`grouped`).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -15,7 +16,8 @@ import torch.distributed as dist
 from .specs import Granularity, QuantSpec, Rounding, Scheme
 
 __all__ = [
-    "QOperand", "compute_dtype", "grouped", "ungrouped", "draw_seed", "hash_uniform", "scaled_values", "quantize_grouped",
+    "QOperand", "compute_dtype", "grouped", "ungrouped", "draw_seed", "hash_uniform", "hash_uniform_ref",
+    "HASH_GOLDEN", "HASH_MIX", "MASK32", "scaled_values", "quantize_grouped",
     "dequantize_ref",
 ]
 
@@ -74,9 +76,9 @@ def ungrouped(g: torch.Tensor, m_shape: torch.Size, spec: QuantSpec) -> torch.Te
 # identically given one seed; the seed itself is drawn from torch's generator, so
 # torch.manual_seed reproduces a run. (int64 arithmetic with 32-bit masks: no product ever
 # exceeds 2**63, so no backend meets signed overflow.)
-_GOLDEN = 0x9E3779B9
-_MIX = 0x45D9F3B
-_MASK32 = 0xFFFFFFFF
+HASH_GOLDEN = 0x9E3779B9
+HASH_MIX = 0x45D9F3B
+MASK32 = 0xFFFFFFFF
 
 
 def _rank() -> int:
@@ -119,19 +121,30 @@ def _row_major_index(shape: tuple, device: torch.device | str, seed: torch.Tenso
 
 def hash_uniform(seed: torch.Tensor, shape: tuple[int, ...] | torch.Size, device: torch.device | str) -> torch.Tensor:
     """U[0, 1) noise for every element of ``shape`` (row-major index), as fp32 multiples of 2**-24."""
-    seed = seed.to(torch.int64)
     if any(isinstance(d, torch.SymInt) for d in shape):
-        index = _row_major_index(tuple(shape), device, seed)
-    else:
-        n = 1
-        for d in shape:
-            n *= d
-        index = torch.arange(n, device=device, dtype=torch.int64).reshape(shape)
-    h = (index + seed * _GOLDEN) & _MASK32
+        seed = seed.to(torch.int64)
+        return _hashed(seed, _row_major_index(tuple(shape), device, seed))
+    # One op in traced graphs, so that compiled code traces the hash once per element: written
+    # out in aten ops, each round's ``h ^ (h >> 16)`` reads h twice, and Inductor inlines a
+    # value once per read, so the element loop's expression doubled with every round.
+    return torch.ops.fqt.hash_uniform(seed, list(shape), torch.device(device))
+
+
+def hash_uniform_ref(seed: torch.Tensor, shape: list[int], device: torch.device) -> torch.Tensor:
+    """The body of ``fqt::hash_uniform`` (:func:`hash_uniform` on static sizes)."""
+    n = 1
+    for d in shape:
+        n *= d
+    index = torch.arange(n, device=device, dtype=torch.int64).reshape(shape)
+    return _hashed(seed.to(torch.int64).reshape(()), index)
+
+
+def _hashed(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    h = (index + seed * HASH_GOLDEN) & MASK32
     h = h ^ (h >> 16)
-    h = (h * _MIX) & _MASK32
+    h = (h * HASH_MIX) & MASK32
     h = h ^ (h >> 16)
-    h = (h * _MIX) & _MASK32
+    h = (h * HASH_MIX) & MASK32
     h = h ^ (h >> 16)
     return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
@@ -180,17 +193,16 @@ def _fp8_round(v: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None, gen
 
 class _GroupGrid(NamedTuple):
     """One scale group's grid: the statistics of :func:`quantize_grouped` (size-1 dims where
-    the group runs) and the divisor ``safe`` of :func:`_grid_values`."""
+    the group runs)."""
 
     scale: torch.Tensor
     zero_point: torch.Tensor
     offset: torch.Tensor  # the asymmetric grid's minimum; 0 otherwise
-    safe: torch.Tensor
 
 
 def _group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,)) -> _GroupGrid | None:
     """The grid of every scale group of ``g`` (its ``dims`` run over one group): the scale, zero
-    point (level index), offset, and the divisor :func:`_grid_values` uses. None for empty groups
+    point (level index) and offset. None for empty groups
     (a batch of 0 as the contracted dim)."""
     group = 1
     for d in dims:
@@ -204,7 +216,7 @@ def _group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,))
         # Python scalar and Inductor's division by a constant both multiply by the
         # reciprocal, the CPU's divides; written out, every device and kernel rounds alike
         scale = amax * (1.0 / spec.qmax)
-        return _GroupGrid(scale, zero.expand_as(scale), zero.expand_as(scale), torch.where(scale > 0, scale, 1))
+        return _GroupGrid(scale, zero.expand_as(scale), zero.expand_as(scale))
     B = spec.levels
     mn = g.amin(dim=dims, keepdim=True)
     mx = g.amax(dim=dims, keepdim=True)
@@ -212,7 +224,7 @@ def _group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,))
         # (mx - mn) / B from halves: cannot overflow for finite inputs, and halving is exact,
         # so a compiler's fused multiply-add of the first half gives the same bits
         scale = (mx * 0.5 - mn * 0.5) * (2.0 / B)
-        return _GroupGrid(scale, zero.expand_as(scale), mn, torch.where(scale > 0, scale, 1))
+        return _GroupGrid(scale, zero.expand_as(scale), mn)
     # ZERO_ON_GRID: the range must contain 0 and 0 must be a level
     mn = mn.clamp(max=0)
     mx = mx.clamp(min=0)
@@ -225,23 +237,27 @@ def _group_grid(g: torch.Tensor, spec: QuantSpec, dims: tuple[int, ...] = (-1,))
     down = torch.where(qzero > 0, -mn / torch.where(qzero > 0, qzero, 1), 0)
     up = torch.where(qzero < B, mx / torch.where(qzero < B, B - qzero, 1), 0)
     scale = torch.where(span.isfinite(), torch.maximum(down, up), span)  # NaN/Inf propagate
-    return _GroupGrid(scale, qzero, zero.expand_as(scale), torch.where(scale > 0, scale, 1))
+    return _GroupGrid(scale, qzero, zero.expand_as(scale))
 
 
 def _grid_values(g: torch.Tensor, spec: QuantSpec, grid: _GroupGrid) -> torch.Tensor:
     """The pre-rounding value of every element of ``g`` in units of its group's step: rounding
-    it gives the level."""
+    it gives the level.
+
+    scale > 0: ``g`` in steps (an infinite scale gives NaN/Inf values, so the dequantized group
+    is NaN/Inf, never silently finite). scale == 0: a constant group, reproduced exactly by the
+    zero point / offset alone. scale NaN (a NaN in the group): NaN."""
+    # Compiled code inlines this expression, and every test of the scale in it, into the
+    # quantizer's element loop (twice, see quantize_grouped), so it is kept to the fewest
+    # operations: the symmetric and asymmetric scales are never negative and are +0 exactly
+    # when the group is constant, so the scale itself is the value of every other case.
     scale = grid.scale
     if spec.scheme is Scheme.SYMMETRIC:
-        # NaN/Inf propagate: amax is NaN/Inf, so scale and every dequantized value are too.
-        v = torch.where(scale.isfinite(), g / grid.safe, g * scale)
-    elif spec.scheme is Scheme.ASYMMETRIC:
-        v = (g - grid.offset) / grid.safe
-    else:
-        v = g / grid.safe + grid.zero_point
-    # scale == 0: a constant group, reproduced exactly by the zero point / offset alone.
-    # scale NaN/Inf: let it through so the dequantized group is NaN/Inf, never silently finite.
-    return torch.where(scale > 0, v, torch.where(scale.isfinite(), grid.zero_point, scale))
+        # g / 0 is g * inf for every g (signed infinities, NaN for zeros)
+        return torch.where(scale > 0, g / torch.where(scale == math.inf, 0, scale), scale)
+    if spec.scheme is Scheme.ASYMMETRIC:
+        return torch.where(scale > 0, (g - grid.offset) / scale, scale)
+    return torch.where(scale > 0, g / scale + grid.zero_point, torch.where(scale == scale, grid.zero_point, scale))
 
 
 def scaled_values(
@@ -261,9 +277,10 @@ def scaled_values(
 def _nan_to_zero(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``q`` (the rounded, clamped levels of ``v``) with 0 where ``v`` is NaN: ``nan_to_num``'s
     result, since rounding, noise and clamping keep a value NaN exactly where ``v`` is.
-    ``nan_to_num``'s ``isnan`` is not vectorized by Inductor's CPU code, hence the
-    self-comparison; ``v`` must be a node of its own (see :func:`quantize_grouped`)."""
-    return torch.where(v == v, q, 0.0)
+    ``nan_to_num``'s ``isnan`` is not vectorized by Inductor's CPU code, hence a comparison;
+    ``v`` must be a node of its own (see :func:`quantize_grouped`), and is read once: compiled
+    code inlines ``v`` once per read (``v == v`` would inline it twice)."""
+    return torch.where(v.abs() >= 0, q, 0.0)
 
 
 def quantize_grouped(

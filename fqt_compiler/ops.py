@@ -14,6 +14,8 @@
   GEMM on BHQ codes applies T^-1 to its output rows instead (T^-1 commutes with the GEMM).
 * ``fqt::fake_quantize(x, spec, layout) -> x_hat``: quantize-dequantize in one op, for block
   scales and custom quantizers (no codes-plus-affine-scales form). Also tagged.
+* ``fqt::hash_uniform(seed, shape, device)``: stochastic rounding's noise (``grid.hash_uniform``),
+  one op so that Inductor lowers it as one expression (``lowerings.py``).
 
 ``spec`` is :meth:`QuantSpec.key` text and ``layout`` a :class:`Layout` value; their
 implementations are the reference (``reference.py``).
@@ -63,7 +65,7 @@ import torch
 from .errors import SpecError
 from .bhq import bhq_inverse_ref, bhq_quantize_ref
 from .fusion_program import Program, reference_partials, run_reference
-from .grid import QOperand
+from .grid import QOperand, hash_uniform_ref
 from .cpu_gemm import qbmm_cpu, qmm_cpu
 from .conv import ConvGeometry, out_memory_format, qconv_ref
 from .conv_paths import CONV_KINDS, conv_codes, conv_codes_layout, qconv_cpu_of_op_args, qconv_triton
@@ -77,7 +79,7 @@ from .reference import check_qbmm, observe_quantizer_input, fake_quantize_ref, q
 from .specs import Granularity, QuantSpec, Transform
 
 __all__ = [
-    "quantize_op", "quantize_stochastic_op", "fake_quantize_op", "bhq_quantize_op", "bhq_inverse_op",
+    "quantize_op", "quantize_stochastic_op", "fake_quantize_op", "bhq_quantize_op", "bhq_inverse_op", "hash_uniform_op",
     "needs_fake_quantize", "quantize_fake", "QUANTIZE_OPS",
     "qmm_op", "quantize_kernel_op", "bhq_quantize_kernel_op", "bhq_inverse_kernel_op", "fake_quantize_kernel_op",
     "fused_quantize_op", "qmm_epilogue_op", "qmm_epilogue_stats_op", "qmm_cpu", "triton_here", "reference_partials",
@@ -132,6 +134,14 @@ _quantize.register_fake(quantize_fake)
 _quantize_stochastic.register_fake(quantize_fake)
 
 
+@torch.library.custom_op("fqt::hash_uniform", mutates_args=())
+def _hash_uniform(seed: torch.Tensor, shape: list[int], device: torch.device) -> torch.Tensor:
+    return hash_uniform_ref(seed, shape, device)
+
+
+_hash_uniform.register_fake(lambda seed, shape, device: torch.empty(shape, dtype=torch.float32, device=device))
+
+
 @torch.library.custom_op("fqt::fake_quantize", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _fake_quantize(x: torch.Tensor, spec: str, layout: int) -> torch.Tensor:
     observe_quantizer_input(x, spec, layout)
@@ -182,6 +192,7 @@ quantize_stochastic_op = torch.ops.fqt.quantize_stochastic.default
 fake_quantize_op = torch.ops.fqt.fake_quantize.default
 bhq_quantize_op = torch.ops.fqt.bhq_quantize.default
 bhq_inverse_op = torch.ops.fqt.bhq_inverse.default
+hash_uniform_op = torch.ops.fqt.hash_uniform.default
 QUANTIZE_OPS = (quantize_op, quantize_stochastic_op)
 
 

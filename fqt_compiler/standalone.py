@@ -25,6 +25,9 @@ def standalone_cpu(spec: QuantSpec | None, layout: Layout, fn=None, example: tor
     shape = (tuple(example.shape), tuple(example.stride()), example.dtype) if example is not None else None
     key = (fn.__name__, spec.key() if spec is not None else None, layout, shape)
     if key not in _STANDALONE:
+        from .lowerings import register_lowerings  # Inductor is imported on first use
+
+        register_lowerings()
         if spec is None:
             def run(*t):
                 return fn(*t, layout)

@@ -177,3 +177,8 @@ def test_conv_ops(case, kind):
     for zb in (None, torch.tensor(3.0)):
         args = (kind, a, sa, torch.tensor(-128.0), None, b, sb, zb, None, None, *geometry, torch.float32, channels_last)
         torch.library.opcheck(fqt_ops.qconv.default, args)
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (2, 3, 4), (0, 5)], ids=str)
+def test_hash_uniform_op(shape):
+    torch.library.opcheck(fqt_ops.hash_uniform.default, (torch.tensor([11]), list(shape), torch.device("cpu")))

@@ -14,7 +14,7 @@ import torch
 import fqt_compiler as fqt
 from fqt_compiler import QuantSpec
 from fqt_compiler.ops import quantize_op
-from fqt_compiler.grid import dequantize_ref
+from fqt_compiler.grid import dequantize_ref, scaled_values
 from fqt_compiler.layout import Layout, scale_shape
 from fqt_compiler.reference import fake_quantize_ref, quantize_ref
 from fqt_compiler.specs import Granularity, Scheme, Transform
@@ -742,3 +742,42 @@ def test_convolution_operands_quantize_in_place_like_the_natural_matrix(granular
     for got, want in zip(in_place[0], natural[0]):
         assert got.shape == want.shape and torch.equal(got, want)
     assert torch.equal(in_place[1], natural[1])
+
+
+def _bits(v: torch.Tensor) -> list:
+    """Values with the sign of zero and NaN-ness visible (every NaN alike)."""
+    return [("nan" if math.isnan(x) else (x, math.copysign(1.0, x))) for x in v.flatten().tolist()]
+
+
+INF, NAN = math.inf, math.nan
+# (scheme, group, its pre-rounding values): constant groups, signed zeros, infinities, NaN
+SPECIAL_GROUPS = [
+    ("sym", [-0.0, 0.0], [0.0, 0.0]),  # constant: scale +0, every value +0
+    ("sym", [-0.0, 2.0], [-0.0, 127.0]),  # a signed zero keeps its sign under a positive scale
+    ("sym", [INF, 1.0, 0.0, -1.0], [INF, INF, NAN, -INF]),  # infinite scale: g * inf
+    ("sym", [NAN, 1.0], [NAN, NAN]),
+    ("asym", [3.0, 3.0], [0.0, 0.0]),
+    ("asym", [-INF, 0.0, 1.0], [NAN, NAN, NAN]),  # (g - (-inf)) / inf
+    ("asym", [0.0, 1.0, INF], [0.0, 0.0, NAN]),
+    ("asym", [NAN, 1.0], [NAN, NAN]),
+    ("zog", [0.0, -0.0], [0.0, 0.0]),  # constant: the zero point, 0
+    ("zog", [-1.0, 1.0], [0.0, 254.0]),
+    ("zog", [-2.0, 0.0, 1.0], [0.0, 169.0, 253.5]),
+    ("zog", [INF, -1.0], [NAN, 1.0]),  # infinite scale: g / inf + zero point
+    ("zog", [NAN, 1.0], [NAN, NAN]),
+]
+
+
+@pytest.mark.parametrize("scheme, group, expected", SPECIAL_GROUPS, ids=[f"{s}-{g}" for s, g, _ in SPECIAL_GROUPS])
+def test_scaled_values_of_special_groups(scheme, group, expected):
+    """The pre-rounding value for every case of a group's scale (positive, zero, infinite,
+    NaN), signed zeros included (an fp8 code keeps the sign): the scale's tests are written
+    per group, to keep compiled element loops short, and these values pin what they give."""
+    v, _, _, _ = scaled_values(torch.tensor([group]), QuantSpec(scheme=scheme))
+    assert _bits(v) == _bits(torch.tensor(expected))
+
+
+def test_fp8_codes_keep_the_sign_of_zero_only_under_a_positive_scale():
+    spec = QuantSpec(format="fp8_e4m3", granularity="row")
+    codes, _, _, _ = quantize_ref(torch.tensor([[-0.0, 2.0], [-0.0, 0.0]]), spec, Layout.DIM0)
+    assert codes.view(torch.uint8).tolist() == [[0x80, codes[0, 1].view(torch.uint8).item()], [0x00, 0x00]]

@@ -1,0 +1,66 @@
+"""Inductor lowerings of fqt's own ops: how Inductor writes them into its generated loops.
+
+``fqt::hash_uniform`` (stochastic rounding's noise) lowers to one pointwise expression of the
+element's row-major index and the seed, the same integer arithmetic as ``grid.hash_uniform``
+(same bits). Inductor inlines a pointwise value into each reader once per read, so the hash
+written out in aten ops -- three rounds of ``h ^ (h >> 16)``, each reading ``h`` twice --
+became eight copies of the first round in every quantizer's element loop: hundreds of loop-body
+operations that Inductor's code generation re-reads for every kernel variant it considers. The
+generated code is the same after its common-subexpression elimination; only compile time
+changes.
+
+:func:`register_lowerings` is called before fqt hands a graph to Inductor; registering twice
+is harmless.
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+
+from .grid import HASH_GOLDEN, HASH_MIX, MASK32
+
+__all__ = ["register_lowerings"]
+
+_REGISTERED: list[bool] = []
+
+
+def register_lowerings() -> None:
+    """Register fqt's Inductor lowerings (once per process). Imports Inductor."""
+    if _REGISTERED:
+        return
+    from torch._inductor.lowering import register_lowering
+
+    register_lowering(torch.ops.fqt.hash_uniform.default, type_promotion_kind=None)(_lower_hash_uniform)
+    _REGISTERED.append(True)
+
+
+def _lower_hash_uniform(seed, shape, device):
+    from torch._inductor.ir import Pointwise
+    from torch._inductor.virtualized import ops
+
+    sizes = [sympy.sympify(d) for d in shape]
+    strides = []
+    stride = sympy.Integer(1)
+    for size in reversed(sizes):
+        strides.append(stride)
+        stride = stride * size
+    strides.reverse()
+    load_seed = seed.make_loader()
+    seed_index = [sympy.Integer(0)] * len(seed.get_size())
+
+    def inner_fn(index):
+        def const(value):
+            return ops.constant(value, torch.int64)
+
+        linear = sum((i * s for i, s in zip(index, strides)), sympy.Integer(0))
+        s = ops.to_dtype(load_seed(seed_index), torch.int64)
+        h = ops.bitwise_and(ops.add(ops.index_expr(linear, torch.int64), ops.mul(s, const(HASH_GOLDEN))), const(MASK32))
+        for round_ in range(3):
+            h = ops.bitwise_xor(h, ops.bitwise_right_shift(h, const(16)))
+            if round_ < 2:
+                h = ops.bitwise_and(ops.mul(h, const(HASH_MIX)), const(MASK32))
+        level = ops.to_dtype(ops.bitwise_right_shift(h, const(8)), torch.float32)
+        return ops.mul(level, ops.constant(1.0 / 16777216.0, torch.float32))
+
+    return Pointwise.create(device=torch.device(device), dtype=torch.float32, inner_fn=inner_fn, ranges=sizes)
