@@ -32,6 +32,7 @@ from torch import nn
 
 import fqt_compiler as fqt
 from fqt_compiler.tools.bench_attention import attention_section
+from fqt_compiler.tools.bench_compile import compile_section
 from fqt_compiler.tools.bench_conv import conv_section
 from fqt_compiler.tools.bench_monitor import monitor_section
 from fqt_compiler.tools.timing import cpu_bf16_units, interleaved_medians, interleaved_times, spread
@@ -402,8 +403,9 @@ def _memory_section(shapes: list, recipes: list[str], device: torch.device, reps
     return parts
 
 
-SECTIONS = ("layer", "fusion", "gemm", "quantize", "memory", "conv", "attention", "monitor")
+SECTIONS = ("layer", "fusion", "gemm", "quantize", "memory", "conv", "attention", "monitor", "compile")
 _SECTION_BUILDERS = {
     "layer": _layer_section, "fusion": _fusion_section, "gemm": _gemm_section, "quantize": _quantize_section,
     "memory": _memory_section, "conv": conv_section, "attention": attention_section, "monitor": monitor_section,
+    "compile": compile_section,
 }

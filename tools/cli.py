@@ -241,11 +241,12 @@ def _add_bench(sub) -> None:
     )
     bench.add_argument(
         "--sections", nargs="+", default=["layer", "fusion", "gemm", "quantize", "memory"],
-        choices=["layer", "fusion", "gemm", "quantize", "memory", "conv", "attention", "monitor"],
+        choices=["layer", "fusion", "gemm", "quantize", "memory", "conv", "attention", "monitor", "compile"],
         help="layer: LayerNorm-Linear-Sigmoid fwd+bwd; fusion: MLP block fused vs unfused; gemm: the low-bit GEMM alone; "
         "quantize: quantizer bandwidth vs a copy; memory: bytes saved for backward; conv: convolution layers and CIFAR "
         "ResNet training steps; attention: the attention core's batched GEMMs fwd+bwd (its own shapes); monitor: the "
-        "cost of fqt.Monitor at period 100 (default: all but conv, attention and monitor, which take minutes on a CPU)",
+        "cost of fqt.Monitor at period 100; compile: a small GPT's first training step compiled with cold caches, Inductor "
+        "against fqt (default: all but conv, attention, monitor and compile, which take minutes on a CPU)",
     )
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if available)")
     bench.add_argument(
