@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 from fqt_compiler.errors import PassError
 from fqt_compiler.ops import TRITON_LAUNCHES, fake_quantize_kernel_op, kernel_hook
 from fqt_compiler.codegen.inline import TraceCache, all_static, inline_graph_node
+from fqt_compiler.lowerings import LOWERED_OPS
 from fqt_compiler.codegen.kernel_access import install as install_access_cache
 
 __all__ = ["KernelLaunches", "LaunchTraces", "LAUNCH_TRACES", "inline_kernel_launches", "kernel_nodes", "fqt_calls",
@@ -61,9 +62,14 @@ def kernel_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def fqt_calls(gm: fx.GraphModule) -> list[fx.Node]:
-    """The ``fqt::`` op calls of ``gm`` (each an opaque Python call in Inductor's code)."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-            and n.target.namespace == "fqt"]
+    """The ``fqt::`` op calls of ``gm`` that are opaque Python calls in Inductor's code (not
+    those fqt lowers into Inductor's own loops, ``lowerings.LOWERED_OPS``)."""
+    return [n for n in gm.graph.nodes if _is_fqt_call(n)]
+
+
+def _is_fqt_call(n: fx.Node) -> bool:
+    return (n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "fqt"
+            and n.target.name() not in LOWERED_OPS)
 
 
 def _on_cuda(node: fx.Node) -> bool:
@@ -176,7 +182,7 @@ def graph_launches(stage: str, gm: fx.GraphModule, kept: list[tuple[str, str]], 
                if inductor else "no Inductor (inductor=False): the graph runs op by op")
     python = tuple((n.name, reasons.get(n.name, default)) for n in fqt_calls(gm))
     ops = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-           and n.target.namespace != "fqt" and not _is_view(n)]
+           and not _is_fqt_call(n) and not _is_view(n)]
     nodes = kernel_nodes(gm)
     names = tuple(sorted({_kernel_name(n) for n in nodes}))
     return KernelLaunches(stage, len(ops) + len(nodes), len(nodes), 0, python, names)

@@ -20,9 +20,11 @@ import torch
 
 from .grid import HASH_GOLDEN, HASH_MIX, MASK32
 
-__all__ = ["register_lowerings"]
+__all__ = ["register_lowerings", "LOWERED_OPS"]
 
 _REGISTERED: list[bool] = []
+# fqt ops (by name) Inductor writes into its own loops once registered: no Python call in its code
+LOWERED_OPS = frozenset({"fqt::hash_uniform"})
 
 
 def register_lowerings() -> None:
