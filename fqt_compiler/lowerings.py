@@ -5,9 +5,9 @@ element's row-major index and the seed, the same integer arithmetic as ``grid.ha
 (same bits). Inductor inlines a pointwise value into each reader once per read, so the hash
 written out in aten ops -- three rounds of ``h ^ (h >> 16)``, each reading ``h`` twice --
 became eight copies of the first round in every quantizer's element loop: hundreds of loop-body
-operations that Inductor's code generation re-reads for every kernel variant it considers. The
-generated code is the same after its common-subexpression elimination; only compile time
-changes.
+operations that Inductor's code generation re-reads for every kernel variant it considers. Its
+common-subexpression elimination computed the copies once, so they cost compile time, not
+step time.
 
 :func:`register_lowerings` is called before fqt hands a graph to Inductor; registering twice
 is harmless.
