@@ -60,3 +60,16 @@ def test_symbolic_sizes_keep_the_written_out_hash():
     seed = torch.tensor([77])
     gm = make_fx(lambda s, x: hash_uniform(s, x.shape, x.device), tracing_mode="symbolic")(seed, torch.randn(5, 6))
     assert torch.equal(gm(seed, torch.randn(3, 7)), hash_uniform_ref(seed, [3, 7], torch.device("cpu")))
+
+
+@pytest.mark.gpu
+def test_inductor_draws_the_reference_noise_in_triton_code():
+    register_lowerings()
+    x = torch.randn(33, 65, device="cuda")
+    seed = torch.tensor([2_000_000_011], device="cuda")
+    expected = hash_uniform_ref(seed, [33, 65], x.device).t() + x.t()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda s, y: hash_uniform(s, y.shape, y.device).t() + y.t(), backend="inductor", fullgraph=True)
+    compiled, code = run_and_get_code(fn, seed, x)
+    assert torch.equal(compiled, expected)
+    assert "torch.ops.fqt.hash_uniform" not in "".join(code), "Inductor called the op instead of lowering it"
