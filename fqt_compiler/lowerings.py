@@ -38,16 +38,12 @@ def register_lowerings() -> None:
 
 
 def _lower_hash_uniform(seed, shape, device):
-    from torch._inductor.ir import Pointwise
+    from torch._inductor.ir import FlexibleLayout, Pointwise
+    from torch._inductor.utils import sympy_dot
     from torch._inductor.virtualized import ops
 
     sizes = [sympy.sympify(d) for d in shape]
-    strides = []
-    stride = sympy.Integer(1)
-    for size in reversed(sizes):
-        strides.append(stride)
-        stride = stride * size
-    strides.reverse()
+    strides = FlexibleLayout.contiguous_strides(sizes)  # the row-major index the reference hashes
     load_seed = seed.make_loader()
     seed_index = [sympy.Integer(0)] * len(seed.get_size())
 
@@ -55,13 +51,16 @@ def _lower_hash_uniform(seed, shape, device):
         def const(value):
             return ops.constant(value, torch.int64)
 
-        linear = sum((i * s for i, s in zip(index, strides)), sympy.Integer(0))
         s = ops.to_dtype(load_seed(seed_index), torch.int64)
-        h = ops.bitwise_and(ops.add(ops.index_expr(linear, torch.int64), ops.mul(s, const(HASH_GOLDEN))), const(MASK32))
-        for round_ in range(3):
-            h = ops.bitwise_xor(h, ops.bitwise_right_shift(h, const(16)))
-            if round_ < 2:
-                h = ops.bitwise_and(ops.mul(h, const(HASH_MIX)), const(MASK32))
+        linear = ops.index_expr(sympy_dot(index, strides), torch.int64)
+        h = ops.bitwise_and(ops.add(linear, ops.mul(s, const(HASH_GOLDEN))), const(MASK32))
+        def xorshift(h):
+            return ops.bitwise_xor(h, ops.bitwise_right_shift(h, const(16)))
+
+        def mix(h):
+            return ops.bitwise_and(ops.mul(h, const(HASH_MIX)), const(MASK32))
+
+        h = xorshift(mix(xorshift(mix(xorshift(h)))))  # grid's rounds, in its order
         level = ops.to_dtype(ops.bitwise_right_shift(h, const(8)), torch.float32)
         return ops.mul(level, ops.constant(1.0 / 16777216.0, torch.float32))
 
