@@ -102,31 +102,12 @@ def draw_seed(device: torch.device | str, generator: torch.Generator | None = No
     return seed
 
 
-def _row_major_index(shape: tuple, device: torch.device | str, seed: torch.Tensor) -> torch.Tensor:
-    """Each element's row-major index on symbolic sizes: one broadcast ``arange`` per dim times
-    its stride, the strides read from a tensor (``seed * 0 + stride``). Inductor folds index
-    arithmetic into one index expression, and on CPU it builds a vector of such an index
-    element by element wherever the vectorized dim's stride is symbolic (a channels-last batch
-    of symbolic image size); a stride it must load keeps every ``arange`` vectorized."""
-    zero = seed.reshape(()) * 0
-    index = zero
-    stride = 1
-    for dim in reversed(range(len(shape))):
-        size = shape[dim]
-        term = torch.arange(size, device=device, dtype=torch.int64).reshape(size, *[1] * (len(shape) - 1 - dim))
-        index = index + term * (zero + stride)
-        stride = stride * size
-    return index.expand(shape)
-
-
 def hash_uniform(seed: torch.Tensor, shape: tuple[int, ...] | torch.Size, device: torch.device | str) -> torch.Tensor:
     """U[0, 1) noise for every element of ``shape`` (row-major index), as fp32 multiples of 2**-24."""
-    if any(isinstance(d, torch.SymInt) for d in shape):
-        seed = seed.to(torch.int64)
-        return _hashed(seed, _row_major_index(tuple(shape), device, seed))
-    # One op in traced graphs, so that compiled code traces the hash once per element: written
-    # out in aten ops, each round's ``h ^ (h >> 16)`` reads h twice, and Inductor inlines a
-    # value once per read, so the element loop's expression doubled with every round.
+    # One op in traced graphs (symbolic sizes included), so that compiled code traces the hash
+    # once per element: written out in aten ops, each round's ``h ^ (h >> 16)`` reads h twice,
+    # and Inductor inlines a value once per read, so the element loop's expression doubled with
+    # every round. fqt lowers the op into Inductor (``lowerings.py``).
     return torch.ops.fqt.hash_uniform(seed, list(shape), torch.device(device))
 
 

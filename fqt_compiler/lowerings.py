@@ -7,7 +7,7 @@ written out in aten ops -- three rounds of ``h ^ (h >> 16)``, each reading ``h``
 became eight copies of the first round in every quantizer's element loop: hundreds of loop-body
 operations that Inductor's code generation re-reads for every kernel variant it considers. Its
 common-subexpression elimination computed the copies once, so they cost compile time, not
-step time.
+step time. Static and symbolic sizes lower alike (a dynamic-shape compile pays no copies).
 
 :func:`register_lowerings` is called before fqt hands a graph to Inductor; registering twice
 is harmless.
@@ -38,12 +38,10 @@ def register_lowerings() -> None:
 
 
 def _lower_hash_uniform(seed, shape, device):
-    from torch._inductor.ir import FlexibleLayout, Pointwise
-    from torch._inductor.utils import sympy_dot
+    from torch._inductor.ir import Pointwise
     from torch._inductor.virtualized import ops
 
     sizes = [sympy.sympify(d) for d in shape]
-    strides = FlexibleLayout.contiguous_strides(sizes)  # the row-major index the reference hashes
     load_seed = seed.make_loader()
     seed_index = [sympy.Integer(0)] * len(seed.get_size())
 
@@ -52,7 +50,7 @@ def _lower_hash_uniform(seed, shape, device):
             return ops.constant(value, torch.int64)
 
         s = ops.to_dtype(load_seed(seed_index), torch.int64)
-        linear = ops.index_expr(sympy_dot(index, strides), torch.int64)
+        linear = _row_major_index(index, sizes, ops.mul(s, const(0)))
         h = ops.bitwise_and(ops.add(linear, ops.mul(s, const(HASH_GOLDEN))), const(MASK32))
         def xorshift(h):
             return ops.bitwise_xor(h, ops.bitwise_right_shift(h, const(16)))
@@ -65,3 +63,27 @@ def _lower_hash_uniform(seed, shape, device):
         return ops.mul(level, ops.constant(1.0 / 16777216.0, torch.float32))
 
     return Pointwise.create(device=torch.device(device), dtype=torch.float32, inner_fn=inner_fn, ranges=sizes)
+
+
+def _row_major_index(index, sizes, zero):
+    """The element's row-major index (the one the reference hashes), as an int64 value.
+
+    Dimensions of constant stride fold into one index expression. A dimension whose stride is
+    symbolic (a channels-last batch of symbolic image size: the channel's stride is H*W) is its
+    own ``index * stride`` product of values: Inductor's CPU code builds a vector of an index
+    expression element by element wherever the vectorized loop variable has a symbolic
+    coefficient, while a product of an ``arange`` vector and a broadcast stride stays vectorized.
+    Inductor folds arithmetic on index values back into one index expression, so each symbolic
+    stride is offset by ``zero``, a value computed from a load (the seed times 0), which it
+    cannot fold."""
+    from torch._inductor.ir import FlexibleLayout
+    from torch._inductor.virtualized import ops
+
+    strides = FlexibleLayout.contiguous_strides(sizes)
+    constant = sum((i * st for i, st in zip(index, strides) if st.is_number), sympy.Integer(0))
+    linear = ops.index_expr(constant, torch.int64)
+    for i, st in zip(index, strides):
+        if not st.is_number:
+            stride = ops.add(zero, ops.index_expr(st, torch.int64))
+            linear = ops.add(linear, ops.mul(ops.index_expr(i, torch.int64), stride))
+    return linear

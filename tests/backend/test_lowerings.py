@@ -25,9 +25,10 @@ VIEWS = {
 }
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic"])
 @pytest.mark.parametrize("view", VIEWS)
 @pytest.mark.parametrize("shape", [(7, 33), (3, 4, 5), (129,), (2, 3, 4, 5)], ids=str)
-def test_inductor_draws_the_reference_noise(shape, view):
+def test_inductor_draws_the_reference_noise(shape, view, dynamic):
     register_lowerings()
 
     def noisy(seed, x):
@@ -37,11 +38,35 @@ def test_inductor_draws_the_reference_noise(shape, view):
     seed = torch.tensor([2_000_000_011])  # large: seed * 0x9E3779B9 needs the 64-bit products
     expected = VIEWS[view](hash_uniform_ref(seed, list(shape), x.device)) + VIEWS[view](x)
     torch._dynamo.reset()
-    compiled, code = run_and_get_code(torch.compile(noisy, backend="inductor", fullgraph=True), seed, x)
+    compiled, code = run_and_get_code(torch.compile(noisy, backend="inductor", fullgraph=True, dynamic=dynamic), seed, x)
     assert torch.equal(compiled, expected)
     assert "torch.ops.fqt.hash_uniform" not in "".join(code), "Inductor called the op instead of lowering it"
+    assert ("ks0" in "".join(code)) == dynamic  # the symbolic case compiled on symbolic sizes
 
     assert torch.equal(noisy(seed, x), expected)
+
+
+def test_symbolic_strides_keep_the_noise_vectorized():
+    """A per-sample quantizer's shape of loop on a channels-last batch of symbolic image size:
+    the loop runs along the channels, whose stride in the noise's row-major index is H*W.
+    Folded into one index expression, Inductor's CPU code built each vector of that index
+    element by element (an int64 buffer filled lane by lane)."""
+    register_lowerings()
+    x = torch.randn(2, 16, 5, 6).to(memory_format=torch.channels_last)
+    seed = torch.tensor([5])
+
+    def noisy(s, y):
+        scaled = y / y.abs().amax(dim=(1, 2, 3), keepdim=True)
+        return (hash_uniform(s, y.shape, y.device) + scaled).contiguous(memory_format=torch.channels_last)
+
+    torch._dynamo.reset()
+    torch._dynamo.mark_dynamic(x, 2)
+    torch._dynamo.mark_dynamic(x, 3)
+    compiled, code = run_and_get_code(torch.compile(noisy, backend="inductor", fullgraph=True), seed, x)
+    assert torch.equal(compiled, noisy(seed, x))
+    text = "".join(code)
+    assert "ks0" in text and "arange" in text
+    assert "std::array<int64_t" not in text, "the noise's index vector is built lane by lane"
 
 
 def test_a_stochastic_quantizer_traces_its_noise_as_one_op():
@@ -54,11 +79,13 @@ def test_a_stochastic_quantizer_traces_its_noise_as_one_op():
     assert torch.ops.aten.bitwise_xor.Tensor not in targets and torch.ops.aten.__rshift__.Scalar not in targets
 
 
-def test_symbolic_sizes_keep_the_written_out_hash():
-    """On symbolic sizes the index is built per dimension (vectorized by Inductor's CPU code):
-    the same bits as the op's."""
+def test_symbolic_sizes_trace_the_noise_as_one_op():
+    """On symbolic sizes too the noise is one op (of symbolic shape), with the reference's bits
+    at any size."""
     seed = torch.tensor([77])
     gm = make_fx(lambda s, x: hash_uniform(s, x.shape, x.device), tracing_mode="symbolic")(seed, torch.randn(5, 6))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.fqt.hash_uniform.default) == 1 and torch.ops.aten.bitwise_xor.Tensor not in targets
     assert torch.equal(gm(seed, torch.randn(3, 7)), hash_uniform_ref(seed, [3, 7], torch.device("cpu")))
 
 
