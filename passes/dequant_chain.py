@@ -99,8 +99,8 @@ def match_operand(arg: fx.Node) -> DequantOperand | str:
     scale = zp = offset = transform = None
     node = cur
     # the chain emit_quantize writes, walked backwards
-    if node.target is CONVERT and isinstance(node.args[0], fx.Node) and is_dequantization(node.args[0]):
-        node = node.args[0]  # the final cast back to the operand's dtype
+    if node.target is CONVERT and isinstance(node.args[0], fx.Node) and _in_chain(node.args[0]):
+        node = node.args[0]  # the final cast back to the operand's dtype (after BHQ's inverse, if any)
     if node.target is bhq_inverse_op:
         transform, node = node, node.args[0]
     if node.target is aten.add.Tensor:
@@ -115,6 +115,11 @@ def match_operand(arg: fx.Node) -> DequantOperand | str:
     spec = QuantSpec.from_key(info.spec_key)
     return DequantOperand(node.args[0], scale, zp, offset, spec, list(reversed(views)), transform)
 
+
+
+def _in_chain(node: fx.Node) -> bool:
+    info = node.meta.get("fqt")
+    return isinstance(info, QuantNodeInfo) and info.what in (QuantNodeKind.DEQUANTIZE, QuantNodeKind.TRANSFORM)
 
 
 def is_dequantization(node: fx.Node) -> bool:

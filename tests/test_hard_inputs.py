@@ -56,6 +56,37 @@ def test_half_precision_models(mode, dtype):
     assert y.dtype == dtype and lin.weight.grad.dtype == dtype and lin.weight.grad.isfinite().all()
 
 
+@pytest.mark.parametrize("recipe, inductor", [("int8", False), ("psq8", False), ("bhq8", False),
+                                              pytest.param("bhq8", True, marks=pytest.mark.slow)],
+                         ids=["int8", "psq8", "bhq8", "bhq8-inductor"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_models_lower_what_fp32_lowers(dtype, recipe, inductor):
+    """Every GEMM of a half-precision model (convolution and Linears, input, weight and
+    gradient GEMMs) gets the decision it gets in fp32: the dequantization chain of a half
+    operand ends in a cast back to its dtype, after BHQ's inverse transform where there is one
+    (which once left every BHQ grad_input simulated, 'unrecognised dequantization chain'). The
+    low-bit kernels' gradients match the reference execution's (whose GEMMs run in the half
+    dtype) to its precision."""
+
+    def run(dt, **mode):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 16),
+                              nn.GELU(), nn.Linear(16, 4)).to(dt)
+        x = torch.randn(2, 3, 4, 4, dtype=dt, requires_grad=True)
+        be = fqt.backend(recipe=recipe, **mode)
+        torch.compile(model, backend=be)(x).float().square().mean().backward()
+        grads = [x.grad, *(p.grad for p in model.parameters())]
+        assert all(g.dtype == dt and g.isfinite().all() for g in grads)
+        return [(d.module_path, g.kind, g.status, g.reason) for r in be.records for d in r.decisions for g in d.gemms], grads
+
+    half, grads = run(dtype, execution="kernels", inductor=inductor)
+    assert half == run(torch.float32, execution="kernels", inductor=inductor)[0]
+    assert sum(status is fqt.GemmStatus.LOWBIT_KERNEL for _, _, status, _ in half) >= 5
+    for got, ref in zip(grads, run(dtype, execution="reference")[1]):
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 5e-2
+
+
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("batch", [1, 2, 3])
 def test_tiny_batches_and_channels_last(mode, batch):
