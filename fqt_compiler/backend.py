@@ -174,13 +174,27 @@ class FQTBackend:
         (a recompile replaces it); a monitored variant's record is its own."""
         params = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
         job = _Compile(GraphRecord(graph_id=graph_id), params, config, watch=watch)
+        replaced = None
         if watch is None:
             same = [i for i, r in enumerate(self.records) if r.graph_id == graph_id]
             if same:  # a recompile (the monitor's policy changed the rules): the new record replaces the old
+                replaced = self.records[same[0]]
                 self.records[same[0]] = job.record
             else:
                 self.records.append(job.record)
             _RECENT.append(job.record)
+        try:
+            return self._aot_autograd(gm, example_inputs, config, job)
+        except torch._dynamo.exc.RestartAnalysis:
+            # Dynamo abandons this graph and traces the frame again (e.g. to turn a float it
+            # specialized into a tensor): no record of a graph that never compiled
+            if watch is None:
+                _forget(self.records, job.record, replaced)
+                _forget(_RECENT, job.record)
+            raise
+
+    def _aot_autograd(self, gm: fx.GraphModule, example_inputs: list[Any], config: FQTConfig, job: _Compile):
+        """AOTAutograd with fqt's rewrite in its partitioner and fqt's compilers."""
 
         def partition_fn(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
             job.record.kind = "joint"
@@ -213,6 +227,17 @@ class FQTBackend:
             partition_fn=partition_fn,
             **kwargs,
         )(gm, example_inputs)
+
+
+def _forget(records, record: GraphRecord, replaced: GraphRecord | None = None) -> None:
+    """Take ``record`` out of ``records`` (putting back the record it replaced, if any)."""
+    for i, r in enumerate(records):
+        if r is record:
+            if replaced is None:
+                del records[i]
+            else:
+                records[i] = replaced
+            return
 
 
 def backend(recipe: Any = None, **options: Any) -> FQTBackend:

@@ -134,3 +134,16 @@ def test_dynamic_and_fullgraph(monkeypatch):
         out = compiled(torch.randn(batch, 16))
         out.sum().backward()
         assert out.shape == (batch, 8)
+
+
+def test_a_graph_dynamo_traces_again_leaves_no_record():
+    """Dynamo abandons a graph and traces the frame again (a LayerNorm on symbolic sizes asks it
+    to turn a specialized float into a tensor): the abandoned attempt, which fqt never
+    compiled, leaves no empty record in the backend's records or ``last_compiles()``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16))
+    be = fqt.backend(execution="reference")
+    before = fqt.last_compiles()  # (last_compiles keeps the newest 64: compare by identity)
+    torch.compile(model, backend=be, dynamic=True)(torch.randn(2, 8, 8)).sum().backward()
+    assert [r.kind for r in be.records] == ["joint"] and be.records[0].decisions
+    assert [r for r in fqt.last_compiles() if not any(r is old for old in before)] == be.records
