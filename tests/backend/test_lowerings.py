@@ -90,13 +90,15 @@ def test_symbolic_sizes_trace_the_noise_as_one_op():
 
 
 @pytest.mark.gpu
-def test_inductor_draws_the_reference_noise_in_triton_code():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic"])
+def test_inductor_draws_the_reference_noise_in_triton_code(dynamic):
     register_lowerings()
     x = torch.randn(33, 65, device="cuda")
     seed = torch.tensor([2_000_000_011], device="cuda")
     expected = hash_uniform_ref(seed, [33, 65], x.device).t() + x.t()
     torch._dynamo.reset()
-    fn = torch.compile(lambda s, y: hash_uniform(s, y.shape, y.device).t() + y.t(), backend="inductor", fullgraph=True)
+    fn = torch.compile(lambda s, y: hash_uniform(s, y.shape, y.device).t() + y.t(), backend="inductor", fullgraph=True,
+                       dynamic=dynamic)
     compiled, code = run_and_get_code(fn, seed, x)
     assert torch.equal(compiled, expected)
     assert "torch.ops.fqt.hash_uniform" not in "".join(code), "Inductor called the op instead of lowering it"
