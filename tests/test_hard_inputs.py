@@ -56,11 +56,9 @@ def test_half_precision_models(mode, dtype):
     assert y.dtype == dtype and lin.weight.grad.dtype == dtype and lin.weight.grad.isfinite().all()
 
 
-@pytest.mark.parametrize("recipe, inductor", [("int8", False), ("psq8", False), ("bhq8", False),
-                                              pytest.param("bhq8", True, marks=pytest.mark.slow)],
-                         ids=["int8", "psq8", "bhq8", "bhq8-inductor"])
+@pytest.mark.parametrize("recipe", ["int8", "psq8", "bhq8"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision_models_lower_what_fp32_lowers(dtype, recipe, inductor):
+def test_half_precision_models_lower_what_fp32_lowers(dtype, recipe):
     """Every GEMM of a half-precision model (convolution and Linears, input, weight and
     gradient GEMMs) gets the decision it gets in fp32: the dequantization chain of a half
     operand ends in a cast back to its dtype, after BHQ's inverse transform where there is one
@@ -80,11 +78,33 @@ def test_half_precision_models_lower_what_fp32_lowers(dtype, recipe, inductor):
         assert all(g.dtype == dt and g.isfinite().all() for g in grads)
         return [(d.module_path, g.kind, g.status, g.reason) for r in be.records for d in r.decisions for g in d.gemms], grads
 
-    half, grads = run(dtype, execution="kernels", inductor=inductor)
-    assert half == run(torch.float32, execution="kernels", inductor=inductor)[0]
+    half, grads = run(dtype, execution="kernels", inductor=False)
+    assert half == run(torch.float32, execution="kernels", inductor=False)[0]
     assert sum(status is fqt.GemmStatus.LOWBIT_KERNEL for _, _, status, _ in half) >= 5
     for got, ref in zip(grads, run(dtype, execution="reference")[1]):
         assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 5e-2
+
+
+@pytest.mark.slow
+def test_bhq_gradients_of_a_bf16_model_through_inductor():
+    """The lowered BHQ grad_input of a bf16 model (low-bit GEMM, inverse transform on its fp32
+    output rows, cast to bf16) compiled by Inductor: every GEMM on the low-bit kernels, the
+    reference's gradients to bf16 precision."""
+
+    def run(**mode):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)).to(torch.bfloat16)
+        x = torch.randn(4, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+        be = fqt.backend(recipe="bhq8", **mode)
+        torch.compile(model, backend=be)(x).float().square().mean().backward()
+        return be, [x.grad, *(p.grad for p in model.parameters())]
+
+    be, grads = run(execution="kernels", inductor=True)
+    statuses = [g.status for r in be.records for d in r.decisions for g in d.gemms]
+    assert len(statuses) == 6 and set(statuses) == {fqt.GemmStatus.LOWBIT_KERNEL}
+    for got, ref in zip(grads, run(execution="reference")[1]):
+        assert got.dtype == torch.bfloat16 and ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 5e-2
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
