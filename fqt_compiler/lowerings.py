@@ -52,6 +52,7 @@ def _lower_hash_uniform(seed, shape, device):
         s = ops.to_dtype(load_seed(seed_index), torch.int64)
         linear = _row_major_index(index, sizes, ops.mul(s, const(0)))
         h = ops.bitwise_and(ops.add(linear, ops.mul(s, const(HASH_GOLDEN))), const(MASK32))
+
         def xorshift(h):
             return ops.bitwise_xor(h, ops.bitwise_right_shift(h, const(16)))
 

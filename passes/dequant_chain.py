@@ -116,8 +116,9 @@ def match_operand(arg: fx.Node) -> DequantOperand | str:
     return DequantOperand(node.args[0], scale, zp, offset, spec, list(reversed(views)), transform)
 
 
-
 def _in_chain(node: fx.Node) -> bool:
+    """Whether ``node`` is a dequantization op or BHQ's inverse transform (the ops a final cast
+    back to the operand's dtype may follow)."""
     info = node.meta.get("fqt")
     return isinstance(info, QuantNodeInfo) and info.what in (QuantNodeKind.DEQUANTIZE, QuantNodeKind.TRANSFORM)
 
