@@ -72,7 +72,8 @@ def test_inductor_fuses_the_quantizers_of_a_dynamic_graph():
     shapes after a second batch size or stride) is compiled like a static one: its quantizers
     and CPU int8 GEMMs are traced into the graph for Inductor to fuse, not left as Python calls
     that run every quantizer eagerly (a convolution step took 1.3-1.7x as long), and its gradients
-    are the static compile's."""
+    are the static graph's on the eager kernels (without Inductor: what Inductor's fusion must
+    not change)."""
     torch.manual_seed(0)
     model = _cnn()
     x = torch.randn(6, 3, 8, 8)
@@ -80,7 +81,7 @@ def test_inductor_fuses_the_quantizers_of_a_dynamic_graph():
     for dynamic in (False, True):
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
-        be = fqt.backend(recipe=nearest_gradients("int8"))
+        be = fqt.backend(recipe=nearest_gradients("int8"), inductor=dynamic)
         step = torch.compile(model, backend=be, dynamic=dynamic)
         step(x).square().sum().backward()
         grads[dynamic] = [p.grad.clone() for p in model.parameters()]
@@ -96,7 +97,8 @@ def test_inductor_fuses_the_quantizers_of_a_dynamic_graph():
 @pytest.mark.slow
 def test_zero_point_corrections_of_a_dynamic_convolution_graph():
     """The zero-point corrections of the conv epilogue (every GEMM of ``ptq8`` has some) traced on
-    symbolic sizes: windowed sums over symbolic image sizes, with the static compile's gradients."""
+    symbolic sizes: windowed sums over symbolic image sizes, with the gradients of the static
+    graph on the eager kernels."""
     torch.manual_seed(0)
     model = nn.Conv2d(3, 4, 3, stride=2, padding=1)
     x = torch.randn(5, 3, 7, 7, requires_grad=True)
@@ -105,7 +107,7 @@ def test_zero_point_corrections_of_a_dynamic_convolution_graph():
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
         x.grad = None
-        be = fqt.backend(recipe=nearest_gradients("ptq8"))
+        be = fqt.backend(recipe=nearest_gradients("ptq8"), inductor=dynamic)
         torch.compile(model, backend=be, dynamic=dynamic)(x).square().sum().backward()
         grads[dynamic], records[dynamic] = [x.grad.clone(), *(p.grad.clone() for p in model.parameters())], be.records[-1]
     assert any("s" in g.shape for s in records[True].decisions for g in s.gemms)

@@ -1,7 +1,8 @@
 """Real model code in a fresh process, as a user first runs it: ``torch.compile(m,
 backend="fqt")`` with default options (the ``int8`` recipe, Inductor on), one training step.
-Nothing imported by an earlier test may hide a missing import here (a ``MaxPool2d`` once failed
-because Inductor's lowering module was never imported outside the test suite; the backward
+Nothing imported by an earlier test may hide a missing import here (a ``MaxPool2d``, first
+compiled here in the ResNet block's stem, once failed because Inductor's lowering module was
+never imported outside the test suite; the backward
 of a CvT-style model once failed Inductor's stride checks on a fresh compile)."""
 
 from __future__ import annotations
@@ -80,8 +81,6 @@ class UpBlock(nn.Module):  # a U-Net decoder step: transposed convolution, skip 
 
 g = torch.Generator().manual_seed(0)
 cases = {
-    "conv-maxpool-linear": (nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 7 * 7, 10)),
-                            torch.randn(2, 3, 16, 16, generator=g)),
     "resnet-block": (TinyResNet(), torch.randn(2, 3, 32, 32, generator=g)),
     "transformer-block": (Block(), torch.randn(2, 8, 32, generator=g)),
     # regression: the forward's saved convolution output is channels-last in Inductor's code
@@ -105,6 +104,6 @@ def test_real_models_train_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split() == [
-        "OK", "conv-maxpool-linear", "OK", "resnet-block", "OK", "transformer-block", "OK", "token-conv",
+        "OK", "resnet-block", "OK", "transformer-block", "OK", "token-conv",
         "OK", "unet-channels-last",
     ], proc.stdout
