@@ -94,7 +94,7 @@ def match_operand(arg: fx.Node) -> DequantOperand | str:
         return "operand kept in high precision"
     if cur.target is fake_quantize_op:
         return f"{info.role.value} quantized with {QuantSpec.from_key(info.spec_key).short()}: no codes-and-scales form"
-    if info.what not in (QuantNodeKind.DEQUANTIZE, QuantNodeKind.TRANSFORM):
+    if not _in_chain(cur):
         return f"operand comes from an fqt {info.what} node, not a dequantization"
     scale = zp = offset = transform = None
     node = cur
