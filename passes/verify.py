@@ -39,13 +39,21 @@ def _gemms_fed_by(node: fx.Node) -> list[fx.Node]:
     return found
 
 
+def _returns_a_value(node: fx.Node) -> bool:
+    """Whether ``node`` should carry a value: not an operator whose schema returns nothing
+    (``aten._assert_async``, ``aten._assert_scalar`` -- a model's runtime checks -- which
+    AOTAutograd leaves in the graph without one)."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is None or len(schema.returns) > 0
+
+
 def verify_graph(gm: fx.GraphModule, after: str) -> None:
     try:
         gm.graph.lint()
     except Exception as exc:  # lint raises a bare RuntimeError; give it context
         raise PassError(f"graph fails lint after pass {after!r}: {exc}") from exc
     for node in gm.graph.nodes:
-        if node.op == "call_function" and "val" not in node.meta:
+        if node.op == "call_function" and "val" not in node.meta and _returns_a_value(node):
             raise PassError(f"after pass {after!r}: node {node.name} ({node.target}) has no meta['val']")
         info = node.meta.get("fqt")
         if isinstance(info, GemmNodeInfo):
