@@ -15,7 +15,8 @@ import torch
 from .specs import Granularity, QuantSpec
 
 __all__ = [
-    "Layout", "natural_2d", "natural_2d_view", "natural_2d_shape", "from_natural_2d", "scale_shape", "shape_scale", "placement",
+    "Layout", "natural_2d", "natural_2d_view", "natural_2d_dims", "natural_2d_shape", "from_natural_2d", "scale_shape",
+    "shape_scale", "placement",
 ]
 
 
@@ -73,23 +74,45 @@ def natural_2d(x: torch.Tensor, layout: Layout) -> torch.Tensor:
 def natural_2d_view(x: torch.Tensor, layout: Layout) -> torch.Tensor | None:
     """:func:`natural_2d` where it is a view of ``x`` (writing it writes ``x``); None where it
     would need a copy. Decided from shapes and strides alone, so it works on fake tensors."""
-    layout = _plain(Layout(layout), x.shape)
     rows, cols = natural_2d_shape(x.shape, layout)
+    row_dims, col_dims = natural_2d_dims(x, layout)
+    if len(row_dims) > 1 or len(col_dims) > 1:
+        return None  # decided before trying: a failed view would still be recorded by a tracer
+    layout = _plain(Layout(layout), x.shape)
+    t = x.transpose(-1, -2) if x.dim() >= 2 and layout is Layout.LAST else x
+    if layout is Layout.CHANNELS and _channels(x.shape):
+        t = x.movedim(1, -1)
+    return t.view(rows, cols)
+
+
+def natural_2d_dims(x: torch.Tensor, layout: Layout) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The dims, as (size, stride) outermost first, that the rows and the columns of ``x``'s
+    natural matrix run over in ``x``'s memory: size-1 dims dropped, neighbours that flatten
+    without a copy merged. Each is at most one dim exactly where the matrix is a strided view
+    (:func:`natural_2d_view`); a kernel that unravels its row and column indices over these dims
+    reads any ``x`` where it lies (broadcast, channels-last) with no copy."""
+    layout = _plain(Layout(layout), x.shape)
     t = x.transpose(-1, -2) if x.dim() >= 2 and layout is Layout.LAST else x
     if layout is Layout.CHANNELS and _channels(x.shape):
         t = x.movedim(1, -1)
     # rows merge t's leading dims, columns its trailing ones (DIM0: all but the first)
     split = 1 if layout is Layout.DIM0 or t.dim() < 2 else t.dim() - 1
     sizes, strides = list(t.shape), list(t.stride())
-    if not (_mergeable(sizes[:split], strides[:split]) and _mergeable(sizes[split:], strides[split:])):
-        return None  # decided before trying: a failed view would still be recorded by a tracer
-    return t.view(rows, cols)
+    return _merged(sizes[:split], strides[:split]), _merged(sizes[split:], strides[split:])
 
 
-def _mergeable(sizes: list, strides: list) -> bool:
-    """Whether dims of these sizes and strides flatten into one without a copy."""
-    dims = [(n, s) for n, s in zip(sizes, strides) if n != 1]
-    return all(s_outer == s_inner * n_inner for (_, s_outer), (n_inner, s_inner) in zip(dims, dims[1:]))
+def _merged(sizes: list, strides: list) -> list[tuple[int, int]]:
+    """(size, stride) dims with size-1 dims dropped and each dim merged into the one before it
+    where the two flatten without a copy (the outer stride is the inner stride times its size)."""
+    dims: list[tuple[int, int]] = []
+    for n, st in zip(sizes, strides):
+        if n == 1:
+            continue
+        if dims and dims[-1][1] == st * n:
+            dims[-1] = (dims[-1][0] * n, st)
+        else:
+            dims.append((n, st))
+    return dims
 
 
 def natural_2d_shape(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import triton.language as tl
 __all__ = [
     "rint", "hash_uniform", "load_seed", "bhq_rows", "empty_row_stats", "update_row_stats", "row_scales", "codes_tile",
     "given_stats", "given_row_stats", "store_partials", "tanh", "gelu_backward", "gelu_tanh_backward", "round_bf16", "round_fp16",
+    "nd_offset",
 ]
 
 
@@ -23,6 +24,22 @@ def rint(v):
     tie = (r - v) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def nd_offset(idx, n1, n2, n3, t0, t1, t2, t3, DIMS: tl.constexpr):
+    # The memory offset of flat index ``idx`` over DIMS dims (outermost first) of sizes
+    # (-, n1, n2, n3) and strides (t0, t1, t2, t3): a leaf broadcast along some dims, or stored
+    # in another memory order, is read where it lies instead of being copied to a matrix first.
+    if DIMS == 1:
+        off = idx * t0
+    elif DIMS == 2:
+        off = (idx // n1) * t0 + (idx % n1) * t1
+    elif DIMS == 3:
+        off = (idx // (n1 * n2)) * t0 + ((idx // n2) % n1) * t1 + (idx % n2) * t2
+    else:
+        off = (idx // (n1 * n2 * n3)) * t0 + ((idx // (n2 * n3)) % n1) * t1 + ((idx // n3) % n2) * t2 + (idx % n3) * t3
+    return off
 
 
 @triton.jit

@@ -134,11 +134,15 @@ module = _module(EXACT)
 sig = {f"in{i}_ptr": "*fp32" for i in range(3)}
 sig.update({"hp_ptr": "*fp32", "codes_ptr": "*i8", "codes2_ptr": "*i8", "scale_ptr": "*fp32", "zp_ptr": "*fp32",
             "offset_ptr": "*fp32", "stats_ptr": "*fp32", "seed_ptr": "*i64", "R": "i32", "C": "i32"})
-sig.update({f"s{i}{d}": "i32" for i in range(3) for d in "rc"})
+sig.update({f"{p}{i}{a}": "i32" for i in range(3) for d in "rc"
+            for p, a in (("s", d), (d, "n1"), (d, "n2"), (d, "n3"), (d, "t1"), (d, "t2"), (d, "t3"))})
 sig.update({k: "i32" for k in ("stride_hr", "stride_hc", "stride_cr", "stride_cc", "stride_c2r", "stride_c2c")})
+# leaf 1 broadcast along a row's outer dims, leaf 2 read over four column dims
+dims = dict(RD0=1, CD0=1, RD1=1, CD1=2, RD2=2, CD2=4)
 for one_pass, block_c in ((False, 64), (True, 1024)):
     const = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LEVELS=255, CODE_OFFSET=0,
-                 FP8_MANT=3, FP8_EMIN=-6, WRITE_HP=True, WRITE_CODES2=True, ONE_PASS=one_pass, BLOCK_R=4, BLOCK_C=block_c)
+                 FP8_MANT=3, FP8_EMIN=-6, WRITE_HP=True, WRITE_CODES2=True, ONE_PASS=one_pass, BLOCK_R=4, BLOCK_C=block_c,
+                 **dims)
     sig.update({k: "constexpr" for k in const})
     out = triton.compile(triton.compiler.ASTSource(fn=module.rows_kernel, signature=sig, constexprs=const),
                          target=GPUTarget("cuda", 90, 32))
@@ -381,3 +385,54 @@ def test_fused_quantize_of_an_empty_chain_matches_the_reference(spec, rows):
     ref = quantize_ref(run_reference(prog, [x]), spec, Layout.PENULTIMATE)
     for g, r in zip(fused[:4], ref):
         assert g.shape == r.shape and torch.equal(g, r)
+
+
+# ------------------------------------------------------------------ leaves read where they lie
+# a convolution's input chain: channels-last conv output * per-channel scale + shift, relu
+_NCHW = Program(
+    (2, 6, 3, 5),
+    (("mul", (("L", 0), ("L", 1)), "float32", "none"), ("add", (("V", 0), ("L", 2)), "float32", "none"),
+     ("relu", (("V", 1),), "float32", "none")),
+    3,
+)
+
+
+def _nchw_leaves():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 3, 5, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    return [x, torch.randn(1, 6, 1, 1, generator=g).to(DEVICE), torch.randn(6, 1, 1, generator=g).to(DEVICE)]
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[3], SPECS[4]], ids=lambda s: s.short())
+@pytest.mark.parametrize("layout", [Layout.DIM0, Layout.CHANNELS, Layout.PENULTIMATE, Layout.LAST], ids=lambda lay: lay.name)
+def test_broadcast_and_channels_last_leaves_are_read_in_place_same_bits(spec, layout):
+    """A per-channel parameter broadcast over a sample's row, or a channels-last activation
+    quantized per sample, has no strided matrix view: the kernels unravel each leaf's row and
+    column indices over its own dims and strides instead of copying it to a matrix first."""
+    from fqt_compiler.codegen.kernels.fused import grouped_leaves
+
+    leaves = _nchw_leaves()
+    grouped = grouped_leaves(leaves, _NCHW, _NCHW.shape, spec, layout)
+    assert [g.tensor.data_ptr() for g in grouped] == [t.data_ptr() for t in leaves]  # no copy
+    if layout is Layout.DIM0:
+        assert max(len(g.rows) + len(g.cols) for g in grouped) > 2  # these have no strided matrix view
+    fused, ref = _both(_NCHW, leaves, spec, layout, _NCHW.shape)
+    for name, a, b in zip(("codes", "scale", "zero point", "offset", "high precision"), fused, ref):
+        assert torch.equal(a, b), name
+
+
+def test_a_leaf_of_more_dims_than_the_kernel_unravels_is_copied_same_bits():
+    """Six dims no two of which merge: more than the four a row or column unravels over, so
+    that leaf alone is copied to a matrix; the others are still read in place."""
+    from fqt_compiler.codegen.kernels.fused import grouped_leaves
+
+    shape = (2, 3, 2, 3, 2, 3)
+    prog = Program(shape, (("add", (("L", 0), ("L", 1)), "float32", "none"),), 2)
+    g = torch.Generator().manual_seed(5)
+    scrambled = torch.randn(3, 2, 3, 2, 3, 2, generator=g).to(DEVICE).permute(5, 4, 3, 2, 1, 0)
+    leaves = [scrambled, torch.randn(shape, generator=g).to(DEVICE)]
+    grouped = grouped_leaves(leaves, prog, shape, SPECS[0], Layout.DIM0)
+    assert grouped[0].tensor.data_ptr() != scrambled.data_ptr() and grouped[1].tensor.data_ptr() == leaves[1].data_ptr()
+    fused, ref = _both(prog, leaves, SPECS[0], Layout.DIM0, shape)
+    for name, a, b in zip(("codes", "scale", "zero point", "offset", "high precision"), fused, ref):
+        assert torch.equal(a, b), name
