@@ -304,3 +304,34 @@ def test_convolution_flops_match_the_flop_counter(conv):
     flops = [g.flops for _, g in report.rows()]
     assert len(flops) == 3 and len(set(flops)) == 1, flops
     assert sum(flops) == report.coverage.eager_flops and report.coverage.share == 1.0
+
+
+class _RuntimeChecks(nn.Module):
+    """Model code with runtime checks: ``F.one_hot`` (which checks its classes on the device),
+    ``torch._assert_async`` and a ``torch._check`` on a data-dependent count. AOTAutograd keeps
+    them as ops that return nothing, which no pass may trip over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(torch.randn(10, 8) / 3)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        torch._assert_async(x.abs().sum() >= 0)
+        positive = (x > 0).sum().item()
+        torch._check(positive >= 0)
+        return self.proj(F.one_hot(idx, 10).float() @ self.embed + x) * (positive + 1)
+
+
+@pytest.mark.parametrize("inductor", [False, True], ids=["eager", "inductor"])
+def test_runtime_checks_in_model_code_compile_and_train(inductor):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = _RuntimeChecks()
+    idx, x = torch.randint(0, 10, (6,)), torch.randn(6, 8)
+    be = fqt.backend(recipe="int8", inductor=inductor)
+    loss = torch.compile(model, backend=be)(idx, x).square().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    statuses = [g.status.value for r in be.records for s in r.decisions for g in s.gemms]
+    assert statuses and set(statuses) == {"lowbit-kernel"}, statuses
