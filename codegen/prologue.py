@@ -33,7 +33,7 @@ from fqt_compiler.specs import Granularity, QuantSpec, Transform
 from fqt_compiler.passes.graph_utils import RESHAPES, call, rewire, static_tensor
 
 from fqt_compiler.fusion_program import OPS, Program, build_program, dtype_name
-from fqt_compiler.memory_order import SAVED_LAYOUT, CodeLayout
+from fqt_compiler.memory_order import SAVED_LAYOUT, CodeLayout, is_channels_last
 from fqt_compiler.ops import fused_quantize_op
 
 __all__ = ["FusedQuantize", "fuse_prologues", "fusable_quantize", "identity_program"]
@@ -142,11 +142,14 @@ def fuse_prologues(gm: fx.GraphModule, include_cpu: bool = False) -> list[FusedQ
         outside_root = [u for u in root.users if u is not x and not fusable_quantize(u)] if root is not x else []
         write_hp = bool(outside_x or outside_root)
         fake_mode = xval.fake_mode
+        # a channels-last activation keeps its order: the quantize op's codes have it, and a
+        # convolution reading them contiguous would copy them back to channels-last first
+        order = CodeLayout.CHANNELS_LAST if is_channels_last(xval) else CodeLayout.NATURAL
         # right after the chain's output: every leaf is defined there, every consumer comes later
         with gm.graph.inserting_after(root):
             new = call(
                 gm.graph, fused_quantize_op,
-                (leaves, program.dumps(), list(xval.shape), key, layout, write_hp, int(CodeLayout.NATURAL)),
+                (leaves, program.dumps(), list(xval.shape), key, layout, write_hp, int(order)),
                 like=q, info=q.meta.get("fqt"), fake_mode=fake_mode,
             )
         if write_hp:

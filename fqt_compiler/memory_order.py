@@ -13,8 +13,8 @@ import torch
 from fqt_compiler.layout import Layout
 
 __all__ = [
-    "CodeLayout", "SAVED_LAYOUT", "alloc_like", "alloc_codes", "column_major_ok", "ALIGN_BYTES", "in_input_layout",
-    "empty_in_input_layout",
+    "CodeLayout", "SAVED_LAYOUT", "alloc_like", "alloc_codes", "alloc_output", "column_major_ok", "ALIGN_BYTES",
+    "in_input_layout", "empty_in_input_layout", "is_channels_last",
 ]
 
 # GEMM operands whose leading stride is a multiple of 16 bytes are copied asynchronously (and
@@ -35,11 +35,16 @@ class CodeLayout(enum.IntEnum):
       copied asynchronously into the shared-memory layout ``wgmma`` needs.
     * ``BOTH``: natural codes, and a column-major copy written from the same registers (for
       codes read both ways, or kept contiguous for another graph).
+    * ``CHANNELS_LAST``: codes of an ``(N, C, *spatial)`` tensor stored as ``(N, *spatial, C)``,
+      and so is the high-precision value: the memory order of the channels-last activation
+      they quantize, which the quantize op's codes keep (:func:`in_input_layout`) and the
+      convolution kernels read channels K-major in.
     """
 
     NATURAL = 0
     COLUMN_MAJOR = 1
     BOTH = 2
+    CHANNELS_LAST = 3
 
 
 def alloc_like(shape: tuple, dtype: torch.dtype, device, column_major: bool, pad: bool = False) -> torch.Tensor:
@@ -65,6 +70,24 @@ def alloc_codes(shape: tuple, dtype: torch.dtype, device, column_major: bool, la
     whose rows a strided view merges; others stay unpadded)."""
     pad = dtype.itemsize == 1 and (len(shape) == 2 or len(shape) > 2 and layout is Layout.PENULTIMATE)
     return alloc_like(shape, dtype, device, column_major, pad=pad)
+
+
+def alloc_output(shape: tuple, dtype: torch.dtype, device, code_layout: CodeLayout, layout: Layout,
+                 codes: bool = True) -> torch.Tensor:
+    """A fused quantizer's codes (``codes``) or high-precision value, empty, in the memory order
+    ``code_layout`` gives it (``BOTH``'s first output is the natural one): what the op and its
+    fake allocate alike."""
+    code_layout = CodeLayout(code_layout)
+    if code_layout is CodeLayout.CHANNELS_LAST and len(shape) >= 3:
+        return torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device=device).movedim(-1, 1)
+    if not codes:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return alloc_codes(shape, dtype, device, code_layout is CodeLayout.COLUMN_MAJOR, layout)
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` (3+ dims, not contiguous) is stored with dim 1 innermost, the others in order."""
+    return t.dim() >= 3 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous()
 
 
 def column_major_ok(shape: tuple, layout: Layout) -> bool:

@@ -72,7 +72,7 @@ from .conv_paths import CONV_KINDS, conv_codes, conv_codes_layout, qconv_cpu_of_
 from .layout import Layout, from_natural_2d, natural_2d, natural_2d_shape, scale_shape
 from .monitor_stats import ERROR_FIELDS, GRADIENT_FIELDS, QUANTIZER_FIELDS, error_stats, fake_quantizer_stats, gradient_stats
 from .monitor_stats import quantizer_stats
-from .memory_order import CodeLayout, alloc_codes, empty_in_input_layout, in_input_layout
+from .memory_order import CodeLayout, alloc_codes, alloc_output, empty_in_input_layout, in_input_layout
 from .quantizers import get_quantizer, run_custom
 from .standalone import standalone_cpu
 from .reference import check_qbmm, observe_quantizer_input, fake_quantize_ref, quantize_ref
@@ -370,12 +370,12 @@ def _fused_quantize(
     x = run_reference(prog, list(leaves)).reshape(shape)
     codes, scale, zp, offset = quantize_ref(x, parsed, lay)
     shape = tuple(shape)
-    col = alloc_codes(shape, codes.dtype, codes.device, True, lay).copy_(codes) if cl is not CodeLayout.NATURAL else None
-    nat = alloc_codes(shape, codes.dtype, codes.device, False, lay).copy_(codes) if cl is not CodeLayout.COLUMN_MAJOR else None
     # outputs in the memory order the fake declares (codes padded where a GEMM reads them)
-    return (col if cl is CodeLayout.COLUMN_MAJOR else nat, scale.contiguous().clone(), zp.contiguous().clone(),
-            offset.contiguous().clone(), x.contiguous() if write_hp else x.new_empty((0,)),
-            col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
+    first = alloc_output(shape, codes.dtype, codes.device, cl, lay).copy_(codes)
+    col = alloc_codes(shape, codes.dtype, codes.device, True, lay).copy_(codes) if cl is CodeLayout.BOTH else None
+    hp = alloc_output(shape, x.dtype, x.device, cl, lay, codes=False).copy_(x) if write_hp else x.new_empty((0,))
+    return (first, scale.contiguous().clone(), zp.contiguous().clone(), offset.contiguous().clone(), hp,
+            col if col is not None else codes.new_empty((0,)))
 
 
 def fused_quantize_triton(leaves, program, shape, spec, layout, write_hp, code_layout, partials=None):
@@ -386,11 +386,8 @@ def fused_quantize_triton(leaves, program, shape, spec, layout, write_hp, code_l
     cl, lay, shape = CodeLayout(code_layout), Layout(layout), tuple(shape)
     out = fused_quantize(list(leaves), Program.loads(program), shape, QuantSpec.from_key(spec), lay, write_hp, code_layout=cl,
                          partials=partials)
-    codes = out[0]
-    want = alloc_codes(shape, codes.dtype, "meta", cl is CodeLayout.COLUMN_MAJOR, lay)
-    if codes.stride() != want.stride():  # written as the natural matrix (rows along the last dim): as the fake declares
-        codes = alloc_codes(shape, codes.dtype, codes.device, False, lay).copy_(codes)
-    return (codes, *(t.contiguous() for t in out[1:5]), out[5])
+    # the codes and the high-precision value come out in the order the fake declares
+    return (out[0], *(t.contiguous() for t in out[1:4]), out[4], out[5])
 
 
 @_fused_quantize.register_fake
@@ -398,10 +395,10 @@ def _fused_quantize_fake(leaves, program, shape, spec, layout, write_hp, code_la
     prog, cl, lay, shape = Program.loads(program), CodeLayout(code_layout), Layout(layout), tuple(shape)
     x = leaves[0].new_empty(shape, dtype=prog.dtype)
     codes, scale, zp, offset = quantize_fake(x, spec, layout)
-    col = alloc_codes(shape, codes.dtype, codes.device, True, lay) if cl is not CodeLayout.NATURAL else None
-    nat = alloc_codes(shape, codes.dtype, codes.device, False, lay) if cl is not CodeLayout.COLUMN_MAJOR else None
-    return (col if cl is CodeLayout.COLUMN_MAJOR else nat, scale, zp, offset, x.new_empty(shape if write_hp else (0,)),
-            col if cl is CodeLayout.BOTH else codes.new_empty((0,)))
+    first = alloc_output(shape, codes.dtype, codes.device, cl, lay)
+    col = alloc_codes(shape, codes.dtype, codes.device, True, lay) if cl is CodeLayout.BOTH else codes.new_empty((0,))
+    hp = alloc_output(shape, prog.dtype, x.device, cl, lay, codes=False) if write_hp else x.new_empty((0,))
+    return (first, scale, zp, offset, hp, col)
 
 
 fused_quantize_op = torch.ops.fqt.fused_quantize.default

@@ -40,11 +40,11 @@ import triton
 from fqt_compiler.grid import draw_seed
 
 from fqt_compiler.layout import (
-    Layout, from_natural_2d, natural_2d, natural_2d_dims, natural_2d_shape, natural_2d_view, shape_scale,
+    Layout, natural_2d, natural_2d_dims, natural_2d_shape, natural_2d_view, shape_scale,
 )
 from fqt_compiler.specs import ElementFormat, Granularity, QuantSpec, Scheme, Transform
 
-from fqt_compiler.memory_order import CodeLayout, alloc_codes, alloc_like
+from fqt_compiler.memory_order import CodeLayout, alloc_codes, alloc_output
 from fqt_compiler.fusion_program import Program, triton_lines
 from fqt_compiler.codegen.kernels.launch import launch
 from fqt_compiler.codegen.kernels.quantize import SCHEME_ID, reduce_partials, row_statistics, rows_grid, rows_kernel_for
@@ -70,11 +70,11 @@ _ROWS = '''
 def rows_kernel(
     {leaf_ptrs}hp_ptr, codes_ptr, codes2_ptr, scale_ptr, zp_ptr, offset_ptr, stats_ptr, seed_ptr,
     R, C,
-    {leaf_strides}stride_hr, stride_hc, stride_cr, stride_cc, stride_c2r, stride_c2c,
+    {leaf_strides}@HP_ARGS@@CODES_ARGS@stride_c2r, stride_c2c,
     SCHEME: tl.constexpr, FP8: tl.constexpr, STOCHASTIC: tl.constexpr, STATS_GIVEN: tl.constexpr,
     QMAX: tl.constexpr, LEVELS: tl.constexpr, CODE_OFFSET: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
     WRITE_HP: tl.constexpr, WRITE_CODES2: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr, {leaf_dims}
+    BLOCK_C: tl.constexpr, {leaf_dims}HRD: tl.constexpr, HCD: tl.constexpr, CRD: tl.constexpr, CCD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -89,14 +89,14 @@ def rows_kernel(
         mask = rmask[:, None] & (cols < C)[None, :]
 {chain}
         if WRITE_HP:
-            tl.store(hp_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc, x.to(hp_ptr.dtype.element_ty), mask=mask)
+            tl.store(hp_ptr + @HP_OFF@, x.to(hp_ptr.dtype.element_ty), mask=mask)
         if STATS_GIVEN == 0:
             nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
         scale, zp, offset, mn, qzero, safe, scale_finite = row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
         store_row_scales(scale_ptr, zp_ptr, offset_ptr, rows, rmask, scale, zp, offset, CODE_OFFSET)
         code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, load_seed(seed_ptr, STOCHASTIC),
                           codes_ptr.dtype.element_ty, SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
-        tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
+        tl.store(codes_ptr + @CODES_OFF@, code, mask=mask)
         if WRITE_CODES2:  # the same codes in the other memory order, from the same registers
             tl.store(codes2_ptr + rows[:, None] * stride_c2r + cols[None, :] * stride_c2c, code, mask=mask)
     else:
@@ -106,7 +106,7 @@ def rows_kernel(
                 mask = rmask[:, None] & (cols < C)[None, :]
 {chain}
                 if WRITE_HP:
-                    tl.store(hp_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc, x.to(hp_ptr.dtype.element_ty),
+                    tl.store(hp_ptr + @HP_OFF@, x.to(hp_ptr.dtype.element_ty),
                              mask=mask)
                 nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SCHEME == 0)
         scale, zp, offset, mn, qzero, safe, scale_finite = row_scales(nan, amax, mn, mx, SCHEME, QMAX, LEVELS, BLOCK_R)
@@ -118,9 +118,9 @@ def rows_kernel(
 {chain}
             code = codes_tile(x, rows, cols, C, scale, zp, mn, qzero, safe, scale_finite, seed, codes_ptr.dtype.element_ty,
                               SCHEME, FP8, STOCHASTIC, QMAX, LEVELS, CODE_OFFSET, FP8_MANT, FP8_EMIN)
-            tl.store(codes_ptr + rows[:, None] * stride_cr + cols[None, :] * stride_cc, code, mask=mask)
+            tl.store(codes_ptr + @CODES_OFF@, code, mask=mask)
             if WRITE_HP and STATS_GIVEN != 0:  # no statistics pass ran to write it
-                tl.store(hp_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc, x.to(hp_ptr.dtype.element_ty),
+                tl.store(hp_ptr + @HP_OFF@, x.to(hp_ptr.dtype.element_ty),
                          mask=mask)
             if WRITE_CODES2:  # the same codes in the other memory order, from the same registers
                 tl.store(codes2_ptr + rows[:, None] * stride_c2r + cols[None, :] * stride_c2c, code, mask=mask)
@@ -130,8 +130,9 @@ def rows_kernel(
 def partials_kernel(
     {leaf_ptrs}hp_ptr, out_ptr,
     R, C,
-    {leaf_strides}stride_hr, stride_hc,
+    {leaf_strides}@HP_ARGS@
     SYMMETRIC: tl.constexpr, WRITE_HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, {leaf_dims}
+    HRD: tl.constexpr, HCD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -142,11 +143,29 @@ def partials_kernel(
         mask = rmask[:, None] & (cols < C)[None, :]
 {chain}
         if WRITE_HP:
-            tl.store(hp_ptr + rows[:, None] * stride_hr + cols[None, :] * stride_hc, x.to(hp_ptr.dtype.element_ty), mask=mask)
+            tl.store(hp_ptr + @HP_OFF@, x.to(hp_ptr.dtype.element_ty), mask=mask)
         nan, amax, mn, mx = update_row_stats(x, mask, nan, amax, mn, mx, SYMMETRIC)
     store_partials(out_ptr, pid, nan, amax, mn, mx, SYMMETRIC)
 '''
 
+
+
+def _nd_args(p: str) -> str:
+    """An output's row and column dims as kernel arguments (``GroupedLeaf``'s, for output ``p``)."""
+    return "".join(f"{p}{d}0, {p}{d}n1, {p}{d}n2, {p}{d}n3, {p}{d}t1, {p}{d}t2, {p}{d}t3, " for d in "rc")
+
+
+def _nd_off(p: str, dims: str) -> str:
+    """Output ``p``'s offset of a tile: its rows' and columns' ``nd_offset`` (DIMS constexprs ``dims``)."""
+    r, c = (f"nd_offset({i}, {p}{d}n1, {p}{d}n2, {p}{d}n3, {p}{d}0, {p}{d}t1, {p}{d}t2, {p}{d}t3, {dims}{d.upper()}D)"
+            for i, d in (("rows", "r"), ("cols", "c")))
+    return f"{r}[:, None] + {c}[None, :]"
+
+
+# the high-precision value and the codes are written through their own dims too: each in the
+# memory order its fake declares (channels-last codes for a convolution), never copied after
+_ROWS = (_ROWS.replace("@HP_ARGS@", _nd_args("h")).replace("@CODES_ARGS@", _nd_args("c"))
+         .replace("@HP_OFF@", _nd_off("h", "H")).replace("@CODES_OFF@", _nd_off("c", "C")))
 
 @functools.lru_cache(maxsize=None)  # launched every step: generate (and hash) once per program
 def generate_source(program: Program) -> str:
@@ -264,19 +283,25 @@ def grouped_leaves(leaves: list, program: Program, view_shape: tuple, spec: Quan
     return out
 
 
-def _output(shape: tuple, dtype: torch.dtype, device, spec: QuantSpec, layout: Layout, column_major: bool,
-            codes: bool = True):
-    """An output in its final memory order (codes: ``memory_order.alloc_codes``, padded where a
-    GEMM reads them) and the grouped-matrix view the kernels write it through. Where that
-    storage has no such view (3-D+ with rows along the last dim) the natural matrix is written
-    instead and handed back as a strided view of it."""
-    t = alloc_codes(shape, dtype, device, column_major, layout) if codes else alloc_like(shape, dtype, device, column_major)
+def _output(shape: tuple, dtype: torch.dtype, device, spec: QuantSpec, layout: Layout, code_layout: CodeLayout,
+            codes: bool = True) -> GroupedLeaf:
+    """An output allocated in the memory order the op's fake declares
+    (``memory_order.alloc_output``: codes padded where a GEMM reads them, channels-last for a
+    convolution) and the dims the kernels write its grouped rows and columns through."""
+    t = alloc_output(shape, dtype, device, code_layout, layout, codes=codes)
+    rows, cols = natural_2d_dims(t, layout)
+    if len(rows) > _MAX_DIMS or len(cols) > _MAX_DIMS:
+        raise ValueError(f"a {tuple(shape)} output of stride {t.stride()} has more dims than the kernels write through")
+    rows, cols = tuple(rows) or ((1, 0),), tuple(cols) or ((1, 0),)
+    return GroupedLeaf(t, cols, rows) if spec.granularity is Granularity.COLUMN else GroupedLeaf(t, rows, cols)
+
+
+def _column_major_copy(shape: tuple, dtype: torch.dtype, device, spec: QuantSpec, layout: Layout):
+    """``BOTH``'s second, column-major copy of the codes and its grouped-matrix view."""
+    t = alloc_codes(shape, dtype, device, True, layout)
     m = natural_2d_view(t, layout)
     if m is None:
-        if column_major:
-            raise ValueError(f"column-major codes of a {shape} tensor have no strided {layout.name} grouped view")
-        m = torch.empty(natural_2d_shape(shape, layout), dtype=dtype, device=device)
-        t = from_natural_2d(m, torch.Size(shape), layout)
+        raise ValueError(f"column-major codes of a {shape} tensor have no strided {layout.name} grouped view")
     return t, (m.t() if spec.granularity is Granularity.COLUMN else m)
 
 
@@ -303,45 +328,50 @@ def fused_quantize(
     device = leaves[0].device
     dtype = program.dtype
     view_shape = tuple(view_shape)
-    # every output is allocated in its final memory order and written through a strided view:
+    # every output is allocated in its final memory order and written through its own dims:
     # no copy after the kernel, whatever the layout
-    codes, c2 = _output(view_shape, spec.code_dtype, device, spec, layout, code_layout is CodeLayout.COLUMN_MAJOR)
+    out = _output(view_shape, spec.code_dtype, device, spec, layout, code_layout)
     empty = torch.empty((0, 0), dtype=spec.code_dtype, device=device)
-    codes2, c2b = (_output(view_shape, spec.code_dtype, device, spec, layout, True) if code_layout is CodeLayout.BOTH
+    codes2, c2b = (_column_major_copy(view_shape, spec.code_dtype, device, spec, layout) if code_layout is CodeLayout.BOTH
                    else (empty.view(0), None))
-    hp, h2 = (_output(view_shape, dtype, device, spec, layout, False, codes=False) if write_hp
-              else (empty.view(0).to(dtype), None))
+    hp = _output(view_shape, dtype, device, spec, layout, code_layout, codes=False) if write_hp else None
     grouped = grouped_leaves(leaves, program, view_shape, spec, layout)
-    n_rows, n_cols = c2.shape
+    n_rows, n_cols = natural_2d_shape(view_shape, layout)
+    if spec.granularity is Granularity.COLUMN:
+        n_rows, n_cols = n_cols, n_rows
     scale, zp, offset = row_statistics(n_rows, spec, device, written=n_rows > 0 and n_cols > 0)
     if seed is None and spec.is_stochastic:
         seed = draw_seed(device)
     if n_rows and n_cols:
         per_tensor = spec.granularity is Granularity.TENSOR
-        job = _Launch(module, grouped, h2, write_hp, block_r, block_c)
+        job = _Launch(module, grouped, hp, block_r, block_c)
         if partials is not None:  # reduce the epilogue's column slots: exact (max / min)
             stats, given, hp_done = (*_given_statistics(partials, n_rows, spec), False)
         elif per_tensor:  # the chain and the reduction in one pass; the codes in a second
             stats, given, hp_done = _chain_statistics(job, spec, (n_rows, n_cols), device), 1, write_hp
         else:
             stats, given, hp_done = None, 0, False
-        _codes_pass(job, spec, c2, c2b, scale, zp, offset, stats, seed, given, hp_done, code_layout)
+        _codes_pass(job, spec, out, c2b, scale, zp, offset, stats, seed, given, hp_done, code_layout)
     keep = 1 if spec.granularity is Granularity.TENSOR else n_rows  # per tensor: every row stored the same numbers
     stats_out = [shape_scale(t.narrow(0, 0, keep), torch.Size(view_shape), spec.granularity, layout) for t in (scale, zp, offset)]
-    return (codes, *stats_out, hp, codes2)
+    hp_t = hp.tensor if hp is not None else empty.view(0).to(dtype)
+    return (out.tensor, *stats_out, hp_t, codes2)
 
 
 @dataclass(frozen=True)
 class _Launch:
-    """What both generated kernels of one fused quantizer read: the leaves and the
-    high-precision output's grouped view."""
+    """What both generated kernels of one fused quantizer read and write besides the codes: the
+    leaves and the high-precision output (None unless asked for)."""
 
     module: object
     leaves: list[GroupedLeaf]
-    h2: torch.Tensor | None  # None unless write_hp
-    write_hp: bool
+    hp: GroupedLeaf | None
     block_r: int
     block_c: int
+
+    @property
+    def write_hp(self) -> bool:
+        return self.hp is not None
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -353,7 +383,9 @@ class _Launch:
 
     @property
     def dims(self) -> dict[str, int]:
-        return {k: v for i, leaf in enumerate(self.leaves) for k, v in leaf.dims(i).items()}
+        hp_dims = (len(self.hp.rows), len(self.hp.cols)) if self.hp is not None else (1, 1)
+        leaves = {k: v for i, leaf in enumerate(self.leaves) for k, v in leaf.dims(i).items()}
+        return leaves | {"HRD": hp_dims[0], "HCD": hp_dims[1]}
 
     @property
     def col_stride(self) -> int:
@@ -361,8 +393,12 @@ class _Launch:
         return self.leaves[0].cols[-1][1] if self.leaves else 1
 
     @property
-    def hp_strides(self) -> tuple[int, int]:
-        return (self.h2.stride(0), self.h2.stride(1)) if self.write_hp else (0, 0)
+    def hp_tensor(self) -> torch.Tensor | None:
+        return self.hp.tensor if self.hp is not None else None
+
+    @property
+    def hp_args(self) -> list[int]:
+        return self.hp.args() if self.hp is not None else _dim_args(((1, 0),)) * 2
 
 
 def _given_statistics(partials: torch.Tensor, n_rows: int, spec: QuantSpec) -> tuple[torch.Tensor, int]:
@@ -388,27 +424,39 @@ def _chain_statistics(job: _Launch, spec: QuantSpec, n_grouped: tuple[int, int],
     partials = torch.empty(n_prog, 2 if sym else 3, dtype=torch.float32, device=device)
     launch(
         job.module.partials_kernel, (n_prog,),
-        *job.tensors, job.h2, partials, n_rows, n_cols, *job.strides, *job.hp_strides,
+        *job.tensors, job.hp_tensor, partials, n_rows, n_cols, *job.strides, *job.hp_args,
         SYMMETRIC=sym, WRITE_HP=job.write_hp, BLOCK_R=job.block_r, BLOCK_C=job.block_c, **job.dims,
     )
     return reduce_partials(partials, sym)
 
 
-def _codes_pass(job: _Launch, spec: QuantSpec, c2, c2b, scale, zp, offset, stats, seed, given: int, hp_done: bool,
-                code_layout: CodeLayout) -> None:
+def _codes_pass(job: _Launch, spec: QuantSpec, out: GroupedLeaf, c2b, scale, zp, offset, stats, seed, given: int,
+                hp_done: bool, code_layout: CodeLayout) -> None:
     """The rows kernel: the chain (again, unless the row fits one tile), the scales, the codes
     (and the high-precision value, unless the statistics pass already wrote it)."""
-    n_rows, n_cols = c2.shape
+    n_rows, n_cols = _grouped_sizes(out)
     both = code_layout is CodeLayout.BOTH
     c2b_strides = (c2b.stride(0), c2b.stride(1)) if both else (0, 0)
     fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
-    kernel, tiling = rows_kernel_for(n_cols, c2.device, job.module.rows_kernel, n_rows=n_rows, col_stride=job.col_stride)
+    kernel, tiling = rows_kernel_for(n_cols, out.tensor.device, job.module.rows_kernel, n_rows=n_rows, col_stride=job.col_stride)
     launch(
         kernel, rows_grid(n_rows),
-        *job.tensors, job.h2, c2, c2b, scale, zp, offset, stats, seed,
-        n_rows, n_cols, *job.strides, *job.hp_strides, c2.stride(0), c2.stride(1), *c2b_strides,
+        *job.tensors, job.hp_tensor, out.tensor, c2b, scale, zp, offset, stats, seed,
+        n_rows, n_cols, *job.strides, *job.hp_args, *out.args(), *c2b_strides,
         SCHEME=SCHEME_ID[spec.scheme], FP8=fp8, STOCHASTIC=spec.is_stochastic, STATS_GIVEN=given,
         QMAX=float(spec.qmax), LEVELS=spec.levels, CODE_OFFSET=spec.code_offset,
         FP8_MANT=3 if fp8 == 1 else 2, FP8_EMIN=-6 if fp8 == 1 else -14,
         WRITE_HP=job.write_hp and not hp_done, WRITE_CODES2=both, **tiling, **job.dims,
+        CRD=len(out.rows), CCD=len(out.cols),
     )
+
+
+def _grouped_sizes(t: GroupedLeaf) -> tuple[int, int]:
+    """The grouped matrix's (rows, columns): the products of the row and the column dims."""
+    sizes = []
+    for dims in (t.rows, t.cols):
+        n = 1
+        for size, _ in dims:
+            n *= size
+        sizes.append(n)
+    return sizes[0], sizes[1]

@@ -111,6 +111,7 @@ def case(recipe: str, fusion: str, dtype: torch.dtype = torch.float32, model: st
             "fqt_kernels": launches.fqt_kernels,
             "kernel_names": list(launches.fqt_kernel_names),
             "strides_same": _output_strides(gm) == strides,
+            "clones": sorted(str(n.meta["val"].dtype) for n in gm.graph.nodes if n.target is torch.ops.aten.clone.default),
             "int_mm_nodes": sum(n.target is torch.ops.aten._int_mm.default for n in gm.graph.nodes),
             "scaled_mm_nodes": sum(n.target is torch.ops.aten._scaled_mm.default for n in gm.graph.nodes),
             "kernels": [lowered.kernel for lowered in ctx.lowered],

@@ -136,9 +136,11 @@ sig.update({"hp_ptr": "*fp32", "codes_ptr": "*i8", "codes2_ptr": "*i8", "scale_p
             "offset_ptr": "*fp32", "stats_ptr": "*fp32", "seed_ptr": "*i64", "R": "i32", "C": "i32"})
 sig.update({f"{p}{i}{a}": "i32" for i in range(3) for d in "rc"
             for p, a in (("s", d), (d, "n1"), (d, "n2"), (d, "n3"), (d, "t1"), (d, "t2"), (d, "t3"))})
-sig.update({k: "i32" for k in ("stride_hr", "stride_hc", "stride_cr", "stride_cc", "stride_c2r", "stride_c2c")})
-# leaf 1 broadcast along a row's outer dims, leaf 2 read over four column dims
-dims = dict(RD0=1, CD0=1, RD1=1, CD1=2, RD2=2, CD2=4)
+sig.update({f"{o}{d}{a}": "i32" for o in "hc" for d in "rc" for a in ("0", "n1", "n2", "n3", "t1", "t2", "t3")})
+sig.update({k: "i32" for k in ("stride_c2r", "stride_c2c")})
+# leaf 1 broadcast along a row's outer dims, leaf 2 read over four column dims; channels-last
+# codes and high-precision value of per-sample rows
+dims = dict(RD0=1, CD0=1, RD1=1, CD1=2, RD2=2, CD2=4, HRD=1, HCD=2, CRD=1, CCD=2)
 for one_pass, block_c in ((False, 64), (True, 1024)):
     const = dict(SCHEME=0, FP8=0, STOCHASTIC=True, STATS_GIVEN=False, QMAX=127.0, LEVELS=255, CODE_OFFSET=0,
                  FP8_MANT=3, FP8_EMIN=-6, WRITE_HP=True, WRITE_CODES2=True, ONE_PASS=one_pass, BLOCK_R=4, BLOCK_C=block_c,
@@ -250,12 +252,17 @@ def test_codes_in_every_memory_order_hold_the_same_values(spec, layout, view):
     assert torch.equal(col[4], base[4]) and both[4].numel() == 0
 
 
-def test_column_major_codes_without_a_strided_grouped_view_raise():
+def test_column_major_codes_without_a_strided_grouped_view_are_written_in_place():
+    """Column-major codes of a 3-D tensor grouped along its last dim have no strided grouped
+    matrix: the kernel writes them through their dims (two for the rows), same values."""
     from fqt_compiler.memory_order import CodeLayout, column_major_ok
 
     assert not column_major_ok((3, 5, 24), Layout.LAST) and not column_major_ok((3, 5, 24), Layout.DIM0)
-    with pytest.raises(ValueError, match="no strided LAST grouped view"):
-        fused_quantize(_leaves(), EXACT, (3, 5, 24), SPECS[0], Layout.LAST, False, code_layout=CodeLayout.COLUMN_MAJOR)
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    base = fused_quantize(_leaves(), EXACT, (3, 5, 24), SPECS[0], Layout.LAST, False, seed=seed)
+    col = fused_quantize(_leaves(), EXACT, (3, 5, 24), SPECS[0], Layout.LAST, False, code_layout=CodeLayout.COLUMN_MAJOR,
+                         seed=seed)
+    assert col[0].stride() == (5, 1, 15) and torch.equal(col[0], base[0])
 
 
 _PTX_LAYOUTS = """
@@ -436,3 +443,22 @@ def test_a_leaf_of_more_dims_than_the_kernel_unravels_is_copied_same_bits():
     fused, ref = _both(prog, leaves, SPECS[0], Layout.DIM0, shape)
     for name, a, b in zip(("codes", "scale", "zero point", "offset", "high precision"), fused, ref):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[4]], ids=lambda s: s.short())
+@pytest.mark.parametrize("layout", [Layout.DIM0, Layout.CHANNELS], ids=lambda lay: lay.name)
+def test_channels_last_codes_and_value_are_written_channels_last_same_bits(spec, layout):
+    """``CHANNELS_LAST``: the codes and the high-precision value of a convolution's input come
+    out in the channels-last order of the activation they quantize (what the quantize op's codes
+    keep, and the convolution kernels read), written in place, the same values."""
+    from fqt_compiler.memory_order import CodeLayout
+
+    seed = torch.tensor([11], dtype=torch.int64, device=DEVICE)
+    base = fused_quantize(_nchw_leaves(), _NCHW, _NCHW.shape, spec, layout, True, seed=seed)
+    cl = fused_quantize(_nchw_leaves(), _NCHW, _NCHW.shape, spec, layout, True, code_layout=CodeLayout.CHANNELS_LAST,
+                        seed=seed)
+    for i in (0, 4):
+        assert cl[i].is_contiguous(memory_format=torch.channels_last) and not cl[i].is_contiguous()
+        assert torch.equal(cl[i], base[i])
+    for i in (1, 2, 3):
+        assert torch.equal(cl[i], base[i])
