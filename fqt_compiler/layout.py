@@ -74,15 +74,11 @@ def natural_2d(x: torch.Tensor, layout: Layout) -> torch.Tensor:
 def natural_2d_view(x: torch.Tensor, layout: Layout) -> torch.Tensor | None:
     """:func:`natural_2d` where it is a view of ``x`` (writing it writes ``x``); None where it
     would need a copy. Decided from shapes and strides alone, so it works on fake tensors."""
-    rows, cols = natural_2d_shape(x.shape, layout)
-    row_dims, col_dims = natural_2d_dims(x, layout)
-    if len(row_dims) > 1 or len(col_dims) > 1:
+    t, split = _rows_first(x, layout)
+    sizes, strides = list(t.shape), list(t.stride())
+    if len(_merged(sizes[:split], strides[:split])) > 1 or len(_merged(sizes[split:], strides[split:])) > 1:
         return None  # decided before trying: a failed view would still be recorded by a tracer
-    layout = _plain(Layout(layout), x.shape)
-    t = x.transpose(-1, -2) if x.dim() >= 2 and layout is Layout.LAST else x
-    if layout is Layout.CHANNELS and _channels(x.shape):
-        t = x.movedim(1, -1)
-    return t.view(rows, cols)
+    return t.view(*natural_2d_shape(x.shape, layout))
 
 
 def natural_2d_dims(x: torch.Tensor, layout: Layout) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -91,14 +87,20 @@ def natural_2d_dims(x: torch.Tensor, layout: Layout) -> tuple[list[tuple[int, in
     without a copy merged. Each is at most one dim exactly where the matrix is a strided view
     (:func:`natural_2d_view`); a kernel that unravels its row and column indices over these dims
     reads any ``x`` where it lies (broadcast, channels-last) with no copy."""
+    t, split = _rows_first(x, layout)
+    sizes, strides = list(t.shape), list(t.stride())
+    return _merged(sizes[:split], strides[:split]), _merged(sizes[split:], strides[split:])
+
+
+def _rows_first(x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, int]:
+    """``x`` with its dims permuted (a view) so that the natural matrix's rows merge the dims
+    before the returned split and its columns the dims from it on."""
     layout = _plain(Layout(layout), x.shape)
     t = x.transpose(-1, -2) if x.dim() >= 2 and layout is Layout.LAST else x
     if layout is Layout.CHANNELS and _channels(x.shape):
         t = x.movedim(1, -1)
     # rows merge t's leading dims, columns its trailing ones (DIM0: all but the first)
-    split = 1 if layout is Layout.DIM0 or t.dim() < 2 else t.dim() - 1
-    sizes, strides = list(t.shape), list(t.stride())
-    return _merged(sizes[:split], strides[:split]), _merged(sizes[split:], strides[split:])
+    return t, (1 if layout is Layout.DIM0 or t.dim() < 2 else t.dim() - 1)
 
 
 def _merged(sizes: list, strides: list) -> list[tuple[int, int]]:

@@ -149,7 +149,6 @@ def partials_kernel(
 '''
 
 
-
 def _nd_args(p: str) -> str:
     """An output's row and column dims as kernel arguments (``GroupedLeaf``'s, for output ``p``)."""
     return "".join(f"{p}{d}0, {p}{d}n1, {p}{d}n2, {p}{d}n3, {p}{d}t1, {p}{d}t2, {p}{d}t3, " for d in "rc")
@@ -167,11 +166,12 @@ def _nd_off(p: str, dims: str) -> str:
 _ROWS = (_ROWS.replace("@HP_ARGS@", _nd_args("h")).replace("@CODES_ARGS@", _nd_args("c"))
          .replace("@HP_OFF@", _nd_off("h", "H")).replace("@CODES_OFF@", _nd_off("c", "C")))
 
+
 @functools.lru_cache(maxsize=None)  # launched every step: generate (and hash) once per program
 def generate_source(program: Program) -> str:
     """The Python source of the generated module for ``program``."""
     n = program.n_leaves
-    # leaf i's rows and columns unravel over up to four dims each (``_leaf_args``)
+    # leaf i's rows and columns unravel over up to four dims each (``GroupedLeaf.args``)
     load = ("tl.load(in{i}_ptr + nd_offset(rows, r{i}n1, r{i}n2, r{i}n3, s{i}r, r{i}t1, r{i}t2, r{i}t3, RD{i})[:, None]"
             " + nd_offset(cols, c{i}n1, c{i}n2, c{i}n3, s{i}c, c{i}t1, c{i}t2, c{i}t3, CD{i})[None, :],"
             " mask=mask, other=0.0).to(tl.float32)")
@@ -271,16 +271,23 @@ def grouped_leaves(leaves: list, program: Program, view_shape: tuple, spec: Quan
     for leaf in leaves:
         t = leaf.expand(program.shape)
         try:
-            t = t.view(view_shape)
-            rows, cols = natural_2d_dims(t, layout)
+            grouped = _grouped(t.view(view_shape), layout, spec)
         except RuntimeError:  # no view of that shape
-            rows = cols = [(0, 0)] * (_MAX_DIMS + 1)
-        if len(rows) > _MAX_DIMS or len(cols) > _MAX_DIMS:
-            t = natural_2d(t.contiguous().view(view_shape), layout)
-            rows, cols = natural_2d_dims(t, Layout.PENULTIMATE)
-        rows, cols = tuple(rows) or ((1, 0),), tuple(cols) or ((1, 0),)
-        out.append(GroupedLeaf(t, cols, rows) if spec.granularity is Granularity.COLUMN else GroupedLeaf(t, rows, cols))
+            grouped = None
+        if grouped is None:
+            grouped = _grouped(natural_2d(t.contiguous().view(view_shape), layout), Layout.PENULTIMATE, spec)
+        out.append(grouped)
     return out
+
+
+def _grouped(t: torch.Tensor, layout: Layout, spec: QuantSpec) -> GroupedLeaf | None:
+    """``t`` addressed as the kernels' grouped matrix (its natural matrix, transposed for
+    per-column scales); None where its rows or columns span more dims than the kernels unravel."""
+    rows, cols = natural_2d_dims(t, layout)
+    if len(rows) > _MAX_DIMS or len(cols) > _MAX_DIMS:
+        return None
+    rows, cols = tuple(rows) or ((1, 0),), tuple(cols) or ((1, 0),)
+    return GroupedLeaf(t, cols, rows) if spec.granularity is Granularity.COLUMN else GroupedLeaf(t, rows, cols)
 
 
 def _output(shape: tuple, dtype: torch.dtype, device, spec: QuantSpec, layout: Layout, code_layout: CodeLayout,
@@ -289,11 +296,10 @@ def _output(shape: tuple, dtype: torch.dtype, device, spec: QuantSpec, layout: L
     (``memory_order.alloc_output``: codes padded where a GEMM reads them, channels-last for a
     convolution) and the dims the kernels write its grouped rows and columns through."""
     t = alloc_output(shape, dtype, device, code_layout, layout, codes=codes)
-    rows, cols = natural_2d_dims(t, layout)
-    if len(rows) > _MAX_DIMS or len(cols) > _MAX_DIMS:
+    out = _grouped(t, layout, spec)
+    if out is None:
         raise ValueError(f"a {tuple(shape)} output of stride {t.stride()} has more dims than the kernels write through")
-    rows, cols = tuple(rows) or ((1, 0),), tuple(cols) or ((1, 0),)
-    return GroupedLeaf(t, cols, rows) if spec.granularity is Granularity.COLUMN else GroupedLeaf(t, rows, cols)
+    return out
 
 
 def _column_major_copy(shape: tuple, dtype: torch.dtype, device, spec: QuantSpec, layout: Layout):
@@ -351,7 +357,7 @@ def fused_quantize(
             stats, given, hp_done = _chain_statistics(job, spec, (n_rows, n_cols), device), 1, write_hp
         else:
             stats, given, hp_done = None, 0, False
-        _codes_pass(job, spec, out, c2b, scale, zp, offset, stats, seed, given, hp_done, code_layout)
+        _codes_pass(job, spec, out, (n_rows, n_cols), c2b, scale, zp, offset, stats, seed, given, hp_done, code_layout)
     keep = 1 if spec.granularity is Granularity.TENSOR else n_rows  # per tensor: every row stored the same numbers
     stats_out = [shape_scale(t.narrow(0, 0, keep), torch.Size(view_shape), spec.granularity, layout) for t in (scale, zp, offset)]
     hp_t = hp.tensor if hp is not None else empty.view(0).to(dtype)
@@ -430,11 +436,11 @@ def _chain_statistics(job: _Launch, spec: QuantSpec, n_grouped: tuple[int, int],
     return reduce_partials(partials, sym)
 
 
-def _codes_pass(job: _Launch, spec: QuantSpec, out: GroupedLeaf, c2b, scale, zp, offset, stats, seed, given: int,
-                hp_done: bool, code_layout: CodeLayout) -> None:
+def _codes_pass(job: _Launch, spec: QuantSpec, out: GroupedLeaf, n_grouped: tuple[int, int], c2b, scale, zp, offset,
+                stats, seed, given: int, hp_done: bool, code_layout: CodeLayout) -> None:
     """The rows kernel: the chain (again, unless the row fits one tile), the scales, the codes
     (and the high-precision value, unless the statistics pass already wrote it)."""
-    n_rows, n_cols = _grouped_sizes(out)
+    n_rows, n_cols = n_grouped
     both = code_layout is CodeLayout.BOTH
     c2b_strides = (c2b.stride(0), c2b.stride(1)) if both else (0, 0)
     fp8 = {ElementFormat.FP8_E4M3: 1, ElementFormat.FP8_E5M2: 2}.get(spec.format, 0)
@@ -450,13 +456,3 @@ def _codes_pass(job: _Launch, spec: QuantSpec, out: GroupedLeaf, c2b, scale, zp,
         CRD=len(out.rows), CCD=len(out.cols),
     )
 
-
-def _grouped_sizes(t: GroupedLeaf) -> tuple[int, int]:
-    """The grouped matrix's (rows, columns): the products of the row and the column dims."""
-    sizes = []
-    for dims in (t.rows, t.cols):
-        n = 1
-        for size, _ in dims:
-            n *= size
-        sizes.append(n)
-    return sizes[0], sizes[1]
